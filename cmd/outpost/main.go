@@ -1,0 +1,122 @@
+// Command outpost is the node-side gateway of Outpost: node components
+// (kubelet, kube-proxy, CNI agents, coredns, operators) point their
+// kubeconfig at it instead of at the cloud kube-apiserver.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"k8s.io/klog/v2"
+
+	"github.com/outposthq/outpost/internal/config"
+	"github.com/outposthq/outpost/internal/hub"
+	"github.com/outposthq/outpost/internal/version"
+)
+
+const usage = `outpost: a caching gateway between node components and kube-apiserver.
+
+Usage:
+  outpost run [flags]   serve local clients, proxying to the apiserver(s)
+  outpost version       print the version
+  outpost help          print this help; "outpost run --help" lists the flags
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run returns the process exit code: 0 done, 1 failed while running,
+// 2 bad command line or configuration.
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "version", "--version":
+		fmt.Fprintf(stdout, "outpost %s\n", version.Version)
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	case "run":
+		cfg, err := parseRun(args[1:], stderr)
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "outpost run: %v\n", err)
+			return 2
+		}
+		return serve(cfg, stderr)
+	default:
+		fmt.Fprintf(stderr, "outpost: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+}
+
+func parseRun(args []string, stderr io.Writer) (config.Hub, error) {
+	cfg := config.DefaultHub()
+	cfg.NodeName, _ = os.Hostname()
+	fs := flag.NewFlagSet("outpost run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&cfg.Kubeconfig, "kubeconfig", cfg.Kubeconfig, "kubeconfig with the upstream apiserver(s) and this node's credentials (required)")
+	fs.Func("server", "apiserver URL; repeat for several. Replaces the kubeconfig's server", func(s string) error {
+		cfg.Servers = append(cfg.Servers, strings.TrimSpace(s))
+		return nil
+	})
+	fs.StringVar(&cfg.NodeName, "node-name", cfg.NodeName, "name of this node (default: hostname)")
+	fs.StringVar(&cfg.DataDir, "data-dir", cfg.DataDir, "state directory, created 0700")
+	fs.StringVar(&cfg.SecureAddress, "secure-address", cfg.SecureAddress, "TLS listener for every client")
+	fs.StringVar(&cfg.TLSCertFile, "tls-cert-file", "", "serving certificate of --secure-address (default: self-signed into --data-dir/pki, CA beside it)")
+	fs.StringVar(&cfg.TLSKeyFile, "tls-private-key-file", "", "private key of --tls-cert-file")
+	fs.StringVar(&cfg.ClientCAFile, "client-ca-file", "", "CA bundle that verifies client certificates (default: the kubeconfig's cluster CA)")
+	fs.StringVar(&cfg.InsecureAddress, "insecure-address", "",
+		"plain-HTTP listener, e.g. 127.0.0.1:10261 (default off). WARNING: everything arriving there is treated as this node's kubelet and forwarded with the node's credentials; bind it to loopback only")
+	fs.StringVar(&cfg.AdminAddress, "admin-address", cfg.AdminAddress, "listener for /healthz, /readyz, /metrics, /debug/pprof (empty: off)")
+	fs.StringVar(&cfg.LBMode, "lb-mode", cfg.LBMode, "choice among healthy apiservers: round-robin or priority (first healthy in --server order)")
+	fs.DurationVar(&cfg.ProbeInterval, "probe-interval", cfg.ProbeInterval, "time between health probes of each apiserver")
+	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "timeout of one health probe")
+	fs.IntVar(&cfg.FailureThreshold, "failure-threshold", cfg.FailureThreshold, "consecutive failed probes that mark an apiserver unhealthy (a failed real request marks it at once)")
+	fs.IntVar(&cfg.SuccessThreshold, "success-threshold", cfg.SuccessThreshold, "consecutive good probes that mark an apiserver healthy again")
+	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", cfg.ShutdownTimeout, "how long SIGTERM waits for in-flight requests before closing connections")
+	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return cfg, err
+	}
+	if fs.NArg() > 0 {
+		return cfg, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	return cfg, cfg.Validate()
+}
+
+func serve(cfg config.Hub, stderr io.Writer) int {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.LogLevel))
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	klog.SetSlogLogger(log.With("source", "client-go"))
+
+	h, err := hub.New(cfg, log)
+	if err != nil {
+		log.Error("invalid configuration", "err", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	log.Info("outpost starting", "version", version.Version, "node", cfg.NodeName)
+	if err := h.Run(ctx); err != nil {
+		log.Error("outpost stopped", "err", err)
+		return 1
+	}
+	log.Info("outpost stopped")
+	return 0
+}

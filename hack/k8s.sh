@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Builds the pinned Kubernetes toolchain into _output/k8s from the Go module
+# proxy: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+# kubelet (v1.37.2), etcd (v3.7.0) and kwok (v0.8.0).
+#
+# A binary is rebuilt only when its tools module (go.mod/go.sum), the Go
+# version or this script changed; otherwise the run takes well under a second.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+out="$root/_output/k8s"
+mkdir -p "$out"
+
+# One fixed set of flags: changing them recompiles everything.
+k8s_ldflags="-s -w -X k8s.io/component-base/version.gitVersion=v1.37.2 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37"
+
+stamp_of() { # module dir -> fingerprint of what the binaries depend on
+  cat "$1/go.mod" "$1/go.sum" "$0" | { cat; go version; } | sha256sum | cut -c1-16
+}
+
+build() { # module dir, output name, package, ldflags
+  local mod=$1 name=$2 pkg=$3 ldflags=$4
+  local want; want=$(stamp_of "$mod")
+  if [[ -x "$out/$name" && -f "$out/.$name.stamp" && "$(cat "$out/.$name.stamp")" == "$want" ]]; then
+    return 0
+  fi
+  echo "k8s.sh: building $name ($pkg)" >&2
+  local start=$SECONDS
+  (cd "$mod" && CGO_ENABLED=0 go build -ldflags "$ldflags" -o "$out/$name.tmp" "$pkg")
+  mv "$out/$name.tmp" "$out/$name"
+  echo "$want" > "$out/.$name.stamp"
+  echo "k8s.sh: built $name in $((SECONDS - start))s" >&2
+}
+
+k8smod="$root/hack/tools/k8s"
+kwokmod="$root/hack/tools/kwok"
+
+want=${*:-"etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kwok"}
+for b in $want; do
+  case $b in
+    etcd) build "$k8smod" etcd go.etcd.io/etcd/server/v3 "-s -w" ;;
+    kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|kubelet)
+      build "$k8smod" "$b" "k8s.io/kubernetes/cmd/$b" "$k8s_ldflags" ;;
+    kwok) build "$kwokmod" kwok sigs.k8s.io/kwok/cmd/kwok "-s -w" ;;
+    *) echo "k8s.sh: unknown binary $b" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,141 @@
+// Package config holds the plain configuration of the outpost hub: what the
+// command line sets, with documented zero values and defaults. It holds no
+// live objects; the packages that act on it build those from it.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"time"
+)
+
+// LB modes choose among healthy apiservers.
+const (
+	// LBRoundRobin spreads requests over every healthy apiserver in turn.
+	LBRoundRobin = "round-robin"
+	// LBPriority sends every request to the first healthy apiserver in the
+	// order they were given, so a local or cheaper one is preferred.
+	LBPriority = "priority"
+)
+
+// Hub is the configuration of `outpost run`.
+type Hub struct {
+	// Kubeconfig names the file holding the upstream apiserver(s) and the
+	// node's credentials toward them. Required.
+	Kubeconfig string
+	// Servers, when set, replace the server of the kubeconfig's current
+	// context. Each is an https URL of one kube-apiserver.
+	Servers []string
+	// NodeName is the name of this node. Defaults to the hostname.
+	NodeName string
+	// DataDir holds outpost's state (serving certificates, later the cache).
+	// Created with mode 0700. Default /var/lib/outpost.
+	DataDir string
+
+	// SecureAddress is the TLS listener for every client. Default 127.0.0.1:10268.
+	SecureAddress string
+	// TLSCertFile and TLSKeyFile are the serving certificate of SecureAddress.
+	// When both are empty a self-signed one is created in DataDir.
+	TLSCertFile string
+	TLSKeyFile  string
+	// ClientCAFile verifies client certificates of local callers. Empty means
+	// the certificate authority of the kubeconfig's cluster.
+	ClientCAFile string
+	// InsecureAddress, when set, is a plain-HTTP listener. Everything that
+	// arrives there is treated as this node's kubelet and forwarded with the
+	// node's credentials: bind it to loopback only. Empty (the default) = off.
+	InsecureAddress string
+	// AdminAddress serves /healthz, /readyz, /metrics and /debug/pprof.
+	// Default 127.0.0.1:10267; empty string in the flag turns it off.
+	AdminAddress string
+
+	// LBMode is LBRoundRobin (default) or LBPriority.
+	LBMode string
+	// ProbeInterval is the time between active health probes of each
+	// apiserver. Default 1s.
+	ProbeInterval time.Duration
+	// ProbeTimeout bounds one probe. Default 1s.
+	ProbeTimeout time.Duration
+	// FailureThreshold consecutive failed probes mark an apiserver unhealthy.
+	// Default 1: one failed probe is enough, as a failed real request is.
+	FailureThreshold int
+	// SuccessThreshold consecutive good probes bring an unhealthy apiserver
+	// back. Default 2, so a flapping link does not flip the state each second.
+	SuccessThreshold int
+
+	// ShutdownTimeout bounds the drain of in-flight requests on SIGTERM.
+	// Default 15s.
+	ShutdownTimeout time.Duration
+	// LogLevel is one of debug, info, warn, error. Default info.
+	LogLevel string
+}
+
+// DefaultHub returns a Hub with every default filled in except NodeName.
+func DefaultHub() Hub {
+	return Hub{
+		DataDir:          "/var/lib/outpost",
+		SecureAddress:    "127.0.0.1:10268",
+		AdminAddress:     "127.0.0.1:10267",
+		LBMode:           LBRoundRobin,
+		ProbeInterval:    time.Second,
+		ProbeTimeout:     time.Second,
+		FailureThreshold: 1,
+		SuccessThreshold: 2,
+		ShutdownTimeout:  15 * time.Second,
+		LogLevel:         "info",
+	}
+}
+
+// Validate reports every problem of c at once.
+func (c *Hub) Validate() error {
+	var errs []error
+	if c.Kubeconfig == "" {
+		errs = append(errs, errors.New("--kubeconfig is required"))
+	}
+	for _, s := range c.Servers {
+		u, err := url.Parse(s)
+		if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
+			errs = append(errs, fmt.Errorf("--server %q: want an http(s) URL with a host", s))
+		}
+	}
+	if c.NodeName == "" {
+		errs = append(errs, errors.New("--node-name is empty and the hostname is unknown"))
+	}
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("--data-dir is required"))
+	}
+	if c.SecureAddress == "" && c.InsecureAddress == "" {
+		errs = append(errs, errors.New("--secure-address and --insecure-address are both off: nothing to serve"))
+	}
+	for flag, addr := range map[string]string{"--secure-address": c.SecureAddress, "--insecure-address": c.InsecureAddress, "--admin-address": c.AdminAddress} {
+		if addr == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: %w", flag, addr, err))
+		}
+	}
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		errs = append(errs, errors.New("--tls-cert-file and --tls-private-key-file go together"))
+	}
+	if c.LBMode != LBRoundRobin && c.LBMode != LBPriority {
+		errs = append(errs, fmt.Errorf("--lb-mode %q: want %s or %s", c.LBMode, LBRoundRobin, LBPriority))
+	}
+	if c.ProbeInterval <= 0 || c.ProbeTimeout <= 0 {
+		errs = append(errs, errors.New("--probe-interval and --probe-timeout must be positive"))
+	}
+	if c.FailureThreshold < 1 || c.SuccessThreshold < 1 {
+		errs = append(errs, errors.New("--failure-threshold and --success-threshold must be at least 1"))
+	}
+	if c.ShutdownTimeout < 0 {
+		errs = append(errs, errors.New("--shutdown-timeout must not be negative"))
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("--log-level %q: want debug, info, warn or error", c.LogLevel))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,287 @@
+// Package hub assembles the outpost node hub from its configuration: the
+// upstream pool, the health monitor, the authenticator, the proxy and the
+// listeners, and runs them under one errgroup until the context ends.
+package hub
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/outposthq/outpost/internal/certs"
+	"github.com/outposthq/outpost/internal/config"
+	"github.com/outposthq/outpost/internal/health"
+	"github.com/outposthq/outpost/internal/identity"
+	"github.com/outposthq/outpost/internal/metrics"
+	"github.com/outposthq/outpost/internal/proxy"
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/server"
+	"github.com/outposthq/outpost/internal/upstream"
+)
+
+// Hub is a configured outpost, ready to Run.
+type Hub struct {
+	cfg     config.Hub
+	log     *slog.Logger
+	pool    *upstream.Pool
+	monitor *health.Monitor
+	auth    *identity.Authenticator
+	metrics *metrics.Metrics
+	reg     *prometheus.Registry
+	tls     *tls.Config
+
+	// Listeners, if set, replace listening on the configured addresses
+	// (tests bind :0 themselves). Keys: "secure", "insecure", "admin".
+	Listeners map[string]net.Listener
+}
+
+// New checks cfg and builds a Hub. It starts nothing.
+func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating data dir: %w", err)
+	}
+	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("securing data dir: %w", err)
+	}
+	restCfg, err := clientcmd.BuildConfigFromFlags("", cfg.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("loading kubeconfig %s: %w", cfg.Kubeconfig, err)
+	}
+	servers := cfg.Servers
+	if len(servers) == 0 {
+		servers = []string{restCfg.Host}
+	}
+	var urls []*url.URL
+	for _, s := range servers {
+		u, err := url.Parse(s)
+		if err != nil || u.Host == "" {
+			return nil, fmt.Errorf("apiserver URL %q is not valid", s)
+		}
+		urls = append(urls, u)
+	}
+	upstreamTLS, err := rest.TLSConfigFor(restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("loading upstream TLS settings from %s: %w", cfg.Kubeconfig, err)
+	}
+	if upstreamTLS == nil {
+		upstreamTLS = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	pool, err := upstream.New(urls, upstream.Credentials{TLS: upstreamTLS, Token: restCfg.BearerToken}, cfg.LBMode)
+	if err != nil {
+		return nil, err
+	}
+
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg)
+	h := &Hub{cfg: cfg, log: log, pool: pool, metrics: m, reg: reg}
+
+	h.monitor = &health.Monitor{
+		Count:            pool.Len(),
+		Probe:            pool.Probe,
+		Interval:         cfg.ProbeInterval,
+		Timeout:          cfg.ProbeTimeout,
+		FailureThreshold: cfg.FailureThreshold,
+		SuccessThreshold: cfg.SuccessThreshold,
+		OnChange:         h.serverChanged,
+	}
+	pool.SetHealth(h.monitor)
+	for i := 0; i < pool.Len(); i++ {
+		m.UpstreamHealthy.WithLabelValues(pool.Name(i)).Set(1)
+	}
+	m.Online.Set(1)
+
+	clientCA, err := h.clientCAs(restCfg)
+	if err != nil {
+		return nil, err
+	}
+	h.auth = &identity.Authenticator{NodeName: cfg.NodeName, ClientCAs: clientCA, Review: h.review}
+
+	if cfg.SecureAddress != "" {
+		if h.tls, err = h.servingTLS(); err != nil {
+			return nil, err
+		}
+	}
+	return h, nil
+}
+
+func (h *Hub) clientCAs(restCfg *rest.Config) (*x509.CertPool, error) {
+	data := restCfg.CAData
+	var err error
+	switch {
+	case h.cfg.ClientCAFile != "":
+		data, err = os.ReadFile(h.cfg.ClientCAFile)
+	case len(data) == 0 && restCfg.CAFile != "":
+		data, err = os.ReadFile(restCfg.CAFile)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading client CA: %w", err)
+	}
+	if len(data) == 0 {
+		h.log.Warn("no client CA (neither --client-ca-file nor a CA in the kubeconfig): client certificates will be refused")
+		return nil, nil
+	}
+	pool, err := certs.LoadPool(data)
+	if err != nil {
+		return nil, fmt.Errorf("loading client CA: %w", err)
+	}
+	return pool, nil
+}
+
+func (h *Hub) servingTLS() (*tls.Config, error) {
+	certFile, keyFile := h.cfg.TLSCertFile, h.cfg.TLSKeyFile
+	if certFile == "" {
+		hosts := []string{"127.0.0.1", "localhost", "::1"}
+		if host, _, err := net.SplitHostPort(h.cfg.SecureAddress); err == nil && host != "" && host != "0.0.0.0" && host != "::" {
+			hosts = append(hosts, host)
+		}
+		var err error
+		certFile, keyFile, err = certs.SelfSigned(filepath.Join(h.cfg.DataDir, "pki"), hosts)
+		if err != nil {
+			return nil, fmt.Errorf("creating self-signed serving certificate: %w", err)
+		}
+	}
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("loading serving certificate: %w", err)
+	}
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS12,
+		Certificates: []tls.Certificate{pair},
+		// Ask for a certificate but verify it in the authenticator, as
+		// kube-apiserver does, so a wrong one gets a 401 Status and not a
+		// failed handshake.
+		ClientAuth: tls.RequestClientCert,
+	}, nil
+}
+
+// review asks the apiserver, through the pool, who token belongs to.
+func (h *Hub) review(ctx context.Context, token string) (string, []string, bool, error) {
+	body := `{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}`
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://upstream/apis/authentication.k8s.io/v1/selfsubjectreviews", strings.NewReader(body))
+	if err != nil {
+		return "", nil, false, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json")
+	req.Header.Set("Authorization", "Bearer "+token)
+	info := &request.Info{Identity: request.Identity{Kind: request.BearerToken}, Verb: "create"}
+	resp, err := h.pool.RoundTrip(req.WithContext(request.WithInfo(ctx, info)))
+	if err != nil {
+		return "", nil, false, err
+	}
+	defer resp.Body.Close()
+	switch resp.StatusCode {
+	case http.StatusCreated, http.StatusOK:
+	case http.StatusUnauthorized:
+		return "", nil, false, nil
+	default:
+		return "", nil, false, fmt.Errorf("selfsubjectreview answered %s", resp.Status)
+	}
+	var out struct {
+		Status struct {
+			UserInfo struct {
+				Username string   `json:"username"`
+				Groups   []string `json:"groups"`
+			} `json:"userInfo"`
+		} `json:"status"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		return "", nil, false, fmt.Errorf("decoding selfsubjectreview: %w", err)
+	}
+	return out.Status.UserInfo.Username, out.Status.UserInfo.Groups, true, nil
+}
+
+func (h *Hub) serverChanged(i int, healthy bool, err error) {
+	name := h.pool.Name(i)
+	state := "unhealthy"
+	if healthy {
+		state = "healthy"
+		h.metrics.UpstreamHealthy.WithLabelValues(name).Set(1)
+		h.log.Info("apiserver healthy", "server", name)
+	} else {
+		h.metrics.UpstreamHealthy.WithLabelValues(name).Set(0)
+		h.log.Warn("apiserver unhealthy; closing its connections", "server", name, "err", err)
+		// Open watches on it end now, and their clients re-watch through
+		// a healthy server instead of waiting on a dead connection.
+		h.pool.CloseConnections(i)
+	}
+	h.metrics.UpstreamTransitions.WithLabelValues(name, state).Inc()
+	if h.monitor.Online() {
+		h.metrics.Online.Set(1)
+	} else {
+		h.metrics.Online.Set(0)
+	}
+}
+
+// Run serves until ctx is done, then drains and stops everything it started.
+func (h *Hub) Run(ctx context.Context) error {
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return h.monitor.Run(gctx) })
+
+	newProxy := func(auth proxy.Authenticate) http.Handler {
+		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Metrics: h.metrics, Log: h.log, Stopping: gctx}
+		p.Init()
+		return p
+	}
+	start := func(name, addr string, handler http.Handler, tlsCfg *tls.Config) {
+		if addr == "" && h.Listeners[name] == nil {
+			return
+		}
+		s := &server.Server{Name: name, Addr: addr, Listener: h.Listeners[name], Handler: handler, TLS: tlsCfg,
+			ShutdownTimeout: h.cfg.ShutdownTimeout, Log: h.log}
+		g.Go(func() error { return s.Run(gctx) })
+	}
+	start("secure", h.cfg.SecureAddress, newProxy(h.auth.Authenticate), h.tls)
+	// Everything on the plain-HTTP port is this node's kubelet: that is the
+	// contract of the port, which is why it is off by default and meant for
+	// loopback only.
+	start("insecure", h.cfg.InsecureAddress, newProxy(func(*http.Request) (request.Identity, error) { return h.auth.Node(), nil }), nil)
+	start("admin", h.cfg.AdminAddress, h.adminHandler(), nil)
+
+	err := g.Wait()
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return err
+}
+
+func (h *Hub) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
+	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !h.monitor.Online() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = w.Write([]byte("offline: no apiserver healthy\n"))
+			return
+		}
+		_, _ = w.Write([]byte("ok: online\n"))
+	})
+	mux.Handle("/metrics", promhttp.HandlerFor(h.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
+}

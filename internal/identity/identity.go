@@ -1,0 +1,204 @@
+// Package identity authenticates outpost's local callers. It decides whose
+// credentials a request travels with: this node's own (only for a caller
+// proving it is this node), or the caller's bearer token as it is. Outpost
+// never forwards a request with the node's credentials for a caller it has
+// not authenticated (the hole in YurtHub's plain-HTTP port and its
+// User-Agent-keyed cache).
+package identity
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/singleflight"
+
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/status"
+)
+
+// Reviewer asks the apiserver who a bearer token belongs to (a
+// SelfSubjectReview made with that token). ok is false when the apiserver
+// rejected the token.
+type Reviewer func(ctx context.Context, token string) (user string, groups []string, ok bool, err error)
+
+// Authenticator authenticates callers of the secure port. Set the exported
+// fields before the first call; it is then safe for concurrent use.
+type Authenticator struct {
+	// NodeName is this node; only the client certificate of
+	// system:node:<NodeName> is served with the node's credentials.
+	NodeName string
+	// ClientCAs verifies client certificates. Required for certificate
+	// callers; nil rejects every certificate.
+	ClientCAs *x509.CertPool
+	// Review learns who a token belongs to. Nil: tokens are forwarded with
+	// their hash as the only identity.
+	Review Reviewer
+	// TokenTTL is how long a learned token identity is remembered.
+	// Default 10 minutes, and never past the token's own expiry when known.
+	TokenTTL time.Duration
+
+	mu     sync.Mutex // guards the fields below
+	certs  map[[32]byte]certEntry
+	tokens map[string]tokenEntry
+
+	flight singleflight.Group
+}
+
+type certEntry struct {
+	id      request.Identity
+	err     error
+	expires time.Time
+}
+
+type tokenEntry struct {
+	id      request.Identity
+	expires time.Time
+}
+
+// maxEntries bounds each memo; past it the memo is emptied (cheap, and only
+// costs a re-verification).
+const maxEntries = 4096
+
+// negativeTTL is how long a token the apiserver rejected, or that could not
+// be reviewed, is remembered as such before trying again.
+const negativeTTL = 10 * time.Second
+
+// NodeUser is the Kubernetes user of node name.
+func NodeUser(node string) string { return "system:node:" + node }
+
+// Node returns the identity of this node's kubelet, as used for callers of
+// the insecure port.
+func (a *Authenticator) Node() request.Identity {
+	return request.Identity{Kind: request.NodeCert, User: NodeUser(a.NodeName), Groups: []string{"system:nodes", "system:authenticated"}}
+}
+
+// Authenticate returns who sent r, or a Status error: 401 without a usable
+// credential, 403 for a valid certificate of anyone but this node.
+func (a *Authenticator) Authenticate(r *http.Request) (request.Identity, error) {
+	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+		return a.certificate(r.TLS.PeerCertificates)
+	}
+	if token, ok := bearer(r); ok {
+		return a.token(r.Context(), token), nil
+	}
+	return request.Identity{}, status.Unauthorized("outpost: no client certificate and no bearer token")
+}
+
+func bearer(r *http.Request) (string, bool) {
+	h := r.Header.Get("Authorization")
+	scheme, token, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "bearer") {
+		return "", false
+	}
+	token = strings.TrimSpace(token)
+	return token, token != ""
+}
+
+func (a *Authenticator) certificate(chain []*x509.Certificate) (request.Identity, error) {
+	leaf := chain[0]
+	key := sha256.Sum256(leaf.Raw)
+	now := time.Now()
+	a.mu.Lock()
+	e, ok := a.certs[key]
+	a.mu.Unlock()
+	if ok && now.Before(e.expires) {
+		return e.id, e.err
+	}
+
+	e = a.verify(chain, now)
+	a.mu.Lock()
+	if a.certs == nil || len(a.certs) >= maxEntries {
+		a.certs = make(map[[32]byte]certEntry)
+	}
+	a.certs[key] = e
+	a.mu.Unlock()
+	return e.id, e.err
+}
+
+func (a *Authenticator) verify(chain []*x509.Certificate, now time.Time) certEntry {
+	leaf := chain[0]
+	expires := now.Add(10 * time.Minute)
+	if leaf.NotAfter.Before(expires) {
+		expires = leaf.NotAfter
+	}
+	if a.ClientCAs == nil {
+		return certEntry{err: status.Unauthorized("outpost: client certificates are not accepted (no client CA configured)"), expires: expires}
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	_, err := leaf.Verify(x509.VerifyOptions{
+		Roots: a.ClientCAs, Intermediates: inter, CurrentTime: now,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+	if err != nil {
+		return certEntry{err: status.Unauthorized(fmt.Sprintf("outpost: client certificate %q is not valid for the cluster CA: %v", leaf.Subject.CommonName, err)), expires: expires}
+	}
+	want := NodeUser(a.NodeName)
+	if leaf.Subject.CommonName != want || !slices.Contains(leaf.Subject.Organization, "system:nodes") {
+		return certEntry{err: status.Forbidden(fmt.Sprintf(
+			"outpost: the client certificate of %q (groups %v) is valid, but outpost serves certificates only of this node (CN=%s, O=system:nodes); other callers must use a bearer token",
+			leaf.Subject.CommonName, leaf.Subject.Organization, want)), expires: expires}
+	}
+	return certEntry{id: a.Node(), expires: expires}
+}
+
+func (a *Authenticator) token(ctx context.Context, token string) request.Identity {
+	sum := sha256.Sum256([]byte(token))
+	hash := hex.EncodeToString(sum[:])
+	now := time.Now()
+	a.mu.Lock()
+	e, ok := a.tokens[hash]
+	a.mu.Unlock()
+	if !ok || !now.Before(e.expires) {
+		v, _, _ := a.flight.Do(hash, func() (any, error) { return a.learn(context.WithoutCancel(ctx), token, hash), nil })
+		e = v.(tokenEntry)
+	}
+	id := e.id
+	id.Token = token
+	return id
+}
+
+// learn asks the apiserver who the token belongs to. The request is then
+// forwarded whatever the answer: the apiserver remains the judge.
+func (a *Authenticator) learn(ctx context.Context, token, hash string) tokenEntry {
+	id := request.Identity{Kind: request.BearerToken, TokenHash: hash}
+	now := time.Now()
+	if a.Review == nil {
+		return a.remember(hash, tokenEntry{id: id, expires: now.Add(a.ttl())})
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	user, groups, ok, err := a.Review(ctx, token)
+	if err != nil || !ok {
+		return a.remember(hash, tokenEntry{id: id, expires: now.Add(negativeTTL)})
+	}
+	id.User, id.Groups = user, groups
+	return a.remember(hash, tokenEntry{id: id, expires: now.Add(a.ttl())})
+}
+
+func (a *Authenticator) remember(hash string, e tokenEntry) tokenEntry {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.tokens == nil || len(a.tokens) >= maxEntries {
+		a.tokens = make(map[string]tokenEntry)
+	}
+	a.tokens[hash] = e
+	return e
+}
+
+func (a *Authenticator) ttl() time.Duration {
+	if a.TokenTTL > 0 {
+		return a.TokenTTL
+	}
+	return 10 * time.Minute
+}

@@ -1,0 +1,74 @@
+// Package metrics defines outpost's Prometheus metrics in one place, so every
+// name, label and bucket is visible together. All names start with outpost_.
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics are the collectors of one outpost process.
+type Metrics struct {
+	// Requests counts finished requests by verb, resource, code and who
+	// served them (upstream, cache, local).
+	Requests *prometheus.CounterVec
+	// Duration observes request latency up to the end of the response for
+	// ordinary requests and up to the response headers for long-running ones.
+	Duration *prometheus.HistogramVec
+	// InFlight counts requests being served, long-running ones by themselves.
+	InFlight *prometheus.GaugeVec
+	// ResponseBytes counts body bytes written to clients.
+	ResponseBytes *prometheus.CounterVec
+	// UpstreamHealthy is 1 for each apiserver currently judged healthy.
+	UpstreamHealthy *prometheus.GaugeVec
+	// UpstreamTransitions counts health state changes per apiserver.
+	UpstreamTransitions *prometheus.CounterVec
+	// Online is 1 while at least one apiserver is healthy.
+	Online prometheus.Gauge
+	// AuthFailures counts rejected callers by reason.
+	AuthFailures *prometheus.CounterVec
+}
+
+// New creates the collectors and registers them, with the Go and process
+// collectors, on reg.
+func New(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_requests_total",
+			Help: "Requests served, by verb, resource, HTTP code and what served them.",
+		}, []string{"verb", "resource", "code", "served_by"}),
+		Duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "outpost_request_duration_seconds",
+			Help:    "Request latency (to the end of the body, or to the headers for watches and upgrades).",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60},
+		}, []string{"verb", "resource", "served_by"}),
+		InFlight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "outpost_inflight_requests",
+			Help: "Requests being served, by kind (short or long-running).",
+		}, []string{"kind"}),
+		ResponseBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_response_bytes_total",
+			Help: "Response body bytes written to clients, by what served them.",
+		}, []string{"served_by"}),
+		UpstreamHealthy: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "outpost_upstream_healthy",
+			Help: "1 when the apiserver is judged healthy, else 0.",
+		}, []string{"server"}),
+		UpstreamTransitions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_upstream_transitions_total",
+			Help: "Health state changes of each apiserver, by the state entered.",
+		}, []string{"server", "state"}),
+		Online: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outpost_online",
+			Help: "1 while at least one apiserver is healthy.",
+		}),
+		AuthFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_authentication_failures_total",
+			Help: "Callers rejected before proxying, by reason.",
+		}, []string{"reason"}),
+	}
+	reg.MustRegister(m.Requests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
+		m.UpstreamTransitions, m.Online, m.AuthFailures,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}

@@ -1,0 +1,164 @@
+// Package proxy is outpost's request path: it authenticates the caller,
+// parses the request once, and sends it on. It is the one place that knows
+// every way a request can be answered (today the apiservers; the cache and
+// local answers plug in here, and nowhere else).
+package proxy
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/http"
+	"net/http/httputil"
+	"strconv"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+
+	"github.com/outposthq/outpost/internal/metrics"
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/status"
+)
+
+// Authenticate returns who sent r, or a Status error to answer with.
+type Authenticate func(r *http.Request) (request.Identity, error)
+
+// Handler serves local clients. Set the fields, then use it; it must not be
+// changed afterwards.
+type Handler struct {
+	// Authenticate identifies the caller. Required.
+	Authenticate Authenticate
+	// Upstream sends a request to the apiservers with the credentials of
+	// the caller named by the request.Info in its context. Required.
+	Upstream http.RoundTripper
+	// Metrics, if set, records each request.
+	Metrics *metrics.Metrics
+	// Log receives one line per failed request. Required.
+	Log *slog.Logger
+	// Stopping, when done, ends long-running requests (watches, upgraded
+	// streams) so that a shutdown is not held up by them; ordinary requests
+	// are left to drain. Nil: never.
+	Stopping context.Context
+
+	proxy *httputil.ReverseProxy
+}
+
+// Init prepares h. It must be called once before ServeHTTP.
+func (h *Handler) Init() {
+	h.proxy = &httputil.ReverseProxy{
+		// The pool sets scheme and host per apiserver; Rewrite only keeps
+		// the request as the client sent it (no X-Forwarded-* headers: the
+		// apiserver would not use them and they leak local addresses).
+		Rewrite:      func(*httputil.ProxyRequest) {},
+		Transport:    h.Upstream,
+		ErrorHandler: h.upstreamError,
+		// Watches are flushed event by event: the reverse proxy flushes at
+		// once when the response has no Content-Length, as watch and
+		// chunked list responses have.
+		FlushInterval: 0,
+		ErrorLog:      slog.NewLogLogger(h.Log.Handler(), slog.LevelWarn),
+	}
+}
+
+// ServeHTTP implements http.Handler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	id, err := h.Authenticate(r)
+	if err != nil {
+		h.reject(w, r, err)
+		return
+	}
+	info, err := request.Parse(r, id)
+	if err != nil {
+		status.WriteError(w, status.BadRequest("outpost: cannot parse request: "+err.Error()))
+		return
+	}
+
+	ctx := request.WithInfo(r.Context(), info)
+	kind := "short"
+	if info.LongRunning {
+		kind = "long-running"
+		if h.Stopping != nil {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithCancel(ctx)
+			stop := context.AfterFunc(h.Stopping, cancel)
+			defer stop()
+			defer cancel()
+		}
+	}
+	rec := &recorder{ResponseWriter: w, code: http.StatusOK}
+	if h.Metrics != nil {
+		h.Metrics.InFlight.WithLabelValues(kind).Inc()
+		defer h.Metrics.InFlight.WithLabelValues(kind).Dec()
+	}
+	h.proxy.ServeHTTP(rec, r.WithContext(ctx))
+
+	if h.Metrics != nil {
+		resource := info.Resource
+		if !info.IsResourceRequest {
+			resource = "nonresource"
+		} else if info.Subresource != "" {
+			resource += "/" + info.Subresource
+		}
+		h.Metrics.Requests.WithLabelValues(info.Verb, resource, strconv.Itoa(rec.code), "upstream").Inc()
+		end := rec.firstWrite
+		if !info.LongRunning || end.IsZero() {
+			end = time.Now()
+		}
+		h.Metrics.Duration.WithLabelValues(info.Verb, resource, "upstream").Observe(end.Sub(start).Seconds())
+		h.Metrics.ResponseBytes.WithLabelValues("upstream").Add(float64(rec.bytes))
+	}
+}
+
+func (h *Handler) reject(w http.ResponseWriter, r *http.Request, err error) {
+	if h.Metrics != nil {
+		reason := "unauthorized"
+		if apierrors.IsForbidden(err) {
+			reason = "forbidden"
+		}
+		h.Metrics.AuthFailures.WithLabelValues(reason).Inc()
+	}
+	h.Log.Info("caller rejected", "remote", r.RemoteAddr, "path", r.URL.Path, "err", err)
+	status.WriteError(w, err)
+}
+
+// upstreamError answers a request that no apiserver answered. It runs
+// before any byte of a response was written.
+func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
+	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+		// The client went away; nobody reads an answer.
+		return
+	}
+	h.Log.Warn("no apiserver answered", "method", r.Method, "path", r.URL.Path, "err", err)
+	status.WriteError(w, status.Unavailable("outpost: no apiserver reachable: "+err.Error(), 1))
+}
+
+// recorder notes what the handler wrote, for metrics. It unwraps for
+// http.ResponseController, so flushing and hijacking reach the real writer.
+type recorder struct {
+	http.ResponseWriter
+	code       int
+	bytes      int64
+	firstWrite time.Time
+}
+
+func (r *recorder) WriteHeader(code int) {
+	if r.firstWrite.IsZero() {
+		r.code = code
+		if code >= 200 {
+			r.firstWrite = time.Now()
+		}
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	if r.firstWrite.IsZero() {
+		r.firstWrite = time.Now()
+	}
+	n, err := r.ResponseWriter.Write(b)
+	r.bytes += int64(n)
+	return n, err
+}
+
+func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }

@@ -1,0 +1,265 @@
+// Package upstream is outpost's way to the cloud apiservers: it picks a
+// server (round-robin or priority among the healthy ones), sends each
+// request with the credentials its caller is entitled to, retries a failed
+// read once elsewhere, and reports failed connections as health evidence.
+// It knows nothing of caching.
+package upstream
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"k8s.io/client-go/util/connrotation"
+
+	"github.com/outposthq/outpost/internal/config"
+	"github.com/outposthq/outpost/internal/request"
+)
+
+// Health is what the pool needs to know of server health.
+type Health interface {
+	Healthy(i int) bool
+	ReportFailure(i int, err error)
+}
+
+// Credentials are the node's own credentials toward the apiservers.
+type Credentials struct {
+	// TLS verifies the apiservers and, when it has a certificate, presents
+	// the node's client certificate.
+	TLS *tls.Config
+	// Token, if set, is the node's bearer token.
+	Token string
+}
+
+// Server is one apiserver with its transports.
+type Server struct {
+	URL *url.URL
+	// node carries the node's credentials; caller carries only the CA, for
+	// requests that travel with the caller's own bearer token. They must
+	// never mix: kube-apiserver tries the client certificate before the
+	// token, so a token request on the node's TLS session would run as the
+	// node.
+	node, caller http.RoundTripper
+	tracker      *connrotation.ConnectionTracker
+}
+
+// Pool sends requests to a list of apiservers. It implements
+// http.RoundTripper for outpost's reverse proxy.
+type Pool struct {
+	servers []*Server
+	mode    string
+	health  Health
+	next    atomic.Uint64
+}
+
+// New builds a pool for servers. health may be nil until SetHealth is called.
+func New(servers []*url.URL, creds Credentials, mode string) (*Pool, error) {
+	if len(servers) == 0 {
+		return nil, errors.New("no apiserver to proxy to")
+	}
+	p := &Pool{mode: mode}
+	for _, u := range servers {
+		tracker := connrotation.NewConnectionTracker()
+		nodeTLS := creds.TLS.Clone()
+		callerTLS := creds.TLS.Clone()
+		callerTLS.Certificates, callerTLS.GetClientCertificate = nil, nil
+		var node http.RoundTripper = newTransport(nodeTLS, tracker)
+		if creds.Token != "" {
+			node = bearerRoundTripper{token: creds.Token, next: node}
+		}
+		p.servers = append(p.servers, &Server{URL: u, node: node, caller: newTransport(callerTLS, tracker), tracker: tracker})
+	}
+	return p, nil
+}
+
+func newTransport(tlsConfig *tls.Config, tracker *connrotation.ConnectionTracker) *http.Transport {
+	dialer := connrotation.NewDialerWithTracker((&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext, tracker)
+	return &http.Transport{
+		Proxy:                 nil, // the link to the apiserver is ours; no environment proxy
+		DialContext:           dialer.DialContext,
+		TLSClientConfig:       tlsConfig,
+		TLSHandshakeTimeout:   5 * time.Second,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConnsPerHost:   100,
+		IdleConnTimeout:       90 * time.Second,
+		ExpectContinueTimeout: time.Second,
+		// Pass the client's Accept-Encoding through untouched; do not add
+		// gzip and decompress on the client's behalf.
+		DisableCompression: true,
+		HTTP2: &http.HTTP2Config{
+			// Find a dead HTTP/2 connection even when no probe runs on it.
+			SendPingTimeout: 15 * time.Second,
+			PingTimeout:     5 * time.Second,
+		},
+	}
+}
+
+type bearerRoundTripper struct {
+	token string
+	next  http.RoundTripper
+}
+
+func (b bearerRoundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
+	req.Header.Set("Authorization", "Bearer "+b.token)
+	return b.next.RoundTrip(req)
+}
+
+// SetHealth sets where the pool reads and reports health.
+func (p *Pool) SetHealth(h Health) { p.health = h }
+
+// Len is the number of apiservers.
+func (p *Pool) Len() int { return len(p.servers) }
+
+// Name is apiserver i's URL, for logs and metric labels.
+func (p *Pool) Name(i int) string { return p.servers[i].URL.String() }
+
+// CloseConnections closes every connection to apiserver i, so that the
+// watches open on it end and their clients re-establish them elsewhere.
+func (p *Pool) CloseConnections(i int) { p.servers[i].tracker.CloseAll() }
+
+// Probe checks apiserver i's /readyz with the node's credentials.
+func (p *Pool) Probe(ctx context.Context, i int) error {
+	s := p.servers[i]
+	u := *s.URL
+	u.Path = joinPath(s.URL.Path, "/readyz")
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return err
+	}
+	resp, err := s.node.RoundTrip(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("readyz answered %s", resp.Status)
+	}
+	return nil
+}
+
+// RoundTrip sends req to a healthy apiserver with the credentials of the
+// caller described by the request.Info in its context. A read that fails
+// before any response is retried once on another apiserver.
+func (p *Pool) RoundTrip(req *http.Request) (*http.Response, error) {
+	info := request.From(req.Context())
+	if info == nil || info.Identity.Kind == request.Anonymous {
+		// Defence in depth: the proxy authenticates first.
+		return nil, errors.New("upstream: refusing to send a request without an authenticated caller")
+	}
+	first := p.pick(-1)
+	resp, err := p.send(first, req, info)
+	if err == nil || req.Context().Err() != nil {
+		return resp, err
+	}
+	if connectionFailure(err) {
+		p.report(first, err)
+	}
+	if !retryable(req, info) {
+		return nil, err
+	}
+	second := p.pick(first)
+	if second == first {
+		return nil, err
+	}
+	resp, err2 := p.send(second, req, info)
+	if err2 != nil && connectionFailure(err2) && req.Context().Err() == nil {
+		p.report(second, err2)
+	}
+	return resp, err2
+}
+
+func (p *Pool) report(i int, err error) {
+	if p.health != nil {
+		p.health.ReportFailure(i, err)
+	}
+}
+
+func (p *Pool) send(i int, req *http.Request, info *request.Info) (*http.Response, error) {
+	s := p.servers[i]
+	out := req.Clone(req.Context())
+	out.URL.Scheme = s.URL.Scheme
+	out.URL.Host = s.URL.Host
+	out.Host = s.URL.Host
+	if s.URL.Path != "" && s.URL.Path != "/" {
+		out.URL.Path = joinPath(s.URL.Path, req.URL.Path)
+		out.URL.RawPath = ""
+	}
+	if info.Identity.Kind == request.NodeCert {
+		// The caller proved it is this node; it travels as the node, with
+		// nothing of its own that could change who it is upstream.
+		out.Header.Del("Authorization")
+		return s.node.RoundTrip(out)
+	}
+	return s.caller.RoundTrip(out)
+}
+
+// pick chooses a healthy server other than avoid (-1: none to avoid). When
+// none is healthy it still picks one, in turn, so that every server keeps
+// being tried.
+func (p *Pool) pick(avoid int) int {
+	n := len(p.servers)
+	if n == 1 {
+		return 0
+	}
+	start := 0
+	if p.mode != config.LBPriority {
+		start = int(p.next.Add(1) % uint64(n))
+	}
+	for k := 0; k < n; k++ {
+		i := (start + k) % n
+		if i != avoid && (p.health == nil || p.health.Healthy(i)) {
+			return i
+		}
+	}
+	if avoid >= 0 {
+		return (avoid + 1) % n
+	}
+	return start
+}
+
+func retryable(req *http.Request, info *request.Info) bool {
+	if req.Method != http.MethodGet && req.Method != http.MethodHead {
+		return false
+	}
+	return !info.Upgrade && (req.Body == nil || req.Body == http.NoBody)
+}
+
+// connectionFailure reports whether err says the server could not be
+// reached or did not answer, as opposed to the caller giving up.
+func connectionFailure(err error) bool {
+	if errors.Is(err, context.Canceled) {
+		return false
+	}
+	var netErr net.Error
+	var opErr *net.OpError
+	return errors.As(err, &opErr) || (errors.As(err, &netErr) && netErr.Timeout()) ||
+		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, os.ErrDeadlineExceeded) ||
+		isTLSError(err)
+}
+
+func isTLSError(err error) bool {
+	var recordErr tls.RecordHeaderError
+	var certErr *tls.CertificateVerificationError
+	return errors.As(err, &recordErr) || errors.As(err, &certErr)
+}
+
+func joinPath(base, p string) string {
+	if base == "" || base == "/" {
+		return p
+	}
+	if base[len(base)-1] == '/' {
+		base = base[:len(base)-1]
+	}
+	return base + p
+}

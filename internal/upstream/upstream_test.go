@@ -1,0 +1,208 @@
+package upstream
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"io"
+	"math/big"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/outposthq/outpost/internal/config"
+	"github.com/outposthq/outpost/internal/request"
+)
+
+// echo answers with who the caller was: the client certificate's CN (or
+// "-") and the Authorization header.
+func echo(w http.ResponseWriter, r *http.Request) {
+	cn := "-"
+	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+		cn = r.TLS.PeerCertificates[0].Subject.CommonName
+	}
+	_, _ = io.WriteString(w, cn+"|"+r.Header.Get("Authorization")+"|"+r.Proto)
+}
+
+func newServer(t *testing.T, h http.Handler) *httptest.Server {
+	s := httptest.NewUnstartedServer(h)
+	s.EnableHTTP2 = true
+	s.TLS = &tls.Config{ClientAuth: tls.RequestClientCert}
+	s.StartTLS()
+	t.Cleanup(s.Close)
+	return s
+}
+
+func clientCert(t *testing.T, cn string) tls.Certificate {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+func newPool(t *testing.T, servers ...*httptest.Server) *Pool {
+	roots := x509.NewCertPool()
+	var urls []*url.URL
+	for _, s := range servers {
+		roots.AddCert(s.Certificate())
+		u, _ := url.Parse(s.URL)
+		urls = append(urls, u)
+	}
+	creds := Credentials{TLS: &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{clientCert(t, "system:node:edge-1")}}}
+	p, err := New(urls, creds, config.LBPriority)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func get(t *testing.T, p *Pool, kind request.CredentialKind, method, auth string) (string, error) {
+	t.Helper()
+	var body io.Reader
+	if method != http.MethodGet {
+		body = strings.NewReader("{}")
+	}
+	req, _ := http.NewRequest(method, "https://placeholder/api/v1/pods", body)
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	info := &request.Info{Identity: request.Identity{Kind: kind}, Verb: "get"}
+	resp, err := p.RoundTrip(req.WithContext(request.WithInfo(context.Background(), info)))
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b), nil
+}
+
+func TestCredentialsNeverMix(t *testing.T) {
+	p := newPool(t, newServer(t, http.HandlerFunc(echo)))
+	got, err := get(t, p, request.NodeCert, http.MethodGet, "Bearer sneaky")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != "system:node:edge-1||HTTP/2.0" {
+		t.Errorf("node caller: upstream saw %q, want the node certificate, no token, over HTTP/2", got)
+	}
+	got, err = get(t, p, request.BearerToken, http.MethodGet, "Bearer abc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != "-|Bearer abc|HTTP/2.0" {
+		t.Errorf("token caller: upstream saw %q, want no certificate and the caller's token", got)
+	}
+	if _, err := get(t, p, request.Anonymous, http.MethodGet, ""); err == nil {
+		t.Error("an anonymous caller must never be sent upstream")
+	}
+}
+
+type fakeHealth struct {
+	mu       sync.Mutex
+	down     map[int]bool
+	reported []int
+}
+
+func (f *fakeHealth) Healthy(i int) bool { f.mu.Lock(); defer f.mu.Unlock(); return !f.down[i] }
+func (f *fakeHealth) ReportFailure(i int, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.down[i] = true
+	f.reported = append(f.reported, i)
+}
+
+func TestReadRetriedOnAnotherServer(t *testing.T) {
+	dead := newServer(t, http.HandlerFunc(echo))
+	live := newServer(t, http.HandlerFunc(echo))
+	p := newPool(t, dead, live)
+	h := &fakeHealth{down: map[int]bool{}}
+	p.SetHealth(h)
+	dead.Close()
+
+	got, err := get(t, p, request.NodeCert, http.MethodGet, "")
+	if err != nil || !strings.HasPrefix(got, "system:node:edge-1") {
+		t.Fatalf("read through a dead first server: %q, %v; want it retried on the live one", got, err)
+	}
+	if len(h.reported) != 1 || h.reported[0] != 0 {
+		t.Fatalf("reported failures = %v, want [0]", h.reported)
+	}
+
+	// A write is not retried: it may have reached the server.
+	h.down = map[int]bool{}
+	if _, err := get(t, p, request.NodeCert, http.MethodPost, ""); err == nil {
+		t.Fatal("a write to a dead server must fail, not be retried elsewhere")
+	}
+}
+
+func TestPriorityAndRoundRobin(t *testing.T) {
+	a := newServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "a") }))
+	b := newServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "b") }))
+	p := newPool(t, a, b)
+	h := &fakeHealth{down: map[int]bool{}}
+	p.SetHealth(h)
+	for range 4 {
+		if got, _ := get(t, p, request.NodeCert, http.MethodGet, ""); got != "a" {
+			t.Fatalf("priority mode answered by %q, want a", got)
+		}
+	}
+	h.down[0] = true
+	if got, _ := get(t, p, request.NodeCert, http.MethodGet, ""); got != "b" {
+		t.Fatalf("with a down, answered by %q, want b", got)
+	}
+	h.down[0] = false
+	p.mode = config.LBRoundRobin
+	seen := map[string]int{}
+	for range 6 {
+		got, _ := get(t, p, request.NodeCert, http.MethodGet, "")
+		seen[got]++
+	}
+	if seen["a"] != 3 || seen["b"] != 3 {
+		t.Fatalf("round-robin spread = %v, want 3 and 3", seen)
+	}
+}
+
+func TestCloseConnectionsEndsStreams(t *testing.T) {
+	started := make(chan struct{})
+	s := newServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		close(started)
+		<-r.Context().Done()
+	}))
+	p := newPool(t, s)
+	req, _ := http.NewRequest(http.MethodGet, "https://placeholder/api/v1/pods?watch=1", nil)
+	info := &request.Info{Identity: request.Identity{Kind: request.NodeCert}, Verb: "watch"}
+	resp, err := p.RoundTrip(req.WithContext(request.WithInfo(context.Background(), info)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	<-started
+	done := make(chan error, 1)
+	go func() { _, err := io.ReadAll(resp.Body); done <- err }()
+	p.CloseConnections(0)
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("stream ended cleanly; want a connection error")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("stream still open 5s after CloseConnections")
+	}
+}
