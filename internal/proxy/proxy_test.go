@@ -1,0 +1,153 @@
+package proxy
+
+import (
+	"bufio"
+	"crypto/tls"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/outposthq/outpost/internal/config"
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/upstream"
+)
+
+// newHandler puts a proxy in front of an upstream test server; every caller
+// counts as the node.
+func newHandler(t *testing.T, up *httptest.Server) *httptest.Server {
+	t.Helper()
+	u, _ := url.Parse(up.URL)
+	pool, err := upstream.New([]*url.URL{u}, upstream.Credentials{TLS: &tls.Config{InsecureSkipVerify: true}}, config.LBRoundRobin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &Handler{
+		Authenticate: func(*http.Request) (request.Identity, error) {
+			return request.Identity{Kind: request.NodeCert, User: "system:node:n"}, nil
+		},
+		Upstream: pool,
+		Log:      slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	h.Init()
+	s := httptest.NewServer(h)
+	t.Cleanup(s.Close)
+	return s
+}
+
+// TestWatchEventsFlushedAtOnce: each event reaches the client while the
+// upstream response is still open.
+func TestWatchEventsFlushedAtOnce(t *testing.T) {
+	release := make(chan struct{})
+	up := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"type":"ADDED","object":{}}`+"\n")
+		w.(http.Flusher).Flush()
+		<-release
+	}))
+	defer up.Close()
+	defer close(release)
+	p := newHandler(t, up)
+
+	resp, err := http.Get(p.URL + "/api/v1/pods?watch=true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	got := make(chan string, 1)
+	go func() {
+		line, _ := bufio.NewReader(resp.Body).ReadString('\n')
+		got <- line
+	}()
+	select {
+	case line := <-got:
+		if !strings.Contains(line, "ADDED") {
+			t.Fatalf("first line %q", line)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("watch event not delivered while the stream is open")
+	}
+}
+
+// TestUpgradeStreams: SPDY and WebSocket upgrades (exec, attach,
+// port-forward) are passed through as bidirectional byte streams.
+func TestUpgradeStreams(t *testing.T) {
+	for _, proto := range []string{"SPDY/3.1", "websocket"} {
+		t.Run(proto, func(t *testing.T) {
+			up := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.Header.Get("Upgrade") != proto || r.Header.Get("X-Stream-Protocol-Version") != "v5.channel.k8s.io" {
+					http.Error(w, "bad upgrade request: "+r.Header.Get("Upgrade"), http.StatusBadRequest)
+					return
+				}
+				conn, brw, err := http.NewResponseController(w).Hijack()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				defer conn.Close()
+				_, _ = io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: "+proto+"\r\n\r\n")
+				// Echo in upper case until the client closes.
+				buf := make([]byte, 64)
+				for {
+					n, err := brw.Read(buf)
+					if err != nil {
+						return
+					}
+					_, _ = conn.Write([]byte(strings.ToUpper(string(buf[:n]))))
+				}
+			}))
+			defer up.Close()
+			p := newHandler(t, up)
+
+			conn, err := net.Dial("tcp", strings.TrimPrefix(p.URL, "http://"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+			_, _ = io.WriteString(conn, "POST /api/v1/namespaces/default/pods/web/exec?command=sh&stdin=true HTTP/1.1\r\nHost: x\r\n"+
+				"Connection: Upgrade\r\nUpgrade: "+proto+"\r\nX-Stream-Protocol-Version: v5.channel.k8s.io\r\nContent-Length: 0\r\n\r\n")
+			br := bufio.NewReader(conn)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.StatusCode != http.StatusSwitchingProtocols {
+				b, _ := io.ReadAll(resp.Body)
+				t.Fatalf("status %s: %s", resp.Status, b)
+			}
+			for _, msg := range []string{"hello", "second frame"} {
+				_, _ = io.WriteString(conn, msg)
+				buf := make([]byte, len(msg))
+				if _, err := io.ReadFull(br, buf); err != nil {
+					t.Fatal(err)
+				}
+				if string(buf) != strings.ToUpper(msg) {
+					t.Fatalf("echo %q, want %q", buf, strings.ToUpper(msg))
+				}
+			}
+		})
+	}
+}
+
+// TestNoUpstreamIsAStatus: with the apiserver gone, the client gets a 503
+// Kubernetes Status, not a bare proxy error.
+func TestNoUpstreamIsAStatus(t *testing.T) {
+	up := httptest.NewTLSServer(http.NotFoundHandler())
+	p := newHandler(t, up)
+	up.Close()
+	resp, err := http.Get(p.URL + "/api/v1/pods")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(b), `"kind":"Status"`) || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("%s %s %v", resp.Status, b, resp.Header)
+	}
+}

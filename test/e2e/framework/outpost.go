@@ -1,0 +1,160 @@
+package framework
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+)
+
+// Outpost is an outpost process started by a test, in front of this
+// control plane, acting for one node.
+type Outpost struct {
+	// Node is the node outpost acts for.
+	Node string
+	// URL is the secure (TLS) address clients use: https://127.0.0.1:PORT.
+	URL string
+	// AdminURL serves /healthz, /readyz and /metrics.
+	AdminURL string
+	// DataDir is outpost's --data-dir.
+	DataDir string
+	// ServingCAFile verifies outpost's self-signed serving certificate.
+	ServingCAFile string
+	// NodeCertFile and NodeKeyFile are the node's client certificate, used
+	// by outpost upstream and by local clients acting as the node.
+	NodeCertFile, NodeKeyFile string
+	// Kubeconfig is the upstream kubeconfig outpost was started with.
+	Kubeconfig string
+	// LogPath is outpost's log file.
+	LogPath string
+
+	cp   *ControlPlane
+	args []string
+	proc *process
+}
+
+// StartOutpost starts _output/bin/outpost for node with the node's
+// credentials toward apiserver 0 (extraArgs may add --server flags) and
+// waits until its admin /healthz answers and its secure port serves TLS.
+func (c *ControlPlane) StartOutpost(ctx context.Context, node string, extraArgs ...string) (*Outpost, error) {
+	certFile, keyFile, err := c.NodeCredentials(node)
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp(c.Dir, "outpost-"+node+"-")
+	if err != nil {
+		return nil, err
+	}
+	o := &Outpost{Node: node, DataDir: filepath.Join(dir, "data"), cp: c,
+		NodeCertFile: certFile, NodeKeyFile: keyFile,
+		Kubeconfig: filepath.Join(dir, "upstream.kubeconfig"), LogPath: filepath.Join(dir, "outpost.log")}
+	if err := WriteKubeconfig(o.Kubeconfig, c.URL(0), c.CAFile, certFile, keyFile, ""); err != nil {
+		return nil, err
+	}
+	securePort, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	adminPort, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	o.URL = "https://127.0.0.1:" + strconv.Itoa(securePort)
+	o.AdminURL = "http://127.0.0.1:" + strconv.Itoa(adminPort)
+	o.ServingCAFile = filepath.Join(o.DataDir, "pki", "ca.crt")
+	o.args = append([]string{"run",
+		"--kubeconfig=" + o.Kubeconfig,
+		"--node-name=" + node,
+		"--data-dir=" + o.DataDir,
+		"--secure-address=127.0.0.1:" + strconv.Itoa(securePort),
+		"--admin-address=127.0.0.1:" + strconv.Itoa(adminPort),
+		"--shutdown-timeout=5s",
+	}, extraArgs...)
+	if err := o.Start(ctx); err != nil {
+		return nil, err
+	}
+	return o, nil
+}
+
+// Start starts the outpost process again with the same arguments (after
+// Stop), and waits until it serves.
+func (o *Outpost) Start(ctx context.Context) error {
+	bin, err := Binary("outpost")
+	if err != nil {
+		return err
+	}
+	p, err := startProcess("outpost", o.LogPath, bin, o.args, nil)
+	if err != nil {
+		return err
+	}
+	o.proc = p
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	hc := &http.Client{Timeout: time.Second}
+	return waitFor(ctx, p, "outpost to serve", func(ctx context.Context) error {
+		resp, err := hc.Get(o.AdminURL + "/healthz")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		pool, err := o.servingPool()
+		if err != nil {
+			return err
+		}
+		conn, err := tls.Dial("tcp", o.URL[len("https://"):], &tls.Config{RootCAs: pool})
+		if err != nil {
+			return err
+		}
+		return conn.Close()
+	})
+}
+
+func (o *Outpost) servingPool() (*x509.CertPool, error) {
+	data, err := os.ReadFile(o.ServingCAFile)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(data) {
+		return nil, fmt.Errorf("no certificate in %s", o.ServingCAFile)
+	}
+	return pool, nil
+}
+
+// Stop sends SIGTERM and waits for outpost to exit (SIGKILL after 10 s).
+func (o *Outpost) Stop() {
+	if o.proc != nil {
+		o.proc.stop(10 * time.Second)
+	}
+}
+
+// Kill ends outpost with SIGKILL, as a crash or power loss would.
+func (o *Outpost) Kill() {
+	if o.proc != nil {
+		o.proc.stop(0)
+	}
+}
+
+// Log returns the last n lines of outpost's log.
+func (o *Outpost) Log(n int) string { return tailFile(o.LogPath, n) }
+
+// WriteClientKubeconfig writes a kubeconfig for a local client of outpost
+// to path: with certFile/keyFile, or with token, or with neither.
+func (o *Outpost) WriteClientKubeconfig(path, certFile, keyFile, token string) error {
+	return WriteKubeconfig(path, o.URL, o.ServingCAFile, certFile, keyFile, token)
+}
+
+// NodeKubeconfig writes (once) and returns a kubeconfig through outpost
+// with the node's client certificate, as kubelet would use.
+func (o *Outpost) NodeKubeconfig() (string, error) {
+	path := filepath.Join(filepath.Dir(o.DataDir), "node-via-outpost.kubeconfig")
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	return path, o.WriteClientKubeconfig(path, o.NodeCertFile, o.NodeKeyFile, "")
+}

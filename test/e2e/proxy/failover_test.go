@@ -1,0 +1,127 @@
+package proxy_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+)
+
+// TestInformerSurvivesApiserverLoss: two apiservers behind outpost; the one
+// outpost prefers is stopped while an informer watches through outpost. The
+// informer keeps receiving events and reads keep succeeding.
+func TestInformerSurvivesApiserverLoss(t *testing.T) {
+	ctx := t.Context()
+	o := startOutpost(t, "edge-failover", "--server="+cp.URL(0), "--server="+cp.URL(1), "--lb-mode=priority")
+	token := adminToken(t)
+	client := kubernetes.NewForConfigOrDie(restConfig(o, "", "", token))
+	direct1cfg := cp.AdminConfig()
+	direct1cfg.Host = cp.URL(1)
+	direct1 := kubernetes.NewForConfigOrDie(direct1cfg)
+
+	const ns = "failover"
+	if _, err := cp.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	var mu sync.Mutex
+	seen := map[string]bool{}
+	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithNamespace(ns))
+	inf := factory.Core().V1().ConfigMaps().Informer()
+	_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: func(obj any) {
+		mu.Lock()
+		seen[obj.(*corev1.ConfigMap).Name] = true
+		mu.Unlock()
+	}})
+	ictx, stopInformer := context.WithCancel(ctx)
+	defer stopInformer()
+	factory.Start(ictx.Done())
+	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+		t.Fatal("informer through outpost never synced")
+	}
+	waitSeen := func(name string) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) {
+			mu.Lock()
+			ok := seen[name]
+			mu.Unlock()
+			if ok {
+				return
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Fatalf("informer through outpost did not see configmap %s within 30s", name)
+	}
+	create := func(name string) {
+		t.Helper()
+		if _, err := direct1.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	create("before")
+	waitSeen("before")
+
+	// Reads keep flowing through outpost during the loss.
+	var reads, failures atomic.Int32
+	var firstFailure atomic.Value
+	rctx, stopReads := context.WithCancel(ctx)
+	readsDone := make(chan struct{})
+	go func() {
+		defer close(readsDone)
+		for rctx.Err() == nil {
+			_, err := client.CoreV1().Namespaces().Get(rctx, ns, metav1.GetOptions{})
+			if err != nil && rctx.Err() == nil {
+				failures.Add(1)
+				firstFailure.CompareAndSwap(nil, err.Error())
+			}
+			reads.Add(1)
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+
+	t.Cleanup(func() {
+		if err := cp.StartAPIServer(0); err != nil {
+			t.Errorf("restarting apiserver 0: %v", err)
+		}
+	})
+	if err := cp.StopAPIServer(0); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		create(fmt.Sprintf("after-%d", i))
+	}
+	for i := range 3 {
+		waitSeen(fmt.Sprintf("after-%d", i))
+	}
+	time.Sleep(2 * time.Second)
+	stopReads()
+	<-readsDone
+	if n := failures.Load(); n > 0 {
+		t.Errorf("%d of %d reads through outpost failed while an apiserver was lost; first: %v", n, reads.Load(), firstFailure.Load())
+	}
+	t.Logf("%d reads through outpost during the loss, %d failed", reads.Load(), failures.Load())
+
+	// Outpost saw it: the lost server is reported unhealthy.
+	resp, err := http.Get(o.AdminURL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	want := fmt.Sprintf("outpost_upstream_healthy{server=%q} 0", cp.URL(0))
+	if !strings.Contains(string(body), want) {
+		t.Errorf("metrics lack %q", want)
+	}
+}
