@@ -7,6 +7,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
@@ -52,6 +53,12 @@ func (h *Handler) Init() {
 		Rewrite:      func(*httputil.ProxyRequest) {},
 		Transport:    h.Upstream,
 		ErrorHandler: h.upstreamError,
+		ModifyResponse: func(resp *http.Response) error {
+			if info := request.From(resp.Request.Context()); info != nil && info.Watch {
+				resp.Body = &watchBody{ReadCloser: resp.Body}
+			}
+			return nil
+		},
 		// Watches are flushed event by event: the reverse proxy flushes at
 		// once when the response has no Content-Length, as watch and
 		// chunked list responses have.
@@ -162,3 +169,20 @@ func (r *recorder) Write(b []byte) (int, error) {
 }
 
 func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// watchBody ends a watch stream cleanly when its apiserver connection
+// breaks. A watch may end at any time (the apiserver ends them by timeout);
+// clients then re-watch from their last resourceVersion, through a healthy
+// server. Passing the break on instead would abort the client's HTTP/2
+// stream with INTERNAL_ERROR and make informers log decode errors.
+type watchBody struct {
+	io.ReadCloser
+}
+
+func (b *watchBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		err = io.EOF
+	}
+	return n, err
+}

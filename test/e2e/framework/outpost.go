@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 )
 
@@ -84,7 +86,7 @@ func (c *ControlPlane) StartOutpost(ctx context.Context, node string, extraArgs 
 // Start starts the outpost process again with the same arguments (after
 // Stop), and waits until it serves.
 func (o *Outpost) Start(ctx context.Context) error {
-	bin, err := Binary("outpost")
+	bin, err := OutpostBinary()
 	if err != nil {
 		return err
 	}
@@ -157,4 +159,47 @@ func (o *Outpost) NodeKubeconfig() (string, error) {
 		return path, nil
 	}
 	return path, o.WriteClientKubeconfig(path, o.NodeCertFile, o.NodeKeyFile, "")
+}
+
+// PID is the process id of the running outpost, or 0.
+func (o *Outpost) PID() int {
+	if o.proc == nil || o.proc.exited() {
+		return 0
+	}
+	return o.proc.cmd.Process.Pid
+}
+
+var outpostBuild struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// OutpostBinary returns the outpost binary the tests run: $OUTPOST_BIN when
+// set, else one built once per test process from the working tree with
+// `go build`, so that a test never runs a stale _output/bin/outpost.
+func OutpostBinary() (string, error) {
+	if p := os.Getenv("OUTPOST_BIN"); p != "" {
+		return p, nil
+	}
+	b := &outpostBuild
+	b.once.Do(func() {
+		root, err := RepoRoot()
+		if err != nil {
+			b.err = err
+			return
+		}
+		dir, err := os.MkdirTemp("", "outpost-bin-")
+		if err != nil {
+			b.err = err
+			return
+		}
+		b.path = filepath.Join(dir, "outpost")
+		cmd := exec.Command("go", "build", "-o", b.path, "./cmd/outpost")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("building outpost: %v\n%s", err, out)
+		}
+	})
+	return b.path, b.err
 }

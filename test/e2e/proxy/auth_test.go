@@ -21,7 +21,7 @@ import (
 
 // restConfig is a client-go config for outpost with the given credentials.
 func restConfig(o *framework.Outpost, certFile, keyFile, token string) *rest.Config {
-	return &rest.Config{Host: o.URL, BearerToken: token,
+	return &rest.Config{Host: o.URL, BearerToken: token, QPS: -1,
 		TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile, CertFile: certFile, KeyFile: keyFile}}
 }
 
@@ -128,4 +128,3 @@ func statusReason(body, reason string) bool {
 	var st metav1.Status
 	return json.Unmarshal([]byte(body), &st) == nil && st.Kind == "Status" && string(st.Reason) == reason
 }
-

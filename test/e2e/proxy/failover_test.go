@@ -75,13 +75,18 @@ func TestInformerSurvivesApiserverLoss(t *testing.T) {
 
 	// Reads keep flowing through outpost during the loss.
 	var reads, failures atomic.Int32
+	var slowest atomic.Int64
 	var firstFailure atomic.Value
 	rctx, stopReads := context.WithCancel(ctx)
 	readsDone := make(chan struct{})
 	go func() {
 		defer close(readsDone)
 		for rctx.Err() == nil {
+			t0 := time.Now()
 			_, err := client.CoreV1().Namespaces().Get(rctx, ns, metav1.GetOptions{})
+			if d := int64(time.Since(t0)); d > slowest.Load() {
+				slowest.Store(d)
+			}
 			if err != nil && rctx.Err() == nil {
 				failures.Add(1)
 				firstFailure.CompareAndSwap(nil, err.Error())
@@ -111,7 +116,8 @@ func TestInformerSurvivesApiserverLoss(t *testing.T) {
 	if n := failures.Load(); n > 0 {
 		t.Errorf("%d of %d reads through outpost failed while an apiserver was lost; first: %v", n, reads.Load(), firstFailure.Load())
 	}
-	t.Logf("%d reads through outpost during the loss, %d failed", reads.Load(), failures.Load())
+	t.Logf("%d reads through outpost during the loss, %d failed, slowest %v", reads.Load(), failures.Load(), time.Duration(slowest.Load()))
+	t.Logf("outpost log:\n%s", o.Log(30))
 
 	// Outpost saw it: the lost server is reported unhealthy.
 	resp, err := http.Get(o.AdminURL + "/metrics")

@@ -1,0 +1,268 @@
+// Package bench compares client requests made directly to kube-apiserver
+// with the same requests made through outpost, side by side in one run, on a
+// real local control plane. Run with `make bench`.
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
+)
+
+var (
+	cp      *framework.ControlPlane
+	hub     *framework.Outpost
+	clients = map[string]*kubernetes.Clientset{} // "direct", "outpost"
+)
+
+const (
+	ns         = "bench"
+	listNS     = "bench-list"
+	listObject = 1000
+)
+
+func TestMain(m *testing.M) {
+	code := framework.Run(m, framework.Options{}, &cp)
+	if hub != nil {
+		hub.Stop()
+	}
+	os.Exit(code)
+}
+
+var setupOnce sync.Once
+
+// setup starts outpost and seeds objects once for all benchmarks.
+func setup(b *testing.B) {
+	setupOnce.Do(func() {
+		ctx := context.Background()
+		var err error
+		hub, err = cp.StartOutpost(ctx, "edge-bench", "--log-level=warn")
+		if err != nil {
+			b.Fatalf("starting outpost: %v", err)
+		}
+		token := benchToken(b)
+		for name, host := range map[string]string{"direct": cp.URL(0), "outpost": hub.URL} {
+			ca := cp.CAFile
+			if name == "outpost" {
+				ca = hub.ServingCAFile
+			}
+			cfg := &rest.Config{Host: host, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: ca}}
+			clients[name] = kubernetes.NewForConfigOrDie(cfg)
+		}
+		c := cp.Client()
+		for _, n := range []string{ns, listNS} {
+			if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: n}}, metav1.CreateOptions{}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if _, err := c.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "target"}, Data: map[string]string{"k": "v"}}, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		sem := make(chan struct{}, 16)
+		for i := range listObject {
+			wg.Go(func() {
+				sem <- struct{}{}
+				defer func() { <-sem }()
+				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%04d", i), Labels: map[string]string{"app": "bench"}},
+					Data: map[string]string{"payload": strings.Repeat("x", 256)}}
+				if _, err := c.CoreV1().ConfigMaps(listNS).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
+					b.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+	})
+	if hub == nil {
+		b.Fatal("setup failed earlier")
+	}
+}
+
+func benchToken(b *testing.B) string {
+	ctx := context.Background()
+	c := cp.Client()
+	if _, err := c.CoreV1().ServiceAccounts("default").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "bench"}}, metav1.CreateOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := c.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "bench"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "cluster-admin"},
+		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "default", Name: "bench"}},
+	}, metav1.CreateOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	tr, err := c.CoreV1().ServiceAccounts("default").CreateToken(ctx, "bench", &authenticationv1.TokenRequest{}, metav1.CreateOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return tr.Status.Token
+}
+
+// measure runs op b.N times over `clients` goroutines and reports p50 and
+// p99 latency and throughput.
+func measure(b *testing.B, concurrency int, op func(ctx context.Context) error) {
+	ctx := context.Background()
+	for range 5 { // warm connections and caches
+		if err := op(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	lat := make([][]time.Duration, concurrency)
+	var next sync.Mutex
+	remaining := b.N
+	b.ResetTimer()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := range concurrency {
+		wg.Go(func() {
+			for {
+				next.Lock()
+				if remaining == 0 {
+					next.Unlock()
+					return
+				}
+				remaining--
+				next.Unlock()
+				t0 := time.Now()
+				if err := op(ctx); err != nil {
+					b.Error(err)
+					return
+				}
+				lat[w] = append(lat[w], time.Since(t0))
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	b.StopTimer()
+	var all []time.Duration
+	for _, l := range lat {
+		all = append(all, l...)
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+	if len(all) == 0 {
+		return
+	}
+	b.ReportMetric(float64(all[len(all)/2].Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(all[len(all)*99/100].Microseconds())/1000, "p99-ms")
+	b.ReportMetric(float64(len(all))/elapsed.Seconds(), "req/s")
+}
+
+func BenchmarkGet(b *testing.B) {
+	setup(b)
+	for _, conc := range []int{1, 64} {
+		for _, path := range []string{"direct", "outpost"} {
+			b.Run(fmt.Sprintf("c%d/%s", conc, path), func(b *testing.B) {
+				c := clients[path]
+				measure(b, conc, func(ctx context.Context) error {
+					_, err := c.CoreV1().ConfigMaps(ns).Get(ctx, "target", metav1.GetOptions{})
+					return err
+				})
+			})
+		}
+	}
+}
+
+func BenchmarkList1000(b *testing.B) {
+	setup(b)
+	for _, conc := range []int{1, 64} {
+		for _, path := range []string{"direct", "outpost"} {
+			b.Run(fmt.Sprintf("c%d/%s", conc, path), func(b *testing.B) {
+				c := clients[path]
+				measure(b, conc, func(ctx context.Context) error {
+					l, err := c.CoreV1().ConfigMaps(listNS).List(ctx, metav1.ListOptions{})
+					if err == nil && len(l.Items) != listObject {
+						err = fmt.Errorf("listed %d objects, want %d", len(l.Items), listObject)
+					}
+					return err
+				})
+			})
+		}
+	}
+}
+
+// BenchmarkWatchDelivery measures the time from a write made directly to
+// the apiserver until a watcher receives the event, directly and through
+// outpost.
+func BenchmarkWatchDelivery(b *testing.B) {
+	setup(b)
+	for _, path := range []string{"direct", "outpost"} {
+		b.Run(path, func(b *testing.B) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			w, err := clients[path].CoreV1().ConfigMaps(ns).Watch(ctx, metav1.ListOptions{FieldSelector: "metadata.name=target", ResourceVersion: "0"})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer w.Stop()
+			<-w.ResultChan() // the initial ADDED
+			writer := cp.Client().CoreV1().ConfigMaps(ns)
+			var lat []time.Duration
+			b.ResetTimer()
+			for i := range b.N {
+				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "target"}, Data: map[string]string{"k": path + strconv.Itoa(i)}}
+				t0 := time.Now()
+				if _, err := writer.Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
+					b.Fatal(err)
+				}
+				for ev := range w.ResultChan() {
+					if ev.Type == watch.Modified && ev.Object.(*corev1.ConfigMap).Data["k"] == path+strconv.Itoa(i) {
+						break
+					}
+				}
+				lat = append(lat, time.Since(t0))
+			}
+			b.StopTimer()
+			sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+		})
+	}
+}
+
+// BenchmarkZIdleRSS reports the resident memory of outpost idle: a fresh
+// one that has only proxied a few requests, and the one that served the
+// benchmarks above (named to run last).
+func BenchmarkZIdleRSS(b *testing.B) {
+	setup(b)
+	fresh, err := cp.StartOutpost(context.Background(), "edge-idle", "--log-level=warn")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer fresh.Stop()
+	time.Sleep(3 * time.Second) // a few probes, then idle
+	for range b.N {
+	}
+	b.ReportMetric(rssMB(b, fresh.PID()), "fresh-RSS-MB")
+	b.ReportMetric(rssMB(b, hub.PID()), "after-load-RSS-MB")
+}
+
+func rssMB(b *testing.B, pid int) float64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, l := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.Atoi(f[1])
+			return float64(kb) / 1024
+		}
+	}
+	b.Fatalf("no VmRSS for pid %d", pid)
+	return 0
+}
