@@ -1,0 +1,59 @@
+package framework
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strconv"
+)
+
+// startEtcd starts a single-member etcd on two free loopback ports and waits
+// until it reports healthy.
+func (c *ControlPlane) startEtcd(ctx context.Context) error {
+	bin, err := Binary("etcd")
+	if err != nil {
+		return err
+	}
+	clientPort, peerPort := c.etcdPorts[0], c.etcdPorts[1]
+	c.EtcdURL = "http://127.0.0.1:" + strconv.Itoa(clientPort)
+	peerURL := "http://127.0.0.1:" + strconv.Itoa(peerPort)
+	args := []string{
+		"--name=e2e",
+		"--data-dir=" + filepath.Join(c.Dir, "etcd"),
+		"--listen-client-urls=" + c.EtcdURL,
+		"--advertise-client-urls=" + c.EtcdURL,
+		"--listen-peer-urls=" + peerURL,
+		"--initial-advertise-peer-urls=" + peerURL,
+		"--initial-cluster=e2e=" + peerURL,
+		// The data is thrown away after the run; fsync only slows tests.
+		"--unsafe-no-fsync",
+		"--log-level=warn",
+	}
+	p, err := startProcess("etcd", c.logPath("etcd"), bin, args, nil)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.etcd = p
+	c.mu.Unlock()
+
+	health := c.EtcdURL + "/health"
+	return waitFor(ctx, p, "etcd", func(ctx context.Context) error {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, health, nil)
+		if err != nil {
+			return err
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("%s: %s: %s", health, resp.Status, body)
+		}
+		return nil
+	})
+}
