@@ -1,0 +1,101 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/outposthq/outpost/internal/autonomy"
+)
+
+const usage = `outpost-controller: keeps pods of autonomous edge nodes from being evicted,
+and behind their Services, while the nodes are cut off from the cloud.
+
+Usage:
+  outpost-controller run [flags]   run the controller and its webhooks
+  outpost-controller [flags]       the same
+  outpost-controller version       print the version
+  outpost-controller help          print this help; "outpost-controller run --help" lists the flags
+
+A node is autonomous with the annotation outpost.io/autonomy-duration (a
+duration such as 72h; 0 means never evict); node.openyurt.io/autonomy-duration
+and node.beta.openyurt.io/autonomy=true are honoured too, in that order.
+`
+
+// options are the parsed command line: the controller's configuration and
+// the logging, which belongs to the process.
+type options struct {
+	autonomy.Config
+	logLevel slog.Level
+	logJSON  bool
+}
+
+// parseRun parses the flags of run. Help goes to stdout; errors are
+// returned, for the caller to print once.
+func parseRun(args []string, stdout io.Writer) (options, error) {
+	var o options
+	c := &o.Config
+	fs := flag.NewFlagSet("outpost-controller run", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster service account)")
+	qps := fs.Float64("kube-api-qps", 20, "queries per second to the apiserver")
+	fs.IntVar(&c.Burst, "kube-api-burst", 40, "burst of queries to the apiserver")
+	fs.StringVar(&c.Namespace, "namespace", autonomy.DefaultNamespace, "namespace of the leader Lease and the webhook CA Secret")
+	fs.IntVar(&c.Workers, "workers", 2, "pods synced in parallel")
+
+	leaderElect := fs.Bool("leader-elect", true, "run the toleration controller only in the replica holding the Lease (disable only with one replica)")
+	le := &c.LeaderElection
+	fs.StringVar(&le.Namespace, "leader-elect-namespace", "", "namespace of the leader Lease (default: --namespace)")
+	fs.StringVar(&le.Name, "leader-elect-name", autonomy.DefaultName, "name of the leader Lease")
+	fs.DurationVar(&le.LeaseDuration, "leader-elect-lease-duration", 15*time.Second, "how long non-leaders wait before taking over an unrenewed Lease")
+	fs.DurationVar(&le.RenewDeadline, "leader-elect-renew-deadline", 10*time.Second, "how long the leader retries renewing before giving up")
+	fs.DurationVar(&le.RetryPeriod, "leader-elect-retry-period", 2*time.Second, "time between attempts to acquire or renew the Lease")
+
+	wh := &c.Webhook
+	fs.StringVar(&wh.Address, "webhook-address", ":9443", "HTTPS listen address of the admission webhooks")
+	fs.Func("webhook-host", "DNS name or IP address by which the apiserver reaches the webhooks, for the serving certificate; repeat or separate with commas (default: outpost-controller.<namespace>.svc)", func(s string) error {
+		for h := range strings.SplitSeq(s, ",") {
+			if h = strings.TrimSpace(h); h == "" {
+				return fmt.Errorf("empty host in %q", s)
+			}
+			wh.Hosts = append(wh.Hosts, h)
+		}
+		return nil
+	})
+	fs.StringVar(&wh.ConfigName, "webhook-config-name", autonomy.DefaultName, "MutatingWebhookConfiguration whose caBundle the controller keeps current")
+	fs.StringVar(&wh.SecretName, "webhook-secret-name", autonomy.DefaultSecretName, "Secret in --namespace holding the webhook CA (created if missing)")
+	fs.DurationVar(&wh.CAValidity, "webhook-ca-validity", 365*24*time.Hour, "lifetime of the webhook CA; rotated with a third left")
+	fs.DurationVar(&wh.CertValidity, "webhook-cert-validity", 7*24*time.Hour, "lifetime of the serving certificate; renewed with a third left")
+
+	fs.StringVar(&c.MetricsAddress, "metrics-address", ":8080", "HTTP listen address of /metrics, /healthz and /readyz (empty: off)")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 5*time.Second, "how long the servers drain requests on SIGTERM")
+	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
+	logFormat := fs.String("log-format", "text", "text or json")
+
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, "Usage: outpost-controller run [flags]\n\nFlags:\n")
+			fs.SetOutput(stdout)
+			fs.PrintDefaults()
+		}
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	c.QPS = float32(*qps)
+	le.Disabled = !*leaderElect
+	switch *logFormat {
+	case "text":
+	case "json":
+		o.logJSON = true
+	default:
+		return o, fmt.Errorf("invalid value %q for flag -log-format: want text or json", *logFormat)
+	}
+	return o, c.Validate()
+}
