@@ -89,6 +89,15 @@ func parseRun(args []string, stderr io.Writer) (config.Hub, error) {
 	fs.IntVar(&cfg.FailureThreshold, "failure-threshold", cfg.FailureThreshold, "consecutive failed probes that mark an apiserver unhealthy (a failed real request marks it at once)")
 	fs.IntVar(&cfg.SuccessThreshold, "success-threshold", cfg.SuccessThreshold, "consecutive good probes that mark an apiserver healthy again")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", cfg.ShutdownTimeout, "how long SIGTERM waits for in-flight requests before closing connections")
+	fs.Func("record-identities", `whose answers are recorded into the cache: comma-separated user names or prefixes ending in "*" (default "*": every authenticated caller; "" records nobody)`, func(s string) error {
+		cfg.RecordIdentities = nil
+		for _, p := range strings.Split(s, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				cfg.RecordIdentities = append(cfg.RecordIdentities, p)
+			}
+		}
+		return nil
+	})
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return cfg, err

@@ -65,6 +65,11 @@ type Hub struct {
 	// back. Default 2, so a flapping link does not flip the state each second.
 	SuccessThreshold int
 
+	// RecordIdentities says whose answers are recorded into the cache:
+	// user names, or prefixes ending in "*"; "*" (the default) records every
+	// authenticated caller, an empty list records nobody.
+	RecordIdentities []string
+
 	// ShutdownTimeout bounds the drain of in-flight requests on SIGTERM.
 	// Default 15s.
 	ShutdownTimeout time.Duration
@@ -83,6 +88,7 @@ func DefaultHub() Hub {
 		ProbeTimeout:     time.Second,
 		FailureThreshold: 1,
 		SuccessThreshold: 2,
+		RecordIdentities: []string{"*"},
 		ShutdownTimeout:  15 * time.Second,
 		LogLevel:         "info",
 	}

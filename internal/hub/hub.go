@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -25,6 +26,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/outposthq/outpost/internal/cache"
 	"github.com/outposthq/outpost/internal/certs"
 	"github.com/outposthq/outpost/internal/config"
 	"github.com/outposthq/outpost/internal/health"
@@ -33,6 +35,7 @@ import (
 	"github.com/outposthq/outpost/internal/proxy"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/server"
+	"github.com/outposthq/outpost/internal/store"
 	"github.com/outposthq/outpost/internal/upstream"
 )
 
@@ -46,6 +49,7 @@ type Hub struct {
 	metrics *metrics.Metrics
 	reg     *prometheus.Registry
 	tls     *tls.Config
+	store   *store.Store // set by Run
 
 	// Listeners, if set, replace listening on the configured addresses
 	// (tests bind :0 themselves). Keys: "secure", "insecure", "admin".
@@ -234,12 +238,27 @@ func (h *Hub) serverChanged(i int, healthy bool, err error) {
 }
 
 // Run serves until ctx is done, then drains and stops everything it started.
-func (h *Hub) Run(ctx context.Context) error {
+func (h *Hub) Run(ctx context.Context) (err error) {
+	st, err := store.Open(filepath.Join(h.cfg.DataDir, "cache.db"), store.Options{Logger: h.log})
+	if err != nil {
+		return fmt.Errorf("opening cache: %w", err)
+	}
+	defer func() {
+		if cerr := st.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("closing cache: %w", cerr)
+		}
+	}()
+	h.store = st
+	h.auth.Remember, h.auth.Recall = h.rememberToken, h.recallToken
+	c := &cache.Cache{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities)}
+
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return h.monitor.Run(gctx) })
+	g.Go(func() error { return c.Run(gctx) })
 
 	newProxy := func(auth proxy.Authenticate) http.Handler {
-		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Metrics: h.metrics, Log: h.log, Stopping: gctx}
+		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Cache: c, Online: h.monitor.Online,
+			Metrics: h.metrics, Log: h.log, Stopping: gctx}
 		p.Init()
 		return p
 	}
@@ -258,11 +277,51 @@ func (h *Hub) Run(ctx context.Context) error {
 	start("insecure", h.cfg.InsecureAddress, newProxy(func(*http.Request) (request.Identity, error) { return h.auth.Node(), nil }), nil)
 	start("admin", h.cfg.AdminAddress, h.adminHandler(), nil)
 
-	err := g.Wait()
+	err = g.Wait()
 	if errors.Is(err, context.Canceled) {
 		err = nil
 	}
 	return err
+}
+
+// rememberedToken is how a confirmed token identity is kept in the store,
+// under its hash; the token itself is never stored.
+type rememberedToken struct {
+	User    string    `json:"user"`
+	Groups  []string  `json:"groups,omitempty"`
+	Expires time.Time `json:"expires"`
+}
+
+func (h *Hub) rememberToken(hash string, id request.Identity, expires time.Time) {
+	body, _ := json.Marshal(rememberedToken{User: id.User, Groups: id.Groups, Expires: expires})
+	if err := h.store.PutDoc("identity\x00"+hash, "application/json", body); err != nil {
+		h.log.Warn("cannot remember a token identity; it will not be known offline after a restart", "user", id.User, "err", err)
+	}
+}
+
+func (h *Hub) recallToken(hash string) (request.Identity, time.Time, bool) {
+	_, body, ok, err := h.store.Doc("identity\x00" + hash)
+	if err != nil || !ok {
+		return request.Identity{}, time.Time{}, false
+	}
+	var r rememberedToken
+	if json.Unmarshal(body, &r) != nil || r.User == "" {
+		return request.Identity{}, time.Time{}, false
+	}
+	return request.Identity{User: r.User, Groups: r.Groups}, r.Expires, true
+}
+
+// recordFilter turns --record-identities into the cache's Record hook.
+func recordFilter(patterns []string) func(request.Identity) bool {
+	return func(id request.Identity) bool {
+		key := id.Key()
+		for _, p := range patterns {
+			if p == "*" || p == key || (strings.HasSuffix(p, "*") && strings.HasPrefix(key, strings.TrimSuffix(p, "*"))) {
+				return true
+			}
+		}
+		return false
+	}
 }
 
 func (h *Hub) adminHandler() http.Handler {
@@ -270,14 +329,28 @@ func (h *Hub) adminHandler() http.Handler {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !h.monitor.Online() {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			_, _ = w.Write([]byte("offline: no apiserver healthy\n"))
+		// Ready once outpost can serve: online, or offline with a cache.
+		if h.monitor.Online() {
+			_, _ = w.Write([]byte("ok: online\n"))
 			return
 		}
-		_, _ = w.Write([]byte("ok: online\n"))
+		if _, views, err := h.store.Stats(); err == nil && views > 0 {
+			_, _ = fmt.Fprintf(w, "ok: offline, serving %d cached views\n", views)
+			return
+		}
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = w.Write([]byte("offline: no apiserver healthy and nothing cached\n"))
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(h.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/debug/cache/views", func(w http.ResponseWriter, _ *http.Request) {
+		views, err := h.store.AllViews()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(views)
+	})
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)

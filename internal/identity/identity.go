@@ -10,7 +10,9 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"slices"
@@ -41,9 +43,16 @@ type Authenticator struct {
 	// Review learns who a token belongs to. Nil: tokens are forwarded with
 	// their hash as the only identity.
 	Review Reviewer
-	// TokenTTL is how long a learned token identity is remembered.
-	// Default 10 minutes, and never past the token's own expiry when known.
+	// TokenTTL is how long a learned token identity is trusted before it
+	// is reviewed again. Default 10 minutes.
 	TokenTTL time.Duration
+	// Remember, if set, persists an identity the apiserver confirmed, by
+	// token hash, until expires, so that it survives a restart of outpost
+	// while the cloud is unreachable.
+	Remember func(hash string, id request.Identity, expires time.Time)
+	// Recall reads back what Remember stored. It is consulted only when the
+	// apiserver cannot be asked.
+	Recall func(hash string) (id request.Identity, expires time.Time, ok bool)
 
 	mu     sync.Mutex // guards the fields below
 	certs  map[[32]byte]certEntry
@@ -179,11 +188,56 @@ func (a *Authenticator) learn(ctx context.Context, token, hash string) tokenEntr
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	user, groups, ok, err := a.Review(ctx, token)
+	if err != nil && a.Recall != nil {
+		// The apiserver cannot be asked: a token it confirmed before, and
+		// that has not expired, is still who it was.
+		if known, expires, found := a.Recall(hash); found && now.Before(expires) {
+			known.Kind, known.TokenHash = request.BearerToken, hash
+			// Trusted for a short while, then recalled (or reviewed) again.
+			until := now.Add(negativeTTL)
+			if expires.Before(until) {
+				until = expires
+			}
+			return a.remember(hash, tokenEntry{id: known, expires: until})
+		}
+	}
 	if err != nil || !ok {
 		return a.remember(hash, tokenEntry{id: id, expires: now.Add(negativeTTL)})
 	}
 	id.User, id.Groups = user, groups
+	if a.Remember != nil {
+		a.Remember(hash, id, tokenExpiry(token, now))
+	}
 	return a.remember(hash, tokenEntry{id: id, expires: now.Add(a.ttl())})
+}
+
+// maxRemembered bounds how long an identity is trusted offline for a token
+// whose expiry cannot be read (not a JWT).
+const maxRemembered = 24 * time.Hour
+
+// tokenExpiry reads the exp claim of a JWT (service-account tokens are
+// JWTs). The signature is not checked here: the apiserver has just
+// accepted this very token. Tokens that are not JWTs get maxRemembered.
+func tokenExpiry(token string, now time.Time) time.Time {
+	limit := now.Add(maxRemembered)
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		return limit
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return limit
+	}
+	var claims struct {
+		Exp int64 `json:"exp"`
+	}
+	if json.Unmarshal(payload, &claims) != nil || claims.Exp == 0 {
+		return limit
+	}
+	if exp := time.Unix(claims.Exp, 0); exp.Before(limit) {
+		return exp
+	}
+	return limit
 }
 
 func (a *Authenticator) remember(hash string, e tokenEntry) tokenEntry {

@@ -27,6 +27,16 @@ type Metrics struct {
 	Online prometheus.Gauge
 	// AuthFailures counts rejected callers by reason.
 	AuthFailures *prometheus.CounterVec
+
+	// CacheLists counts views replaced by a recorded list (or object).
+	CacheLists prometheus.Counter
+	// CacheEvents counts recorded watch events written to the store.
+	CacheEvents prometheus.Counter
+	// CacheDropped counts recordings dropped, by reason; their views are
+	// marked stale.
+	CacheDropped *prometheus.CounterVec
+	// CacheErrors counts failed store writes.
+	CacheErrors prometheus.Counter
 }
 
 // New creates the collectors and registers them, with the Go and process
@@ -66,8 +76,25 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "outpost_authentication_failures_total",
 			Help: "Callers rejected before proxying, by reason.",
 		}, []string{"reason"}),
+		CacheLists: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_cache_views_replaced_total",
+			Help: "Views replaced by a recorded list or object.",
+		}),
+		CacheEvents: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_cache_watch_events_total",
+			Help: "Recorded watch events written to the store.",
+		}),
+		CacheDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_cache_dropped_total",
+			Help: "Recordings dropped (the view is marked stale), by reason.",
+		}, []string{"reason"}),
+		CacheErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_cache_write_errors_total",
+			Help: "Failed writes to the store.",
+		}),
 	}
-	reg.MustRegister(m.Requests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
+	reg.MustRegister(m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheErrors,
+		m.Requests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
 		m.UpstreamTransitions, m.Online, m.AuthFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -16,6 +16,7 @@ import (
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
+	"github.com/outposthq/outpost/internal/cache"
 	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/status"
@@ -23,6 +24,16 @@ import (
 
 // Authenticate returns who sent r, or a Status error to answer with.
 type Authenticate func(r *http.Request) (request.Identity, error)
+
+// Cache records answers and answers reads when no apiserver can.
+type Cache interface {
+	// Answers reports whether the cache may answer r (a read it records).
+	Answers(r *http.Request, info *request.Info) bool
+	// Tee arranges for an apiserver answer to be recorded as it streams.
+	Tee(resp *http.Response, info *request.Info)
+	// Serve answers r from the cache, or with a Status saying why not.
+	Serve(w http.ResponseWriter, r *http.Request, info *request.Info)
+}
 
 // Handler serves local clients. Set the fields, then use it; it must not be
 // changed afterwards.
@@ -32,6 +43,12 @@ type Handler struct {
 	// Upstream sends a request to the apiservers with the credentials of
 	// the caller named by the request.Info in its context. Required.
 	Upstream http.RoundTripper
+	// Cache, if set, records answers and serves reads offline.
+	Cache Cache
+	// Online reports whether any apiserver is healthy. Nil: always. While
+	// offline, reads the cache answers are served from it at once instead
+	// of waiting on a dead link.
+	Online func() bool
 	// Metrics, if set, records each request.
 	Metrics *metrics.Metrics
 	// Log receives one line per failed request. Required.
@@ -54,7 +71,14 @@ func (h *Handler) Init() {
 		Transport:    h.Upstream,
 		ErrorHandler: h.upstreamError,
 		ModifyResponse: func(resp *http.Response) error {
-			if info := request.From(resp.Request.Context()); info != nil && info.Watch {
+			info := request.From(resp.Request.Context())
+			if info == nil {
+				return nil
+			}
+			if h.Cache != nil {
+				h.Cache.Tee(resp, info)
+			}
+			if info.Watch {
 				resp.Body = &watchBody{ReadCloser: resp.Body}
 			}
 			return nil
@@ -98,7 +122,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.Metrics.InFlight.WithLabelValues(kind).Inc()
 		defer h.Metrics.InFlight.WithLabelValues(kind).Dec()
 	}
-	h.proxy.ServeHTTP(rec, r.WithContext(ctx))
+	r = r.WithContext(ctx)
+	if h.Cache != nil && h.Online != nil && !h.Online() && h.Cache.Answers(r, info) {
+		h.Cache.Serve(rec, r, info)
+	} else {
+		h.proxy.ServeHTTP(rec, r)
+	}
 
 	if h.Metrics != nil {
 		resource := info.Resource
@@ -107,13 +136,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		} else if info.Subresource != "" {
 			resource += "/" + info.Subresource
 		}
-		h.Metrics.Requests.WithLabelValues(info.Verb, resource, strconv.Itoa(rec.code), "upstream").Inc()
+		servedBy := "upstream"
+		if rec.Header().Get(cache.ServedByHeader) != "" {
+			servedBy = "cache"
+		} else if rec.local {
+			servedBy = "outpost"
+		}
+		h.Metrics.Requests.WithLabelValues(info.Verb, resource, strconv.Itoa(rec.code), servedBy).Inc()
 		end := rec.firstWrite
 		if !info.LongRunning || end.IsZero() {
 			end = time.Now()
 		}
-		h.Metrics.Duration.WithLabelValues(info.Verb, resource, "upstream").Observe(end.Sub(start).Seconds())
-		h.Metrics.ResponseBytes.WithLabelValues("upstream").Add(float64(rec.bytes))
+		h.Metrics.Duration.WithLabelValues(info.Verb, resource, servedBy).Observe(end.Sub(start).Seconds())
+		h.Metrics.ResponseBytes.WithLabelValues(servedBy).Add(float64(rec.bytes))
 	}
 }
 
@@ -136,7 +171,17 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 		// The client went away; nobody reads an answer.
 		return
 	}
+	if info := request.From(r.Context()); info != nil && h.Cache != nil && h.Cache.Answers(r, info) {
+		// Answer at once from the cache rather than waiting for a probe to
+		// declare the cloud gone.
+		h.Log.Debug("no apiserver answered; serving from cache", "path", r.URL.Path, "err", err)
+		h.Cache.Serve(w, r, info)
+		return
+	}
 	h.Log.Warn("no apiserver answered", "method", r.Method, "path", r.URL.Path, "err", err)
+	if rec, ok := w.(*recorder); ok {
+		rec.local = true
+	}
 	status.WriteError(w, status.Unavailable("outpost: no apiserver reachable: "+err.Error(), 1))
 }
 
@@ -144,6 +189,7 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 // http.ResponseController, so flushing and hijacking reach the real writer.
 type recorder struct {
 	http.ResponseWriter
+	local      bool // outpost itself answered (an error Status)
 	code       int
 	bytes      int64
 	firstWrite time.Time

@@ -216,13 +216,16 @@ func BenchmarkWatchDelivery(b *testing.B) {
 			var lat []time.Duration
 			b.ResetTimer()
 			for i := range b.N {
-				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "target"}, Data: map[string]string{"k": path + strconv.Itoa(i)}}
+				// A value never written before: an update that changes
+				// nothing sends no event.
+				val := path + strconv.FormatInt(time.Now().UnixNano(), 10) + "-" + strconv.Itoa(i)
+				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "target"}, Data: map[string]string{"k": val}}
 				t0 := time.Now()
 				if _, err := writer.Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
 					b.Fatal(err)
 				}
 				for ev := range w.ResultChan() {
-					if ev.Type == watch.Modified && ev.Object.(*corev1.ConfigMap).Data["k"] == path+strconv.Itoa(i) {
+					if ev.Type == watch.Modified && ev.Object.(*corev1.ConfigMap).Data["k"] == val {
 						break
 					}
 				}

@@ -1,0 +1,247 @@
+package cache
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/outposthq/outpost/internal/metrics"
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// Cache records answers into Store and answers from it. Set the fields,
+// then call Run once; Tee and Serve may be called before Run returns.
+type Cache struct {
+	Store *store.Store
+	Log   *slog.Logger
+	// Metrics, if set, counts what is recorded and dropped.
+	Metrics *metrics.Metrics
+	// Record says whether answers to this identity are recorded. Nil:
+	// every authenticated identity.
+	Record func(request.Identity) bool
+	// MaxBody bounds one recorded body (a list, an object, a document).
+	// Default 256 MiB.
+	MaxBody int
+	// MaxBuffered bounds all bodies being copied at once. Default 512 MiB.
+	MaxBuffered int64
+	// BatchDelay bounds how long a watch event waits before it is written.
+	// Default 100ms.
+	BatchDelay time.Duration
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+
+	initOnce sync.Once
+	jobs     chan func()  // decoding work, off the request path
+	writes   chan write   // ordered store writes, applied by one goroutine
+	buffered atomic.Int64 // bytes held by tees
+	watches  sync.WaitGroup
+
+	mu    sync.Mutex // guards the fields below
+	stale map[store.ViewKey]bool
+	pages map[store.ViewKey]*pagedList
+}
+
+// write is one ordered store write.
+type write struct {
+	events  []store.Event  // applied in one batch with neighbouring events
+	replace *replaceView   // a whole list
+	doc     *doc           // a document
+	stale   *store.ViewKey // mark a view stale
+}
+
+type replaceView struct {
+	view store.View
+	objs []store.Object
+}
+
+type doc struct {
+	key, contentType string
+	body             []byte
+}
+
+func (c *Cache) init() {
+	c.initOnce.Do(func() {
+		if c.MaxBody <= 0 {
+			c.MaxBody = 256 << 20
+		}
+		if c.MaxBuffered <= 0 {
+			c.MaxBuffered = 512 << 20
+		}
+		if c.BatchDelay <= 0 {
+			c.BatchDelay = 100 * time.Millisecond
+		}
+		if c.Now == nil {
+			c.Now = time.Now
+		}
+		c.jobs = make(chan func(), 64)
+		c.writes = make(chan write, 4096)
+		c.stale = map[store.ViewKey]bool{}
+		c.pages = map[store.ViewKey]*pagedList{}
+	})
+}
+
+// Run decodes and writes recorded answers until ctx is done, then waits for
+// the watch recorders to end and writes what they decoded.
+func (c *Cache) Run(ctx context.Context) error {
+	c.init()
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case job := <-c.jobs:
+				job()
+			}
+		}
+	})
+	stop := make(chan struct{})
+	writerDone := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		c.writer(stop)
+	}()
+	<-ctx.Done()
+	wg.Wait()
+	c.watches.Wait() // they end when their responses end, which shutdown forces
+	close(stop)
+	<-writerDone
+	return nil
+}
+
+// writer applies writes in order. Consecutive events are batched into one
+// transaction, flushed within BatchDelay.
+func (c *Cache) writer(stop <-chan struct{}) {
+	var batch []store.Event
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	flush := func() {
+		if len(batch) == 0 {
+			return
+		}
+		if err := c.Store.Apply(batch); err != nil {
+			c.fail("applying watch events", err)
+			for _, e := range batch {
+				c.markStale(e.View)
+			}
+		} else if c.Metrics != nil {
+			c.Metrics.CacheEvents.Add(float64(len(batch)))
+		}
+		batch = batch[:0]
+		timer.Stop()
+	}
+	for {
+		select {
+		case <-stop:
+			// Drain what was queued, then stop; later sends only fill the
+			// buffer and are lost with the process, like any unflushed copy.
+			for {
+				select {
+				case w := <-c.writes:
+					if w.events != nil {
+						batch = append(batch, w.events...)
+						continue
+					}
+					flush()
+					c.apply(w)
+				default:
+					flush()
+					c.flushStale()
+					return
+				}
+			}
+		case w := <-c.writes:
+			if w.events != nil {
+				if len(batch) == 0 {
+					timer.Reset(c.BatchDelay)
+				}
+				batch = append(batch, w.events...)
+				if len(batch) >= 1000 {
+					flush()
+				}
+				continue
+			}
+			flush()
+			c.apply(w)
+		case <-timer.C:
+			flush()
+		}
+		c.flushStale()
+	}
+}
+
+func (c *Cache) apply(w write) {
+	switch {
+	case w.replace != nil:
+		if err := c.Store.ReplaceView(w.replace.view, w.replace.objs); err != nil {
+			c.fail("replacing view", err)
+			c.markStale(w.replace.view.Key)
+		} else if c.Metrics != nil {
+			c.Metrics.CacheLists.Inc()
+		}
+	case w.doc != nil:
+		if err := c.Store.PutDoc(w.doc.key, w.doc.contentType, w.doc.body); err != nil {
+			c.fail("storing document", err)
+		}
+	case w.stale != nil:
+		if err := c.Store.MarkStale(*w.stale); err != nil {
+			c.fail("marking view stale", err)
+		}
+	}
+}
+
+// send queues w without ever blocking the caller's client: when the queue
+// is full the write is dropped and its view marked stale.
+func (c *Cache) send(w write, view *store.ViewKey, reason string) {
+	select {
+	case c.writes <- w:
+	default:
+		c.drop(view, reason)
+	}
+}
+
+// drop counts a dropped recording and remembers its view as stale.
+func (c *Cache) drop(view *store.ViewKey, reason string) {
+	if c.Metrics != nil {
+		c.Metrics.CacheDropped.WithLabelValues(reason).Inc()
+	}
+	if view != nil {
+		c.markStale(*view)
+	}
+}
+
+func (c *Cache) markStale(k store.ViewKey) {
+	c.mu.Lock()
+	c.stale[k] = true
+	c.mu.Unlock()
+}
+
+// flushStale marks remembered views stale in the store (writer only).
+func (c *Cache) flushStale() {
+	c.mu.Lock()
+	if len(c.stale) == 0 {
+		c.mu.Unlock()
+		return
+	}
+	keys := make([]store.ViewKey, 0, len(c.stale))
+	for k := range c.stale {
+		keys = append(keys, k)
+	}
+	clear(c.stale)
+	c.mu.Unlock()
+	for _, k := range keys {
+		c.apply(write{stale: &k})
+	}
+}
+
+// fail logs a store failure once per call site kind; the data already in
+// the store stays as it was.
+func (c *Cache) fail(doing string, err error) {
+	if c.Metrics != nil {
+		c.Metrics.CacheErrors.Inc()
+	}
+	c.Log.Warn("cache write failed; the view is marked stale", "doing", doing, "err", err)
+}

@@ -1,0 +1,155 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+func newCache(t *testing.T) (*Cache, func()) {
+	t.Helper()
+	st, err := store.Open(filepath.Join(t.TempDir(), "cache.db"), store.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &Cache{Store: st, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), BatchDelay: 10 * time.Millisecond}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = c.Run(ctx); close(done) }()
+	return c, func() { cancel(); <-done; _ = st.Close() }
+}
+
+var reader = request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:default:reader"}
+
+// respond feeds body through Tee as the apiserver's answer to target.
+func respond(t *testing.T, c *Cache, target, accept, contentType string, body []byte) {
+	t.Helper()
+	r := httptest.NewRequest(http.MethodGet, target, nil)
+	if accept != "" {
+		r.Header.Set("Accept", accept)
+	}
+	info, err := request.Parse(r, reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp := &http.Response{StatusCode: 200, Header: http.Header{"Content-Type": {contentType}}, Body: io.NopCloser(bytes.NewReader(body)), Request: r}
+	c.Tee(resp, info)
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		t.Fatal(err)
+	}
+	_ = resp.Body.Close()
+}
+
+// serve asks the cache for target as the reader would, offline.
+func serve(t *testing.T, c *Cache, target, accept string) *httptest.ResponseRecorder {
+	t.Helper()
+	r := httptest.NewRequest(http.MethodGet, target, nil)
+	if accept != "" {
+		r.Header.Set("Accept", accept)
+	}
+	info, err := request.Parse(r, reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := httptest.NewRecorder()
+	c.Serve(w, r, info)
+	return w
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func cm(name, ns, rv string, labels map[string]string) corev1.ConfigMap {
+	return corev1.ConfigMap{TypeMeta: metav1.TypeMeta{Kind: "ConfigMap", APIVersion: "v1"},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, ResourceVersion: rv, Labels: labels}, Data: map[string]string{"v": name}}
+}
+
+// TestWatchListRecordedThenServed: an informer's WatchList (initial events
+// and the initial-events-end bookmark) becomes a view a later list reads,
+// filtered by namespace and labels.
+func TestWatchListRecordedThenServed(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	a, b := cm("a", "ns1", "10", map[string]string{"tier": "front"}), cm("b", "ns2", "11", map[string]string{"tier": "back"})
+	end := &corev1.ConfigMap{TypeMeta: metav1.TypeMeta{Kind: "ConfigMap", APIVersion: "v1"},
+		ObjectMeta: metav1.ObjectMeta{ResourceVersion: "12", Annotations: map[string]string{"k8s.io/initial-events-end": "true"}}}
+	later := cm("c", "ns1", "13", map[string]string{"tier": "front"})
+	body := watchStream(t, "application/json", []watch.Event{{Type: watch.Added, Object: &a}, {Type: watch.Added, Object: &b},
+		{Type: watch.Bookmark, Object: end}, {Type: watch.Added, Object: &later}})
+	respond(t, c, "/api/v1/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true", "", "application/json", body)
+
+	key := store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps"}
+	waitFor(t, "the watch-list view", func() bool {
+		v, ok, _ := c.Store.View(key)
+		return ok && v.ResourceVersion == "13"
+	})
+	w := serve(t, c, "/api/v1/namespaces/ns1/configmaps?labelSelector=tier%3Dfront", "")
+	var l corev1.ConfigMapList
+	if err := json.Unmarshal(w.Body.Bytes(), &l); err != nil || w.Code != 200 {
+		t.Fatalf("%d %s", w.Code, w.Body)
+	}
+	if l.Kind != "ConfigMapList" || len(l.Items) != 2 || l.Items[0].Name != "a" || l.Items[1].Name != "c" || w.Header().Get(ServedByHeader) != "cache" {
+		t.Fatalf("served %+v", l)
+	}
+	// Pagination with the cache's own continue tokens.
+	w = serve(t, c, "/api/v1/configmaps?limit=1", "")
+	_ = json.Unmarshal(w.Body.Bytes(), &l)
+	if len(l.Items) != 1 || l.Continue == "" {
+		t.Fatalf("first page: %s", w.Body)
+	}
+	var names []string
+	for tok := l.Continue; ; {
+		names = append(names, l.Items[0].Name)
+		if tok == "" {
+			break
+		}
+		w = serve(t, c, "/api/v1/configmaps?limit=1&continue="+tok, "")
+		l = corev1.ConfigMapList{}
+		_ = json.Unmarshal(w.Body.Bytes(), &l)
+		tok = l.Continue
+	}
+	if strings.Join(names, ",") != "a,c,b" {
+		t.Fatalf("pages gave %v, want a,c,b (namespace/name order)", names)
+	}
+	// Protobuf, as kubelet asks.
+	w = serve(t, c, "/api/v1/namespaces/ns2/configmaps/b", "application/vnd.kubernetes.protobuf")
+	if w.Code != 200 || w.Header().Get("Content-Type") != mediaProtobuf {
+		t.Fatalf("protobuf get: %d %s", w.Code, w.Header())
+	}
+	// Metadata only, from the full view.
+	w = serve(t, c, "/api/v1/configmaps", "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")
+	var pl metav1.PartialObjectMetadataList
+	if err := json.Unmarshal(w.Body.Bytes(), &pl); err != nil || pl.Kind != "PartialObjectMetadataList" || len(pl.Items) != 3 {
+		t.Fatalf("metadata list: %s", w.Body)
+	}
+	// Never read: 503; read but absent: 404.
+	if w := serve(t, c, "/api/v1/secrets", ""); w.Code != 503 {
+		t.Fatalf("never-read secrets: %d", w.Code)
+	}
+	if w := serve(t, c, "/api/v1/namespaces/ns1/configmaps/zzz", ""); w.Code != 404 {
+		t.Fatalf("missing configmap: %d %s", w.Code, w.Body)
+	}
+}

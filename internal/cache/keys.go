@@ -1,0 +1,172 @@
+package cache
+
+import (
+	"mime"
+	"net/http"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// kind is what a cacheable request is, for recording and answering.
+type kind int
+
+const (
+	notCacheable kind = iota
+	getObject         // GET of one object (or its status subresource)
+	listObjects       // LIST
+	watchObjects      // WATCH
+	table             // a LIST or GET answered as a Table: recorded whole
+	document          // discovery, /version, OpenAPI
+)
+
+// accept describes what the client asked for in its Accept header.
+type accept struct {
+	// as is the transformation asked first: "", "Table",
+	// "PartialObjectMetadata" or "PartialObjectMetadataList".
+	as string
+	// plainJSON is true when a plain application/json answer is acceptable
+	// (kubectl asks for a Table but accepts JSON).
+	plainJSON bool
+	// media is the preferred media type without transformation.
+	media string
+}
+
+func parseAccept(h string) accept {
+	var a accept
+	if strings.TrimSpace(h) == "" {
+		return accept{plainJSON: true, media: mediaJSON}
+	}
+	for _, part := range strings.Split(h, ",") {
+		mt, params, err := mime.ParseMediaType(strings.TrimSpace(part))
+		if err != nil {
+			continue
+		}
+		if as := params["as"]; as != "" {
+			if a.as == "" && a.media == "" {
+				a.as = as
+				a.media = mt
+			}
+			continue
+		}
+		switch mt {
+		case mediaJSON, "*/*", "application/*":
+			a.plainJSON = true
+			if a.media == "" {
+				a.media = mediaJSON
+			}
+		case mediaProtobuf, mediaCBOR:
+			if a.media == "" {
+				a.media = mt
+			}
+		}
+	}
+	if a.media == "" {
+		a.media = mediaJSON
+	}
+	return a
+}
+
+// resourceKey is the store's name of the resource a request reads:
+// "group/version/resource", with "#meta" for metadata-only answers, which
+// are kept apart so they never replace full objects.
+func resourceKey(info *request.Info, a accept) string {
+	k := info.APIGroup + "/" + info.APIVersion + "/" + info.Resource
+	if strings.HasPrefix(a.as, "PartialObjectMetadata") {
+		k += "#meta"
+	}
+	return k
+}
+
+// canonicalLabels and canonicalFields make equivalent selectors one key.
+func canonicalLabels(s string) (string, error) {
+	if s == "" {
+		return "", nil
+	}
+	sel, err := labels.Parse(s)
+	if err != nil {
+		return "", err
+	}
+	return sel.String(), nil
+}
+
+func canonicalFields(s string) (string, error) {
+	if s == "" {
+		return "", nil
+	}
+	sel, err := fields.ParseSelector(s)
+	if err != nil {
+		return "", err
+	}
+	return sel.String(), nil
+}
+
+// classify says what r is for the cache and, for object requests, the
+// view it reads.
+func classify(r *http.Request, info *request.Info) (kind, store.ViewKey, accept) {
+	a := parseAccept(r.Header.Get("Accept"))
+	if r.Method != http.MethodGet || info.Upgrade {
+		return notCacheable, store.ViewKey{}, a
+	}
+	if !info.IsResourceRequest {
+		if isDocumentPath(info.Path) {
+			return document, store.ViewKey{}, a
+		}
+		return notCacheable, store.ViewKey{}, a
+	}
+	if info.Subresource != "" && info.Subresource != "status" {
+		return notCacheable, store.ViewKey{}, a
+	}
+	ls, err1 := canonicalLabels(info.LabelSelector)
+	fs, err2 := canonicalFields(info.FieldSelector)
+	if err1 != nil || err2 != nil {
+		return notCacheable, store.ViewKey{}, a
+	}
+	key := store.ViewKey{Identity: info.Identity.Key(), Resource: resourceKey(info, a), Namespace: info.Namespace,
+		LabelSelector: ls, FieldSelector: fs}
+	switch info.Verb {
+	case "get":
+		key.Name = info.Name
+		key.LabelSelector, key.FieldSelector = "", ""
+		if a.as == "Table" {
+			return table, key, a
+		}
+		return getObject, key, a
+	case "list":
+		if a.as == "Table" {
+			return table, key, a
+		}
+		return listObjects, key, a
+	case "watch":
+		return watchObjects, key, a
+	}
+	return notCacheable, store.ViewKey{}, a
+}
+
+// isDocumentPath reports whether path is discovery, /version or OpenAPI.
+func isDocumentPath(p string) bool {
+	switch {
+	case p == "/version", p == "/api", p == "/apis":
+		return true
+	case strings.HasPrefix(p, "/api/"), strings.HasPrefix(p, "/apis/"):
+		return true // group and group-version discovery (resource paths never get here)
+	case p == "/openapi/v2", p == "/openapi/v3", strings.HasPrefix(p, "/openapi/v3/"):
+		return true
+	}
+	return false
+}
+
+// docKey names a recorded document: the path, its query and what the
+// client accepts, since discovery and OpenAPI vary by Accept.
+func docKey(r *http.Request) string {
+	return "doc\x00" + r.URL.Path + "?" + r.URL.RawQuery + "\x00" + r.Header.Get("Accept")
+}
+
+// tableKey names a recorded Table answer of one identity.
+func tableKey(identity string, r *http.Request) string {
+	return "table\x00" + identity + "\x00" + r.URL.Path + "?" + r.URL.RawQuery + "\x00" + r.Header.Get("Accept")
+}

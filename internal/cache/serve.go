@@ -1,0 +1,513 @@
+package cache
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/runtime/serializer/protobuf"
+
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/status"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// ServedByHeader marks answers that came from the cache.
+const ServedByHeader = "X-Outpost-Served-By"
+
+// Answers reports whether the cache may answer r at all (a read of a kind
+// it records). The proxy asks before falling back to Serve.
+func (c *Cache) Answers(r *http.Request, info *request.Info) bool {
+	k, _, _ := classify(r, info)
+	return k != notCacheable && k != watchObjects
+}
+
+// Serve answers r from the store with what this identity read online. It
+// always writes a response: the answer, or a Status saying why not.
+func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info) {
+	c.init()
+	k, view, a := classify(r, info)
+	var err error
+	switch k {
+	case document:
+		err = c.serveDoc(w, docKey(r), r.URL.Path)
+	case table:
+		if ok, derr := c.serveRecordedTable(w, tableKey(view.Identity, r)); ok || derr != nil {
+			err = derr
+			break
+		}
+		if info.Verb == "get" {
+			err = c.serveGet(w, r, info, view, a)
+		} else {
+			err = c.serveList(w, r, info, view, a)
+		}
+	case getObject:
+		err = c.serveGet(w, r, info, view, a)
+	case listObjects:
+		err = c.serveList(w, r, info, view, a)
+	default:
+		err = status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable and %s %s cannot be answered from the cache", info.Verb, r.URL.Path), 5)
+	}
+	if err != nil {
+		status.WriteError(w, err)
+	}
+}
+
+func neverAnswered(what string) error {
+	// No Retry-After: client-go would retry the same unanswerable request
+	// ten times; the caller's own backoff is the right one.
+	return status.Unavailable("outpost: the cloud is unreachable, and "+what+" was never answered online for this caller, so it cannot be answered from the cache", 0)
+}
+
+func (c *Cache) serveDoc(w http.ResponseWriter, key, path string) error {
+	ct, body, ok, err := c.Store.Doc(key)
+	if err != nil {
+		return apierrors.NewInternalError(fmt.Errorf("reading cache: %w", err))
+	}
+	if !ok {
+		return neverAnswered("GET " + path)
+	}
+	writeBody(w, ct, body)
+	return nil
+}
+
+func (c *Cache) serveRecordedTable(w http.ResponseWriter, key string) (bool, error) {
+	ct, body, ok, err := c.Store.Doc(key)
+	if err != nil {
+		return false, apierrors.NewInternalError(fmt.Errorf("reading cache: %w", err))
+	}
+	if ok {
+		writeBody(w, ct, body)
+	}
+	return ok, nil
+}
+
+func writeBody(w http.ResponseWriter, contentType string, body []byte) {
+	w.Header().Set("Content-Type", contentType)
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.Header().Set(ServedByHeader, "cache")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(body)
+}
+
+// source is the view an answer is read from, and what must still be
+// filtered out of it locally.
+type source struct {
+	view      store.View
+	namespace string // "" or the namespace to keep
+	labels    labels.Selector
+	fields    fields.Selector
+	filter    bool
+	meta      bool // the view holds metadata-only copies
+}
+
+func (s source) keep(o store.Object) bool {
+	if !s.filter {
+		return true
+	}
+	if s.namespace != "" && o.Namespace != s.namespace {
+		return false
+	}
+	return s.labels.Matches(labels.Set(o.Labels)) && s.fields.Matches(fields.Set(o.Fields))
+}
+
+// findSource picks the view that answers want: the same view, or a broader
+// one of the same identity (same resource, wider namespace, looser
+// selectors), whose members are then filtered locally. Metadata-only
+// requests may read full views; full requests never read metadata-only ones.
+func (c *Cache) findSource(want store.ViewKey) (source, bool, error) {
+	resources := []string{want.Resource}
+	if base, ok := strings.CutSuffix(want.Resource, "#meta"); ok {
+		resources = append(resources, base)
+	}
+	lsel, err := labels.Parse(want.LabelSelector)
+	if err != nil {
+		return source{}, false, status.BadRequest("invalid label selector: " + err.Error())
+	}
+	fsel, err := fields.ParseSelector(want.FieldSelector)
+	if err != nil {
+		return source{}, false, status.BadRequest("invalid field selector: " + err.Error())
+	}
+	for _, res := range resources {
+		key := want
+		key.Resource = res
+		key.Name = ""
+		if v, ok, err := c.Store.View(key); err != nil {
+			return source{}, false, err
+		} else if ok {
+			return source{view: v, meta: strings.HasSuffix(res, "#meta")}, true, nil
+		}
+		views, err := c.Store.Views(want.Identity, res)
+		if err != nil {
+			return source{}, false, err
+		}
+		for _, v := range views {
+			k := v.Key
+			if k.Name != "" || (k.Namespace != "" && k.Namespace != want.Namespace) {
+				continue
+			}
+			if (k.LabelSelector != "" && k.LabelSelector != want.LabelSelector) || (k.FieldSelector != "" && k.FieldSelector != want.FieldSelector) {
+				continue
+			}
+			ns := ""
+			if k.Namespace == "" {
+				ns = want.Namespace
+			}
+			return source{view: v, namespace: ns, labels: lsel, fields: fsel, filter: true, meta: strings.HasSuffix(res, "#meta")}, true, nil
+		}
+	}
+	return source{}, false, nil
+}
+
+// continueToken is outpost's own continue token: the view's
+// resourceVersion and the last key served.
+type continueToken struct {
+	RV    string `json:"rv"`
+	After string `json:"after"`
+}
+
+func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a accept) error {
+	src, ok, err := c.findSource(want)
+	if err != nil {
+		return asStatus(err)
+	}
+	if !ok {
+		return neverAnswered(describe(info))
+	}
+	q := r.URL.Query()
+	if err := checkListRV(q.Get("resourceVersion"), q.Get("resourceVersionMatch"), src.view.ResourceVersion); err != nil {
+		return err
+	}
+	limit := 0
+	if s := q.Get("limit"); s != "" {
+		if limit, err = strconv.Atoi(s); err != nil || limit < 0 {
+			return status.BadRequest("invalid limit " + strconv.Quote(s))
+		}
+	}
+	after := ""
+	if s := q.Get("continue"); s != "" {
+		var tok continueToken
+		raw, err := base64.RawURLEncoding.DecodeString(s)
+		if err != nil || json.Unmarshal(raw, &tok) != nil {
+			return status.BadRequest("invalid continue token")
+		}
+		if tok.RV != src.view.ResourceVersion {
+			return apierrors.NewResourceExpired("the provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter")
+		}
+		after = tok.After
+	}
+
+	var items []store.Object
+	more := false
+	stop := errors.New("stop")
+	err = c.Store.List(src.view.Key, after, 0, func(o store.Object) error {
+		if !src.keep(o) {
+			return nil
+		}
+		if limit > 0 && len(items) == limit {
+			more = true
+			return stop
+		}
+		items = append(items, o)
+		return nil
+	})
+	if err != nil && !errors.Is(err, stop) {
+		return asStatus(err)
+	}
+	cont := ""
+	if more {
+		last := items[len(items)-1]
+		raw, _ := json.Marshal(continueToken{RV: src.view.ResourceVersion, After: last.Namespace + "/" + last.Name})
+		cont = base64.RawURLEncoding.EncodeToString(raw)
+	}
+	kind, apiVersion := src.view.Kind, src.view.APIVersion
+	if kind == "" {
+		kind, apiVersion = guessListKind(info)
+	}
+	wantMeta := strings.HasPrefix(a.as, "PartialObjectMetadata")
+	if wantMeta {
+		kind, apiVersion = "PartialObjectMetadataList", "meta.k8s.io/v1"
+	}
+	var body bytes.Buffer
+	writeJSONList(&body, kind, apiVersion, src.view.ResourceVersion, cont, items, wantMeta, src.meta)
+	if a.as == "Table" && !a.plainJSON {
+		return c.writeTable(w, body.Bytes(), src)
+	}
+	return c.encode(w, body.Bytes(), a, src)
+}
+
+// checkListRV applies the apiserver's resourceVersion rules to an answer
+// that can only be given at the view's resourceVersion.
+func checkListRV(rv, match, viewRV string) error {
+	if rv == "" || rv == "0" {
+		return nil // most recent / any: the cache's is the most recent we have
+	}
+	want, err1 := strconv.ParseUint(rv, 10, 64)
+	have, err2 := strconv.ParseUint(viewRV, 10, 64)
+	if err1 != nil {
+		return status.BadRequest("invalid resourceVersion " + strconv.Quote(rv))
+	}
+	if err2 != nil {
+		return nil
+	}
+	switch match {
+	case "Exact":
+		if want != have {
+			return apierrors.NewResourceExpired(fmt.Sprintf("too old resource version: %d (%d); the cloud is unreachable and the cache holds only %d", want, have, have))
+		}
+	default: // NotOlderThan, or legacy semantics
+		if want > have {
+			return apierrors.NewTimeoutError(fmt.Sprintf("Too large resource version: %d, current: %d (the cloud is unreachable)", want, have), 1)
+		}
+	}
+	return nil
+}
+
+func (c *Cache) serveGet(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a accept) error {
+	base := strings.TrimSuffix(want.Resource, "#meta")
+	// The object's own GET view, else a view that holds it.
+	var kind, apiVersion string
+	found := false
+	if v, ok, err := c.Store.View(store.ViewKey{Identity: want.Identity, Resource: base, Namespace: want.Namespace, Name: want.Name}); err != nil {
+		return asStatus(err)
+	} else if ok {
+		kind, apiVersion, found = v.Kind, v.APIVersion, true
+	}
+	o, exists, err := c.Store.Get(base, want.Namespace, want.Name)
+	if err != nil {
+		return asStatus(err)
+	}
+	if !found {
+		views, err := c.Store.Views(want.Identity, base)
+		if err != nil {
+			return asStatus(err)
+		}
+		for _, v := range views {
+			k := v.Key
+			if k.Name != "" || (k.Namespace != "" && k.Namespace != want.Namespace) {
+				continue
+			}
+			ls, _ := labels.Parse(k.LabelSelector)
+			fs, _ := fields.ParseSelector(k.FieldSelector)
+			if exists && (ls == nil || !ls.Matches(labels.Set(o.Labels)) || fs == nil || !fs.Matches(fields.Set(o.Fields))) {
+				continue
+			}
+			if !exists && (k.LabelSelector != "" || k.FieldSelector != "") {
+				continue // a selective list says nothing of objects outside it
+			}
+			kind, apiVersion, found = v.Kind, v.APIVersion, true
+			break
+		}
+	}
+	if !found {
+		return neverAnswered(describe(info))
+	}
+	if !exists {
+		gr := schema.GroupResource{Group: info.APIGroup, Resource: info.Resource}
+		return apierrors.NewNotFound(gr, want.Name)
+	}
+	kind = strings.TrimSuffix(kind, "List")
+	if kind == "" {
+		kind, apiVersion = guessListKind(info)
+		kind = strings.TrimSuffix(kind, "List")
+	}
+	data := o.Data
+	if strings.HasPrefix(a.as, "PartialObjectMetadata") {
+		data = metadataOnly(data)
+		kind, apiVersion = "PartialObjectMetadata", "meta.k8s.io/v1"
+	}
+	body := withTypeMeta(data, kind, apiVersion)
+	return c.encode(w, body, a, source{})
+}
+
+func describe(info *request.Info) string {
+	s := info.Verb + " " + info.Resource
+	if info.Name != "" {
+		s += " " + info.Name
+	}
+	if info.Namespace != "" {
+		s += " in namespace " + info.Namespace
+	}
+	if info.LabelSelector != "" {
+		s += " with labels " + info.LabelSelector
+	}
+	if info.FieldSelector != "" {
+		s += " with fields " + info.FieldSelector
+	}
+	return s
+}
+
+// guessListKind names the list of a view recorded without a kind, from the
+// scheme's built-in types.
+func guessListKind(info *request.Info) (string, string) {
+	gv := schema.GroupVersion{Group: info.APIGroup, Version: info.APIVersion}
+	for gvk := range cacheScheme.AllKnownTypes() {
+		if gvk.GroupVersion() == gv && strings.HasSuffix(gvk.Kind, "List") &&
+			strings.EqualFold(strings.TrimSuffix(gvk.Kind, "List")+"s", info.Resource) {
+			return gvk.Kind, gv.String()
+		}
+	}
+	return "List", gv.String()
+}
+
+// writeJSONList writes a list around stored items without decoding them.
+func writeJSONList(b *bytes.Buffer, kind, apiVersion, rv, cont string, items []store.Object, wantMeta, haveMeta bool) {
+	b.WriteString(`{"kind":`)
+	writeJSONString(b, kind)
+	b.WriteString(`,"apiVersion":`)
+	writeJSONString(b, apiVersion)
+	b.WriteString(`,"metadata":{"resourceVersion":`)
+	writeJSONString(b, rv)
+	if cont != "" {
+		b.WriteString(`,"continue":`)
+		writeJSONString(b, cont)
+	}
+	b.WriteString(`},"items":[`)
+	for i, o := range items {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		switch {
+		case wantMeta:
+			b.Write(withTypeMeta(metadataOnly(o.Data), "PartialObjectMetadata", "meta.k8s.io/v1"))
+		default:
+			b.Write(o.Data)
+		}
+	}
+	b.WriteString(`]}`)
+	_ = haveMeta
+}
+
+func writeJSONString(b *bytes.Buffer, s string) {
+	q, _ := json.Marshal(s)
+	b.Write(q)
+}
+
+// metadataOnly keeps only the metadata of a stored object.
+func metadataOnly(data []byte) []byte {
+	var doc struct {
+		Metadata json.RawMessage `json:"metadata"`
+	}
+	if json.Unmarshal(data, &doc) != nil || len(doc.Metadata) == 0 {
+		return []byte(`{"metadata":{}}`)
+	}
+	out := make([]byte, 0, len(doc.Metadata)+14)
+	out = append(out, `{"metadata":`...)
+	out = append(out, doc.Metadata...)
+	return append(out, '}')
+}
+
+var protobufSerializer = protobuf.NewSerializer(cacheScheme, cacheScheme)
+
+// encode writes a JSON answer in the media type the client asked for.
+func (c *Cache) encode(w http.ResponseWriter, jsonBody []byte, a accept, src source) error {
+	if a.media == mediaJSON || (a.plainJSON && a.media != mediaProtobuf && a.media != mediaCBOR) {
+		c.writeAnswer(w, mediaJSON, jsonBody, src)
+		return nil
+	}
+	switch a.media {
+	case mediaProtobuf:
+		obj, _, err := codecs.UniversalDeserializer().Decode(jsonBody, nil, nil)
+		if err == nil {
+			var out bytes.Buffer
+			if err = protobufSerializer.Encode(obj, &out); err == nil {
+				c.writeAnswer(w, mediaProtobuf, out.Bytes(), src)
+				return nil
+			}
+		}
+		if a.plainJSON {
+			c.writeAnswer(w, mediaJSON, jsonBody, src)
+			return nil
+		}
+		return &apierrors.StatusError{ErrStatus: metav1.Status{Status: metav1.StatusFailure, Code: http.StatusNotAcceptable,
+			Reason: metav1.StatusReasonNotAcceptable, Message: fmt.Sprintf("outpost cache cannot encode this answer as protobuf: %v", err)}}
+	case mediaCBOR:
+		u := &unstructured.Unstructured{}
+		if err := u.UnmarshalJSON(jsonBody); err != nil {
+			return apierrors.NewInternalError(err)
+		}
+		var obj runtime.Object = u
+		if u.IsList() {
+			l, err := u.ToList()
+			if err != nil {
+				return apierrors.NewInternalError(err)
+			}
+			obj = l
+		}
+		var out bytes.Buffer
+		if err := cborSerializer.Encode(obj, &out); err != nil {
+			return apierrors.NewInternalError(err)
+		}
+		c.writeAnswer(w, mediaCBOR, out.Bytes(), src)
+		return nil
+	}
+	c.writeAnswer(w, mediaJSON, jsonBody, src)
+	return nil
+}
+
+func (c *Cache) writeAnswer(w http.ResponseWriter, contentType string, body []byte, src source) {
+	if src.view.Stale {
+		w.Header().Set("X-Outpost-Cache-Stale", "true")
+	}
+	bw := bufio.NewWriterSize(w, 64<<10)
+	writeBody(responseWriterTo{w, bw}, contentType, body)
+	_ = bw.Flush()
+}
+
+// responseWriterTo writes the body through a buffer.
+type responseWriterTo struct {
+	http.ResponseWriter
+	bw *bufio.Writer
+}
+
+func (r responseWriterTo) Write(b []byte) (int, error) { return r.bw.Write(b) }
+
+// writeTable builds the Table the apiserver's default printer would: name
+// and creation time, each row with the object's metadata.
+func (c *Cache) writeTable(w http.ResponseWriter, listJSON []byte, src source) error {
+	var l struct {
+		Metadata metav1.ListMeta  `json:"metadata"`
+		Items    []map[string]any `json:"items"`
+	}
+	if err := json.Unmarshal(listJSON, &l); err != nil {
+		return apierrors.NewInternalError(err)
+	}
+	t := metav1.Table{TypeMeta: metav1.TypeMeta{Kind: "Table", APIVersion: "meta.k8s.io/v1"}, ListMeta: l.Metadata,
+		ColumnDefinitions: []metav1.TableColumnDefinition{
+			{Name: "Name", Type: "string", Format: "name", Description: "Name of the object"},
+			{Name: "Created At", Type: "date", Description: "When the object was created"},
+		}}
+	for _, item := range l.Items {
+		md, _ := item["metadata"].(map[string]any)
+		name, _ := md["name"].(string)
+		created, _ := md["creationTimestamp"].(string)
+		pom, _ := json.Marshal(map[string]any{"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": md})
+		t.Rows = append(t.Rows, metav1.TableRow{Cells: []any{name, created}, Object: runtime.RawExtension{Raw: pom}})
+	}
+	body, err := json.Marshal(t)
+	if err != nil {
+		return apierrors.NewInternalError(err)
+	}
+	c.writeAnswer(w, mediaJSON, body, src)
+	return nil
+}
+
+func asStatus(err error) error {
+	if _, ok := err.(apierrors.APIStatus); ok {
+		return err
+	}
+	return apierrors.NewInternalError(fmt.Errorf("reading cache: %w", err))
+}

@@ -1,0 +1,80 @@
+// Package store is outpost's durable cache: every object, list and watch
+// answer the node's components received, kept in one bbolt file so that
+// when the cloud is unreachable — even across a reboot — they get back
+// exactly what they saw before the cut. It knows no HTTP: the cache package
+// decodes answers into Objects and Views and serves them back from here.
+//
+// # Objects and views
+//
+// An Object is stored once per (Resource, namespace, name), with its
+// resourceVersion, labels, field-selector values and JSON body, however
+// many callers read it. A View records what one caller identity read with
+// one request signature (resource, namespace, name, label and field
+// selector): its members, the list's resourceVersion and kind, and when it
+// was refreshed. A list answer replaces its view in one transaction
+// (ReplaceView); watch events are applied in batches, one transaction per
+// batch (Apply), and move objects in and out of every view of the resource
+// whose namespace, name and selectors they now match, so that one
+// component's watch keeps another's views current. An older
+// resourceVersion never overwrites a newer one. Each object counts the
+// views holding it and is deleted when the last lets it go.
+//
+// Non-resource answers (discovery, /version, OpenAPI) are Docs, stored by
+// key.
+//
+// # Crash safety
+//
+// Everything goes through bbolt transactions, which commit with fsync
+// (unless Options.NoSync): after a crash at any point the file holds each
+// view either as it was before a replace or batch, or as it was after,
+// never in between, and no object is half written. TestCrash kills a
+// writer at random moments to check this. A file that cannot be read, or
+// has another format version, is moved aside at Open and the cache starts
+// empty (see Open).
+//
+// # Transactions
+//
+// Each method of Store runs one transaction. Store.Update and Store.Read
+// run a function in one transaction, with the same methods on Tx, for
+// callers that must read several things from one snapshot or write several
+// atomically (a view and the answer to its List, say).
+//
+// # Layout
+//
+// Buckets and their keys; lp(s) is s prefixed with its length as a uvarint,
+// which keeps composite keys unambiguous and makes "all views of a
+// resource" and "all views of an identity of a resource" key prefixes:
+//
+//	meta     "format"  -> "1" (formatVersion; Open refuses any other)
+//	         "objects" -> uint64 big endian: number of objects
+//	         "views"   -> uint64 big endian: number of views
+//	objects  lp(resource) member-key -> object record
+//	views    lp(resource) lp(identity) lp(namespace) lp(name)
+//	         lp(labelSelector) lp(fieldSelector) -> view record
+//	members  view id (uint64 big endian) member-key -> empty
+//	docs     key -> lp(content type) body
+//
+// The member key of an object is "namespace/name", or "name" when it is
+// cluster-scoped (see MemberKey). Member keys sort in the order the
+// apiserver lists (its etcd keys end in "namespace/name" too), so List
+// walks a view's members in list order, and List's after argument is
+// exactly a continue position. A view's id comes from the views bucket's
+// sequence and is never reused.
+//
+// An object record is
+//
+//	version byte (1) | uvarint refs | lp(resourceVersion)
+//	| uvarint n, n × (lp(label key) lp(label value))
+//	| uvarint m, m × (lp(field key) lp(field value))
+//	| JSON body, to the end of the record
+//
+// with labels and fields sorted by key, so that an unchanged object encodes
+// to the same bytes and a relist need not rewrite it. refs is the number of
+// views holding the object. A view record is
+//
+//	version byte (1) | uvarint id | lp(resourceVersion) | lp(kind)
+//	| lp(apiVersion) | varint updated (Unix ns, 0 = unset) | flags (1 = stale)
+//
+// This binary form decodes several times faster than JSON would, which
+// matters because List decodes every record it serves.
+package store

@@ -1,0 +1,43 @@
+package store
+
+import (
+	"fmt"
+	"slices"
+)
+
+// PutDoc stores a non-resource answer (discovery, /version, OpenAPI) under
+// key, replacing any earlier one. The record is the content type,
+// length-prefixed, then the body.
+func (tx *Tx) PutDoc(key, contentType string, body []byte) error {
+	if key == "" {
+		return fmt.Errorf("storing document: %w: empty key", ErrInvalidKey)
+	}
+	rec := make([]byte, 0, len(contentType)+len(body)+4)
+	rec = appendString(rec, contentType)
+	rec = append(rec, body...)
+	if err := tx.docs.Put([]byte(key), rec); err != nil {
+		return fmt.Errorf("storing document %s: %w", key, err)
+	}
+	return nil
+}
+
+// Doc returns the document stored under key. body is a copy.
+func (tx *Tx) Doc(key string) (contentType string, body []byte, ok bool, err error) {
+	if key == "" {
+		return "", nil, false, nil
+	}
+	rec := tx.docs.Get([]byte(key))
+	if rec == nil {
+		return "", nil, false, nil
+	}
+	r := reader{b: rec}
+	ct := r.bytes("document")
+	if r.err != nil {
+		return "", nil, false, fmt.Errorf("reading document %s: %w", key, r.err)
+	}
+	body = slices.Clone(r.b)
+	if body == nil {
+		body = []byte{}
+	}
+	return string(ct), body, true, nil
+}

@@ -1,0 +1,77 @@
+package store
+
+import (
+	"bytes"
+	"fmt"
+)
+
+// Object is one stored Kubernetes object, decoded by the caller into what
+// the store needs to file and select it.
+type Object struct {
+	Namespace, Name string
+	ResourceVersion string
+	Labels          map[string]string
+	// Fields holds the field-selector values of the object, e.g.
+	// "metadata.name", "metadata.namespace", "spec.nodeName",
+	// "status.phase". A field selector on a field missing here matches as
+	// if the field were empty, so the caller must fill in every field the
+	// apiserver supports for the resource.
+	Fields map[string]string
+	// Data is the whole object, JSON-encoded.
+	Data []byte
+}
+
+// List calls fn for the members of view k in key order, which is the
+// apiserver's: by namespace then name, compared as "namespace/name"
+// strings. It starts after the member key after ("" = from the start; see
+// MemberKey), and stops after limit objects (0 = no limit), or when fn
+// returns an error, which List returns. A view that does not exist has no
+// members; call View in the same Read to tell it from an empty one.
+//
+// Everything fn receives is a copy it may keep.
+func (tx *Tx) List(k ViewKey, after string, limit int, fn func(Object) error) error {
+	vs, err := tx.view(k, false)
+	if err != nil || vs == nil {
+		return err
+	}
+	start := append(vs.prefix[:len(vs.prefix):len(vs.prefix)], after...)
+	n := 0
+	c := tx.members.Cursor()
+	for key, _ := c.Seek(start); key != nil && bytes.HasPrefix(key, vs.prefix[:]); key, _ = c.Next() {
+		mk := key[len(vs.prefix):]
+		if after != "" && string(mk) == after {
+			continue
+		}
+		tx.okey = objectKey(tx.okey, k.Resource, string(mk))
+		rec := tx.objects.Get(tx.okey)
+		if rec == nil {
+			return fmt.Errorf("listing view %s: %w: member %s is not stored", k, ErrCorrupt, mk)
+		}
+		var o Object
+		o.Namespace, o.Name = splitMemberKey(string(mk))
+		if _, err := decodeObject(rec, &o); err != nil {
+			return fmt.Errorf("listing view %s: reading %s: %w", k, mk, err)
+		}
+		if err := fn(o); err != nil {
+			return err
+		}
+		if n++; limit > 0 && n >= limit {
+			break
+		}
+	}
+	return nil
+}
+
+// Get returns the stored object of resource with namespace and name.
+func (tx *Tx) Get(resource, namespace, name string) (Object, bool, error) {
+	tx.okey = objectKey(tx.okey, resource, memberKey(namespace, name))
+	rec := tx.objects.Get(tx.okey)
+	if rec == nil {
+		return Object{}, false, nil
+	}
+	o := Object{Namespace: namespace, Name: name}
+	if _, err := decodeObject(rec, &o); err != nil {
+		return Object{}, false, fmt.Errorf("reading %s %s/%s: %w", resource, namespace, name, err)
+	}
+	return o, true, nil
+}

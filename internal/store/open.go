@@ -1,0 +1,254 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"math"
+	"os"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+)
+
+// lockTimeout bounds how long Open waits for another process, such as an
+// outpost still shutting down, to release the file.
+var lockTimeout = 5 * time.Second
+
+// initialMmapSize is mapped up front so that the file can grow to it
+// without bbolt remapping, which waits for every reading transaction: a
+// long offline LIST would otherwise stall the recording of a large list.
+// It costs address space, not memory.
+const initialMmapSize = 1 << 30
+
+// Open opens the store file at path, creating it (mode 0600) if needed.
+//
+// A file that is not a bbolt database, is damaged where Open looks (its
+// meta pages, its free list, the ends of each bucket), is shorter than its
+// own pages (truncated), or carries an unknown format version is renamed to
+// "<path>.corrupt-<unix time>", logged once, and replaced by an empty
+// store: the cache refills itself, whereas refusing to start would turn one
+// bad file into a node that cannot recover. Open does not read every page
+// (that would cost seconds on a large store at every start); a damaged
+// page it did not read surfaces later as ErrCorrupt.
+//
+// Open returns an error only when the file cannot be used at all:
+// permissions, a full or failing disk (wrapped *fs.PathError or errno), or
+// ErrLocked.
+func Open(path string, opts Options) (*Store, error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	db, bad, err := openDB(path, opts)
+	if err != nil {
+		return nil, err
+	}
+	if bad != nil {
+		aside, err := moveAside(path)
+		if err != nil {
+			return nil, fmt.Errorf("moving unusable store file aside: %w", err)
+		}
+		log.Warn("store file is unusable: moved it aside and starting with an empty cache",
+			"path", path, "movedTo", aside, "reason", bad.Error())
+		if db, bad, err = openDB(path, opts); err != nil {
+			return nil, err
+		}
+		if bad != nil {
+			return nil, fmt.Errorf("opening new store file %s: %w", path, bad)
+		}
+	}
+	return &Store{db: db, log: log}, nil
+}
+
+// openDB opens and checks the file. bad says why the file is unusable; err
+// is an I/O failure.
+func openDB(path string, opts Options) (db *bolt.DB, bad, err error) {
+	// Open the file ourselves first: bbolt's errors do not tell a file we
+	// may not read from one that is damaged, and only the latter may be
+	// moved aside.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening store file: %w", err)
+	}
+	info, err := f.Stat()
+	if err == nil && !info.Mode().IsRegular() {
+		err = fmt.Errorf("%s is not a regular file", path)
+	}
+	if err == nil && info.Mode().Perm()&0o077 != 0 {
+		// The cache holds Secrets.
+		err = f.Chmod(0o600)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening store file: %w", err)
+	}
+
+	db, err = openBolt(path, opts)
+	switch {
+	case err == nil:
+	case errors.Is(err, bolterrors.ErrTimeout):
+		return nil, nil, fmt.Errorf("opening store file %s: %w", path, ErrLocked)
+	case isIOError(err):
+		return nil, nil, fmt.Errorf("opening store file: %w", err)
+	default:
+		return nil, err, nil
+	}
+	fresh, bad, err := check(db)
+	if err == nil && bad == nil && fresh {
+		err = db.Update(create)
+	}
+	if err != nil || bad != nil {
+		// A file bbolt has opened closes cleanly, whatever its pages hold.
+		_ = db.Close()
+		if err != nil {
+			return nil, nil, fmt.Errorf("opening store file %s: %w", path, err)
+		}
+		return nil, bad, nil
+	}
+	return db, nil, nil
+}
+
+func openBolt(path string, opts Options) (db *bolt.DB, err error) {
+	// bbolt reads the meta pages and the free list while opening; on a
+	// damaged or truncated file that may panic or fault. Either way the file
+	// is unusable. (The half-opened file descriptor leaks; this happens at
+	// most once per bad file.)
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			db, err = nil, fmt.Errorf("bbolt panicked while opening: %v", r)
+		}
+	}()
+	bo := &bolt.Options{
+		Timeout:      lockTimeout,
+		NoSync:       opts.NoSync,
+		NoGrowSync:   opts.NoSync,
+		FreelistType: bolt.FreelistMapType,
+		// The free list is written at every commit: rebuilding it instead
+		// would make Open walk every page, in a goroutine where a fault on a
+		// damaged file cannot be recovered.
+		NoFreelistSync: false,
+	}
+	if math.MaxInt > math.MaxInt32 {
+		bo.InitialMmapSize = initialMmapSize
+	}
+	return bolt.Open(path, 0o600, bo)
+}
+
+// isIOError tells a failure of the machine (permissions, a full or failing
+// disk, memory) from a complaint about the file's contents.
+func isIOError(err error) bool {
+	var pathErr *fs.PathError
+	var errno syscall.Errno
+	return errors.As(err, &pathErr) || errors.As(err, &errno)
+}
+
+// check looks at the file cheaply: its size against its pages, the format
+// version, every bucket and the records at both ends of each. fresh is set
+// for a database without buckets, which Open then sets up.
+func check(db *bolt.DB) (fresh bool, bad, err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			bad = fmt.Errorf("bbolt panicked while reading: %v", r)
+		}
+	}()
+	info, err := os.Stat(db.Path())
+	if err != nil {
+		return false, nil, err
+	}
+	bad = db.View(func(tx *bolt.Tx) error {
+		if info.Size() < tx.Size() {
+			return fmt.Errorf("file is %d bytes but its pages need %d: truncated", info.Size(), tx.Size())
+		}
+		meta := tx.Bucket(bucketMeta)
+		if meta == nil {
+			empty := true
+			_ = tx.ForEach(func([]byte, *bolt.Bucket) error {
+				empty = false
+				return nil
+			})
+			if empty {
+				fresh = true
+				return nil
+			}
+			return errors.New("no meta bucket: not an outpost store")
+		}
+		if v := meta.Get(metaFormat); string(v) != formatVersion {
+			return fmt.Errorf("unknown format version %q (this outpost reads %q)", v, formatVersion)
+		}
+		for _, name := range [][]byte{bucketObjects, bucketMembers, bucketViews, bucketDocs} {
+			b := tx.Bucket(name)
+			if b == nil {
+				return fmt.Errorf("no %s bucket", name)
+			}
+			c := b.Cursor()
+			k1, v1 := c.First()
+			k2, v2 := c.Last()
+			if err := checkRecord(name, k1, v1); err != nil {
+				return err
+			}
+			if err := checkRecord(name, k2, v2); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return fresh, bad, nil
+}
+
+func checkRecord(bucket, k, v []byte) error {
+	if k == nil {
+		return nil
+	}
+	var err error
+	switch string(bucket) {
+	case string(bucketObjects):
+		_, _, err = objectHeader(v)
+	case string(bucketViews):
+		if _, err = decodeViewKey(k); err == nil {
+			_, err = decodeView(v)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("%s bucket: %w", bucket, err)
+	}
+	return nil
+}
+
+// create sets up a new store.
+func create(tx *bolt.Tx) error {
+	for _, name := range [][]byte{bucketMeta, bucketObjects, bucketMembers, bucketViews, bucketDocs} {
+		if _, err := tx.CreateBucket(name); err != nil {
+			return fmt.Errorf("creating %s bucket: %w", name, err)
+		}
+	}
+	if err := tx.Bucket(bucketMeta).Put(metaFormat, []byte(formatVersion)); err != nil {
+		return fmt.Errorf("writing format version: %w", err)
+	}
+	return nil
+}
+
+// moveAside renames the file at path out of the way, keeping it for a
+// post-mortem.
+func moveAside(path string) (string, error) {
+	base := fmt.Sprintf("%s.corrupt-%d", path, time.Now().Unix())
+	aside := base
+	for i := 1; ; i++ {
+		if _, err := os.Lstat(aside); errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		aside = fmt.Sprintf("%s.%d", base, i)
+	}
+	if err := os.Rename(path, aside); err != nil {
+		return "", err
+	}
+	return aside, nil
+}

@@ -1,0 +1,368 @@
+// Package cache_test proves outpost's cache end to end: reads recorded
+// online through outpost are answered the same way once the apiserver is
+// gone, and again after outpost itself restarts while it is still gone.
+package cache_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/metadata"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
+)
+
+var cp *framework.ControlPlane
+
+func TestMain(m *testing.M) {
+	os.Exit(framework.Run(m, framework.Options{}, &cp))
+}
+
+const node = "edge-1"
+
+var widgets = schema.GroupVersionResource{Group: "example.com", Version: "v1", Resource: "widgets"}
+
+// seed creates three namespaces of labelled objects, pods on two nodes and
+// CRD instances.
+func seed(t *testing.T) {
+	ctx := t.Context()
+	c := cp.Client()
+	for _, n := range []string{node, "edge-2"} {
+		if _, err := c.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, ns := range []string{"a", "b", "c"} {
+		if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		// No kube-controller-manager here: pods need the default account.
+		if _, err := c.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		for i := range 6 {
+			tier := []string{"front", "back"}[i%2]
+			cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%d", i), Labels: map[string]string{"tier": tier, "idx": fmt.Sprint(i)}},
+				Data: map[string]string{"v": ns + fmt.Sprint(i)}}
+			if _, err := c.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i := range 2 {
+			s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("secret-%d", i), Labels: map[string]string{"tier": "front"}},
+				StringData: map[string]string{"k": "s" + ns}}
+			if _, err := c.CoreV1().Secrets(ns).Create(ctx, s, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "web", Labels: map[string]string{"tier": "front"}},
+			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 80}}}}
+		if _, err := c.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		for i := range 4 {
+			nodeName := []string{node, "edge-2"}[i%2]
+			pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("pod-%d", i), Labels: map[string]string{"app": "web"}},
+				Spec: corev1.PodSpec{NodeName: nodeName, Containers: []corev1.Container{{Name: "c", Image: "example/web:1"}},
+					Volumes: []corev1.Volume{{Name: "cfg", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
+						LocalObjectReference: corev1.LocalObjectReference{Name: "cm-0"}}}}}}}
+			if _, err := c.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// A CRD and instances of it.
+	crd := filepath.Join(t.TempDir(), "crd.yaml")
+	if err := os.WriteFile(crd, []byte(crdYAML), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := cp.Kubectl(ctx, "", "apply", "-f", crd); err != nil {
+		t.Fatalf("creating CRD: %v\n%s", err, out)
+	}
+	if out, err := cp.Kubectl(ctx, "", "wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=30s"); err != nil {
+		t.Fatalf("waiting for CRD: %v\n%s", err, out)
+	}
+	dyn := dynamic.NewForConfigOrDie(cp.AdminConfig())
+	deadline := time.Now().Add(30 * time.Second)
+	for i := 0; i < 3; {
+		w := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "example.com/v1", "kind": "Widget",
+			"metadata": map[string]any{"name": fmt.Sprintf("w-%d", i)}, "size": int64(i)}}
+		_, err := dyn.Resource(widgets).Namespace("a").Create(ctx, w, metav1.CreateOptions{})
+		if err == nil {
+			i++
+			continue
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("creating widget: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond) // discovery of the new type settles
+	}
+}
+
+const crdYAML = `apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, listKind: WidgetList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+`
+
+// readerToken binds a service account to the view role (plus secrets and
+// widgets) and returns its token.
+func readerToken(t *testing.T) string {
+	t.Helper()
+	ctx := t.Context()
+	c := cp.Client()
+	if _, err := c.CoreV1().ServiceAccounts("default").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "reader"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.RbacV1().ClusterRoles().Create(ctx, &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "reader"},
+		Rules: []rbacv1.PolicyRule{{APIGroups: []string{"*"}, Resources: []string{"*"}, Verbs: []string{"get", "list", "watch"}}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "reader"},
+		RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "reader"},
+		Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "default", Name: "reader"}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	exp := int64(7200)
+	tr, err := c.CoreV1().ServiceAccounts("default").CreateToken(ctx, "reader", &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &exp}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tr.Status.Token
+}
+
+// reads are the reads compared before and after the cut: each returns a
+// canonical text of what it got.
+type read struct {
+	name string
+	do   func(ctx context.Context) (string, error)
+}
+
+func names[T any](items []T, name func(T) string) string {
+	var out []string
+	for _, it := range items {
+		out = append(out, name(it))
+	}
+	sort.Strings(out)
+	return strings.Join(out, " ")
+}
+
+func TestReadsSurviveTheCut(t *testing.T) {
+	ctx := t.Context()
+	seed(t)
+	token := readerToken(t)
+	o, err := cp.StartOutpost(ctx, node, "--log-level=debug")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		o.Stop()
+		if t.Failed() {
+			t.Logf("outpost log:\n%s", o.Log(80))
+		}
+	}()
+
+	saCfg := &rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}}
+	protoCfg := rest.CopyConfig(saCfg)
+	protoCfg.ContentType = runtime.ContentTypeProtobuf
+	protoCfg.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
+	nodeCfg := &rest.Config{Host: o.URL, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile, CertFile: o.NodeCertFile, KeyFile: o.NodeKeyFile}}
+	nodeCfg.ContentType = runtime.ContentTypeProtobuf
+	nodeCfg.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
+	sa := kubernetes.NewForConfigOrDie(saCfg)
+	saProto := kubernetes.NewForConfigOrDie(protoCfg)
+	kubelet := kubernetes.NewForConfigOrDie(nodeCfg)
+	meta := metadata.NewForConfigOrDie(saCfg)
+	dyn := dynamic.NewForConfigOrDie(saCfg)
+	tokenKubeconfig := filepath.Join(t.TempDir(), "sa.kubeconfig")
+	if err := o.WriteClientKubeconfig(tokenKubeconfig, "", "", token); err != nil {
+		t.Fatal(err)
+	}
+	kubectl := func(args ...string) func(ctx context.Context) (string, error) {
+		return func(ctx context.Context) (string, error) {
+			// A fresh discovery cache each time: discovery must come from outpost.
+			args := append([]string{"--cache-dir", t.TempDir()}, args...)
+			out, err := cp.Kubectl(ctx, tokenKubeconfig, args...)
+			return string(out), err
+		}
+	}
+
+	// An informer (as the SA) over every configmap: its view is what a
+	// broader-view read is filtered from later.
+	factory := informers.NewSharedInformerFactory(sa, 0)
+	cmInformer := factory.Core().V1().ConfigMaps().Informer()
+	ictx, stopInformer := context.WithCancel(ctx)
+	factory.Start(ictx.Done())
+	if !cache.WaitForCacheSync(ctx.Done(), cmInformer.HasSynced) {
+		t.Fatal("informer never synced")
+	}
+	stopInformer()
+	factory.Shutdown()
+
+	reads := []read{
+		{"kubectl label selector", kubectl("get", "configmaps", "-A", "-l", "tier=front", "-o", "name")},
+		{"kubectl field selector on pods", kubectl("get", "pods", "-A", "--field-selector", "spec.nodeName=edge-1", "-o", "name")},
+		{"kubectl pagination", kubectl("get", "secrets", "-n", "b", "--chunk-size=1", "-o", "name")},
+		{"kubectl table", kubectl("get", "services", "-A")},
+		{"kubectl crd", kubectl("get", "widgets", "-n", "a", "-o", "jsonpath={range .items[*]}{.metadata.name}={.size} {end}")},
+		{"kubectl get one", kubectl("get", "configmap", "cm-3", "-n", "c", "-o", "jsonpath={.data.v}")},
+		{"kubectl discovery", kubectl("api-resources", "-o", "name")},
+		{"protobuf list", func(ctx context.Context) (string, error) {
+			l, err := saProto.CoreV1().Services("").List(ctx, metav1.ListOptions{})
+			if err != nil {
+				return "", err
+			}
+			return names(l.Items, func(s corev1.Service) string {
+				return s.Namespace + "/" + s.Name + ":" + fmt.Sprint(s.Spec.Ports[0].Port)
+			}), nil
+		}},
+		{"metadata-only list", func(ctx context.Context) (string, error) {
+			l, err := meta.Resource(corev1.SchemeGroupVersion.WithResource("configmaps")).Namespace("b").List(ctx, metav1.ListOptions{LabelSelector: "tier=back"})
+			if err != nil {
+				return "", err
+			}
+			var out []string
+			for _, it := range l.Items {
+				out = append(out, it.Name+":"+it.Labels["idx"])
+			}
+			sort.Strings(out)
+			return strings.Join(out, " "), nil
+		}},
+		{"kubelet pods (protobuf, field selector)", func(ctx context.Context) (string, error) {
+			l, err := kubelet.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + node})
+			if err != nil {
+				return "", err
+			}
+			return names(l.Items, func(p corev1.Pod) string { return p.Namespace + "/" + p.Name + "@" + p.Spec.NodeName }), nil
+		}},
+		{"kubelet node", func(ctx context.Context) (string, error) {
+			n, err := kubelet.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+			if err != nil {
+				return "", err
+			}
+			return n.Name + "/" + string(n.UID), nil
+		}},
+		{"dynamic crd get", func(ctx context.Context) (string, error) {
+			w, err := dyn.Resource(widgets).Namespace("a").Get(ctx, "w-2", metav1.GetOptions{})
+			if err != nil {
+				return "", err
+			}
+			return fmt.Sprint(w.GetName(), w.Object["size"]), nil
+		}},
+	}
+	online := map[string]string{}
+	for _, r := range reads {
+		out, err := r.do(ctx)
+		if err != nil {
+			t.Fatalf("online %s: %v\n%s", r.name, err, out)
+		}
+		if strings.TrimSpace(out) == "" {
+			t.Fatalf("online %s: empty answer", r.name)
+		}
+		online[r.name] = out
+	}
+	time.Sleep(500 * time.Millisecond) // let the recorder write (it batches within 100 ms)
+
+	// The broader view: never asked through outpost online, answered from
+	// the informer's view of every configmap, filtered by outpost.
+	broaderOf := func(c kubernetes.Interface) func(ctx context.Context) (string, error) {
+		return func(ctx context.Context) (string, error) {
+			l, err := c.CoreV1().ConfigMaps("b").List(ctx, metav1.ListOptions{LabelSelector: "tier=back,idx!=5"})
+			if err != nil {
+				return "", err
+			}
+			return names(l.Items, func(c corev1.ConfigMap) string { return c.Name + "=" + c.Data["v"] }), nil
+		}
+	}
+	broader := broaderOf(sa)
+	wantBroader, err := broaderOf(cp.Client())(ctx)
+	if err != nil || wantBroader == "" {
+		t.Fatalf("direct broader read: %q %v", wantBroader, err)
+	}
+
+	if resp, err := http.Get(o.AdminURL + "/debug/cache/views"); err == nil {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		t.Logf("views at the cut: %s", b)
+	}
+	if err := cp.StopAPIServer(0); err != nil {
+		t.Fatal(err)
+	}
+	check := func(phase string) {
+		t.Helper()
+		for _, r := range reads {
+			out, err := r.do(ctx)
+			if err != nil {
+				t.Errorf("%s %s: %v\n%s", phase, r.name, err, out)
+				continue
+			}
+			if out != online[r.name] {
+				t.Errorf("%s %s differs:\nonline:  %q\noffline: %q", phase, r.name, online[r.name], out)
+			}
+		}
+		if got, err := broader(ctx); err != nil || got != wantBroader {
+			t.Errorf("%s broader-view read: %q, %v; want %q", phase, got, err, wantBroader)
+		}
+		// Never answered online for this caller: a clear 503.
+		_, err := sa.CoreV1().Endpoints("a").List(ctx, metav1.ListOptions{})
+		if !apierrors.IsServiceUnavailable(err) || !strings.Contains(err.Error(), "never answered online") {
+			t.Errorf("%s endpoints never listed: %v; want 503 never answered online", phase, err)
+		}
+		// One identity never reads another's views.
+		_, err = kubelet.CoreV1().ConfigMaps("a").List(ctx, metav1.ListOptions{})
+		if !apierrors.IsServiceUnavailable(err) {
+			t.Errorf("%s node listing configmaps it never listed (the SA did): %v; want 503", phase, err)
+		}
+		_, err = kubelet.CoreV1().Secrets("b").Get(ctx, "secret-0", metav1.GetOptions{})
+		if !apierrors.IsServiceUnavailable(err) {
+			t.Errorf("%s node reading a secret only the SA read: %v; want 503", phase, err)
+		}
+	}
+	check("offline")
+	resp, err := http.Get(o.AdminURL + "/readyz")
+	if err != nil || resp.StatusCode != 200 {
+		t.Errorf("readyz offline with a cache: %v %v", resp, err)
+	}
+
+	// Restart outpost while the apiserver is still down: same answers.
+	o.Stop()
+	if err := o.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	check("after restart offline")
+
+	if err := cp.StartAPIServer(0); err != nil {
+		t.Fatal(err)
+	}
+}
