@@ -35,7 +35,7 @@ build() { # module dir, output name, package, ldflags
 k8smod="$root/hack/tools/k8s"
 kwokmod="$root/hack/tools/kwok"
 
-want=${*:-"etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kwok"}
+want=${*:-"etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kwok"}
 for b in $want; do
   case $b in
     etcd) build "$k8smod" etcd go.etcd.io/etcd/server/v3 "-s -w" ;;

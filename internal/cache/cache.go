@@ -32,6 +32,14 @@ type Cache struct {
 	BatchDelay time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// Online reports whether the cloud is reachable, and Changed returns a
+	// channel closed at the next change; offline watches end when it
+	// returns. Nil: offline watches run until their timeout.
+	Online  func() bool
+	Changed func() <-chan struct{}
+	// BookmarkInterval is how often an offline watch sends a BOOKMARK when
+	// the client allows them. Default 5s.
+	BookmarkInterval time.Duration
 
 	initOnce sync.Once
 	jobs     chan func()  // decoding work, off the request path

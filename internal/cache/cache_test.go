@@ -153,3 +153,50 @@ func TestWatchListRecordedThenServed(t *testing.T) {
 		t.Fatalf("missing configmap: %d %s", w.Code, w.Body)
 	}
 }
+
+// TestOfflineWatch: a WatchList served from the cache sends the view's
+// objects, the initial-events-end bookmark and then bookmarks; a too-old
+// resourceVersion gets 410.
+func TestOfflineWatch(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	c.BookmarkInterval = 100 * time.Millisecond
+	a, b := cm("a", "ns1", "10", nil), cm("b", "ns1", "11", nil)
+	var list bytes.Buffer
+	l := corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: "20"}, Items: []corev1.ConfigMap{a, b}}
+	_ = json.NewEncoder(&list).Encode(l)
+	respond(t, c, "/api/v1/namespaces/ns1/configmaps", "", "application/json", list.Bytes())
+	waitFor(t, "the list view", func() bool {
+		_, ok, _ := c.Store.View(store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns1"})
+		return ok
+	})
+
+	for _, media := range []string{"application/json", "application/vnd.kubernetes.protobuf"} {
+		w := serve(t, c, "/api/v1/namespaces/ns1/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=1", media)
+		d, err := NewWatchDecoder(w.Header().Get("Content-Type"), io.NopCloser(bytes.NewReader(w.Body.Bytes())), "/v1/configmaps")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var types []string
+		sawEnd := false
+		for {
+			ev, err := d.Next()
+			if err != nil {
+				if err != io.EOF {
+					t.Errorf("%s: decoding the offline watch: %v", media, err)
+				}
+				break
+			}
+			types = append(types, string(ev.Type))
+			sawEnd = sawEnd || ev.InitialEventsEnd
+		}
+		got := strings.Join(types, ",")
+		if !strings.HasPrefix(got, "ADDED,ADDED,BOOKMARK,BOOKMARK") || !sawEnd {
+			t.Fatalf("%s offline watch events %s (end marker %v)", media, got, sawEnd)
+		}
+	}
+	w := serve(t, c, "/api/v1/namespaces/ns1/configmaps?watch=true&resourceVersion=5&timeoutSeconds=1", "")
+	if !strings.Contains(w.Body.String(), `"type":"ERROR"`) || !strings.Contains(w.Body.String(), `"code":410`) {
+		t.Fatalf("too-old watch: %s", w.Body)
+	}
+}

@@ -32,7 +32,7 @@ const ServedByHeader = "X-Outpost-Served-By"
 // it records). The proxy asks before falling back to Serve.
 func (c *Cache) Answers(r *http.Request, info *request.Info) bool {
 	k, _, _ := classify(r, info)
-	return k != notCacheable && k != watchObjects
+	return k != notCacheable
 }
 
 // Serve answers r from the store with what this identity read online. It
@@ -58,6 +58,8 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 		err = c.serveGet(w, r, info, view, a)
 	case listObjects:
 		err = c.serveList(w, r, info, view, a)
+	case watchObjects:
+		err = c.serveWatch(w, r, info, view, a)
 	default:
 		err = status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable and %s %s cannot be answered from the cache", info.Verb, r.URL.Path), 5)
 	}
@@ -230,7 +232,7 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 	cont := ""
 	if more {
 		last := items[len(items)-1]
-		raw, _ := json.Marshal(continueToken{RV: src.view.ResourceVersion, After: last.Namespace + "/" + last.Name})
+		raw, _ := json.Marshal(continueToken{RV: src.view.ResourceVersion, After: store.MemberKey(last.Namespace, last.Name)})
 		cont = base64.RawURLEncoding.EncodeToString(raw)
 	}
 	kind, apiVersion := src.view.Kind, src.view.APIVersion

@@ -250,7 +250,8 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	}()
 	h.store = st
 	h.auth.Remember, h.auth.Recall = h.rememberToken, h.recallToken
-	c := &cache.Cache{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities)}
+	c := &cache.Cache{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
+		Online: h.monitor.Online, Changed: h.monitor.Changed}
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return h.monitor.Run(gctx) })

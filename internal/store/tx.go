@@ -397,14 +397,18 @@ func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource
 // object not stored before is in no view. So a watch event that changes
 // neither labels nor fields, the common case, costs no membership lookups.
 func (tx *Tx) reevaluate(rs *resourceViews, own *viewState, mk string, o *Object, cur []byte, refs *uint64) error {
-	var oldLabels, oldFields encodedMap
+	// As interfaces once, not at every call.
+	var oldLabels labels.Labels
+	var oldFields fields.Fields
 	if cur != nil {
-		var err error
-		if oldLabels, oldFields, err = objectMaps(cur); err != nil {
+		ls, fs, err := objectMaps(cur)
+		if err != nil {
 			return err
 		}
+		oldLabels, oldFields = ls, fs
 	}
-	newLabels, newFields := labels.Set(o.Labels), fields.Set(o.Fields)
+	var newLabels labels.Labels = labels.Set(o.Labels)
+	var newFields fields.Fields = fields.Set(o.Fields)
 	for _, views := range rs.candidates(mk) {
 		for _, vs := range views {
 			if vs == own {

@@ -1,0 +1,243 @@
+package cache
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/runtime/serializer/streaming"
+	"k8s.io/apimachinery/pkg/watch"
+
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// serveWatch answers a watch while the cloud is unreachable, from the view
+// the caller's list or watch recorded:
+//   - sendInitialEvents=true (WatchList): the view's objects as ADDED, then
+//     the bookmark annotated k8s.io/initial-events-end, so informers sync;
+//   - resourceVersion "" or "0": the view's objects as ADDED first;
+//   - a resourceVersion older than the view: 410 Gone, so the client
+//     re-lists (from the cache) instead of missing changes;
+//   - then BOOKMARKs (when allowed) until timeoutSeconds, the client leaves,
+//     or the cloud returns, when the watch ends so the client re-watches
+//     upstream.
+func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a accept) error {
+	src, ok, err := c.findSource(want)
+	if err != nil {
+		return asStatus(err)
+	}
+	if !ok {
+		return neverAnswered(describe(info))
+	}
+	q := r.URL.Query()
+	rv := q.Get("resourceVersion")
+	sendInitial := q.Get("sendInitialEvents") == "true"
+	bookmarks := q.Get("allowWatchBookmarks") == "true"
+	timeout := 30*time.Minute + time.Duration(rand.Int64N(int64(30*time.Minute))) // as the apiserver's default
+	if s := q.Get("timeoutSeconds"); s != "" {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || n < 0 {
+			return BadRequestf("invalid timeoutSeconds %q", s)
+		}
+		if n > 0 {
+			timeout = time.Duration(n) * time.Second
+		}
+	}
+	initial := sendInitial || rv == "" || rv == "0"
+	tooOld := false
+	if !initial {
+		want, err1 := strconv.ParseUint(rv, 10, 64)
+		have, err2 := strconv.ParseUint(src.view.ResourceVersion, 10, 64)
+		if err1 != nil {
+			return BadRequestf("invalid resourceVersion %q", rv)
+		}
+		tooOld = err2 == nil && want < have
+	}
+
+	kind, apiVersion := strings.TrimSuffix(src.view.Kind, "List"), src.view.APIVersion
+	if kind == "" {
+		kind, apiVersion = guessListKind(info)
+		kind = strings.TrimSuffix(kind, "List")
+	}
+	if strings.HasPrefix(a.as, "PartialObjectMetadata") {
+		kind, apiVersion = "PartialObjectMetadata", "meta.k8s.io/v1"
+	}
+	enc, err := newEventEncoder(w, a, kind, apiVersion)
+	if err != nil {
+		return err
+	}
+	w.Header().Set(ServedByHeader, "cache")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+
+	if tooOld {
+		st := apierrors.NewResourceExpired(fmt.Sprintf("too old resource version: %s (%s); the cloud is unreachable and the cache holds only %s", rv, src.view.ResourceVersion, src.view.ResourceVersion)).Status()
+		_ = enc.status(&st)
+		_ = rc.Flush()
+		return nil
+	}
+	if initial {
+		stop := errors.New("stop")
+		err := c.Store.List(src.view.Key, "", 0, func(o store.Object) error {
+			if !src.keep(o) {
+				return nil
+			}
+			data := o.Data
+			if kind == "PartialObjectMetadata" {
+				data = metadataOnly(data)
+			}
+			if err := enc.object(watch.Added, data); err != nil {
+				return stop // the client went away
+			}
+			return nil
+		})
+		if err != nil {
+			return nil
+		}
+	}
+	if sendInitial {
+		if err := enc.bookmark(src.view.ResourceVersion, true); err != nil {
+			return nil
+		}
+	}
+	_ = rc.Flush()
+
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	interval := c.BookmarkInterval
+	if interval <= 0 {
+		interval = 5 * time.Second
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		var changed <-chan struct{}
+		if c.Changed != nil {
+			changed = c.Changed()
+		}
+		if c.Online != nil && c.Online() {
+			return nil // the cloud is back: the client re-watches upstream
+		}
+		select {
+		case <-r.Context().Done():
+			return nil
+		case <-deadline.C:
+			return nil
+		case <-changed:
+		case <-tick.C:
+			if bookmarks {
+				if err := enc.bookmark(src.view.ResourceVersion, false); err != nil {
+					return nil
+				}
+				_ = rc.Flush()
+			}
+		}
+	}
+}
+
+// BadRequestf is a 400 Status error.
+func BadRequestf(format string, args ...any) error {
+	return apierrors.NewBadRequest(fmt.Sprintf(format, args...))
+}
+
+// eventEncoder writes watch events in the client's media type.
+type eventEncoder struct {
+	w                http.ResponseWriter
+	stream           streaming.Encoder
+	embedded         runtime.Encoder
+	protobuf         bool
+	kind, apiVersion string
+}
+
+func newEventEncoder(w http.ResponseWriter, a accept, kind, apiVersion string) (*eventEncoder, error) {
+	media := mediaJSON
+	if a.media == mediaProtobuf && kind != "" {
+		gvk := schema.FromAPIVersionAndKind(apiVersion, kind)
+		if cacheScheme.Recognizes(gvk) {
+			media = mediaProtobuf
+		}
+	}
+	if a.media == mediaProtobuf && media != mediaProtobuf && !a.plainJSON {
+		return nil, apierrors.NewBadRequest("outpost cache cannot stream this resource as protobuf")
+	}
+	info, ok := runtime.SerializerInfoForMediaType(codecs.SupportedMediaTypes(), media)
+	if !ok || info.StreamSerializer == nil {
+		return nil, apierrors.NewInternalError(fmt.Errorf("no stream serializer for %s", media))
+	}
+	w.Header().Set("Content-Type", media+";stream=watch")
+	return &eventEncoder{w: w, stream: streaming.NewEncoder(info.StreamSerializer.Framer.NewFrameWriter(w), info.StreamSerializer.Serializer),
+		embedded: info.Serializer, protobuf: media == mediaProtobuf, kind: kind, apiVersion: apiVersion}, nil
+}
+
+// object writes one event for a stored object.
+func (e *eventEncoder) object(typ watch.EventType, data []byte) error {
+	raw := withTypeMeta(data, e.kind, e.apiVersion)
+	if e.protobuf {
+		obj, _, err := codecs.UniversalDeserializer().Decode(raw, nil, nil)
+		if err != nil {
+			return err
+		}
+		var b bytes.Buffer
+		if err := e.embedded.Encode(obj, &b); err != nil {
+			return err
+		}
+		raw = b.Bytes()
+	}
+	return e.stream.Encode(&metav1.WatchEvent{Type: string(typ), Object: runtime.RawExtension{Raw: raw}})
+}
+
+// bookmark writes a BOOKMARK at rv; end marks the end of initial events.
+func (e *eventEncoder) bookmark(rv string, end bool) error {
+	md := map[string]any{"resourceVersion": rv}
+	if end {
+		md["annotations"] = map[string]string{initialEventsEnd: "true"}
+	}
+	data, _ := json.Marshal(map[string]any{"metadata": md})
+	if e.protobuf {
+		gvk := schema.FromAPIVersionAndKind(e.apiVersion, e.kind)
+		obj, err := cacheScheme.New(gvk)
+		if err != nil {
+			return err
+		}
+		obj.GetObjectKind().SetGroupVersionKind(gvk) // the envelope names the kind
+		acc, err := meta.Accessor(obj)
+		if err != nil {
+			return err
+		}
+		acc.SetResourceVersion(rv)
+		if end {
+			acc.SetAnnotations(map[string]string{initialEventsEnd: "true"})
+		}
+		var b bytes.Buffer
+		if err := e.embedded.Encode(obj, &b); err != nil {
+			return err
+		}
+		return e.stream.Encode(&metav1.WatchEvent{Type: string(watch.Bookmark), Object: runtime.RawExtension{Raw: b.Bytes()}})
+	}
+	return e.stream.Encode(&metav1.WatchEvent{Type: string(watch.Bookmark), Object: runtime.RawExtension{Raw: withTypeMeta(data, e.kind, e.apiVersion)}})
+}
+
+// status writes an ERROR event carrying st.
+func (e *eventEncoder) status(st *metav1.Status) error {
+	st.Kind, st.APIVersion = "Status", "v1"
+	var b bytes.Buffer
+	if err := e.embedded.Encode(st, &b); err != nil {
+		raw, _ := json.Marshal(st)
+		b.Reset()
+		b.Write(raw)
+	}
+	return e.stream.Encode(&metav1.WatchEvent{Type: string(watch.Error), Object: runtime.RawExtension{Raw: b.Bytes()}})
+}

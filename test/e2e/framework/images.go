@@ -1,0 +1,280 @@
+package framework
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// The images StartNode imports into every node's containerd. No registry is
+// reachable from the test machine, so both are built from testdata and pods
+// must use imagePullPolicy: Never.
+const (
+	// WebImage runs testdata/webserver: an HTTP server on -addr (default
+	// ":$PORT", $PORT defaulting to 8080) answering /healthz, and
+	// /file?path=P with the content of file P in the container, so tests
+	// read what kubelet mounted.
+	WebImage = "outpost.test/web:1"
+	// PauseImage is the pod sandbox image, testdata/pause under the name
+	// containerd's sandbox_image setting expects.
+	PauseImage = "registry.k8s.io/pause:3.10"
+)
+
+// WebBinary is the path of the webserver inside WebImage, for pod commands.
+const WebBinary = "/webserver"
+
+// testImage is an image made of one static binary built from testdata.
+type testImage struct {
+	ref    string // image reference, as kubelet asks for it
+	source string // directory under testdata with package main
+	binary string // absolute path of the binary in the image; the entrypoint
+}
+
+var testImages = []testImage{
+	{ref: WebImage, source: "webserver", binary: WebBinary},
+	{ref: PauseImage, source: "pause", binary: "/pause"},
+}
+
+// imagesMu serialises image builds: several nodes starting at once share
+// one control plane's image directory.
+var imagesMu sync.Mutex
+
+// imageArchives builds each test image as an OCI archive in Dir/images,
+// once per control plane, and returns their paths. The Go build cache makes
+// a rebuild for a second control plane cost only the link.
+func (c *ControlPlane) imageArchives(ctx context.Context) ([]string, error) {
+	imagesMu.Lock()
+	defer imagesMu.Unlock()
+	dir := filepath.Join(c.Dir, "images")
+	archives := make([]string, len(testImages))
+	missing := false
+	for i, img := range testImages {
+		archives[i] = filepath.Join(dir, img.source+".oci.tar")
+		if _, err := os.Stat(archives[i]); err != nil {
+			missing = true
+		}
+	}
+	if !missing {
+		return archives, nil
+	}
+	if err := buildBinaries(ctx, dir); err != nil {
+		return nil, err
+	}
+	for i, img := range testImages {
+		data, err := os.ReadFile(filepath.Join(dir, img.source))
+		if err != nil {
+			return nil, fmt.Errorf("building image %s: %w", img.ref, err)
+		}
+		tarball, err := ociArchive(img.ref, img.binary, data)
+		if err != nil {
+			return nil, fmt.Errorf("packing image %s: %w", img.ref, err)
+		}
+		if err := writeFileAtomic(archives[i], tarball, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	return archives, nil
+}
+
+// buildBinaries compiles the sources of all test images into dir, in one
+// go build so that they link in parallel, as static binaries: the images
+// hold no libc.
+func buildBinaries(ctx context.Context, dir string) error {
+	root, err := RepoRoot()
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("building test images: %w", err)
+	}
+	args := []string{"build", "-trimpath", "-ldflags=-s -w", "-o", dir + string(filepath.Separator)}
+	for _, img := range testImages {
+		args = append(args, "./"+filepath.ToSlash(filepath.Join("test", "e2e", "framework", "testdata", img.source)))
+	}
+	cmd := exec.CommandContext(ctx, "go", args...)
+	cmd.Dir = root
+	// For the machine's own architecture, which its containerd runs.
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("building test images: go %s: %w\n%s", strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+// OCI media types and annotations used by ociArchive
+// (https://github.com/opencontainers/image-spec).
+const (
+	mediaTypeIndex    = "application/vnd.oci.image.index.v1+json"
+	mediaTypeManifest = "application/vnd.oci.image.manifest.v1+json"
+	mediaTypeConfig   = "application/vnd.oci.image.config.v1+json"
+	mediaTypeLayer    = "application/vnd.oci.image.layer.v1.tar"
+	// annotationRefName is the OCI tag of a manifest in an index;
+	// annotationImageName is containerd's full image name, which `ctr
+	// images import` uses as is (an OCI ref name alone gets an
+	// "import-DATE" prefix unless --base-name is given).
+	annotationRefName   = "org.opencontainers.image.ref.name"
+	annotationImageName = "io.containerd.image.name"
+)
+
+type ociDescriptor struct {
+	MediaType   string            `json:"mediaType"`
+	Digest      string            `json:"digest"`
+	Size        int               `json:"size"`
+	Platform    *ociPlatform      `json:"platform,omitempty"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+type ociPlatform struct {
+	Architecture string `json:"architecture"`
+	OS           string `json:"os"`
+}
+
+// ociArchive returns an OCI image layout, as a tar stream, holding one image
+// named ref: one uncompressed layer with binary at path (and the few
+// directories a container expects), run as the entrypoint.
+func ociArchive(ref, path string, binary []byte) ([]byte, error) {
+	layer, err := layerTar(path, binary)
+	if err != nil {
+		return nil, err
+	}
+	type file struct {
+		name string
+		data []byte
+	}
+	var blobs []file
+	add := func(mediaType string, data []byte) ociDescriptor {
+		sum := sha256.Sum256(data)
+		hexSum := hex.EncodeToString(sum[:])
+		blobs = append(blobs, file{"blobs/sha256/" + hexSum, data})
+		return ociDescriptor{MediaType: mediaType, Digest: "sha256:" + hexSum, Size: len(data)}
+	}
+	layerDesc := add(mediaTypeLayer, layer)
+
+	config, err := json.Marshal(map[string]any{
+		"architecture": runtime.GOARCH,
+		"os":           "linux",
+		"config": map[string]any{
+			"Entrypoint": []string{path},
+			"Env":        []string{"PATH=/"},
+		},
+		// The layer is uncompressed, so its diff ID is its digest.
+		"rootfs": map[string]any{"type": "layers", "diff_ids": []string{layerDesc.Digest}},
+	})
+	if err != nil {
+		return nil, err
+	}
+	configDesc := add(mediaTypeConfig, config)
+
+	manifest, err := json.Marshal(map[string]any{
+		"schemaVersion": 2,
+		"mediaType":     mediaTypeManifest,
+		"config":        configDesc,
+		"layers":        []ociDescriptor{layerDesc},
+	})
+	if err != nil {
+		return nil, err
+	}
+	manifestDesc := add(mediaTypeManifest, manifest)
+	manifestDesc.Platform = &ociPlatform{Architecture: runtime.GOARCH, OS: "linux"}
+	tag := ref[strings.LastIndex(ref, ":")+1:]
+	manifestDesc.Annotations = map[string]string{annotationImageName: ref, annotationRefName: tag}
+
+	index, err := json.Marshal(map[string]any{
+		"schemaVersion": 2,
+		"mediaType":     mediaTypeIndex,
+		"manifests":     []ociDescriptor{manifestDesc},
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	files := append([]file{
+		{"oci-layout", []byte(`{"imageLayoutVersion":"1.0.0"}`)},
+		{"index.json", index},
+	}, blobs...)
+	for _, dir := range []string{"blobs/", "blobs/sha256/"} {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: dir, Mode: 0o755, ModTime: imageTime}); err != nil {
+			return nil, err
+		}
+	}
+	for _, f := range files {
+		if err := writeTarFile(tw, f.name, 0o644, f.data); err != nil {
+			return nil, err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// imageTime is the fixed mtime of every file in a test image, so that the
+// same binary always gives the same digests.
+var imageTime = time.Unix(0, 0)
+
+// layerTar returns a layer holding binary at path, plus /etc and /tmp,
+// which runtimes and programs expect to exist.
+func layerTar(path string, binary []byte) ([]byte, error) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, d := range []struct {
+		name string
+		mode int64
+	}{{"etc/", 0o755}, {"tmp/", 0o1777}} {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d.name, Mode: d.mode, ModTime: imageTime}); err != nil {
+			return nil, err
+		}
+	}
+	if err := writeTarFile(tw, strings.TrimPrefix(path, "/"), 0o755, binary); err != nil {
+		return nil, err
+	}
+	if err := tw.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+func writeTarFile(tw *tar.Writer, name string, mode int64, data []byte) error {
+	hdr := &tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: mode, Size: int64(len(data)), ModTime: imageTime}
+	if err := tw.WriteHeader(hdr); err != nil {
+		return err
+	}
+	_, err := tw.Write(data)
+	return err
+}
+
+// importImages imports the test images into the node's containerd, in the
+// k8s.io namespace that its CRI plugin serves kubelet from, unpacked for
+// the CRI's snapshotter (overlayfs, ctr's default too).
+func (n *Node) importImages(ctx context.Context, archives []string) error {
+	for _, archive := range archives {
+		if _, err := n.ctr(ctx, "images", "import", archive); err != nil {
+			return fmt.Errorf("importing %s: %w", filepath.Base(archive), err)
+		}
+	}
+	out, err := n.ctr(ctx, "images", "ls", "-q")
+	if err != nil {
+		return fmt.Errorf("listing imported images: %w", err)
+	}
+	have := strings.Fields(string(out))
+	for _, img := range testImages {
+		if !slices.Contains(have, img.ref) {
+			return fmt.Errorf("importing images: %s missing after import; containerd has %v", img.ref, have)
+		}
+	}
+	return nil
+}
