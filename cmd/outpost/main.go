@@ -98,6 +98,8 @@ func parseRun(args []string, stderr io.Writer) (config.Hub, error) {
 		}
 		return nil
 	})
+	fs.DurationVar(&cfg.FlapWindow, "flap-window", cfg.FlapWindow, "after an outage shorter than this, resume without re-listing cached views")
+	fs.IntVar(&cfg.RelistRate, "relist-rate", cfg.RelistRate, "views re-listed per second after a reconnect")
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return cfg, err

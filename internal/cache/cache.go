@@ -2,6 +2,8 @@ package cache
 
 import (
 	"context"
+	"strconv"
+	"strings"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -37,6 +39,11 @@ type Cache struct {
 	// returns. Nil: offline watches run until their timeout.
 	Online  func() bool
 	Changed func() <-chan struct{}
+	// Node is this node's name: its kubelet's writes are answered locally
+	// offline. Empty: no local writes.
+	Node string
+	// MaxJournal bounds the offline event journal. Default 1000.
+	MaxJournal int
 	// BookmarkInterval is how often an offline watch sends a BOOKMARK when
 	// the client allows them. Default 5s.
 	BookmarkInterval time.Duration
@@ -47,9 +54,13 @@ type Cache struct {
 	buffered atomic.Int64 // bytes held by tees
 	watches  sync.WaitGroup
 
-	mu    sync.Mutex // guards the fields below
-	stale map[store.ViewKey]bool
-	pages map[store.ViewKey]*pagedList
+	overlays overlays
+
+	mu          sync.Mutex // guards the fields below
+	stale       map[store.ViewKey]bool
+	pages       map[store.ViewKey]*pagedList
+	lastLocalRV uint64
+	journalSeq  uint64
 }
 
 // write is one ordered store write.
@@ -84,6 +95,9 @@ func (c *Cache) init() {
 		if c.Now == nil {
 			c.Now = time.Now
 		}
+		if c.MaxJournal <= 0 {
+			c.MaxJournal = 1000
+		}
 		c.jobs = make(chan func(), 64)
 		c.writes = make(chan write, 4096)
 		c.stale = map[store.ViewKey]bool{}
@@ -95,6 +109,8 @@ func (c *Cache) init() {
 // the watch recorders to end and writes what they decoded.
 func (c *Cache) Run(ctx context.Context) error {
 	c.init()
+	c.loadOverlays()
+	c.loadJournalSeq()
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		for {
@@ -252,4 +268,18 @@ func (c *Cache) fail(doing string, err error) {
 		c.Metrics.CacheErrors.Inc()
 	}
 	c.Log.Warn("cache write failed; the view is marked stale", "doing", doing, "err", err)
+}
+
+// loadJournalSeq continues the journal's numbering after a restart.
+func (c *Cache) loadJournalSeq() {
+	var last uint64
+	_ = c.Store.Docs(journalPrefix, func(key, _ string, _ []byte) error {
+		if n, err := strconv.ParseUint(strings.TrimPrefix(key, journalPrefix), 10, 64); err == nil && n > last {
+			last = n
+		}
+		return nil
+	})
+	c.mu.Lock()
+	c.journalSeq = last
+	c.mu.Unlock()
 }

@@ -216,6 +216,7 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 	more := false
 	stop := errors.New("stop")
 	err = c.Store.List(src.view.Key, after, 0, func(o store.Object) error {
+		o = c.applyOverlay(src.view.Key.Resource, o)
 		if !src.keep(o) {
 			return nil
 		}
@@ -291,6 +292,15 @@ func (c *Cache) serveGet(w http.ResponseWriter, r *http.Request, info *request.I
 	o, exists, err := c.Store.Get(base, want.Namespace, want.Name)
 	if err != nil {
 		return asStatus(err)
+	}
+	if ov := c.overlays.get(base, want.Namespace, want.Name); ov != nil {
+		// A local write of this node's own object (offline status).
+		if lo, err := objectFromJSON(ov.data, base); err == nil {
+			o, exists = lo, true
+			if !found && info.Identity.Kind == request.NodeCert {
+				kind, apiVersion, found = ov.kind+"List", ov.apiVersion, true
+			}
+		}
 	}
 	if !found {
 		views, err := c.Store.Views(want.Identity, base)

@@ -92,6 +92,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	if initial {
 		stop := errors.New("stop")
 		err := c.Store.List(src.view.Key, "", 0, func(o store.Object) error {
+			o = c.applyOverlay(src.view.Key.Resource, o)
 			if !src.keep(o) {
 				return nil
 			}
@@ -123,6 +124,8 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	}
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
+	// Local writes made from now on reach this watcher as MODIFIED events.
+	_, seen, local := c.overlays.since(src.view.Key.Resource, ^uint64(0))
 	for {
 		var changed <-chan struct{}
 		if c.Changed != nil {
@@ -137,6 +140,23 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 		case <-deadline.C:
 			return nil
 		case <-changed:
+		case <-local:
+			var fresh []*overlay
+			fresh, seen, local = c.overlays.since(src.view.Key.Resource, seen)
+			for _, ov := range fresh {
+				o, err := objectFromJSON(ov.data, src.view.Key.Resource)
+				if err != nil || !src.keep(o) {
+					continue
+				}
+				data := o.Data
+				if kind == "PartialObjectMetadata" {
+					data = metadataOnly(data)
+				}
+				if err := enc.object(watch.Modified, data); err != nil {
+					return nil
+				}
+			}
+			_ = rc.Flush()
 		case <-tick.C:
 			if bookmarks {
 				if err := enc.bookmark(src.view.ResourceVersion, false); err != nil {

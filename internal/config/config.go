@@ -70,6 +70,14 @@ type Hub struct {
 	// authenticated caller, an empty list records nobody.
 	RecordIdentities []string
 
+	// FlapWindow: after an outage shorter than this, outpost resumes without
+	// re-listing its views (active clients' watches catch up by
+	// themselves); after a longer one it re-lists every view it holds
+	// credentials for. Default 10s.
+	FlapWindow time.Duration
+	// RelistRate bounds re-lists after a reconnect, per second. Default 5.
+	RelistRate int
+
 	// ShutdownTimeout bounds the drain of in-flight requests on SIGTERM.
 	// Default 15s.
 	ShutdownTimeout time.Duration
@@ -89,6 +97,8 @@ func DefaultHub() Hub {
 		FailureThreshold: 1,
 		SuccessThreshold: 2,
 		RecordIdentities: []string{"*"},
+		FlapWindow:       10 * time.Second,
+		RelistRate:       5,
 		ShutdownTimeout:  15 * time.Second,
 		LogLevel:         "info",
 	}
@@ -134,6 +144,9 @@ func (c *Hub) Validate() error {
 	}
 	if c.FailureThreshold < 1 || c.SuccessThreshold < 1 {
 		errs = append(errs, errors.New("--failure-threshold and --success-threshold must be at least 1"))
+	}
+	if c.FlapWindow < 0 || c.RelistRate < 1 {
+		errs = append(errs, errors.New("--flap-window must not be negative and --relist-rate must be at least 1"))
 	}
 	if c.ShutdownTimeout < 0 {
 		errs = append(errs, errors.New("--shutdown-timeout must not be negative"))

@@ -4,12 +4,14 @@
 package hub
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -251,11 +253,12 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	h.store = st
 	h.auth.Remember, h.auth.Recall = h.rememberToken, h.recallToken
 	c := &cache.Cache{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
-		Online: h.monitor.Online, Changed: h.monitor.Changed}
+		Online: h.monitor.Online, Changed: h.monitor.Changed, Node: h.cfg.NodeName}
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return h.monitor.Run(gctx) })
 	g.Go(func() error { return c.Run(gctx) })
+	g.Go(func() error { return h.reconnect(gctx, c) })
 
 	newProxy := func(auth proxy.Authenticate) http.Handler {
 		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Cache: c, Online: h.monitor.Online,
@@ -283,6 +286,73 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 		err = nil
 	}
 	return err
+}
+
+// reconnect follows the online/offline state. When the cloud returns it
+// drops the local overlays, replays the event journal and, after an outage
+// longer than the flap window, re-lists the views of this node.
+func (h *Hub) reconnect(ctx context.Context, c *cache.Cache) error {
+	wasOnline := h.monitor.Online()
+	offlineSince := time.Now() // a start offline counts as a long outage
+	for {
+		changed := h.monitor.Changed()
+		online := h.monitor.Online()
+		switch {
+		case online == wasOnline:
+		case !online:
+			offlineSince = time.Now()
+			h.log.Warn("cloud unreachable: answering from the cache")
+		default:
+			outage := time.Since(offlineSince)
+			h.log.Info("cloud reachable again", "outage", outage.Round(time.Millisecond))
+			c.DropOverlays()
+			n, err := c.ReplayJournal(ctx, 20, h.replayEvent)
+			h.metrics.JournalReplayed.Add(float64(n))
+			if err != nil {
+				h.log.Warn("event journal replay stopped; the rest waits for the next reconnect", "replayed", n, "err", err)
+			} else if n > 0 {
+				h.log.Info("event journal replayed", "events", n)
+			}
+			if outage >= h.cfg.FlapWindow {
+				start := time.Now()
+				n, err := c.Relist(ctx, identity.NodeUser(h.cfg.NodeName), h.cfg.RelistRate, h.fetchAsNode)
+				if err != nil && ctx.Err() == nil {
+					h.log.Warn("re-listing after reconnect stopped", "views", n, "err", err)
+				} else {
+					h.log.Info("re-listed cached views after reconnect", "views", n, "took", time.Since(start).Round(time.Millisecond))
+				}
+			}
+		}
+		wasOnline = online
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+	}
+}
+
+// fetchAsNode sends r upstream with the node's credentials.
+func (h *Hub) fetchAsNode(ctx context.Context, r *http.Request) (*http.Response, error) {
+	info := &request.Info{Identity: h.auth.Node(), Verb: "list"}
+	return h.pool.RoundTrip(r.WithContext(request.WithInfo(ctx, info)))
+}
+
+// replayEvent posts one journaled event with the node's credentials.
+func (h *Hub) replayEvent(ctx context.Context, path string, body []byte) (int, error) {
+	r, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://upstream"+path, bytes.NewReader(body))
+	if err != nil {
+		return 0, err
+	}
+	r.Header.Set("Content-Type", "application/json")
+	info := &request.Info{Identity: h.auth.Node(), Verb: "create"}
+	resp, err := h.pool.RoundTrip(r.WithContext(request.WithInfo(ctx, info)))
+	if err != nil {
+		return 0, err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode, nil
 }
 
 // rememberedToken is how a confirmed token identity is kept in the store,

@@ -37,6 +37,10 @@ type Metrics struct {
 	CacheDropped *prometheus.CounterVec
 	// CacheErrors counts failed store writes.
 	CacheErrors prometheus.Counter
+	// JournalEvents counts events journaled offline; JournalDropped those
+	// dropped because the journal was full; JournalReplayed those delivered
+	// after reconnect.
+	JournalEvents, JournalDropped, JournalReplayed prometheus.Counter
 }
 
 // New creates the collectors and registers them, with the Go and process
@@ -93,7 +97,10 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Failed writes to the store.",
 		}),
 	}
-	reg.MustRegister(m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheErrors,
+	m.JournalEvents = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_events_total", Help: "Events journaled while offline."})
+	m.JournalDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_dropped_total", Help: "Journaled events dropped because the journal was full."})
+	m.JournalReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_replayed_total", Help: "Journaled events delivered to the apiserver after reconnect."})
+	reg.MustRegister(m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheErrors,
 		m.Requests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
 		m.UpstreamTransitions, m.Online, m.AuthFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

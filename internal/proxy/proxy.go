@@ -33,6 +33,11 @@ type Cache interface {
 	Tee(resp *http.Response, info *request.Info)
 	// Serve answers r from the cache, or with a Status saying why not.
 	Serve(w http.ResponseWriter, r *http.Request, info *request.Info)
+	// AnswersWrite reports whether outpost answers this write itself while
+	// offline (this node's Lease, Node and pod status, Events).
+	AnswersWrite(r *http.Request, info *request.Info) bool
+	// ServeWrite answers such a write locally.
+	ServeWrite(w http.ResponseWriter, r *http.Request, info *request.Info)
 }
 
 // Handler serves local clients. Set the fields, then use it; it must not be
@@ -123,9 +128,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		defer h.Metrics.InFlight.WithLabelValues(kind).Dec()
 	}
 	r = r.WithContext(ctx)
-	if h.Cache != nil && h.Online != nil && !h.Online() && h.Cache.Answers(r, info) {
+	offline := h.Cache != nil && h.Online != nil && !h.Online()
+	switch {
+	case offline && h.Cache.Answers(r, info):
 		h.Cache.Serve(rec, r, info)
-	} else {
+	case offline && h.Cache.AnswersWrite(r, info):
+		rec.local = true
+		h.Cache.ServeWrite(rec, r, info)
+	default:
+		// Online, or nothing local can answer: the apiservers, which are
+		// all still tried while every one is judged unhealthy.
 		h.proxy.ServeHTTP(rec, r)
 	}
 

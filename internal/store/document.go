@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"fmt"
 	"slices"
 )
@@ -40,4 +41,33 @@ func (tx *Tx) Doc(key string) (contentType string, body []byte, ok bool, err err
 		body = []byte{}
 	}
 	return string(ct), body, true, nil
+}
+
+// DeleteDoc removes the document under key; a missing one is no error.
+func (tx *Tx) DeleteDoc(key string) error {
+	if key == "" {
+		return nil
+	}
+	if err := tx.docs.Delete([]byte(key)); err != nil {
+		return fmt.Errorf("deleting document %s: %w", key, err)
+	}
+	return nil
+}
+
+// Docs calls fn for every document whose key starts with prefix, in key
+// order, until fn returns an error (returned). body is a copy.
+func (tx *Tx) Docs(prefix string, fn func(key, contentType string, body []byte) error) error {
+	c := tx.docs.Cursor()
+	p := []byte(prefix)
+	for k, rec := c.Seek(p); k != nil && bytes.HasPrefix(k, p); k, rec = c.Next() {
+		r := reader{b: rec}
+		ct := r.bytes("document")
+		if r.err != nil {
+			return fmt.Errorf("reading document %s: %w", k, r.err)
+		}
+		if err := fn(string(k), string(ct), slices.Clone(r.b)); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -183,3 +183,13 @@ func (s *Store) Stats() (objects, views int, err error) {
 	})
 	return objects, views, err
 }
+
+// DeleteDoc removes a document; see Tx.DeleteDoc.
+func (s *Store) DeleteDoc(key string) error {
+	return s.Update(func(tx *Tx) error { return tx.DeleteDoc(key) })
+}
+
+// Docs lists documents by key prefix; see Tx.Docs.
+func (s *Store) Docs(prefix string, fn func(key, contentType string, body []byte) error) error {
+	return s.Read(func(tx *Tx) error { return tx.Docs(prefix, fn) })
+}

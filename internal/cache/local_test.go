@@ -1,0 +1,127 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+var kubelet = request.Identity{Kind: request.NodeCert, User: "system:node:edge-1"}
+
+func localWrite(t *testing.T, c *Cache, id request.Identity, method, target, contentType string, body []byte) *httptest.ResponseRecorder {
+	t.Helper()
+	r := httptest.NewRequest(method, target, bytes.NewReader(body))
+	r.Header.Set("Content-Type", contentType)
+	info, err := request.Parse(r, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := httptest.NewRecorder()
+	if !c.AnswersWrite(r, info) {
+		w.Code = 503
+		return w
+	}
+	c.ServeWrite(w, r, info)
+	return w
+}
+
+func seedObject(t *testing.T, c *Cache, resource, listKind, apiVersion string, objs ...any) {
+	t.Helper()
+	var items []store.Object
+	for _, o := range objs {
+		raw, _ := json.Marshal(o)
+		so, err := objectFromJSON(raw, resource)
+		if err != nil {
+			t.Fatal(err)
+		}
+		items = append(items, so)
+	}
+	v := store.View{Key: store.ViewKey{Identity: kubelet.Key(), Resource: resource}, ResourceVersion: "100", Kind: listKind, APIVersion: apiVersion}
+	if err := c.Store.ReplaceView(v, items); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLocalWrites: offline, this node's kubelet renews its Lease and
+// patches its pods' status locally and journals events; others get 503.
+func TestLocalWrites(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	c.Node = "edge-1"
+	lease := coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: "edge-1", Namespace: "kube-node-lease", ResourceVersion: "50"}}
+	seedObject(t, c, "coordination.k8s.io/v1/leases", "LeaseList", "coordination.k8s.io/v1", lease)
+	pod := corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "default", ResourceVersion: "60"}, Spec: corev1.PodSpec{NodeName: "edge-1"},
+		Status: corev1.PodStatus{Phase: corev1.PodPending}}
+	other := corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "elsewhere", Namespace: "default", ResourceVersion: "61"}, Spec: corev1.PodSpec{NodeName: "edge-2"}}
+	seedObject(t, c, "/v1/pods", "PodList", "v1", pod, other)
+
+	// Lease renewal (PUT), twice, each with the last answer's resourceVersion.
+	rv := "50"
+	for range 2 {
+		l := lease.DeepCopy()
+		l.ResourceVersion = rv
+		now := metav1.NowMicro()
+		l.Spec.RenewTime = &now
+		body, _ := json.Marshal(l)
+		w := localWrite(t, c, kubelet, http.MethodPut, "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/edge-1", "application/json", body)
+		var got coordinationv1.Lease
+		if w.Code != 200 || json.Unmarshal(w.Body.Bytes(), &got) != nil || got.Kind != "Lease" || got.ResourceVersion == rv || got.Spec.RenewTime == nil {
+			t.Fatalf("lease renewal: %d %s", w.Code, w.Body)
+		}
+		rv = got.ResourceVersion
+	}
+	// Pod status by strategic merge patch; local readers see it.
+	w := localWrite(t, c, kubelet, http.MethodPatch, "/api/v1/namespaces/default/pods/web/status", "application/strategic-merge-patch+json", []byte(`{"status":{"phase":"Running"}}`))
+	if w.Code != 200 || !strings.Contains(w.Body.String(), `"phase":"Running"`) {
+		t.Fatalf("pod status patch: %d %s", w.Code, w.Body)
+	}
+	r := httptest.NewRequest(http.MethodGet, "/api/v1/pods?fieldSelector=spec.nodeName%3Dedge-1", nil)
+	info, _ := request.Parse(r, kubelet)
+	lw := httptest.NewRecorder()
+	c.Serve(lw, r, info)
+	if !strings.Contains(lw.Body.String(), `"phase":"Running"`) {
+		t.Fatalf("local readers do not see the overlay: %s", lw.Body)
+	}
+	// Not this node's pod; not this node's identity.
+	if w := localWrite(t, c, kubelet, http.MethodPatch, "/api/v1/namespaces/default/pods/elsewhere/status", "application/merge-patch+json", []byte(`{"status":{"phase":"Running"}}`)); w.Code != 403 {
+		t.Fatalf("another node's pod: %d %s", w.Code, w.Body)
+	}
+	if w := localWrite(t, c, reader, http.MethodPatch, "/api/v1/namespaces/default/pods/web/status", "application/merge-patch+json", []byte(`{}`)); w.Code != 503 {
+		t.Fatalf("another identity: %d", w.Code)
+	}
+	// Events are journaled and replayed.
+	ev := corev1.Event{ObjectMeta: metav1.ObjectMeta{Name: "web.1", Namespace: "default"}, Reason: "Started", InvolvedObject: corev1.ObjectReference{Kind: "Pod", Name: "web"}}
+	body, _ := json.Marshal(ev)
+	if w := localWrite(t, c, kubelet, http.MethodPost, "/api/v1/namespaces/default/events", "application/json", body); w.Code != 201 || !strings.Contains(w.Body.String(), `"uid"`) {
+		t.Fatalf("event: %d %s", w.Code, w.Body)
+	}
+	var sent []string
+	n, err := c.ReplayJournal(context.Background(), 1000, func(ctx context.Context, path string, body []byte) (int, error) {
+		sent = append(sent, path+" "+string(body))
+		return 201, nil
+	})
+	if err != nil || n != 1 || !strings.Contains(sent[0], "/api/v1/namespaces/default/events") || !strings.Contains(sent[0], "Started") {
+		t.Fatalf("replay: %d %v %v", n, err, sent)
+	}
+	if n, _ := c.ReplayJournal(context.Background(), 1000, func(context.Context, string, []byte) (int, error) { return 201, nil }); n != 0 {
+		t.Fatalf("a replayed event was replayed again")
+	}
+	// The cloud returns: overlays are dropped.
+	c.DropOverlays()
+	lw = httptest.NewRecorder()
+	c.Serve(lw, r, info)
+	if strings.Contains(lw.Body.String(), `"phase":"Running"`) {
+		t.Fatalf("overlay survived the reconnect: %s", lw.Body)
+	}
+}

@@ -1,0 +1,123 @@
+package cache
+
+import (
+	"context"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// Fetch sends a GET to the apiserver on behalf of the cache (re-listing
+// after a reconnect) and returns its answer.
+type Fetch func(ctx context.Context, r *http.Request) (*http.Response, error)
+
+// Relist refreshes every view of identity from the apiserver, through the
+// normal recording path, so the store converges to the cloud even for
+// clients that stay quiet, and objects that vanished upstream leave it. At
+// most rate views a second, each delayed by a little jitter, so many nodes
+// reconnecting at once do not storm the apiserver.
+//
+// Only identities outpost holds credentials for can be re-listed (this
+// node's); views of token callers are refreshed by those callers' own
+// re-lists, which their closed offline watches trigger.
+func (c *Cache) Relist(ctx context.Context, identity string, rate int, fetch Fetch) (done int, err error) {
+	c.init()
+	views, err := c.Store.AllViews()
+	if err != nil {
+		return 0, err
+	}
+	if rate <= 0 {
+		rate = 5
+	}
+	for _, v := range views {
+		if v.Key.Identity != identity {
+			continue
+		}
+		jitter := time.Duration(rand.Int64N(int64(time.Second / time.Duration(rate))))
+		select {
+		case <-ctx.Done():
+			return done, ctx.Err()
+		case <-time.After(time.Second/time.Duration(rate) + jitter/2):
+		}
+		r, err := relistRequest(ctx, v.Key)
+		if err != nil {
+			continue
+		}
+		resp, err := fetch(ctx, r)
+		if err != nil {
+			return done, err
+		}
+		body, err := io.ReadAll(io.LimitReader(resp.Body, int64(c.MaxBody)+1))
+		resp.Body.Close()
+		switch {
+		case err != nil:
+			return done, err
+		case resp.StatusCode == http.StatusNotFound && v.Key.Name != "":
+			// The object is gone upstream: so is its view.
+			_ = c.Store.DeleteView(v.Key)
+		case resp.StatusCode != http.StatusOK:
+			continue
+		case v.Key.Name != "":
+			c.recordObject(v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body))
+		default:
+			c.recordList(r, v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body))
+		}
+		done++
+	}
+	return done, nil
+}
+
+func maybeGunzip(resp *http.Response, body []byte) []byte {
+	if resp.Header.Get("Content-Encoding") == "gzip" {
+		if b, err := gunzip(body); err == nil {
+			return b
+		}
+	}
+	return body
+}
+
+// relistRequest rebuilds the GET that answers view k.
+func relistRequest(ctx context.Context, k store.ViewKey) (*http.Request, error) {
+	res, meta := strings.CutSuffix(k.Resource, "#meta")
+	parts := strings.SplitN(res, "/", 3)
+	if len(parts) != 3 {
+		return nil, io.ErrUnexpectedEOF
+	}
+	group, version, resource := parts[0], parts[1], parts[2]
+	path := "/apis/" + group + "/" + version
+	if group == "" {
+		path = "/api/" + version
+	}
+	if k.Namespace != "" {
+		path += "/namespaces/" + url.PathEscape(k.Namespace)
+	}
+	path += "/" + resource
+	if k.Name != "" {
+		path += "/" + url.PathEscape(k.Name)
+	}
+	q := url.Values{}
+	if k.LabelSelector != "" {
+		q.Set("labelSelector", k.LabelSelector)
+	}
+	if k.FieldSelector != "" {
+		q.Set("fieldSelector", k.FieldSelector)
+	}
+	u := "https://upstream" + path
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	r, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, err
+	}
+	r.Header.Set("Accept", "application/json")
+	if meta {
+		r.Header.Set("Accept", "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")
+	}
+	return r, nil
+}
