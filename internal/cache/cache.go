@@ -2,9 +2,9 @@ package cache
 
 import (
 	"context"
+	"log/slog"
 	"strconv"
 	"strings"
-	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"

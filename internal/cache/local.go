@@ -530,7 +530,6 @@ func (c *Cache) ReplayJournal(ctx context.Context, rate int, send func(ctx conte
 	return replayed, nil
 }
 
-
 func unsupportedMedia(mt string) error {
 	return &apierrors.StatusError{ErrStatus: metav1.Status{Status: metav1.StatusFailure, Code: http.StatusUnsupportedMediaType,
 		Reason: metav1.StatusReasonUnsupportedMediaType, Message: "outpost cannot apply " + mt + " offline"}}
