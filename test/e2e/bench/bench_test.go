@@ -238,6 +238,66 @@ func BenchmarkWatchDelivery(b *testing.B) {
 	}
 }
 
+// BenchmarkYOfflineList10k compares a LIST of 10,000 objects answered by
+// the apiserver (directly, online) with the same LIST answered by outpost
+// from its cache while the apiserver is down. It stops the apiserver, so it
+// runs after the online benchmarks (by name) and before the RSS report.
+func BenchmarkYOfflineList10k(b *testing.B) {
+	setup(b)
+	ctx := context.Background()
+	const ns, n = "bench-10k", 10000
+	seed10k.Do(func() {
+		c := cp.Client()
+		if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		sem := make(chan struct{}, 32)
+		for i := range n {
+			wg.Go(func() {
+				sem <- struct{}{}
+				defer func() { <-sem }()
+				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%05d", i), Labels: map[string]string{"app": "bench"}},
+					Data: map[string]string{"payload": strings.Repeat("x", 256)}}
+				if _, err := c.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
+					b.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+		// Recorded through outpost while online.
+		if l, err := clients["outpost"].CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != n {
+			b.Fatalf("recording list: %v", err)
+		}
+		time.Sleep(2 * time.Second)
+	})
+	list := func(c *kubernetes.Clientset) func(ctx context.Context) error {
+		return func(ctx context.Context) error {
+			l, err := c.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{})
+			if err == nil && len(l.Items) != n {
+				err = fmt.Errorf("listed %d objects, want %d", len(l.Items), n)
+			}
+			return err
+		}
+	}
+	b.Run("online-direct", func(b *testing.B) { measure(b, 1, list(clients["direct"])) })
+	b.Run("offline-outpost", func(b *testing.B) {
+		if !apiserverStopped {
+			if err := cp.StopAPIServer(0); err != nil {
+				b.Fatal(err)
+			}
+			apiserverStopped = true
+			time.Sleep(2 * time.Second) // outpost notices
+		}
+		measure(b, 1, list(clients["outpost"]))
+	})
+}
+
+var (
+	seed10k          sync.Once
+	apiserverStopped bool
+)
+
 // BenchmarkZIdleRSS reports the resident memory of outpost idle: a fresh
 // one that has only proxied a few requests, and the one that served the
 // benchmarks above (named to run last).
