@@ -165,15 +165,18 @@ const (
 	noPolicy writePolicy = iota
 	overlayWrite
 	journalWrite
+	recordedToken
 )
 
 func (c *Cache) policy(info *request.Info) writePolicy {
 	if !info.IsResourceRequest || c.Node == "" {
 		return noPolicy
 	}
-	owner := info.Identity.Kind == request.NodeCert && info.Identity.User == "system:node:"+c.Node
-	if !owner {
+	if !c.ownNode(info) {
 		return noPolicy
+	}
+	if isTokenRequest(info) {
+		return recordedToken
 	}
 	res := info.APIGroup + "/" + info.APIVersion + "/" + info.Resource
 	switch {
@@ -206,6 +209,8 @@ func (c *Cache) ServeWrite(w http.ResponseWriter, r *http.Request, info *request
 		err = c.writeOverlay(w, r, info)
 	case journalWrite:
 		err = c.journal(w, r, info)
+	case recordedToken:
+		err = c.serveToken(w, r, info)
 	default:
 		err = status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable; %s %s cannot be done offline", info.Verb, r.URL.Path), 5)
 	}

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
+	authenticationv1 "k8s.io/api/authentication/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -123,5 +126,43 @@ func TestLocalWrites(t *testing.T) {
 	c.Serve(lw, r, info)
 	if strings.Contains(lw.Body.String(), `"phase":"Running"`) {
 		t.Fatalf("overlay survived the reconnect: %s", lw.Body)
+	}
+}
+
+// TestRecordedServiceAccountTokens: a token issued to this node's kubelet
+// online is handed out again offline for the same request, until expiry.
+func TestRecordedServiceAccountTokens(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	c.Node = "edge-1"
+	bound := &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: "web", UID: "uid-1"}
+	issued := authenticationv1.TokenRequest{TypeMeta: metav1.TypeMeta{Kind: "TokenRequest", APIVersion: "authentication.k8s.io/v1"},
+		Spec:   authenticationv1.TokenRequestSpec{Audiences: []string{"https://kubernetes.default.svc"}, BoundObjectRef: bound},
+		Status: authenticationv1.TokenRequestStatus{Token: "jwt-1", ExpirationTimestamp: metav1.NewTime(time.Now().Add(time.Hour))}}
+	body, _ := json.Marshal(issued)
+	target := "/api/v1/namespaces/default/serviceaccounts/default/token"
+	r := httptest.NewRequest(http.MethodPost, target, nil)
+	info, _ := request.Parse(r, kubelet)
+	resp := &http.Response{StatusCode: 201, Header: http.Header{"Content-Type": {"application/json"}}, Body: io.NopCloser(bytes.NewReader(body)), Request: r}
+	c.Tee(resp, info)
+	_, _ = io.Copy(io.Discard, resp.Body)
+	_ = resp.Body.Close()
+	time.Sleep(100 * time.Millisecond)
+
+	ask, _ := json.Marshal(authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{BoundObjectRef: bound}})
+	w := localWrite(t, c, kubelet, http.MethodPost, target, "application/json", ask)
+	if w.Code != 201 || !strings.Contains(w.Body.String(), `"token":"jwt-1"`) {
+		t.Fatalf("offline token request: %d %s", w.Code, w.Body)
+	}
+	other, _ := json.Marshal(authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{BoundObjectRef: &authenticationv1.BoundObjectReference{Kind: "Pod", Name: "x", UID: "uid-2"}}})
+	if w := localWrite(t, c, kubelet, http.MethodPost, target, "application/json", other); w.Code != 503 {
+		t.Fatalf("never-issued token: %d %s", w.Code, w.Body)
+	}
+	c.Now = func() time.Time { return time.Now().Add(2 * time.Hour) }
+	if w := localWrite(t, c, kubelet, http.MethodPost, target, "application/json", ask); w.Code != 503 {
+		t.Fatalf("expired token handed out: %d %s", w.Code, w.Body)
+	}
+	if w := localWrite(t, c, reader, http.MethodPost, target, "application/json", ask); w.Code != 503 {
+		t.Fatalf("another identity got the kubelet's token: %d", w.Code)
 	}
 }

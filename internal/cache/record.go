@@ -20,7 +20,7 @@ import (
 // recorded are left alone.
 func (c *Cache) Tee(resp *http.Response, info *request.Info) {
 	c.init()
-	if resp.StatusCode != http.StatusOK || resp.Request == nil || info == nil {
+	if (resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusCreated) || resp.Request == nil || info == nil {
 		return
 	}
 	if info.Identity.Kind == request.Anonymous || (c.Record != nil && !c.Record(info.Identity)) {
@@ -29,7 +29,14 @@ func (c *Cache) Tee(resp *http.Response, info *request.Info) {
 	if enc := resp.Header.Get("Content-Encoding"); enc != "" && enc != "identity" && enc != "gzip" {
 		return
 	}
+	if resp.StatusCode == http.StatusCreated && isTokenRequest(info) && c.ownNode(info) {
+		c.teeToken(resp, info)
+		return
+	}
 	r := resp.Request
+	if resp.StatusCode != http.StatusOK {
+		return
+	}
 	k, view, _ := classify(r, info)
 	contentType := resp.Header.Get("Content-Type")
 	switch k {

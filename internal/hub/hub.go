@@ -120,7 +120,7 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 	if err != nil {
 		return nil, err
 	}
-	h.auth = &identity.Authenticator{NodeName: cfg.NodeName, ClientCAs: clientCA, Review: h.review}
+	h.auth = &identity.Authenticator{NodeName: cfg.NodeName, ClientCAs: clientCA, Review: h.review, Online: h.monitor.Online}
 
 	if cfg.SecureAddress != "" {
 		if h.tls, err = h.servingTLS(); err != nil {

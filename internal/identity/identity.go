@@ -53,6 +53,10 @@ type Authenticator struct {
 	// Recall reads back what Remember stored. It is consulted only when the
 	// apiserver cannot be asked.
 	Recall func(hash string) (id request.Identity, expires time.Time, ok bool)
+	// Online reports whether the apiserver can judge tokens. Offline, a
+	// token is accepted only if it was confirmed online and has not
+	// expired; anything else gets 401. Nil: always online.
+	Online func() bool
 
 	mu     sync.Mutex // guards the fields below
 	certs  map[[32]byte]certEntry
@@ -96,7 +100,16 @@ func (a *Authenticator) Authenticate(r *http.Request) (request.Identity, error) 
 		return a.certificate(r.TLS.PeerCertificates)
 	}
 	if token, ok := bearer(r); ok {
-		return a.token(r.Context(), token), nil
+		id := a.token(r.Context(), token)
+		if a.Online != nil && !a.Online() {
+			if id.User == "" {
+				return request.Identity{}, status.Unauthorized("outpost: the cloud is unreachable and this token was never confirmed online, so it cannot be accepted")
+			}
+			if exp := tokenExpiry(token, time.Now()); !time.Now().Before(exp) {
+				return request.Identity{}, status.Unauthorized("outpost: the cloud is unreachable and this token has expired")
+			}
+		}
+		return id, nil
 	}
 	return request.Identity{}, status.Unauthorized("outpost: no client certificate and no bearer token")
 }

@@ -8,6 +8,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
 	"math/big"
 	"net/http"
 	"net/http/httptest"
@@ -114,5 +117,44 @@ func TestTokensLearnedOnceAndForwarded(t *testing.T) {
 	id, err := a.Authenticate(r)
 	if err != nil || id.User != "" || id.Kind != request.BearerToken {
 		t.Fatalf("rejected token: %+v, %v; want forwarded with no learned user (the apiserver answers 401)", id, err)
+	}
+}
+
+func TestOfflineTokens(t *testing.T) {
+	online := true
+	a := &Authenticator{NodeName: "edge-1", Online: func() bool { return online },
+		Review: func(ctx context.Context, token string) (string, []string, bool, error) {
+			if !online {
+				return "", nil, false, errors.New("dial tcp: connection refused")
+			}
+			return "system:serviceaccount:default:app", nil, true, nil
+		}}
+	req := func(token string) *http.Request {
+		r := httptest.NewRequest(http.MethodGet, "/", nil)
+		r.Header.Set("Authorization", "Bearer "+token)
+		return r
+	}
+	exp := func(d time.Duration) string {
+		claims, _ := json.Marshal(map[string]int64{"exp": time.Now().Add(d).Unix()})
+		return "h." + base64.RawURLEncoding.EncodeToString(claims) + ".s"
+	}
+	seen, expiring := exp(time.Hour), exp(-time.Minute)
+	if _, err := a.Authenticate(req(seen)); err != nil {
+		t.Fatal(err)
+	}
+	online = false
+	if id, err := a.Authenticate(req(seen)); err != nil || id.User != "system:serviceaccount:default:app" {
+		t.Fatalf("token confirmed online, offline: %+v %v", id, err)
+	}
+	if _, err := a.Authenticate(req("never-seen")); !apierrors.IsUnauthorized(err) {
+		t.Fatalf("unknown token offline: %v; want 401", err)
+	}
+	online = true
+	if _, err := a.Authenticate(req(expiring)); err != nil {
+		t.Fatal(err)
+	}
+	online = false
+	if _, err := a.Authenticate(req(expiring)); !apierrors.IsUnauthorized(err) {
+		t.Fatalf("expired token offline: %v; want 401", err)
 	}
 }
