@@ -54,9 +54,10 @@ type Hub struct {
 	// LBMode is LBRoundRobin (default) or LBPriority.
 	LBMode string
 	// ProbeInterval is the time between active health probes of each
-	// apiserver. Default 1s.
+	// apiserver. Default 500ms: with the timeout, a dead link is noticed
+	// within a second even when no request is in flight.
 	ProbeInterval time.Duration
-	// ProbeTimeout bounds one probe. Default 1s.
+	// ProbeTimeout bounds one probe. Default 500ms.
 	ProbeTimeout time.Duration
 	// FailureThreshold consecutive failed probes mark an apiserver unhealthy.
 	// Default 1: one failed probe is enough, as a failed real request is.
@@ -92,8 +93,8 @@ func DefaultHub() Hub {
 		SecureAddress:    "127.0.0.1:10268",
 		AdminAddress:     "127.0.0.1:10267",
 		LBMode:           LBRoundRobin,
-		ProbeInterval:    time.Second,
-		ProbeTimeout:     time.Second,
+		ProbeInterval:    500 * time.Millisecond,
+		ProbeTimeout:     500 * time.Millisecond,
 		FailureThreshold: 1,
 		SuccessThreshold: 2,
 		RecordIdentities: []string{"*"},
