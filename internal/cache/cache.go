@@ -136,26 +136,49 @@ func (c *Cache) Run(ctx context.Context) error {
 	return nil
 }
 
-// writer applies writes in order. Consecutive events are batched into one
-// transaction, flushed within BatchDelay.
+// writer applies writes in order, many per transaction: everything that
+// arrives within BatchDelay (or up to 1000 writes) is committed together,
+// so a burst of recorded answers costs one fsync, not one each. A batch
+// that fails is retried write by write, so one bad write loses only itself.
 func (c *Cache) writer(stop <-chan struct{}) {
-	var batch []store.Event
+	var batch []write
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	flush := func() {
 		if len(batch) == 0 {
 			return
 		}
-		if err := c.Store.Apply(batch); err != nil {
-			c.fail("applying watch events", err)
-			for _, e := range batch {
-				c.markStale(e.View)
+		timer.Stop()
+		err := c.Store.Update(func(tx *store.Tx) error {
+			for _, w := range batch {
+				if err := applyTx(tx, w); err != nil {
+					return err
+				}
 			}
-		} else if c.Metrics != nil {
-			c.Metrics.CacheEvents.Add(float64(len(batch)))
+			return nil
+		})
+		for _, w := range batch {
+			if err != nil {
+				if werr := c.Store.Update(func(tx *store.Tx) error { return applyTx(tx, w) }); werr != nil {
+					c.fail(w.what(), werr)
+					if k := w.view(); k != nil {
+						c.markStale(*k)
+					}
+					continue
+				}
+			}
+			c.count(w)
 		}
 		batch = batch[:0]
-		timer.Stop()
+	}
+	add := func(w write) {
+		if len(batch) == 0 {
+			timer.Reset(c.BatchDelay)
+		}
+		batch = append(batch, w)
+		if len(batch) >= 1000 {
+			flush()
+		}
 	}
 	for {
 		select {
@@ -165,12 +188,7 @@ func (c *Cache) writer(stop <-chan struct{}) {
 			for {
 				select {
 				case w := <-c.writes:
-					if w.events != nil {
-						batch = append(batch, w.events...)
-						continue
-					}
-					flush()
-					c.apply(w)
+					add(w)
 				default:
 					flush()
 					c.flushStale()
@@ -178,42 +196,60 @@ func (c *Cache) writer(stop <-chan struct{}) {
 				}
 			}
 		case w := <-c.writes:
-			if w.events != nil {
-				if len(batch) == 0 {
-					timer.Reset(c.BatchDelay)
-				}
-				batch = append(batch, w.events...)
-				if len(batch) >= 1000 {
-					flush()
-				}
-				continue
-			}
-			flush()
-			c.apply(w)
+			add(w)
 		case <-timer.C:
 			flush()
+			c.flushStale()
 		}
-		c.flushStale()
 	}
 }
 
-func (c *Cache) apply(w write) {
+// applyTx applies one write inside a transaction.
+func applyTx(tx *store.Tx, w write) error {
 	switch {
+	case w.events != nil:
+		return tx.Apply(w.events)
 	case w.replace != nil:
-		if err := c.Store.ReplaceView(w.replace.view, w.replace.objs); err != nil {
-			c.fail("replacing view", err)
-			c.markStale(w.replace.view.Key)
-		} else if c.Metrics != nil {
-			c.Metrics.CacheLists.Inc()
-		}
+		return tx.ReplaceView(w.replace.view, w.replace.objs)
 	case w.doc != nil:
-		if err := c.Store.PutDoc(w.doc.key, w.doc.contentType, w.doc.body); err != nil {
-			c.fail("storing document", err)
-		}
+		return tx.PutDoc(w.doc.key, w.doc.contentType, w.doc.body)
 	case w.stale != nil:
-		if err := c.Store.MarkStale(*w.stale); err != nil {
-			c.fail("marking view stale", err)
-		}
+		return tx.MarkStale(*w.stale)
+	}
+	return nil
+}
+
+func (w write) what() string {
+	switch {
+	case w.events != nil:
+		return "applying watch events"
+	case w.replace != nil:
+		return "replacing view"
+	case w.doc != nil:
+		return "storing document"
+	}
+	return "marking view stale"
+}
+
+func (w write) view() *store.ViewKey {
+	switch {
+	case len(w.events) > 0:
+		return &w.events[0].View
+	case w.replace != nil:
+		return &w.replace.view.Key
+	}
+	return nil
+}
+
+func (c *Cache) count(w write) {
+	if c.Metrics == nil {
+		return
+	}
+	switch {
+	case w.events != nil:
+		c.Metrics.CacheEvents.Add(float64(len(w.events)))
+	case w.replace != nil:
+		c.Metrics.CacheLists.Inc()
 	}
 }
 
@@ -256,8 +292,15 @@ func (c *Cache) flushStale() {
 	}
 	clear(c.stale)
 	c.mu.Unlock()
-	for _, k := range keys {
-		c.apply(write{stale: &k})
+	if err := c.Store.Update(func(tx *store.Tx) error {
+		for _, k := range keys {
+			if err := tx.MarkStale(k); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		c.fail("marking views stale", err)
 	}
 }
 

@@ -152,7 +152,10 @@ func (c *Cache) recordObject(view store.ViewKey, contentType string, body []byte
 		c.undecodable(&view, err)
 		return
 	}
-	v := store.View{Key: view, ResourceVersion: o.ResourceVersion, Kind: kind, APIVersion: apiVersion, Updated: c.Now()}
+	if c.unchanged(view, o.ResourceVersion) {
+		return
+	}
+	v := store.View{Key: view, ResourceVersion: o.ResourceVersion, Kind: kind + "List", APIVersion: apiVersion, Updated: c.Now()}
 	c.send(write{replace: &replaceView{view: v, objs: []store.Object{o}}}, &view, "queue-full")
 }
 
@@ -201,8 +204,22 @@ func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType stri
 		}
 		items = p.items
 	}
+	if c.unchanged(view, l.ResourceVersion) {
+		return
+	}
 	v := store.View{Key: view, ResourceVersion: l.ResourceVersion, Kind: l.Kind, APIVersion: l.APIVersion, Updated: c.Now()}
 	c.send(write{replace: &replaceView{view: v, objs: items}}, &view, "queue-full")
+}
+
+// unchanged reports whether view already holds this answer: the same
+// resourceVersion, and not stale. Repeated reads of an unchanged object or
+// list then cost no write at all.
+func (c *Cache) unchanged(view store.ViewKey, rv string) bool {
+	if rv == "" {
+		return false
+	}
+	v, ok, err := c.Store.View(view)
+	return err == nil && ok && !v.Stale && v.ResourceVersion == rv
 }
 
 func (c *Cache) undecodable(view *store.ViewKey, err error) {
