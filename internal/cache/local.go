@@ -103,6 +103,18 @@ func (o *overlays) since(resource string, seq uint64) ([]*overlay, uint64, <-cha
 	return out, o.seq, o.changed
 }
 
+// has reports whether any overlay of resource exists.
+func (o *overlays) has(resource string) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, ov := range o.byKey {
+		if ov.resource == strings.TrimSuffix(resource, "#meta") {
+			return true
+		}
+	}
+	return false
+}
+
 func (o *overlays) drop() int {
 	o.mu.Lock()
 	defer o.mu.Unlock()

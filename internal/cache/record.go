@@ -3,6 +3,7 @@ package cache
 import (
 	"bytes"
 	"compress/gzip"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -169,6 +170,12 @@ type pagedList struct {
 const maxPagedObjects = 1_000_000
 
 func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType string, body []byte) {
+	if r.URL.Query().Get("continue") == "" && mediaType(contentType) == mediaJSON {
+		// Skip decoding a whole list the view already holds.
+		if rv, cont, ok := peekListMeta(body); ok && cont == "" && c.unchanged(view, rv) {
+			return
+		}
+	}
 	l, err := DecodeList(contentType, body, view.Resource)
 	if err != nil {
 		c.undecodable(&view, err)
@@ -400,4 +407,39 @@ func gunzip(b []byte) ([]byte, error) {
 	var out bytes.Buffer
 	_, err = io.Copy(&out, zr)
 	return out.Bytes(), err
+}
+
+// peekListMeta reads a JSON list's metadata without decoding its items:
+// the apiserver writes kind, apiVersion and metadata before items.
+func peekListMeta(body []byte) (rv, cont string, ok bool) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return "", "", false
+	}
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return "", "", false
+		}
+		key, _ := t.(string)
+		if key == "items" {
+			return "", "", false // metadata not first: decode it all
+		}
+		if key != "metadata" {
+			var skip json.RawMessage
+			if dec.Decode(&skip) != nil {
+				return "", "", false
+			}
+			continue
+		}
+		var md struct {
+			ResourceVersion string `json:"resourceVersion"`
+			Continue        string `json:"continue"`
+		}
+		if dec.Decode(&md) != nil {
+			return "", "", false
+		}
+		return md.ResourceVersion, md.Continue, md.ResourceVersion != ""
+	}
+	return "", "", false
 }

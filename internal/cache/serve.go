@@ -212,6 +212,23 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 		after = tok.After
 	}
 
+	kind, apiVersion := src.view.Kind, src.view.APIVersion
+	if kind == "" {
+		kind, apiVersion = guessListKind(info)
+	}
+	wantMeta := strings.HasPrefix(a.as, "PartialObjectMetadata")
+	if wantMeta {
+		kind, apiVersion = "PartialObjectMetadataList", "meta.k8s.io/v1"
+	}
+	if !src.filter && !c.overlays.has(src.view.Key.Resource) && !(a.as == "Table" && !a.plainJSON) {
+		// The fast path: the whole view, items copied as stored.
+		body, err := c.rawList(src, kind, apiVersion, after, limit, wantMeta)
+		if err != nil {
+			return asStatus(err)
+		}
+		return c.encode(w, body, a, src)
+	}
+
 	var items []store.Object
 	more := false
 	stop := errors.New("stop")
@@ -236,20 +253,59 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 		raw, _ := json.Marshal(continueToken{RV: src.view.ResourceVersion, After: store.MemberKey(last.Namespace, last.Name)})
 		cont = base64.RawURLEncoding.EncodeToString(raw)
 	}
-	kind, apiVersion := src.view.Kind, src.view.APIVersion
-	if kind == "" {
-		kind, apiVersion = guessListKind(info)
-	}
-	wantMeta := strings.HasPrefix(a.as, "PartialObjectMetadata")
-	if wantMeta {
-		kind, apiVersion = "PartialObjectMetadataList", "meta.k8s.io/v1"
-	}
 	var body bytes.Buffer
 	writeJSONList(&body, kind, apiVersion, src.view.ResourceVersion, cont, items, wantMeta, src.meta)
 	if a.as == "Table" && !a.plainJSON {
 		return c.writeTable(w, body.Bytes(), src)
 	}
 	return c.encode(w, body.Bytes(), a, src)
+}
+
+// rawList writes a view's members as a JSON list without decoding them.
+// Items come before metadata, whose continue token is known only at the
+// end; JSON readers do not care about the order of fields.
+func (c *Cache) rawList(src source, kind, apiVersion, after string, limit int, wantMeta bool) ([]byte, error) {
+	var b bytes.Buffer
+	b.WriteString(`{"kind":`)
+	writeJSONString(&b, kind)
+	b.WriteString(`,"apiVersion":`)
+	writeJSONString(&b, apiVersion)
+	b.WriteString(`,"items":[`)
+	n, last, more := 0, "", false
+	stop := errors.New("stop")
+	fetch := 0
+	if limit > 0 {
+		fetch = limit + 1
+	}
+	err := c.Store.ListData(src.view.Key, after, fetch, func(key string, data []byte) error {
+		if limit > 0 && n == limit {
+			more = true
+			return stop
+		}
+		if n > 0 {
+			b.WriteByte(',')
+		}
+		if wantMeta {
+			b.Write(withTypeMeta(metadataOnly(data), "PartialObjectMetadata", "meta.k8s.io/v1"))
+		} else {
+			b.Write(data)
+		}
+		n++
+		last = key
+		return nil
+	})
+	if err != nil && !errors.Is(err, stop) {
+		return nil, err
+	}
+	b.WriteString(`],"metadata":{"resourceVersion":`)
+	writeJSONString(&b, src.view.ResourceVersion)
+	if more {
+		raw, _ := json.Marshal(continueToken{RV: src.view.ResourceVersion, After: last})
+		b.WriteString(`,"continue":`)
+		writeJSONString(&b, base64.RawURLEncoding.EncodeToString(raw))
+	}
+	b.WriteString(`}}`)
+	return b.Bytes(), nil
 }
 
 // checkListRV applies the apiserver's resourceVersion rules to an answer
