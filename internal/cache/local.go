@@ -19,6 +19,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/strategicpatch"
 
 	"github.com/outposthq/outpost/internal/request"
@@ -199,6 +200,8 @@ func (c *Cache) policy(info *request.Info) writePolicy {
 		return overlayWrite
 	case res == "/v1/nodes" && info.Name == c.Node && (info.Subresource == "" || info.Subresource == "status") && (info.Verb == "update" || info.Verb == "patch"):
 		return overlayWrite
+	case res == "/v1/nodes" && info.Verb == "create":
+		return overlayWrite // kubelet registering again after a restart: 409 when cached
 	case res == "/v1/pods" && info.Subresource == "status" && (info.Verb == "update" || info.Verb == "patch"):
 		return overlayWrite // the pod must be bound here: checked against the cached pod
 	case (res == "/v1/events" || res == "events.k8s.io/v1/events") && info.Verb == "create":
@@ -292,6 +295,35 @@ func (c *Cache) writeOverlay(w http.ResponseWriter, r *http.Request, info *reque
 		}
 	}
 
+	if info.Verb == "create" {
+		// As the apiserver: creating what exists is a conflict. A restarted
+		// kubelet (or kwok) then reads and updates the existing object
+		// instead of taking it over.
+		var meta struct {
+			Metadata struct {
+				Name string `json:"name"`
+			} `json:"metadata"`
+		}
+		_ = json.Unmarshal(body, &meta)
+		if meta.Metadata.Name == "" {
+			return apierrors.NewBadRequest("outpost: the object to create has no name")
+		}
+		if res == "/v1/nodes" && meta.Metadata.Name != c.Node {
+			return status.Forbidden("outpost: offline, a node may only register itself")
+		}
+		if c.overlays.get(res, info.Namespace, meta.Metadata.Name) != nil {
+			return apierrors.NewAlreadyExists(schema.GroupResource{Group: info.APIGroup, Resource: info.Resource}, meta.Metadata.Name)
+		}
+		if _, ok, err := c.Store.Get(res, info.Namespace, meta.Metadata.Name); err != nil {
+			return asStatus(err)
+		} else if ok {
+			return apierrors.NewAlreadyExists(schema.GroupResource{Group: info.APIGroup, Resource: info.Resource}, meta.Metadata.Name)
+		}
+		if res == "/v1/nodes" {
+			return status.Unavailable("outpost: the cloud is unreachable and this node was never seen online, so it cannot register", 5)
+		}
+	}
+
 	var out []byte
 	switch info.Verb {
 	case "create", "update":
@@ -315,9 +347,24 @@ func (c *Cache) writeOverlay(w http.ResponseWriter, r *http.Request, info *reque
 	if info.Verb == "create" {
 		name = obj.Name
 	}
-	// A resourceVersion of our own, above what the cache holds, so that a
-	// client's next optimistic update of this object is accepted.
-	out, err = setMeta(obj.Data, c.localRV(), info.Verb == "create")
+	// Keep the cloud's resourceVersion: when the link returns, the client's
+	// next optimistic update (kubelet's Lease renewal) must still match the
+	// apiserver's copy. A locally created object gets one of our own.
+	rv := obj.ResourceVersion
+	if rv == "" || info.Verb == "create" {
+		rv = c.localRV()
+	}
+	if base != nil {
+		var b struct {
+			Metadata struct {
+				ResourceVersion string `json:"resourceVersion"`
+			} `json:"metadata"`
+		}
+		if json.Unmarshal(base, &b) == nil && b.Metadata.ResourceVersion != "" {
+			rv = b.Metadata.ResourceVersion
+		}
+	}
+	out, err = setMeta(obj.Data, rv, info.Verb == "create")
 	if err != nil {
 		return apierrors.NewInternalError(err)
 	}
@@ -550,4 +597,41 @@ func (c *Cache) ReplayJournal(ctx context.Context, rate int, send func(ctx conte
 func unsupportedMedia(mt string) error {
 	return &apierrors.StatusError{ErrStatus: metav1.Status{Status: metav1.StatusFailure, Code: http.StatusUnsupportedMediaType,
 		Reason: metav1.StatusReasonUnsupportedMediaType, Message: "outpost cannot apply " + mt + " offline"}}
+}
+
+// ReplayStatus sends the last local status of this node and its pods to
+// the apiserver when the cloud returns, as merge patches of status with the
+// node's credentials. kubelet believes these statuses were saved (outpost
+// answered 200), so it would not send them again by itself.
+func (c *Cache) ReplayStatus(ctx context.Context, send func(ctx context.Context, method, path, contentType string, body []byte) (int, error)) (int, error) {
+	c.overlays.mu.Lock()
+	var pending []*overlay
+	for _, ov := range c.overlays.byKey {
+		if ov.resource == "/v1/pods" || ov.resource == "/v1/nodes" {
+			pending = append(pending, ov)
+		}
+	}
+	c.overlays.mu.Unlock()
+	sent := 0
+	for _, ov := range pending {
+		var obj struct {
+			Status json.RawMessage `json:"status"`
+		}
+		if json.Unmarshal(ov.data, &obj) != nil || len(obj.Status) == 0 {
+			continue
+		}
+		patch, _ := json.Marshal(map[string]json.RawMessage{"status": obj.Status})
+		path := "/api/v1/nodes/" + ov.name + "/status"
+		if ov.resource == "/v1/pods" {
+			path = "/api/v1/namespaces/" + ov.namespace + "/pods/" + ov.name + "/status"
+		}
+		code, err := send(ctx, http.MethodPatch, path, "application/merge-patch+json", patch)
+		if err != nil {
+			return sent, err
+		}
+		if code < 300 {
+			sent++
+		}
+	}
+	return sent, nil
 }

@@ -79,10 +79,17 @@ func TestLocalWrites(t *testing.T) {
 		body, _ := json.Marshal(l)
 		w := localWrite(t, c, kubelet, http.MethodPut, "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/edge-1", "application/json", body)
 		var got coordinationv1.Lease
-		if w.Code != 200 || json.Unmarshal(w.Body.Bytes(), &got) != nil || got.Kind != "Lease" || got.ResourceVersion == rv || got.Spec.RenewTime == nil {
+		// The cloud's resourceVersion is kept, so the first renewal after
+		// the reconnect still matches the apiserver's copy.
+		if w.Code != 200 || json.Unmarshal(w.Body.Bytes(), &got) != nil || got.Kind != "Lease" || got.ResourceVersion != "50" || got.Spec.RenewTime == nil {
 			t.Fatalf("lease renewal: %d %s", w.Code, w.Body)
 		}
 		rv = got.ResourceVersion
+	}
+	// Creating the cached Lease again is a conflict, as upstream.
+	body, _ := json.Marshal(lease)
+	if w := localWrite(t, c, kubelet, http.MethodPost, "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", "application/json", body); w.Code != 409 {
+		t.Fatalf("lease create over a cached one: %d %s", w.Code, w.Body)
 	}
 	// Pod status by strategic merge patch; local readers see it.
 	w := localWrite(t, c, kubelet, http.MethodPatch, "/api/v1/namespaces/default/pods/web/status", "application/strategic-merge-patch+json", []byte(`{"status":{"phase":"Running"}}`))
@@ -105,7 +112,7 @@ func TestLocalWrites(t *testing.T) {
 	}
 	// Events are journaled and replayed.
 	ev := corev1.Event{ObjectMeta: metav1.ObjectMeta{Name: "web.1", Namespace: "default"}, Reason: "Started", InvolvedObject: corev1.ObjectReference{Kind: "Pod", Name: "web"}}
-	body, _ := json.Marshal(ev)
+	body, _ = json.Marshal(ev)
 	if w := localWrite(t, c, kubelet, http.MethodPost, "/api/v1/namespaces/default/events", "application/json", body); w.Code != 201 || !strings.Contains(w.Body.String(), `"uid"`) {
 		t.Fatalf("event: %d %s", w.Code, w.Body)
 	}
@@ -120,7 +127,16 @@ func TestLocalWrites(t *testing.T) {
 	if n, _ := c.ReplayJournal(context.Background(), 1000, func(context.Context, string, []byte) (int, error) { return 201, nil }); n != 0 {
 		t.Fatalf("a replayed event was replayed again")
 	}
-	// The cloud returns: overlays are dropped.
+	// The cloud returns: the local pod status is sent upstream (kubelet
+	// thinks it was saved), then overlays are dropped.
+	var patched []string
+	n, err = c.ReplayStatus(context.Background(), func(ctx context.Context, method, path, ct string, body []byte) (int, error) {
+		patched = append(patched, method+" "+path+" "+string(body))
+		return 200, nil
+	})
+	if err != nil || n != 1 || !strings.Contains(patched[0], "PATCH /api/v1/namespaces/default/pods/web/status") || !strings.Contains(patched[0], `"phase":"Running"`) {
+		t.Fatalf("status replay: %d %v %v", n, err, patched)
+	}
 	c.DropOverlays()
 	lw = httptest.NewRecorder()
 	c.Serve(lw, r, info)

@@ -57,8 +57,10 @@ func (c *Cache) Relist(ctx context.Context, identity string, rate int, fetch Fet
 		switch {
 		case err != nil:
 			return done, err
-		case resp.StatusCode == http.StatusNotFound && v.Key.Name != "":
-			// The object is gone upstream: so is its view.
+		case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusForbidden:
+			// Gone upstream, or no longer this identity's to read (the
+			// Node authorizer forgets a deleted pod's ConfigMap): the view
+			// goes, so it is never served again.
 			_ = c.Store.DeleteView(v.Key)
 		case resp.StatusCode != http.StatusOK:
 			continue

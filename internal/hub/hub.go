@@ -20,6 +20,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,6 +53,9 @@ type Hub struct {
 	reg     *prometheus.Registry
 	tls     *tls.Config
 	store   *store.Store // set by Run
+
+	tokenMu sync.Mutex        // guards tokens
+	tokens  map[string]string // user -> the token it last used, in memory only
 
 	// Listeners, if set, replace listening on the configured addresses
 	// (tests bind :0 themselves). Keys: "secure", "insecure", "admin".
@@ -252,6 +256,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	}()
 	h.store = st
 	h.auth.Remember, h.auth.Recall = h.rememberToken, h.recallToken
+	h.auth.Seen = h.sawToken
 	c := &cache.Cache{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
 		Online: h.monitor.Online, Changed: h.monitor.Changed, Node: h.cfg.NodeName}
 
@@ -305,6 +310,11 @@ func (h *Hub) reconnect(ctx context.Context, c *cache.Cache) error {
 		default:
 			outage := time.Since(offlineSince)
 			h.log.Info("cloud reachable again", "outage", outage.Round(time.Millisecond))
+			if n, err := c.ReplayStatus(ctx, h.sendAsNode); err != nil {
+				h.log.Warn("re-sending local statuses stopped", "sent", n, "err", err)
+			} else if n > 0 {
+				h.log.Info("local node and pod statuses sent to the apiserver", "count", n)
+			}
 			c.DropOverlays()
 			n, err := c.ReplayJournal(ctx, 20, h.replayEvent)
 			h.metrics.JournalReplayed.Add(float64(n))
@@ -316,6 +326,16 @@ func (h *Hub) reconnect(ctx context.Context, c *cache.Cache) error {
 			if outage >= h.cfg.FlapWindow {
 				start := time.Now()
 				n, err := c.Relist(ctx, identity.NodeUser(h.cfg.NodeName), h.cfg.RelistRate, h.fetchAsNode)
+				// Token callers' views, with the token each last used
+				// (kept in memory only), so quiet callers converge too.
+				for user, token := range h.tokensSeen() {
+					if err != nil {
+						break
+					}
+					var m int
+					m, err = c.Relist(ctx, user, h.cfg.RelistRate, h.fetchWithToken(token))
+					n += m
+				}
 				if err != nil && ctx.Err() == nil {
 					h.log.Warn("re-listing after reconnect stopped", "views", n, "err", err)
 				} else {
@@ -336,6 +356,51 @@ func (h *Hub) reconnect(ctx context.Context, c *cache.Cache) error {
 func (h *Hub) fetchAsNode(ctx context.Context, r *http.Request) (*http.Response, error) {
 	info := &request.Info{Identity: h.auth.Node(), Verb: "list"}
 	return h.pool.RoundTrip(r.WithContext(request.WithInfo(ctx, info)))
+}
+
+func (h *Hub) sawToken(user, token string) {
+	h.tokenMu.Lock()
+	defer h.tokenMu.Unlock()
+	if h.tokens == nil || len(h.tokens) > 10000 {
+		h.tokens = map[string]string{}
+	}
+	h.tokens[user] = token
+}
+
+func (h *Hub) tokensSeen() map[string]string {
+	h.tokenMu.Lock()
+	defer h.tokenMu.Unlock()
+	out := make(map[string]string, len(h.tokens))
+	for u, t := range h.tokens {
+		out[u] = t
+	}
+	return out
+}
+
+// fetchWithToken sends a re-list upstream as the caller whose token it is.
+func (h *Hub) fetchWithToken(token string) cache.Fetch {
+	return func(ctx context.Context, r *http.Request) (*http.Response, error) {
+		r.Header.Set("Authorization", "Bearer "+token)
+		info := &request.Info{Identity: request.Identity{Kind: request.BearerToken}, Verb: "list"}
+		return h.pool.RoundTrip(r.WithContext(request.WithInfo(ctx, info)))
+	}
+}
+
+// sendAsNode sends a write upstream with the node's credentials.
+func (h *Hub) sendAsNode(ctx context.Context, method, path, contentType string, body []byte) (int, error) {
+	r, err := http.NewRequestWithContext(ctx, method, "https://upstream"+path, bytes.NewReader(body))
+	if err != nil {
+		return 0, err
+	}
+	r.Header.Set("Content-Type", contentType)
+	info := &request.Info{Identity: h.auth.Node(), Verb: strings.ToLower(method)}
+	resp, err := h.pool.RoundTrip(r.WithContext(request.WithInfo(ctx, info)))
+	if err != nil {
+		return 0, err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode, nil
 }
 
 // replayEvent posts one journaled event with the node's credentials.

@@ -53,6 +53,10 @@ type Authenticator struct {
 	// Recall reads back what Remember stored. It is consulted only when the
 	// apiserver cannot be asked.
 	Recall func(hash string) (id request.Identity, expires time.Time, ok bool)
+	// Seen, if set, is told of every token call whose user is known, so
+	// that the hub can re-list that caller's views with its own token after
+	// a reconnect. The token stays in memory only.
+	Seen func(user, token string)
 	// Online reports whether the apiserver can judge tokens. Offline, a
 	// token is accepted only if it was confirmed online and has not
 	// expired; anything else gets 401. Nil: always online.
@@ -108,6 +112,9 @@ func (a *Authenticator) Authenticate(r *http.Request) (request.Identity, error) 
 			if exp := tokenExpiry(token, time.Now()); !time.Now().Before(exp) {
 				return request.Identity{}, status.Unauthorized("outpost: the cloud is unreachable and this token has expired")
 			}
+		}
+		if a.Seen != nil && id.User != "" {
+			a.Seen(id.User, token)
 		}
 		return id, nil
 	}

@@ -7,6 +7,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -135,6 +136,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case offline && h.Cache.AnswersWrite(r, info):
 		rec.local = true
 		h.Cache.ServeWrite(rec, r, info)
+	case offline && r.Method != http.MethodGet && r.Method != http.MethodHead && !info.Upgrade:
+		// A write nothing local may answer: say so now rather than after
+		// a TLS handshake timeout on a dead link.
+		rec.local = true
+		status.WriteError(rec, status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable; %s %s must wait until it returns", info.Verb, r.URL.Path), 5))
 	default:
 		// Online, or nothing local can answer: the apiservers, which are
 		// all still tried while every one is judged unhealthy.
@@ -149,10 +155,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			resource += "/" + info.Subresource
 		}
 		servedBy := "upstream"
-		if rec.Header().Get(cache.ServedByHeader) != "" {
+		if rec.local {
+			servedBy = "outpost" // a local write or outpost's own Status
+		} else if rec.Header().Get(cache.ServedByHeader) != "" {
 			servedBy = "cache"
-		} else if rec.local {
-			servedBy = "outpost"
 		}
 		h.Metrics.Requests.WithLabelValues(info.Verb, resource, strconv.Itoa(rec.code), servedBy).Inc()
 		end := rec.firstWrite

@@ -1,0 +1,506 @@
+// Package edge proves outpost's promise at the edge end to end: with its
+// link to the cloud cut, a node keeps working from outpost's cache — a real
+// kubelet rebooted offline gets its pods back and keeps renewing its Lease,
+// kwok's hundred pods stay listed — the edge keeps the state it had at the
+// cut while the cloud changes, and once the link returns the edge converges
+// to the cloud's truth.
+//
+// The link is cut with a framework.FaultProxy between outpost and the
+// apiserver, which black-holes, resets or slows it at will, while the tests
+// themselves keep talking to the apiserver directly to change the cloud and
+// to see what reached it. Each test logs the figures it measures (FIGURE
+// lines); TestMain prints them all at the end.
+package edge
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	authenticationv1 "k8s.io/api/authentication/v1"
+	authorizationv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
+)
+
+var cp *framework.ControlPlane
+
+func TestMain(m *testing.M) {
+	// No kube-controller-manager: nothing must evict, garbage-collect or
+	// mark NotReady behind the tests' backs; EnsureNamespace does its part.
+	code := framework.Run(m, framework.Options{}, &cp)
+	printFigures()
+	os.Exit(code)
+}
+
+// servedByHeader is how outpost marks an answer from its cache
+// (internal/cache.ServedByHeader; the e2e tests see outpost as a black box).
+const servedByHeader = "X-Outpost-Served-By"
+
+// poll is how often the tests look again while waiting.
+const poll = 100 * time.Millisecond
+
+// An edge is outpost for one node, in front of a fault proxy to the
+// apiserver.
+type edge struct {
+	node  string
+	proxy *framework.FaultProxy
+	o     *framework.Outpost
+}
+
+// startEdge starts a fault proxy to apiserver 0 and outpost for node
+// behind it, both stopped when the test ends (with outpost's log when the
+// test failed).
+func startEdge(t *testing.T, node string, args ...string) *edge {
+	t.Helper()
+	proxy, err := framework.StartFaultProxy(cp.URL(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proxy.Close() })
+	args = append([]string{"--server=" + proxy.URL(), "--log-level=debug"}, args...)
+	o, err := cp.StartOutpost(t.Context(), node, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		o.Stop()
+		if t.Failed() {
+			t.Logf("last lines of outpost's log %s:\n%s", o.LogPath, o.Log(80))
+		}
+	})
+	e := &edge{node: node, proxy: proxy, o: o}
+	if _, err := e.waitState(t.Context(), "online", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// state is what outpost's /readyz says: "online", "offline" (with a cache)
+// or the error.
+func (e *edge) state(ctx context.Context) string {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.o.AdminURL+"/readyz", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	s := string(body)
+	switch {
+	case strings.HasPrefix(s, "ok: online"):
+		return "online"
+	case strings.HasPrefix(s, "ok: offline"):
+		return "offline"
+	}
+	return strings.TrimSpace(s)
+}
+
+// waitState waits until /readyz says want and returns how long that took.
+func (e *edge) waitState(ctx context.Context, want string, timeout time.Duration) (time.Duration, error) {
+	start := time.Now()
+	deadline := start.Add(timeout)
+	for {
+		got := e.state(ctx)
+		if got == want {
+			return time.Since(start), nil
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("outpost of %s not %s after %v: /readyz says %q", e.node, want, timeout, got)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// metric sums the samples of a counter or gauge on outpost's /metrics whose
+// labels match every one of match (name=value, or name!=value).
+func (e *edge) metric(t *testing.T, name string, match ...string) float64 {
+	t.Helper()
+	resp, err := http.Get(e.o.AdminURL + "/metrics")
+	if err != nil {
+		t.Errorf("reading outpost metrics: %v", err)
+		return 0
+	}
+	defer resp.Body.Close()
+	var sum float64
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		rest, ok := strings.CutPrefix(line, name)
+		if !ok || rest == "" || (rest[0] != '{' && rest[0] != ' ') {
+			continue
+		}
+		labels, value := "", rest
+		if rest[0] == '{' {
+			end := strings.LastIndex(rest, "}")
+			labels, value = rest[1:end], rest[end+1:]
+		}
+		if !labelsMatch(labels, match) {
+			continue
+		}
+		v, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+		if err == nil {
+			sum += v
+		}
+	}
+	return sum
+}
+
+func labelsMatch(labels string, match []string) bool {
+	have := map[string]string{}
+	for _, kv := range strings.Split(labels, ",") {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			have[k] = strings.Trim(v, `"`)
+		}
+	}
+	for _, m := range match {
+		if k, v, ok := strings.Cut(m, "!="); ok {
+			if have[k] == v {
+				return false
+			}
+			continue
+		}
+		k, v, _ := strings.Cut(m, "=")
+		if have[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// localWrites counts writes of resource (e.g. "leases", "pods/status")
+// that outpost answered itself with a 2xx: offline, the local answers to
+// Lease, status and event writes.
+func (e *edge) localWrites(t *testing.T, resource string) float64 {
+	t.Helper()
+	var n float64
+	for _, verb := range []string{"create", "update", "patch"} {
+		for _, code := range []string{"200", "201"} {
+			n += e.metric(t, "outpost_requests_total", "resource="+resource, "verb="+verb, "served_by!=upstream", "code="+code)
+		}
+	}
+	return n
+}
+
+// A counted client is a clientset through outpost that counts the answers
+// outpost served from its cache.
+type counted struct {
+	kubernetes.Interface
+	cached atomic.Int64
+}
+
+type countingTransport struct {
+	rt http.RoundTripper
+	c  *counted
+}
+
+func (t countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := t.rt.RoundTrip(r)
+	if err == nil && resp.Header.Get(servedByHeader) == "cache" {
+		t.c.cached.Add(1)
+	}
+	return resp, err
+}
+
+// WrappedRoundTripper lets client-go reach the transport below, to cancel
+// requests.
+func (t countingTransport) WrappedRoundTripper() http.RoundTripper { return t.rt }
+
+func (e *edge) client(t *testing.T, cfg *rest.Config) *counted {
+	t.Helper()
+	c := &counted{}
+	cfg.Host = e.o.URL
+	cfg.CAFile = e.o.ServingCAFile
+	cfg.QPS = -1
+	// Reads must answer quickly: a read that needs longer than this has
+	// failed in all but name.
+	cfg.Timeout = 10 * time.Second
+	cfg.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { return countingTransport{rt: rt, c: c} }
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Interface = cs
+	return c
+}
+
+// nodeClient acts as the node's kubelet does, with its client certificate.
+func (e *edge) nodeClient(t *testing.T) *counted {
+	return e.client(t, &rest.Config{TLSClientConfig: rest.TLSClientConfig{CertFile: e.o.NodeCertFile, KeyFile: e.o.NodeKeyFile}})
+}
+
+// tokenClient acts as a service account whose token outpost forwards.
+func (e *edge) tokenClient(t *testing.T, token string) *counted {
+	return e.client(t, &rest.Config{BearerToken: token})
+}
+
+// readerRole is a ClusterRole that reads everything. The bootstrap "view"
+// role would do, but it is aggregated by kube-controller-manager, which
+// these tests do not run.
+const readerRole = "edge-e2e-reader"
+
+// serviceAccountToken creates service account default/name bound to
+// clusterRole (readerRole or a bootstrap role such as cluster-admin) and
+// returns a two-hour token of it.
+func serviceAccountToken(t *testing.T, name, clusterRole string) string {
+	t.Helper()
+	ctx := t.Context()
+	c := cp.Client()
+	if clusterRole == readerRole {
+		role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: readerRole},
+			Rules: []rbacv1.PolicyRule{{APIGroups: []string{"*"}, Resources: []string{"*"}, Verbs: []string{"get", "list", "watch"}}}}
+		if _, err := c.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			t.Fatal(err)
+		}
+	}
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}
+	if _, err := c.CoreV1().ServiceAccounts("default").Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	crb := &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "edge-e2e:" + name},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: clusterRole},
+		Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: "default", Name: name}},
+	}
+	if _, err := c.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	// RBAC is cached by the authorizer: wait until the binding counts.
+	review := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+		User:               "system:serviceaccount:default:" + name,
+		Groups:             []string{"system:serviceaccounts", "system:serviceaccounts:default", "system:authenticated"},
+		ResourceAttributes: &authorizationv1.ResourceAttributes{Verb: "list", Resource: "configmaps"},
+	}}
+	waitFor(t, 10*time.Second, "RBAC binding of "+name, func(ctx context.Context) (bool, string) {
+		r, err := c.AuthorizationV1().SubjectAccessReviews().Create(ctx, review, metav1.CreateOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		return r.Status.Allowed, r.Status.Reason
+	})
+	exp := int64(7200)
+	tr, err := c.CoreV1().ServiceAccounts("default").CreateToken(ctx, name,
+		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &exp}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tr.Status.Token
+}
+
+// createNode creates a Node object for a node that no kubelet runs.
+func createNode(t *testing.T, name string, annotations map[string]string) {
+	t.Helper()
+	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: annotations}}
+	if _, err := cp.Client().CoreV1().Nodes().Create(t.Context(), n, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cp.Client().CoreV1().Nodes().Delete(context.Background(), name, metav1.DeleteOptions{})
+	})
+}
+
+// firstCachedAnswer repeats read until outpost answers it from its cache
+// and returns how long that took from start. A read that fails counts
+// against the cache: it is reported, and the loop goes on.
+func firstCachedAnswer(t *testing.T, c *counted, start time.Time, timeout time.Duration, read func(context.Context) error) (time.Duration, bool) {
+	t.Helper()
+	var failures []string
+	defer func() {
+		if len(failures) > 0 {
+			t.Errorf("%d reads failed after the cut, before the first cached answer: %s", len(failures), strings.Join(failures, "; "))
+		}
+	}()
+	for time.Since(start) < timeout {
+		before := c.cached.Load()
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		err := read(ctx)
+		cancel()
+		if err != nil {
+			failures = append(failures, fmt.Sprintf("at %v: %v", time.Since(start).Round(time.Millisecond), err))
+			continue
+		}
+		if c.cached.Load() > before {
+			return time.Since(start), true
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Errorf("no read was answered from outpost's cache within %v of the cut", timeout)
+	return 0, false
+}
+
+// waitFor polls cond until it reports true and returns how long that took;
+// at the deadline it fails the test with cond's last explanation.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func(ctx context.Context) (bool, string)) (time.Duration, bool) {
+	t.Helper()
+	start := time.Now()
+	var last string
+	for {
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		ok, why := cond(ctx)
+		cancel()
+		if ok {
+			return time.Since(start), true
+		}
+		last = why
+		if time.Since(start) > timeout || t.Context().Err() != nil {
+			t.Errorf("%s: not within %v: %s", what, timeout, last)
+			return 0, false
+		}
+		time.Sleep(poll)
+	}
+}
+
+// objectState is the canonical text of a set of objects, one line per
+// object "namespace/name rv=… <payload>", sorted, for exact comparisons.
+func objectState[T any](items []T, line func(T) string) string {
+	lines := make([]string, 0, len(items))
+	for _, it := range items {
+		lines = append(lines, line(it))
+	}
+	sort.Strings(lines)
+	return strings.Join(lines, "\n")
+}
+
+func configMapLine(c *corev1.ConfigMap) string {
+	return fmt.Sprintf("%s/%s rv=%s labels=%v data=%v", c.Namespace, c.Name, c.ResourceVersion, c.Labels, c.Data)
+}
+
+func configMapsState(items []corev1.ConfigMap) string {
+	return objectState(items, func(c corev1.ConfigMap) string { return configMapLine(&c) })
+}
+
+func podLine(p *corev1.Pod) string {
+	return fmt.Sprintf("%s/%s uid=%s rv=%s labels=%v", p.Namespace, p.Name, p.UID, p.ResourceVersion, p.Labels)
+}
+
+func podsState(items []corev1.Pod) string {
+	return objectState(items, func(p corev1.Pod) string { return podLine(&p) })
+}
+
+// diff describes how two canonical states differ, line by line.
+func diff(want, got string) string {
+	w, g := strings.Split(want, "\n"), strings.Split(got, "\n")
+	var out []string
+	for _, l := range w {
+		if !slices.Contains(g, l) {
+			out = append(out, "  missing: "+l)
+		}
+	}
+	for _, l := range g {
+		if !slices.Contains(w, l) {
+			out = append(out, "  extra:   "+l)
+		}
+	}
+	if len(out) == 0 {
+		return "  (same lines, different order)"
+	}
+	return strings.Join(out, "\n")
+}
+
+// figures are the measurements of every test, printed at the end.
+var figures struct {
+	mu    sync.Mutex // guards lines
+	lines []string
+}
+
+// figure logs a measured figure and keeps it for the summary.
+func figure(t *testing.T, format string, args ...any) {
+	t.Helper()
+	line := t.Name() + ": " + fmt.Sprintf(format, args...)
+	t.Log("FIGURE " + line)
+	figures.mu.Lock()
+	figures.lines = append(figures.lines, line)
+	figures.mu.Unlock()
+}
+
+func printFigures() {
+	figures.mu.Lock()
+	defer figures.mu.Unlock()
+	if len(figures.lines) == 0 {
+		return
+	}
+	fmt.Fprintln(os.Stderr, "\n=== edge figures")
+	for _, l := range figures.lines {
+		fmt.Fprintln(os.Stderr, "  "+l)
+	}
+}
+
+func ms(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
+
+// requireRealNode skips the test, loudly, on a machine that cannot run a
+// real node, and fails it where one must: in CI.
+func requireRealNode(t *testing.T) {
+	t.Helper()
+	err := framework.NodeSupported()
+	if err == nil {
+		return
+	}
+	msg := fmt.Sprintf("REAL KUBELET NOT TESTED: %v", err)
+	// Printed outside the test log, so that it shows without -v too.
+	fmt.Fprintf(os.Stderr, "\n!!!!! %s !!!!!\n\n", msg)
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("%s; CI must run this test", msg)
+	}
+	t.Skip(msg)
+}
+
+// A milestone is a condition that must come to hold once.
+type milestone struct {
+	name string
+	cond func(ctx context.Context) (bool, string)
+}
+
+// reach polls every milestone until each has held once, or until timeout,
+// and returns when each first held, measured from since; each one missed
+// fails the test with its last explanation. Polling them together keeps one
+// slow milestone from inflating the figures of the others.
+func reach(t *testing.T, since time.Time, timeout time.Duration, ms ...milestone) map[string]time.Duration {
+	t.Helper()
+	got := map[string]time.Duration{}
+	last := map[string]string{}
+	deadline := time.Now().Add(timeout)
+	for len(got) < len(ms) {
+		for _, m := range ms {
+			if _, done := got[m.name]; done {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			ok, why := m.cond(ctx)
+			cancel()
+			if ok {
+				got[m.name] = time.Since(since)
+			}
+			last[m.name] = why
+		}
+		if time.Now().After(deadline) || t.Context().Err() != nil {
+			break
+		}
+		time.Sleep(poll)
+	}
+	for _, m := range ms {
+		if _, done := got[m.name]; !done {
+			t.Errorf("%s: not within %v: %s", m.name, timeout, last[m.name])
+		}
+	}
+	return got
+}
