@@ -292,7 +292,7 @@ func webPod(port int) *corev1.Pod {
 			NodeName: node, HostNetwork: true, DNSPolicy: corev1.DNSDefault, EnableServiceLinks: &f, TerminationGracePeriodSeconds: &grace,
 			Containers: []corev1.Container{{
 				Name: "web", Image: framework.WebImage, ImagePullPolicy: corev1.PullNever,
-				Command: []string{framework.WebBinary, "-addr=127.0.0.1:" + strconv.Itoa(port)},
+				Command:      []string{framework.WebBinary, "-addr=127.0.0.1:" + strconv.Itoa(port)},
 				VolumeMounts: []corev1.VolumeMount{{Name: "config", MountPath: "/etc/config"}, {Name: "secret", MountPath: "/etc/secret"}},
 				ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
 					Host: "127.0.0.1", Port: intstr.FromInt(port), Path: "/healthz"}}, PeriodSeconds: 1},
