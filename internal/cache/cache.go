@@ -59,6 +59,7 @@ type Cache struct {
 	mu          sync.Mutex // guards the fields below
 	stale       map[store.ViewKey]bool
 	pages       map[store.ViewKey]*pagedList
+	pending     map[store.ViewKey]int // answers being decoded, per view
 	lastLocalRV uint64
 	journalSeq  uint64
 }
@@ -69,6 +70,7 @@ type write struct {
 	replace *replaceView   // a whole list
 	doc     *doc           // a document
 	stale   *store.ViewKey // mark a view stale
+	release *store.ViewKey // an answer for this view has been written (or dropped)
 }
 
 type replaceView struct {
@@ -102,6 +104,7 @@ func (c *Cache) init() {
 		c.writes = make(chan write, 4096)
 		c.stale = map[store.ViewKey]bool{}
 		c.pages = map[store.ViewKey]*pagedList{}
+		c.pending = map[store.ViewKey]int{}
 	})
 }
 
@@ -171,7 +174,30 @@ func (c *Cache) writer(stop <-chan struct{}) {
 		}
 		batch = batch[:0]
 	}
+	// Events for views whose answer is still being decoded wait here.
+	heldEvents := map[store.ViewKey][]store.Event{}
 	add := func(w write) {
+		switch {
+		case w.release != nil:
+			k := *w.release
+			if c.unhold(k) > 0 {
+				return
+			}
+			evs := heldEvents[k]
+			delete(heldEvents, k)
+			if len(evs) == 0 {
+				return
+			}
+			w = write{events: evs}
+		case w.events != nil && c.held(w.events[0].View):
+			k := w.events[0].View
+			if len(heldEvents[k]) < 100000 {
+				heldEvents[k] = append(heldEvents[k], w.events...)
+			} else {
+				c.drop(&k, "watch-behind")
+			}
+			return
+		}
 		if len(batch) == 0 {
 			timer.Reset(c.BatchDelay)
 		}
@@ -198,6 +224,13 @@ func (c *Cache) writer(stop <-chan struct{}) {
 		case w := <-c.writes:
 			add(w)
 		case <-timer.C:
+			// Held events whose answer was dropped before decoding.
+			for k, evs := range heldEvents {
+				if !c.held(k) {
+					batch = append(batch, write{events: evs})
+					delete(heldEvents, k)
+				}
+			}
 			flush()
 			c.flushStale()
 		}

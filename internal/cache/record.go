@@ -42,7 +42,7 @@ func (c *Cache) Tee(resp *http.Response, info *request.Info) {
 	contentType := resp.Header.Get("Content-Type")
 	switch k {
 	case getObject, listObjects:
-		c.teeWhole(resp, &view, func(body []byte) {
+		c.teeOrdered(resp, view, func(body []byte) {
 			if k == getObject {
 				c.recordObject(view, contentType, body)
 			} else {
@@ -90,6 +90,63 @@ func (c *Cache) teeWhole(resp *http.Response, view *store.ViewKey, done func(bod
 			c.drop(view, "queue-full")
 		}
 	}}
+}
+
+// teeOrdered is teeWhole for answers that replace a view. Watch events
+// for the view that arrive while the answer is being decoded are held by
+// the writer until it has applied the answer, so an informer's list never
+// overwrites the watch events that follow it.
+func (c *Cache) teeOrdered(resp *http.Response, view store.ViewKey, record func(body []byte)) {
+	gz := resp.Header.Get("Content-Encoding") == "gzip"
+	resp.Body = &wholeTee{ReadCloser: resp.Body, c: c, limit: c.MaxBody, done: func(body []byte, ok bool, reason string) {
+		if !ok {
+			c.drop(&view, reason)
+			return
+		}
+		c.hold(view)
+		job := func() {
+			defer func() { c.writes <- write{release: &view} }() // after the replace, in order
+			if gz {
+				var err error
+				if body, err = gunzip(body); err != nil {
+					c.drop(&view, "undecodable")
+					return
+				}
+			}
+			record(body)
+		}
+		select {
+		case c.jobs <- job:
+		default:
+			c.unhold(view)
+			c.drop(&view, "queue-full")
+		}
+	}}
+}
+
+func (c *Cache) hold(view store.ViewKey) {
+	c.mu.Lock()
+	c.pending[view]++
+	c.mu.Unlock()
+}
+
+func (c *Cache) unhold(view store.ViewKey) (left int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pending[view] > 0 {
+		c.pending[view]--
+	}
+	left = c.pending[view]
+	if left == 0 {
+		delete(c.pending, view)
+	}
+	return left
+}
+
+func (c *Cache) held(view store.ViewKey) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pending[view] > 0
 }
 
 type wholeTee struct {
