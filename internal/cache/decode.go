@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"mime"
+	"reflect"
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -174,9 +175,16 @@ func decodeTyped(contentType string, body []byte) (obj runtime.Object, err error
 
 // objectFromTyped turns a decoded item into a stored object (canonical
 // JSON without kind/apiVersion, as items appear in a JSON list).
-func objectFromTyped(item runtime.Object, resource string) (store.Object, error) {
+func objectFromTyped(item runtime.Object, resource string) (o store.Object, err error) {
+	if item == nil || reflectNil(item) {
+		return store.Object{}, fmt.Errorf("%w: empty list item", ErrUndecodable)
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			o, err = store.Object{}, fmt.Errorf("%w: re-encoding item: %v", ErrUndecodable, r)
+		}
+	}()
 	var data []byte
-	var err error
 	if u, ok := item.(*unstructured.Unstructured); ok {
 		c := u.DeepCopy()
 		delete(c.Object, "kind")
@@ -408,3 +416,10 @@ func (unstructuredTyper) ObjectKinds(obj runtime.Object) ([]schema.GroupVersionK
 }
 
 func (unstructuredTyper) Recognizes(schema.GroupVersionKind) bool { return true }
+
+// reflectNil reports whether a non-nil interface holds a nil pointer, as
+// list items of a malformed body can.
+func reflectNil(obj runtime.Object) bool {
+	v := reflect.ValueOf(obj)
+	return v.Kind() == reflect.Pointer && v.IsNil()
+}
