@@ -30,36 +30,14 @@ type Object struct {
 //
 // Everything fn receives is a copy it may keep.
 func (tx *Tx) List(k ViewKey, after string, limit int, fn func(Object) error) error {
-	vs, err := tx.view(k, false)
-	if err != nil || vs == nil {
-		return err
-	}
-	start := append(vs.prefix[:len(vs.prefix):len(vs.prefix)], after...)
-	n := 0
-	c := tx.members.Cursor()
-	for key, _ := c.Seek(start); key != nil && bytes.HasPrefix(key, vs.prefix[:]); key, _ = c.Next() {
-		mk := key[len(vs.prefix):]
-		if after != "" && string(mk) == after {
-			continue
-		}
-		tx.okey = objectKey(tx.okey, k.Resource, string(mk))
-		rec := tx.objects.Get(tx.okey)
-		if rec == nil {
-			return fmt.Errorf("listing view %s: %w: member %s is not stored", k, ErrCorrupt, mk)
-		}
+	return tx.walk(k, after, limit, func(mk string, rec []byte) error {
 		var o Object
-		o.Namespace, o.Name = splitMemberKey(string(mk))
+		o.Namespace, o.Name = splitMemberKey(mk)
 		if _, err := decodeObject(rec, &o); err != nil {
 			return fmt.Errorf("listing view %s: reading %s: %w", k, mk, err)
 		}
-		if err := fn(o); err != nil {
-			return err
-		}
-		if n++; limit > 0 && n >= limit {
-			break
-		}
-	}
-	return nil
+		return fn(o)
+	})
 }
 
 // ListData is List for callers that need only each member's key
@@ -67,6 +45,18 @@ func (tx *Tx) List(k ViewKey, after string, limit int, fn func(Object) error) er
 // makes serving a large unfiltered view several times cheaper. data is
 // valid only during fn.
 func (tx *Tx) ListData(k ViewKey, after string, limit int, fn func(key string, data []byte) error) error {
+	return tx.walk(k, after, limit, func(mk string, rec []byte) error {
+		data, err := objectData(rec)
+		if err != nil {
+			return fmt.Errorf("listing view %s: reading %s: %w", k, mk, err)
+		}
+		return fn(mk, data)
+	})
+}
+
+// walk calls fn with the member key and object record of each member of
+// view k after after, at most limit of them (0 = all).
+func (tx *Tx) walk(k ViewKey, after string, limit int, fn func(mk string, rec []byte) error) error {
 	vs, err := tx.view(k, false)
 	if err != nil || vs == nil {
 		return err
@@ -84,11 +74,7 @@ func (tx *Tx) ListData(k ViewKey, after string, limit int, fn func(key string, d
 		if rec == nil {
 			return fmt.Errorf("listing view %s: %w: member %s is not stored", k, ErrCorrupt, mk)
 		}
-		data, err := objectData(rec)
-		if err != nil {
-			return fmt.Errorf("listing view %s: reading %s: %w", k, mk, err)
-		}
-		if err := fn(string(mk), data); err != nil {
+		if err := fn(string(mk), rec); err != nil {
 			return err
 		}
 		if n++; limit > 0 && n >= limit {
