@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0
 LDFLAGS := -s -w -X github.com/outposthq/outpost/internal/version.Version=$(VERSION)
 GO_TEST_TIMEOUT ?= 40m
 
-.PHONY: all build k8s test unit e2e lint demo bench clean
+.PHONY: all build k8s node-deps test unit e2e lint demo bench clean
 
 all: build
 
@@ -20,12 +20,16 @@ build:
 k8s:
 	hack/k8s.sh
 
+## node-deps: as root, Debian's containerd, runc and CNI plugins for the real-kubelet tests
+node-deps:
+	@if [ "$$(id -u)" = 0 ]; then hack/install-node-deps.sh; else echo "node-deps: not root; the real-kubelet tests will say they are skipped"; fi
+
 ## lint: gofmt and go vet (and staticcheck when it builds)
 lint:
 	hack/lint.sh
 
 ## test: lint, unit and end-to-end tests on a real local control plane
-test: k8s build lint
+test: k8s build node-deps lint
 	go test -count=1 -timeout $(GO_TEST_TIMEOUT) ./...
 
 ## unit: tests that need no control plane
@@ -41,7 +45,7 @@ bench: k8s build
 	go test -run '^$$' -bench . -benchtime 2s -count 1 ./test/e2e/bench/ | tee _output/bench.txt
 
 ## demo: a real control plane, outpost in front of it, kubectl through outpost
-demo: k8s build
+demo: k8s build node-deps
 	hack/demo.sh
 
 clean:
