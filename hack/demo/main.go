@@ -26,7 +26,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/klog/v2"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
@@ -140,7 +139,7 @@ func runSteps(ctx context.Context) error {
 			return err
 		}
 		defer n.Stop()
-		if _, err := cp.Client().CoreV1().Pods(ns).Create(ctx, webPod(port), metav1.CreateOptions{}); err != nil {
+		if _, err := cp.Client().CoreV1().Pods(ns).Create(ctx, framework.WebPod("till", node, true, port, "menu", "till-key"), metav1.CreateOptions{}); err != nil {
 			return err
 		}
 		if err := waitServing(ctx, port, 2*time.Minute); err != nil {
@@ -281,28 +280,6 @@ func (d *demo) seed(ctx context.Context) error {
 	_, err = d.kubectl(ctx, d.operator, "-n", ns, "get", "configmap", "menu", "-o", "jsonpath={.data.today}")
 	fmt.Println()
 	return err
-}
-
-func webPod(port int) *corev1.Pod {
-	f := false
-	grace := int64(1)
-	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "till", Labels: map[string]string{"app": "till"}},
-		Spec: corev1.PodSpec{
-			NodeName: node, HostNetwork: true, DNSPolicy: corev1.DNSDefault, EnableServiceLinks: &f, TerminationGracePeriodSeconds: &grace,
-			Containers: []corev1.Container{{
-				Name: "web", Image: framework.WebImage, ImagePullPolicy: corev1.PullNever,
-				Command:      []string{framework.WebBinary, "-addr=127.0.0.1:" + strconv.Itoa(port)},
-				VolumeMounts: []corev1.VolumeMount{{Name: "config", MountPath: "/etc/config"}, {Name: "secret", MountPath: "/etc/secret"}},
-				ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
-					Host: "127.0.0.1", Port: intstr.FromInt(port), Path: "/healthz"}}, PeriodSeconds: 1},
-			}},
-			Volumes: []corev1.Volume{
-				{Name: "config", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: "menu"}}}},
-				{Name: "secret", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: "till-key"}}},
-			},
-		},
-	}
 }
 
 // firstCachedAnswer polls a read through outpost until the cache answers.

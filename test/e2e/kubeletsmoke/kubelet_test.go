@@ -21,7 +21,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
@@ -97,7 +96,7 @@ func TestRealKubelet(t *testing.T) {
 		t.Fatal(err)
 	}
 	hostPort := freePort(t)
-	for _, pod := range []*corev1.Pod{webPod("web-pod", false, podPort), webPod("web-host", true, hostPort)} {
+	for _, pod := range []*corev1.Pod{framework.WebPod("web-pod", nodeName, false, podPort, "web-config", "web-secret"), framework.WebPod("web-host", nodeName, true, hostPort, "web-config", "web-secret")} {
 		if _, err := client.CoreV1().Pods(namespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
@@ -139,52 +138,6 @@ func TestRealKubelet(t *testing.T) {
 	t.Logf("reboot: both pods serving again %v after StopKubelet (containers removed at %v, kubelet healthy at %v)",
 		ms(rebootToServing), ms(removed), ms(kubeletUp))
 	t.Logf("teardown: %v", ms(teardown))
-}
-
-// webPod is a pod of the test web image that mounts the ConfigMap and the
-// Secret and serves them on port, on the pod network or on the host's
-// 127.0.0.1.
-func webPod(name string, hostNetwork bool, port int) *corev1.Pod {
-	addr := ":" + strconv.Itoa(port)
-	probeHost := "" // the pod IP
-	if hostNetwork {
-		// Loopback only: the node's address is the machine's external one.
-		addr = "127.0.0.1" + addr
-		probeHost = "127.0.0.1"
-	}
-	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"app": "web"}},
-		Spec: corev1.PodSpec{
-			NodeName:    nodeName,
-			HostNetwork: hostNetwork,
-			// No cluster DNS here; the host's resolv.conf will do.
-			DNSPolicy:                     corev1.DNSDefault,
-			EnableServiceLinks:            new(false),
-			TerminationGracePeriodSeconds: new(int64(1)),
-			Containers: []corev1.Container{{
-				Name:            "web",
-				Image:           framework.WebImage,
-				ImagePullPolicy: corev1.PullNever,
-				Command:         []string{framework.WebBinary, "-addr=" + addr},
-				VolumeMounts: []corev1.VolumeMount{
-					{Name: "config", MountPath: "/etc/config"},
-					{Name: "secret", MountPath: "/etc/secret"},
-				},
-				ReadinessProbe: &corev1.Probe{
-					ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
-						Host: probeHost, Port: intstr.FromInt(port), Path: "/healthz",
-					}},
-					PeriodSeconds: 1,
-				},
-			}},
-			Volumes: []corev1.Volume{
-				{Name: "config", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
-					LocalObjectReference: corev1.LocalObjectReference{Name: "web-config"},
-				}}},
-				{Name: "secret", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: "web-secret"}}},
-			},
-		},
-	}
 }
 
 // runningPod is what waitPodsReady saw of a Ready pod.
