@@ -70,6 +70,7 @@ func parseRun(args []string, stderr io.Writer) (config.Hub, error) {
 	fs := flag.NewFlagSet("outpost run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&cfg.Kubeconfig, "kubeconfig", cfg.Kubeconfig, "kubeconfig with the upstream apiserver(s) and this node's credentials (required)")
+	fs.StringVar(&cfg.BootstrapKubeconfig, "bootstrap-kubeconfig", "", "kubeconfig with a bootstrap token: when --kubeconfig holds no valid node certificate, request one by CSR (kubelet TLS bootstrap), write --kubeconfig and rotate the certificate before expiry")
 	fs.Func("server", "apiserver URL; repeat for several. Replaces the kubeconfig's server", func(s string) error {
 		cfg.Servers = append(cfg.Servers, strings.TrimSpace(s))
 		return nil
@@ -79,6 +80,16 @@ func parseRun(args []string, stderr io.Writer) (config.Hub, error) {
 	fs.StringVar(&cfg.SecureAddress, "secure-address", cfg.SecureAddress, "TLS listener for every client")
 	fs.StringVar(&cfg.TLSCertFile, "tls-cert-file", "", "serving certificate of --secure-address (default: self-signed into --data-dir/pki, CA beside it)")
 	fs.StringVar(&cfg.TLSKeyFile, "tls-private-key-file", "", "private key of --tls-cert-file")
+	fs.BoolVar(&cfg.RotateServerCertificates, "rotate-server-certificates", false, "obtain and renew the serving certificate by a kubernetes.io/kubelet-serving CSR instead of self-signing (someone must approve it, as for kubelet)")
+	fs.Func("node-ip", "an address of this node for the serving certificate's SANs; repeat or comma-separate", func(s string) error {
+		cfg.NodeIPs = append(cfg.NodeIPs, splitList(s)...)
+		return nil
+	})
+	fs.Func("api-audiences", "audiences a never-seen service-account token must carry to be accepted offline (default: the cluster's token issuer); comma-separated", func(s string) error {
+		cfg.APIAudiences = splitList(s)
+		return nil
+	})
+	fs.StringVar(&cfg.EncryptionKeyFile, "encryption-key-file", "", "file with a 32-byte AES key (raw or base64): encrypts cached Secret data and recorded service-account tokens at rest")
 	fs.StringVar(&cfg.ClientCAFile, "client-ca-file", "", "CA bundle that verifies client certificates (default: the kubeconfig's cluster CA)")
 	fs.StringVar(&cfg.InsecureAddress, "insecure-address", "",
 		"plain-HTTP listener, e.g. 127.0.0.1:10261 (default off). WARNING: everything arriving there is treated as this node's kubelet and forwarded with the node's credentials; bind it to loopback only")
@@ -90,12 +101,7 @@ func parseRun(args []string, stderr io.Writer) (config.Hub, error) {
 	fs.IntVar(&cfg.SuccessThreshold, "success-threshold", cfg.SuccessThreshold, "consecutive good probes that mark an apiserver healthy again")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", cfg.ShutdownTimeout, "how long SIGTERM waits for in-flight requests before closing connections")
 	fs.Func("record-identities", `whose answers are recorded into the cache: comma-separated user names or prefixes ending in "*" (default "*": every authenticated caller; "" records nobody)`, func(s string) error {
-		cfg.RecordIdentities = nil
-		for _, p := range strings.Split(s, ",") {
-			if p = strings.TrimSpace(p); p != "" {
-				cfg.RecordIdentities = append(cfg.RecordIdentities, p)
-			}
-		}
+		cfg.RecordIdentities = splitList(s)
 		return nil
 	})
 	fs.DurationVar(&cfg.FlapWindow, "flap-window", cfg.FlapWindow, "after an outage shorter than this, resume without re-listing cached views")
@@ -108,6 +114,17 @@ func parseRun(args []string, stderr io.Writer) (config.Hub, error) {
 		return cfg, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	return cfg, cfg.Validate()
+}
+
+// splitList splits a comma-separated flag value, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 func serve(cfg config.Hub, stderr io.Writer) int {

@@ -23,8 +23,15 @@ const (
 // Hub is the configuration of `outpost run`.
 type Hub struct {
 	// Kubeconfig names the file holding the upstream apiserver(s) and the
-	// node's credentials toward them. Required.
+	// node's credentials toward them. Required. With BootstrapKubeconfig it
+	// may be missing or hold no valid certificate: outpost then obtains one
+	// and writes this file, as kubelet does.
 	Kubeconfig string
+	// BootstrapKubeconfig holds a bootstrap token (kubelet TLS bootstrap).
+	// When Kubeconfig has no valid node credential, outpost files a node
+	// client CSR with it, waits for approval, keeps the key and certificate
+	// in DataDir/pki and rotates them before they expire.
+	BootstrapKubeconfig string
 	// Servers, when set, replace the server of the kubeconfig's current
 	// context. Each is an https URL of one kube-apiserver.
 	Servers []string
@@ -40,6 +47,14 @@ type Hub struct {
 	// When both are empty a self-signed one is created in DataDir.
 	TLSCertFile string
 	TLSKeyFile  string
+	// RotateServerCertificates obtains the serving certificate by a
+	// kubernetes.io/kubelet-serving CSR (approved by the cluster's operator
+	// or approver, as for kubelet) and renews it before expiry, instead of
+	// self-signing. Ignored when TLSCertFile is set.
+	RotateServerCertificates bool
+	// NodeIPs are this node's addresses, added to the serving certificate's
+	// SANs besides 127.0.0.1, ::1, localhost and the node name.
+	NodeIPs []string
 	// ClientCAFile verifies client certificates of local callers. Empty means
 	// the certificate authority of the kubeconfig's cluster.
 	ClientCAFile string
@@ -65,6 +80,16 @@ type Hub struct {
 	// SuccessThreshold consecutive good probes bring an unhealthy apiserver
 	// back. Default 2, so a flapping link does not flip the state each second.
 	SuccessThreshold int
+
+	// APIAudiences are the audiences a service-account token must carry to
+	// be accepted offline when it was never seen online. Empty means the
+	// issuer of the cluster's service-account tokens (the apiserver's
+	// default for --api-audiences).
+	APIAudiences []string
+	// EncryptionKeyFile, when set, holds a 32-byte AES key (raw or base64)
+	// with which Secret data and recorded service-account tokens are
+	// encrypted in the cache file.
+	EncryptionKeyFile string
 
 	// RecordIdentities says whose answers are recorded into the cache:
 	// user names, or prefixes ending in "*"; "*" (the default) records every
@@ -132,6 +157,11 @@ func (c *Hub) Validate() error {
 		}
 		if _, _, err := net.SplitHostPort(addr); err != nil {
 			errs = append(errs, fmt.Errorf("%s %q: %w", flag, addr, err))
+		}
+	}
+	for _, ip := range c.NodeIPs {
+		if net.ParseIP(ip) == nil {
+			errs = append(errs, fmt.Errorf("--node-ip %q is not an IP address", ip))
 		}
 	}
 	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
