@@ -27,7 +27,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/outposthq/outpost/internal/cache"
 	"github.com/outposthq/outpost/internal/certs"
@@ -53,6 +52,16 @@ type Hub struct {
 	reg     *prometheus.Registry
 	tls     *tls.Config
 	store   *store.Store // set by Run
+	restCfg *rest.Config // upstream address and CA
+
+	// With --bootstrap-kubeconfig: the bootstrap credentials and the
+	// rotator of the node client certificate; nil otherwise.
+	bootstrap *rest.Config
+	nodeCert  *certs.Rotator
+	// serving renews the serving certificate by CSR with
+	// --rotate-server-certificates; nil otherwise.
+	serving       *certs.Rotator
+	certRotations *prometheus.CounterVec
 
 	tokenMu sync.Mutex        // guards tokens
 	tokens  map[string]string // user -> the token it last used, in memory only
@@ -73,9 +82,10 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("securing data dir: %w", err)
 	}
-	restCfg, err := clientcmd.BuildConfigFromFlags("", cfg.Kubeconfig)
+	h := &Hub{cfg: cfg, log: log}
+	restCfg, upstreamTLS, err := h.upstreamCredentials()
 	if err != nil {
-		return nil, fmt.Errorf("loading kubeconfig %s: %w", cfg.Kubeconfig, err)
+		return nil, err
 	}
 	servers := cfg.Servers
 	if len(servers) == 0 {
@@ -89,13 +99,6 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 		}
 		urls = append(urls, u)
 	}
-	upstreamTLS, err := rest.TLSConfigFor(restCfg)
-	if err != nil {
-		return nil, fmt.Errorf("loading upstream TLS settings from %s: %w", cfg.Kubeconfig, err)
-	}
-	if upstreamTLS == nil {
-		upstreamTLS = &tls.Config{MinVersion: tls.VersionTLS12}
-	}
 	pool, err := upstream.New(urls, upstream.Credentials{TLS: upstreamTLS, Token: restCfg.BearerToken}, cfg.LBMode)
 	if err != nil {
 		return nil, err
@@ -103,7 +106,12 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
-	h := &Hub{cfg: cfg, log: log, pool: pool, metrics: m, reg: reg}
+	h.pool, h.metrics, h.reg, h.restCfg = pool, m, reg, restCfg
+	h.certRotations = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "outpost_certificate_rotations_total",
+		Help: "Certificates outpost renewed by CSR, by pair (node-client, node-serving).",
+	}, []string{"name"})
+	reg.MustRegister(h.certRotations)
 
 	h.monitor = &health.Monitor{
 		Count:            pool.Len(),
@@ -158,14 +166,19 @@ func (h *Hub) clientCAs(restCfg *rest.Config) (*x509.CertPool, error) {
 }
 
 func (h *Hub) servingTLS() (*tls.Config, error) {
+	cfg := &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		// Ask for a certificate but verify it in the authenticator, as
+		// kube-apiserver does, so a wrong one gets a 401 Status and not a
+		// failed handshake.
+		ClientAuth: tls.RequestClientCert,
+	}
 	certFile, keyFile := h.cfg.TLSCertFile, h.cfg.TLSKeyFile
 	if certFile == "" {
-		hosts := []string{"127.0.0.1", "localhost", "::1"}
-		if host, _, err := net.SplitHostPort(h.cfg.SecureAddress); err == nil && host != "" && host != "0.0.0.0" && host != "::" {
-			hosts = append(hosts, host)
-		}
+		// Self-signed, with its CA beside it: what is served until (and
+		// unless) a CSR-issued certificate is held.
 		var err error
-		certFile, keyFile, err = certs.SelfSigned(filepath.Join(h.cfg.DataDir, "pki"), hosts)
+		certFile, keyFile, err = certs.SelfSigned(filepath.Join(h.cfg.DataDir, "pki"), h.servingHosts())
 		if err != nil {
 			return nil, fmt.Errorf("creating self-signed serving certificate: %w", err)
 		}
@@ -174,14 +187,21 @@ func (h *Hub) servingTLS() (*tls.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("loading serving certificate: %w", err)
 	}
-	return &tls.Config{
-		MinVersion:   tls.VersionTLS12,
-		Certificates: []tls.Certificate{pair},
-		// Ask for a certificate but verify it in the authenticator, as
-		// kube-apiserver does, so a wrong one gets a 401 Status and not a
-		// failed handshake.
-		ClientAuth: tls.RequestClientCert,
-	}, nil
+	if h.cfg.TLSCertFile != "" || !h.cfg.RotateServerCertificates {
+		cfg.Certificates = []tls.Certificate{pair}
+		return cfg, nil
+	}
+	h.serving = h.servingRotator()
+	if err := h.serving.Load(); err != nil {
+		return nil, err
+	}
+	cfg.GetCertificate = func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+		if c := h.serving.Current(); c != nil {
+			return c, nil
+		}
+		return &pair, nil
+	}
+	return cfg, nil
 }
 
 // review asks the apiserver, through the pool, who token belongs to.
@@ -257,13 +277,31 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	h.store = st
 	h.auth.Remember, h.auth.Recall = h.rememberToken, h.recallToken
 	h.auth.Seen = h.sawToken
+	h.loadIssuer()
 	c := &cache.Cache{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
 		Online: h.monitor.Online, Changed: h.monitor.Changed, Node: h.cfg.NodeName}
 
 	g, gctx := errgroup.WithContext(ctx)
+	if h.nodeCert != nil {
+		g.Go(func() error { return h.nodeCert.Run(gctx) })
+		g.Go(func() error {
+			select {
+			case <-gctx.Done():
+			case <-h.nodeCert.Ready():
+				if err := h.writeKubeconfig(h.restCfg.Host, h.restCfg.CAData, h.restCfg.CAFile); err != nil {
+					h.log.Warn("cannot write --kubeconfig for the obtained node certificate", "err", err)
+				}
+			}
+			return nil
+		})
+	}
+	if h.serving != nil {
+		g.Go(func() error { return h.serving.Run(gctx) })
+	}
 	g.Go(func() error { return h.monitor.Run(gctx) })
 	g.Go(func() error { return c.Run(gctx) })
 	g.Go(func() error { return h.reconnect(gctx, c) })
+	g.Go(func() error { return h.runIssuer(gctx) })
 
 	newProxy := func(auth proxy.Authenticate) http.Handler {
 		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Cache: c, Online: h.monitor.Online,

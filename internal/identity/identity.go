@@ -13,11 +13,13 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/singleflight"
@@ -32,7 +34,8 @@ import (
 type Reviewer func(ctx context.Context, token string) (user string, groups []string, ok bool, err error)
 
 // Authenticator authenticates callers of the secure port. Set the exported
-// fields before the first call; it is then safe for concurrent use.
+// fields before the first call (ServiceAccounts may be stored at any time);
+// it is then safe for concurrent use.
 type Authenticator struct {
 	// NodeName is this node; only the client certificate of
 	// system:node:<NodeName> is served with the node's credentials.
@@ -59,8 +62,15 @@ type Authenticator struct {
 	Seen func(user, token string)
 	// Online reports whether the apiserver can judge tokens. Offline, a
 	// token is accepted only if it was confirmed online and has not
-	// expired; anything else gets 401. Nil: always online.
+	// expired, or if ServiceAccounts verifies it; anything else gets 401.
+	// Nil: always online.
 	Online func() bool
+	// ServiceAccounts is the cluster's service-account token issuer. Offline,
+	// a token never confirmed online is accepted if it verifies against it,
+	// as the service account it names. The hub stores a new Issuer whenever
+	// it fetches the published keys again. Until one is stored, such tokens
+	// get 401 offline.
+	ServiceAccounts atomic.Pointer[Issuer]
 
 	mu     sync.Mutex // guards the fields below
 	certs  map[[32]byte]certEntry
@@ -106,11 +116,9 @@ func (a *Authenticator) Authenticate(r *http.Request) (request.Identity, error) 
 	if token, ok := bearer(r); ok {
 		id := a.token(r.Context(), token)
 		if a.Online != nil && !a.Online() {
-			if id.User == "" {
-				return request.Identity{}, status.Unauthorized("outpost: the cloud is unreachable and this token was never confirmed online, so it cannot be accepted")
-			}
-			if exp := tokenExpiry(token, time.Now()); !time.Now().Before(exp) {
-				return request.Identity{}, status.Unauthorized("outpost: the cloud is unreachable and this token has expired")
+			var err error
+			if id, err = a.offline(id, token, time.Now()); err != nil {
+				return request.Identity{}, err
 			}
 		}
 		if a.Seen != nil && id.User != "" {
@@ -119,6 +127,35 @@ func (a *Authenticator) Authenticate(r *http.Request) (request.Identity, error) 
 		return id, nil
 	}
 	return request.Identity{}, status.Unauthorized("outpost: no client certificate and no bearer token")
+}
+
+// offline judges a token while the apiserver cannot: id is what outpost
+// knows of it.
+func (a *Authenticator) offline(id request.Identity, token string, now time.Time) (request.Identity, error) {
+	if id.User != "" {
+		if exp := tokenExpiry(token, now); !now.Before(exp) {
+			return request.Identity{}, status.Unauthorized("outpost: the cloud is unreachable and this token has expired")
+		}
+		return id, nil
+	}
+	sa, err := a.verifyServiceAccount(token, now)
+	if err != nil {
+		return request.Identity{}, status.Unauthorized(fmt.Sprintf("outpost: the cloud is unreachable and this token was never confirmed online; %v", err))
+	}
+	sa.Token = token
+	return sa, nil
+}
+
+func (a *Authenticator) verifyServiceAccount(token string, now time.Time) (request.Identity, error) {
+	issuer := a.ServiceAccounts.Load()
+	if issuer == nil {
+		return request.Identity{}, errors.New("the cluster's service-account keys are not known, so it cannot be accepted")
+	}
+	sa, err := issuer.Verify(token, now)
+	if err != nil {
+		return request.Identity{}, fmt.Errorf("it is not a valid service-account token of this cluster: %w", err)
+	}
+	return sa, nil
 }
 
 func bearer(r *http.Request) (string, bool) {
@@ -181,9 +218,14 @@ func (a *Authenticator) verify(chain []*x509.Certificate, now time.Time) certEnt
 	return certEntry{id: a.Node(), expires: expires}
 }
 
-func (a *Authenticator) token(ctx context.Context, token string) request.Identity {
+// tokenHash is how a token is known without keeping it: hex SHA-256.
+func tokenHash(token string) string {
 	sum := sha256.Sum256([]byte(token))
-	hash := hex.EncodeToString(sum[:])
+	return hex.EncodeToString(sum[:])
+}
+
+func (a *Authenticator) token(ctx context.Context, token string) request.Identity {
+	hash := tokenHash(token)
 	now := time.Now()
 	a.mu.Lock()
 	e, ok := a.tokens[hash]
@@ -219,6 +261,14 @@ func (a *Authenticator) learn(ctx context.Context, token, hash string) tokenEntr
 				until = expires
 			}
 			return a.remember(hash, tokenEntry{id: known, expires: until})
+		}
+	}
+	if err != nil {
+		// Nor a token the cluster's issuer signed? The apiserver still
+		// judges the request if it gets there; the identity only decides
+		// whose views may answer it from the cache.
+		if sa, verr := a.verifyServiceAccount(token, now); verr == nil {
+			return a.remember(hash, tokenEntry{id: sa, expires: now.Add(negativeTTL)})
 		}
 	}
 	if err != nil || !ok {

@@ -14,6 +14,7 @@ import (
 	"math/big"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -156,5 +157,78 @@ func TestOfflineTokens(t *testing.T) {
 	online = false
 	if _, err := a.Authenticate(req(expiring)); !apierrors.IsUnauthorized(err) {
 		t.Fatalf("expired token offline: %v; want 401", err)
+	}
+}
+
+func TestOfflineServiceAccountTokens(t *testing.T) {
+	online := true
+	var seen []string
+	a := &Authenticator{NodeName: "edge-1", Online: func() bool { return online },
+		Seen: func(user, _ string) { seen = append(seen, user) },
+		Review: func(ctx context.Context, token string) (string, []string, bool, error) {
+			if !online {
+				return "", nil, false, errors.New("dial tcp: connection refused")
+			}
+			return "", nil, false, nil // the apiserver rejects every token here
+		}}
+	req := func(token string) *http.Request {
+		r := httptest.NewRequest(http.MethodGet, "/", nil)
+		r.Header.Set("Authorization", "Bearer "+token)
+		r.Header.Set("User-Agent", "kubelet/v1.37.2") // forged: changes nothing
+		return r
+	}
+	k := newRSAKey(t, "k")
+	now := time.Now()
+	claims := func(exp time.Time) map[string]any {
+		c := saClaims("shop", "web")
+		c["iat"], c["nbf"], c["exp"] = now.Add(-time.Minute).Unix(), now.Add(-time.Minute).Unix(), exp.Unix()
+		return c
+	}
+	valid := sign(t, k, claims(now.Add(time.Hour)))
+	expired := sign(t, k, claims(now.Add(-time.Second)))
+	forged := sign(t, newRSAKey(t, "k"), claims(now.Add(time.Hour)))
+
+	// Online the apiserver judges, even a token the issuer would accept.
+	a.ServiceAccounts.Store(newIssuer(t, nil, k))
+	if id, err := a.Authenticate(req(valid)); err != nil || id.User != "" {
+		t.Fatalf("online, a token the apiserver rejects: %+v, %v; want forwarded with no user", id, err)
+	}
+
+	online = false
+	a.ServiceAccounts.Store(nil)
+	if _, err := a.Authenticate(req(valid)); !apierrors.IsUnauthorized(err) {
+		t.Fatalf("offline without the issuer's keys: %v; want 401", err)
+	}
+	a.ServiceAccounts.Store(newIssuer(t, nil, k))
+	id, err := a.Authenticate(req(valid))
+	if err != nil {
+		t.Fatalf("offline, a valid service-account token never seen online: %v", err)
+	}
+	if id.Kind != request.BearerToken || id.User != "system:serviceaccount:shop:web" || id.Token != valid || id.TokenHash != tokenHash(valid) ||
+		!slices.Equal(id.Groups, []string{"system:serviceaccounts", "system:serviceaccounts:shop", "system:authenticated"}) {
+		t.Fatalf("identity = %+v", id)
+	}
+	if !slices.Equal(seen, []string{"system:serviceaccount:shop:web"}) {
+		t.Fatalf("seen = %v; want the service account once", seen)
+	}
+	for name, token := range map[string]string{"expired": expired, "signed by another key": forged, "not a JWT": "opaque-token"} {
+		if _, err := a.Authenticate(req(token)); !apierrors.IsUnauthorized(err) {
+			t.Errorf("offline, %s: %v; want 401", name, err)
+		}
+	}
+
+	// Still online, but the apiserver cannot be asked (the link fails
+	// before the monitor notices): the issuer says who the token is, for a
+	// read that the cache answers when its connection fails too.
+	failing := &Authenticator{NodeName: "edge-1", Online: func() bool { return true },
+		Review: func(context.Context, string) (string, []string, bool, error) {
+			return "", nil, false, errors.New("dial tcp: connection refused")
+		}}
+	failing.ServiceAccounts.Store(newIssuer(t, nil, k))
+	if id, err := failing.Authenticate(req(valid)); err != nil || id.User != "system:serviceaccount:shop:web" || id.Token != valid {
+		t.Fatalf("apiserver unreachable, still online: %+v, %v; want the service account", id, err)
+	}
+	if id, err := failing.Authenticate(req(forged)); err != nil || id.User != "" {
+		t.Fatalf("apiserver unreachable, forged token: %+v, %v; want forwarded with no user", id, err)
 	}
 }

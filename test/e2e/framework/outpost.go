@@ -44,6 +44,20 @@ type Outpost struct {
 // credentials toward apiserver 0 (extraArgs may add --server flags) and
 // waits until its admin /healthz answers and its secure port serves TLS.
 func (c *ControlPlane) StartOutpost(ctx context.Context, node string, extraArgs ...string) (*Outpost, error) {
+	return c.startOutpost(ctx, node, false, extraArgs)
+}
+
+// StartOutpostBootstrap starts outpost for node as a new node joins: with
+// no node credential, only a kubeconfig holding BootstrapToken
+// (--bootstrap-kubeconfig), so that outpost must obtain its client
+// certificate by CSR. Kubeconfig names where outpost writes its own. The
+// node certificate of the returned Outpost is still issued by the test CA,
+// for local clients acting as the node.
+func (c *ControlPlane) StartOutpostBootstrap(ctx context.Context, node string, extraArgs ...string) (*Outpost, error) {
+	return c.startOutpost(ctx, node, true, extraArgs)
+}
+
+func (c *ControlPlane) startOutpost(ctx context.Context, node string, bootstrap bool, extraArgs []string) (*Outpost, error) {
 	certFile, keyFile, err := c.NodeCredentials(node)
 	if err != nil {
 		return nil, err
@@ -55,7 +69,13 @@ func (c *ControlPlane) StartOutpost(ctx context.Context, node string, extraArgs 
 	o := &Outpost{Node: node, DataDir: filepath.Join(dir, "data"), cp: c,
 		NodeCertFile: certFile, NodeKeyFile: keyFile,
 		Kubeconfig: filepath.Join(dir, "upstream.kubeconfig"), LogPath: filepath.Join(dir, "outpost.log")}
-	if err := WriteKubeconfig(o.Kubeconfig, c.URL(0), c.CAFile, certFile, keyFile, ""); err != nil {
+	if bootstrap {
+		boot := filepath.Join(dir, "bootstrap.kubeconfig")
+		if err := WriteKubeconfig(boot, c.URL(0), c.CAFile, "", "", c.BootstrapToken); err != nil {
+			return nil, err
+		}
+		extraArgs = append([]string{"--bootstrap-kubeconfig=" + boot}, extraArgs...)
+	} else if err := WriteKubeconfig(o.Kubeconfig, c.URL(0), c.CAFile, certFile, keyFile, ""); err != nil {
 		return nil, err
 	}
 	securePort, err := freePort()

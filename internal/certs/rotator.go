@@ -1,0 +1,259 @@
+package certs
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	certificatesv1 "k8s.io/api/certificates/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/util/cert"
+	"k8s.io/client-go/util/certificate"
+	"k8s.io/client-go/util/certificate/csr"
+	"k8s.io/client-go/util/keyutil"
+)
+
+// Signers of the certificates a node asks for, as kubelet does.
+const (
+	SignerNodeClient  = certificatesv1.KubeAPIServerClientKubeletSignerName
+	SignerNodeServing = certificatesv1.KubeletServingSignerName
+)
+
+// Rotator keeps one certificate that the cluster signs on request fresh: it
+// files a CertificateSigningRequest when it holds none (or only an expired
+// one), waits for approval, keeps the key and certificate in Dir (0600, in
+// client-go's kubelet file layout: <Name>-<time>.pem and the symlink
+// <Name>-current.pem), and files a new request at a random point between 70
+// and 90 per cent of the certificate's life, as kubelet does.
+//
+// Set the exported fields, call Load, then Run. Current is safe for
+// concurrent use at any time.
+type Rotator struct {
+	// Name prefixes the files in Dir, e.g. "node-client".
+	Name string
+	Dir  string
+	// Template is the subject and SANs to request.
+	Template *x509.CertificateRequest
+	// SignerName and Usages go into the CSR.
+	SignerName string
+	Usages     []certificatesv1.KeyUsage
+	// Client returns the client that files the request: with the current
+	// certificate (renewal), or with bootstrap credentials when current is
+	// nil.
+	Client func(current *tls.Certificate) (kubernetes.Interface, error)
+	// OnRotate, if set, is called after a new certificate replaced an older
+	// one (not after the first), e.g. to close connections made with it.
+	OnRotate func(*tls.Certificate)
+	Log      *slog.Logger
+
+	store certificate.FileStore
+	cur   atomic.Pointer[tls.Certificate]
+	// received is when the current certificate was written to Dir: the
+	// signer back-dates NotBefore (by five minutes in kube-controller-
+	// manager), which must not make a short-lived certificate look older.
+	received atomic.Int64
+
+	readyOnce sync.Once
+	ready     chan struct{}
+}
+
+// Load reads the current certificate from Dir, if any. It does not fail
+// when there is none.
+func (r *Rotator) Load() error {
+	if r.ready == nil {
+		r.ready = make(chan struct{})
+	}
+	if err := os.MkdirAll(r.Dir, 0o700); err != nil {
+		return fmt.Errorf("creating %s: %w", r.Dir, err)
+	}
+	st, err := certificate.NewFileStore(r.Name, r.Dir, r.Dir, "", "")
+	if err != nil {
+		return fmt.Errorf("opening certificate store %s: %w", r.Dir, err)
+	}
+	r.store = st
+	c, err := st.Current()
+	var none *certificate.NoCertKeyError
+	switch {
+	case errors.As(err, &none):
+		return nil
+	case err != nil:
+		// A damaged pair is replaced by a new request, not fatal.
+		r.Log.Warn("stored certificate is unusable; a new one will be requested", "name", r.Name, "err", err)
+		return nil
+	}
+	r.set(c, fileTime(st.CurrentPath()))
+	return nil
+}
+
+// Seed stores a certificate and key obtained elsewhere (e.g. the kubeconfig
+// the node started with) as the current pair when Dir holds no valid one,
+// so that it is renewed from there on.
+func (r *Rotator) Seed(certPEM, keyPEM []byte) error {
+	if c := r.Current(); c != nil {
+		return nil
+	}
+	c, err := r.store.Update(certPEM, keyPEM)
+	if err != nil {
+		return fmt.Errorf("storing %s certificate: %w", r.Name, err)
+	}
+	r.set(c, time.Time{})
+	return nil
+}
+
+func fileTime(path string) time.Time {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return time.Time{}
+	}
+	return fi.ModTime()
+}
+
+func (r *Rotator) set(c *tls.Certificate, received time.Time) {
+	if c.Leaf == nil && len(c.Certificate) > 0 {
+		c.Leaf, _ = x509.ParseCertificate(c.Certificate[0])
+	}
+	r.cur.Store(c)
+	r.received.Store(received.UnixNano())
+	if c.Leaf != nil && time.Now().Before(c.Leaf.NotAfter) {
+		r.readyOnce.Do(func() { close(r.ready) })
+	}
+}
+
+// Current returns the certificate in use, or nil when there is none or it
+// has expired.
+func (r *Rotator) Current() *tls.Certificate {
+	c := r.cur.Load()
+	if c == nil || c.Leaf == nil || !time.Now().Before(c.Leaf.NotAfter) {
+		return nil
+	}
+	return c
+}
+
+// Ready is closed once a valid certificate is held.
+func (r *Rotator) Ready() <-chan struct{} { return r.ready }
+
+// GetClientCertificate serves tls.Config.GetClientCertificate. Without a
+// certificate it sends none: the apiserver then sees an anonymous caller.
+func (r *Rotator) GetClientCertificate(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+	if c := r.Current(); c != nil {
+		return c, nil
+	}
+	return &tls.Certificate{}, nil
+}
+
+// Deadline is when the current certificate is to be renewed: a random
+// point between 70 and 90 per cent of its life, counted from when it was
+// received (or NotBefore, if later). Zero when there is no valid one.
+func (r *Rotator) Deadline() time.Time {
+	c := r.Current()
+	if c == nil {
+		return time.Time{}
+	}
+	start := c.Leaf.NotBefore
+	if rec := time.Unix(0, r.received.Load()); r.received.Load() != 0 && rec.After(start) && rec.Before(c.Leaf.NotAfter) {
+		start = rec
+	}
+	life := c.Leaf.NotAfter.Sub(start)
+	n, _ := rand.Int(rand.Reader, big.NewInt(1000))
+	frac := 0.7 + 0.2*float64(n.Int64())/1000
+	return start.Add(time.Duration(float64(life) * frac))
+}
+
+// Run renews the certificate until ctx ends. Failures are retried with a
+// backoff from 2 s to 1 min and logged once per distinct error.
+func (r *Rotator) Run(ctx context.Context) error {
+	backoff := 2 * time.Second
+	var lastErr string
+	for {
+		if c := r.Current(); c != nil {
+			at := r.Deadline()
+			r.Log.Info("certificate renewal scheduled", "name", r.Name, "at", at.Round(time.Second), "expires", c.Leaf.NotAfter)
+			if !sleep(ctx, time.Until(at)) {
+				return nil
+			}
+		}
+		err := r.renew(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err == nil {
+			backoff, lastErr = 2*time.Second, ""
+			continue
+		}
+		if err.Error() != lastErr {
+			r.Log.Warn("requesting a certificate failed; retrying", "name", r.Name, "signer", r.SignerName, "err", err)
+			lastErr = err.Error()
+		}
+		if !sleep(ctx, backoff) {
+			return nil
+		}
+		backoff = min(backoff*2, time.Minute)
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// renew files one CSR with a new key and waits for its certificate.
+func (r *Rotator) renew(ctx context.Context) error {
+	old := r.Current()
+	client, err := r.Client(old)
+	if err != nil {
+		return fmt.Errorf("building the client that files the CSR: %w", err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	csrPEM, err := cert.MakeCSRFromTemplate(key, r.Template)
+	if err != nil {
+		return fmt.Errorf("making CSR: %w", err)
+	}
+	keyPEM, err := keyutil.MarshalPrivateKeyToPEM(key)
+	if err != nil {
+		return err
+	}
+	rctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
+	defer cancel()
+	name, uid, err := csr.RequestCertificateWithContext(rctx, client, csrPEM, "", r.SignerName, nil, r.Usages, key)
+	if err != nil {
+		return fmt.Errorf("filing CSR: %w", err)
+	}
+	r.Log.Info("certificate signing request filed; waiting for approval", "name", r.Name, "csr", name, "signer", r.SignerName)
+	certPEM, err := csr.WaitForCertificate(rctx, client, name, uid)
+	if err != nil {
+		return fmt.Errorf("waiting for CSR %s: %w", name, err)
+	}
+	c, err := r.store.Update(certPEM, keyPEM)
+	if err != nil {
+		return fmt.Errorf("storing certificate: %w", err)
+	}
+	r.set(c, time.Now())
+	r.Log.Info("certificate issued", "name", r.Name, "csr", name, "subject", c.Leaf.Subject.String(), "expires", c.Leaf.NotAfter)
+	if old != nil && r.OnRotate != nil {
+		r.OnRotate(c)
+	}
+	return nil
+}
