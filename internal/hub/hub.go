@@ -36,6 +36,7 @@ import (
 	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/proxy"
 	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/seal"
 	"github.com/outposthq/outpost/internal/server"
 	"github.com/outposthq/outpost/internal/store"
 	"github.com/outposthq/outpost/internal/upstream"
@@ -265,7 +266,16 @@ func (h *Hub) serverChanged(i int, healthy bool, err error) {
 
 // Run serves until ctx is done, then drains and stops everything it started.
 func (h *Hub) Run(ctx context.Context) (err error) {
-	st, err := store.Open(filepath.Join(h.cfg.DataDir, "cache.db"), store.Options{Logger: h.log})
+	opts := store.Options{Logger: h.log}
+	if h.cfg.EncryptionKeyFile != "" {
+		key, err := seal.LoadKey(h.cfg.EncryptionKeyFile)
+		if err != nil {
+			return err
+		}
+		opts.Sealer = key
+		opts.Sealed = store.SealRule{Resources: []string{"/v1/secrets", "/v1/secrets#meta"}, DocPrefixes: []string{"sa-token\x00", "table\x00"}}
+	}
+	st, err := store.Open(filepath.Join(h.cfg.DataDir, "cache.db"), opts)
 	if err != nil {
 		return fmt.Errorf("opening cache: %w", err)
 	}

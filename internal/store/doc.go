@@ -22,6 +22,20 @@
 // Non-resource answers (discovery, /version, OpenAPI) are Docs, stored by
 // key.
 //
+// # Sealing
+//
+// With Options.Sealer, the Data of the objects of the resources
+// Options.Sealed names (Secrets), and the bodies of the documents under
+// its prefixes (service-account tokens, Tables), are encrypted and
+// authenticated, each bound to its key in the file: every method seals
+// on write and opens on read, so callers never see the difference. What
+// views are selected on — names, labels, field values, resourceVersions —
+// stays in clear. An unchanged object is compared in clear and not
+// rewritten, as without sealing. The meta bucket records the key's
+// fingerprint and the rule; Open drops what a changed setting would serve
+// wrongly and rewrites the file so that no plaintext is left in its free
+// pages (see Options.Sealer).
+//
 // # Crash safety
 //
 // Everything goes through bbolt transactions, which commit with fsync
@@ -45,9 +59,15 @@
 // which keeps composite keys unambiguous and makes "all views of a
 // resource" and "all views of an identity of a resource" key prefixes:
 //
-//	meta     "format"  -> "1" (formatVersion; Open refuses any other)
+//	meta     "format"  -> "1" (formatVersion), or "2" (formatSealed) when
+//	                      "seal" is set; Open refuses any other
 //	         "objects" -> uint64 big endian: number of objects
 //	         "views"   -> uint64 big endian: number of views
+//	         "seal"    -> version byte (1) | lp(key fingerprint)
+//	                      | uvarint n, n × lp(sealed resource)
+//	                      | uvarint m, m × lp(sealed doc prefix);
+//	                      absent: nothing is sealed
+//	         "scrub"   -> present while the file awaits its rewrite
 //	objects  lp(resource) member-key -> object record
 //	views    lp(resource) lp(identity) lp(namespace) lp(name)
 //	         lp(labelSelector) lp(fieldSelector) -> view record
@@ -70,7 +90,10 @@
 //
 // with labels and fields sorted by key, so that an unchanged object encodes
 // to the same bytes and a relist need not rewrite it. refs is the number of
-// views holding the object. A view record is
+// views holding the object. The body of a sealed resource's object is
+// sealed (seal.Key's format, bound to 'o' and the object's key), as is a
+// sealed document's body (bound to 'd' and the document's key). A view
+// record is
 //
 //	version byte (1) | uvarint id | lp(resourceVersion) | lp(kind)
 //	| lp(apiVersion) | varint updated (Unix ns, 0 = unset) | flags (1 = stale)

@@ -30,10 +30,11 @@ type Object struct {
 //
 // Everything fn receives is a copy it may keep.
 func (tx *Tx) List(k ViewKey, after string, limit int, fn func(Object) error) error {
+	sealed := tx.seal.resource(k.Resource)
 	return tx.walk(k, after, limit, func(mk string, rec []byte) error {
 		var o Object
 		o.Namespace, o.Name = splitMemberKey(mk)
-		if _, err := decodeObject(rec, &o); err != nil {
+		if err := tx.decodeObject(rec, &o, sealed); err != nil {
 			return fmt.Errorf("listing view %s: reading %s: %w", k, mk, err)
 		}
 		return fn(o)
@@ -45,8 +46,16 @@ func (tx *Tx) List(k ViewKey, after string, limit int, fn func(Object) error) er
 // makes serving a large unfiltered view several times cheaper. data is
 // valid only during fn.
 func (tx *Tx) ListData(k ViewKey, after string, limit int, fn func(key string, data []byte) error) error {
+	sealed := tx.seal.resource(k.Resource)
 	return tx.walk(k, after, limit, func(mk string, rec []byte) error {
 		data, err := objectData(rec)
+		if err == nil && sealed {
+			// walk left the object's key in tx.okey.
+			data, err = tx.openData(tx.plain[:0], data, tx.adFor(adObject, tx.okey))
+			if data != nil {
+				tx.plain = data
+			}
+		}
 		if err != nil {
 			return fmt.Errorf("listing view %s: reading %s: %w", k, mk, err)
 		}
@@ -92,8 +101,30 @@ func (tx *Tx) Get(resource, namespace, name string) (Object, bool, error) {
 		return Object{}, false, nil
 	}
 	o := Object{Namespace: namespace, Name: name}
-	if _, err := decodeObject(rec, &o); err != nil {
+	if err := tx.decodeObject(rec, &o, tx.seal.resource(resource)); err != nil {
 		return Object{}, false, fmt.Errorf("reading %s %s/%s: %w", resource, namespace, name, err)
 	}
 	return o, true, nil
+}
+
+// decodeObject decodes the object record rec, stored under tx.okey, into
+// o, opening its data when sealed.
+func (tx *Tx) decodeObject(rec []byte, o *Object, sealed bool) error {
+	if !sealed {
+		_, err := decodeObject(rec, o)
+		return err
+	}
+	data, err := objectData(rec)
+	if err != nil {
+		return err
+	}
+	// A fresh slice: o is the caller's to keep.
+	if o.Data, err = tx.openData(nil, data, tx.adFor(adObject, tx.okey)); err != nil {
+		return err
+	}
+	if o.Data == nil {
+		o.Data = []byte{}
+	}
+	_, err = decodeObjectHeader(rec[:len(rec)-len(data)], o)
+	return err
 }

@@ -7,7 +7,9 @@ import (
 	"log/slog"
 	"math"
 	"os"
+	"path/filepath"
 	"runtime/debug"
+	"strings"
 	"syscall"
 	"time"
 
@@ -32,9 +34,13 @@ const initialMmapSize = 1 << 30
 // own pages (truncated), or carries an unknown format version is renamed to
 // "<path>.corrupt-<unix time>", logged once, and replaced by an empty
 // store: the cache refills itself, whereas refusing to start would turn one
-// bad file into a node that cannot recover. Open does not read every page
-// (that would cost seconds on a large store at every start); a damaged
-// page it did not read surfaces later as ErrCorrupt.
+// bad file into a node that cannot recover. With Options.Sealer it is
+// deleted instead, and so are files moved aside before: they may hold
+// Secrets in clear. Open does not read every
+// page (that would cost seconds on a large store at every start); a
+// damaged page it did not read surfaces later as ErrCorrupt.
+//
+// Open then applies Options.Sealer: see there.
 //
 // Open returns an error only when the file cannot be used at all:
 // permissions, a full or failing disk (wrapped *fs.PathError or errno), or
@@ -44,30 +50,44 @@ func Open(path string, opts Options) (*Store, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	db, bad, err := openDB(path, opts)
+	sl := newSealing(opts)
+	if sl != nil {
+		if err := removeAsides(path, log); err != nil {
+			return nil, err
+		}
+	}
+	db, bad, err := openDB(path, opts, sl, log)
 	if err != nil {
 		return nil, err
 	}
 	if bad != nil {
-		aside, err := moveAside(path)
-		if err != nil {
-			return nil, fmt.Errorf("moving unusable store file aside: %w", err)
+		if sl != nil {
+			if err := os.Remove(path); err != nil {
+				return nil, fmt.Errorf("removing unusable store file: %w", err)
+			}
+			log.Warn("store file is unusable: removed it (encryption is on, so it is not kept) and starting with an empty cache",
+				"path", path, "reason", bad.Error())
+		} else {
+			aside, err := moveAside(path)
+			if err != nil {
+				return nil, fmt.Errorf("moving unusable store file aside: %w", err)
+			}
+			log.Warn("store file is unusable: moved it aside and starting with an empty cache",
+				"path", path, "movedTo", aside, "reason", bad.Error())
 		}
-		log.Warn("store file is unusable: moved it aside and starting with an empty cache",
-			"path", path, "movedTo", aside, "reason", bad.Error())
-		if db, bad, err = openDB(path, opts); err != nil {
+		if db, bad, err = openDB(path, opts, sl, log); err != nil {
 			return nil, err
 		}
 		if bad != nil {
 			return nil, fmt.Errorf("opening new store file %s: %w", path, bad)
 		}
 	}
-	return &Store{db: db, log: log}, nil
+	return &Store{db: db, log: log, seal: sl}, nil
 }
 
 // openDB opens and checks the file. bad says why the file is unusable; err
 // is an I/O failure.
-func openDB(path string, opts Options) (db *bolt.DB, bad, err error) {
+func openDB(path string, opts Options, sl *sealing, log *slog.Logger) (db *bolt.DB, bad, err error) {
 	// Open the file ourselves first: bbolt's errors do not tell a file we
 	// may not read from one that is damaged, and only the latter may be
 	// moved aside.
@@ -104,9 +124,14 @@ func openDB(path string, opts Options) (db *bolt.DB, bad, err error) {
 	if err == nil && bad == nil && fresh {
 		err = db.Update(create)
 	}
+	if err == nil && bad == nil {
+		db, bad, err = reseal(db, opts, sl, log, fresh)
+	}
 	if err != nil || bad != nil {
 		// A file bbolt has opened closes cleanly, whatever its pages hold.
-		_ = db.Close()
+		if db != nil {
+			_ = db.Close()
+		}
 		if err != nil {
 			return nil, nil, fmt.Errorf("opening store file %s: %w", path, err)
 		}
@@ -181,8 +206,12 @@ func check(db *bolt.DB) (fresh bool, bad, err error) {
 			}
 			return errors.New("no meta bucket: not an outpost store")
 		}
-		if v := meta.Get(metaFormat); string(v) != formatVersion {
-			return fmt.Errorf("unknown format version %q (this outpost reads %q)", v, formatVersion)
+		switch v, seal := meta.Get(metaFormat), meta.Get(metaSeal); {
+		case string(v) == formatVersion && seal == nil, string(v) == formatSealed && seal != nil:
+		case string(v) == formatVersion || string(v) == formatSealed:
+			return fmt.Errorf("format version %q does not match the encryption record", v)
+		default:
+			return fmt.Errorf("unknown format version %q (this outpost reads %q and %q)", v, formatVersion, formatSealed)
 		}
 		for _, name := range [][]byte{bucketObjects, bucketMembers, bucketViews, bucketDocs} {
 			b := tx.Bucket(name)
@@ -232,6 +261,30 @@ func create(tx *bolt.Tx) error {
 	}
 	if err := tx.Bucket(bucketMeta).Put(metaFormat, []byte(formatVersion)); err != nil {
 		return fmt.Errorf("writing format version: %w", err)
+	}
+	return nil
+}
+
+// removeAsides deletes the files moveAside kept: with encryption on, none
+// is kept, since one moved aside before it was turned on holds Secrets in
+// clear.
+func removeAsides(path string, log *slog.Logger) error {
+	entries, err := os.ReadDir(filepath.Dir(path))
+	if err != nil {
+		return fmt.Errorf("looking for old store files: %w", err)
+	}
+	var removed []string
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), filepath.Base(path)+".corrupt-") {
+			aside := filepath.Join(filepath.Dir(path), e.Name())
+			if err := os.Remove(aside); err != nil {
+				return fmt.Errorf("removing old store file: %w", err)
+			}
+			removed = append(removed, aside)
+		}
+	}
+	if len(removed) > 0 {
+		log.Warn("encryption is on: removed store files kept aside earlier, which may hold Secrets in clear", "files", removed)
 	}
 	return nil
 }

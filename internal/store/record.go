@@ -288,26 +288,23 @@ func sameContent(a, b []byte) bool {
 // object it serves: the strings are all slices of one string holding the
 // record's header.
 func decodeObject(rec []byte, o *Object) (refs uint64, err error) {
-	r := reader{b: rec}
-	if v := r.byte("object record"); r.err == nil && v != objectRecordVersion {
-		return 0, fmt.Errorf("%w: object record version %d", ErrCorrupt, v)
+	data, err := objectData(rec)
+	if err != nil {
+		return 0, err
 	}
-	refs = r.uvarint("object record")
-	r.bytes("object record")
-	r.skipStringMap("object labels")
-	r.skipStringMap("object fields")
-	if r.err != nil {
-		return 0, r.err
-	}
-	header := string(rec[:len(rec)-len(r.b)])
-	o.Data = slices.Clone(r.b)
+	o.Data = slices.Clone(data)
 	if o.Data == nil {
 		o.Data = []byte{}
 	}
-	// The header parsed once already; parse it again, out of the copy.
-	h := reader{b: rec[:len(header)], str: header}
+	return decodeObjectHeader(rec[:len(rec)-len(data)], o)
+}
+
+// decodeObjectHeader decodes the header of an object record, everything
+// but the data, into o.
+func decodeObjectHeader(header []byte, o *Object) (refs uint64, err error) {
+	h := reader{b: header, str: string(header)}
 	h.byte("object record")
-	h.uvarint("object record")
+	refs = h.uvarint("object record")
 	o.ResourceVersion = h.string("object record")
 	o.Labels = h.stringMap("object labels")
 	o.Fields = h.stringMap("object fields")

@@ -19,14 +19,33 @@ type Options struct {
 	// process) can then lose or corrupt the store. For tests and
 	// benchmarks only.
 	NoSync bool
+
+	// Sealer, when set, encrypts at rest the data Sealed names: the Data
+	// of its resources' objects and the bodies of its documents. Every
+	// method seals on write and opens on read, so callers see plaintext.
+	// A sealed value that does not open is ErrCorrupt. If nil, nothing is
+	// sealed.
+	//
+	// The store records which key (by fingerprint) and rule it was written
+	// with. When Open finds another one — a new key, encryption turned on
+	// over data stored in clear, or turned off over sealed data, or another
+	// rule — it deletes every object, view and document that either rule
+	// covers, logs once, keeps the rest of the cache, and rewrites the file
+	// so that no deleted plaintext lingers in its free pages. And with a
+	// Sealer, an unusable file is deleted rather than moved aside, since
+	// it may hold Secrets in clear.
+	Sealer Sealer
+	// Sealed names what Sealer seals; it has no effect without a Sealer.
+	Sealed SealRule
 }
 
 // Store is the durable cache of objects and views. It is safe for
 // concurrent use: bbolt runs one writing transaction at a time and any
 // number of reading ones, each on a consistent snapshot.
 type Store struct {
-	db  *bolt.DB
-	log *slog.Logger
+	db   *bolt.DB
+	log  *slog.Logger
+	seal *sealing // nil: nothing is sealed
 }
 
 // Close closes the store file. Transactions still running finish first.
@@ -47,7 +66,7 @@ func (s *Store) Update(fn func(*Tx) error) (err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer recoverCorrupt(&err)
 	err = s.db.Update(func(btx *bolt.Tx) error {
-		tx, err := newTx(btx)
+		tx, err := newTx(btx, s.seal)
 		if err != nil {
 			return err
 		}
@@ -65,7 +84,7 @@ func (s *Store) Read(fn func(*Tx) error) (err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer recoverCorrupt(&err)
 	err = s.db.View(func(btx *bolt.Tx) error {
-		tx, err := newTx(btx)
+		tx, err := newTx(btx, s.seal)
 		if err != nil {
 			return err
 		}

@@ -398,22 +398,33 @@ func TestStore(t *testing.T) {
 		views:   map[ViewKey][]string{other: {"a/p2@2"}},
 		objects: []string{"a/p2@2"},
 	}}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			s := openTest(t)
-			for i, step := range tt.steps {
-				if err := step(s); err != nil {
-					t.Fatalf("step %d: %v", i, err)
+	// Every case runs again with pods sealed (see Options.Sealer): sealing
+	// must change nothing that callers see.
+	for _, sealed := range []bool{false, true} {
+		for _, tt := range tests {
+			name := tt.name
+			if sealed {
+				name = "sealed/" + name
+			}
+			t.Run(name, func(t *testing.T) {
+				s := openTest(t)
+				if sealed {
+					s = openSealedTest(t, filepath.Join(t.TempDir(), "store.db"), testKey(t))
 				}
-			}
-			views, objects := dump(t, s)
-			if !maps.EqualFunc(views, tt.views, slices.Equal) {
-				t.Errorf("views:\n got %v\nwant %v", views, tt.views)
-			}
-			if !slices.Equal(objects, tt.objects) {
-				t.Errorf("objects:\n got %v\nwant %v", objects, tt.objects)
-			}
-		})
+				for i, step := range tt.steps {
+					if err := step(s); err != nil {
+						t.Fatalf("step %d: %v", i, err)
+					}
+				}
+				views, objects := dump(t, s)
+				if !maps.EqualFunc(views, tt.views, slices.Equal) {
+					t.Errorf("views:\n got %v\nwant %v", views, tt.views)
+				}
+				if !slices.Equal(objects, tt.objects) {
+					t.Errorf("objects:\n got %v\nwant %v", objects, tt.objects)
+				}
+			})
+		}
 	}
 }
 

@@ -22,12 +22,20 @@ var (
 	metaFormat  = []byte("format")
 	metaObjects = []byte("objects")
 	metaViews   = []byte("views")
+	metaSeal    = []byte("seal")
+	metaScrub   = []byte("scrub")
 )
 
 // formatVersion is the layout version written in the meta bucket. Open moves
 // aside a file with any other version: a cache is cheap to refill, and
 // guessing at an unknown layout could serve wrong answers.
 const formatVersion = "1"
+
+// formatSealed is the format version of a store holding sealed data (see
+// Options.Sealer): the same layout, but an outpost that does not know
+// sealing would serve sealed bytes as JSON, so it must move such a file
+// aside instead.
+const formatSealed = "2"
 
 // fillPercent packs the pages of the objects and members buckets. Lists
 // arrive sorted, so bbolt's default of one half would leave every page half
@@ -52,14 +60,21 @@ type Tx struct {
 	// Changes to the counters in the meta bucket, written by flush.
 	objectsDelta, viewsDelta int64
 
+	// seal says what is sealed; nil: nothing.
+	seal *sealing
+
 	okey, mkey []byte   // scratch keys; bbolt copies keys it keeps
 	rec        []byte   // scratch record; bbolt keeps values, so copied before Put
 	keys       []string // scratch for sorting map keys
+	ad         []byte   // scratch associated data of a sealed value
+	plain      []byte   // scratch plaintext of a sealed value
+	sealed     []byte   // scratch sealed record
 }
 
-func newTx(btx *bolt.Tx) (*Tx, error) {
+func newTx(btx *bolt.Tx, sl *sealing) (*Tx, error) {
 	tx := &Tx{
 		btx:       btx,
+		seal:      sl,
 		meta:      btx.Bucket(bucketMeta),
 		objects:   btx.Bucket(bucketObjects),
 		members:   btx.Bucket(bucketMembers),
@@ -355,7 +370,11 @@ func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource
 	encodedRefs := newRefs
 	if wins {
 		tx.rec, tx.keys = appendObject(tx.rec[:0], newRefs, o, tx.keys)
-		changed = !sameContent(cur, tx.rec)
+		if tx.seal.resource(resource) {
+			changed = tx.sealRecord(cur, len(tx.rec)-len(o.Data))
+		} else {
+			changed = !sameContent(cur, tx.rec)
+		}
 	}
 	if changed {
 		if err := tx.reevaluate(rs, own, mk, o, cur, &newRefs); err != nil {
@@ -388,6 +407,30 @@ func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource
 		tx.objectsDelta++
 	}
 	return tx.objects.Put(okey, rec)
+}
+
+// sealRecord compares the object record in tx.rec, whose data starts at
+// dataStart, with the sealed record cur (nil: none), in clear, and when
+// they differ replaces the data in tx.rec by its sealed form, bound to the
+// object key in tx.okey. Sealing uses a fresh nonce each time, so records
+// could not be compared sealed: without this, every relist would rewrite
+// every Secret. A cur that does not open differs.
+func (tx *Tx) sealRecord(cur []byte, dataStart int) (changed bool) {
+	ad := tx.adFor(adObject, tx.okey)
+	if cur != nil {
+		if data, err := objectData(cur); err == nil && sameContent(cur[:len(cur)-len(data)], tx.rec[:dataStart]) {
+			plain, err := tx.seal.s.Open(tx.plain[:0], data, ad)
+			if plain != nil {
+				tx.plain = plain
+			}
+			if err == nil && bytes.Equal(plain, tx.rec[dataStart:]) {
+				return false
+			}
+		}
+	}
+	tx.sealed = tx.seal.s.Seal(append(tx.sealed[:0], tx.rec[:dataStart]...), tx.rec[dataStart:], ad)
+	tx.rec, tx.sealed = tx.sealed, tx.rec
+	return true
 }
 
 // reevaluate moves object o, whose stored copy was cur (nil: none), in or
