@@ -63,6 +63,8 @@ type Hub struct {
 	// --rotate-server-certificates; nil otherwise.
 	serving       *certs.Rotator
 	certRotations *prometheus.CounterVec
+	// sealKey encrypts sensitive cache records (--encryption-key-file).
+	sealKey *seal.Key
 
 	tokenMu sync.Mutex        // guards tokens
 	tokens  map[string]string // user -> the token it last used, in memory only
@@ -135,6 +137,12 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 	}
 	h.auth = &identity.Authenticator{NodeName: cfg.NodeName, ClientCAs: clientCA, Review: h.review, Online: h.monitor.Online}
 
+	if cfg.EncryptionKeyFile != "" {
+		// Checked here, so that a bad key file is a configuration error.
+		if h.sealKey, err = seal.LoadKey(cfg.EncryptionKeyFile); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.SecureAddress != "" {
 		if h.tls, err = h.servingTLS(); err != nil {
 			return nil, err
@@ -267,12 +275,8 @@ func (h *Hub) serverChanged(i int, healthy bool, err error) {
 // Run serves until ctx is done, then drains and stops everything it started.
 func (h *Hub) Run(ctx context.Context) (err error) {
 	opts := store.Options{Logger: h.log}
-	if h.cfg.EncryptionKeyFile != "" {
-		key, err := seal.LoadKey(h.cfg.EncryptionKeyFile)
-		if err != nil {
-			return err
-		}
-		opts.Sealer = key
+	if h.sealKey != nil {
+		opts.Sealer = h.sealKey
 		opts.Sealed = store.SealRule{Resources: []string{"/v1/secrets", "/v1/secrets#meta"}, DocPrefixes: []string{"sa-token\x00", "table\x00"}}
 	}
 	st, err := store.Open(filepath.Join(h.cfg.DataDir, "cache.db"), opts)
