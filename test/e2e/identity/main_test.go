@@ -182,6 +182,12 @@ func (a answer) String() string {
 // get sends GET path to outpost as c, on a connection of its own.
 func (e *edge) get(t *testing.T, c caller, path string) answer {
 	t.Helper()
+	return e.send(t, c, http.MethodGet, path, "")
+}
+
+// send sends method path (with a merge-patch body, if any) to outpost as c.
+func (e *edge) send(t *testing.T, c caller, method, path, body string) answer {
+	t.Helper()
 	caPEM, err := os.ReadFile(e.o.ServingCAFile)
 	if err != nil {
 		t.Fatal(err)
@@ -196,19 +202,22 @@ func (e *edge) get(t *testing.T, c caller, path string) answer {
 	defer tr.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.o.URL+path, nil)
+	req, _ := http.NewRequestWithContext(ctx, method, e.o.URL+path, strings.NewReader(body))
 	req.Header.Set("Accept", "application/json")
+	if body != "" {
+		req.Header.Set("Content-Type", "application/merge-patch+json")
+	}
 	req.Header.Set("User-Agent", kubeletUA)
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
-		t.Fatalf("GET %s: %v", path, err)
+		t.Fatalf("%s %s: %v", method, path, err)
 	}
 	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	return answer{code: resp.StatusCode, body: string(body), servedBy: resp.Header.Get("X-Outpost-Served-By")}
+	got, _ := io.ReadAll(resp.Body)
+	return answer{code: resp.StatusCode, body: string(got), servedBy: resp.Header.Get("X-Outpost-Served-By")}
 }
 
 // status decodes a Status answer; ok is false if the body is not one.

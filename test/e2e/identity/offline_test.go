@@ -54,6 +54,15 @@ func TestPodTokenCannotReadKubeletSecretsOffline(t *testing.T) {
 		refusedByOutpost(t, name+" listing the namespace's secrets", e.get(t, c, "/api/v1/namespaces/"+ns+"/secrets"), secretData, http.StatusForbidden, http.StatusServiceUnavailable)
 		refusedByOutpost(t, name+" listing every secret", e.get(t, c, "/api/v1/secrets"), secretData, http.StatusForbidden, http.StatusServiceUnavailable)
 	}
+	// Writes outpost answers itself offline belong to this node's kubelet
+	// alone: the pod's token, with kubelet's User-Agent, can neither renew
+	// the node's Lease nor patch its Node status.
+	for _, p := range []string{"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/" + node, "/api/v1/nodes/" + node + "/status"} {
+		a := e.send(t, caller{token: seen}, http.MethodPatch, p, `{"metadata":{"labels":{"forged":"yes"}}}`)
+		if st, ok := a.status(); a.code != http.StatusServiceUnavailable || !ok || st.Code != http.StatusServiceUnavailable {
+			t.Errorf("pod token patching %s offline: %v; want outpost's 503 Status", p, a)
+		}
+	}
 	refusedByOutpost(t, "kubelet's User-Agent and no credential", e.get(t, caller{}, secretPath), secretData, http.StatusUnauthorized)
 	refusedByOutpost(t, "a made-up token", e.get(t, caller{token: "kubelet"}, secretPath), secretData, http.StatusUnauthorized)
 }
