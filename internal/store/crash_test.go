@@ -83,6 +83,10 @@ func TestCrash(t *testing.T) {
 	const runs = 20
 	lastRV, lastGen, flips := "1", 0, 0
 	deadline := time.Now().Add(50 * time.Second)
+	// The kill comes within maxDelay of the writer's start. On a loaded
+	// machine the writer may commit nothing that soon: after such a run
+	// the window doubles, so that kills still land between commits.
+	maxDelay := 500 * time.Millisecond
 	for run := 0; run < runs && time.Now().Before(deadline); run++ {
 		// The writer says "ready" once it has opened the store; the kill
 		// comes at a random moment after that.
@@ -113,7 +117,7 @@ func TestCrash(t *testing.T) {
 		case <-time.After(20 * time.Second):
 			t.Fatalf("run %d: the writer did not start in 20 s", run)
 		}
-		time.Sleep(time.Duration(50+rand.IntN(450)) * time.Millisecond)
+		time.Sleep(50*time.Millisecond + rand.N(maxDelay-50*time.Millisecond))
 		if err := cmd.Process.Kill(); err != nil {
 			t.Fatalf("run %d: killing the writer: %v\n%s", run, err, out.Bytes())
 		}
@@ -132,7 +136,10 @@ func TestCrash(t *testing.T) {
 		if gen != lastGen {
 			flips++
 		}
-		t.Logf("run %d: generation %d at resourceVersion %s", run, gen, rv)
+		t.Logf("run %d: generation %d at resourceVersion %s (kill within %s)", run, gen, rv, maxDelay)
+		if rv == lastRV {
+			maxDelay = min(2*maxDelay, 4*time.Second)
+		}
 		lastRV, lastGen = rv, gen
 	}
 	if flips == 0 {
