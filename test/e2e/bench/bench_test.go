@@ -6,11 +6,14 @@ package bench
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -236,6 +239,148 @@ func BenchmarkWatchDelivery(b *testing.B) {
 			b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
 		})
 	}
+}
+
+// BenchmarkProfile runs only when OUTPOST_BENCH_PROFILE names a directory.
+// It runs each online workload for a fixed time, directly and through
+// outpost, and reports the requests per second and the CPU time each
+// process of the path spent per request (the benchmark's own clients, the
+// apiserver, etcd, outpost): on a small machine they share the cores, so
+// outpost's CPU per request is what its throughput costs. Through outpost it
+// also saves outpost's CPU profile and the allocations made meanwhile (from
+// its admin /debug/pprof) as <workload>.cpu.pprof and
+// <workload>.allocs.pprof; read them with `go tool pprof -top <file>`.
+func BenchmarkProfile(b *testing.B) {
+	dir := os.Getenv("OUTPOST_BENCH_PROFILE")
+	if dir == "" {
+		b.Skip("set OUTPOST_BENCH_PROFILE=dir to profile outpost under load")
+	}
+	setup(b)
+	get := func(c *kubernetes.Clientset) func(ctx context.Context) error {
+		return func(ctx context.Context) error {
+			_, err := c.CoreV1().ConfigMaps(ns).Get(ctx, "target", metav1.GetOptions{})
+			return err
+		}
+	}
+	list := func(c *kubernetes.Clientset) func(ctx context.Context) error {
+		return func(ctx context.Context) error {
+			_, err := c.CoreV1().ConfigMaps(listNS).List(ctx, metav1.ListOptions{})
+			return err
+		}
+	}
+	const seconds = 10
+	for _, w := range []struct {
+		name        string
+		concurrency int
+		op          func(*kubernetes.Clientset) func(context.Context) error
+	}{{"get-c1", 1, get}, {"get-c64", 64, get}, {"list-c1", 1, list}, {"list-c64", 64, list}} {
+		for _, path := range []string{"direct", "outpost"} {
+			b.Run(w.name+"/"+path, func(b *testing.B) {
+				op := w.op(clients[path])
+				procs := pathProcesses(b)
+				before := cpuTimes(procs)
+				ctx := context.Background()
+				deadline := time.Now().Add(seconds * time.Second)
+				var wg sync.WaitGroup
+				var done atomic.Int64
+				if path == "outpost" {
+					for _, kind := range []string{"profile", "allocs"} {
+						wg.Go(func() {
+							name := fmt.Sprintf("%s/%s.%s.pprof", dir, w.name, strings.Replace(kind, "profile", "cpu", 1))
+							if err := savePprof(hub.AdminURL+"/debug/pprof/"+kind+"?seconds="+strconv.Itoa(seconds), name); err != nil {
+								b.Error(err)
+							}
+						})
+					}
+				}
+				start := time.Now()
+				for range w.concurrency {
+					wg.Go(func() {
+						for time.Now().Before(deadline) {
+							if op(ctx) == nil {
+								done.Add(1)
+							}
+						}
+					})
+				}
+				wg.Wait()
+				elapsed := time.Since(start)
+				after := cpuTimes(procs)
+				n := float64(done.Load())
+				b.ReportMetric(n/elapsed.Seconds(), "req/s")
+				for name, t := range after {
+					b.ReportMetric(float64((t-before[name]).Microseconds())/n, name+"-cpu-us/req")
+				}
+				for range b.N {
+				}
+			})
+		}
+	}
+}
+
+// pathProcesses finds the processes on the request path by pid: this test
+// binary, the control plane's etcd and apiserver (their command lines name
+// its directory), and outpost.
+func pathProcesses(b *testing.B) map[string]int {
+	procs := map[string]int{"client": os.Getpid(), "outpost": hub.PID()}
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || !strings.Contains(string(cmdline), cp.Dir) {
+			continue
+		}
+		exe, _, _ := strings.Cut(string(cmdline), "\x00")
+		switch base := exe[strings.LastIndexByte(exe, '/')+1:]; base {
+		case "kube-apiserver", "etcd":
+			procs[base] = pid
+		}
+	}
+	return procs
+}
+
+// cpuTimes returns the user+system CPU time of each process so far.
+func cpuTimes(procs map[string]int) map[string]time.Duration {
+	out := map[string]time.Duration{}
+	for name, pid := range procs {
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		// Fields after the command name, which is in parentheses: utime
+		// and stime are the 12th and 13th, in clock ticks (100 per second).
+		f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
+		utime, _ := strconv.ParseInt(f[11], 10, 64)
+		stime, _ := strconv.ParseInt(f[12], 10, 64)
+		out[name] = time.Duration(utime+stime) * 10 * time.Millisecond
+	}
+	return out
+}
+
+func savePprof(url, path string) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // BenchmarkYOfflineList10k compares a LIST of 10,000 objects answered by
