@@ -223,3 +223,12 @@ func OutpostBinary() (string, error) {
 	})
 	return b.path, b.err
 }
+
+// removeOutpostBinary deletes the binary OutpostBinary built, once the
+// tests that ran it are done.
+func removeOutpostBinary() {
+	b := &outpostBuild
+	if b.path != "" && os.Getenv("OUTPOST_BIN") == "" {
+		_ = os.RemoveAll(filepath.Dir(b.path))
+	}
+}

@@ -56,6 +56,7 @@ func Run(m *testing.M, opts Options, cp **ControlPlane) int {
 		}
 	}()
 
+	defer removeOutpostBinary()
 	begin := time.Now()
 	c, err := Start(ctx, opts)
 	if err != nil {
