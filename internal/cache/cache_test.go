@@ -2,13 +2,16 @@ package cache
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -21,7 +24,7 @@ import (
 	"github.com/outposthq/outpost/internal/store"
 )
 
-func newCache(t *testing.T) (*Cache, func()) {
+func newCache(t testing.TB) (*Cache, func()) {
 	t.Helper()
 	st, err := store.Open(filepath.Join(t.TempDir(), "cache.db"), store.Options{NoSync: true})
 	if err != nil {
@@ -56,7 +59,7 @@ func respond(t *testing.T, c *Cache, target, accept, contentType string, body []
 }
 
 // serve asks the cache for target as the reader would, offline.
-func serve(t *testing.T, c *Cache, target, accept string) *httptest.ResponseRecorder {
+func serve(t testing.TB, c *Cache, target, accept string) *httptest.ResponseRecorder {
 	t.Helper()
 	r := httptest.NewRequest(http.MethodGet, target, nil)
 	if accept != "" {
@@ -198,5 +201,100 @@ func TestOfflineWatch(t *testing.T) {
 	w := serve(t, c, "/api/v1/namespaces/ns1/configmaps?watch=true&resourceVersion=5&timeoutSeconds=1", "")
 	if !strings.Contains(w.Body.String(), `"type":"ERROR"`) || !strings.Contains(w.Body.String(), `"code":410`) {
 		t.Fatalf("too-old watch: %s", w.Body)
+	}
+}
+
+// TestGzippedProtobufListsRecorded: lists as kubelet receives them
+// (protobuf, gzipped) are recorded, and recorded again when they change;
+// the start of a big one is inflated first to see whether it changed.
+func TestGzippedProtobufListsRecorded(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	key := store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns1"}
+	for _, step := range []struct {
+		rv string
+		n  int
+	}{{"10", 200}, {"10", 200}, {"11", 201}} {
+		l := &corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: step.rv}}
+		for i := range step.n {
+			item := cm(fmt.Sprintf("cm-%03d", i), "ns1", strconv.Itoa(i+1), nil)
+			item.Data["payload"] = strings.Repeat("x", 200) + strconv.Itoa(i)
+			if i == 5 && step.rv == "11" {
+				// Changed since: decoded anew, while the others are
+				// taken from the store.
+				item.ResourceVersion, item.Data["payload"] = "9999", "changed"
+			}
+			item.TypeMeta = metav1.TypeMeta{}
+			l.Items = append(l.Items, item)
+		}
+		var pb, gz bytes.Buffer
+		if err := protobufSerializer.Encode(l, &pb); err != nil {
+			t.Fatal(err)
+		}
+		zw := gzip.NewWriter(&gz)
+		_, _ = zw.Write(pb.Bytes())
+		_ = zw.Close()
+		if pb.Len() < 2*inflateHead {
+			t.Fatalf("list of %d bytes is too small to test inflating its start first", pb.Len())
+		}
+		r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/ns1/configmaps", nil)
+		r.Header.Set("Accept", "application/vnd.kubernetes.protobuf, */*")
+		info, _ := request.Parse(r, reader)
+		resp := &http.Response{StatusCode: 200, Request: r, Body: io.NopCloser(bytes.NewReader(gz.Bytes())),
+			Header: http.Header{"Content-Type": {mediaProtobuf}, "Content-Encoding": {"gzip"}}}
+		c.Tee(resp, info)
+		if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+		waitFor(t, "view at "+step.rv, func() bool {
+			v, ok, _ := c.Store.View(key)
+			n := 0
+			_ = c.Store.List(key, "", 0, func(store.Object) error { n++; return nil })
+			return ok && v.ResourceVersion == step.rv && n == step.n
+		})
+	}
+	w := serve(t, c, "/api/v1/namespaces/ns1/configmaps/cm-200", "")
+	if w.Code != 200 || !strings.Contains(w.Body.String(), "x200") {
+		t.Fatalf("%d %s", w.Code, w.Body)
+	}
+	w = serve(t, c, "/api/v1/namespaces/ns1/configmaps/cm-005", "")
+	if w.Code != 200 || !strings.Contains(w.Body.String(), `"payload":"changed"`) || !strings.Contains(w.Body.String(), `"resourceVersion":"9999"`) {
+		t.Fatalf("%d %s", w.Code, w.Body)
+	}
+}
+
+func TestInflate(t *testing.T) {
+	gz := func(b []byte) []byte {
+		var out bytes.Buffer
+		zw := gzip.NewWriter(&out)
+		_, _ = zw.Write(b)
+		_ = zw.Close()
+		return out.Bytes()
+	}
+	for _, size := range []int{0, 100, inflateHead - 1, inflateHead, 5 * inflateHead} {
+		plain := bytes.Repeat([]byte("0123456789abcdef"), size/16+1)[:size]
+		for _, stop := range []bool{false, true} {
+			var heads []int
+			got, err := inflate(gz(plain), func(head []byte) bool {
+				if !bytes.HasPrefix(plain, head) {
+					t.Fatalf("size %d: head is not the start of the body", size)
+				}
+				heads = append(heads, len(head))
+				return stop
+			})
+			if err != nil || len(heads) != 1 || heads[0] < min(size, inflateHead) {
+				t.Fatalf("size %d: %v, heads %v", size, err, heads)
+			}
+			if stop && got != nil || !stop && !bytes.Equal(got, plain) {
+				t.Fatalf("size %d stop %v: got %d bytes", size, stop, len(got))
+			}
+		}
+		if size > 0 {
+			cut := gz(plain)
+			if _, err := inflate(cut[:len(cut)-5], nil); err == nil {
+				t.Errorf("size %d: a cut-off gzip stream inflated without an error", size)
+			}
+		}
 	}
 }

@@ -2,12 +2,15 @@ package cache
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"mime"
 	"reflect"
+	"strings"
+	"sync"
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -36,17 +39,6 @@ const (
 // body is dropped (and its view marked stale); it never fails the client.
 var ErrUndecodable = errors.New("undecodable body")
 
-// listDoc is the part of a JSON list outpost needs: items stay raw.
-type listDoc struct {
-	Kind       string `json:"kind"`
-	APIVersion string `json:"apiVersion"`
-	Metadata   struct {
-		ResourceVersion string `json:"resourceVersion"`
-		Continue        string `json:"continue"`
-	} `json:"metadata"`
-	Items []json.RawMessage `json:"items"`
-}
-
 // List is a decoded list answer.
 type List struct {
 	Kind, APIVersion string
@@ -56,6 +48,10 @@ type List struct {
 }
 
 func mediaType(contentType string) string {
+	switch contentType {
+	case mediaJSON, mediaProtobuf, mediaCBOR: // as the apiserver sends them
+		return contentType
+	}
 	mt, _, err := mime.ParseMediaType(contentType)
 	if err != nil {
 		return contentType
@@ -65,23 +61,23 @@ func mediaType(contentType string) string {
 
 // DecodeList decodes a list response body of resource into store objects.
 func DecodeList(contentType string, body []byte, resource string) (List, error) {
+	return decodeList(contentType, body, resource, nil)
+}
+
+// stored returns the stored object of this namespace, name and
+// resourceVersion, if there is one: an item of a list that has not
+// changed since it was stored need not be decoded again, and most items
+// of a re-list have not.
+type stored func(namespace, name, rv string) (store.Object, bool)
+
+func decodeList(contentType string, body []byte, resource string, known stored) (List, error) {
 	switch mediaType(contentType) {
 	case mediaJSON:
-		var doc listDoc
-		if err := json.Unmarshal(body, &doc); err != nil {
-			return List{}, fmt.Errorf("%w: json list: %v", ErrUndecodable, err)
-		}
-		l := List{Kind: doc.Kind, APIVersion: doc.APIVersion, ResourceVersion: doc.Metadata.ResourceVersion, Continue: doc.Metadata.Continue,
-			Items: make([]store.Object, 0, len(doc.Items))}
-		for _, raw := range doc.Items {
-			o, err := objectFromJSON(raw, resource)
-			if err != nil {
-				return List{}, err
-			}
-			l.Items = append(l.Items, o)
-		}
-		return l, nil
+		return decodeJSONList(body, resource, known)
 	case mediaProtobuf, mediaCBOR:
+		if l, ok, err := decodeProtobufList(body, resource, known); ok {
+			return l, err
+		}
 		obj, err := decodeTyped(contentType, body)
 		if err != nil {
 			return List{}, err
@@ -104,6 +100,134 @@ func DecodeList(contentType string, body []byte, resource string) (List, error) 
 		return List{}, fmt.Errorf("%w: content type %q", ErrUndecodable, contentType)
 	}
 }
+
+// decodeProtobufList decodes a protobuf list item by item, where
+// decodeTyped would decode it whole: items known stores already are taken
+// from there. ok is false when it cannot (not protobuf, a list type it
+// does not know the layout of, a malformed body): the caller then decodes
+// the list whole, which says what is wrong.
+func decodeProtobufList(body []byte, resource string, known stored) (l List, ok bool, err error) {
+	env, found := bytes.CutPrefix(body, protobufMagic)
+	if !found || known == nil {
+		return List{}, false, nil
+	}
+	var typeMeta, raw []byte
+	var encoded bool
+	if !protoFields(env, func(num uint64, v []byte) bool {
+		switch num {
+		case 1:
+			typeMeta = v
+		case 2:
+			raw = v
+		case 3:
+			encoded = len(v) > 0 // a content encoding of the raw bytes
+		}
+		return true
+	}) || raw == nil || encoded {
+		return List{}, false, nil
+	}
+	apiVersion, _, _, ok1 := protoField(typeMeta, 1)
+	kind, _, _, ok2 := protoField(typeMeta, 2)
+	if !ok1 || !ok2 {
+		return List{}, false, nil
+	}
+	l.APIVersion, l.Kind = string(apiVersion), string(kind)
+	gv, err := schema.ParseGroupVersion(l.APIVersion)
+	if err != nil {
+		return List{}, false, nil
+	}
+	itemType, ok := protobufListItemType(gv.WithKind(l.Kind))
+	if !ok {
+		return List{}, false, nil
+	}
+	defer func() {
+		// The generated decoders are fed bytes from the network.
+		if r := recover(); r != nil {
+			l, ok, err = List{}, true, fmt.Errorf("%w: decoder panic: %v", ErrUndecodable, r)
+		}
+	}()
+	l.Items = []store.Object{}
+	well := protoFields(raw, func(num uint64, v []byte) bool {
+		switch num {
+		case 1: // ListMeta
+			rv, _, short1, ok1 := protoField(v, 2)
+			cont, _, short2, ok2 := protoField(v, 3)
+			if !ok1 || !ok2 || short1 || short2 {
+				err = fmt.Errorf("%w: protobuf list: malformed metadata", ErrUndecodable)
+				return false
+			}
+			l.ResourceVersion, l.Continue = string(rv), string(cont)
+		case 2: // an item
+			var o store.Object
+			if o, err = decodeProtobufItem(v, itemType, resource, known); err != nil {
+				return false
+			}
+			l.Items = append(l.Items, o)
+		}
+		return true
+	})
+	if err == nil && !well {
+		err = fmt.Errorf("%w: protobuf list: malformed", ErrUndecodable)
+	}
+	if err != nil {
+		return List{}, true, err
+	}
+	return l, true, nil
+}
+
+func decodeProtobufItem(v []byte, itemType reflect.Type, resource string, known stored) (store.Object, error) {
+	if md, found, short, ok := protoField(v, 1); ok && found && !short { // ObjectMeta
+		name, _, _, ok1 := protoField(md, 1)
+		ns, _, _, ok2 := protoField(md, 3)
+		rv, _, _, ok3 := protoField(md, 6)
+		if ok1 && ok2 && ok3 && len(name) > 0 && len(rv) > 0 {
+			if o, ok := known(string(ns), string(name), string(rv)); ok {
+				return o, nil
+			}
+		}
+	}
+	obj := reflect.New(itemType).Interface()
+	if err := obj.(protobufUnmarshaler).Unmarshal(v); err != nil {
+		return store.Object{}, fmt.Errorf("%w: protobuf list item: %v", ErrUndecodable, err)
+	}
+	return objectFromTyped(obj.(runtime.Object), resource)
+}
+
+type protobufUnmarshaler interface{ Unmarshal([]byte) error }
+
+// protobufListItemType returns the item type of a built-in list kind whose
+// protobuf layout is the one every Kubernetes list has, ListMeta in field
+// 1 and the items in field 2, with each item's ObjectMeta in its field 1
+// (checked on the generated struct tags, not assumed).
+func protobufListItemType(gvk schema.GroupVersionKind) (reflect.Type, bool) {
+	if t, ok := listItemTypes.Load(gvk); ok {
+		item := t.(listLayout).item
+		return item, item != nil
+	}
+	var item reflect.Type
+	if obj, err := cacheScheme.New(gvk); err == nil {
+		lt := reflect.TypeOf(obj).Elem()
+		md, ok1 := lt.FieldByName("ListMeta")
+		items, ok2 := lt.FieldByName("Items")
+		if ok1 && ok2 && strings.HasPrefix(md.Tag.Get("protobuf"), "bytes,1,") && strings.HasPrefix(items.Tag.Get("protobuf"), "bytes,2,rep,") &&
+			items.Type.Kind() == reflect.Slice && items.Type.Elem().Kind() == reflect.Struct {
+			it := items.Type.Elem()
+			om, ok := it.FieldByName("ObjectMeta")
+			_, unmarshals := reflect.New(it).Interface().(protobufUnmarshaler)
+			_, isObject := reflect.New(it).Interface().(runtime.Object)
+			if ok && strings.HasPrefix(om.Tag.Get("protobuf"), "bytes,1,") && unmarshals && isObject {
+				item = it
+			}
+		}
+	}
+	listItemTypes.Store(gvk, listLayout{item})
+	return item, item != nil
+}
+
+// listItemTypes remembers protobufListItemType's answers.
+var listItemTypes sync.Map // schema.GroupVersionKind -> listLayout
+
+type listLayout struct{ item reflect.Type } // nil: not one to decode item by item
 
 // DecodeObject decodes a single-object response body. kind and apiVersion
 // are the object's own.
@@ -134,17 +258,55 @@ func DecodeObject(contentType string, body []byte, resource string) (o store.Obj
 
 var cborSerializer = cborserializer.NewSerializer(unstructuredCreater{}, unstructuredTyper{})
 
-// codecs decode and encode the built-in types and the meta.k8s.io types
-// (Table, PartialObjectMetadata) that client-go's scheme leaves out.
+// cacheScheme and codecs decode and encode the built-in types and the
+// meta.k8s.io types (Table, PartialObjectMetadata) that client-go's scheme
+// leaves out. They are built when first used, not at start: registering
+// every built-in type costs memory that an idle outpost, or one whose
+// clients all speak JSON, need not spend.
 var (
-	cacheScheme = func() *runtime.Scheme {
+	cacheScheme lazyScheme
+	codecs      lazyCodecs
+)
+
+var (
+	loadScheme = sync.OnceValue(func() *runtime.Scheme {
 		s := runtime.NewScheme()
 		utilruntime.Must(scheme.AddToScheme(s))
 		metav1.AddMetaToScheme(s)
 		return s
-	}()
-	codecs = serializer.NewCodecFactory(cacheScheme)
+	})
+	loadCodecs = sync.OnceValue(func() serializer.CodecFactory { return serializer.NewCodecFactory(loadScheme()) })
 )
+
+// lazyScheme is the part of *runtime.Scheme the cache uses (it is a
+// runtime.ObjectCreater and runtime.ObjectTyper), built at first use.
+type lazyScheme struct{}
+
+func (lazyScheme) New(gvk schema.GroupVersionKind) (runtime.Object, error) {
+	return loadScheme().New(gvk)
+}
+
+func (lazyScheme) ObjectKinds(obj runtime.Object) ([]schema.GroupVersionKind, bool, error) {
+	return loadScheme().ObjectKinds(obj)
+}
+
+func (lazyScheme) Recognizes(gvk schema.GroupVersionKind) bool { return loadScheme().Recognizes(gvk) }
+
+func (lazyScheme) AllKnownTypes() map[schema.GroupVersionKind]reflect.Type {
+	return loadScheme().AllKnownTypes()
+}
+
+// lazyCodecs is the part of serializer.CodecFactory the cache uses, built
+// at first use.
+type lazyCodecs struct{}
+
+func (lazyCodecs) UniversalDeserializer() runtime.Decoder {
+	return loadCodecs().UniversalDeserializer()
+}
+
+func (lazyCodecs) SupportedMediaTypes() []runtime.SerializerInfo {
+	return loadCodecs().SupportedMediaTypes()
+}
 
 // decodeTyped decodes protobuf (built-in types, via client-go's scheme) or
 // CBOR (into unstructured).
@@ -184,20 +346,40 @@ func objectFromTyped(item runtime.Object, resource string) (o store.Object, err 
 			o, err = store.Object{}, fmt.Errorf("%w: re-encoding item: %v", ErrUndecodable, r)
 		}
 	}()
-	var data []byte
 	if u, ok := item.(*unstructured.Unstructured); ok {
 		c := u.DeepCopy()
 		delete(c.Object, "kind")
 		delete(c.Object, "apiVersion")
-		data, err = json.Marshal(c.Object)
-	} else {
-		item.GetObjectKind().SetGroupVersionKind(schema.GroupVersionKind{})
-		data, err = json.Marshal(item)
+		data, err := json.Marshal(c.Object)
+		if err != nil {
+			return store.Object{}, fmt.Errorf("%w: re-encoding item: %v", ErrUndecodable, err)
+		}
+		return objectFromJSON(data, resource)
 	}
+	// Without its type meta a typed object encodes as a JSON list item.
+	item.GetObjectKind().SetGroupVersionKind(schema.GroupVersionKind{})
+	data, err := json.Marshal(item)
 	if err != nil {
 		return store.Object{}, fmt.Errorf("%w: re-encoding item: %v", ErrUndecodable, err)
 	}
-	return objectFromJSON(data, resource)
+	// Index it from the typed object rather than by decoding the JSON
+	// just written, which would cost as much again.
+	doc, ok := typedFieldsDoc(item, resource)
+	if !ok {
+		return objectFromJSON(data, resource)
+	}
+	f := doc.fields(resource)
+	if doc.Metadata.Name == "" {
+		return store.Object{}, fmt.Errorf("%w: object without metadata.name", ErrUndecodable)
+	}
+	return store.Object{
+		Namespace:       doc.Metadata.Namespace,
+		Name:            doc.Metadata.Name,
+		ResourceVersion: doc.Metadata.ResourceVersion,
+		Labels:          doc.Metadata.Labels,
+		Fields:          f,
+		Data:            data,
+	}, nil
 }
 
 // objectFromJSON indexes one JSON object: name, namespace, resourceVersion,
@@ -227,25 +409,34 @@ func objectFromJSON(raw []byte, resource string) (store.Object, error) {
 }
 
 // stripTypeMeta removes top-level "kind" and "apiVersion" from a JSON
-// object. The apiserver writes them first, so the common case is a cheap
-// prefix cut; anything else is re-encoded.
+// object, leaving the rest byte for byte. It returns a copy.
 func stripTypeMeta(raw []byte) ([]byte, error) {
 	raw = bytes.TrimSpace(raw)
-	if !bytes.Contains(raw[:min(len(raw), 200)], []byte(`"kind"`)) && !bytes.Contains(raw[:min(len(raw), 200)], []byte(`"apiVersion"`)) {
+	var keep [][2]int // spans of the members kept
+	cut := false
+	ok := jsonMembers(raw, func(key []byte, start, _, end int) bool {
+		if jsonKeyIs(key, "kind") || jsonKeyIs(key, "apiVersion") {
+			cut = true
+		} else {
+			keep = append(keep, [2]int{start, end})
+		}
+		return true
+	})
+	if !ok {
+		return nil, fmt.Errorf("%w: json object", ErrUndecodable)
+	}
+	if !cut {
 		return bytes.Clone(raw), nil
 	}
-	var m map[string]json.RawMessage
-	if err := json.Unmarshal(raw, &m); err != nil {
-		return nil, fmt.Errorf("%w: json object: %v", ErrUndecodable, err)
+	out := make([]byte, 0, len(raw))
+	out = append(out, '{')
+	for i, k := range keep {
+		if i > 0 {
+			out = append(out, ',')
+		}
+		out = append(out, raw[k[0]:k[1]]...)
 	}
-	_, hasKind := m["kind"]
-	_, hasAPIVersion := m["apiVersion"]
-	if !hasKind && !hasAPIVersion {
-		return bytes.Clone(raw), nil
-	}
-	delete(m, "kind")
-	delete(m, "apiVersion")
-	return json.Marshal(m)
+	return append(out, '}'), nil
 }
 
 // withTypeMeta puts kind and apiVersion back at the front of a stored
@@ -422,4 +613,429 @@ func (unstructuredTyper) Recognizes(schema.GroupVersionKind) bool { return true 
 func reflectNil(obj runtime.Object) bool {
 	v := reflect.ValueOf(obj)
 	return v.Kind() == reflect.Pointer && v.IsNil()
+}
+
+// decodeJSONList decodes a JSON list, reading each item where it lies in
+// body rather than copying it out first.
+func decodeJSONList(body []byte, resource string, known stored) (List, error) {
+	var l List
+	var err error
+	ok := jsonMembers(body, func(key []byte, _, vstart, vend int) bool {
+		v := body[vstart:vend]
+		switch {
+		case jsonKeyIs(key, "kind"):
+			err = json.Unmarshal(v, &l.Kind)
+		case jsonKeyIs(key, "apiVersion"):
+			err = json.Unmarshal(v, &l.APIVersion)
+		case jsonKeyIs(key, "metadata"):
+			var md struct {
+				ResourceVersion string `json:"resourceVersion"`
+				Continue        string `json:"continue"`
+			}
+			err = json.Unmarshal(v, &md)
+			l.ResourceVersion, l.Continue = md.ResourceVersion, md.Continue
+		case jsonKeyIs(key, "items"):
+			if string(v) == "null" {
+				break
+			}
+			l.Items = make([]store.Object, 0, 64)
+			if !jsonElements(v, func(start, end int) bool {
+				item := v[start:end]
+				if known != nil {
+					if o, ok := knownJSONItem(item, known); ok {
+						l.Items = append(l.Items, o)
+						return true
+					}
+				}
+				var o store.Object
+				if o, err = objectFromJSON(item, resource); err == nil {
+					l.Items = append(l.Items, o)
+				}
+				return err == nil
+			}) && err == nil {
+				err = fmt.Errorf("%w: json list: malformed items", ErrUndecodable)
+			}
+		}
+		return err == nil
+	})
+	if err == nil && !ok {
+		err = fmt.Errorf("%w: json list: not an object", ErrUndecodable)
+	}
+	if err != nil {
+		if !errors.Is(err, ErrUndecodable) {
+			err = fmt.Errorf("%w: json list: %v", ErrUndecodable, err)
+		}
+		return List{}, err
+	}
+	if l.Items == nil {
+		l.Items = []store.Object{}
+	}
+	return l, nil
+}
+
+// knownJSONItem returns the stored object of the JSON list item's
+// namespace, name and resourceVersion, if there is one.
+func knownJSONItem(item []byte, known stored) (store.Object, bool) {
+	var ns, name, rv string
+	plain := true
+	jsonMembers(item, func(key []byte, _, vstart, vend int) bool {
+		if !jsonKeyIs(key, "metadata") {
+			return true
+		}
+		md := item[vstart:vend]
+		jsonMembers(md, func(key []byte, _, vstart, vend int) bool {
+			var p *string
+			switch {
+			case jsonKeyIs(key, "namespace"):
+				p = &ns
+			case jsonKeyIs(key, "name"):
+				p = &name
+			case jsonKeyIs(key, "resourceVersion"):
+				p = &rv
+			default:
+				return true
+			}
+			var ok bool
+			*p, ok = jsonPlainString(md[vstart:vend])
+			plain = plain && ok
+			return plain
+		})
+		return false
+	})
+	if !plain || name == "" || rv == "" {
+		return store.Object{}, false
+	}
+	return known(ns, name, rv)
+}
+
+// peekMeta reads the resourceVersion (and for a list its continue token)
+// of an answer without decoding it: kube-apiserver writes an object's or a
+// list's metadata before anything else of size (JSON: after kind and
+// apiVersion; protobuf: field 1 of the object in its envelope). body may be
+// only the start of the answer; ok is false when the metadata is not all
+// there, or the answer looks unlike what the apiserver writes.
+func peekMeta(contentType string, body []byte, list bool) (rv, cont string, ok bool) {
+	switch mediaType(contentType) {
+	case mediaJSON:
+		return peekJSONMeta(body, list)
+	case mediaProtobuf:
+		return peekProtobufMeta(body, list)
+	}
+	return "", "", false
+}
+
+func peekJSONMeta(body []byte, list bool) (rv, cont string, ok bool) {
+	found := false
+	jsonMembers(body, func(key []byte, _, vstart, vend int) bool {
+		if !jsonKeyIs(key, "metadata") {
+			return true
+		}
+		md := body[vstart:vend]
+		found = jsonMembers(md, func(key []byte, _, vstart, vend int) bool {
+			switch {
+			case jsonKeyIs(key, "resourceVersion"):
+				rv, ok = jsonPlainString(md[vstart:vend])
+			case list && jsonKeyIs(key, "continue"):
+				var cok bool
+				if cont, cok = jsonPlainString(md[vstart:vend]); !cok {
+					// A continue token is base64: no escapes to undo.
+					ok = false
+					return false
+				}
+			}
+			return true
+		})
+		return false
+	})
+	return rv, cont, found && ok && rv != ""
+}
+
+// jsonPlainString returns the JSON string v when it holds no escapes.
+func jsonPlainString(v []byte) (string, bool) {
+	if len(v) < 2 || v[0] != '"' || v[len(v)-1] != '"' || bytes.IndexByte(v, '\\') >= 0 {
+		return "", false
+	}
+	return string(v[1 : len(v)-1]), true
+}
+
+// protobufMagic starts kube-apiserver's protobuf encoding, an envelope
+// (runtime.Unknown) around the object.
+var protobufMagic = []byte("k8s\x00")
+
+func peekProtobufMeta(body []byte, list bool) (rv, cont string, ok bool) {
+	env, found := bytes.CutPrefix(body, protobufMagic)
+	if !found {
+		return "", "", false
+	}
+	raw, found, _, ok := protoField(env, 2) // runtime.Unknown.raw, maybe cut short
+	if !ok || !found {
+		return "", "", false
+	}
+	md, found, short, ok := protoField(raw, 1) // ObjectMeta or ListMeta
+	if !ok || !found || short {
+		return "", "", false
+	}
+	num := uint64(6) // ObjectMeta.resourceVersion
+	if list {
+		num = 2 // ListMeta.resourceVersion
+	}
+	v, found, short, ok := protoField(md, num)
+	if !ok || !found || short || len(v) == 0 {
+		return "", "", false
+	}
+	if list {
+		c, found, short, ok := protoField(md, 3) // ListMeta.continue
+		if !ok || (found && short) {
+			return "", "", false
+		}
+		cont = string(c)
+	}
+	return string(v), cont, true
+}
+
+// protoField finds the first length-delimited field num of the protobuf
+// message b. When b ends inside that field, v is what b holds of it and
+// short is set. ok is false when b is malformed before the field (or, when
+// the field is not found, anywhere).
+func protoField(b []byte, num uint64) (v []byte, found, short, ok bool) {
+	ok = protoScan(b, func(n uint64, value []byte, cut bool) bool {
+		if n != num {
+			return true
+		}
+		v, found, short = value, true, cut
+		return false
+	})
+	return v, found, short, ok || found
+}
+
+// protoFields calls fn with each length-delimited field of the protobuf
+// message b, in order, until fn returns false. It reports whether b is
+// well formed and whole up to where it stopped.
+func protoFields(b []byte, fn func(num uint64, v []byte) bool) bool {
+	stopped := false
+	ok := protoScan(b, func(num uint64, v []byte, cut bool) bool {
+		if cut {
+			return false
+		}
+		stopped = !fn(num, v)
+		return !stopped
+	})
+	return ok || stopped
+}
+
+// protoScan walks the fields of the protobuf message b, calling fn with
+// each length-delimited one: cut says b ends inside it (v then holds what
+// there is, and the walk ends). It returns whether it walked all of b
+// without finding it malformed or being stopped by fn.
+func protoScan(b []byte, fn func(num uint64, v []byte, cut bool) bool) bool {
+	for len(b) > 0 {
+		tag, n := binary.Uvarint(b)
+		if n <= 0 {
+			return false
+		}
+		b = b[n:]
+		var skip uint64
+		switch tag & 7 {
+		case 0: // varint
+			if _, n = binary.Uvarint(b); n <= 0 {
+				return false
+			}
+			skip = uint64(n)
+		case 1: // fixed64
+			skip = 8
+		case 5: // fixed32
+			skip = 4
+		case 2: // length-delimited
+			l, n := binary.Uvarint(b)
+			if n <= 0 {
+				return false
+			}
+			b = b[n:]
+			if l > uint64(len(b)) {
+				fn(tag>>3, b, true)
+				return false
+			}
+			if !fn(tag>>3, b[:l], false) {
+				return false
+			}
+			skip = l
+		default:
+			return false
+		}
+		if skip > uint64(len(b)) {
+			return false
+		}
+		b = b[skip:]
+	}
+	return true
+}
+
+// A small JSON scanner: it finds the members of an object and the elements
+// of an array without decoding them, for the few places that need only a
+// part of a large document (the metadata of a list, its items one by one)
+// or must edit it byte for byte (dropping kind and apiVersion). It trusts
+// its input to be JSON; on anything else it reports failure, never panics.
+
+// jsonMembers calls fn for each member of the JSON object b: its key as
+// written (without quotes), where the member starts and where its value
+// starts and ends. It stops early when fn returns false. ok is false when b
+// is not an object, or ends before fn stopped or the object closed.
+func jsonMembers(b []byte, fn func(key []byte, start, vstart, vend int) bool) (ok bool) {
+	i := jsonSpace(b, 0)
+	if i >= len(b) || b[i] != '{' {
+		return false
+	}
+	i = jsonSpace(b, i+1)
+	if i < len(b) && b[i] == '}' {
+		return true
+	}
+	for {
+		if i >= len(b) || b[i] != '"' {
+			return false
+		}
+		start := i
+		kend := jsonSkipString(b, i)
+		if kend < 0 {
+			return false
+		}
+		i = jsonSpace(b, kend)
+		if i >= len(b) || b[i] != ':' {
+			return false
+		}
+		vstart := jsonSpace(b, i+1)
+		vend := jsonSkip(b, vstart)
+		if vend < 0 {
+			return false
+		}
+		if !fn(b[start+1:kend-1], start, vstart, vend) {
+			return true
+		}
+		i = jsonSpace(b, vend)
+		if i >= len(b) {
+			return false
+		}
+		switch b[i] {
+		case ',':
+			i = jsonSpace(b, i+1)
+		case '}':
+			return true
+		default:
+			return false
+		}
+	}
+}
+
+// jsonElements calls fn with the bounds of each element of the JSON array
+// b, stopping early when fn returns false. ok is as for jsonMembers.
+func jsonElements(b []byte, fn func(start, end int) bool) (ok bool) {
+	i := jsonSpace(b, 0)
+	if i >= len(b) || b[i] != '[' {
+		return false
+	}
+	i = jsonSpace(b, i+1)
+	if i < len(b) && b[i] == ']' {
+		return true
+	}
+	for {
+		end := jsonSkip(b, i)
+		if end < 0 {
+			return false
+		}
+		if !fn(i, end) {
+			return true
+		}
+		i = jsonSpace(b, end)
+		if i >= len(b) {
+			return false
+		}
+		switch b[i] {
+		case ',':
+			i = jsonSpace(b, i+1)
+		case ']':
+			return true
+		default:
+			return false
+		}
+	}
+}
+
+// jsonKeyIs reports whether the raw key (as written, without quotes) is
+// name, undoing escapes in the rare key that has them.
+func jsonKeyIs(key []byte, name string) bool {
+	if bytes.IndexByte(key, '\\') < 0 {
+		return string(key) == name
+	}
+	var s string
+	q := make([]byte, 0, len(key)+2)
+	q = append(append(append(q, '"'), key...), '"')
+	return json.Unmarshal(q, &s) == nil && s == name
+}
+
+func jsonSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// jsonSkipString returns the index after the string that starts at b[i]
+// (a quote), or -1 when b ends first.
+func jsonSkipString(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			i++
+		case '"':
+			return i + 1
+		}
+	}
+	return -1
+}
+
+// jsonSkip returns the index after the value that starts at b[i], or -1
+// when b ends first or holds no value there.
+func jsonSkip(b []byte, i int) int {
+	if i >= len(b) {
+		return -1
+	}
+	switch b[i] {
+	case '"':
+		return jsonSkipString(b, i)
+	case '{', '[':
+		depth := 0
+		for i < len(b) {
+			switch b[i] {
+			case '"':
+				if i = jsonSkipString(b, i); i < 0 {
+					return -1
+				}
+				continue
+			case '{', '[':
+				depth++
+			case '}', ']':
+				if depth--; depth == 0 {
+					return i + 1
+				}
+			}
+			i++
+		}
+		return -1
+	case ',', ':', '}', ']':
+		return -1
+	default: // a number, true, false or null: up to the next delimiter
+		start := i
+		for i < len(b) {
+			switch b[i] {
+			case ',', '}', ']', ' ', '\t', '\n', '\r':
+				return i
+			}
+			i++
+		}
+		// A scalar at the very end: complete only for a bare scalar, which
+		// our callers never scan.
+		if start == 0 {
+			return i
+		}
+		return -1
+	}
 }

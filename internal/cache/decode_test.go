@@ -5,14 +5,20 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"reflect"
 	"testing"
 
+	appsv1 "k8s.io/api/apps/v1"
+	batchv1 "k8s.io/api/batch/v1"
+	certificatesv1 "k8s.io/api/certificates/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer/streaming"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/scheme"
+
+	"github.com/outposthq/outpost/internal/store"
 )
 
 func podList() *corev1.PodList {
@@ -181,7 +187,13 @@ func FuzzDecode(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte, ct uint8) {
 		contentType := []string{mediaJSON, mediaProtobuf, mediaCBOR}[int(ct)%3]
 		_, _ = DecodeList(contentType, body, "/v1/pods")
+		_, _ = decodeList(contentType, body, "/v1/pods", func(ns, name, rv string) (store.Object, bool) {
+			return store.Object{Namespace: ns, Name: name, ResourceVersion: rv}, rv == "41"
+		})
 		_, _, _, _ = DecodeObject(contentType, body, "/v1/pods")
+		_, _, _ = peekMeta(contentType, body, ct&4 == 0)
+		_, _ = stripTypeMeta(body)
+		_, _ = gunzip(body)
 		if d, err := NewWatchDecoder(contentType, io.NopCloser(bytes.NewReader(body)), "/v1/pods"); err == nil {
 			for range 100 {
 				if _, err := d.Next(); err != nil {
@@ -193,4 +205,182 @@ func FuzzDecode(f *testing.F) {
 			}
 		}
 	})
+}
+
+// typedObjects are objects of every type whose field-selector values are
+// read from the typed object, with the resource they are listed as.
+func typedObjects() map[string]runtime.Object {
+	md := metav1.ObjectMeta{Name: "x", Namespace: "ns", ResourceVersion: "7", Labels: map[string]string{"a": "b"},
+		ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "m", APIVersion: "v1", Operation: "Update"}}}
+	pod := podList().Items[1]
+	pod.Spec.RestartPolicy, pod.Spec.SchedulerName, pod.Spec.ServiceAccountName = corev1.RestartPolicyAlways, "default-scheduler", "sa"
+	pod.Status.PodIP, pod.Status.NominatedNodeName = "10.0.0.1", "n2"
+	return map[string]runtime.Object{
+		"/v1/pods":                   &pod,
+		"/v1/nodes":                  &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n", ResourceVersion: "3"}, Spec: corev1.NodeSpec{Unschedulable: true}, Status: corev1.NodeStatus{Phase: "Running"}},
+		"/v1/secrets":                &corev1.Secret{ObjectMeta: md, Type: corev1.SecretTypeOpaque, Data: map[string][]byte{"k": []byte("v")}},
+		"/v1/namespaces":             &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ns"}, Status: corev1.NamespaceStatus{Phase: corev1.NamespaceActive}},
+		"/v1/services":               &corev1.Service{ObjectMeta: md, Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.1", Type: corev1.ServiceTypeClusterIP}},
+		"/v1/replicationcontrollers": &corev1.ReplicationController{ObjectMeta: md, Status: corev1.ReplicationControllerStatus{Replicas: 3}},
+		"apps/v1/replicasets":        &appsv1.ReplicaSet{ObjectMeta: md, Status: appsv1.ReplicaSetStatus{Replicas: 2}},
+		"batch/v1/jobs":              &batchv1.Job{ObjectMeta: md, Status: batchv1.JobStatus{Succeeded: 1}},
+		"certificates.k8s.io/v1/certificatesigningrequests": &certificatesv1.CertificateSigningRequest{ObjectMeta: metav1.ObjectMeta{Name: "csr"},
+			Spec: certificatesv1.CertificateSigningRequestSpec{SignerName: "kubernetes.io/kubelet-serving"}},
+		"/v1/events": &corev1.Event{ObjectMeta: md, Type: "Warning", Reason: "R", ReportingController: "kubelet", Source: corev1.EventSource{Component: "kubelet"},
+			InvolvedObject: corev1.ObjectReference{Kind: "Pod", Namespace: "ns", Name: "p", UID: "u", APIVersion: "v1", ResourceVersion: "5", FieldPath: "spec"}},
+		"/v1/configmaps":      &corev1.ConfigMap{ObjectMeta: md, Data: map[string]string{"k": "v"}},
+		"apps/v1/deployments": &appsv1.Deployment{ObjectMeta: md, Status: appsv1.DeploymentStatus{Replicas: 4}},
+		// A type unlike its resource's: indexed from its JSON instead.
+		"/v1/pods#meta": &metav1.PartialObjectMetadata{ObjectMeta: md},
+	}
+}
+
+// TestTypedAndJSONIndexingAgree: an object decoded from protobuf is stored
+// exactly as the same object decoded from JSON.
+func TestTypedAndJSONIndexingAgree(t *testing.T) {
+	for resource, obj := range typedObjects() {
+		data, err := json.Marshal(obj)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := objectFromJSON(data, resource)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := objectFromTyped(obj.DeepCopyObject(), resource)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s:\n typed %+v\n json  %+v", resource, got, want)
+		}
+	}
+}
+
+func TestStripTypeMeta(t *testing.T) {
+	for in, want := range map[string]string{
+		`{"kind":"Pod","apiVersion":"v1","metadata":{"name":"a"}}`:                        `{"metadata":{"name":"a"}}`,
+		` {"apiVersion":"x/v1","data":{"kind":"k"},"kind":"Foo","metadata":{"name":"a"}}`: `{"data":{"kind":"k"},"metadata":{"name":"a"}}`,
+		`{"metadata":{"name":"a","managedFields":[{"apiVersion":"v1"}]},"spec":{}}`:       `{"metadata":{"name":"a","managedFields":[{"apiVersion":"v1"}]},"spec":{}}`,
+		`{"\u006bind":"Pod", "metadata" : {"name":"a\"}"}}`:                               `{"metadata" : {"name":"a\"}"}}`,
+		`{"kind":"Pod"}`: `{}`,
+		`{}`:             `{}`,
+	} {
+		got, err := stripTypeMeta([]byte(in))
+		if err != nil || string(got) != want {
+			t.Errorf("stripTypeMeta(%s) = %s, %v; want %s", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{``, `[]`, `{"kind":`, `{"a":1`, `{"a" 1}`, `{"a":1,}x`} {
+		if got, err := stripTypeMeta([]byte(bad)); err == nil {
+			t.Errorf("stripTypeMeta(%s) = %s, want an error", bad, got)
+		}
+	}
+}
+
+func TestDecodeJSONList(t *testing.T) {
+	for body, n := range map[string]int{
+		`{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"42"},"items":null}`: 0,
+		`{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"42"},"items":[]}`:   0,
+		// Unstructured lists put items before metadata.
+		`{"apiVersion":"v1","items":[{"metadata":{"name":"a"}} , {"apiVersion":"v1","kind":"Pod","metadata":{"name":"b"}}],"kind":"PodList","metadata":{"resourceVersion":"42","continue":"c"}}`: 2,
+	} {
+		l, err := DecodeList(mediaJSON, []byte(body), "/v1/pods")
+		if err != nil || l.Kind != "PodList" || l.APIVersion != "v1" || l.ResourceVersion != "42" || len(l.Items) != n || l.Items == nil {
+			t.Fatalf("DecodeList(%s) = %+v, %v", body, l, err)
+		}
+		if n == 2 && (l.Continue != "c" || string(l.Items[1].Data) != `{"metadata":{"name":"b"}}`) {
+			t.Fatalf("DecodeList(%s) = %+v", body, l)
+		}
+	}
+	for _, bad := range []string{`{"items":[{"metadata":{}}]}`, `{"items":[1]}`, `{"items":{}}`, `{"items":[{"metadata":{"name":"a"}}`, `[]`, `{"kind":1}`} {
+		if _, err := DecodeList(mediaJSON, []byte(bad), "/v1/pods"); !errors.Is(err, ErrUndecodable) {
+			t.Errorf("DecodeList(%s): %v, want ErrUndecodable", bad, err)
+		}
+	}
+}
+
+// TestPeekMeta: the resourceVersion (and continue token) read at the start
+// of an answer are those a full decode finds, and a start too short to hold
+// them says so.
+func TestPeekMeta(t *testing.T) {
+	l := podList()
+	l.Continue = "tok"
+	pod := l.Items[0]
+	pod.TypeMeta = metav1.TypeMeta{Kind: "Pod", APIVersion: "v1"}
+	for _, c := range []struct {
+		obj      runtime.Object
+		list     bool
+		rv, cont string
+	}{{l, true, "42", "tok"}, {&pod, false, "40", ""}} {
+		for _, ct := range []string{mediaJSON, mediaProtobuf} {
+			var body bytes.Buffer
+			if ct == mediaJSON {
+				_ = json.NewEncoder(&body).Encode(c.obj)
+			} else if err := protobufSerializer.Encode(c.obj, &body); err != nil {
+				t.Fatal(err)
+			}
+			rv, cont, ok := peekMeta(ct, body.Bytes(), c.list)
+			if !ok || rv != c.rv || cont != c.cont {
+				t.Errorf("%s list=%v: peekMeta = %q %q %v, want %q %q", ct, c.list, rv, cont, ok, c.rv, c.cont)
+			}
+			// Every start either has it all or says it has not.
+			for n := range body.Len() {
+				if rv, cont, ok := peekMeta(ct, body.Bytes()[:n], c.list); ok && (rv != c.rv || cont != c.cont) {
+					t.Fatalf("%s list=%v: peekMeta of %d bytes = %q %q", ct, c.list, n, rv, cont)
+				}
+			}
+		}
+	}
+	l.Continue = ""
+	var body bytes.Buffer
+	_ = protobufSerializer.Encode(l, &body)
+	if rv, cont, ok := peekMeta(mediaProtobuf, body.Bytes(), true); !ok || rv != "42" || cont != "" {
+		t.Errorf("protobuf list without continue: %q %q %v", rv, cont, ok)
+	}
+	if _, _, ok := peekMeta(mediaCBOR, body.Bytes(), true); ok {
+		t.Error("peekMeta claims to read CBOR")
+	}
+}
+
+// TestItemwiseListDecoding: a protobuf list decoded item by item gives what
+// decoding it whole gives, and items the store holds at the same
+// resourceVersion are taken from it, in both encodings.
+func TestItemwiseListDecoding(t *testing.T) {
+	pods := podList()
+	deployments := &appsv1.DeploymentList{TypeMeta: metav1.TypeMeta{Kind: "DeploymentList", APIVersion: "apps/v1"}, ListMeta: metav1.ListMeta{ResourceVersion: "9", Continue: "next"},
+		Items: []appsv1.Deployment{{ObjectMeta: metav1.ObjectMeta{Name: "d", Namespace: "ns", ResourceVersion: "8"}, Status: appsv1.DeploymentStatus{Replicas: 2}}}}
+	meta := &metav1.PartialObjectMetadataList{TypeMeta: metav1.TypeMeta{Kind: "PartialObjectMetadataList", APIVersion: "meta.k8s.io/v1"}, ListMeta: metav1.ListMeta{ResourceVersion: "7"},
+		Items: []metav1.PartialObjectMetadata{{ObjectMeta: metav1.ObjectMeta{Name: "m", ResourceVersion: "6", Labels: map[string]string{"a": "b"}}}}}
+	never := func(string, string, string) (store.Object, bool) { return store.Object{}, false }
+	for resource, list := range map[string]runtime.Object{"/v1/pods": pods, "apps/v1/deployments": deployments, "/v1/pods#meta": meta} {
+		var pb bytes.Buffer
+		if err := protobufSerializer.Encode(list, &pb); err != nil {
+			t.Fatal(err)
+		}
+		whole, err := decodeList(mediaProtobuf, pb.Bytes(), resource, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		items, ok, err := decodeProtobufList(pb.Bytes(), resource, never)
+		if !ok || err != nil || !reflect.DeepEqual(items, whole) {
+			t.Errorf("%s: item by item (%v %v)\n %+v\nwhole\n %+v", resource, ok, err, items, whole)
+		}
+	}
+
+	// Known items are not decoded.
+	sentinel := store.Object{Namespace: "ns", Name: "b", ResourceVersion: "41", Data: []byte(`{"stored":true}`)}
+	known := func(ns, name, rv string) (store.Object, bool) {
+		return sentinel, ns == "ns" && name == "b" && rv == "41"
+	}
+	js, _ := json.Marshal(pods)
+	var pb bytes.Buffer
+	_ = protobufSerializer.Encode(pods, &pb)
+	for ct, body := range map[string][]byte{mediaJSON: js, mediaProtobuf: pb.Bytes()} {
+		l, err := decodeList(ct, body, "/v1/pods", known)
+		if err != nil || len(l.Items) != 2 || string(l.Items[1].Data) != `{"stored":true}` || string(l.Items[0].Data) == `{"stored":true}` ||
+			l.ResourceVersion != "42" || l.Kind != "PodList" {
+			t.Errorf("%s: %+v %v", ct, l, err)
+		}
+	}
 }

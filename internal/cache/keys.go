@@ -41,10 +41,19 @@ func parseAccept(h string) accept {
 	if strings.TrimSpace(h) == "" {
 		return accept{plainJSON: true, media: mediaJSON}
 	}
-	for _, part := range strings.Split(h, ",") {
-		mt, params, err := mime.ParseMediaType(strings.TrimSpace(part))
-		if err != nil {
-			continue
+	for part := range strings.SplitSeq(h, ",") {
+		part = strings.TrimSpace(part)
+		var mt string
+		var params map[string]string
+		if strings.IndexByte(part, ';') < 0 {
+			// No parameters, as clients send most media types: no need
+			// for the parser's allocations.
+			mt = strings.ToLower(part)
+		} else {
+			var err error
+			if mt, params, err = mime.ParseMediaType(part); err != nil {
+				continue
+			}
 		}
 		if as := params["as"]; as != "" {
 			if a.as == "" && a.media == "" {

@@ -3,10 +3,10 @@ package cache
 import (
 	"bytes"
 	"compress/gzip"
-	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
+	"slices"
 	"sync"
 
 	"k8s.io/apimachinery/pkg/watch"
@@ -42,12 +42,18 @@ func (c *Cache) Tee(resp *http.Response, info *request.Info) {
 	contentType := resp.Header.Get("Content-Type")
 	switch k {
 	case getObject, listObjects:
-		c.teeOrdered(resp, view, func(body []byte) {
+		c.teeOrdered(resp, view, func(body []byte, whole bool) bool {
+			if !whole {
+				// The start of a gzipped answer: enough to tell one the
+				// view holds already, without inflating the rest.
+				return c.holds(view, contentType, body, k == listObjects, r)
+			}
 			if k == getObject {
 				c.recordObject(view, contentType, body)
 			} else {
 				c.recordList(r, view, contentType, body)
 			}
+			return true
 		})
 	case table:
 		key := tableKey(view.Identity, r)
@@ -96,9 +102,17 @@ func (c *Cache) teeWhole(resp *http.Response, view *store.ViewKey, done func(bod
 // for the view that arrive while the answer is being decoded are held by
 // the writer until it has applied the answer, so an informer's list never
 // overwrites the watch events that follow it.
-func (c *Cache) teeOrdered(resp *http.Response, view store.ViewKey, record func(body []byte)) {
+//
+// record is called with the whole body (whole), and first, for a gzipped
+// body, with its start inflated: when record then says it is done (an
+// answer the view holds already) the rest is not inflated.
+func (c *Cache) teeOrdered(resp *http.Response, view store.ViewKey, record func(body []byte, whole bool) (done bool)) {
 	gz := resp.Header.Get("Content-Encoding") == "gzip"
-	resp.Body = &wholeTee{ReadCloser: resp.Body, c: c, limit: c.MaxBody, done: func(body []byte, ok bool, reason string) {
+	t := &wholeTee{ReadCloser: resp.Body, c: c, limit: c.MaxBody, pooled: true}
+	if n := resp.ContentLength; n > 0 && n <= int64(c.MaxBody) {
+		t.size = int(n)
+	}
+	t.done = func(raw []byte, ok bool, reason string) {
 		if !ok {
 			c.drop(&view, reason)
 			return
@@ -106,22 +120,29 @@ func (c *Cache) teeOrdered(resp *http.Response, view store.ViewKey, record func(
 		c.hold(view)
 		job := func() {
 			defer func() { c.writes <- write{release: &view} }() // after the replace, in order
-			if gz {
-				var err error
-				if body, err = gunzip(body); err != nil {
-					c.drop(&view, "undecodable")
-					return
-				}
+			defer putBody(raw)
+			if !gz {
+				record(raw, true)
+				return
 			}
-			record(body)
+			body, err := inflate(raw, func(head []byte) bool { return record(head, false) })
+			switch {
+			case err != nil:
+				c.drop(&view, "undecodable")
+			case body != nil:
+				record(body, true)
+				putBody(body)
+			}
 		}
 		select {
 		case c.jobs <- job:
 		default:
 			c.unhold(view)
+			putBody(raw)
 			c.drop(&view, "queue-full")
 		}
-	}}
+	}
+	resp.Body = t
 }
 
 func (c *Cache) hold(view store.ViewKey) {
@@ -153,6 +174,8 @@ type wholeTee struct {
 	io.ReadCloser
 	c        *Cache
 	limit    int
+	size     int  // the body's length when known, to allocate once
+	pooled   bool // buf comes from (and goes back to) the body pool
 	buf      []byte
 	held     int64
 	dropped  string
@@ -169,6 +192,19 @@ func (t *wholeTee) Read(p []byte) (int, error) {
 			t.c.buffered.Add(-int64(n))
 			t.release("memory")
 		} else {
+			if t.buf == nil {
+				size := t.size
+				if size == 0 {
+					// No Content-Length: a list the apiserver streams,
+					// most likely tens or hundreds of KiB.
+					size = max(n, 64<<10)
+				}
+				if t.pooled {
+					t.buf = getBody(size)
+				} else {
+					t.buf = make([]byte, 0, size)
+				}
+			}
 			t.held += int64(n)
 			t.buf = append(t.buf, p[:n]...)
 		}
@@ -190,6 +226,9 @@ func (t *wholeTee) Read(p []byte) (int, error) {
 func (t *wholeTee) release(reason string) {
 	t.dropped = reason
 	t.c.buffered.Add(-t.held)
+	if t.pooled {
+		putBody(t.buf)
+	}
 	t.buf, t.held = nil, 0
 }
 
@@ -205,6 +244,9 @@ func (t *wholeTee) Close() error {
 }
 
 func (c *Cache) recordObject(view store.ViewKey, contentType string, body []byte) {
+	if c.holds(view, contentType, body, false, nil) {
+		return
+	}
 	o, kind, apiVersion, err := DecodeObject(contentType, body, view.Resource)
 	if err != nil {
 		c.undecodable(&view, err)
@@ -227,13 +269,10 @@ type pagedList struct {
 const maxPagedObjects = 1_000_000
 
 func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType string, body []byte) {
-	if r.URL.Query().Get("continue") == "" && mediaType(contentType) == mediaJSON {
-		// Skip decoding a whole list the view already holds.
-		if rv, cont, ok := peekListMeta(body); ok && cont == "" && c.unchanged(view, rv) {
-			return
-		}
+	if c.holds(view, contentType, body, true, r) {
+		return
 	}
-	l, err := DecodeList(contentType, body, view.Resource)
+	l, err := c.decodeList(view, contentType, body)
 	if err != nil {
 		c.undecodable(&view, err)
 		return
@@ -273,6 +312,39 @@ func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType stri
 	}
 	v := store.View{Key: view, ResourceVersion: l.ResourceVersion, Kind: l.Kind, APIVersion: l.APIVersion, Updated: c.Now()}
 	c.send(write{replace: &replaceView{view: v, objs: items}}, &view, "queue-full")
+}
+
+// decodeList decodes a list answer for view, taking the items that have
+// not changed since they were stored (the same resourceVersion) from the
+// store instead of decoding them again: a re-list, or a list whose
+// resourceVersion moved because anything in the cluster was written, is
+// mostly such items.
+func (c *Cache) decodeList(view store.ViewKey, contentType string, body []byte) (l List, err error) {
+	rerr := c.Store.Read(func(tx *store.Tx) error {
+		l, err = decodeList(contentType, body, view.Resource, func(namespace, name, rv string) (store.Object, bool) {
+			o, ok, err := tx.Get(view.Resource, namespace, name)
+			return o, err == nil && ok && o.ResourceVersion == rv
+		})
+		return nil
+	})
+	if rerr != nil {
+		// The store cannot be read: decode everything.
+		return DecodeList(contentType, body, view.Resource)
+	}
+	return l, err
+}
+
+// holds reports whether view already holds the answer body (or the start
+// of it) without decoding it: the answer's resourceVersion, read where the
+// apiserver writes it, is the view's. Unchanged objects and lists, which
+// clients read again and again, then cost neither a decode nor a write. A
+// list must be whole (neither a page nor the first page of several).
+func (c *Cache) holds(view store.ViewKey, contentType string, body []byte, list bool, r *http.Request) bool {
+	rv, cont, ok := peekMeta(contentType, body, list)
+	if !ok || cont != "" || (list && r.URL.Query().Get("continue") != "") {
+		return false
+	}
+	return c.unchanged(view, rv)
 }
 
 // unchanged reports whether view already holds this answer: the same
@@ -457,46 +529,99 @@ func (p *pipe) CloseRead() {
 func (p *pipe) Close() error { p.CloseRead(); return nil }
 
 func gunzip(b []byte) ([]byte, error) {
-	zr, err := gzip.NewReader(bytes.NewReader(b))
+	return inflate(b, nil)
+}
+
+// inflateHead is how much of a gzipped answer is inflated first to peek at
+// its metadata, which the apiserver writes in its first hundred bytes or so.
+const inflateHead = 4 << 10
+
+// inflate decompresses the gzipped b into a buffer from the body pool. If
+// head is set, it is first called with the start of the result, and when
+// it returns true inflate stops there and returns nil.
+func inflate(b []byte, head func([]byte) bool) ([]byte, error) {
+	zr, _ := gzipReaders.Get().(*gzip.Reader)
+	var err error
+	if zr == nil {
+		zr, err = gzip.NewReader(bytes.NewReader(b))
+	} else {
+		err = zr.Reset(bytes.NewReader(b))
+	}
 	if err != nil {
 		return nil, err
 	}
-	var out bytes.Buffer
-	_, err = io.Copy(&out, zr)
-	return out.Bytes(), err
-}
-
-// peekListMeta reads a JSON list's metadata without decoding its items:
-// the apiserver writes kind, apiVersion and metadata before items.
-func peekListMeta(body []byte) (rv, cont string, ok bool) {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
-		return "", "", false
-	}
-	for dec.More() {
-		t, err := dec.Token()
-		if err != nil {
-			return "", "", false
+	defer gzipReaders.Put(zr)
+	// Compressed Kubernetes JSON and protobuf are a fifth to a tenth of
+	// their size; grow from there.
+	out := getBody(min(max(4*len(b), 4<<10), 64<<20))
+	for {
+		end := cap(out)
+		if head != nil {
+			end = min(end, inflateHead)
 		}
-		key, _ := t.(string)
-		if key == "items" {
-			return "", "", false // metadata not first: decode it all
-		}
-		if key != "metadata" {
-			var skip json.RawMessage
-			if dec.Decode(&skip) != nil {
-				return "", "", false
-			}
+		if len(out) == end {
+			out = slices.Grow(out, len(out))
 			continue
 		}
-		var md struct {
-			ResourceVersion string `json:"resourceVersion"`
-			Continue        string `json:"continue"`
+		n, err := zr.Read(out[len(out):end])
+		out = out[:len(out)+n]
+		if err == io.EOF {
+			break
 		}
-		if dec.Decode(&md) != nil {
-			return "", "", false
+		if err != nil {
+			putBody(out)
+			return nil, err
 		}
-		return md.ResourceVersion, md.Continue, md.ResourceVersion != ""
+		if head != nil && len(out) >= inflateHead {
+			if head(out) {
+				putBody(out)
+				return nil, nil
+			}
+			head = nil
+		}
 	}
-	return "", "", false
+	if head != nil && head(out) {
+		putBody(out)
+		return nil, nil
+	}
+	return out, nil
+}
+
+var gzipReaders sync.Pool
+
+// bodies lends buffers for recorded answers, which are copied and
+// decoded off the request path and then dropped: a list of a thousand
+// objects is half a megabyte, read again at every re-list. Small bodies
+// (single objects) are not worth pooling.
+var bodies sync.Pool
+
+// minPooledBody and maxPooledBody bound the buffers kept for reuse; the
+// upper bound keeps one huge list from staying in memory after it was
+// recorded.
+const (
+	minPooledBody = 16 << 10
+	maxPooledBody = 4 << 20
+)
+
+// getBody returns an empty buffer with room for at least n bytes.
+func getBody(n int) []byte {
+	if n < minPooledBody {
+		return make([]byte, 0, n)
+	}
+	if p, _ := bodies.Get().(*[]byte); p != nil {
+		if cap(*p) >= n {
+			return (*p)[:0]
+		}
+		bodies.Put(p)
+	}
+	return make([]byte, 0, n)
+}
+
+// putBody gives b back once nothing refers to it any more.
+func putBody(b []byte) {
+	if cap(b) < minPooledBody || cap(b) > maxPooledBody {
+		return
+	}
+	b = b[:0]
+	bodies.Put(&b)
 }

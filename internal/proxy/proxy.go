@@ -5,6 +5,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -13,8 +14,10 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strconv"
+	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
 	"github.com/outposthq/outpost/internal/cache"
@@ -65,6 +68,10 @@ type Handler struct {
 	Stopping context.Context
 
 	proxy *httputil.ReverseProxy
+	// inFlight and responseBytes are Metrics' children resolved once, as
+	// their labels take few values.
+	inFlight      map[bool]prometheus.Gauge // by long-running
+	responseBytes map[string]prometheus.Counter
 }
 
 // Init prepares h. It must be called once before ServeHTTP.
@@ -91,9 +98,42 @@ func (h *Handler) Init() {
 		},
 		// Watches are flushed event by event: the reverse proxy flushes at
 		// once when the response has no Content-Length, as watch and
-		// chunked list responses have.
+		// chunked list responses have (recorder.FlushError keeps those
+		// flushes for long-running requests only).
 		FlushInterval: 0,
+		BufferPool:    copyBuffers{},
 		ErrorLog:      slog.NewLogLogger(h.Log.Handler(), slog.LevelWarn),
+	}
+	if h.Metrics != nil {
+		h.inFlight = map[bool]prometheus.Gauge{
+			false: h.Metrics.InFlight.WithLabelValues("short"),
+			true:  h.Metrics.InFlight.WithLabelValues("long-running"),
+		}
+		h.responseBytes = map[string]prometheus.Counter{}
+		for _, by := range []string{servedByUpstream, servedByCache, servedByOutpost} {
+			h.responseBytes[by] = h.Metrics.ResponseBytes.WithLabelValues(by)
+		}
+	}
+}
+
+// The values of the served_by label.
+const (
+	servedByUpstream = "upstream"
+	servedByCache    = "cache"
+	servedByOutpost  = "outpost" // a local write or outpost's own Status
+)
+
+// copyBuffers lends the reverse proxy its 32 KiB body copy buffers, which
+// it would otherwise allocate for every response.
+type copyBuffers struct{}
+
+var copyBufferPool = sync.Pool{New: func() any { return new([32 << 10]byte) }}
+
+func (copyBuffers) Get() []byte { return copyBufferPool.Get().(*[32 << 10]byte)[:] }
+
+func (copyBuffers) Put(b []byte) {
+	if len(b) == 32<<10 {
+		copyBufferPool.Put((*[32 << 10]byte)(b))
 	}
 }
 
@@ -112,9 +152,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	ctx := request.WithInfo(r.Context(), info)
-	kind := "short"
 	if info.LongRunning {
-		kind = "long-running"
 		if h.Stopping != nil {
 			var cancel context.CancelFunc
 			ctx, cancel = context.WithCancel(ctx)
@@ -123,10 +161,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			defer cancel()
 		}
 	}
-	rec := &recorder{ResponseWriter: w, code: http.StatusOK}
+	rec := &recorder{ResponseWriter: w, code: http.StatusOK, stream: info.LongRunning}
 	if h.Metrics != nil {
-		h.Metrics.InFlight.WithLabelValues(kind).Inc()
-		defer h.Metrics.InFlight.WithLabelValues(kind).Dec()
+		g := h.inFlight[info.LongRunning]
+		g.Inc()
+		defer g.Dec()
 	}
 	r = r.WithContext(ctx)
 	offline := h.Cache != nil && h.Online != nil && !h.Online()
@@ -146,6 +185,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// all still tried while every one is judged unhealthy.
 		h.proxy.ServeHTTP(rec, r)
 	}
+	rec.finish()
 
 	if h.Metrics != nil {
 		resource := info.Resource
@@ -154,20 +194,35 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		} else if info.Subresource != "" {
 			resource += "/" + info.Subresource
 		}
-		servedBy := "upstream"
+		servedBy := servedByUpstream
 		if rec.local {
-			servedBy = "outpost" // a local write or outpost's own Status
+			servedBy = servedByOutpost
 		} else if rec.Header().Get(cache.ServedByHeader) != "" {
-			servedBy = "cache"
+			servedBy = servedByCache
 		}
-		h.Metrics.Requests.WithLabelValues(info.Verb, resource, strconv.Itoa(rec.code), servedBy).Inc()
+		h.Metrics.Requests.WithLabelValues(info.Verb, resource, codeString(rec.code), servedBy).Inc()
 		end := rec.firstWrite
 		if !info.LongRunning || end.IsZero() {
 			end = time.Now()
 		}
 		h.Metrics.Duration.WithLabelValues(info.Verb, resource, servedBy).Observe(end.Sub(start).Seconds())
-		h.Metrics.ResponseBytes.WithLabelValues(servedBy).Add(float64(rec.bytes))
+		h.responseBytes[servedBy].Add(float64(rec.bytes))
 	}
+}
+
+// codeString is strconv.Itoa without an allocation for the usual codes.
+func codeString(code int) string {
+	switch code {
+	case http.StatusOK:
+		return "200"
+	case http.StatusCreated:
+		return "201"
+	case http.StatusNotFound:
+		return "404"
+	case http.StatusConflict:
+		return "409"
+	}
+	return strconv.Itoa(code)
 }
 
 func (h *Handler) reject(w http.ResponseWriter, r *http.Request, err error) {
@@ -204,10 +259,19 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 }
 
 // recorder notes what the handler wrote, for metrics. It unwraps for
-// http.ResponseController, so flushing and hijacking reach the real writer.
+// http.ResponseController, so hijacking reaches the real writer; flushes do
+// only for streams.
 type recorder struct {
 	http.ResponseWriter
-	local      bool // outpost itself answered (an error Status)
+	// stream is set for long-running requests, whose every flush must
+	// reach the client at once (watch events, logs, upgraded streams).
+	// Other answers without a Content-Length (lists) are sent in writes of
+	// 32 KiB (body) and when they end: the reverse proxy would otherwise
+	// flush after every read of such a body, and a small read costs as
+	// much to send as a large one.
+	stream     bool
+	body       *bufio.Writer // the buffered body of an answer that is not a stream
+	local      bool          // outpost itself answered (an error Status)
 	code       int
 	bytes      int64
 	firstWrite time.Time
@@ -223,16 +287,50 @@ func (r *recorder) WriteHeader(code int) {
 	r.ResponseWriter.WriteHeader(code)
 }
 
-func (r *recorder) Write(b []byte) (int, error) {
+func (r *recorder) Write(b []byte) (n int, err error) {
 	if r.firstWrite.IsZero() {
 		r.firstWrite = time.Now()
 	}
-	n, err := r.ResponseWriter.Write(b)
+	if r.stream || (r.body == nil && r.Header().Get("Content-Length") != "") {
+		// A body of known length is never flushed before its end.
+		n, err = r.ResponseWriter.Write(b)
+	} else {
+		if r.body == nil {
+			r.body = bodyBuffers.Get().(*bufio.Writer)
+			r.body.Reset(r.ResponseWriter)
+		}
+		n, err = r.body.Write(b)
+	}
 	r.bytes += int64(n)
 	return n, err
 }
 
+// finish sends what the body buffer still holds.
+func (r *recorder) finish() {
+	if r.body == nil {
+		return
+	}
+	_ = r.body.Flush() // a client that went away is not an error of ours
+	r.body.Reset(nil)
+	bodyBuffers.Put(r.body)
+	r.body = nil
+}
+
+// bodyBuffers gather an answer's body into writes of 32 KiB: an HTTP/2
+// response writer sends each write that reaches past its own 4 KiB buffer
+// as DATA frames at once, at the cost of a round trip between goroutines
+// and often a write to the socket.
+var bodyBuffers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 32<<10) }}
+
 func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// FlushError is what http.ResponseController.Flush calls.
+func (r *recorder) FlushError() error {
+	if !r.stream {
+		return nil
+	}
+	return http.NewResponseController(r.ResponseWriter).Flush()
+}
 
 // watchBody ends a watch stream cleanly when its apiserver connection
 // breaks. A watch may end at any time (the apiserver ends them by timeout);

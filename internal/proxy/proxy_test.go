@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/tls"
 	"io"
 	"log/slog"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -149,5 +151,40 @@ func TestNoUpstreamIsAStatus(t *testing.T) {
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(b), `"kind":"Status"`) || resp.Header.Get("Retry-After") == "" {
 		t.Fatalf("%s %s %v", resp.Status, b, resp.Header)
+	}
+}
+
+// TestStreamedBodiesArriveWhole: answers without a Content-Length (lists,
+// which kube-apiserver streams) and with one arrive byte for byte, however
+// the apiserver cuts and flushes them.
+func TestStreamedBodiesArriveWhole(t *testing.T) {
+	body := make([]byte, 300<<10)
+	for i := range body {
+		body[i] = byte('a' + i%26)
+	}
+	up := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Query().Get("length") != "" {
+			w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		}
+		for rest := body; len(rest) > 0; {
+			n := min(len(rest), 1+len(rest)%7000)
+			_, _ = w.Write(rest[:n])
+			w.(http.Flusher).Flush()
+			rest = rest[n:]
+		}
+	}))
+	defer up.Close()
+	p := newHandler(t, up)
+	for _, q := range []string{"", "?length=1"} {
+		resp, err := http.Get(p.URL + "/api/v1/pods" + q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(got, body) {
+			t.Fatalf("%s: %s, %d of %d bytes, %v", q, resp.Status, len(got), len(body), err)
+		}
 	}
 }
