@@ -66,7 +66,7 @@ type Hub struct {
 	// sealKey encrypts sensitive cache records (--encryption-key-file).
 	sealKey *seal.Key
 
-	tokenMu sync.Mutex        // guards tokens
+	tokenMu sync.RWMutex      // guards tokens
 	tokens  map[string]string // user -> the token it last used, in memory only
 
 	// Listeners, if set, replace listening on the configured addresses
@@ -411,6 +411,13 @@ func (h *Hub) fetchAsNode(ctx context.Context, r *http.Request) (*http.Response,
 }
 
 func (h *Hub) sawToken(user, token string) {
+	// Called on every token request: a read lock while nothing changes.
+	h.tokenMu.RLock()
+	same := h.tokens[user] == token
+	h.tokenMu.RUnlock()
+	if same {
+		return
+	}
 	h.tokenMu.Lock()
 	defer h.tokenMu.Unlock()
 	if h.tokens == nil || len(h.tokens) > 10000 {
