@@ -22,7 +22,6 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/serializer/streaming"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
 	"k8s.io/apimachinery/pkg/watch"
-	"k8s.io/client-go/kubernetes/scheme"
 	restwatch "k8s.io/client-go/rest/watch"
 
 	"github.com/outposthq/outpost/internal/store"
@@ -271,7 +270,7 @@ var (
 var (
 	loadScheme = sync.OnceValue(func() *runtime.Scheme {
 		s := runtime.NewScheme()
-		utilruntime.Must(scheme.AddToScheme(s))
+		utilruntime.Must(builtinTypes.AddToScheme(s))
 		metav1.AddMetaToScheme(s)
 		return s
 	})

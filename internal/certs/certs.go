@@ -144,6 +144,11 @@ func serial() *big.Int {
 // writePEM writes one PEM block to path atomically (temp file, fsync,
 // rename) with mode 0600.
 func writePEM(path, typ string, der []byte) error {
+	return writeFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}))
+}
+
+// writeFile replaces path with data, mode 0600: temp file, fsync, rename.
+func writeFile(path string, data []byte) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp*")
 	if err != nil {
 		return err
@@ -153,7 +158,7 @@ func writePEM(path, typ string, der []byte) error {
 		tmp.Close()
 		return err
 	}
-	if err := pem.Encode(tmp, &pem.Block{Type: typ, Bytes: der}); err != nil {
+	if _, err := tmp.Write(data); err != nil {
 		tmp.Close()
 		return fmt.Errorf("writing %s: %w", path, err)
 	}

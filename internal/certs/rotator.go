@@ -12,15 +12,14 @@ import (
 	"log/slog"
 	"math/big"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	certificatesv1 "k8s.io/api/certificates/v1"
-	"k8s.io/client-go/kubernetes"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/util/cert"
-	"k8s.io/client-go/util/certificate"
-	"k8s.io/client-go/util/certificate/csr"
 	"k8s.io/client-go/util/keyutil"
 )
 
@@ -33,7 +32,7 @@ const (
 // Rotator keeps one certificate that the cluster signs on request fresh: it
 // files a CertificateSigningRequest when it holds none (or only an expired
 // one), waits for approval, keeps the key and certificate in Dir (0600, in
-// client-go's kubelet file layout: <Name>-<time>.pem and the symlink
+// kubelet's file layout: <Name>-<time>.pem holding both, and the symlink
 // <Name>-current.pem), and files a new request at a random point between 70
 // and 90 per cent of the certificate's life, as kubelet does.
 //
@@ -51,14 +50,13 @@ type Rotator struct {
 	// Client returns the client that files the request: with the current
 	// certificate (renewal), or with bootstrap credentials when current is
 	// nil.
-	Client func(current *tls.Certificate) (kubernetes.Interface, error)
+	Client func(current *tls.Certificate) (*CSRClient, error)
 	// OnRotate, if set, is called after a new certificate replaced an older
 	// one (not after the first), e.g. to close connections made with it.
 	OnRotate func(*tls.Certificate)
 	Log      *slog.Logger
 
-	store certificate.FileStore
-	cur   atomic.Pointer[tls.Certificate]
+	cur atomic.Pointer[tls.Certificate]
 	// received is when the current certificate was written to Dir: the
 	// signer back-dates NotBefore (by five minutes in kube-controller-
 	// manager), which must not make a short-lived certificate look older.
@@ -77,24 +75,23 @@ func (r *Rotator) Load() error {
 	if err := os.MkdirAll(r.Dir, 0o700); err != nil {
 		return fmt.Errorf("creating %s: %w", r.Dir, err)
 	}
-	st, err := certificate.NewFileStore(r.Name, r.Dir, r.Dir, "", "")
-	if err != nil {
-		return fmt.Errorf("opening certificate store %s: %w", r.Dir, err)
-	}
-	r.store = st
-	c, err := st.Current()
-	var none *certificate.NoCertKeyError
+	current := r.CurrentPath()
+	c, err := tls.LoadX509KeyPair(current, current)
 	switch {
-	case errors.As(err, &none):
+	case errors.Is(err, os.ErrNotExist):
 		return nil
 	case err != nil:
 		// A damaged pair is replaced by a new request, not fatal.
 		r.Log.Warn("stored certificate is unusable; a new one will be requested", "name", r.Name, "err", err)
 		return nil
 	}
-	r.set(c, fileTime(st.CurrentPath()))
+	r.set(&c, fileTime(current))
 	return nil
 }
+
+// CurrentPath is the file (a symlink) holding the current certificate and
+// its key.
+func (r *Rotator) CurrentPath() string { return filepath.Join(r.Dir, r.Name+"-current.pem") }
 
 // Seed stores a certificate and key obtained elsewhere (e.g. the kubeconfig
 // the node started with) as the current pair when Dir holds no valid one,
@@ -103,12 +100,36 @@ func (r *Rotator) Seed(certPEM, keyPEM []byte) error {
 	if c := r.Current(); c != nil {
 		return nil
 	}
-	c, err := r.store.Update(certPEM, keyPEM)
+	c, err := r.store(certPEM, keyPEM)
 	if err != nil {
 		return fmt.Errorf("storing %s certificate: %w", r.Name, err)
 	}
 	r.set(c, time.Time{})
 	return nil
+}
+
+// store writes a new pair into a file of its own and points the current
+// symlink at it, so that a crash leaves either the old pair or the new.
+func (r *Rotator) store(certPEM, keyPEM []byte) (*tls.Certificate, error) {
+	c, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, err
+	}
+	name := r.Name + "-" + time.Now().UTC().Format("2006-01-02-15-04-05.000000000") + ".pem"
+	data := append(append(append([]byte(nil), certPEM...), '\n'), keyPEM...)
+	if err := writeFile(filepath.Join(r.Dir, name), data); err != nil {
+		return nil, err
+	}
+	link := r.CurrentPath()
+	tmp := link + ".tmp"
+	_ = os.Remove(tmp)
+	if err := os.Symlink(name, tmp); err != nil {
+		return nil, err
+	}
+	if err := os.Rename(tmp, link); err != nil {
+		return nil, err
+	}
+	return &c, nil
 }
 
 func fileTime(path string) time.Time {
@@ -237,21 +258,24 @@ func (r *Rotator) renew(ctx context.Context) error {
 	}
 	rctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
 	defer cancel()
-	name, uid, err := csr.RequestCertificateWithContext(rctx, client, csrPEM, "", r.SignerName, nil, r.Usages, key)
+	req, err := client.Create(rctx, &certificatesv1.CertificateSigningRequest{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: "csr-"},
+		Spec:       certificatesv1.CertificateSigningRequestSpec{Request: csrPEM, SignerName: r.SignerName, Usages: r.Usages},
+	})
 	if err != nil {
 		return fmt.Errorf("filing CSR: %w", err)
 	}
-	r.Log.Info("certificate signing request filed; waiting for approval", "name", r.Name, "csr", name, "signer", r.SignerName)
-	certPEM, err := csr.WaitForCertificate(rctx, client, name, uid)
+	r.Log.Info("certificate signing request filed; waiting for approval", "name", r.Name, "csr", req.Name, "signer", r.SignerName)
+	certPEM, err := client.Wait(rctx, req.Name, string(req.UID), time.Second)
 	if err != nil {
-		return fmt.Errorf("waiting for CSR %s: %w", name, err)
+		return err
 	}
-	c, err := r.store.Update(certPEM, keyPEM)
+	c, err := r.store(certPEM, keyPEM)
 	if err != nil {
 		return fmt.Errorf("storing certificate: %w", err)
 	}
 	r.set(c, time.Now())
-	r.Log.Info("certificate issued", "name", r.Name, "csr", name, "subject", c.Leaf.Subject.String(), "expires", c.Leaf.NotAfter)
+	r.Log.Info("certificate issued", "name", r.Name, "csr", req.Name, "subject", c.Leaf.Subject.String(), "expires", c.Leaf.NotAfter)
 	if old != nil && r.OnRotate != nil {
 		r.OnRotate(c)
 	}

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	certificatesv1 "k8s.io/api/certificates/v1"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
@@ -137,19 +136,27 @@ func validClientCert(c *rest.Config) (certPEM, keyPEM []byte, ok bool) {
 
 // csrClient is the client that files this node's CSRs: as the node when it
 // holds a valid certificate (renewal), else with the bootstrap token.
-func (h *Hub) csrClient(current *tls.Certificate) (kubernetes.Interface, error) {
+func (h *Hub) csrClient(current *tls.Certificate) (*certs.CSRClient, error) {
 	if current == nil {
 		if h.bootstrap == nil {
 			return nil, errors.New("no valid node certificate, and no --bootstrap-kubeconfig to request one")
 		}
-		cfg := rest.CopyConfig(h.bootstrap)
-		cfg.UserAgent = "outpost/" + version.Version
-		return kubernetes.NewForConfig(cfg)
+		rt, err := rest.TransportFor(h.bootstrap)
+		if err != nil {
+			return nil, fmt.Errorf("bootstrap credentials: %w", err)
+		}
+		return &certs.CSRClient{Host: h.bootstrap.Host, Transport: rt, UserAgent: userAgent()}, nil
 	}
-	// Through the pool, so a renewal follows the healthy apiservers.
-	return kubernetes.NewForConfig(&rest.Config{Host: "https://upstream", UserAgent: "outpost/" + version.Version,
-		Transport: nodeTransport{h}})
+	return h.nodeCSRClient(), nil
 }
+
+// nodeCSRClient files CSRs as the node, through the pool, so that a renewal
+// follows the healthy apiservers.
+func (h *Hub) nodeCSRClient() *certs.CSRClient {
+	return &certs.CSRClient{Host: "https://upstream", Transport: nodeTransport{h}, UserAgent: userAgent()}
+}
+
+func userAgent() string { return "outpost/" + version.Version }
 
 // nodeTransport sends requests upstream with the node's credentials.
 type nodeTransport struct{ h *Hub }
@@ -184,7 +191,7 @@ func (h *Hub) writeKubeconfig(server string, caData []byte, caFile string) error
 			return nil
 		}
 	}
-	current := filepath.Join(h.cfg.DataDir, "pki", nodeClientName+"-current.pem")
+	current := h.nodeCert.CurrentPath()
 	cfg := clientcmdapi.NewConfig()
 	cfg.Clusters["default-cluster"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: caData, CertificateAuthority: caFile}
 	cfg.AuthInfos["default-auth"] = &clientcmdapi.AuthInfo{ClientCertificate: current, ClientKey: current}
@@ -245,9 +252,7 @@ func (h *Hub) servingRotator() *certs.Rotator {
 		Usages:     []certificatesv1.KeyUsage{certificatesv1.UsageDigitalSignature, certificatesv1.UsageServerAuth},
 		// Always as the node: the signer issues serving certificates only
 		// to the node they name.
-		Client: func(*tls.Certificate) (kubernetes.Interface, error) {
-			return kubernetes.NewForConfig(&rest.Config{Host: "https://upstream", UserAgent: "outpost/" + version.Version, Transport: nodeTransport{h}})
-		},
+		Client: func(*tls.Certificate) (*certs.CSRClient, error) { return h.nodeCSRClient(), nil },
 		Log: h.log,
 	}
 }
