@@ -253,6 +253,6 @@ func (h *Hub) servingRotator() *certs.Rotator {
 		// Always as the node: the signer issues serving certificates only
 		// to the node they name.
 		Client: func(*tls.Certificate) (*certs.CSRClient, error) { return h.nodeCSRClient(), nil },
-		Log: h.log,
+		Log:    h.log,
 	}
 }
