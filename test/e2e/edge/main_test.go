@@ -16,7 +16,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"slices"
@@ -95,25 +94,7 @@ func startEdge(t *testing.T, node string, args ...string) *edge {
 
 // state is what outpost's /readyz says: "online", "offline" (with a cache)
 // or the error.
-func (e *edge) state(ctx context.Context) string {
-	ctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.o.AdminURL+"/readyz", nil)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err.Error()
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	s := string(body)
-	switch {
-	case strings.HasPrefix(s, "ok: online"):
-		return "online"
-	case strings.HasPrefix(s, "ok: offline"):
-		return "offline"
-	}
-	return strings.TrimSpace(s)
-}
+func (e *edge) state(ctx context.Context) string { return e.o.State(ctx) }
 
 // waitState waits until /readyz says want and returns how long that took.
 func (e *edge) waitState(ctx context.Context, want string, timeout time.Duration) (time.Duration, error) {

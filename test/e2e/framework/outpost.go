@@ -5,11 +5,13 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -230,5 +232,27 @@ func removeOutpostBinary() {
 	b := &outpostBuild
 	if b.path != "" && os.Getenv("OUTPOST_BIN") == "" {
 		_ = os.RemoveAll(filepath.Dir(b.path))
+	}
+}
+
+// State is what outpost's /readyz says: "online", "offline" (serving a
+// cache), or else the answer or error as it is.
+func (o *Outpost) State(ctx context.Context) string {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, o.AdminURL+"/readyz", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	switch s := string(body); {
+	case strings.HasPrefix(s, "ok: online"):
+		return "online"
+	case strings.HasPrefix(s, "ok: offline"):
+		return "offline"
+	default:
+		return strings.TrimSpace(s)
 	}
 }

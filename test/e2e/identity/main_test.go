@@ -84,25 +84,7 @@ func startEdge(t *testing.T, node string) *edge {
 
 // state is what outpost's /readyz says: "online", "offline" (with a cache)
 // or the error.
-func (e *edge) state(ctx context.Context) string {
-	ctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.o.AdminURL+"/readyz", nil)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err.Error()
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	switch s := string(body); {
-	case strings.HasPrefix(s, "ok: online"):
-		return "online"
-	case strings.HasPrefix(s, "ok: offline"):
-		return "offline"
-	default:
-		return strings.TrimSpace(s)
-	}
-}
+func (e *edge) state(ctx context.Context) string { return e.o.State(ctx) }
 
 func (e *edge) waitState(t *testing.T, want string) {
 	t.Helper()
