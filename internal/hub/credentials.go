@@ -158,11 +158,14 @@ func (h *Hub) nodeCSRClient() *certs.CSRClient {
 
 func userAgent() string { return "outpost/" + version.Version }
 
-// nodeTransport sends requests upstream with the node's credentials.
+// nodeTransport sends requests upstream with the node's credentials: the
+// one way outpost speaks to the apiserver as the node on its own behalf
+// (CSRs, re-lists, replayed statuses and events). The pool retries reads
+// by method, so the verb is only informative.
 type nodeTransport struct{ h *Hub }
 
 func (t nodeTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	verb := "create"
+	verb := strings.ToLower(r.Method)
 	if r.Method == http.MethodGet {
 		verb = "get"
 	}

@@ -406,8 +406,7 @@ func (h *Hub) reconnect(ctx context.Context, c *cache.Cache) error {
 
 // fetchAsNode sends r upstream with the node's credentials.
 func (h *Hub) fetchAsNode(ctx context.Context, r *http.Request) (*http.Response, error) {
-	info := &request.Info{Identity: h.auth.Node(), Verb: "list"}
-	return h.pool.RoundTrip(r.WithContext(request.WithInfo(ctx, info)))
+	return nodeTransport{h}.RoundTrip(r.WithContext(ctx))
 }
 
 func (h *Hub) sawToken(user, token string) {
@@ -452,8 +451,7 @@ func (h *Hub) sendAsNode(ctx context.Context, method, path, contentType string, 
 		return 0, err
 	}
 	r.Header.Set("Content-Type", contentType)
-	info := &request.Info{Identity: h.auth.Node(), Verb: strings.ToLower(method)}
-	resp, err := h.pool.RoundTrip(r.WithContext(request.WithInfo(ctx, info)))
+	resp, err := nodeTransport{h}.RoundTrip(r)
 	if err != nil {
 		return 0, err
 	}
@@ -464,19 +462,7 @@ func (h *Hub) sendAsNode(ctx context.Context, method, path, contentType string, 
 
 // replayEvent posts one journaled event with the node's credentials.
 func (h *Hub) replayEvent(ctx context.Context, path string, body []byte) (int, error) {
-	r, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://upstream"+path, bytes.NewReader(body))
-	if err != nil {
-		return 0, err
-	}
-	r.Header.Set("Content-Type", "application/json")
-	info := &request.Info{Identity: h.auth.Node(), Verb: "create"}
-	resp, err := h.pool.RoundTrip(r.WithContext(request.WithInfo(ctx, info)))
-	if err != nil {
-		return 0, err
-	}
-	_, _ = io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
-	return resp.StatusCode, nil
+	return h.sendAsNode(ctx, http.MethodPost, path, "application/json", body)
 }
 
 // rememberedToken is how a confirmed token identity is kept in the store,
