@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"sort"
@@ -32,6 +33,7 @@ var (
 	cp      *framework.ControlPlane
 	hub     *framework.Outpost
 	clients = map[string]*kubernetes.Clientset{} // "direct", "outpost"
+	token   string                               // the bench service account's
 )
 
 const (
@@ -59,7 +61,14 @@ func setup(b *testing.B) {
 		if err != nil {
 			b.Fatalf("starting outpost: %v", err)
 		}
-		token := benchToken(b)
+		if v := os.Getenv("OUTPOST_BENCH_GOMAXPROCS"); v != "" {
+			hub.Stop()
+			hub.Env = []string{"GOMAXPROCS=" + v}
+			if err := hub.Start(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+		token = benchToken(b)
 		for name, host := range map[string]string{"direct": cp.URL(0), "outpost": hub.URL} {
 			ca := cp.CAFile
 			if name == "outpost" {
@@ -417,6 +426,140 @@ func savePprof(url, path string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// BenchmarkX100k follows a cache of 100,000 objects (ConfigMaps of about
+// 350 bytes in JSON) recorded from one LIST through a fresh outpost. It
+// reports how long after the LIST answered its view was stored
+// (persist-s), outpost's resident memory once idle with them cached
+// (cached-idle-RSS-MB), the time from starting it again with the cloud
+// unreachable until its /readyz says ready (offline-start-to-ready-ms), the
+// time of its first offline LIST of all of them (offline-list-ms), and its
+// resident memory after that LIST (after-offline-list-RSS-MB). It runs
+// before BenchmarkYOfflineList10k stops the apiserver.
+func BenchmarkX100k(b *testing.B) {
+	setup(b)
+	ctx := context.Background()
+	const ns, n = "bench-100k", 100000
+	cfg := cp.AdminConfig()
+	cfg.QPS = -1
+	admin := kubernetes.NewForConfigOrDie(cfg)
+	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	next := make(chan int)
+	for range 64 {
+		wg.Go(func() {
+			for i := range next {
+				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%06d", i), Labels: map[string]string{"app": "bench"}},
+					Data: map[string]string{"payload": strings.Repeat("x", 100)}}
+				if _, err := admin.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
+					b.Error(err)
+				}
+			}
+		})
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	if b.Failed() {
+		return
+	}
+
+	o, err := cp.StartOutpost(ctx, "edge-100k", "--log-level=warn")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer o.Stop()
+	oc := kubernetes.NewForConfigOrDie(&rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}})
+	list := func() time.Duration {
+		t0 := time.Now()
+		l, err := oc.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if len(l.Items) != n {
+			b.Fatalf("listed %d objects, want %d", len(l.Items), n)
+		}
+		return time.Since(t0)
+	}
+	replaced := func() float64 { return metric(b, o.AdminURL, "outpost_cache_views_replaced_total") }
+	before := replaced()
+	list()
+	answered := time.Now()
+	for replaced() == before {
+		if time.Since(answered) > time.Minute {
+			b.Fatal("the 100,000-object list was not stored within a minute")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.ReportMetric(time.Since(answered).Seconds(), "persist-s")
+	time.Sleep(3 * time.Second)
+	b.ReportMetric(rssMB(b, o.PID()), "cached-idle-RSS-MB")
+
+	// Start again with the cloud unreachable: --server replaces the
+	// kubeconfig's apiserver with a port nothing listens on.
+	o.Stop()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	dead := l.Addr().String()
+	l.Close()
+	o.ExtraArgs = []string{"--server=https://" + dead}
+	ready := make(chan time.Duration, 1)
+	t0 := time.Now()
+	go func() {
+		for time.Since(t0) < 30*time.Second {
+			if resp, err := http.Get(o.AdminURL + "/readyz"); err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					ready <- time.Since(t0)
+					return
+				}
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		close(ready)
+	}()
+	if err := o.Start(ctx); err != nil {
+		b.Fatal(err)
+	}
+	d, ok := <-ready
+	if !ok {
+		b.Fatal("outpost restarted offline was not ready within 30 s")
+	}
+	b.ReportMetric(float64(d.Microseconds())/1000, "offline-start-to-ready-ms")
+	b.ReportMetric(float64(list().Microseconds())/1000, "offline-list-ms")
+	b.ReportMetric(rssMB(b, o.PID()), "after-offline-list-RSS-MB")
+	for range b.N {
+	}
+}
+
+// metric returns the sum of the samples of a Prometheus metric outpost
+// serves at adminURL.
+func metric(b *testing.B, adminURL, name string) float64 {
+	resp, err := http.Get(adminURL + "/metrics")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		b.Fatal(err)
+	}
+	sum := 0.0
+	for _, l := range strings.Split(string(data), "\n") {
+		if strings.HasPrefix(l, name+" ") || strings.HasPrefix(l, name+"{") {
+			f := strings.Fields(l)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			sum += v
+		}
+	}
+	return sum
 }
 
 // BenchmarkYOfflineList10k compares a LIST of 10,000 objects answered by

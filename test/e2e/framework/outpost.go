@@ -36,6 +36,9 @@ type Outpost struct {
 	Kubeconfig string
 	// LogPath is outpost's log file.
 	LogPath string
+	// Env is added to outpost's environment, and ExtraArgs to its
+	// arguments, at the next Start.
+	Env, ExtraArgs []string
 
 	cp   *ControlPlane
 	args []string
@@ -112,7 +115,7 @@ func (o *Outpost) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	p, err := startProcess("outpost", o.LogPath, bin, o.args, nil)
+	p, err := startProcess("outpost", o.LogPath, bin, append(o.args[:len(o.args):len(o.args)], o.ExtraArgs...), o.Env)
 	if err != nil {
 		return err
 	}
