@@ -2,7 +2,6 @@ package cache
 
 import (
 	"bytes"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -77,38 +76,47 @@ func decodeList(contentType string, body []byte, resource string, known stored) 
 		if l, ok, err := decodeProtobufList(body, resource, known); ok {
 			return l, err
 		}
-		obj, err := decodeTyped(contentType, body)
-		if err != nil {
-			return List{}, err
-		}
-		lm, err := meta.ListAccessor(obj)
-		if err != nil {
-			return List{}, fmt.Errorf("%w: not a list: %v", ErrUndecodable, err)
-		}
-		gvk := obj.GetObjectKind().GroupVersionKind()
-		l := List{Kind: gvk.Kind, APIVersion: gvk.GroupVersion().String(), ResourceVersion: lm.GetResourceVersion(), Continue: lm.GetContinue()}
-		err = meta.EachListItem(obj, func(item runtime.Object) error {
-			o, err := objectFromTyped(item, resource)
-			if err == nil {
-				l.Items = append(l.Items, o)
-			}
-			return err
-		})
-		return l, err
+		return decodeTypedList(contentType, body, resource)
 	default:
 		return List{}, fmt.Errorf("%w: content type %q", ErrUndecodable, contentType)
 	}
 }
 
+// decodeTypedList decodes a protobuf or CBOR list whole.
+func decodeTypedList(contentType string, body []byte, resource string) (List, error) {
+	obj, err := decodeTyped(contentType, body)
+	if err != nil {
+		return List{}, err
+	}
+	lm, err := meta.ListAccessor(obj)
+	if err != nil {
+		return List{}, fmt.Errorf("%w: not a list: %v", ErrUndecodable, err)
+	}
+	gvk := obj.GetObjectKind().GroupVersionKind()
+	l := List{Kind: gvk.Kind, APIVersion: gvk.GroupVersion().String(), ResourceVersion: lm.GetResourceVersion(), Continue: lm.GetContinue()}
+	err = meta.EachListItem(obj, func(item runtime.Object) error {
+		o, err := objectFromTyped(item, resource)
+		if err == nil {
+			l.Items = append(l.Items, o)
+		}
+		return err
+	})
+	return l, err
+}
+
 // decodeProtobufList decodes a protobuf list item by item, where
-// decodeTyped would decode it whole: items known stores already are taken
-// from there. ok is false when it cannot (not protobuf, a list type it
-// does not know the layout of, a malformed body): the caller then decodes
-// the list whole, which says what is wrong.
+// decodeTyped would decode it whole: items known (if not nil) stores
+// already are taken from there, and each item keeps its protobuf encoding.
+// ok is false when it cannot (not protobuf, a list type it does not know
+// the layout of, a malformed body): the caller then decodes the list
+// whole, which says what is wrong.
 func decodeProtobufList(body []byte, resource string, known stored) (l List, ok bool, err error) {
 	env, found := bytes.CutPrefix(body, protobufMagic)
-	if !found || known == nil {
+	if !found {
 		return List{}, false, nil
+	}
+	if known == nil {
+		known = func(string, string, string) (store.Object, bool) { return store.Object{}, false }
 	}
 	var typeMeta, raw []byte
 	var encoded bool
@@ -146,6 +154,9 @@ func decodeProtobufList(body []byte, resource string, known stored) (l List, ok 
 		}
 	}()
 	l.Items = []store.Object{}
+	// The items' protobuf encodings are kept (see store.Object.Proto),
+	// copied into one block: body is a pooled buffer.
+	slab := make([]byte, 0, len(raw))
 	well := protoFields(raw, func(num uint64, v []byte) bool {
 		switch num {
 		case 1: // ListMeta
@@ -161,6 +172,9 @@ func decodeProtobufList(body []byte, resource string, known stored) (l List, ok 
 			if o, err = decodeProtobufItem(v, itemType, resource, known); err != nil {
 				return false
 			}
+			start := len(slab)
+			slab = append(slab, v...)
+			o.Proto = slab[start:len(slab):len(slab)]
 			l.Items = append(l.Items, o)
 		}
 		return true
@@ -249,6 +263,9 @@ func DecodeObject(contentType string, body []byte, resource string) (o store.Obj
 		}
 		gvk := obj.GetObjectKind().GroupVersionKind()
 		o, err = objectFromTyped(obj, resource)
+		if err == nil && mediaType(contentType) == mediaProtobuf {
+			o.Proto = protobufMessage(body)
+		}
 		return o, gvk.Kind, gvk.GroupVersion().String(), err
 	default:
 		return o, "", "", fmt.Errorf("%w: content type %q", ErrUndecodable, contentType)
@@ -485,6 +502,7 @@ type WatchDecoder struct {
 	resource string
 	json     *json.Decoder
 	typed    *restwatch.Decoder
+	frames   *lastFrame // protobuf: what typed decoded last
 }
 
 // NewWatchDecoder decodes the watch stream r, sent as contentType.
@@ -498,8 +516,8 @@ func NewWatchDecoder(contentType string, r io.ReadCloser, resource string) (*Wat
 		if !ok || info.StreamSerializer == nil {
 			return nil, fmt.Errorf("%w: no protobuf stream serializer", ErrUndecodable)
 		}
-		frames := info.StreamSerializer.Framer.NewFrameReader(r)
-		d.typed = restwatch.NewDecoder(streaming.NewDecoder(frames, info.StreamSerializer.Serializer), codecs.UniversalDeserializer())
+		d.frames = &lastFrame{ReadCloser: info.StreamSerializer.Framer.NewFrameReader(r)}
+		d.typed = restwatch.NewDecoder(streaming.NewDecoder(d.frames, info.StreamSerializer.Serializer), codecs.UniversalDeserializer())
 	default:
 		return nil, fmt.Errorf("%w: watch content type %q", ErrUndecodable, contentType)
 	}
@@ -534,7 +552,50 @@ func (d *WatchDecoder) Next() (ev Event, err error) {
 		return ev, fmt.Errorf("%w: watch frame: %v", ErrUndecodable, err)
 	}
 	m := metaOfTyped(obj)
-	return d.event(typ, func() (store.Object, error) { return objectFromTyped(obj, d.resource) }, m)
+	return d.event(typ, func() (store.Object, error) {
+		o, err := objectFromTyped(obj, d.resource)
+		if err == nil {
+			o.Proto = d.frames.objectMessage()
+		}
+		return o, err
+	}, m)
+}
+
+// lastFrame keeps the last whole frame read from a protobuf watch stream,
+// whose frame reader hands a frame over in several reads when the
+// caller's buffer is short.
+type lastFrame struct {
+	io.ReadCloser
+	frame []byte // the frame being read, then the last one read whole
+	whole bool
+}
+
+func (f *lastFrame) Read(p []byte) (int, error) {
+	n, err := f.ReadCloser.Read(p)
+	if f.whole {
+		f.frame, f.whole = f.frame[:0], false
+	}
+	f.frame = append(f.frame, p[:n]...)
+	f.whole = err == nil
+	return n, err
+}
+
+// objectMessage returns a copy of the protobuf message of the object in
+// the last frame, a metav1.WatchEvent (type in field 1, the object in field
+// 2 as a RawExtension whose field 1 holds it in its envelope), or nil.
+func (f *lastFrame) objectMessage() []byte {
+	if !f.whole {
+		return nil
+	}
+	ext, found, short, ok := protoField(f.frame, 2)
+	if !ok || !found || short {
+		return nil
+	}
+	raw, found, short, ok := protoField(ext, 1)
+	if !ok || !found || short {
+		return nil
+	}
+	return protobufMessage(raw)
 }
 
 func (d *WatchDecoder) event(typ watch.EventType, decode func() (store.Object, error), m eventMeta) (Event, error) {
@@ -755,118 +816,6 @@ func jsonPlainString(v []byte) (string, bool) {
 		return "", false
 	}
 	return string(v[1 : len(v)-1]), true
-}
-
-// protobufMagic starts kube-apiserver's protobuf encoding, an envelope
-// (runtime.Unknown) around the object.
-var protobufMagic = []byte("k8s\x00")
-
-func peekProtobufMeta(body []byte, list bool) (rv, cont string, ok bool) {
-	env, found := bytes.CutPrefix(body, protobufMagic)
-	if !found {
-		return "", "", false
-	}
-	raw, found, _, ok := protoField(env, 2) // runtime.Unknown.raw, maybe cut short
-	if !ok || !found {
-		return "", "", false
-	}
-	md, found, short, ok := protoField(raw, 1) // ObjectMeta or ListMeta
-	if !ok || !found || short {
-		return "", "", false
-	}
-	num := uint64(6) // ObjectMeta.resourceVersion
-	if list {
-		num = 2 // ListMeta.resourceVersion
-	}
-	v, found, short, ok := protoField(md, num)
-	if !ok || !found || short || len(v) == 0 {
-		return "", "", false
-	}
-	if list {
-		c, found, short, ok := protoField(md, 3) // ListMeta.continue
-		if !ok || (found && short) {
-			return "", "", false
-		}
-		cont = string(c)
-	}
-	return string(v), cont, true
-}
-
-// protoField finds the first length-delimited field num of the protobuf
-// message b. When b ends inside that field, v is what b holds of it and
-// short is set. ok is false when b is malformed before the field (or, when
-// the field is not found, anywhere).
-func protoField(b []byte, num uint64) (v []byte, found, short, ok bool) {
-	ok = protoScan(b, func(n uint64, value []byte, cut bool) bool {
-		if n != num {
-			return true
-		}
-		v, found, short = value, true, cut
-		return false
-	})
-	return v, found, short, ok || found
-}
-
-// protoFields calls fn with each length-delimited field of the protobuf
-// message b, in order, until fn returns false. It reports whether b is
-// well formed and whole up to where it stopped.
-func protoFields(b []byte, fn func(num uint64, v []byte) bool) bool {
-	stopped := false
-	ok := protoScan(b, func(num uint64, v []byte, cut bool) bool {
-		if cut {
-			return false
-		}
-		stopped = !fn(num, v)
-		return !stopped
-	})
-	return ok || stopped
-}
-
-// protoScan walks the fields of the protobuf message b, calling fn with
-// each length-delimited one: cut says b ends inside it (v then holds what
-// there is, and the walk ends). It returns whether it walked all of b
-// without finding it malformed or being stopped by fn.
-func protoScan(b []byte, fn func(num uint64, v []byte, cut bool) bool) bool {
-	for len(b) > 0 {
-		tag, n := binary.Uvarint(b)
-		if n <= 0 {
-			return false
-		}
-		b = b[n:]
-		var skip uint64
-		switch tag & 7 {
-		case 0: // varint
-			if _, n = binary.Uvarint(b); n <= 0 {
-				return false
-			}
-			skip = uint64(n)
-		case 1: // fixed64
-			skip = 8
-		case 5: // fixed32
-			skip = 4
-		case 2: // length-delimited
-			l, n := binary.Uvarint(b)
-			if n <= 0 {
-				return false
-			}
-			b = b[n:]
-			if l > uint64(len(b)) {
-				fn(tag>>3, b, true)
-				return false
-			}
-			if !fn(tag>>3, b[:l], false) {
-				return false
-			}
-			skip = l
-		default:
-			return false
-		}
-		if skip > uint64(len(b)) {
-			return false
-		}
-		b = b[skip:]
-	}
-	return true
 }
 
 // A small JSON scanner: it finds the members of an object and the elements

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	"reflect"
+	"strings"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -116,7 +118,12 @@ func TestWatchDecoder(t *testing.T) {
 	}
 	end := &corev1.Pod{TypeMeta: metav1.TypeMeta{Kind: "Pod", APIVersion: "v1"},
 		ObjectMeta: metav1.ObjectMeta{ResourceVersion: "99", Annotations: map[string]string{"k8s.io/initial-events-end": "true"}}}
-	events := []watch.Event{{Type: watch.Added, Object: &pods[0]}, {Type: watch.Bookmark, Object: end}, {Type: watch.Deleted, Object: &pods[1]}}
+	// An event larger than the stream decoder's first buffer, which its
+	// frame reader then hands over in several reads.
+	big := pods[0].DeepCopy()
+	big.Name, big.Annotations = "big", map[string]string{"filler": strings.Repeat("x", 100<<10)}
+	events := []watch.Event{{Type: watch.Added, Object: &pods[0]}, {Type: watch.Bookmark, Object: end}, {Type: watch.Deleted, Object: &pods[1]},
+		{Type: watch.Modified, Object: big}, {Type: watch.Modified, Object: &pods[0]}}
 	for _, ct := range []string{"application/json", "application/vnd.kubernetes.protobuf"} {
 		t.Run(ct, func(t *testing.T) {
 			d, err := NewWatchDecoder(ct, io.NopCloser(bytes.NewReader(watchStream(t, ct, events))), "/v1/pods")
@@ -134,8 +141,21 @@ func TestWatchDecoder(t *testing.T) {
 				}
 				got = append(got, ev)
 			}
-			if len(got) != 3 || got[0].Type != watch.Added || got[0].Object.Name != "a" || got[0].Kind != "Pod" {
+			if len(got) != 5 || got[0].Type != watch.Added || got[0].Object.Name != "a" || got[0].Kind != "Pod" {
 				t.Fatalf("events = %+v", got)
+			}
+			if got[3].Object.Name != "big" || got[4].Object.Name != "a" {
+				t.Fatalf("after the bookmark: %+v", got[3:])
+			}
+			// Protobuf events keep each object's encoding as sent.
+			for i, ev := range got {
+				var want []byte
+				if p, ok := events[i].Object.(*corev1.Pod); ok && ct != "application/json" && ev.Type != watch.Bookmark {
+					want, _ = p.Marshal()
+				}
+				if !bytes.Equal(ev.Object.Proto, want) {
+					t.Errorf("event %d (%s): protobuf of %d bytes, want %d", i, ev.Type, len(ev.Object.Proto), len(want))
+				}
 			}
 			if got[1].Type != watch.Bookmark || !got[1].InitialEventsEnd || got[1].Object.ResourceVersion != "99" {
 				t.Fatalf("bookmark = %+v", got[1])
@@ -344,8 +364,9 @@ func TestPeekMeta(t *testing.T) {
 }
 
 // TestItemwiseListDecoding: a protobuf list decoded item by item gives what
-// decoding it whole gives, and items the store holds at the same
-// resourceVersion are taken from it, in both encodings.
+// decoding it whole gives, plus each item's protobuf encoding as it was in
+// the list, and items the store holds at the same resourceVersion are
+// taken from it, in both encodings.
 func TestItemwiseListDecoding(t *testing.T) {
 	pods := podList()
 	deployments := &appsv1.DeploymentList{TypeMeta: metav1.TypeMeta{Kind: "DeploymentList", APIVersion: "apps/v1"}, ListMeta: metav1.ListMeta{ResourceVersion: "9", Continue: "next"},
@@ -358,13 +379,28 @@ func TestItemwiseListDecoding(t *testing.T) {
 		if err := protobufSerializer.Encode(list, &pb); err != nil {
 			t.Fatal(err)
 		}
-		whole, err := decodeList(mediaProtobuf, pb.Bytes(), resource, nil)
+		whole, err := decodeTypedList(mediaProtobuf, pb.Bytes(), resource)
 		if err != nil {
 			t.Fatal(err)
 		}
 		items, ok, err := decodeProtobufList(pb.Bytes(), resource, never)
-		if !ok || err != nil || !reflect.DeepEqual(items, whole) {
-			t.Errorf("%s: item by item (%v %v)\n %+v\nwhole\n %+v", resource, ok, err, items, whole)
+		if !ok || err != nil || len(items.Items) != len(whole.Items) {
+			t.Fatalf("%s: item by item (%v %v): %d items, whole %d", resource, ok, err, len(items.Items), len(whole.Items))
+		}
+		i := 0
+		if err := apimeta.EachListItem(list, func(item runtime.Object) error {
+			want, err := item.(interface{ Marshal() ([]byte, error) }).Marshal()
+			if err != nil || !bytes.Equal(items.Items[i].Proto, want) {
+				t.Errorf("%s: item %d kept protobuf %q, want %q (%v)", resource, i, items.Items[i].Proto, want, err)
+			}
+			items.Items[i].Proto = nil
+			i++
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(items, whole) {
+			t.Errorf("%s: item by item\n %+v\nwhole\n %+v", resource, items, whole)
 		}
 	}
 

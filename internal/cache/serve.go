@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"reflect"
 	goruntime "runtime"
 	"strconv"
 	"strings"
@@ -15,7 +16,6 @@ import (
 	"sync/atomic"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/fields"
@@ -224,13 +224,14 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 	if wantMeta {
 		kind, apiVersion = "PartialObjectMetadataList", "meta.k8s.io/v1"
 	}
-	var items [][]byte
+	var items, protos [][]byte
 	cont := ""
 	if !src.filter && !c.overlays.has(src.view.Key.Resource) {
 		// The fast path: the whole view, items copied as stored.
 		var last string
 		var more bool
-		if items, last, more, err = c.rawItems(src, after, limit); err != nil {
+		withProto := a.media == mediaProtobuf && a.as == "" && !wantMeta
+		if items, protos, last, more, err = c.rawItems(src, after, limit, withProto); err != nil {
 			return asStatus(err)
 		}
 		if more {
@@ -270,7 +271,7 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 		}
 	}
 	if a.media == mediaProtobuf && !(a.as == "Table" && !a.plainJSON) {
-		if body, ok := protobufList(kind, apiVersion, src.view.ResourceVersion, cont, items); ok {
+		if body, ok := protobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, protos); ok {
 			c.writeAnswer(w, mediaProtobuf, body, src)
 			return nil
 		}
@@ -288,9 +289,10 @@ func encodeContinue(rv, after string) string {
 }
 
 // rawItems copies out of the store the JSON of the members of src's view
-// after the member key after, at most limit of them (0: all). more says
-// whether members follow the last one, whose key is last.
-func (c *Cache) rawItems(src source, after string, limit int) (items [][]byte, last string, more bool, err error) {
+// after the member key after, at most limit of them (0: all), and with
+// withProto their protobuf encodings (nil for a member stored without).
+// more says whether members follow the last one, whose key is last.
+func (c *Cache) rawItems(src source, after string, limit int, withProto bool) (items, protos [][]byte, last string, more bool, err error) {
 	fetch := 0
 	if limit > 0 {
 		fetch = limit + 1
@@ -299,25 +301,37 @@ func (c *Cache) rawItems(src source, after string, limit int) (items [][]byte, l
 	// grows: a view of 10,000 objects is 5 MiB, and growing a buffer to
 	// that size would copy and clear it several times over.
 	var block []byte
+	keep := func(b []byte) []byte {
+		if len(block)+len(b) > cap(block) {
+			block = make([]byte, 0, max(1<<20, len(b)))
+		}
+		start := len(block)
+		block = append(block, b...)
+		return block[start:len(block):len(block)]
+	}
 	stop := errors.New("stop")
-	err = c.Store.ListData(src.view.Key, after, fetch, func(key string, data []byte) error {
+	err = c.Store.ListData(src.view.Key, after, fetch, func(key string, data, proto []byte) error {
 		if limit > 0 && len(items) == limit {
 			more = true
 			return stop
 		}
-		if len(block)+len(data) > cap(block) {
-			block = make([]byte, 0, max(1<<20, len(data)))
+		if withProto {
+			// A member with a protobuf copy is served from it alone.
+			var p []byte
+			if proto != nil {
+				p = keep(proto)
+				data = nil
+			}
+			protos = append(protos, p)
 		}
-		start := len(block)
-		block = append(block, data...)
-		items = append(items, block[start:len(block):len(block)])
+		items = append(items, keep(data))
 		last = key
 		return nil
 	})
 	if errors.Is(err, stop) {
 		err = nil
 	}
-	return items, last, more, err
+	return items, protos, last, more, err
 }
 
 // jsonList writes a JSON list around stored items without decoding them,
@@ -355,35 +369,45 @@ func jsonList(kind, apiVersion, rv, cont string, items [][]byte) []byte {
 // offline nothing else competes for the cores. ok is false when kind has
 // no protobuf encoding or an item does not decode; the caller then takes
 // the general path, which says so.
-func protobufList(kind, apiVersion, rv, cont string, items [][]byte) (body []byte, ok bool) {
+func protobufList(kind, apiVersion, rv, cont string, items, protos [][]byte) (body []byte, ok bool) {
 	gv, err := schema.ParseGroupVersion(apiVersion)
 	if err != nil {
 		return nil, false
 	}
-	list, err := cacheScheme.New(gv.WithKind(kind))
-	if err != nil || !meta.IsListType(list) {
+	itemType, ok := protobufListItemType(gv.WithKind(kind))
+	if !ok {
 		return nil, false
 	}
-	if _, ok := list.(protobufMarshaler); !ok {
-		return nil, false
+	if protos == nil {
+		protos = make([][]byte, len(items))
 	}
-	itemKind := gv.WithKind(strings.TrimSuffix(kind, "List"))
-	objs := make([]runtime.Object, len(items))
-	workers := min(goruntime.GOMAXPROCS(0), 1+len(items)/256)
+	// Items stored without their protobuf encoding are decoded from JSON
+	// and encoded, spread over the cores.
+	var missing []int
+	for i, p := range protos {
+		if p == nil {
+			missing = append(missing, i)
+		}
+	}
+	workers := min(goruntime.GOMAXPROCS(0), 1+len(missing)/256)
 	var failed atomic.Bool
 	var wg sync.WaitGroup
 	for w := range workers {
 		wg.Go(func() {
-			for i := w; i < len(items) && !failed.Load(); i += workers {
-				obj, err := cacheScheme.New(itemKind)
-				if err == nil {
-					err = json.Unmarshal(items[i], obj)
-				}
-				if err != nil {
+			for j := w; j < len(missing) && !failed.Load(); j += workers {
+				i := missing[j]
+				obj := reflect.New(itemType).Interface()
+				m, isMarshaler := obj.(protobufMarshaler)
+				if !isMarshaler || json.Unmarshal(items[i], obj) != nil {
 					failed.Store(true)
 					return
 				}
-				objs[i] = obj
+				p := make([]byte, m.Size())
+				if _, err := m.MarshalToSizedBuffer(p); err != nil {
+					failed.Store(true)
+					return
+				}
+				protos[i] = p
 			}
 		})
 	}
@@ -391,18 +415,10 @@ func protobufList(kind, apiVersion, rv, cont string, items [][]byte) (body []byt
 	if failed.Load() {
 		return nil, false
 	}
-	lm, err := meta.ListAccessor(list)
-	if err != nil || meta.SetList(list, objs) != nil {
-		return nil, false
-	}
-	lm.SetResourceVersion(rv)
-	lm.SetContinue(cont)
-	list.GetObjectKind().SetGroupVersionKind(gv.WithKind(kind))
-	var out bytes.Buffer
-	if err := protobufSerializer.Encode(list, &out); err != nil {
-		return nil, false
-	}
-	return out.Bytes(), true
+	lm := &metav1.ListMeta{ResourceVersion: rv, Continue: cont}
+	return protobufEnvelope(kind, apiVersion, protobufListSize(lm, protos), func(b []byte) []byte {
+		return appendProtobufList(b, lm, protos)
+	}), true
 }
 
 // protobufMarshaler is what the protobuf serializer needs of an object.
@@ -494,6 +510,12 @@ func (c *Cache) serveGet(w http.ResponseWriter, r *http.Request, info *request.I
 	if kind == "" {
 		kind, apiVersion = guessListKind(info)
 		kind = strings.TrimSuffix(kind, "List")
+	}
+	if a.media == mediaProtobuf && a.as == "" && o.Proto != nil {
+		// As the apiserver sent it to a protobuf client (an overlay has
+		// none: it was written locally, in JSON).
+		c.writeAnswer(w, mediaProtobuf, protobufEnvelope(kind, apiVersion, len(o.Proto), func(b []byte) []byte { return append(b, o.Proto...) }), source{})
+		return nil
 	}
 	data := o.Data
 	if strings.HasPrefix(a.as, "PartialObjectMetadata") {

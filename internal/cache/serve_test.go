@@ -19,8 +19,9 @@ import (
 )
 
 // seedList records a list of n ConfigMaps in namespace ns, as the reader
-// read it online.
-func seedList(t testing.TB, c *Cache, ns string, n int) {
+// read it online; item i keeps its protobuf encoding when proto(i) (as when
+// recorded from a protobuf answer; nil: none does).
+func seedList(t testing.TB, c *Cache, ns string, n int, proto func(int) bool) {
 	t.Helper()
 	objs := make([]store.Object, 0, n)
 	for i := range n {
@@ -34,6 +35,11 @@ func seedList(t testing.TB, c *Cache, ns string, n int) {
 		o, err := objectFromTyped(&item, "/v1/configmaps")
 		if err != nil {
 			t.Fatal(err)
+		}
+		if proto != nil && proto(i) {
+			if o.Proto, err = item.Marshal(); err != nil {
+				t.Fatal(err)
+			}
 		}
 		objs = append(objs, o)
 	}
@@ -49,11 +55,17 @@ func seedList(t testing.TB, c *Cache, ns string, n int) {
 func BenchmarkServeList(b *testing.B) {
 	c, stop := newCache(b)
 	defer stop()
-	seedList(b, c, "bench", 10000)
-	for _, accept := range []string{"application/vnd.kubernetes.protobuf, */*", "application/json"} {
-		b.Run(strings.Split(accept, ",")[0], func(b *testing.B) {
+	seedList(b, c, "json", 10000, nil)
+	seedList(b, c, "protobuf", 10000, func(int) bool { return true })
+	for _, bc := range []struct{ name, ns, accept string }{
+		{"protobuf", "protobuf", "application/vnd.kubernetes.protobuf, */*"},
+		{"protobuf-from-json", "json", "application/vnd.kubernetes.protobuf, */*"},
+		{"json", "json", "application/json"},
+	} {
+		accept := bc.accept
+		b.Run(bc.name, func(b *testing.B) {
 			b.ReportAllocs()
-			r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/bench/configmaps", nil)
+			r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/"+bc.ns+"/configmaps", nil)
 			r.Header.Set("Accept", accept)
 			info, err := request.Parse(r, reader)
 			if err != nil {
@@ -72,17 +84,21 @@ func BenchmarkServeList(b *testing.B) {
 
 // TestProtobufListAsBefore: a protobuf list is encoded item by item exactly
 // as the whole JSON list decoded and encoded again would be, for every
-// kind of list request.
+// kind of list request, whether its items were stored with their protobuf
+// encoding, without, or some with.
 func TestProtobufListAsBefore(t *testing.T) {
 	c, stop := newCache(t)
 	defer stop()
-	seedList(t, c, "ns1", 1000)
-	for _, target := range []string{
-		"/api/v1/namespaces/ns1/configmaps",
-		"/api/v1/namespaces/ns1/configmaps?limit=10",
-		"/api/v1/namespaces/ns1/configmaps?labelSelector=app%3Dbench&limit=300",
-		"/api/v1/namespaces/ns1/configmaps?fieldSelector=metadata.name%3Dcm-00042",
-	} {
+	seedList(t, c, "json", 1000, nil)
+	seedList(t, c, "protobuf", 1000, func(int) bool { return true })
+	seedList(t, c, "mixed", 1000, func(i int) bool { return i%3 != 0 })
+	var targets []string
+	for _, ns := range []string{"json", "protobuf", "mixed"} {
+		for _, q := range []string{"", "?limit=10", "?labelSelector=app%3Dbench&limit=300", "?fieldSelector=metadata.name%3Dcm-00042"} {
+			targets = append(targets, "/api/v1/namespaces/"+ns+"/configmaps"+q)
+		}
+	}
+	for _, target := range targets {
 		for _, as := range []string{"", ";as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"} {
 			pb := serve(t, c, target, mediaProtobuf+as)
 			js := serve(t, c, target, mediaJSON+as)
@@ -120,4 +136,49 @@ func (w *discardWriter) Write(b []byte) (int, error) {
 		w.code = http.StatusOK
 	}
 	return len(b), nil
+}
+
+// TestProtobufFromStored: offline protobuf answers carry the protobuf
+// encoding stored with an object as the apiserver sent it, not one derived
+// from its JSON: a field outpost's types do not know survives.
+func TestProtobufFromStored(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	seedList(t, c, "ns1", 3, func(int) bool { return true })
+	unknownField := []byte{0xfa, 0x3f, 0x04, 'n', 'e', 'w', '!'} // field 1023, 4 bytes
+	if err := c.Store.Update(func(tx *store.Tx) error {
+		o, ok, err := tx.Get("/v1/configmaps", "ns1", "cm-00001")
+		if err != nil || !ok {
+			return fmt.Errorf("get: %v %v", ok, err)
+		}
+		o.Proto = append(o.Proto, unknownField...)
+		return tx.Apply([]store.Event{{Type: store.Modified, View: store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns1"}, Object: o}})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, target := range []string{"/api/v1/namespaces/ns1/configmaps", "/api/v1/namespaces/ns1/configmaps/cm-00001"} {
+		pb := serve(t, c, target, mediaProtobuf)
+		if pb.Code != 200 || pb.Header().Get("Content-Type") != mediaProtobuf || !bytes.Contains(pb.Body.Bytes(), unknownField) {
+			t.Errorf("%s: %d %s, stored protobuf not served: %q", target, pb.Code, pb.Header().Get("Content-Type"), pb.Body.Bytes())
+		}
+		obj, _, err := codecs.UniversalDeserializer().Decode(pb.Body.Bytes(), nil, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", target, err)
+		}
+		switch o := obj.(type) {
+		case *corev1.ConfigMapList:
+			if len(o.Items) != 3 || o.Items[1].Name != "cm-00001" || o.ResourceVersion != "20000" {
+				t.Errorf("%s: %d items, rv %q", target, len(o.Items), o.ResourceVersion)
+			}
+		case *corev1.ConfigMap:
+			if o.Name != "cm-00001" || o.Data["payload"] == "" {
+				t.Errorf("%s: %+v", target, o.ObjectMeta)
+			}
+		default:
+			t.Errorf("%s: decoded %T", target, obj)
+		}
+		if js := serve(t, c, target, mediaJSON); js.Code != 200 || bytes.Contains(js.Body.Bytes(), []byte("new!")) {
+			t.Errorf("%s as JSON: %d %s", target, js.Code, js.Body.String())
+		}
+	}
 }

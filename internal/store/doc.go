@@ -83,13 +83,16 @@
 //
 // An object record is
 //
-//	version byte (1) | uvarint refs | lp(resourceVersion)
+//	version byte (1, or 2 with protobuf) | uvarint refs | lp(resourceVersion)
 //	| uvarint n, n × (lp(label key) lp(label value))
 //	| uvarint m, m × (lp(field key) lp(field value))
+//	| lp(protobuf message), only in version 2
 //	| JSON body, to the end of the record
 //
 // with labels and fields sorted by key, so that an unchanged object encodes
-// to the same bytes and a relist need not rewrite it. refs is the number of
+// to the same bytes and a relist need not rewrite it. The protobuf message
+// is the object as the apiserver sent it to a protobuf client (see
+// Object.Proto), so that offline protobuf answers need no decoding. refs is the number of
 // views holding the object. The body of a sealed resource's object is
 // sealed (seal.Key's format, bound to 'o' and the object's key), as is a
 // sealed document's body (bound to 'd' and the document's key). A view

@@ -19,6 +19,14 @@ type Object struct {
 	Fields map[string]string
 	// Data is the whole object, JSON-encoded.
 	Data []byte
+	// Proto, when not nil, is the same object in protobuf: the message
+	// alone, as a list's item (no envelope, no kind). It is stored only as
+	// received from the apiserver, never derived, so that a protobuf
+	// client offline gets the cloud's bytes without a decode. An object
+	// written without it at the resourceVersion already stored keeps the
+	// stored one; at any other resourceVersion it is dropped. The objects
+	// of sealed resources never keep it.
+	Proto []byte
 }
 
 // List calls fn for the members of view k in key order, which is the
@@ -42,13 +50,13 @@ func (tx *Tx) List(k ViewKey, after string, limit int, fn func(Object) error) er
 }
 
 // ListData is List for callers that need only each member's key
-// ("namespace/name") and JSON: it skips decoding labels and fields, which
-// makes serving a large unfiltered view several times cheaper. data is
-// valid only during fn.
-func (tx *Tx) ListData(k ViewKey, after string, limit int, fn func(key string, data []byte) error) error {
+// ("namespace/name"), JSON and protobuf encoding (nil: none stored): it
+// skips decoding labels and fields, which makes serving a large unfiltered
+// view several times cheaper. data and proto are valid only during fn.
+func (tx *Tx) ListData(k ViewKey, after string, limit int, fn func(key string, data, proto []byte) error) error {
 	sealed := tx.seal.resource(k.Resource)
 	return tx.walk(k, after, limit, func(mk string, rec []byte) error {
-		data, err := objectData(rec)
+		proto, data, err := objectBodies(rec)
 		if err == nil && sealed {
 			// walk left the object's key in tx.okey.
 			data, err = tx.openData(tx.plain[:0], data, tx.adFor(adObject, tx.okey))
@@ -59,7 +67,7 @@ func (tx *Tx) ListData(k ViewKey, after string, limit int, fn func(key string, d
 		if err != nil {
 			return fmt.Errorf("listing view %s: reading %s: %w", k, mk, err)
 		}
-		return fn(mk, data)
+		return fn(mk, data, proto)
 	})
 }
 

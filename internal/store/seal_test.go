@@ -146,7 +146,7 @@ func listed(t *testing.T, s *Store, k ViewKey) string {
 		t.Fatal(err)
 	}
 	var nsName []string
-	if err := s.ListData(k, "", 0, func(mk string, data []byte) error {
+	if err := s.ListData(k, "", 0, func(mk string, data, _ []byte) error {
 		b = append(b, string(data))
 		nsName = append(nsName, mk)
 		return nil
@@ -361,7 +361,7 @@ func TestSealedTampered(t *testing.T) {
 			object := strings.HasPrefix(tt.name, "object")
 			errs := map[string]error{}
 			errs["List"] = s.List(secretView, "", 0, func(Object) error { return nil })
-			errs["ListData"] = s.ListData(secretView, "", 0, func(string, []byte) error { return nil })
+			errs["ListData"] = s.ListData(secretView, "", 0, func(string, []byte, []byte) error { return nil })
 			_, _, errs["Get"] = s.Get(secrets, "ns", "a")
 			_, _, _, errs["Doc"] = s.Doc(tokenDoc)
 			errs["Docs"] = s.Docs("sa-token\x00", func(string, string, []byte) error { return nil })
@@ -679,7 +679,7 @@ func TestSealedPlainResourcesAllocateNothingMore(t *testing.T) {
 			}
 		})
 		data = testing.AllocsPerRun(20, func() {
-			if err := s.ListData(cmView, "", 0, func(string, []byte) error { return nil }); err != nil {
+			if err := s.ListData(cmView, "", 0, func(string, []byte, []byte) error { return nil }); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -732,7 +732,7 @@ func BenchmarkList1kSecrets(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				got := 0
-				if err := s.ListData(secretView, "", 0, func(string, []byte) error { got++; return nil }); err != nil || got != n {
+				if err := s.ListData(secretView, "", 0, func(string, []byte, []byte) error { got++; return nil }); err != nil || got != n {
 					b.Fatal(got, err)
 				}
 			}

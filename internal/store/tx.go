@@ -369,6 +369,7 @@ func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource
 	changed := false
 	encodedRefs := newRefs
 	if wins {
+		o = tx.withProto(o, resource, cur)
 		tx.rec, tx.keys = appendObject(tx.rec[:0], newRefs, o, tx.keys)
 		if tx.seal.resource(resource) {
 			changed = tx.sealRecord(cur, len(tx.rec)-len(o.Data))
@@ -407,6 +408,35 @@ func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource
 		tx.objectsDelta++
 	}
 	return tx.objects.Put(okey, rec)
+}
+
+// withProto returns o with the protobuf encoding it is to be stored with
+// (see Object.Proto): none for a sealed resource; the stored copy's, when
+// o has none and is at the stored resourceVersion (a JSON answer for an
+// object a protobuf client also reads must not drop it); else its own.
+func (tx *Tx) withProto(o *Object, resource string, cur []byte) *Object {
+	switch {
+	case tx.seal.resource(resource):
+		if o.Proto == nil {
+			return o
+		}
+		c := *o
+		c.Proto = nil
+		return &c
+	case o.Proto != nil || cur == nil:
+		return o
+	}
+	_, rv, err := objectHeader(cur)
+	if err != nil || string(rv) != o.ResourceVersion {
+		return o
+	}
+	proto, _, err := objectBodies(cur)
+	if err != nil || proto == nil {
+		return o
+	}
+	c := *o
+	c.Proto = proto
+	return &c
 }
 
 // sealRecord compares the object record in tx.rec, whose data starts at

@@ -1,0 +1,97 @@
+package store
+
+import (
+	"bytes"
+	"path/filepath"
+	"testing"
+)
+
+// protoOf returns the protobuf encoding Get and ListData give for the pod
+// ns/name of view k.
+func protoOf(t *testing.T, s *Store, k ViewKey, ns, name string) (got, listed []byte) {
+	t.Helper()
+	o, ok, err := s.Get(k.Resource, ns, name)
+	if err != nil || !ok {
+		t.Fatalf("Get %s/%s: %v %v", ns, name, ok, err)
+	}
+	found := false
+	if err := s.ListData(k, "", 0, func(mk string, data, proto []byte) error {
+		if mk == MemberKey(ns, name) {
+			found, listed = true, bytes.Clone(proto)
+			if !bytes.Equal(data, o.Data) {
+				t.Errorf("ListData's JSON of %s differs from Get's", mk)
+			}
+		}
+		return nil
+	}); err != nil || !found {
+		t.Fatalf("ListData: found %v, %v", found, err)
+	}
+	if !bytes.Equal(o.Proto, listed) {
+		t.Errorf("Get's protobuf %q, ListData's %q", o.Proto, listed)
+	}
+	return o.Proto, listed
+}
+
+// TestProto: an object's protobuf encoding is stored with it, kept when
+// the same resourceVersion is written again without one (a JSON client
+// reading what a protobuf client read), dropped with a newer
+// resourceVersion, and never kept for a sealed resource.
+func TestProto(t *testing.T) {
+	s := openTest(t)
+	node, admin := key("node", "ns", "", ""), key("admin", "ns", "", "")
+	p := pod("ns", "p", "10", "app", "web")
+	p.Proto = []byte("\x0a\x03pb1")
+	if err := replace(node, "10", p)(s); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := protoOf(t, s, node, "ns", "p"); string(got) != "\x0a\x03pb1" {
+		t.Fatalf("stored protobuf %q", got)
+	}
+
+	// The same object from a JSON answer: the protobuf stays, nothing is
+	// rewritten.
+	asJSON := pod("ns", "p", "10", "app", "web")
+	if err := replace(admin, "10", asJSON)(s); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := protoOf(t, s, admin, "ns", "p"); string(got) != "\x0a\x03pb1" {
+		t.Errorf("after a JSON answer at the same resourceVersion: protobuf %q", got)
+	}
+
+	// A newer version from a JSON watch: the old protobuf must go.
+	newer := pod("ns", "p", "11", "app", "web")
+	if err := apply(ev(Modified, node, newer))(s); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := protoOf(t, s, node, "ns", "p"); got != nil {
+		t.Errorf("after a newer object without protobuf: protobuf %q", got)
+	}
+
+	// And a newer one with it.
+	newest := pod("ns", "p", "12", "app", "web")
+	newest.Proto = []byte("\x0a\x03pb3")
+	if err := apply(ev(Modified, node, newest))(s); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := protoOf(t, s, admin, "ns", "p"); string(got) != "\x0a\x03pb3" {
+		t.Errorf("after a newer object with protobuf: %q", got)
+	}
+	dump(t, s) // invariants
+}
+
+func TestProtoNotSealed(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s := openSealedTest(t, path, testKey(t))
+	sec := secret("ns", "s", "5", "hunter2")
+	sec.Proto = []byte("\x0a\x07hunter2")
+	if err := s.ReplaceView(View{Key: secretView, ResourceVersion: "5"}, []Object{sec}); err != nil {
+		t.Fatal(err)
+	}
+	if got, listed := protoOf(t, s, secretView, "ns", "s"); got != nil || listed != nil {
+		t.Errorf("a sealed resource kept its protobuf: %q %q", got, listed)
+	}
+	s.Close()
+	if leaks := fileHolds(t, path, []string{"hunter2"}); len(leaks) > 0 {
+		t.Errorf("in clear in the file: %v", leaks)
+	}
+}
