@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -296,5 +297,54 @@ func TestInflate(t *testing.T) {
 				t.Errorf("size %d: a cut-off gzip stream inflated without an error", size)
 			}
 		}
+		// The buffer is sized from the trailer once, and a trailer that
+		// lies changes nothing but the guess.
+		z := gz(plain)
+		if got, err := inflate(z, nil); err != nil || !bytes.Equal(got, plain) || cap(got) != inflatedSize(z) && size > 4<<10 {
+			t.Errorf("size %d: %d bytes (cap %d, guessed %d), %v", size, len(got), cap(got), inflatedSize(z), err)
+		}
+		for _, lie := range []uint32{1, 1 << 31} {
+			binary.LittleEndian.PutUint32(z[len(z)-4:], lie)
+			// gzip checks the size at the end: the body is refused.
+			if got, err := inflate(z, nil); err == nil || inflatedSize(z) > 1032*len(z)+512 {
+				t.Errorf("size %d, trailer saying %d: inflated %d bytes, %v, guessed %d", size, lie, len(got), err, inflatedSize(z))
+			}
+		}
+	}
+}
+
+// TestReleaseMemoryAfterLarge: serving a large answer is followed, once
+// quiet, by returning memory to the system; a small one is not.
+func TestReleaseMemoryAfterLarge(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "cache.db"), store.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	released := make(chan struct{}, 10)
+	c := &Cache{Store: st, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), freeOSMemory: func() { released <- struct{}{} }}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = c.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+
+	seedList(t, c, "small", 10, nil)
+	seedList(t, c, "large", 15000, nil)
+	if w := serve(t, c, "/api/v1/namespaces/small/configmaps", mediaJSON); w.Code != 200 {
+		t.Fatalf("small list: %d", w.Code)
+	}
+	select {
+	case <-released:
+		t.Fatal("memory released after a small answer")
+	case <-time.After(1500 * time.Millisecond):
+	}
+	w := serve(t, c, "/api/v1/namespaces/large/configmaps", mediaJSON)
+	if w.Code != 200 || w.Body.Len() < largeAnswer {
+		t.Fatalf("large list: %d, %d bytes", w.Code, w.Body.Len())
+	}
+	select {
+	case <-released:
+	case <-time.After(5 * time.Second):
+		t.Fatal("memory not released after a large answer")
 	}
 }

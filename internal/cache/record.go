@@ -3,6 +3,7 @@ package cache
 import (
 	"bytes"
 	"compress/gzip"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net/http"
@@ -539,6 +540,23 @@ const inflateHead = 4 << 10
 // inflate decompresses the gzipped b into a buffer from the body pool. If
 // head is set, it is first called with the start of the result, and when
 // it returns true inflate stops there and returns nil.
+// inflatedSize guesses the size of gzipped b inflated, to allocate once:
+// its trailer says it (modulo 4 GiB), unless it lies or b holds several
+// members, so the guess is bounded by deflate's greatest ratio (1032:1);
+// a little room past it lets the last read see the end without growing.
+// Without a trailer: compressed Kubernetes JSON and protobuf are a fifth to
+// a tenth of their size.
+func inflatedSize(b []byte) int {
+	if len(b) < 18 { // the smallest gzip member
+		return 4 << 10
+	}
+	n := int(binary.LittleEndian.Uint32(b[len(b)-4:]))
+	if n == 0 || n > 1032*len(b) {
+		return min(max(4*len(b), 4<<10), 64<<20)
+	}
+	return n + 512
+}
+
 func inflate(b []byte, head func([]byte) bool) ([]byte, error) {
 	zr, _ := gzipReaders.Get().(*gzip.Reader)
 	var err error
@@ -551,9 +569,7 @@ func inflate(b []byte, head func([]byte) bool) ([]byte, error) {
 		return nil, err
 	}
 	defer gzipReaders.Put(zr)
-	// Compressed Kubernetes JSON and protobuf are a fifth to a tenth of
-	// their size; grow from there.
-	out := getBody(min(max(4*len(b), 4<<10), 64<<20))
+	out := getBody(inflatedSize(b))
 	for {
 		end := cap(out)
 		if head != nil {

@@ -624,6 +624,9 @@ func (c *Cache) encode(w http.ResponseWriter, jsonBody []byte, a accept, src sou
 }
 
 func (c *Cache) writeAnswer(w http.ResponseWriter, contentType string, body []byte, src source) {
+	if len(body) >= largeAnswer {
+		defer c.wasLarge()
+	}
 	if src.view.Stale {
 		w.Header().Set("X-Outpost-Cache-Stale", "true")
 	}

@@ -435,8 +435,9 @@ func savePprof(url, path string) error {
 // (cached-idle-RSS-MB), the time from starting it again with the cloud
 // unreachable until its /readyz says ready (offline-start-to-ready-ms), the
 // time of its first offline LIST of all of them (offline-list-ms), and its
-// resident memory after that LIST (after-offline-list-RSS-MB). It runs
-// before BenchmarkYOfflineList10k stops the apiserver.
+// resident memory after that LIST (after-offline-list-RSS-MB), with the
+// same LIST made directly online for comparison (online-direct-list-ms).
+// It runs before BenchmarkYOfflineList10k stops the apiserver.
 func BenchmarkX100k(b *testing.B) {
 	setup(b)
 	ctx := context.Background()
@@ -469,6 +470,14 @@ func BenchmarkX100k(b *testing.B) {
 		return
 	}
 
+	// The same LIST made directly, for comparison.
+	direct := clients["direct"]
+	t0 := time.Now()
+	if l, err := direct.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != n {
+		b.Fatalf("listing directly: %v", err)
+	}
+	b.ReportMetric(float64(time.Since(t0).Microseconds())/1000, "online-direct-list-ms")
+
 	o, err := cp.StartOutpost(ctx, "edge-100k", "--log-level=warn")
 	if err != nil {
 		b.Fatal(err)
@@ -488,6 +497,17 @@ func BenchmarkX100k(b *testing.B) {
 	}
 	replaced := func() float64 { return metric(b, o.AdminURL, "outpost_cache_views_replaced_total") }
 	before := replaced()
+	// With OUTPOST_BENCH_PROFILE=dir, outpost's CPU profile while it
+	// records, and its heap and memory map once idle, are saved there.
+	dir := os.Getenv("OUTPOST_BENCH_PROFILE")
+	var profiled sync.WaitGroup
+	if dir != "" {
+		profiled.Go(func() {
+			if err := savePprof(o.AdminURL+"/debug/pprof/profile?seconds=15", dir+"/record-100k.cpu.pprof"); err != nil {
+				b.Error(err)
+			}
+		})
+	}
 	list()
 	answered := time.Now()
 	for replaced() == before {
@@ -499,6 +519,15 @@ func BenchmarkX100k(b *testing.B) {
 	b.ReportMetric(time.Since(answered).Seconds(), "persist-s")
 	time.Sleep(3 * time.Second)
 	b.ReportMetric(rssMB(b, o.PID()), "cached-idle-RSS-MB")
+	if dir != "" {
+		profiled.Wait()
+		if err := savePprof(o.AdminURL+"/debug/pprof/heap", dir+"/cached-100k.heap.pprof"); err != nil {
+			b.Error(err)
+		}
+		if smaps, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", o.PID())); err == nil {
+			_ = os.WriteFile(dir+"/cached-100k.smaps", smaps, 0o644)
+		}
+	}
 
 	// Start again with the cloud unreachable: --server replaces the
 	// kubeconfig's apiserver with a port nothing listens on.
@@ -511,7 +540,7 @@ func BenchmarkX100k(b *testing.B) {
 	l.Close()
 	o.ExtraArgs = []string{"--server=https://" + dead}
 	ready := make(chan time.Duration, 1)
-	t0 := time.Now()
+	t0 = time.Now()
 	go func() {
 		for time.Since(t0) < 30*time.Second {
 			if resp, err := http.Get(o.AdminURL + "/readyz"); err == nil {
@@ -571,7 +600,9 @@ func BenchmarkYOfflineList10k(b *testing.B) {
 	ctx := context.Background()
 	const ns, n = "bench-10k", 10000
 	seed10k.Do(func() {
-		c := cp.Client()
+		cfg := cp.AdminConfig()
+		cfg.QPS = -1
+		c := kubernetes.NewForConfigOrDie(cfg)
 		if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 			b.Fatal(err)
 		}
