@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -374,7 +376,15 @@ func TestItemwiseListDecoding(t *testing.T) {
 	meta := &metav1.PartialObjectMetadataList{TypeMeta: metav1.TypeMeta{Kind: "PartialObjectMetadataList", APIVersion: "meta.k8s.io/v1"}, ListMeta: metav1.ListMeta{ResourceVersion: "7"},
 		Items: []metav1.PartialObjectMetadata{{ObjectMeta: metav1.ObjectMeta{Name: "m", ResourceVersion: "6", Labels: map[string]string{"a": "b"}}}}}
 	never := func(string, string, string) (store.Object, bool) { return store.Object{}, false }
-	for resource, list := range map[string]runtime.Object{"/v1/pods": pods, "apps/v1/deployments": deployments, "/v1/pods#meta": meta} {
+	// Enough items to be decoded by several workers.
+	many := &corev1.PodList{TypeMeta: pods.TypeMeta, ListMeta: pods.ListMeta}
+	for i := range 2000 {
+		p := pods.Items[i%2].DeepCopy()
+		p.Name, p.ResourceVersion = fmt.Sprintf("p-%04d", i), strconv.Itoa(100+i)
+		many.Items = append(many.Items, *p)
+	}
+	for resource, list := range map[string]runtime.Object{"/v1/pods": pods, "apps/v1/deployments": deployments, "/v1/pods#meta": meta, "/v1/pods#many": many} {
+		resource = strings.TrimSuffix(resource, "#many")
 		var pb bytes.Buffer
 		if err := protobufSerializer.Encode(list, &pb); err != nil {
 			t.Fatal(err)

@@ -435,7 +435,9 @@ func savePprof(url, path string) error {
 // (cached-idle-RSS-MB), the time from starting it again with the cloud
 // unreachable until its /readyz says ready (offline-start-to-ready-ms), the
 // time of its first offline LIST of all of them (offline-list-ms), and its
-// resident memory after that LIST (after-offline-list-RSS-MB), with the
+// resident memory right after that LIST (after-offline-list-RSS-MB), 3 s
+// later (offline-idle-RSS-MB) and at its peak since the restart
+// (offline-peak-RSS-MB), with the
 // same LIST made directly online for comparison (online-direct-list-ms).
 // It runs before BenchmarkYOfflineList10k stops the apiserver.
 func BenchmarkX100k(b *testing.B) {
@@ -564,6 +566,9 @@ func BenchmarkX100k(b *testing.B) {
 	b.ReportMetric(float64(d.Microseconds())/1000, "offline-start-to-ready-ms")
 	b.ReportMetric(float64(list().Microseconds())/1000, "offline-list-ms")
 	b.ReportMetric(rssMB(b, o.PID()), "after-offline-list-RSS-MB")
+	time.Sleep(3 * time.Second)
+	b.ReportMetric(rssMB(b, o.PID()), "offline-idle-RSS-MB")
+	b.ReportMetric(statusMB(b, o.PID(), "VmHWM:"), "offline-peak-RSS-MB")
 	for range b.N {
 	}
 }
@@ -670,17 +675,20 @@ func BenchmarkZIdleRSS(b *testing.B) {
 	b.ReportMetric(rssMB(b, hub.PID()), "after-load-RSS-MB")
 }
 
-func rssMB(b *testing.B, pid int) float64 {
+func rssMB(b *testing.B, pid int) float64 { return statusMB(b, pid, "VmRSS:") }
+
+// statusMB reads a memory figure (VmRSS:, VmHWM:) of a process.
+func statusMB(b *testing.B, pid int, field string) float64 {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		b.Fatal(err)
 	}
 	for _, l := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == field {
 			kb, _ := strconv.Atoi(f[1])
 			return float64(kb) / 1024
 		}
 	}
-	b.Fatalf("no VmRSS for pid %d", pid)
+	b.Fatalf("no %s for pid %d", field, pid)
 	return 0
 }
