@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -521,6 +522,9 @@ func BenchmarkX100k(b *testing.B) {
 	b.ReportMetric(time.Since(answered).Seconds(), "persist-s")
 	time.Sleep(3 * time.Second)
 	b.ReportMetric(rssMB(b, o.PID()), "cached-idle-RSS-MB")
+	if fi, err := os.Stat(filepath.Join(o.DataDir, "cache.db")); err == nil {
+		b.ReportMetric(float64(fi.Size())/(1<<20), "cache-db-MB")
+	}
 	if dir != "" {
 		profiled.Wait()
 		if err := savePprof(o.AdminURL+"/debug/pprof/heap", dir+"/cached-100k.heap.pprof"); err != nil {
@@ -568,6 +572,10 @@ func BenchmarkX100k(b *testing.B) {
 	b.ReportMetric(rssMB(b, o.PID()), "after-offline-list-RSS-MB")
 	time.Sleep(3 * time.Second)
 	b.ReportMetric(rssMB(b, o.PID()), "offline-idle-RSS-MB")
+	// Of which the store's pages bbolt maps from the file, clean page
+	// cache the kernel reclaims when memory is short, and the rest.
+	b.ReportMetric(statusMB(b, o.PID(), "RssFile:"), "offline-idle-file-MB")
+	b.ReportMetric(statusMB(b, o.PID(), "RssAnon:"), "offline-idle-anon-MB")
 	b.ReportMetric(statusMB(b, o.PID(), "VmHWM:"), "offline-peak-RSS-MB")
 	for range b.N {
 	}
