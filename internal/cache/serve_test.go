@@ -3,6 +3,7 @@ package cache
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -13,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
 
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
@@ -180,5 +182,27 @@ func TestProtobufFromStored(t *testing.T) {
 		if js := serve(t, c, target, mediaJSON); js.Code != 200 || bytes.Contains(js.Body.Bytes(), []byte("new!")) {
 			t.Errorf("%s as JSON: %d %s", target, js.Code, js.Body.String())
 		}
+	}
+	// And an offline watch's initial events.
+	w := serve(t, c, "/api/v1/namespaces/ns1/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=1", mediaProtobuf)
+	if !bytes.Contains(w.Body.Bytes(), unknownField) {
+		t.Errorf("offline protobuf watch: stored protobuf not served")
+	}
+	d, err := NewWatchDecoder(w.Header().Get("Content-Type"), io.NopCloser(bytes.NewReader(w.Body.Bytes())), "/v1/configmaps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for {
+		ev, err := d.Next()
+		if err != nil {
+			break
+		}
+		if ev.Type == watch.Added {
+			names = append(names, ev.Object.Name)
+		}
+	}
+	if strings.Join(names, ",") != "cm-00000,cm-00001,cm-00002" {
+		t.Errorf("offline protobuf watch: ADDED %v", names)
 	}
 }

@@ -96,11 +96,11 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			if !src.keep(o) {
 				return nil
 			}
-			data := o.Data
+			data, proto := o.Data, o.Proto
 			if kind == "PartialObjectMetadata" {
-				data = metadataOnly(data)
+				data, proto = metadataOnly(data), nil
 			}
-			if err := enc.object(watch.Added, data); err != nil {
+			if err := enc.object(watch.Added, data, proto); err != nil {
 				return stop // the client went away
 			}
 			return nil
@@ -152,7 +152,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 				if kind == "PartialObjectMetadata" {
 					data = metadataOnly(data)
 				}
-				if err := enc.object(watch.Modified, data); err != nil {
+				if err := enc.object(watch.Modified, data, nil); err != nil {
 					return nil
 				}
 			}
@@ -202,8 +202,14 @@ func newEventEncoder(w http.ResponseWriter, a accept, kind, apiVersion string) (
 		embedded: info.Serializer, protobuf: media == mediaProtobuf, kind: kind, apiVersion: apiVersion}, nil
 }
 
-// object writes one event for a stored object.
-func (e *eventEncoder) object(typ watch.EventType, data []byte) error {
+// object writes one event for a stored object: its JSON data, or for a
+// protobuf client its protobuf message proto when stored (see
+// store.Object.Proto).
+func (e *eventEncoder) object(typ watch.EventType, data, proto []byte) error {
+	if e.protobuf && proto != nil {
+		raw := protobufEnvelope(e.kind, e.apiVersion, len(proto), func(b []byte) []byte { return append(b, proto...) })
+		return e.stream.Encode(&metav1.WatchEvent{Type: string(typ), Object: runtime.RawExtension{Raw: raw}})
+	}
 	raw := withTypeMeta(data, e.kind, e.apiVersion)
 	if e.protobuf {
 		obj, _, err := codecs.UniversalDeserializer().Decode(raw, nil, nil)
