@@ -4,7 +4,9 @@
 package cache_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"net/http"
@@ -247,6 +249,10 @@ func TestReadsSurviveTheCut(t *testing.T) {
 				return s.Namespace + "/" + s.Name + ":" + fmt.Sprint(s.Spec.Ports[0].Port)
 			}), nil
 		}},
+		// Protobuf answers offline are the apiserver's own bytes: each
+		// object as it sent it, in the same envelope.
+		{"protobuf list, byte for byte", rawProtobuf(saProto, "/api/v1/namespaces/c/configmaps")},
+		{"protobuf get, byte for byte", rawProtobuf(saProto, "/api/v1/namespaces/c/configmaps/cm-3")},
 		{"metadata-only list", func(ctx context.Context) (string, error) {
 			l, err := meta.Resource(corev1.SchemeGroupVersion.WithResource("configmaps")).Namespace("b").List(ctx, metav1.ListOptions{LabelSelector: "tier=back"})
 			if err != nil {
@@ -364,5 +370,17 @@ func TestReadsSurviveTheCut(t *testing.T) {
 
 	if err := cp.StartAPIServer(0); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// rawProtobuf reads path as protobuf with c's credentials and describes
+// the body by its length and digest.
+func rawProtobuf(c kubernetes.Interface, path string) func(ctx context.Context) (string, error) {
+	return func(ctx context.Context) (string, error) {
+		b, err := c.CoreV1().RESTClient().Get().AbsPath(path).SetHeader("Accept", runtime.ContentTypeProtobuf).DoRaw(ctx)
+		if err == nil && !bytes.HasPrefix(b, []byte("k8s\x00")) {
+			err = fmt.Errorf("not protobuf: %q", b[:min(len(b), 64)])
+		}
+		return fmt.Sprintf("%d bytes, sha256 %x", len(b), sha256.Sum256(b)), err
 	}
 }
