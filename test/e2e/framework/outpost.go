@@ -202,7 +202,9 @@ var outpostBuild struct {
 
 // OutpostBinary returns the outpost binary the tests run: $OUTPOST_BIN when
 // set, else one built once per test process from the working tree with
-// `go build`, so that a test never runs a stale _output/bin/outpost.
+// `go build`, so that a test never runs a stale _output/bin/outpost. It is
+// static (CGO_ENABLED=0) like the one `make build` ships, so that the
+// benchmarks' RSS is the shipped binary's.
 func OutpostBinary() (string, error) {
 	if p := os.Getenv("OUTPOST_BIN"); p != "" {
 		return p, nil
@@ -222,6 +224,7 @@ func OutpostBinary() (string, error) {
 		b.path = filepath.Join(dir, "outpost")
 		cmd := exec.Command("go", "build", "-o", b.path, "./cmd/outpost")
 		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			b.err = fmt.Errorf("building outpost: %v\n%s", err, out)
 		}
