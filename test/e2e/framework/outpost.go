@@ -36,9 +36,8 @@ type Outpost struct {
 	Kubeconfig string
 	// LogPath is outpost's log file.
 	LogPath string
-	// Env is added to outpost's environment, and ExtraArgs to its
-	// arguments, at the next Start.
-	Env, ExtraArgs []string
+	// ExtraArgs are added to outpost's arguments at the next Start.
+	ExtraArgs []string
 
 	cp   *ControlPlane
 	args []string
@@ -115,7 +114,7 @@ func (o *Outpost) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	p, err := startProcess("outpost", o.LogPath, bin, append(o.args[:len(o.args):len(o.args)], o.ExtraArgs...), o.Env)
+	p, err := startProcess("outpost", o.LogPath, bin, append(o.args[:len(o.args):len(o.args)], o.ExtraArgs...), nil)
 	if err != nil {
 		return err
 	}
