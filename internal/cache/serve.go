@@ -310,17 +310,15 @@ func (c *Cache) rawItems(src source, after string, limit int, withProto bool) (i
 		return block[start:len(block):len(block)]
 	}
 	stop := errors.New("stop")
-	err = c.Store.ListData(src.view.Key, after, fetch, func(key string, data, proto []byte) error {
+	err = c.Store.ListData(src.view.Key, after, fetch, withProto, func(key string, data, proto []byte) error {
 		if limit > 0 && len(items) == limit {
 			more = true
 			return stop
 		}
 		if withProto {
-			// A member with a protobuf copy is served from it alone.
 			var p []byte
 			if proto != nil {
 				p = keep(proto)
-				data = nil
 			}
 			protos = append(protos, p)
 		}

@@ -145,7 +145,5 @@ func (tx *Tx) delete(rs *resourceViews, own *viewState, resource, mk string, o *
 			}
 		}
 	}
-	tx.okey = objectKey(tx.okey, resource, mk)
-	tx.objectsDelta--
-	return tx.objects.Delete(tx.okey)
+	return tx.deleteObject(resource, mk)
 }

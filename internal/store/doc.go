@@ -73,6 +73,8 @@
 //	         lp(labelSelector) lp(fieldSelector) -> view record
 //	members  view id (uint64 big endian) member-key -> empty
 //	docs     key -> lp(content type) body
+//	protos   lp(resource) member-key -> protobuf record (added to older
+//	         files at Open)
 //
 // The member key of an object is "namespace/name", or "name" when it is
 // cluster-scoped (see MemberKey). Member keys sort in the order the
@@ -83,16 +85,22 @@
 //
 // An object record is
 //
-//	version byte (1, or 2 with protobuf) | uvarint refs | lp(resourceVersion)
+//	version byte (1) | uvarint refs | lp(resourceVersion)
 //	| uvarint n, n × (lp(label key) lp(label value))
 //	| uvarint m, m × (lp(field key) lp(field value))
-//	| lp(protobuf message), only in version 2
 //	| JSON body, to the end of the record
 //
 // with labels and fields sorted by key, so that an unchanged object encodes
-// to the same bytes and a relist need not rewrite it. The protobuf message
-// is the object as the apiserver sent it to a protobuf client (see
-// Object.Proto), so that offline protobuf answers need no decoding. refs is the number of
+// to the same bytes and a relist need not rewrite it. A protobuf record,
+// under the object's key in protos, is
+//
+//	lp(resourceVersion) | protobuf message, to the end of the record
+//
+// the object as the apiserver sent it to a protobuf client (see
+// Object.Proto), always at the object's resourceVersion: every write of
+// the object keeps, replaces or deletes it in the same transaction. It is
+// apart from the object record so that a protobuf answer reads only these
+// pages, and a JSON answer only the others. refs is the number of
 // views holding the object. The body of a sealed resource's object is
 // sealed (seal.Key's format, bound to 'o' and the object's key), as is a
 // sealed document's body (bound to 'd' and the document's key). A view

@@ -39,26 +39,49 @@ type Object struct {
 // Everything fn receives is a copy it may keep.
 func (tx *Tx) List(k ViewKey, after string, limit int, fn func(Object) error) error {
 	sealed := tx.seal.resource(k.Resource)
-	return tx.walk(k, after, limit, func(mk string, rec []byte) error {
+	return tx.walk(k, after, limit, func(mk string) error {
+		rec, err := tx.record(k, mk)
+		if err != nil {
+			return err
+		}
 		var o Object
 		o.Namespace, o.Name = splitMemberKey(mk)
 		if err := tx.decodeObject(rec, &o, sealed); err != nil {
 			return fmt.Errorf("listing view %s: reading %s: %w", k, mk, err)
 		}
+		o.Proto = bytes.Clone(tx.proto(tx.okey, o.ResourceVersion))
 		return fn(o)
 	})
 }
 
 // ListData is List for callers that need only each member's key
-// ("namespace/name"), JSON and protobuf encoding (nil: none stored): it
-// skips decoding labels and fields, which makes serving a large unfiltered
-// view several times cheaper. data and proto are valid only during fn.
-func (tx *Tx) ListData(k ViewKey, after string, limit int, fn func(key string, data, proto []byte) error) error {
+// ("namespace/name") and its JSON, or with protoFirst its protobuf
+// encoding when one is stored: fn then gets either data or proto, never
+// both, and the object's record is not even read. It skips decoding labels
+// and fields, which makes serving a large unfiltered view several times
+// cheaper, and a protobuf answer touches only the pages holding protobuf.
+// data and proto are valid only during fn.
+func (tx *Tx) ListData(k ViewKey, after string, limit int, protoFirst bool, fn func(key string, data, proto []byte) error) error {
 	sealed := tx.seal.resource(k.Resource)
-	return tx.walk(k, after, limit, func(mk string, rec []byte) error {
-		proto, data, err := objectBodies(rec)
+	return tx.walk(k, after, limit, func(mk string) error {
+		if protoFirst && !sealed {
+			// Writes keep a protobuf encoding at its object's
+			// resourceVersion, or delete it (keepProto).
+			if rec := tx.protos.Get(tx.okey); rec != nil {
+				r := reader{b: rec}
+				r.bytes("protobuf record")
+				if r.err != nil {
+					return fmt.Errorf("listing view %s: reading %s: %w", k, mk, r.err)
+				}
+				return fn(mk, nil, r.b)
+			}
+		}
+		rec, err := tx.record(k, mk)
+		if err != nil {
+			return err
+		}
+		data, err := objectData(rec)
 		if err == nil && sealed {
-			// walk left the object's key in tx.okey.
 			data, err = tx.openData(tx.plain[:0], data, tx.adFor(adObject, tx.okey))
 			if data != nil {
 				tx.plain = data
@@ -67,13 +90,13 @@ func (tx *Tx) ListData(k ViewKey, after string, limit int, fn func(key string, d
 		if err != nil {
 			return fmt.Errorf("listing view %s: reading %s: %w", k, mk, err)
 		}
-		return fn(mk, data, proto)
+		return fn(mk, data, nil)
 	})
 }
 
-// walk calls fn with the member key and object record of each member of
-// view k after after, at most limit of them (0 = all).
-func (tx *Tx) walk(k ViewKey, after string, limit int, fn func(mk string, rec []byte) error) error {
+// walk calls fn with the member key of each member of view k after after,
+// at most limit of them (0 = all), with the object's key in tx.okey.
+func (tx *Tx) walk(k ViewKey, after string, limit int, fn func(mk string) error) error {
 	vs, err := tx.view(k, false)
 	if err != nil || vs == nil {
 		return err
@@ -87,11 +110,7 @@ func (tx *Tx) walk(k ViewKey, after string, limit int, fn func(mk string, rec []
 			continue
 		}
 		tx.okey = objectKey(tx.okey, k.Resource, string(mk))
-		rec := tx.objects.Get(tx.okey)
-		if rec == nil {
-			return fmt.Errorf("listing view %s: %w: member %s is not stored", k, ErrCorrupt, mk)
-		}
-		if err := fn(string(mk), rec); err != nil {
+		if err := fn(string(mk)); err != nil {
 			return err
 		}
 		if n++; limit > 0 && n >= limit {
@@ -99,6 +118,15 @@ func (tx *Tx) walk(k ViewKey, after string, limit int, fn func(mk string, rec []
 		}
 	}
 	return nil
+}
+
+// record returns the object record under tx.okey, of member mk of view k.
+func (tx *Tx) record(k ViewKey, mk string) ([]byte, error) {
+	rec := tx.objects.Get(tx.okey)
+	if rec == nil {
+		return nil, fmt.Errorf("listing view %s: %w: member %s is not stored", k, ErrCorrupt, mk)
+	}
+	return rec, nil
 }
 
 // Get returns the stored object of resource with namespace and name.
@@ -112,6 +140,7 @@ func (tx *Tx) Get(resource, namespace, name string) (Object, bool, error) {
 	if err := tx.decodeObject(rec, &o, tx.seal.resource(resource)); err != nil {
 		return Object{}, false, fmt.Errorf("reading %s %s/%s: %w", resource, namespace, name, err)
 	}
+	o.Proto = bytes.Clone(tx.proto(tx.okey, o.ResourceVersion))
 	return o, true, nil
 }
 

@@ -124,6 +124,9 @@ func openDB(path string, opts Options, sl *sealing, log *slog.Logger) (db *bolt.
 	if err == nil && bad == nil && fresh {
 		err = db.Update(create)
 	}
+	if err == nil && bad == nil && !fresh {
+		err = addProtos(db)
+	}
 	if err == nil && bad == nil {
 		db, bad, err = reseal(db, opts, sl, log, fresh)
 	}
@@ -213,8 +216,11 @@ func check(db *bolt.DB) (fresh bool, bad, err error) {
 		default:
 			return fmt.Errorf("unknown format version %q (this outpost reads %q and %q)", v, formatVersion, formatSealed)
 		}
-		for _, name := range [][]byte{bucketObjects, bucketMembers, bucketViews, bucketDocs} {
+		for _, name := range [][]byte{bucketObjects, bucketMembers, bucketViews, bucketDocs, bucketProtos} {
 			b := tx.Bucket(name)
+			if b == nil && string(name) == string(bucketProtos) {
+				continue // a file from before it; Open adds it
+			}
 			if b == nil {
 				return fmt.Errorf("no %s bucket", name)
 			}
@@ -245,6 +251,10 @@ func checkRecord(bucket, k, v []byte) error {
 		if _, err = decodeViewKey(k); err == nil {
 			_, err = decodeView(v)
 		}
+	case string(bucketProtos):
+		r := reader{b: v}
+		r.bytes("protobuf record")
+		err = r.err
 	}
 	if err != nil {
 		return fmt.Errorf("%s bucket: %w", bucket, err)
@@ -254,7 +264,7 @@ func checkRecord(bucket, k, v []byte) error {
 
 // create sets up a new store.
 func create(tx *bolt.Tx) error {
-	for _, name := range [][]byte{bucketMeta, bucketObjects, bucketMembers, bucketViews, bucketDocs} {
+	for _, name := range [][]byte{bucketMeta, bucketObjects, bucketMembers, bucketViews, bucketDocs, bucketProtos} {
 		if _, err := tx.CreateBucket(name); err != nil {
 			return fmt.Errorf("creating %s bucket: %w", name, err)
 		}
@@ -263,6 +273,22 @@ func create(tx *bolt.Tx) error {
 		return fmt.Errorf("writing format version: %w", err)
 	}
 	return nil
+}
+
+// addProtos adds the protos bucket to a store written before there was
+// one, where no object has a protobuf encoding yet.
+func addProtos(db *bolt.DB) error {
+	missing := false
+	if err := db.View(func(tx *bolt.Tx) error {
+		missing = tx.Bucket(bucketProtos) == nil
+		return nil
+	}); err != nil || !missing {
+		return err
+	}
+	return db.Update(func(tx *bolt.Tx) error {
+		_, err := tx.CreateBucketIfNotExists(bucketProtos)
+		return err
+	})
 }
 
 // removeAsides deletes the files moveAside kept: with encryption on, none

@@ -2,8 +2,11 @@ package store
 
 import (
 	"bytes"
+	"fmt"
 	"path/filepath"
 	"testing"
+
+	bolt "go.etcd.io/bbolt"
 )
 
 // protoOf returns the protobuf encoding Get and ListData give for the pod
@@ -14,20 +17,39 @@ func protoOf(t *testing.T, s *Store, k ViewKey, ns, name string) (got, listed []
 	if err != nil || !ok {
 		t.Fatalf("Get %s/%s: %v %v", ns, name, ok, err)
 	}
-	found := false
-	if err := s.ListData(k, "", 0, func(mk string, data, proto []byte) error {
-		if mk == MemberKey(ns, name) {
-			found, listed = true, bytes.Clone(proto)
-			if !bytes.Equal(data, o.Data) {
-				t.Errorf("ListData's JSON of %s differs from Get's", mk)
+	for _, protoFirst := range []bool{false, true} {
+		found := false
+		if err := s.ListData(k, "", 0, protoFirst, func(mk string, data, proto []byte) error {
+			if mk != MemberKey(ns, name) {
+				return nil
 			}
+			found = true
+			switch {
+			case data != nil && proto != nil:
+				t.Errorf("ListData gave %s both JSON and protobuf", mk)
+			case !protoFirst && !bytes.Equal(data, o.Data):
+				t.Errorf("ListData's JSON of %s differs from Get's", mk)
+			case protoFirst && proto == nil && !bytes.Equal(data, o.Data):
+				t.Errorf("ListData's JSON of %s (no protobuf) differs from Get's", mk)
+			case protoFirst:
+				listed = bytes.Clone(proto)
+			}
+			return nil
+		}); err != nil || !found {
+			t.Fatalf("ListData: found %v, %v", found, err)
 		}
-		return nil
-	}); err != nil || !found {
-		t.Fatalf("ListData: found %v, %v", found, err)
 	}
 	if !bytes.Equal(o.Proto, listed) {
 		t.Errorf("Get's protobuf %q, ListData's %q", o.Proto, listed)
+	}
+	var fromList []byte
+	if err := s.List(k, "", 0, func(lo Object) error {
+		if lo.Name == name && lo.Namespace == ns {
+			fromList = lo.Proto
+		}
+		return nil
+	}); err != nil || !bytes.Equal(fromList, o.Proto) {
+		t.Errorf("List's protobuf %q, Get's %q (%v)", fromList, o.Proto, err)
 	}
 	return o.Proto, listed
 }
@@ -89,6 +111,73 @@ func TestProtoNotSealed(t *testing.T) {
 	}
 	if got, listed := protoOf(t, s, secretView, "ns", "s"); got != nil || listed != nil {
 		t.Errorf("a sealed resource kept its protobuf: %q %q", got, listed)
+	}
+	s.Close()
+	if leaks := fileHolds(t, path, []string{"hunter2"}); len(leaks) > 0 {
+		t.Errorf("in clear in the file: %v", leaks)
+	}
+}
+
+// TestProtoBucketAdded: a store written before protobuf encodings were
+// kept opens with its objects, and keeps them from then on.
+func TestProtoBucketAdded(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, err := Open(path, Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := key("node", "ns", "", "")
+	if err := replace(k, "10", pod("ns", "old", "10"))(s); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error { return tx.DeleteBucket(bucketProtos) }); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+
+	s, err = Open(path, Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, ok, err := s.Get(pods, "ns", "old"); !ok || err != nil {
+		t.Fatalf("the object from before: %v %v", ok, err)
+	}
+	p := pod("ns", "new", "11")
+	p.Proto = []byte("\x0a\x01x")
+	if err := apply(ev(Added, k, p))(s); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := protoOf(t, s, k, "ns", "new"); string(got) != "\x0a\x01x" {
+		t.Errorf("protobuf after reopening: %q", got)
+	}
+}
+
+// TestProtoPurgedWhenSealingStarts: turning encryption on drops the
+// protobuf encodings kept for Secrets while they were in clear, and no
+// copy stays in the file.
+func TestProtoPurgedWhenSealingStarts(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s := openSealedTest(t, path, nil)
+	sec := secret("ns", "s", "5", "hunter2")
+	sec.Proto = []byte("\x0a\x07hunter2")
+	if err := s.ReplaceView(View{Key: secretView, ResourceVersion: "5"}, []Object{sec}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := protoOf(t, s, secretView, "ns", "s"); got == nil {
+		t.Fatal("a Secret in clear kept no protobuf")
+	}
+	s.Close()
+	s = openSealedTest(t, path, testKey(t))
+	if err := s.Read(func(tx *Tx) error {
+		return tx.protos.ForEach(func(k, _ []byte) error { return fmt.Errorf("protobuf of %q kept", k) })
+	}); err != nil {
+		t.Error(err)
 	}
 	s.Close()
 	if leaks := fileHolds(t, path, []string{"hunter2"}); len(leaks) > 0 {

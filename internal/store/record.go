@@ -15,10 +15,7 @@ import (
 // returns ErrCorrupt rather than panicking (see FuzzDecodeObject).
 
 const (
-	// objectRecordVersion is an object record without its protobuf
-	// encoding, objectRecordProto one with it (see appendObject).
 	objectRecordVersion = 1
-	objectRecordProto   = 2
 	viewRecordVersion   = 1
 )
 
@@ -216,28 +213,18 @@ func decodeViewKey(b []byte) (ViewKey, error) {
 
 // appendObject encodes an object record:
 //
-//	version byte | uvarint refs | RV | labels | fields | [proto] | data
+//	version byte | uvarint refs | RV | labels | fields | data
 //
 // where RV is length-prefixed and labels and fields are a uvarint count of
 // length-prefixed key/value pairs, sorted by key so that equal objects
-// encode to equal bytes. proto, length-prefixed, is there only when the
-// object has a protobuf encoding (version objectRecordProto; else
-// objectRecordVersion). data runs to the end of the record. keys is
+// encode to equal bytes. data runs to the end of the record. keys is
 // scratch space.
 func appendObject(dst []byte, refs uint64, o *Object, keys []string) ([]byte, []string) {
-	version := byte(objectRecordVersion)
-	if o.Proto != nil {
-		version = objectRecordProto
-	}
-	dst = append(dst, version)
+	dst = append(dst, objectRecordVersion)
 	dst = binary.AppendUvarint(dst, refs)
 	dst = appendString(dst, o.ResourceVersion)
 	dst, keys = appendStringMap(dst, o.Labels, keys)
 	dst, keys = appendStringMap(dst, o.Fields, keys)
-	if o.Proto != nil {
-		dst = binary.AppendUvarint(dst, uint64(len(o.Proto)))
-		dst = append(dst, o.Proto...)
-	}
 	return append(dst, o.Data...), keys
 }
 
@@ -259,27 +246,18 @@ func appendStringMap(dst []byte, m map[string]string, keys []string) ([]byte, []
 // record without touching the rest. rv aliases rec.
 func objectHeader(rec []byte) (refs uint64, rv []byte, err error) {
 	r := reader{b: rec}
-	r.version()
+	if v := r.byte("object record"); r.err == nil && v != objectRecordVersion {
+		return 0, nil, fmt.Errorf("%w: object record version %d", ErrCorrupt, v)
+	}
 	refs = r.uvarint("object record")
 	rv = r.bytes("object record")
 	return refs, rv, r.err
 }
 
-// version reads an object record's version byte and reports whether the
-// record holds a protobuf encoding.
-func (r *reader) version() (proto bool) {
-	v := r.byte("object record")
-	if r.err == nil && v != objectRecordVersion && v != objectRecordProto {
-		r.err = fmt.Errorf("%w: object record version %d", ErrCorrupt, v)
-		r.b = nil
-	}
-	return v == objectRecordProto
-}
-
 // withRefs returns a copy of the object record rec with its reference count
 // set to refs.
 func withRefs(rec []byte, refs uint64) ([]byte, error) {
-	if len(rec) == 0 || (rec[0] != objectRecordVersion && rec[0] != objectRecordProto) {
+	if len(rec) == 0 || rec[0] != objectRecordVersion {
 		return nil, fmt.Errorf("%w: object record version", ErrCorrupt)
 	}
 	_, n := binary.Uvarint(rec[1:])
@@ -288,7 +266,7 @@ func withRefs(rec []byte, refs uint64) ([]byte, error) {
 	}
 	rest := rec[1+n:]
 	out := make([]byte, 0, 1+binary.MaxVarintLen64+len(rest))
-	out = append(out, rec[0])
+	out = append(out, objectRecordVersion)
 	out = binary.AppendUvarint(out, refs)
 	return append(out, rest...), nil
 }
@@ -310,7 +288,7 @@ func sameContent(a, b []byte) bool {
 // object it serves: the strings are all slices of one string holding the
 // record's header.
 func decodeObject(rec []byte, o *Object) (refs uint64, err error) {
-	proto, data, err := objectBodies(rec)
+	data, err := objectData(rec)
 	if err != nil {
 		return 0, err
 	}
@@ -318,15 +296,14 @@ func decodeObject(rec []byte, o *Object) (refs uint64, err error) {
 	if o.Data == nil {
 		o.Data = []byte{}
 	}
-	o.Proto = slices.Clone(proto)
 	return decodeObjectHeader(rec[:len(rec)-len(data)], o)
 }
 
 // decodeObjectHeader decodes the header of an object record, everything
-// but the data, into o; a protobuf encoding in it is skipped.
+// but the data, into o.
 func decodeObjectHeader(header []byte, o *Object) (refs uint64, err error) {
 	h := reader{b: header, str: string(header)}
-	h.version()
+	h.byte("object record")
 	refs = h.uvarint("object record")
 	o.ResourceVersion = h.string("object record")
 	o.Labels = h.stringMap("object labels")
@@ -338,7 +315,9 @@ func decodeObjectHeader(header []byte, o *Object) (refs uint64, err error) {
 // rec.
 func objectMaps(rec []byte) (ls, fs encodedMap, err error) {
 	r := reader{b: rec}
-	r.version()
+	if v := r.byte("object record"); r.err == nil && v != objectRecordVersion {
+		return nil, nil, fmt.Errorf("%w: object record version %d", ErrCorrupt, v)
+	}
 	r.uvarint("object record")
 	r.bytes("object record")
 	ls = r.skipStringMap("object labels")
@@ -348,26 +327,15 @@ func objectMaps(rec []byte) (ls, fs encodedMap, err error) {
 
 // objectData returns the data of an object record, aliasing rec.
 func objectData(rec []byte) ([]byte, error) {
-	_, data, err := objectBodies(rec)
-	return data, err
-}
-
-// objectBodies returns the protobuf encoding (nil: none) and the data of
-// an object record, aliasing rec.
-func objectBodies(rec []byte) (proto, data []byte, err error) {
 	r := reader{b: rec}
-	hasProto := r.version()
+	if v := r.byte("object record"); r.err == nil && v != objectRecordVersion {
+		return nil, fmt.Errorf("%w: object record version %d", ErrCorrupt, v)
+	}
 	r.uvarint("object record")
 	r.bytes("object record")
 	r.skipStringMap("object labels")
 	r.skipStringMap("object fields")
-	if hasProto {
-		proto = r.bytes("object protobuf")
-	}
-	if r.err != nil {
-		return nil, nil, r.err
-	}
-	return proto, r.b, nil
+	return r.b, r.err
 }
 
 // viewRecord is the value of a view in the views bucket.

@@ -319,6 +319,13 @@ func purge(btx *bolt.Tx, rule SealRule) (purged, error) {
 		if err := del(objects, objectKeys); err != nil {
 			return n, fmt.Errorf("deleting objects of %s: %w", resource, err)
 		}
+		if protos := btx.Bucket(bucketProtos); protos != nil {
+			// Kept while the resource was not sealed.
+			protoKeys, _ := collect(protos, prefix, nil)
+			if err := del(protos, protoKeys); err != nil {
+				return n, fmt.Errorf("deleting protobuf encodings of %s: %w", resource, err)
+			}
+		}
 		n.views += len(viewKeys)
 		n.objects += len(objectKeys)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -146,7 +147,7 @@ func listed(t *testing.T, s *Store, k ViewKey) string {
 		t.Fatal(err)
 	}
 	var nsName []string
-	if err := s.ListData(k, "", 0, func(mk string, data, _ []byte) error {
+	if err := s.ListData(k, "", 0, false, func(mk string, data, _ []byte) error {
 		b = append(b, string(data))
 		nsName = append(nsName, mk)
 		return nil
@@ -361,7 +362,7 @@ func TestSealedTampered(t *testing.T) {
 			object := strings.HasPrefix(tt.name, "object")
 			errs := map[string]error{}
 			errs["List"] = s.List(secretView, "", 0, func(Object) error { return nil })
-			errs["ListData"] = s.ListData(secretView, "", 0, func(string, []byte, []byte) error { return nil })
+			errs["ListData"] = s.ListData(secretView, "", 0, true, func(string, []byte, []byte) error { return nil })
 			_, _, errs["Get"] = s.Get(secrets, "ns", "a")
 			_, _, _, errs["Doc"] = s.Doc(tokenDoc)
 			errs["Docs"] = s.Docs("sa-token\x00", func(string, string, []byte) error { return nil })
@@ -679,7 +680,7 @@ func TestSealedPlainResourcesAllocateNothingMore(t *testing.T) {
 			}
 		})
 		data = testing.AllocsPerRun(20, func() {
-			if err := s.ListData(cmView, "", 0, func(string, []byte, []byte) error { return nil }); err != nil {
+			if err := s.ListData(cmView, "", 0, false, func(string, []byte, []byte) error { return nil }); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -687,7 +688,9 @@ func TestSealedPlainResourcesAllocateNothingMore(t *testing.T) {
 	}
 	pl, pd := allocs(openSealedTest(t, filepath.Join(t.TempDir(), "plain.db"), nil))
 	sl, sd := allocs(openSealedTest(t, filepath.Join(t.TempDir(), "sealed.db"), testKey(t)))
-	if sl != pl || sd != pd {
+	// One allocation per call either way is bbolt's: it copies an inline
+	// bucket's page when its place in the file is not aligned.
+	if math.Abs(sl-pl) > 1 || math.Abs(sd-pd) > 1 {
 		t.Errorf("allocations listing 100 configmaps: List %v, ListData %v with a Sealer; %v, %v without", sl, sd, pl, pd)
 	}
 }
@@ -732,7 +735,7 @@ func BenchmarkList1kSecrets(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				got := 0
-				if err := s.ListData(secretView, "", 0, func(string, []byte, []byte) error { got++; return nil }); err != nil || got != n {
+				if err := s.ListData(secretView, "", 0, true, func(string, []byte, []byte) error { got++; return nil }); err != nil || got != n {
 					b.Fatal(got, err)
 				}
 			}

@@ -213,7 +213,7 @@ func (s *Store) Docs(prefix string, fn func(key, contentType string, body []byte
 	return s.Read(func(tx *Tx) error { return tx.Docs(prefix, fn) })
 }
 
-// ListData lists members' keys, JSON and protobuf; see Tx.ListData.
-func (s *Store) ListData(k ViewKey, after string, limit int, fn func(key string, data, proto []byte) error) error {
-	return s.Read(func(tx *Tx) error { return tx.ListData(k, after, limit, fn) })
+// ListData lists members' keys and JSON or protobuf; see Tx.ListData.
+func (s *Store) ListData(k ViewKey, after string, limit int, protoFirst bool, fn func(key string, data, proto []byte) error) error {
+	return s.Read(func(tx *Tx) error { return tx.ListData(k, after, limit, protoFirst, fn) })
 }

@@ -160,7 +160,19 @@ func checkInvariants(t testing.TB, s *Store) {
 		if objects, views := tx.Stats(); objects != n || views != len(byID) {
 			return fmt.Errorf("stats say %d objects, %d views; store holds %d, %d", objects, views, n, len(byID))
 		}
-		return nil
+		// Every protobuf encoding is its object's, at its resourceVersion.
+		return tx.protos.ForEach(func(k, v []byte) error {
+			rec := tx.objects.Get(k)
+			if rec == nil {
+				return fmt.Errorf("protobuf encoding of %q, which is not stored", k)
+			}
+			_, rv, err := objectHeader(rec)
+			r := reader{b: v}
+			if prv := r.bytes("protobuf record"); err != nil || r.err != nil || !bytes.Equal(prv, rv) {
+				return fmt.Errorf("protobuf encoding of %q at resourceVersion %q, object at %q (%v %v)", k, prv, rv, err, r.err)
+			}
+			return nil
+		})
 	})
 	if err != nil {
 		t.Fatalf("store invariants: %v", err)

@@ -18,6 +18,7 @@ var (
 	bucketMembers = []byte("members")
 	bucketViews   = []byte("views")
 	bucketDocs    = []byte("docs")
+	bucketProtos  = []byte("protos")
 
 	metaFormat  = []byte("format")
 	metaObjects = []byte("objects")
@@ -48,6 +49,7 @@ const fillPercent = 0.9
 type Tx struct {
 	btx                                 *bolt.Tx
 	meta, objects, members, views, docs *bolt.Bucket
+	protos                              *bolt.Bucket // nil only before Open adds it
 	now                                 time.Time
 
 	// loaded holds every view this transaction has read, by encoded key,
@@ -64,6 +66,7 @@ type Tx struct {
 	seal *sealing
 
 	okey, mkey []byte   // scratch keys; bbolt copies keys it keeps
+	pkey, prec []byte   // scratch key and record of a protobuf encoding
 	rec        []byte   // scratch record; bbolt keeps values, so copied before Put
 	keys       []string // scratch for sorting map keys
 	ad         []byte   // scratch associated data of a sealed value
@@ -80,17 +83,19 @@ func newTx(btx *bolt.Tx, sl *sealing) (*Tx, error) {
 		members:   btx.Bucket(bucketMembers),
 		views:     btx.Bucket(bucketViews),
 		docs:      btx.Bucket(bucketDocs),
+		protos:    btx.Bucket(bucketProtos),
 		now:       time.Now(),
 		loaded:    make(map[string]*viewState),
 		resources: make(map[string]*resourceViews),
 	}
-	if tx.meta == nil || tx.objects == nil || tx.members == nil || tx.views == nil || tx.docs == nil {
+	if tx.meta == nil || tx.objects == nil || tx.members == nil || tx.views == nil || tx.docs == nil || tx.protos == nil {
 		// Open creates them all; only a file changed behind our back lacks one.
 		return nil, fmt.Errorf("%w: missing bucket", ErrCorrupt)
 	}
 	if btx.Writable() {
 		tx.objects.FillPercent = fillPercent
 		tx.members.FillPercent = fillPercent
+		tx.protos.FillPercent = fillPercent
 	}
 	return tx, nil
 }
@@ -369,7 +374,9 @@ func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource
 	changed := false
 	encodedRefs := newRefs
 	if wins {
-		o = tx.withProto(o, resource, cur)
+		if err := tx.keepProto(o, resource, mk, cur); err != nil {
+			return err
+		}
 		tx.rec, tx.keys = appendObject(tx.rec[:0], newRefs, o, tx.keys)
 		if tx.seal.resource(resource) {
 			changed = tx.sealRecord(cur, len(tx.rec)-len(o.Data))
@@ -390,8 +397,7 @@ func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource
 		if cur == nil {
 			return nil
 		}
-		tx.objectsDelta--
-		return tx.objects.Delete(okey)
+		return tx.deleteObject(resource, mk)
 	case changed && newRefs == encodedRefs:
 		rec = bytes.Clone(tx.rec)
 	case changed:
@@ -410,33 +416,61 @@ func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource
 	return tx.objects.Put(okey, rec)
 }
 
-// withProto returns o with the protobuf encoding it is to be stored with
-// (see Object.Proto): none for a sealed resource; the stored copy's, when
-// o has none and is at the stored resourceVersion (a JSON answer for an
-// object a protobuf client also reads must not drop it); else its own.
-func (tx *Tx) withProto(o *Object, resource string, cur []byte) *Object {
+// keepProto stores o's protobuf encoding beside it (see Object.Proto) as
+// o, whose stored copy is cur (nil: none), is written: its own; else the
+// stored one stays if o is at the stored resourceVersion (a JSON answer
+// for an object a protobuf client also reads must not drop it) and goes
+// otherwise. A sealed resource keeps none.
+func (tx *Tx) keepProto(o *Object, resource, mk string, cur []byte) error {
+	key := objectKey(tx.pkey, resource, mk)
+	tx.pkey = key
 	switch {
-	case tx.seal.resource(resource):
-		if o.Proto == nil {
-			return o
+	case o.Proto != nil && !tx.seal.resource(resource):
+		rec := appendString(tx.prec[:0], o.ResourceVersion)
+		rec = append(rec, o.Proto...)
+		tx.prec = rec
+		if bytes.Equal(tx.protos.Get(key), rec) {
+			return nil // a relist of an unchanged object writes nothing
 		}
-		c := *o
-		c.Proto = nil
-		return &c
-	case o.Proto != nil || cur == nil:
-		return o
+		return tx.protos.Put(key, bytes.Clone(rec))
+	case o.Proto == nil && cur != nil && !tx.seal.resource(resource):
+		if _, rv, err := objectHeader(cur); err == nil && string(rv) == o.ResourceVersion {
+			return nil
+		}
 	}
-	_, rv, err := objectHeader(cur)
-	if err != nil || string(rv) != o.ResourceVersion {
-		return o
+	if tx.protos.Get(key) == nil {
+		return nil
 	}
-	proto, _, err := objectBodies(cur)
-	if err != nil || proto == nil {
-		return o
+	return tx.protos.Delete(key)
+}
+
+// proto returns the stored protobuf encoding of the object under object
+// key okey if it is at resourceVersion rv (nil: none). It aliases the
+// file.
+func (tx *Tx) proto(okey []byte, rv string) []byte {
+	rec := tx.protos.Get(okey)
+	if rec == nil {
+		return nil
 	}
-	c := *o
-	c.Proto = proto
-	return &c
+	r := reader{b: rec}
+	if string(r.bytes("protobuf record")) != rv || r.err != nil {
+		return nil
+	}
+	return r.b
+}
+
+// deleteObject deletes the object of resource with member key mk, and its
+// protobuf encoding.
+func (tx *Tx) deleteObject(resource, mk string) error {
+	tx.okey = objectKey(tx.okey, resource, mk)
+	tx.objectsDelta--
+	if err := tx.objects.Delete(tx.okey); err != nil {
+		return err
+	}
+	if tx.protos.Get(tx.okey) == nil {
+		return nil
+	}
+	return tx.protos.Delete(tx.okey)
 }
 
 // sealRecord compares the object record in tx.rec, whose data starts at
@@ -533,8 +567,7 @@ func (tx *Tx) release(vs *viewState, resource, mk string) error {
 		return fmt.Errorf("reading %s %s: %w", resource, mk, err)
 	}
 	if refs <= 1 {
-		tx.objectsDelta--
-		return tx.objects.Delete(tx.okey)
+		return tx.deleteObject(resource, mk)
 	}
 	rec, err := withRefs(cur, refs-1)
 	if err != nil {
