@@ -224,14 +224,43 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 	if wantMeta {
 		kind, apiVersion = "PartialObjectMetadataList", "meta.k8s.io/v1"
 	}
-	var items, protos [][]byte
+	var items [][]byte
 	cont := ""
-	if !src.filter && !c.overlays.has(src.view.Key.Resource) {
+	fast := !src.filter && !c.overlays.has(src.view.Key.Resource)
+	if fast && a.media == mediaProtobuf && a.as == "" && !wantMeta {
+		// The fastest path: the whole view to a protobuf client, from the
+		// stored protobuf messages, assembled while the read transaction
+		// keeps them in place in the file.
+		var body []byte
+		ok := false
+		err := c.Store.Read(func(tx *store.Tx) error {
+			items, protos, last, more, err := listItems(tx, src, after, limit, true)
+			if err == nil {
+				if more {
+					cont = encodeContinue(src.view.ResourceVersion, last)
+				}
+				body, ok = protobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, protos)
+			}
+			return err
+		})
+		if err != nil {
+			return asStatus(err)
+		}
+		if ok {
+			c.writeAnswer(w, mediaProtobuf, body, src)
+			return nil
+		}
+		cont = "" // not a built-in list: JSON, below
+	}
+	if fast {
 		// The fast path: the whole view, items copied as stored.
 		var last string
 		var more bool
-		withProto := a.media == mediaProtobuf && a.as == "" && !wantMeta
-		if items, protos, last, more, err = c.rawItems(src, after, limit, withProto); err != nil {
+		err := c.Store.Read(func(tx *store.Tx) error {
+			items, _, last, more, err = listItems(tx, src, after, limit, false)
+			return err
+		})
+		if err != nil {
 			return asStatus(err)
 		}
 		if more {
@@ -271,7 +300,7 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 		}
 	}
 	if a.media == mediaProtobuf && !(a.as == "Table" && !a.plainJSON) {
-		if body, ok := protobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, protos); ok {
+		if body, ok := protobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, nil); ok {
 			c.writeAnswer(w, mediaProtobuf, body, src)
 			return nil
 		}
@@ -288,11 +317,12 @@ func encodeContinue(rv, after string) string {
 	return base64.RawURLEncoding.EncodeToString(raw)
 }
 
-// rawItems copies out of the store the JSON of the members of src's view
-// after the member key after, at most limit of them (0: all), and with
-// withProto their protobuf encodings (nil for a member stored without).
-// more says whether members follow the last one, whose key is last.
-func (c *Cache) rawItems(src source, after string, limit int, withProto bool) (items, protos [][]byte, last string, more bool, err error) {
+// listItems reads the members of src's view after the member key after,
+// at most limit of them (0: all): their JSON, copied out of the store,
+// and with withProto their protobuf encodings instead where stored
+// (items[i] is then nil), which alias the file and are valid only during
+// tx. more says whether members follow the last one, whose key is last.
+func listItems(tx *store.Tx, src source, after string, limit int, withProto bool) (items, protos [][]byte, last string, more bool, err error) {
 	fetch := 0
 	if limit > 0 {
 		fetch = limit + 1
@@ -301,29 +331,26 @@ func (c *Cache) rawItems(src source, after string, limit int, withProto bool) (i
 	// grows: a view of 10,000 objects is 5 MiB, and growing a buffer to
 	// that size would copy and clear it several times over.
 	var block []byte
-	keep := func(b []byte) []byte {
-		if len(block)+len(b) > cap(block) {
-			block = make([]byte, 0, max(1<<20, len(b)))
-		}
-		start := len(block)
-		block = append(block, b...)
-		return block[start:len(block):len(block)]
-	}
 	stop := errors.New("stop")
-	err = c.Store.ListData(src.view.Key, after, fetch, withProto, func(key string, data, proto []byte) error {
+	err = tx.ListData(src.view.Key, after, fetch, withProto, func(key string, data, proto []byte) error {
 		if limit > 0 && len(items) == limit {
 			more = true
 			return stop
 		}
-		if withProto {
-			var p []byte
-			if proto != nil {
-				p = keep(proto)
-			}
-			protos = append(protos, p)
-		}
-		items = append(items, keep(data))
 		last = key
+		if withProto {
+			protos = append(protos, proto)
+			if proto != nil {
+				items = append(items, nil)
+				return nil
+			}
+		}
+		if len(block)+len(data) > cap(block) {
+			block = make([]byte, 0, max(1<<20, len(data)))
+		}
+		start := len(block)
+		block = append(block, data...)
+		items = append(items, block[start:len(block):len(block)])
 		return nil
 	})
 	if errors.Is(err, stop) {

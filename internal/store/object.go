@@ -60,7 +60,7 @@ func (tx *Tx) List(k ViewKey, after string, limit int, fn func(Object) error) er
 // both, and the object's record is not even read. It skips decoding labels
 // and fields, which makes serving a large unfiltered view several times
 // cheaper, and a protobuf answer touches only the pages holding protobuf.
-// data and proto are valid only during fn.
+// data is valid only during fn, proto until the transaction ends.
 func (tx *Tx) ListData(k ViewKey, after string, limit int, protoFirst bool, fn func(key string, data, proto []byte) error) error {
 	sealed := tx.seal.resource(k.Resource)
 	return tx.walk(k, after, limit, func(mk string) error {
