@@ -322,10 +322,14 @@ func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType stri
 // mostly such items.
 func (c *Cache) decodeList(view store.ViewKey, contentType string, body []byte) (l List, err error) {
 	rerr := c.Store.Read(func(tx *store.Tx) error {
-		l, err = decodeList(contentType, body, view.Resource, func(namespace, name, rv string) (store.Object, bool) {
-			o, ok, err := tx.Get(view.Resource, namespace, name)
-			return o, err == nil && ok && o.ResourceVersion == rv
-		})
+		var known stored
+		if tx.HasObjects(view.Resource) { // else, as when first listed, no lookups
+			known = func(namespace, name, rv string) (store.Object, bool) {
+				o, ok, err := tx.Get(view.Resource, namespace, name)
+				return o, err == nil && ok && o.ResourceVersion == rv
+			}
+		}
+		l, err = decodeList(contentType, body, view.Resource, known)
 		return nil
 	})
 	if rerr != nil {

@@ -129,6 +129,13 @@ func (tx *Tx) record(k ViewKey, mk string) ([]byte, error) {
 	return rec, nil
 }
 
+// HasObjects reports whether any object of resource is stored.
+func (tx *Tx) HasObjects(resource string) bool {
+	prefix := resourcePrefix(resource)
+	k, _ := tx.objects.Cursor().Seek(prefix)
+	return k != nil && bytes.HasPrefix(k, prefix)
+}
+
 // Get returns the stored object of resource with namespace and name.
 func (tx *Tx) Get(resource, namespace, name string) (Object, bool, error) {
 	tx.okey = objectKey(tx.okey, resource, memberKey(namespace, name))
