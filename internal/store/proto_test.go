@@ -2,6 +2,7 @@ package store
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"testing"
@@ -182,5 +183,46 @@ func TestProtoPurgedWhenSealingStarts(t *testing.T) {
 	s.Close()
 	if leaks := fileHolds(t, path, []string{"hunter2"}); len(leaks) > 0 {
 		t.Errorf("in clear in the file: %v", leaks)
+	}
+}
+
+// TestProtoCorrupt: a protobuf record damaged on disk is an ErrCorrupt
+// error when listed, never a panic or a wrong answer.
+func TestProtoCorrupt(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, err := Open(path, Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := key("node", "ns", "", "")
+	var objs []Object
+	for _, name := range []string{"a", "b", "c"} {
+		p := pod("ns", name, "7")
+		p.Proto = []byte("\x0a\x01" + name)
+		objs = append(objs, p)
+	}
+	if err := replace(k, "7", objs...)(s); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error {
+		// The middle record: Open checks the first and the last.
+		return tx.Bucket(bucketProtos).Put(objectKey(nil, pods, "ns/b"), []byte{0xff, 0xff, 0xff})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	s, err = Open(path, Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	err = s.ListData(k, "", 0, true, func(string, []byte, []byte) error { return nil })
+	if !errors.Is(err, ErrCorrupt) {
+		t.Errorf("listing over a damaged protobuf record: %v, want ErrCorrupt", err)
 	}
 }
