@@ -132,14 +132,7 @@ func TestProtoBucketAdded(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.Close()
-	db, err := bolt.Open(path, 0o600, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Update(func(tx *bolt.Tx) error { return tx.DeleteBucket(bucketProtos) }); err != nil {
-		t.Fatal(err)
-	}
-	db.Close()
+	editFile(t, path, func(tx *bolt.Tx) error { return tx.DeleteBucket(bucketProtos) })
 
 	s, err = Open(path, Options{NoSync: true})
 	if err != nil {
@@ -205,17 +198,10 @@ func TestProtoCorrupt(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.Close()
-	db, err := bolt.Open(path, 0o600, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Update(func(tx *bolt.Tx) error {
+	editFile(t, path, func(tx *bolt.Tx) error {
 		// The middle record: Open checks the first and the last.
 		return tx.Bucket(bucketProtos).Put(objectKey(nil, pods, "ns/b"), []byte{0xff, 0xff, 0xff})
-	}); err != nil {
-		t.Fatal(err)
-	}
-	db.Close()
+	})
 	s, err = Open(path, Options{NoSync: true})
 	if err != nil {
 		t.Fatal(err)
@@ -224,5 +210,18 @@ func TestProtoCorrupt(t *testing.T) {
 	err = s.ListData(k, "", 0, true, func(string, []byte, []byte) error { return nil })
 	if !errors.Is(err, ErrCorrupt) {
 		t.Errorf("listing over a damaged protobuf record: %v, want ErrCorrupt", err)
+	}
+}
+
+// editFile changes the closed store file at path behind the store's back.
+func editFile(t *testing.T, path string, fn func(*bolt.Tx) error) {
+	t.Helper()
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if err := db.Update(fn); err != nil {
+		t.Fatal(err)
 	}
 }

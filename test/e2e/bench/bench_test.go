@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	goruntime "runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -187,24 +188,7 @@ func reportFromCache(b *testing.B, path string) func() {
 
 // servedFromCache sums outpost_requests_total{served_by="cache"}.
 func servedFromCache(b *testing.B) float64 {
-	resp, err := http.Get(hub.AdminURL + "/metrics")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
-	if err != nil {
-		b.Fatal(err)
-	}
-	sum := 0.0
-	for _, l := range strings.Split(string(data), "\n") {
-		if strings.HasPrefix(l, "outpost_requests_total{") && strings.Contains(l, `served_by="cache"`) {
-			f := strings.Fields(l)
-			n, _ := strconv.ParseFloat(f[len(f)-1], 64)
-			sum += n
-		}
-	}
-	return sum
+	return metric(b, hub.AdminURL, "outpost_requests_total", `served_by="cache"`)
 }
 
 func BenchmarkGet(b *testing.B) {
@@ -605,8 +589,8 @@ func BenchmarkX100k(b *testing.B) {
 }
 
 // metric returns the sum of the samples of a Prometheus metric outpost
-// serves at adminURL.
-func metric(b *testing.B, adminURL, name string) float64 {
+// serves at adminURL, of those whose labels hold each of labels.
+func metric(b *testing.B, adminURL, name string, labels ...string) float64 {
 	resp, err := http.Get(adminURL + "/metrics")
 	if err != nil {
 		b.Fatal(err)
@@ -618,7 +602,10 @@ func metric(b *testing.B, adminURL, name string) float64 {
 	}
 	sum := 0.0
 	for _, l := range strings.Split(string(data), "\n") {
-		if strings.HasPrefix(l, name+" ") || strings.HasPrefix(l, name+"{") {
+		if !strings.HasPrefix(l, name+" ") && !strings.HasPrefix(l, name+"{") {
+			continue
+		}
+		if !slices.ContainsFunc(labels, func(label string) bool { return !strings.Contains(l, label) }) {
 			f := strings.Fields(l)
 			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
 			sum += v
