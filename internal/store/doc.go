@@ -68,6 +68,9 @@
 //	                      | uvarint m, m × lp(sealed doc prefix);
 //	                      absent: nothing is sealed
 //	         "scrub"   -> present while the file awaits its rewrite
+//	         "protos-tx" -> uint64 big endian: the id of the last
+//	                      transaction Store.Update committed; if another
+//	                      id is the file's last, Open empties protos
 //	objects  lp(resource) member-key -> object record
 //	views    lp(resource) lp(identity) lp(namespace) lp(name)
 //	         lp(labelSelector) lp(fieldSelector) -> view record

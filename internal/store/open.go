@@ -1,6 +1,7 @@
 package store
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -124,11 +125,11 @@ func openDB(path string, opts Options, sl *sealing, log *slog.Logger) (db *bolt.
 	if err == nil && bad == nil && fresh {
 		err = db.Update(create)
 	}
-	if err == nil && bad == nil && !fresh {
-		err = addProtos(db)
-	}
 	if err == nil && bad == nil {
 		db, bad, err = reseal(db, opts, sl, log, fresh)
+	}
+	if err == nil && bad == nil {
+		err = checkProtos(db, log)
 	}
 	if err != nil || bad != nil {
 		// A file bbolt has opened closes cleanly, whatever its pages hold.
@@ -272,23 +273,43 @@ func create(tx *bolt.Tx) error {
 	if err := tx.Bucket(bucketMeta).Put(metaFormat, []byte(formatVersion)); err != nil {
 		return fmt.Errorf("writing format version: %w", err)
 	}
-	return nil
+	return stampProtos(tx)
 }
 
-// addProtos adds the protos bucket to a store written before there was
-// one, where no object has a protobuf encoding yet.
-func addProtos(db *bolt.DB) error {
-	missing := false
+// checkProtos empties the protos bucket (adding it to a file from before
+// it) unless Store.Update wrote the file last: its stamp in the meta
+// bucket is the id of the last transaction it committed. Anything else,
+// such as an older outpost that updates objects but knows nothing of their
+// protobuf encodings, may have left them behind their objects.
+func checkProtos(db *bolt.DB, log *slog.Logger) error {
+	stale := false
 	if err := db.View(func(tx *bolt.Tx) error {
-		missing = tx.Bucket(bucketProtos) == nil
+		stamp := tx.Bucket(bucketMeta).Get(metaProtosTx)
+		stale = tx.Bucket(bucketProtos) == nil || len(stamp) != 8 || binary.BigEndian.Uint64(stamp) != uint64(tx.ID())
 		return nil
-	}); err != nil || !missing {
+	}); err != nil || !stale {
 		return err
 	}
 	return db.Update(func(tx *bolt.Tx) error {
-		_, err := tx.CreateBucketIfNotExists(bucketProtos)
-		return err
+		if b := tx.Bucket(bucketProtos); b != nil {
+			if n := b.Stats().KeyN; n > 0 {
+				log.Info("store file was written by another program: dropped its protobuf copies (answers are encoded from JSON until they are recorded again)", "dropped", n)
+			}
+			if err := tx.DeleteBucket(bucketProtos); err != nil {
+				return err
+			}
+		}
+		if _, err := tx.CreateBucket(bucketProtos); err != nil {
+			return err
+		}
+		return stampProtos(tx)
 	})
+}
+
+// stampProtos records that this transaction, of a store that keeps every
+// protobuf encoding at its object's resourceVersion, is the last to write.
+func stampProtos(btx *bolt.Tx) error {
+	return btx.Bucket(bucketMeta).Put(metaProtosTx, binary.BigEndian.AppendUint64(nil, uint64(btx.ID())))
 }
 
 // removeAsides deletes the files moveAside kept: with encryption on, none

@@ -199,8 +199,13 @@ func TestProtoCorrupt(t *testing.T) {
 	}
 	s.Close()
 	editFile(t, path, func(tx *bolt.Tx) error {
-		// The middle record: Open checks the first and the last.
-		return tx.Bucket(bucketProtos).Put(objectKey(nil, pods, "ns/b"), []byte{0xff, 0xff, 0xff})
+		// The middle record: Open checks the first and the last. Damage,
+		// not a write by another program: the stamp says the store wrote
+		// last (see TestProtoDroppedAfterOtherWriter).
+		if err := tx.Bucket(bucketProtos).Put(objectKey(nil, pods, "ns/b"), []byte{0xff, 0xff, 0xff}); err != nil {
+			return err
+		}
+		return stampProtos(tx)
 	})
 	s, err = Open(path, Options{NoSync: true})
 	if err != nil {
@@ -223,5 +228,54 @@ func editFile(t *testing.T, path string, fn func(*bolt.Tx) error) {
 	defer db.Close()
 	if err := db.Update(fn); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestProtoDroppedAfterOtherWriter: when something else wrote the file
+// last (an older outpost updates objects without their protobuf
+// encodings), the encodings are dropped at Open rather than served behind
+// their objects.
+func TestProtoDroppedAfterOtherWriter(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, err := Open(path, Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := key("node", "ns", "", "")
+	p := pod("ns", "p", "10")
+	p.Proto = []byte("\x0a\x02v1")
+	if err := replace(k, "10", p)(s); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	// Reopened as it was left: kept.
+	if s, err = Open(path, Options{NoSync: true}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := protoOf(t, s, k, "ns", "p"); string(got) != "\x0a\x02v1" {
+		t.Fatalf("protobuf after a plain reopen: %q", got)
+	}
+	s.Close()
+	// Another program writes: the object moves on, its encoding does not.
+	editFile(t, path, func(tx *bolt.Tx) error {
+		newer := pod("ns", "p", "11")
+		rec, _ := appendObject(nil, 1, &newer, nil)
+		return tx.Bucket(bucketObjects).Put(objectKey(nil, pods, "ns/p"), rec)
+	})
+	if s, err = Open(path, Options{NoSync: true}); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	o, ok, err := s.Get(pods, "ns", "p")
+	if err != nil || !ok || o.ResourceVersion != "11" {
+		t.Fatalf("the object: %+v %v %v", o, ok, err)
+	}
+	if err := s.ListData(k, "", 0, true, func(_ string, _, proto []byte) error {
+		if proto != nil {
+			return fmt.Errorf("stale protobuf %q served", proto)
+		}
+		return nil
+	}); err != nil {
+		t.Error(err)
 	}
 }

@@ -25,6 +25,9 @@ var (
 	metaViews   = []byte("views")
 	metaSeal    = []byte("seal")
 	metaScrub   = []byte("scrub")
+	// metaProtosTx is the id of the last transaction Store.Update
+	// committed (see checkProtos).
+	metaProtosTx = []byte("protos-tx")
 )
 
 // formatVersion is the layout version written in the meta bucket. Open moves
@@ -120,7 +123,7 @@ func (tx *Tx) flush() error {
 		return err
 	}
 	tx.viewsDelta = 0
-	return nil
+	return stampProtos(tx.btx)
 }
 
 func (tx *Tx) counter(name []byte) int64 {
