@@ -215,35 +215,45 @@ func knownItem(v []byte, known stored) (store.Object, bool) {
 // protobuf encoding (items[i].Proto, which it keeps), spread over the
 // cores: a list of 100,000 objects takes seconds on one.
 func decodeProtobufItems(items []store.Object, todo []int, itemType reflect.Type, resource string) error {
-	workers := min(goruntime.GOMAXPROCS(0), 1+len(todo)/256)
+	return inParallel(len(todo), func(j int) error {
+		it := &items[todo[j]]
+		obj := reflect.New(itemType).Interface()
+		if err := obj.(protobufUnmarshaler).Unmarshal(it.Proto); err != nil {
+			return fmt.Errorf("%w: protobuf list item: %v", ErrUndecodable, err)
+		}
+		o, err := objectFromTyped(obj.(runtime.Object), resource)
+		if err != nil {
+			return err
+		}
+		o.Proto = it.Proto
+		*it = o
+		return nil
+	})
+}
+
+// inParallel calls fn(j) for each j below n, spread over the cores (one
+// worker per 256 calls at most), and returns the errors it met; after the
+// first, the workers stop. A panic in fn, which decoders fed bytes from
+// the network may raise, is such an error.
+func inParallel(n int, fn func(j int) error) error {
+	workers := min(goruntime.GOMAXPROCS(0), 1+n/256)
 	errs := make([]error, workers)
 	var failed atomic.Bool
 	var wg sync.WaitGroup
 	for w := range workers {
 		wg.Go(func() {
 			defer func() {
-				// The generated decoders are fed bytes from the network.
 				if r := recover(); r != nil {
 					errs[w] = fmt.Errorf("%w: decoder panic: %v", ErrUndecodable, r)
 					failed.Store(true)
 				}
 			}()
-			for j := w; j < len(todo) && !failed.Load(); j += workers {
-				it := &items[todo[j]]
-				obj := reflect.New(itemType).Interface()
-				if err := obj.(protobufUnmarshaler).Unmarshal(it.Proto); err != nil {
-					errs[w] = fmt.Errorf("%w: protobuf list item: %v", ErrUndecodable, err)
-					failed.Store(true)
-					return
-				}
-				o, err := objectFromTyped(obj.(runtime.Object), resource)
-				if err != nil {
+			for j := w; j < n && !failed.Load(); j += workers {
+				if err := fn(j); err != nil {
 					errs[w] = err
 					failed.Store(true)
 					return
 				}
-				o.Proto = it.Proto
-				*it = o
 			}
 		})
 	}

@@ -9,11 +9,8 @@ import (
 	"fmt"
 	"net/http"
 	"reflect"
-	goruntime "runtime"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -414,30 +411,21 @@ func protobufList(kind, apiVersion, rv, cont string, items, protos [][]byte) (bo
 			missing = append(missing, i)
 		}
 	}
-	workers := min(goruntime.GOMAXPROCS(0), 1+len(missing)/256)
-	var failed atomic.Bool
-	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Go(func() {
-			for j := w; j < len(missing) && !failed.Load(); j += workers {
-				i := missing[j]
-				obj := reflect.New(itemType).Interface()
-				m, isMarshaler := obj.(protobufMarshaler)
-				if !isMarshaler || json.Unmarshal(items[i], obj) != nil {
-					failed.Store(true)
-					return
-				}
-				p := make([]byte, m.Size())
-				if _, err := m.MarshalToSizedBuffer(p); err != nil {
-					failed.Store(true)
-					return
-				}
-				protos[i] = p
-			}
-		})
-	}
-	wg.Wait()
-	if failed.Load() {
+	errNotProtobuf := errors.New("not protobuf")
+	if err := inParallel(len(missing), func(j int) error {
+		i := missing[j]
+		obj := reflect.New(itemType).Interface()
+		m, isMarshaler := obj.(protobufMarshaler)
+		if !isMarshaler || json.Unmarshal(items[i], obj) != nil {
+			return errNotProtobuf
+		}
+		p := make([]byte, m.Size())
+		if _, err := m.MarshalToSizedBuffer(p); err != nil {
+			return err
+		}
+		protos[i] = p
+		return nil
+	}); err != nil {
 		return nil, false
 	}
 	lm := &metav1.ListMeta{ResourceVersion: rv, Continue: cont}
