@@ -5,11 +5,21 @@
 // A failure counts at once (a failed probe, or a dial, TLS or timeout error
 // on a real request); coming back takes SuccessThreshold consecutive good
 // probes, so a flapping link does not flip the state every probe.
+//
+// Answers count too: a probe that only timed out while real requests to
+// the same server were answered (since the previous probe) proves nothing
+// but a busy server
+// (or a busy node), and is not counted. Otherwise a saturated machine,
+// where /readyz takes longer than the probe timeout, would turn outpost
+// offline (closing every connection, serving reads from the cache) while
+// the apiserver was answering all along.
 package health
 
 import (
 	"context"
+	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -39,12 +49,31 @@ type Monitor struct {
 	// without locks held) whenever server i changes state, with err the
 	// evidence of a failure.
 	OnChange func(i int, healthy bool, err error)
+	// OnProbe, if set, is told the result of every probe of server i.
+	OnProbe func(i int, result ProbeResult)
+
+	// answered[i] is when a real request to server i last got an answer
+	// (unix nanoseconds); written on every proxied request, so atomic.
+	answered []atomic.Int64
 
 	mu      sync.Mutex // guards the fields below
 	servers []serverState
 	online  bool
 	changed chan struct{} // closed and replaced at every online/offline change
+
+	answeredOnce sync.Once
 }
+
+// ProbeResult is how one probe counted.
+type ProbeResult string
+
+const (
+	ProbeOK     ProbeResult = "ok"
+	ProbeFailed ProbeResult = "failed"
+	// ProbeExcused: the probe timed out, but the server answered real
+	// requests since the previous probe, so it counted neither way.
+	ProbeExcused ProbeResult = "excused"
+)
 
 type serverState struct {
 	healthy   bool
@@ -54,6 +83,7 @@ type serverState struct {
 
 func (m *Monitor) init() {
 	if m.servers == nil {
+		m.answered = make([]atomic.Int64, m.Count)
 		m.servers = make([]serverState, m.Count)
 		for i := range m.servers {
 			m.servers[i].healthy = true
@@ -93,8 +123,26 @@ func (m *Monitor) ReportFailure(i int, err error) {
 	m.observe(i, err, true)
 }
 
+// ReportAnswer is passive evidence the other way: a real request to
+// apiserver i got an answer (any status). It never marks a server healthy
+// by itself; it only keeps a probe that timed out meanwhile from counting.
+func (m *Monitor) ReportAnswer(i int) {
+	m.answers()[i].Store(time.Now().UnixNano())
+}
+
+// answers returns m.answered, made once.
+func (m *Monitor) answers() []atomic.Int64 {
+	m.answeredOnce.Do(func() {
+		m.mu.Lock()
+		m.init()
+		m.mu.Unlock()
+	})
+	return m.answered
+}
+
 // Run probes every apiserver until ctx is done.
 func (m *Monitor) Run(ctx context.Context) error {
+	m.answers()
 	var wg sync.WaitGroup
 	for i := 0; i < m.Count; i++ {
 		wg.Go(func() { m.loop(ctx, i) })
@@ -114,14 +162,32 @@ func (m *Monitor) loop(ctx context.Context, i int) {
 	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	since := time.Now().UnixNano() // when the previous probe started
 	for {
+		start := time.Now().UnixNano()
 		pctx, cancel := context.WithTimeout(ctx, timeout)
 		err := m.Probe(pctx, i)
 		cancel()
 		if ctx.Err() != nil {
 			return
 		}
-		m.observe(i, err, false)
+		result := ProbeOK
+		switch {
+		case err == nil:
+		case errors.Is(err, context.DeadlineExceeded) && m.answered[i].Load() >= since:
+			// Too slow, but the server answered real requests since the
+			// previous probe: neither a failure nor a success.
+			result = ProbeExcused
+		default:
+			result = ProbeFailed
+		}
+		since = start
+		if result != ProbeExcused {
+			m.observe(i, err, false)
+		}
+		if m.OnProbe != nil {
+			m.OnProbe(i, result)
+		}
 		select {
 		case <-ctx.Done():
 			return

@@ -3,7 +3,10 @@ package health
 import (
 	"context"
 	"errors"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 func TestHysteresis(t *testing.T) {
@@ -82,5 +85,73 @@ func TestRunProbesUntilCancelled(t *testing.T) {
 	}
 	if len(probes) != 1 {
 		t.Fatalf("probes = %d, want 1", len(probes))
+	}
+}
+
+// TestSlowProbeWhileAnswering: a probe that times out while real requests
+// to the same server are answered does not count; one that times out with
+// no answer since the previous probe does, and so does a probe that fails
+// outright.
+func TestSlowProbeWhileAnswering(t *testing.T) {
+	var answering atomic.Bool
+	var refuse atomic.Bool
+	probed := make(chan struct{}, 100)
+	m := &Monitor{Count: 1, Interval: 10 * time.Millisecond, Timeout: 20 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1}
+	m.Probe = func(ctx context.Context, i int) error {
+		// Told as each probe starts: the loop has then judged the one
+		// before.
+		probed <- struct{}{}
+		if refuse.Load() {
+			return errors.New("readyz answered 500 Internal Server Error")
+		}
+		for ctx.Err() == nil { // a server too busy to answer /readyz in time
+			if answering.Load() {
+				m.ReportAnswer(i) // ... that answers the requests proxied meanwhile
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+		return ctx.Err()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = m.Run(ctx) })
+	defer func() { cancel(); wg.Wait() }()
+	// waitProbes waits until n probes more have started, so that n-1
+	// started after the caller's change have been judged, with the one
+	// under way at the change.
+	waitProbes := func(n int) {
+		for len(probed) > 0 {
+			<-probed
+		}
+		for range n {
+			select {
+			case <-probed:
+			case <-time.After(5 * time.Second):
+				t.Fatal("no probe ran")
+			}
+		}
+	}
+
+	answering.Store(true)
+	waitProbes(5)
+	if !m.Healthy(0) {
+		t.Fatal("slow probes while requests were answered marked the server unhealthy")
+	}
+	answering.Store(false)
+	// The probe under way and the next may still be excused (an answer
+	// came since the previous probe); the one after is not.
+	waitProbes(4)
+	if m.Healthy(0) {
+		t.Fatal("probes timing out with no answer since the previous probe must mark the server unhealthy")
+	}
+	answering.Store(true)
+	waitProbes(4)
+	if m.Healthy(0) {
+		t.Fatal("answers alone must not bring a server back; only good probes do")
+	}
+	refuse.Store(true)
+	waitProbes(3)
+	if m.Healthy(0) {
+		t.Fatal("a probe that fails outright counts even while requests are answered")
 	}
 }

@@ -124,6 +124,9 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 		FailureThreshold: cfg.FailureThreshold,
 		SuccessThreshold: cfg.SuccessThreshold,
 		OnChange:         h.serverChanged,
+		OnProbe: func(i int, result health.ProbeResult) {
+			m.UpstreamProbes.WithLabelValues(pool.Name(i), string(result)).Inc()
+		},
 	}
 	pool.SetHealth(h.monitor)
 	for i := 0; i < pool.Len(); i++ {

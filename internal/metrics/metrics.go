@@ -23,6 +23,9 @@ type Metrics struct {
 	UpstreamHealthy *prometheus.GaugeVec
 	// UpstreamTransitions counts health state changes per apiserver.
 	UpstreamTransitions *prometheus.CounterVec
+	// UpstreamProbes counts health probes per apiserver by result (ok,
+	// failed, or excused: timed out while the server answered requests).
+	UpstreamProbes *prometheus.CounterVec
 	// Online is 1 while at least one apiserver is healthy.
 	Online prometheus.Gauge
 	// AuthFailures counts rejected callers by reason.
@@ -72,6 +75,10 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "outpost_upstream_transitions_total",
 			Help: "Health state changes of each apiserver, by the state entered.",
 		}, []string{"server", "state"}),
+		UpstreamProbes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_upstream_probes_total",
+			Help: "Health probes of each apiserver, by result: ok, failed, or excused (timed out while the apiserver answered requests, so not counted).",
+		}, []string{"server", "result"}),
 		Online: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "outpost_online",
 			Help: "1 while at least one apiserver is healthy.",
@@ -102,7 +109,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.JournalReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_replayed_total", Help: "Journaled events delivered to the apiserver after reconnect."})
 	reg.MustRegister(m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheErrors,
 		m.Requests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
-		m.UpstreamTransitions, m.Online, m.AuthFailures,
+		m.UpstreamTransitions, m.UpstreamProbes, m.Online, m.AuthFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -28,7 +28,10 @@ import (
 // Health is what the pool needs to know of server health.
 type Health interface {
 	Healthy(i int) bool
+	// ReportFailure: a request to server i could not connect or timed out.
 	ReportFailure(i int, err error)
+	// ReportAnswer: a request to server i got an answer.
+	ReportAnswer(i int)
 }
 
 // Credentials are the node's own credentials toward the apiservers.
@@ -163,7 +166,11 @@ func (p *Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	first := p.pick(-1)
 	resp, err := p.send(first, req, info)
-	if err == nil || req.Context().Err() != nil {
+	if err == nil {
+		p.answered(first)
+		return resp, nil
+	}
+	if req.Context().Err() != nil {
 		return resp, err
 	}
 	if connectionFailure(err) {
@@ -177,7 +184,10 @@ func (p *Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	resp, err2 := p.send(second, req, info)
-	if err2 != nil && connectionFailure(err2) && req.Context().Err() == nil {
+	switch {
+	case err2 == nil:
+		p.answered(second)
+	case connectionFailure(err2) && req.Context().Err() == nil:
 		p.report(second, err2)
 	}
 	return resp, err2
@@ -186,6 +196,12 @@ func (p *Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 func (p *Pool) report(i int, err error) {
 	if p.health != nil {
 		p.health.ReportFailure(i, err)
+	}
+}
+
+func (p *Pool) answered(i int) {
+	if p.health != nil {
+		p.health.ReportAnswer(i)
 	}
 }
 

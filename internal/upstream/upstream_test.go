@@ -117,6 +117,13 @@ type fakeHealth struct {
 	mu       sync.Mutex
 	down     map[int]bool
 	reported []int
+	answered []int
+}
+
+func (f *fakeHealth) ReportAnswer(i int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.answered = append(f.answered, i)
 }
 
 func (f *fakeHealth) Healthy(i int) bool { f.mu.Lock(); defer f.mu.Unlock(); return !f.down[i] }
@@ -141,6 +148,9 @@ func TestReadRetriedOnAnotherServer(t *testing.T) {
 	}
 	if len(h.reported) != 1 || h.reported[0] != 0 {
 		t.Fatalf("reported failures = %v, want [0]", h.reported)
+	}
+	if len(h.answered) != 1 || h.answered[0] != 1 {
+		t.Fatalf("reported answers = %v, want [1]: only the live server answered", h.answered)
 	}
 
 	// A write is not retried: it may have reached the server.

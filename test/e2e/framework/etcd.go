@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"strconv"
+	"syscall"
 )
 
 // startEtcd starts a single-member etcd on two free loopback ports and waits
@@ -56,4 +57,24 @@ func (c *ControlPlane) startEtcd(ctx context.Context) error {
 		}
 		return nil
 	})
+}
+
+// PauseEtcd stops etcd in its tracks (SIGSTOP) until ResumeEtcd: requests
+// that need etcd hang, and the apiservers' /readyz with them, while those
+// served from the apiservers' watch caches (a list or get at
+// resourceVersion=0, watches) are still answered: a busy or stuck storage
+// layer behind a live apiserver.
+func (c *ControlPlane) PauseEtcd() error { return c.signalEtcd(syscall.SIGSTOP) }
+
+// ResumeEtcd lets a paused etcd run again (SIGCONT).
+func (c *ControlPlane) ResumeEtcd() error { return c.signalEtcd(syscall.SIGCONT) }
+
+func (c *ControlPlane) signalEtcd(sig syscall.Signal) error {
+	c.mu.Lock()
+	p := c.etcd
+	c.mu.Unlock()
+	if p == nil || p.cmd.Process == nil {
+		return fmt.Errorf("etcd is not running")
+	}
+	return p.cmd.Process.Signal(sig)
 }
