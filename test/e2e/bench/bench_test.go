@@ -5,6 +5,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -224,6 +225,115 @@ func BenchmarkList1000(b *testing.B) {
 			})
 		}
 	}
+}
+
+// BenchmarkInterleaved runs the GET and LIST workloads of BenchmarkGet and
+// BenchmarkList1000 directly and through outpost in alternating windows
+// (direct, outpost, outpost, direct, ...; each window long enough for every
+// client to make several calls), and reports both paths' p50 and throughput over all their windows and the
+// ratios outpost/direct. Run one after the other, as the other benchmarks
+// are, the two paths see the machine at different moments (a compaction,
+// a controller's resync, another process), and their ratio moves by ±20%
+// from run to run; interleaved, both see the same moments.
+func BenchmarkInterleaved(b *testing.B) {
+	setup(b)
+	get := func(c *kubernetes.Clientset) func(ctx context.Context) error {
+		return func(ctx context.Context) error {
+			_, err := c.CoreV1().ConfigMaps(ns).Get(ctx, "target", metav1.GetOptions{})
+			return err
+		}
+	}
+	list := func(c *kubernetes.Clientset) func(ctx context.Context) error {
+		return func(ctx context.Context) error {
+			l, err := c.CoreV1().ConfigMaps(listNS).List(ctx, metav1.ListOptions{})
+			if err == nil && len(l.Items) != listObject {
+				err = fmt.Errorf("listed %d objects, want %d", len(l.Items), listObject)
+			}
+			return err
+		}
+	}
+	for _, w := range []struct {
+		name        string
+		concurrency int
+		op          func(*kubernetes.Clientset) func(context.Context) error
+		window      time.Duration
+		rounds      int
+	}{
+		{"get-c1", 1, get, 250 * time.Millisecond, 12},
+		{"get-c64", 64, get, 250 * time.Millisecond, 12},
+		{"list-c1", 1, list, 500 * time.Millisecond, 8},
+		{"list-c64", 64, list, 2 * time.Second, 6},
+	} {
+		b.Run(w.name, func(b *testing.B) {
+			defer reportFromCache(b, "outpost")()
+			ops := map[string]func(context.Context) error{"direct": w.op(clients["direct"]), "outpost": w.op(clients["outpost"])}
+			lat := map[string][]time.Duration{}
+			busy := map[string]time.Duration{}
+			for r := range w.rounds {
+				order := []string{"direct", "outpost"}
+				if r%2 == 1 {
+					order = []string{"outpost", "direct"}
+				}
+				for _, path := range order {
+					l, d, err := runWindow(w.concurrency, w.window, ops[path])
+					if err != nil {
+						b.Fatalf("%s: %v", path, err)
+					}
+					lat[path] = append(lat[path], l...)
+					busy[path] += d
+				}
+			}
+			for range b.N {
+			}
+			p50 := map[string]float64{}
+			rate := map[string]float64{}
+			for path, l := range lat {
+				slices.Sort(l)
+				p50[path] = float64(l[len(l)/2].Microseconds()) / 1000
+				rate[path] = float64(len(l)) / busy[path].Seconds()
+				b.ReportMetric(p50[path], path+"-p50-ms")
+				b.ReportMetric(rate[path], path+"-req/s")
+			}
+			b.ReportMetric(p50["outpost"]/p50["direct"], "p50-ratio")
+			b.ReportMetric(rate["outpost"]/rate["direct"], "throughput-ratio")
+		})
+	}
+}
+
+// runWindow runs op from `concurrency` goroutines for d (each finishes the
+// call it is in) and returns every call's latency and the time it took.
+func runWindow(concurrency int, d time.Duration, op func(context.Context) error) ([]time.Duration, time.Duration, error) {
+	ctx := context.Background()
+	lat := make([][]time.Duration, concurrency)
+	errs := make([]error, concurrency)
+	start := time.Now()
+	deadline := start.Add(d)
+	var wg sync.WaitGroup
+	for g := range concurrency {
+		wg.Go(func() {
+			for time.Now().Before(deadline) {
+				t0 := time.Now()
+				if err := op(ctx); err != nil {
+					errs[g] = err
+					return
+				}
+				lat[g] = append(lat[g], time.Since(t0))
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	var all []time.Duration
+	for _, l := range lat {
+		all = append(all, l...)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, 0, err
+	}
+	if len(all) == 0 {
+		return nil, 0, fmt.Errorf("no call ended within %v", d)
+	}
+	return all, elapsed, nil
 }
 
 // BenchmarkWatchDelivery measures the time from a write made directly to
