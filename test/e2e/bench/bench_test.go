@@ -19,7 +19,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -85,24 +84,35 @@ func setup(b *testing.B) {
 		if _, err := c.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "target"}, Data: map[string]string{"k": "v"}}, metav1.CreateOptions{}); err != nil {
 			b.Fatal(err)
 		}
-		var wg sync.WaitGroup
-		sem := make(chan struct{}, 16)
-		for i := range listObject {
-			wg.Go(func() {
-				sem <- struct{}{}
-				defer func() { <-sem }()
-				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%04d", i), Labels: map[string]string{"app": "bench"}},
-					Data: map[string]string{"payload": strings.Repeat("x", 256)}}
-				if _, err := c.CoreV1().ConfigMaps(listNS).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
-					b.Error(err)
-				}
-			})
-		}
-		wg.Wait()
+		seedConfigMaps(b, c, listNS, listObject, 256, 16)
 	})
 	if hub == nil {
 		b.Fatal("setup failed earlier")
 	}
+}
+
+// seedConfigMaps creates n ConfigMaps cm-000000... labelled app=bench, each
+// with a payload of size bytes, in namespace ns, from `parallel` clients.
+func seedConfigMaps(b *testing.B, c kubernetes.Interface, ns string, n, size, parallel int) {
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	next := make(chan int)
+	for range parallel {
+		wg.Go(func() {
+			for i := range next {
+				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%06d", i), Labels: map[string]string{"app": "bench"}},
+					Data: map[string]string{"payload": strings.Repeat("x", size)}}
+				if _, err := c.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
+					b.Error(err)
+				}
+			}
+		})
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
 }
 
 func benchToken(b *testing.B) string {
@@ -184,12 +194,37 @@ func reportFromCache(b *testing.B, path string) func() {
 		return func() {}
 	}
 	before := servedFromCache(b)
-	return func() { b.ReportMetric(servedFromCache(b)-before, "from-cache") }
+	return func() {
+		n := servedFromCache(b) - before
+		b.ReportMetric(n, "from-cache")
+		if n > 0 {
+			b.Logf("outpost served %v answers from its cache; its log:\n%s", n, hub.Log(15))
+		}
+	}
 }
 
 // servedFromCache sums outpost_requests_total{served_by="cache"}.
 func servedFromCache(b *testing.B) float64 {
-	return metric(b, hub.AdminURL, "outpost_requests_total", `served_by="cache"`)
+	return metric(b, hub, "outpost_requests_total", `served_by="cache"`)
+}
+
+// getTarget is the GET workload: one small ConfigMap.
+func getTarget(c *kubernetes.Clientset) func(context.Context) error {
+	return func(ctx context.Context) error {
+		_, err := c.CoreV1().ConfigMaps(ns).Get(ctx, "target", metav1.GetOptions{})
+		return err
+	}
+}
+
+// list1000 is the LIST workload: the 1,000 ConfigMaps of listNS.
+func list1000(c *kubernetes.Clientset) func(context.Context) error {
+	return func(ctx context.Context) error {
+		l, err := c.CoreV1().ConfigMaps(listNS).List(ctx, metav1.ListOptions{})
+		if err == nil && len(l.Items) != listObject {
+			err = fmt.Errorf("listed %d objects, want %d", len(l.Items), listObject)
+		}
+		return err
+	}
 }
 
 func BenchmarkGet(b *testing.B) {
@@ -199,10 +234,7 @@ func BenchmarkGet(b *testing.B) {
 			b.Run(fmt.Sprintf("c%d/%s", conc, path), func(b *testing.B) {
 				c := clients[path]
 				defer reportFromCache(b, path)()
-				measure(b, conc, func(ctx context.Context) error {
-					_, err := c.CoreV1().ConfigMaps(ns).Get(ctx, "target", metav1.GetOptions{})
-					return err
-				})
+				measure(b, conc, getTarget(c))
 			})
 		}
 	}
@@ -215,13 +247,7 @@ func BenchmarkList1000(b *testing.B) {
 			b.Run(fmt.Sprintf("c%d/%s", conc, path), func(b *testing.B) {
 				c := clients[path]
 				defer reportFromCache(b, path)()
-				measure(b, conc, func(ctx context.Context) error {
-					l, err := c.CoreV1().ConfigMaps(listNS).List(ctx, metav1.ListOptions{})
-					if err == nil && len(l.Items) != listObject {
-						err = fmt.Errorf("listed %d objects, want %d", len(l.Items), listObject)
-					}
-					return err
-				})
+				measure(b, conc, list1000(c))
 			})
 		}
 	}
@@ -237,33 +263,7 @@ func BenchmarkList1000(b *testing.B) {
 // from run to run; interleaved, both see the same moments.
 func BenchmarkInterleaved(b *testing.B) {
 	setup(b)
-	get := func(c *kubernetes.Clientset) func(ctx context.Context) error {
-		return func(ctx context.Context) error {
-			_, err := c.CoreV1().ConfigMaps(ns).Get(ctx, "target", metav1.GetOptions{})
-			return err
-		}
-	}
-	list := func(c *kubernetes.Clientset) func(ctx context.Context) error {
-		return func(ctx context.Context) error {
-			l, err := c.CoreV1().ConfigMaps(listNS).List(ctx, metav1.ListOptions{})
-			if err == nil && len(l.Items) != listObject {
-				err = fmt.Errorf("listed %d objects, want %d", len(l.Items), listObject)
-			}
-			return err
-		}
-	}
-	for _, w := range []struct {
-		name        string
-		concurrency int
-		op          func(*kubernetes.Clientset) func(context.Context) error
-		window      time.Duration
-		rounds      int
-	}{
-		{"get-c1", 1, get, 250 * time.Millisecond, 12},
-		{"get-c64", 64, get, 250 * time.Millisecond, 12},
-		{"list-c1", 1, list, 500 * time.Millisecond, 8},
-		{"list-c64", 64, list, 2 * time.Second, 6},
-	} {
+	for _, w := range workloads {
 		b.Run(w.name, func(b *testing.B) {
 			defer reportFromCache(b, "outpost")()
 			ops := map[string]func(context.Context) error{"direct": w.op(clients["direct"]), "outpost": w.op(clients["outpost"])}
@@ -298,6 +298,21 @@ func BenchmarkInterleaved(b *testing.B) {
 			b.ReportMetric(rate["outpost"]/rate["direct"], "throughput-ratio")
 		})
 	}
+}
+
+// workloads are the online workloads of BenchmarkInterleaved and
+// BenchmarkProfile, with the window and rounds of BenchmarkInterleaved.
+var workloads = []struct {
+	name        string
+	concurrency int
+	op          func(*kubernetes.Clientset) func(context.Context) error
+	window      time.Duration
+	rounds      int
+}{
+	{"get-c1", 1, getTarget, 250 * time.Millisecond, 12},
+	{"get-c64", 64, getTarget, 250 * time.Millisecond, 12},
+	{"list-c1", 1, list1000, 500 * time.Millisecond, 8},
+	{"list-c64", 64, list1000, 2 * time.Second, 6},
 }
 
 // runWindow runs op from `concurrency` goroutines for d (each finishes the
@@ -392,33 +407,13 @@ func BenchmarkProfile(b *testing.B) {
 		b.Skip("set OUTPOST_BENCH_PROFILE=dir to profile outpost under load")
 	}
 	setup(b)
-	get := func(c *kubernetes.Clientset) func(ctx context.Context) error {
-		return func(ctx context.Context) error {
-			_, err := c.CoreV1().ConfigMaps(ns).Get(ctx, "target", metav1.GetOptions{})
-			return err
-		}
-	}
-	list := func(c *kubernetes.Clientset) func(ctx context.Context) error {
-		return func(ctx context.Context) error {
-			_, err := c.CoreV1().ConfigMaps(listNS).List(ctx, metav1.ListOptions{})
-			return err
-		}
-	}
 	const seconds = 10
-	for _, w := range []struct {
-		name        string
-		concurrency int
-		op          func(*kubernetes.Clientset) func(context.Context) error
-	}{{"get-c1", 1, get}, {"get-c64", 64, get}, {"list-c1", 1, list}, {"list-c64", 64, list}} {
+	for _, w := range workloads {
 		for _, path := range []string{"direct", "outpost"} {
 			b.Run(w.name+"/"+path, func(b *testing.B) {
-				op := w.op(clients[path])
 				procs := pathProcesses(b)
 				before := cpuTimes(procs)
-				ctx := context.Background()
-				deadline := time.Now().Add(seconds * time.Second)
 				var wg sync.WaitGroup
-				var done atomic.Int64
 				if path == "outpost" {
 					for _, kind := range []string{"profile", "allocs"} {
 						wg.Go(func() {
@@ -429,20 +424,13 @@ func BenchmarkProfile(b *testing.B) {
 						})
 					}
 				}
-				start := time.Now()
-				for range w.concurrency {
-					wg.Go(func() {
-						for time.Now().Before(deadline) {
-							if op(ctx) == nil {
-								done.Add(1)
-							}
-						}
-					})
-				}
+				lat, elapsed, err := runWindow(w.concurrency, seconds*time.Second, w.op(clients[path]))
 				wg.Wait()
-				elapsed := time.Since(start)
+				if err != nil {
+					b.Fatal(err)
+				}
 				after := cpuTimes(procs)
-				n := float64(done.Load())
+				n := float64(len(lat))
 				b.ReportMetric(n/elapsed.Seconds(), "req/s")
 				for name, t := range after {
 					b.ReportMetric(float64((t-before[name]).Microseconds())/n, name+"-cpu-us/req")
@@ -568,24 +556,7 @@ func BenchmarkX100k(b *testing.B) {
 	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		b.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	next := make(chan int)
-	for range 64 {
-		wg.Go(func() {
-			for i := range next {
-				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%06d", i), Labels: map[string]string{"app": "bench"}},
-					Data: map[string]string{"payload": strings.Repeat("x", 100)}}
-				if _, err := admin.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
-					b.Error(err)
-				}
-			}
-		})
-	}
-	for i := range n {
-		next <- i
-	}
-	close(next)
-	wg.Wait()
+	seedConfigMaps(b, admin, ns, n, 100, 64)
 	if b.Failed() {
 		return
 	}
@@ -615,7 +586,7 @@ func BenchmarkX100k(b *testing.B) {
 		}
 		return time.Since(t0)
 	}
-	replaced := func() float64 { return metric(b, o.AdminURL, "outpost_cache_views_replaced_total") }
+	replaced := func() float64 { return metric(b, o, "outpost_cache_views_replaced_total") }
 	before := replaced()
 	// With OUTPOST_BENCH_PROFILE=dir, outpost's CPU profile while it
 	// records, and its heap and memory map once idle, are saved there.
@@ -698,30 +669,14 @@ func BenchmarkX100k(b *testing.B) {
 	}
 }
 
-// metric returns the sum of the samples of a Prometheus metric outpost
-// serves at adminURL, of those whose labels hold each of labels.
-func metric(b *testing.B, adminURL, name string, labels ...string) float64 {
-	resp, err := http.Get(adminURL + "/metrics")
+// metric returns the sum of the samples of one of o's metrics whose labels
+// match each of match (see framework.SumMetric).
+func metric(b *testing.B, o *framework.Outpost, name string, match ...string) float64 {
+	v, err := o.Metric(name, match...)
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
-	if err != nil {
-		b.Fatal(err)
-	}
-	sum := 0.0
-	for _, l := range strings.Split(string(data), "\n") {
-		if !strings.HasPrefix(l, name+" ") && !strings.HasPrefix(l, name+"{") {
-			continue
-		}
-		if !slices.ContainsFunc(labels, func(label string) bool { return !strings.Contains(l, label) }) {
-			f := strings.Fields(l)
-			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
-			sum += v
-		}
-	}
-	return sum
+	return v
 }
 
 // BenchmarkYOfflineList10k compares a LIST of 10,000 objects answered by
@@ -739,20 +694,7 @@ func BenchmarkYOfflineList10k(b *testing.B) {
 		if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 			b.Fatal(err)
 		}
-		var wg sync.WaitGroup
-		sem := make(chan struct{}, 32)
-		for i := range n {
-			wg.Go(func() {
-				sem <- struct{}{}
-				defer func() { <-sem }()
-				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%05d", i), Labels: map[string]string{"app": "bench"}},
-					Data: map[string]string{"payload": strings.Repeat("x", 256)}}
-				if _, err := c.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
-					b.Error(err)
-				}
-			})
-		}
-		wg.Wait()
+		seedConfigMaps(b, c, ns, n, 256, 32)
 		// Recorded through outpost while online.
 		if l, err := clients["outpost"].CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != n {
 			b.Fatalf("recording list: %v", err)

@@ -13,14 +13,12 @@
 package edge
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"net/http"
 	"os"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -116,57 +114,11 @@ func (e *edge) waitState(ctx context.Context, want string, timeout time.Duration
 // labels match every one of match (name=value, or name!=value).
 func (e *edge) metric(t *testing.T, name string, match ...string) float64 {
 	t.Helper()
-	resp, err := http.Get(e.o.AdminURL + "/metrics")
+	v, err := e.o.Metric(name, match...)
 	if err != nil {
-		t.Errorf("reading outpost metrics: %v", err)
-		return 0
+		t.Error(err)
 	}
-	defer resp.Body.Close()
-	var sum float64
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		rest, ok := strings.CutPrefix(line, name)
-		if !ok || rest == "" || (rest[0] != '{' && rest[0] != ' ') {
-			continue
-		}
-		labels, value := "", rest
-		if rest[0] == '{' {
-			end := strings.LastIndex(rest, "}")
-			labels, value = rest[1:end], rest[end+1:]
-		}
-		if !labelsMatch(labels, match) {
-			continue
-		}
-		v, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
-		if err == nil {
-			sum += v
-		}
-	}
-	return sum
-}
-
-func labelsMatch(labels string, match []string) bool {
-	have := map[string]string{}
-	for _, kv := range strings.Split(labels, ",") {
-		if k, v, ok := strings.Cut(kv, "="); ok {
-			have[k] = strings.Trim(v, `"`)
-		}
-	}
-	for _, m := range match {
-		if k, v, ok := strings.Cut(m, "!="); ok {
-			if have[k] == v {
-				return false
-			}
-			continue
-		}
-		k, v, _ := strings.Cut(m, "=")
-		if have[k] != v {
-			return false
-		}
-	}
-	return true
+	return v
 }
 
 // localWrites counts writes of resource (e.g. "leases", "pods/status")

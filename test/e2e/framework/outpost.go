@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -263,33 +262,3 @@ func (o *Outpost) State(ctx context.Context) string {
 	}
 }
 
-// Metric returns the sum of the samples of metric name on outpost's
-// /metrics whose label sets contain each of labels (written as they appear
-// there, e.g. `served_by="cache"`).
-func (o *Outpost) Metric(name string, labels ...string) (float64, error) {
-	resp, err := http.Get(o.AdminURL + "/metrics")
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return 0, err
-	}
-	sum := 0.0
-	for _, l := range strings.Split(string(data), "\n") {
-		if !strings.HasPrefix(l, name+" ") && !strings.HasPrefix(l, name+"{") {
-			continue
-		}
-		if slices.ContainsFunc(labels, func(label string) bool { return !strings.Contains(l, label) }) {
-			continue
-		}
-		f := strings.Fields(l)
-		v, err := strconv.ParseFloat(f[len(f)-1], 64)
-		if err != nil {
-			return 0, fmt.Errorf("metric line %q: %w", l, err)
-		}
-		sum += v
-	}
-	return sum, nil
-}

@@ -3,9 +3,6 @@ package proxy_test
 import (
 	"context"
 	"fmt"
-	"io"
-	"net/http"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -120,14 +117,7 @@ func TestInformerSurvivesApiserverLoss(t *testing.T) {
 	t.Logf("outpost log:\n%s", o.Log(30))
 
 	// Outpost saw it: the lost server is reported unhealthy.
-	resp, err := http.Get(o.AdminURL + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	want := fmt.Sprintf("outpost_upstream_healthy{server=%q} 0", cp.URL(0))
-	if !strings.Contains(string(body), want) {
-		t.Errorf("metrics lack %q", want)
+	if v := metric(t, o, "outpost_upstream_healthy", "server="+cp.URL(0)); v != 0 {
+		t.Errorf("outpost_upstream_healthy{server=%q} = %v, want 0", cp.URL(0), v)
 	}
 }
