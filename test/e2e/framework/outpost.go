@@ -261,4 +261,3 @@ func (o *Outpost) State(ctx context.Context) string {
 		return strings.TrimSpace(s)
 	}
 }
-
