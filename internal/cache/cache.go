@@ -3,8 +3,6 @@ package cache
 import (
 	"context"
 	"log/slog"
-	"runtime"
-	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -50,13 +48,17 @@ type Cache struct {
 	// the client allows them. Default 5s.
 	BookmarkInterval time.Duration
 
-	initOnce     sync.Once
-	large        chan struct{} // a large answer was written or served (see releaseMemory)
-	freeOSMemory func()        // debug.FreeOSMemory; tests replace it
-	jobs         chan func()   // decoding work, off the request path
-	writes       chan write    // ordered store writes, applied by one goroutine
-	buffered     atomic.Int64  // bytes held by tees
-	watches      sync.WaitGroup
+	// LargeAnswer, if set, is called after an answer of largeAnswer bytes
+	// or more was stored or served: decoding, storing or serving one takes
+	// several times its size in short-lived memory, worth returning to the
+	// system soon after (see memory.Releaser.Large).
+	LargeAnswer func()
+
+	initOnce sync.Once
+	jobs     chan func()  // decoding work, off the request path
+	writes   chan write   // ordered store writes, applied by one goroutine
+	buffered atomic.Int64 // bytes held by tees
+	watches  sync.WaitGroup
 
 	overlays overlays
 
@@ -104,10 +106,6 @@ func (c *Cache) init() {
 		if c.MaxJournal <= 0 {
 			c.MaxJournal = 1000
 		}
-		c.large = make(chan struct{}, 1)
-		if c.freeOSMemory == nil {
-			c.freeOSMemory = debug.FreeOSMemory
-		}
 		c.jobs = make(chan func(), 64)
 		c.writes = make(chan write, 4096)
 		c.stale = map[store.ViewKey]bool{}
@@ -133,7 +131,6 @@ func (c *Cache) Run(ctx context.Context) error {
 			}
 		}
 	})
-	wg.Go(func() { c.releaseMemory(ctx) })
 	stop := make(chan struct{})
 	writerDone := make(chan struct{})
 	go func() {
@@ -374,41 +371,13 @@ func (c *Cache) loadJournalSeq() {
 }
 
 // largeAnswer is the size past which recording or serving an answer is
-// followed by returning memory to the system (see releaseMemory).
+// reported to LargeAnswer.
 const largeAnswer = 8 << 20
 
-// wasLarge tells releaseMemory that a large answer was written or served.
+// wasLarge reports a large answer to LargeAnswer.
 func (c *Cache) wasLarge() {
-	select {
-	case c.large <- struct{}{}:
-	default:
-	}
-}
-
-// releaseMemory returns the heap's free memory to the system one second
-// after the last large answer (a list of tens of thousands of objects).
-// Decoding, storing or serving one takes several times its size in
-// short-lived memory, which the Go runtime would otherwise keep mapped for
-// minutes in case the heap grows again: on an edge node that memory
-// belongs to the workloads, and such lists come rarely (a start, a
-// re-list after an outage), so one garbage collection after each burst is
-// cheap.
-func (c *Cache) releaseMemory(ctx context.Context) {
-	quiet := time.NewTimer(time.Hour)
-	quiet.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			quiet.Stop()
-			return
-		case <-c.large:
-			quiet.Reset(time.Second)
-		case <-quiet.C:
-			// Two collections: buffers pooled in a sync.Pool (bbolt's
-			// pages, ours) survive one.
-			runtime.GC()
-			c.freeOSMemory()
-		}
+	if c.LargeAnswer != nil {
+		c.LargeAnswer()
 	}
 }
 

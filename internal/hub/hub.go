@@ -33,6 +33,7 @@ import (
 	"github.com/outposthq/outpost/internal/config"
 	"github.com/outposthq/outpost/internal/health"
 	"github.com/outposthq/outpost/internal/identity"
+	"github.com/outposthq/outpost/internal/memory"
 	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/proxy"
 	"github.com/outposthq/outpost/internal/request"
@@ -295,8 +296,9 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	h.auth.Remember, h.auth.Recall = h.rememberToken, h.recallToken
 	h.auth.Seen = h.sawToken
 	h.loadIssuer()
+	mem := &memory.Releaser{}
 	c := &cache.Cache{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
-		Online: h.monitor.Online, Changed: h.monitor.Changed, Node: h.cfg.NodeName}
+		Online: h.monitor.Online, Changed: h.monitor.Changed, Node: h.cfg.NodeName, LargeAnswer: mem.Large}
 
 	g, gctx := errgroup.WithContext(ctx)
 	if h.nodeCert != nil {
@@ -317,12 +319,13 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	}
 	g.Go(func() error { return h.monitor.Run(gctx) })
 	g.Go(func() error { return c.Run(gctx) })
+	g.Go(func() error { return mem.Run(gctx) })
 	g.Go(func() error { return h.reconnect(gctx, c) })
 	g.Go(func() error { return h.runIssuer(gctx) })
 
 	newProxy := func(auth proxy.Authenticate) http.Handler {
 		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Cache: c, Online: h.monitor.Online,
-			Metrics: h.metrics, Log: h.log, Stopping: gctx}
+			Metrics: h.metrics, Log: h.log, Stopping: gctx, Activity: mem}
 		p.Init()
 		return p
 	}

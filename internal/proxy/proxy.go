@@ -44,6 +44,12 @@ type Cache interface {
 	ServeWrite(w http.ResponseWriter, r *http.Request, info *request.Info)
 }
 
+// Activity follows the requests being served.
+type Activity interface {
+	Begin()
+	End()
+}
+
 // Handler serves local clients. Set the fields, then use it; it must not be
 // changed afterwards.
 type Handler struct {
@@ -66,6 +72,9 @@ type Handler struct {
 	// streams) so that a shutdown is not held up by them; ordinary requests
 	// are left to drain. Nil: never.
 	Stopping context.Context
+	// Activity, if set, is told when each request that is not
+	// long-running begins and ends (see memory.Releaser).
+	Activity Activity
 
 	proxy *httputil.ReverseProxy
 	// inFlight and responseBytes are Metrics' children resolved once, as
@@ -160,6 +169,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			defer stop()
 			defer cancel()
 		}
+	}
+	if h.Activity != nil && !info.LongRunning {
+		h.Activity.Begin()
+		defer h.Activity.End()
 	}
 	rec := &recorder{ResponseWriter: w, code: http.StatusOK, stream: info.LongRunning}
 	if h.Metrics != nil {

@@ -743,6 +743,8 @@ func BenchmarkZIdleRSS(b *testing.B) {
 	}
 	b.ReportMetric(rssMB(b, fresh.PID()), "fresh-RSS-MB")
 	b.ReportMetric(rssMB(b, hub.PID()), "after-load-RSS-MB")
+	b.ReportMetric(statusMB(b, hub.PID(), "RssAnon:"), "after-load-anon-MB")
+	b.ReportMetric(statusMB(b, hub.PID(), "RssFile:"), "after-load-file-MB")
 }
 
 func rssMB(b *testing.B, pid int) float64 { return statusMB(b, pid, "VmRSS:") }

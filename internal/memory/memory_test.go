@@ -1,0 +1,113 @@
+package memory
+
+import (
+	"context"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// run starts r with a 40 ms quiet interval, counting releases; held says
+// what a release would return.
+func run(t *testing.T, r *Releaser, held *atomic.Uint64) *atomic.Int32 {
+	t.Helper()
+	var released atomic.Int32
+	r.Quiet = 40 * time.Millisecond
+	r.Threshold = 1000
+	r.Release = func() { released.Add(1) }
+	r.Held = func() uint64 { return held.Load() }
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = r.Run(ctx) })
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	return &released
+}
+
+func TestReleaseWhenQuietAfterRequests(t *testing.T) {
+	var held atomic.Uint64
+	r := &Releaser{}
+	released := run(t, r, &held)
+
+	time.Sleep(150 * time.Millisecond)
+	if n := released.Load(); n != 0 {
+		t.Fatalf("%d releases with no request at all", n)
+	}
+
+	// Requests that leave little behind: nothing to release.
+	held.Store(10)
+	r.Begin()
+	r.End()
+	time.Sleep(150 * time.Millisecond)
+	if n := released.Load(); n != 0 {
+		t.Fatalf("%d releases for %d bytes held, under the threshold", n, held.Load())
+	}
+
+	// A burst that leaves a lot: released once quiet, and only once.
+	held.Store(1 << 20)
+	for range 5 {
+		r.Begin()
+		r.End()
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := released.Load(); n != 1 {
+		t.Fatalf("%d releases after one burst; want 1", n)
+	}
+
+	// Not while a request is being served, however long it takes.
+	r.Begin()
+	r.Begin()
+	r.End()
+	time.Sleep(150 * time.Millisecond)
+	if n := released.Load(); n != 1 {
+		t.Fatalf("released while a request was in flight (%d releases)", n)
+	}
+	r.End()
+	time.Sleep(150 * time.Millisecond)
+	if n := released.Load(); n != 2 {
+		t.Fatalf("%d releases once the last request ended; want 2", n)
+	}
+}
+
+func TestReleaseAfterLargeAnswerDespiteTraffic(t *testing.T) {
+	var held atomic.Uint64 // nothing held: only the large answer counts
+	r := &Releaser{}
+	released := run(t, r, &held)
+
+	r.Large()
+	// Requests keep coming, never quiet for 40 ms.
+	deadline := time.Now().Add(300 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		r.Begin()
+		r.End()
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := released.Load(); n != 1 {
+		t.Fatalf("%d releases after one large answer under steady traffic; want 1", n)
+	}
+}
+
+// TestHeldBeyondLive: garbage and freed heap count as held; after a
+// release they no longer do.
+func TestHeldBeyondLive(t *testing.T) {
+	debug.FreeOSMemory()
+	before := heldBeyondLive()
+	var keep [][]byte
+	for range 64 {
+		keep = append(keep, make([]byte, 1<<20))
+	}
+	sink.Store(&keep)
+	sink.Store(nil) // now garbage, or free heap once collected
+	// Live as of the last collection, which may have run while half of
+	// them were allocated.
+	if held := heldBeyondLive(); held < before+16<<20 {
+		t.Fatalf("held %d bytes after dropping 64 MiB (%d before)", held, before)
+	}
+	debug.FreeOSMemory()
+	if held := heldBeyondLive(); held > before+16<<20 {
+		t.Fatalf("still held %d bytes after a release (%d before)", held, before)
+	}
+}
+
+var sink atomic.Pointer[[][]byte]
