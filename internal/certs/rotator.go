@@ -13,6 +13,8 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -115,7 +117,7 @@ func (r *Rotator) store(certPEM, keyPEM []byte) (*tls.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	name := r.Name + "-" + time.Now().UTC().Format("2006-01-02-15-04-05.000000000") + ".pem"
+	name := r.Name + "-" + time.Now().UTC().Format(pairTime) + ".pem"
 	data := append(append(append([]byte(nil), certPEM...), '\n'), keyPEM...)
 	if err := writeFile(filepath.Join(r.Dir, name), data); err != nil {
 		return nil, err
@@ -129,7 +131,42 @@ func (r *Rotator) store(certPEM, keyPEM []byte) (*tls.Certificate, error) {
 	if err := os.Rename(tmp, link); err != nil {
 		return nil, err
 	}
+	r.prune(name)
 	return &c, nil
+}
+
+// pairTime is the time format in the names of stored pairs; it sorts as
+// the times do.
+const pairTime = "2006-01-02-15-04-05.000000000"
+
+// prune removes the stored pairs older than the one before newest, so that
+// renewals (every few weeks for as long as the node lives, or every few
+// minutes with short-lived certificates) do not pile files up. kubelet keeps
+// them all; one previous pair is kept, to compare with after a rotation.
+// Files whose names are not ours are left alone.
+func (r *Rotator) prune(newest string) {
+	entries, err := os.ReadDir(r.Dir)
+	if err != nil {
+		r.Log.Warn("cannot list stored certificates to remove old ones", "dir", r.Dir, "err", err)
+		return
+	}
+	var pairs []string
+	for _, e := range entries {
+		stamp, ok := strings.CutPrefix(e.Name(), r.Name+"-")
+		if stamp, ok = strings.CutSuffix(stamp, ".pem"); !ok || !e.Type().IsRegular() {
+			continue
+		}
+		if _, err := time.Parse(pairTime, stamp); err == nil && e.Name() <= newest {
+			pairs = append(pairs, e.Name())
+		}
+	}
+	slices.Sort(pairs)
+	for _, old := range pairs[:max(len(pairs)-2, 0)] {
+		if err := os.Remove(filepath.Join(r.Dir, old)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			r.Log.Warn("cannot remove an old certificate", "file", old, "err", err)
+			return
+		}
+	}
 }
 
 func fileTime(path string) time.Time {

@@ -16,6 +16,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -216,4 +218,66 @@ func TestCSRClientDenied(t *testing.T) {
 	if r.Current() != nil {
 		t.Fatal("a certificate from a denied request")
 	}
+}
+
+// TestOldPairsPruned: each renewal writes a new pair; only the newest and
+// the one before it stay, beside the current link and files not ours.
+func TestOldPairsPruned(t *testing.T) {
+	dir := t.TempDir()
+	r := newRotator(t, dir, "http://127.0.0.1:1")
+	if err := r.Load(); err != nil {
+		t.Fatal(err)
+	}
+	others := []string{"node-serving-2020-01-01-00-00-00.000000000.pem", "node-client-notes.pem"}
+	for _, f := range others {
+		if err := os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	certPEM, keyPEM := selfSignedPair(t)
+	var names []string
+	for range 4 {
+		if _, err := r.store(certPEM, keyPEM); err != nil {
+			t.Fatal(err)
+		}
+		target, err := os.Readlink(r.CurrentPath())
+		if err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, target)
+		time.Sleep(2 * time.Millisecond) // a new name each time
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, e := range entries {
+		got = append(got, e.Name())
+	}
+	want := append([]string{names[2], names[3], "node-client-current.pem"}, others...)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("files after 4 renewals: %v; want %v", got, want)
+	}
+}
+
+// selfSignedPair returns a throwaway certificate and its key, in PEM.
+func selfSignedPair(t *testing.T) (certPEM, keyPEM []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "system:node:n1"},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
 }
