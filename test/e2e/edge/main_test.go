@@ -96,18 +96,7 @@ func (e *edge) state(ctx context.Context) string { return e.o.State(ctx) }
 
 // waitState waits until /readyz says want and returns how long that took.
 func (e *edge) waitState(ctx context.Context, want string, timeout time.Duration) (time.Duration, error) {
-	start := time.Now()
-	deadline := start.Add(timeout)
-	for {
-		got := e.state(ctx)
-		if got == want {
-			return time.Since(start), nil
-		}
-		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("outpost of %s not %s after %v: /readyz says %q", e.node, want, timeout, got)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return e.o.WaitState(ctx, want, timeout)
 }
 
 // metric sums the samples of a counter or gauge on outpost's /metrics whose

@@ -261,3 +261,24 @@ func (o *Outpost) State(ctx context.Context) string {
 		return strings.TrimSpace(s)
 	}
 }
+
+// WaitState waits until outpost's /readyz says want (see State), polling
+// every 20 ms, and returns how long that took.
+func (o *Outpost) WaitState(ctx context.Context, want string, timeout time.Duration) (time.Duration, error) {
+	start := time.Now()
+	deadline := start.Add(timeout)
+	for {
+		got := o.State(ctx)
+		if got == want {
+			return time.Since(start), nil
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("outpost of %s not %s after %v: /readyz says %q", o.Node, want, timeout, got)
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}

@@ -88,16 +88,8 @@ func (e *edge) state(ctx context.Context) string { return e.o.State(ctx) }
 
 func (e *edge) waitState(t *testing.T, want string) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		got := e.state(t.Context())
-		if got == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("outpost of %s not %s after 30s: /readyz says %q", e.node, want, got)
-		}
-		time.Sleep(50 * time.Millisecond)
+	if _, err := e.o.WaitState(t.Context(), want, 30*time.Second); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -69,15 +69,9 @@ func TestSlowProbesWhileAnswering(t *testing.T) {
 // waitState waits until outpost's /readyz says want.
 func waitState(t *testing.T, o *framework.Outpost, want string, within time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	s := ""
-	for time.Now().Before(deadline) {
-		if s = o.State(t.Context()); s == want {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
+	if _, err := o.WaitState(t.Context(), want, within); err != nil {
+		t.Fatal(err)
 	}
-	t.Fatalf("outpost still %q after %v; want %q", s, within, want)
 }
 
 // metric reads one of outpost's metrics (see framework.Outpost.Metric).
