@@ -296,7 +296,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	h.auth.Remember, h.auth.Recall = h.rememberToken, h.recallToken
 	h.auth.Seen = h.sawToken
 	h.loadIssuer()
-	mem := &memory.Releaser{}
+	mem := &memory.Releaser{Released: func(reason string) { h.metrics.MemoryReleases.WithLabelValues(reason).Inc() }}
 	c := &cache.Cache{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
 		Online: h.monitor.Online, Changed: h.monitor.Changed, Node: h.cfg.NodeName, LargeAnswer: mem.Large}
 

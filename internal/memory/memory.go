@@ -41,6 +41,9 @@ type Releaser struct {
 	// from runtime/metrics, what the heap holds beyond its live data.
 	// Tests replace it.
 	Held func() uint64
+	// Released, if set, is told after each release why it ran:
+	// ReasonQuiet or ReasonLarge.
+	Released func(reason string)
 
 	inFlight atomic.Int64 // short requests being served
 	last     atomic.Int64 // when the last one ended, Unix ns
@@ -62,6 +65,12 @@ func (r *Releaser) End() {
 // keep coming.
 func (r *Releaser) Large() { r.large.Store(time.Now().UnixNano()) }
 
+// Why a release ran.
+const (
+	ReasonQuiet = "quiet" // quiet after requests, with enough heap held
+	ReasonLarge = "large" // quiet after a large answer
+)
+
 // Run releases memory as the fields say until ctx is done.
 func (r *Releaser) Run(ctx context.Context) error {
 	quiet := r.Quiet
@@ -72,11 +81,17 @@ func (r *Releaser) Run(ctx context.Context) error {
 	if threshold == 0 {
 		threshold = 8 << 20
 	}
-	release, held := r.Release, r.Held
-	if release == nil {
-		release = func() {
+	free, held := r.Release, r.Held
+	if free == nil {
+		free = func() {
 			runtime.GC()
 			debug.FreeOSMemory()
+		}
+	}
+	release := func(reason string) {
+		free()
+		if r.Released != nil {
+			r.Released(reason)
 		}
 	}
 	if held == nil {
@@ -94,7 +109,7 @@ func (r *Releaser) Run(ctx context.Context) error {
 		now := time.Now().UnixNano()
 		if large := r.large.Load(); large != 0 && now-large >= int64(quiet) {
 			r.large.CompareAndSwap(large, 0)
-			release()
+			release(ReasonLarge)
 			judged = r.last.Load()
 			continue
 		}
@@ -104,7 +119,7 @@ func (r *Releaser) Run(ctx context.Context) error {
 		}
 		judged = last
 		if held() >= threshold {
-			release()
+			release(ReasonQuiet)
 		}
 	}
 }

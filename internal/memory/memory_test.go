@@ -72,7 +72,8 @@ func TestReleaseWhenQuietAfterRequests(t *testing.T) {
 
 func TestReleaseAfterLargeAnswerDespiteTraffic(t *testing.T) {
 	var held atomic.Uint64 // nothing held: only the large answer counts
-	r := &Releaser{}
+	var reason atomic.Value
+	r := &Releaser{Released: func(why string) { reason.Store(why) }}
 	released := run(t, r, &held)
 
 	r.Large()
@@ -85,6 +86,9 @@ func TestReleaseAfterLargeAnswerDespiteTraffic(t *testing.T) {
 	}
 	if n := released.Load(); n != 1 {
 		t.Fatalf("%d releases after one large answer under steady traffic; want 1", n)
+	}
+	if why := reason.Load(); why != ReasonLarge {
+		t.Fatalf("release reported as %v; want %q", why, ReasonLarge)
 	}
 }
 

@@ -40,6 +40,9 @@ type Metrics struct {
 	CacheDropped *prometheus.CounterVec
 	// CacheErrors counts failed store writes.
 	CacheErrors prometheus.Counter
+	// MemoryReleases counts returns of free heap to the system, by reason
+	// (see memory.Releaser).
+	MemoryReleases *prometheus.CounterVec
 	// JournalEvents counts events journaled offline; JournalDropped those
 	// dropped because the journal was full; JournalReplayed those delivered
 	// after reconnect.
@@ -104,10 +107,14 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Failed writes to the store.",
 		}),
 	}
+	m.MemoryReleases = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "outpost_memory_releases_total",
+		Help: "Free heap returned to the system once quiet, by reason: quiet (after a burst of requests) or large (after a large answer).",
+	}, []string{"reason"})
 	m.JournalEvents = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_events_total", Help: "Events journaled while offline."})
 	m.JournalDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_dropped_total", Help: "Journaled events dropped because the journal was full."})
 	m.JournalReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_replayed_total", Help: "Journaled events delivered to the apiserver after reconnect."})
-	reg.MustRegister(m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheErrors,
+	reg.MustRegister(m.MemoryReleases, m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheErrors,
 		m.Requests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
 		m.UpstreamTransitions, m.UpstreamProbes, m.Online, m.AuthFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

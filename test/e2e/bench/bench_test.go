@@ -751,16 +751,9 @@ func rssMB(b *testing.B, pid int) float64 { return statusMB(b, pid, "VmRSS:") }
 
 // statusMB reads a memory figure (VmRSS:, VmHWM:) of a process.
 func statusMB(b *testing.B, pid int, field string) float64 {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	v, err := framework.StatusMB(pid, field)
 	if err != nil {
 		b.Fatal(err)
 	}
-	for _, l := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && f[0] == field {
-			kb, _ := strconv.Atoi(f[1])
-			return float64(kb) / 1024
-		}
-	}
-	b.Fatalf("no %s for pid %d", field, pid)
-	return 0
+	return v
 }

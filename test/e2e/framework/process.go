@@ -184,3 +184,22 @@ func waitPortFree(ctx context.Context, port int) error {
 		return l.Close()
 	})
 }
+
+// StatusMB reads a memory figure of process pid from /proc/PID/status, in
+// MB: "VmRSS:", "RssAnon:", "RssFile:", "VmHWM:".
+func StatusMB(pid int, field string) (float64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(data)) {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == field {
+			kb, err := strconv.Atoi(f[1])
+			if err != nil {
+				return 0, fmt.Errorf("%s of pid %d: %w", field, pid, err)
+			}
+			return float64(kb) / 1024, nil
+		}
+	}
+	return 0, fmt.Errorf("no %s for pid %d", field, pid)
+}
