@@ -274,22 +274,12 @@ func firstCachedAnswer(t *testing.T, c *counted, start time.Time, timeout time.D
 // at the deadline it fails the test with cond's last explanation.
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func(ctx context.Context) (bool, string)) (time.Duration, bool) {
 	t.Helper()
-	start := time.Now()
-	var last string
-	for {
-		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-		ok, why := cond(ctx)
-		cancel()
-		if ok {
-			return time.Since(start), true
-		}
-		last = why
-		if time.Since(start) > timeout || t.Context().Err() != nil {
-			t.Errorf("%s: not within %v: %s", what, timeout, last)
-			return 0, false
-		}
-		time.Sleep(poll)
+	d, err := framework.Poll(t.Context(), poll, timeout, cond)
+	if err != nil {
+		t.Errorf("%s: %v", what, err)
+		return 0, false
 	}
+	return d, true
 }
 
 // objectState is the canonical text of a set of objects, one line per

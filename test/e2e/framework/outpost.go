@@ -265,20 +265,12 @@ func (o *Outpost) State(ctx context.Context) string {
 // WaitState waits until outpost's /readyz says want (see State), polling
 // every 20 ms, and returns how long that took.
 func (o *Outpost) WaitState(ctx context.Context, want string, timeout time.Duration) (time.Duration, error) {
-	start := time.Now()
-	deadline := start.Add(timeout)
-	for {
+	d, err := Poll(ctx, 20*time.Millisecond, timeout, func(ctx context.Context) (bool, string) {
 		got := o.State(ctx)
-		if got == want {
-			return time.Since(start), nil
-		}
-		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("outpost of %s not %s after %v: /readyz says %q", o.Node, want, timeout, got)
-		}
-		select {
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
+		return got == want, fmt.Sprintf("/readyz says %q", got)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("outpost of %s not %s: %w", o.Node, want, err)
 	}
+	return d, nil
 }

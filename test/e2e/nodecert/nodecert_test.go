@@ -77,20 +77,8 @@ func startOutpost(t *testing.T, bootstrap bool, node string, args ...string) *fr
 // waitUntil polls cond every 200ms until it holds or timeout passes.
 func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	last := ""
-	for {
-		ok, why := cond()
-		if ok {
-			return
-		}
-		if why != "" {
-			last = why
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s: %s", timeout, what, last)
-		}
-		time.Sleep(200 * time.Millisecond)
+	if _, err := framework.Poll(t.Context(), 200*time.Millisecond, timeout, func(context.Context) (bool, string) { return cond() }); err != nil {
+		t.Fatalf("waiting for %s: %v", what, err)
 	}
 }
 
