@@ -8,11 +8,10 @@
 //
 // Answers count too: a probe that only timed out while real requests to
 // the same server were answered (since the previous probe) proves nothing
-// but a busy server
-// (or a busy node), and is not counted. Otherwise a saturated machine,
-// where /readyz takes longer than the probe timeout, would turn outpost
-// offline (closing every connection, serving reads from the cache) while
-// the apiserver was answering all along.
+// but a busy server or a busy node, and is not counted. Otherwise a
+// saturated machine, where /readyz takes longer than the probe timeout,
+// would turn outpost offline (closing every connection, serving reads from
+// the cache) while the apiserver was answering all along.
 package health
 
 import (
