@@ -91,28 +91,12 @@ func setup(b *testing.B) {
 	}
 }
 
-// seedConfigMaps creates n ConfigMaps cm-000000... labelled app=bench, each
-// with a payload of size bytes, in namespace ns, from `parallel` clients.
+// seedConfigMaps creates n ConfigMaps of size bytes in ns (see
+// framework.SeedConfigMaps).
 func seedConfigMaps(b *testing.B, c kubernetes.Interface, ns string, n, size, parallel int) {
-	ctx := context.Background()
-	var wg sync.WaitGroup
-	next := make(chan int)
-	for range parallel {
-		wg.Go(func() {
-			for i := range next {
-				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%06d", i), Labels: map[string]string{"app": "bench"}},
-					Data: map[string]string{"payload": strings.Repeat("x", size)}}
-				if _, err := c.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
-					b.Error(err)
-				}
-			}
-		})
+	if err := framework.SeedConfigMaps(context.Background(), c, ns, n, size, parallel); err != nil {
+		b.Error(err)
 	}
-	for i := range n {
-		next <- i
-	}
-	close(next)
-	wg.Wait()
 }
 
 func benchToken(b *testing.B) string {

@@ -3,7 +3,6 @@ package proxy_test
 import (
 	"context"
 	"fmt"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -30,25 +29,8 @@ func TestMemoryReturnedAfterBurst(t *testing.T) {
 	if _, err := direct.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	next := make(chan int)
-	for range 16 {
-		wg.Go(func() {
-			for i := range next {
-				cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%03d", i)}, Data: map[string]string{"payload": strings.Repeat("x", 4096)}}
-				if _, err := direct.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
-					t.Error(err)
-				}
-			}
-		})
-	}
-	for i := range n {
-		next <- i
-	}
-	close(next)
-	wg.Wait()
-	if t.Failed() {
-		return
+	if err := framework.SeedConfigMaps(ctx, direct, ns, n, 4096, 16); err != nil {
+		t.Fatal(err)
 	}
 
 	anon := func() float64 { return anonMB(t, o.PID()) }
@@ -63,6 +45,7 @@ func TestMemoryReturnedAfterBurst(t *testing.T) {
 		}
 		return err
 	}
+	var wg sync.WaitGroup
 	for range 32 {
 		wg.Go(func() {
 			for range 6 {
