@@ -7,7 +7,8 @@
 // probes, so a flapping link does not flip the state every probe.
 //
 // Answers count too: a probe that only timed out while real requests to
-// the same server were answered (since the previous probe) proves nothing
+// the same server were answered (since the previous probe, and at most a
+// probe timeout before this one started) proves nothing
 // but a busy server or a busy node, and is not counted. Otherwise a
 // saturated machine, where /readyz takes longer than the probe timeout,
 // would turn outpost offline (closing every connection, serving reads from
@@ -173,9 +174,11 @@ func (m *Monitor) loop(ctx context.Context, i int) {
 		result := ProbeOK
 		switch {
 		case err == nil:
-		case errors.Is(err, context.DeadlineExceeded) && m.answered[i].Load() >= since:
+		case errors.Is(err, context.DeadlineExceeded) && m.answered[i].Load() >= max(since, start-int64(timeout)):
 			// Too slow, but the server answered real requests since the
-			// previous probe: neither a failure nor a success.
+			// previous probe (and no longer than a timeout before this
+			// one, however long the interval): neither a failure nor a
+			// success.
 			result = ProbeExcused
 		default:
 			result = ProbeFailed

@@ -155,3 +155,33 @@ func TestSlowProbeWhileAnswering(t *testing.T) {
 		t.Fatal("a probe that fails outright counts even while requests are answered")
 	}
 }
+
+// TestOldAnswerDoesNotExcuse: with a long interval, an answer long before
+// a probe that times out does not excuse it; only answers within a probe
+// timeout of its start, or during it, do.
+func TestOldAnswerDoesNotExcuse(t *testing.T) {
+	var probes atomic.Int32
+	m := &Monitor{Count: 1, Interval: 300 * time.Millisecond, Timeout: 20 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1}
+	m.Probe = func(ctx context.Context, i int) error {
+		if probes.Add(1) == 1 {
+			return nil
+		}
+		<-ctx.Done() // every later probe times out
+		return ctx.Err()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = m.Run(ctx) })
+	defer func() { cancel(); wg.Wait() }()
+	for probes.Load() < 1 {
+		time.Sleep(time.Millisecond)
+	}
+	m.ReportAnswer(0) // right after the first probe: ~300 ms before the second
+	deadline := time.Now().Add(5 * time.Second)
+	for probes.Load() < 3 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if m.Healthy(0) {
+		t.Fatal("a probe that timed out 300 ms after the last answer was excused")
+	}
+}
