@@ -6,7 +6,6 @@
 package nodecert_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -19,7 +18,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -123,21 +121,11 @@ func approved(c certificatesv1.CertificateSigningRequest) bool {
 
 func rotations(t *testing.T, o *framework.Outpost, name string) float64 {
 	t.Helper()
-	resp, err := http.Get(o.AdminURL + "/metrics")
+	v, err := o.Metric("outpost_certificate_rotations_total", "name="+name)
 	if err != nil {
 		return -1
 	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	prefix := `outpost_certificate_rotations_total{name="` + name + `"} `
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), prefix); ok {
-			f, _ := strconv.ParseFloat(v, 64)
-			return f
-		}
-	}
-	return 0
+	return v
 }
 
 func currentLeaf(t *testing.T, o *framework.Outpost) *x509.Certificate {
@@ -316,6 +304,31 @@ func TestBootstrapAndRotation(t *testing.T) {
 	}
 	t.Logf("first certificate expired %s; renewals %v; %d pods seen by the informer; %d reads, %d failed; 0 watch errors",
 		first.NotAfter.Format(time.TimeOnly), rotations(t, o, "node-client"), len(created), reads, readFailures)
+
+	// A second renewal: three pairs written (the bootstrap one and two
+	// renewals), the oldest removed, the link on the newest.
+	waitUntil(t, 2*certLifetime, "a second renewal", func() (bool, string) {
+		n := rotations(t, o, "node-client")
+		return n >= 2, fmt.Sprintf("%v renewals", n)
+	})
+	pki := filepath.Join(o.DataDir, "pki")
+	entries, err := os.ReadDir(pki)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pairs []string
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "node-client-") && e.Name() != "node-client-current.pem" && strings.HasSuffix(e.Name(), ".pem") {
+			pairs = append(pairs, e.Name())
+		}
+	}
+	current, err := os.Readlink(filepath.Join(pki, "node-client-current.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pairs) != 2 || pairs[1] != current {
+		t.Fatalf("after two renewals %s holds node client pairs %v (current %s); want the previous and the current one", pki, pairs, current)
+	}
 }
 
 func caCert(t *testing.T) *x509.Certificate {
