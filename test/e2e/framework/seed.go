@@ -12,10 +12,13 @@ import (
 	"k8s.io/client-go/kubernetes"
 )
 
-// SeedConfigMaps creates n ConfigMaps cm-000000, cm-000001, ... labelled
-// app=bench, each with a payload of size bytes, in namespace ns (which must
-// exist), from `parallel` clients at once.
+// SeedConfigMaps creates namespace ns and in it n ConfigMaps cm-000000,
+// cm-000001, ... labelled app=bench, each with a payload of size bytes,
+// from `parallel` clients at once.
 func SeedConfigMaps(ctx context.Context, c kubernetes.Interface, ns string, n, size, parallel int) error {
+	if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("creating namespace %s: %w", ns, err)
+	}
 	var wg sync.WaitGroup
 	errs := make([]error, parallel)
 	next := make(chan int)

@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
@@ -25,11 +24,7 @@ func TestMemoryReturnedAfterBurst(t *testing.T) {
 	o := startOutpost(t, "edge-memory", lenientProbes...)
 	client := kubernetes.NewForConfigOrDie(restConfig(o, "", "", adminToken(t)))
 	const ns, n = "memory-burst", 200
-	direct := cp.Client()
-	if _, err := direct.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := framework.SeedConfigMaps(ctx, direct, ns, n, 4096, 16); err != nil {
+	if err := framework.SeedConfigMaps(ctx, cp.Client(), ns, n, 4096, 16); err != nil {
 		t.Fatal(err)
 	}
 
