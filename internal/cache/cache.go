@@ -66,6 +66,7 @@ type Cache struct {
 	stale       map[store.ViewKey]bool
 	pages       map[store.ViewKey]*pagedList
 	pending     map[store.ViewKey]int // answers being decoded, per view
+	claims      map[store.ViewKey]*claim
 	lastLocalRV uint64
 	journalSeq  uint64
 }
@@ -80,8 +81,9 @@ type write struct {
 }
 
 type replaceView struct {
-	view store.View
-	objs []store.Object
+	view  store.View
+	objs  []store.Object
+	claim *claim // released once the replace is applied
 }
 
 type doc struct {
@@ -111,6 +113,7 @@ func (c *Cache) init() {
 		c.stale = map[store.ViewKey]bool{}
 		c.pages = map[store.ViewKey]*pagedList{}
 		c.pending = map[store.ViewKey]int{}
+		c.claims = map[store.ViewKey]*claim{}
 	})
 }
 
@@ -180,6 +183,9 @@ func (c *Cache) writer(stop <-chan struct{}) {
 				}
 			}
 			c.count(w)
+			if w.replace != nil {
+				c.unclaim(w.replace.claim) // the store now holds the answer
+			}
 		}
 		clear(batch) // the written lists must not stay reachable from here
 		batch = batch[:0]
@@ -298,11 +304,13 @@ func (c *Cache) count(w write) {
 
 // send queues w without ever blocking the caller's client: when the queue
 // is full the write is dropped and its view marked stale.
-func (c *Cache) send(w write, view *store.ViewKey, reason string) {
+func (c *Cache) send(w write, view *store.ViewKey, reason string) (queued bool) {
 	select {
 	case c.writes <- w:
+		return true
 	default:
 		c.drop(view, reason)
+		return false
 	}
 }
 
@@ -319,6 +327,7 @@ func (c *Cache) drop(view *store.ViewKey, reason string) {
 func (c *Cache) markStale(k store.ViewKey) {
 	c.mu.Lock()
 	c.stale[k] = true
+	delete(c.claims, k) // a later answer at the claimed version must be recorded
 	c.mu.Unlock()
 }
 

@@ -20,19 +20,28 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
 
-func newCache(t testing.TB) (*Cache, func()) {
+// newCache runs a cache on a new store, with opts applied before it runs.
+func newCache(t testing.TB, opts ...func(*Cache)) (*Cache, func()) {
 	t.Helper()
 	st, err := store.Open(filepath.Join(t.TempDir(), "cache.db"), store.Options{NoSync: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := &Cache{Store: st, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), BatchDelay: 10 * time.Millisecond}
+	for _, o := range opts {
+		o(c)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { _ = c.Run(ctx); close(done) }()
@@ -209,6 +218,20 @@ func TestOfflineWatch(t *testing.T) {
 // TestGzippedProtobufListsRecorded: lists as kubelet receives them
 // (protobuf, gzipped) are recorded, and recorded again when they change;
 // the start of a big one is inflated first to see whether it changed.
+// protobufGzipped encodes o as the apiserver would in protobuf, and that
+// gzipped.
+func protobufGzipped(t *testing.T, o runtime.Object) (plain, gzipped []byte) {
+	t.Helper()
+	var pb, gz bytes.Buffer
+	if err := protobufSerializer.Encode(o, &pb); err != nil {
+		t.Fatal(err)
+	}
+	zw := gzip.NewWriter(&gz)
+	_, _ = zw.Write(pb.Bytes())
+	_ = zw.Close()
+	return pb.Bytes(), gz.Bytes()
+}
+
 func TestGzippedProtobufListsRecorded(t *testing.T) {
 	c, stop := newCache(t)
 	defer stop()
@@ -229,20 +252,14 @@ func TestGzippedProtobufListsRecorded(t *testing.T) {
 			item.TypeMeta = metav1.TypeMeta{}
 			l.Items = append(l.Items, item)
 		}
-		var pb, gz bytes.Buffer
-		if err := protobufSerializer.Encode(l, &pb); err != nil {
-			t.Fatal(err)
-		}
-		zw := gzip.NewWriter(&gz)
-		_, _ = zw.Write(pb.Bytes())
-		_ = zw.Close()
-		if pb.Len() < 2*inflateHead {
-			t.Fatalf("list of %d bytes is too small to test inflating its start first", pb.Len())
+		pb, gz := protobufGzipped(t, l)
+		if len(pb) < 2*inflateHead {
+			t.Fatalf("list of %d bytes is too small to test inflating its start first", len(pb))
 		}
 		r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/ns1/configmaps", nil)
 		r.Header.Set("Accept", "application/vnd.kubernetes.protobuf, */*")
 		info, _ := request.Parse(r, reader)
-		resp := &http.Response{StatusCode: 200, Request: r, Body: io.NopCloser(bytes.NewReader(gz.Bytes())),
+		resp := &http.Response{StatusCode: 200, Request: r, Body: io.NopCloser(bytes.NewReader(gz)),
 			Header: http.Header{"Content-Type": {mediaProtobuf}, "Content-Encoding": {"gzip"}}}
 		c.Tee(resp, info)
 		if _, err := io.Copy(io.Discard, resp.Body); err != nil {
@@ -263,6 +280,84 @@ func TestGzippedProtobufListsRecorded(t *testing.T) {
 	w = serve(t, c, "/api/v1/namespaces/ns1/configmaps/cm-005", "")
 	if w.Code != 200 || !strings.Contains(w.Body.String(), `"payload":"changed"`) || !strings.Contains(w.Body.String(), `"resourceVersion":"9999"`) {
 		t.Fatalf("%d %s", w.Code, w.Body)
+	}
+}
+
+// TestIdenticalAnswersRecordedOnce: many answers at one resourceVersion
+// of a view arriving before the first is written (many clients listing the
+// same thing at once) are decoded and written once; an answer whose
+// recording failed does not keep a later identical one from being
+// recorded.
+func TestIdenticalAnswersRecordedOnce(t *testing.T) {
+	m := metrics.New(prometheus.NewRegistry())
+	// Writes wait long enough for every answer below to be looked at
+	// before the first is written.
+	c, stop := newCache(t, func(c *Cache) { c.Metrics, c.BatchDelay = m, 300*time.Millisecond })
+	defer stop()
+	key := store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns1"}
+	list := func(rv string) (plain, gzipped []byte) {
+		l := &corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: rv}}
+		for i := range 100 {
+			item := cm(fmt.Sprintf("cm-%03d", i), "ns1", strconv.Itoa(i+1), nil)
+			item.TypeMeta = metav1.TypeMeta{}
+			item.Data["payload"] = strings.Repeat("y", 100)
+			l.Items = append(l.Items, item)
+		}
+		return protobufGzipped(t, l)
+	}
+	feed := func(body []byte, gzipped bool) {
+		r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/ns1/configmaps", nil)
+		r.Header.Set("Accept", "application/vnd.kubernetes.protobuf, */*")
+		info, _ := request.Parse(r, reader)
+		h := http.Header{"Content-Type": {mediaProtobuf}}
+		if gzipped {
+			h.Set("Content-Encoding", "gzip")
+		}
+		resp := &http.Response{StatusCode: 200, Request: r, Body: io.NopCloser(bytes.NewReader(body)), Header: h}
+		c.Tee(resp, info)
+		if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+	}
+	at := func(rv string) func() bool {
+		return func() bool {
+			v, ok, _ := c.Store.View(key)
+			return ok && !v.Stale && v.ResourceVersion == rv
+		}
+	}
+	written := func() float64 {
+		var d dto.Metric
+		if err := m.CacheLists.Write(&d); err != nil {
+			t.Fatal(err)
+		}
+		return d.GetCounter().GetValue()
+	}
+
+	plain, gz := list("10")
+	for range 20 {
+		feed(plain, false)
+		feed(gz, true)
+	}
+	waitFor(t, "view at 10", at("10"))
+	time.Sleep(400 * time.Millisecond) // any second write would be flushed by now
+	if n := written(); n != 1 {
+		t.Fatalf("40 identical answers were written %v times, want once", n)
+	}
+
+	// A recording that fails (the answer is cut off after its metadata)
+	// releases its version: the same answer, whole, is then recorded. (The
+	// failure marks the view stale, after the batch that holds the whole
+	// answer: the next answer clears that.)
+	plain, _ = list("11")
+	feed(plain[:len(plain)/2], false)
+	feed(plain, false)
+	waitFor(t, "view at 11", func() bool {
+		v, ok, _ := c.Store.View(key)
+		return ok && v.ResourceVersion == "11"
+	})
+	if n := written(); n != 2 {
+		t.Fatalf("%v lists written, want 2", n)
 	}
 }
 

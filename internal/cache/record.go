@@ -43,16 +43,26 @@ func (c *Cache) Tee(resp *http.Response, info *request.Info) {
 	contentType := resp.Header.Get("Content-Type")
 	switch k {
 	case getObject, listObjects:
+		var cl *claim
 		c.teeOrdered(resp, view, func(body []byte, whole bool) bool {
+			if cl == nil {
+				// The answer's start (a gzipped answer's, inflated) is
+				// enough to tell one the view holds already, or that
+				// another answer at the same version is being recorded
+				// (many clients list the same thing at once), without
+				// inflating or decoding the rest.
+				var held bool
+				if held, cl = c.claim(view, contentType, body, k == listObjects, r); held {
+					return true
+				}
+			}
 			if !whole {
-				// The start of a gzipped answer: enough to tell one the
-				// view holds already, without inflating the rest.
-				return c.holds(view, contentType, body, k == listObjects, r)
+				return false
 			}
 			if k == getObject {
-				c.recordObject(view, contentType, body)
+				c.recordObject(view, contentType, body, cl)
 			} else {
-				c.recordList(r, view, contentType, body)
+				c.recordList(r, view, contentType, body, cl)
 			}
 			return true
 		})
@@ -244,8 +254,17 @@ func (t *wholeTee) Close() error {
 	return t.ReadCloser.Close()
 }
 
-func (c *Cache) recordObject(view store.ViewKey, contentType string, body []byte) {
-	if c.holds(view, contentType, body, false, nil) {
+// recordObject records a GET answer for view. With a claim (see
+// Cache.claim), it was checked already; the claim is released once the
+// answer is written or found not to need writing.
+func (c *Cache) recordObject(view store.ViewKey, contentType string, body []byte, cl *claim) {
+	queued := false
+	defer func() {
+		if !queued {
+			c.unclaim(cl)
+		}
+	}()
+	if cl == nil && c.holds(view, contentType, body, false, nil) {
 		return
 	}
 	o, kind, apiVersion, err := DecodeObject(contentType, body, view.Resource)
@@ -257,7 +276,7 @@ func (c *Cache) recordObject(view store.ViewKey, contentType string, body []byte
 		return
 	}
 	v := store.View{Key: view, ResourceVersion: o.ResourceVersion, Kind: kind + "List", APIVersion: apiVersion, Updated: c.Now()}
-	c.send(write{replace: &replaceView{view: v, objs: []store.Object{o}}}, &view, "queue-full")
+	queued = c.send(write{replace: &replaceView{view: v, objs: []store.Object{o}, claim: cl}}, &view, "queue-full")
 }
 
 // pagedList collects the pages of one paginated list until the last.
@@ -269,8 +288,16 @@ type pagedList struct {
 // maxPagedObjects bounds what one paginated list may hold in memory.
 const maxPagedObjects = 1_000_000
 
-func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType string, body []byte) {
-	if c.holds(view, contentType, body, true, r) {
+// recordList records a LIST answer (or a page of one) for view; cl as for
+// recordObject.
+func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType string, body []byte, cl *claim) {
+	queued := false
+	defer func() {
+		if !queued {
+			c.unclaim(cl)
+		}
+	}()
+	if cl == nil && c.holds(view, contentType, body, true, r) {
 		return
 	}
 	l, err := c.decodeList(view, contentType, body)
@@ -312,7 +339,7 @@ func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType stri
 		return
 	}
 	v := store.View{Key: view, ResourceVersion: l.ResourceVersion, Kind: l.Kind, APIVersion: l.APIVersion, Updated: c.Now()}
-	c.send(write{replace: &replaceView{view: v, objs: items}}, &view, "queue-full")
+	queued = c.send(write{replace: &replaceView{view: v, objs: items, claim: cl}}, &view, "queue-full")
 }
 
 // decodeList decodes a list answer for view, taking the items that have
@@ -350,6 +377,50 @@ func (c *Cache) holds(view store.ViewKey, contentType string, body []byte, list 
 		return false
 	}
 	return c.unchanged(view, rv)
+}
+
+// A claim marks an answer at one resourceVersion of a view as being
+// recorded, from when its start was read until the store holds it (or it
+// was found not to need writing, or was dropped). Identical answers that
+// arrive meanwhile, as when many clients list the same thing at once, are
+// then neither inflated nor decoded nor written again.
+type claim struct {
+	view store.ViewKey
+	rv   string
+}
+
+// claim reports whether the answer starting with body need not be recorded
+// (held): the view holds it, or another answer at the same version is
+// being recorded. Otherwise it returns the claim the recording must
+// release (nil when the start does not tell the version).
+func (c *Cache) claim(view store.ViewKey, contentType string, body []byte, list bool, r *http.Request) (held bool, cl *claim) {
+	rv, cont, ok := peekMeta(contentType, body, list)
+	if !ok || rv == "" || cont != "" || (list && r.URL.Query().Get("continue") != "") {
+		return false, nil
+	}
+	if c.unchanged(view, rv) {
+		return true, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if other := c.claims[view]; other != nil && other.rv == rv {
+		return true, nil
+	}
+	cl = &claim{view: view, rv: rv}
+	c.claims[view] = cl
+	return false, cl
+}
+
+// unclaim releases cl, unless a newer claim replaced it.
+func (c *Cache) unclaim(cl *claim) {
+	if cl == nil {
+		return
+	}
+	c.mu.Lock()
+	if c.claims[cl.view] == cl {
+		delete(c.claims, cl.view)
+	}
+	c.mu.Unlock()
 }
 
 // unchanged reports whether view already holds this answer: the same
@@ -541,9 +612,6 @@ func gunzip(b []byte) ([]byte, error) {
 // its metadata, which the apiserver writes in its first hundred bytes or so.
 const inflateHead = 4 << 10
 
-// inflate decompresses the gzipped b into a buffer from the body pool. If
-// head is set, it is first called with the start of the result, and when
-// it returns true inflate stops there and returns nil.
 // inflatedSize guesses the size of gzipped b inflated, to allocate once:
 // its trailer says it (modulo 4 GiB), unless it lies or b holds several
 // members, so the guess is bounded by deflate's greatest ratio (1032:1);
@@ -561,6 +629,9 @@ func inflatedSize(b []byte) int {
 	return n + 512
 }
 
+// inflate decompresses the gzipped b into a buffer from the body pool. If
+// head is set, it is first called with the start of the result, and when
+// it returns true inflate stops there and returns nil.
 func inflate(b []byte, head func([]byte) bool) ([]byte, error) {
 	zr, _ := gzipReaders.Get().(*gzip.Reader)
 	var err error
@@ -573,38 +644,53 @@ func inflate(b []byte, head func([]byte) bool) ([]byte, error) {
 		return nil, err
 	}
 	defer gzipReaders.Put(zr)
-	out := getBody(inflatedSize(b))
+	size := inflatedSize(b)
+	var out []byte
+	if head != nil {
+		// The start goes into a small buffer of its own: most answers
+		// end here, and need no room for the whole.
+		start, eof, err := readFull(zr, make([]byte, 0, min(size, inflateHead)))
+		switch {
+		case err != nil:
+			return nil, err
+		case head(start):
+			return nil, nil
+		case eof:
+			return start, nil
+		}
+		out = append(getBody(size), start...)
+	} else {
+		out = getBody(size)
+	}
 	for {
-		end := cap(out)
-		if head != nil {
-			end = min(end, inflateHead)
-		}
-		if len(out) == end {
+		if len(out) == cap(out) {
 			out = slices.Grow(out, len(out))
-			continue
 		}
-		n, err := zr.Read(out[len(out):end])
-		out = out[:len(out)+n]
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
+		var eof bool
+		if out, eof, err = readFull(zr, out); err != nil {
 			putBody(out)
 			return nil, err
 		}
-		if head != nil && len(out) >= inflateHead {
-			if head(out) {
-				putBody(out)
-				return nil, nil
-			}
-			head = nil
+		if eof {
+			return out, nil
 		}
 	}
-	if head != nil && head(out) {
-		putBody(out)
-		return nil, nil
+}
+
+// readFull reads from r into buf's spare room until it is full (eof false)
+// or r ends (eof true).
+func readFull(r io.Reader, buf []byte) (_ []byte, eof bool, err error) {
+	for len(buf) < cap(buf) {
+		n, err := r.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			return buf, true, nil
+		}
+		if err != nil {
+			return buf, false, err
+		}
 	}
-	return out, nil
+	return buf, false, nil
 }
 
 var gzipReaders sync.Pool

@@ -65,9 +65,9 @@ func (c *Cache) Relist(ctx context.Context, identity string, rate int, fetch Fet
 		case resp.StatusCode != http.StatusOK:
 			continue
 		case v.Key.Name != "":
-			c.recordObject(v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body))
+			c.recordObject(v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body), nil)
 		default:
-			c.recordList(r, v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body))
+			c.recordList(r, v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body), nil)
 		}
 		done++
 	}

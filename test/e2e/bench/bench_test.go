@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -36,7 +37,8 @@ import (
 var (
 	cp      *framework.ControlPlane
 	hub     *framework.Outpost
-	clients = map[string]*kubernetes.Clientset{} // "direct", "outpost"
+	floor   *exec.Cmd                            // floorproxy, see startFloor
+	clients = map[string]*kubernetes.Clientset{} // "direct", "floor", "outpost"
 	token   string                               // the bench service account's
 )
 
@@ -51,6 +53,7 @@ func TestMain(m *testing.M) {
 	if hub != nil {
 		hub.Stop()
 	}
+	stopFloor()
 	os.Exit(code)
 }
 
@@ -65,12 +68,13 @@ func setup(b *testing.B) {
 		if err != nil {
 			b.Fatalf("starting outpost: %v", err)
 		}
+		floorURL := startFloor(b)
 		pinCores(b)
 		token = benchToken(b)
-		for name, host := range map[string]string{"direct": cp.URL(0), "outpost": hub.URL} {
+		for name, host := range map[string]string{"direct": cp.URL(0), "floor": floorURL, "outpost": hub.URL} {
 			ca := cp.CAFile
-			if name == "outpost" {
-				ca = hub.ServingCAFile
+			if name != "direct" {
+				ca = hub.ServingCAFile // floorproxy serves with outpost's certificate
 			}
 			cfg := &rest.Config{Host: host, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: ca}}
 			clients[name] = kubernetes.NewForConfigOrDie(cfg)
@@ -239,28 +243,32 @@ func BenchmarkList1000(b *testing.B) {
 }
 
 // BenchmarkInterleaved runs the GET and LIST workloads of BenchmarkGet and
-// BenchmarkList1000 directly and through outpost in alternating windows
-// (direct, outpost, outpost, direct, ...; each window long enough for every
-// client to make several calls), and reports both paths' p50 and throughput over all their windows and the
-// ratios outpost/direct. Run one after the other, as the other benchmarks
-// are, the two paths see the machine at different moments (a compaction,
-// a controller's resync, another process), and their ratio moves by ±20%
-// from run to run; interleaved, both see the same moments.
+// BenchmarkList1000 directly, through floorproxy and through outpost in
+// alternating windows (direct, floor, outpost, then outpost, floor, direct,
+// ...; each window long enough for every client to make several calls), and
+// reports each path's p50 and throughput over all its windows and the
+// ratios to direct: p50-ratio and throughput-ratio for outpost,
+// floor-p50-ratio and floor-throughput-ratio for floorproxy. Run one after
+// the other, as the other benchmarks are, the paths see the machine at
+// different moments (a compaction, a controller's resync, another process),
+// and their ratio moves by ±20% from run to run; interleaved, all see the
+// same moments. floorproxy is the bare cost of a Go TLS HTTP/2 proxy hop on
+// this machine: what outpost adds beyond it is outpost's own.
 func BenchmarkInterleaved(b *testing.B) {
 	setup(b)
+	paths := []string{"direct", "floor", "outpost"}
 	for _, w := range workloads {
 		b.Run(w.name, func(b *testing.B) {
 			defer reportFromCache(b, "outpost")()
-			ops := map[string]func(context.Context) error{"direct": w.op(clients["direct"]), "outpost": w.op(clients["outpost"])}
 			lat := map[string][]time.Duration{}
 			busy := map[string]time.Duration{}
 			for r := range w.rounds {
-				order := []string{"direct", "outpost"}
+				order := slices.Clone(paths)
 				if r%2 == 1 {
-					order = []string{"outpost", "direct"}
+					slices.Reverse(order)
 				}
 				for _, path := range order {
-					l, d, err := runWindow(w.concurrency, w.window, ops[path])
+					l, d, err := runWindow(w.concurrency, w.window, w.op(clients[path]))
 					if err != nil {
 						b.Fatalf("%s: %v", path, err)
 					}
@@ -281,6 +289,8 @@ func BenchmarkInterleaved(b *testing.B) {
 			}
 			b.ReportMetric(p50["outpost"]/p50["direct"], "p50-ratio")
 			b.ReportMetric(rate["outpost"]/rate["direct"], "throughput-ratio")
+			b.ReportMetric(p50["floor"]/p50["direct"], "floor-p50-ratio")
+			b.ReportMetric(rate["floor"]/rate["direct"], "floor-throughput-ratio")
 		})
 	}
 }
@@ -394,7 +404,7 @@ func BenchmarkProfile(b *testing.B) {
 	setup(b)
 	const seconds = 10
 	for _, w := range workloads {
-		for _, path := range []string{"direct", "outpost"} {
+		for _, path := range []string{"direct", "floor", "outpost"} {
 			b.Run(w.name+"/"+path, func(b *testing.B) {
 				procs := pathProcesses(b)
 				before := cpuTimes(procs)
@@ -454,11 +464,14 @@ func pinCores(b *testing.B) {
 	}
 }
 
-// pathProcesses finds the processes on the request path by pid: this test
+// pathProcesses finds the processes on the request paths by pid: this test
 // binary, the control plane's etcd and apiserver (their command lines name
 // its directory), and outpost.
 func pathProcesses(b *testing.B) map[string]int {
 	procs := map[string]int{"client": os.Getpid(), "outpost": hub.PID()}
+	if floor != nil {
+		procs["floor"] = floor.Process.Pid
+	}
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
 		b.Fatal(err)
@@ -729,4 +742,59 @@ func statusMB(b *testing.B, pid int, field string) float64 {
 		b.Fatal(err)
 	}
 	return v
+}
+
+// startFloor builds floorproxy and starts it in front of the apiserver,
+// serving with outpost's certificate, and returns its URL once it answers.
+func startFloor(b *testing.B) string {
+	root, err := framework.RepoRoot()
+	if err != nil {
+		b.Fatal(err)
+	}
+	bin := filepath.Join(cp.Dir, "floorproxy")
+	build := exec.Command("go", "build", "-o", bin, "./test/e2e/bench/floorproxy")
+	build.Dir = root
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		b.Fatalf("building floorproxy: %v\n%s", err, out)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	pki := filepath.Join(hub.DataDir, "pki")
+	logFile, err := os.Create(filepath.Join(cp.Dir, "floorproxy.log"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer logFile.Close()
+	floor = exec.Command(bin, addr, cp.URL(0), cp.CAFile, filepath.Join(pki, "serving.crt"), filepath.Join(pki, "serving.key"))
+	floor.Stdout, floor.Stderr = logFile, logFile
+	floor.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := floor.Start(); err != nil {
+		b.Fatal(err)
+	}
+	url := "https://" + addr
+	cfg := &rest.Config{Host: url, TLSClientConfig: rest.TLSClientConfig{CAFile: hub.ServingCAFile}}
+	c := kubernetes.NewForConfigOrDie(cfg)
+	_, err = framework.Poll(context.Background(), 50*time.Millisecond, 10*time.Second, func(context.Context) (bool, string) {
+		if _, err := c.Discovery().ServerVersion(); err != nil {
+			return false, err.Error()
+		}
+		return true, ""
+	})
+	if err != nil {
+		b.Fatalf("floorproxy did not answer: %v", err)
+	}
+	return url
+}
+
+// stopFloor ends floorproxy, if it was started.
+func stopFloor() {
+	if floor != nil && floor.Process != nil {
+		_ = floor.Process.Kill()
+		_ = floor.Wait()
+	}
 }

@@ -140,6 +140,23 @@ spec:
 
 // readerToken binds a service account to the view role (plus secrets and
 // widgets) and returns its token.
+// startOutpost starts outpost for node with args, and stops it when the
+// test ends, logging its last lines if the test failed.
+func startOutpost(t *testing.T, node string, args ...string) *framework.Outpost {
+	t.Helper()
+	o, err := cp.StartOutpost(t.Context(), node, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		o.Stop()
+		if t.Failed() {
+			t.Logf("outpost log:\n%s", o.Log(80))
+		}
+	})
+	return o
+}
+
 func readerToken(t *testing.T) string {
 	t.Helper()
 	ctx := t.Context()
@@ -184,16 +201,7 @@ func TestReadsSurviveTheCut(t *testing.T) {
 	ctx := t.Context()
 	seed(t)
 	token := readerToken(t)
-	o, err := cp.StartOutpost(ctx, node, "--log-level=debug")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		o.Stop()
-		if t.Failed() {
-			t.Logf("outpost log:\n%s", o.Log(80))
-		}
-	}()
+	o := startOutpost(t, node, "--log-level=debug")
 
 	saCfg := &rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}}
 	protoCfg := rest.CopyConfig(saCfg)

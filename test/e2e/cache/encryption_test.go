@@ -76,16 +76,7 @@ func atRest(t *testing.T, ns, node string, encrypted bool) {
 		}
 		args = append(args, "--encryption-key-file="+keyFile)
 	}
-	o, err := cp.StartOutpost(ctx, node, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		o.Stop()
-		if t.Failed() {
-			t.Logf("outpost log:\n%s", o.Log(60))
-		}
-	}()
+	o := startOutpost(t, node, args...)
 	kubelet := kubernetes.NewForConfigOrDie(&rest.Config{Host: o.URL, QPS: -1,
 		TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile, CertFile: o.NodeCertFile, KeyFile: o.NodeKeyFile}})
 

@@ -50,16 +50,7 @@ func TestInformerRestartOffline(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	o, err := cp.StartOutpost(ctx, "edge-informer")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		o.Stop()
-		if t.Failed() {
-			t.Logf("outpost log:\n%s", o.Log(60))
-		}
-	}()
+	o := startOutpost(t, "edge-informer")
 	token := readerToken(t)
 	c := kubernetes.NewForConfigOrDie(&rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}})
 
