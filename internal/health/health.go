@@ -8,7 +8,8 @@
 //
 // Answers count too: a probe that only timed out while real requests to
 // the same server were answered (since the previous probe, and at most a
-// probe timeout before this one started) proves nothing
+// probe timeout before this one started; the pool reports each response's
+// headers and then the arrival of its streamed body) proves nothing
 // but a busy server or a busy node, and is not counted. Otherwise a
 // saturated machine, where /readyz takes longer than the probe timeout,
 // would turn outpost offline (closing every connection, serving reads from
@@ -124,7 +125,7 @@ func (m *Monitor) ReportFailure(i int, err error) {
 }
 
 // ReportAnswer is passive evidence the other way: a real request to
-// apiserver i got an answer (any status). It never marks a server healthy
+// apiserver i got an answer (any status), or more of its body. It never marks a server healthy
 // by itself; it only keeps a probe that timed out meanwhile from counting.
 func (m *Monitor) ReportAnswer(i int) {
 	m.answers()[i].Store(time.Now().UnixNano())

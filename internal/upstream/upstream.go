@@ -168,7 +168,7 @@ func (p *Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 	resp, err := p.send(first, req, info)
 	if err == nil {
 		p.answered(first)
-		return resp, nil
+		return p.streaming(first, resp), nil
 	}
 	if req.Context().Err() != nil {
 		return resp, err
@@ -187,10 +187,49 @@ func (p *Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 	switch {
 	case err2 == nil:
 		p.answered(second)
+		resp = p.streaming(second, resp)
 	case connectionFailure(err2) && req.Context().Err() == nil:
 		p.report(second, err2)
 	}
 	return resp, err2
+}
+
+// streaming makes every chunk of resp's body that arrives count as an
+// answer from server i, as its headers did: a saturated apiserver may send
+// no new response for longer than a probe timeout while it streams lists
+// and watch events, and a probe that timed out meanwhile must be excused
+// as one during a stream of new responses is. An upgraded connection's
+// body (101) is left as it is: the proxy needs it whole.
+func (p *Pool) streaming(i int, resp *http.Response) *http.Response {
+	if p.health == nil || resp.StatusCode == http.StatusSwitchingProtocols || resp.Body == nil || resp.Body == http.NoBody {
+		return resp
+	}
+	resp.Body = &progressBody{ReadCloser: resp.Body, p: p, i: i, last: time.Now().UnixNano()}
+	return resp
+}
+
+// progressBody reports the arrival of body bytes to the pool's health, at
+// most once per answerEvery; one goroutine reads it.
+type progressBody struct {
+	io.ReadCloser
+	p    *Pool
+	i    int
+	last int64 // when it last reported, in Unix nanoseconds
+}
+
+// answerEvery bounds how often one body reports progress: often enough for
+// any probe timeout, rarely enough to cost nothing.
+const answerEvery = 10 * time.Millisecond
+
+func (b *progressBody) Read(buf []byte) (int, error) {
+	n, err := b.ReadCloser.Read(buf)
+	if n > 0 {
+		if now := time.Now().UnixNano(); now-b.last >= int64(answerEvery) {
+			b.last = now
+			b.p.answered(b.i)
+		}
+	}
+	return n, err
 }
 
 func (p *Pool) report(i int, err error) {

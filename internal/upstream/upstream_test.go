@@ -216,3 +216,40 @@ func TestCloseConnectionsEndsStreams(t *testing.T) {
 		t.Fatal("stream still open 5s after CloseConnections")
 	}
 }
+
+// TestStreamedBodyCountsAsAnswers: the chunks of a body that streams for a
+// second (a long list, a watch's events) count as answers from its server
+// as they arrive, not only its headers, so that a probe timing out while
+// the server streams is excused.
+func TestStreamedBodyCountsAsAnswers(t *testing.T) {
+	s := newServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		for range 10 {
+			_, _ = io.WriteString(w, "chunk\n")
+			w.(http.Flusher).Flush()
+			time.Sleep(100 * time.Millisecond)
+		}
+	}))
+	p := newPool(t, s)
+	h := &fakeHealth{down: map[int]bool{}}
+	p.SetHealth(h)
+	req, _ := http.NewRequest(http.MethodGet, "https://placeholder/api/v1/pods?watch=true", nil)
+	info := &request.Info{Identity: request.Identity{Kind: request.NodeCert}, Verb: "watch"}
+	resp, err := p.RoundTrip(req.WithContext(request.WithInfo(context.Background(), info)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	count := func() int { h.mu.Lock(); defer h.mu.Unlock(); return len(h.answered) }
+	if n := count(); n != 1 {
+		t.Fatalf("%d answers reported once the headers arrived, want 1", n)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || strings.Count(string(body), "chunk") != 10 {
+		t.Fatalf("body %q, %v", body, err)
+	}
+	// The first chunk may come with the headers; the nine later ones
+	// arrive 100 ms apart, each reported.
+	if n := count(); n < 10 {
+		t.Fatalf("%d answers reported for a body that streamed 10 chunks over a second, want 10 or more", n)
+	}
+}
