@@ -77,11 +77,13 @@ func TestWatchEventsFlushedAtOnce(t *testing.T) {
 }
 
 // TestUpgradeStreams: SPDY and WebSocket upgrades (exec, attach,
-// port-forward) are passed through as bidirectional byte streams.
+// port-forward) are passed through as bidirectional byte streams, to an
+// apiserver that also speaks HTTP/2, as kube-apiserver does (HTTP/2 cannot
+// carry an upgrade: outpost must ask for HTTP/1.1).
 func TestUpgradeStreams(t *testing.T) {
 	for _, proto := range []string{"SPDY/3.1", "websocket"} {
 		t.Run(proto, func(t *testing.T) {
-			up := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				if r.Header.Get("Upgrade") != proto || r.Header.Get("X-Stream-Protocol-Version") != "v5.channel.k8s.io" {
 					http.Error(w, "bad upgrade request: "+r.Header.Get("Upgrade"), http.StatusBadRequest)
 					return
@@ -103,6 +105,8 @@ func TestUpgradeStreams(t *testing.T) {
 					_, _ = conn.Write([]byte(strings.ToUpper(string(buf[:n]))))
 				}
 			}))
+			up.EnableHTTP2 = true
+			up.StartTLS()
 			defer up.Close()
 			p := newHandler(t, up)
 

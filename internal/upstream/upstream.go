@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/net/http/httpguts"
+
 	"k8s.io/client-go/util/connrotation"
 
 	"github.com/outposthq/outpost/internal/config"
@@ -52,7 +54,11 @@ type Server struct {
 	// token, so a token request on the node's TLS session would run as the
 	// node.
 	node, caller http.RoundTripper
-	tracker      *connrotation.ConnectionTracker
+	// nodeH1 and callerH1 are the same over HTTP/1.1 only, for upgrades
+	// (exec, attach, port-forward): HTTP/2 cannot carry a SPDY upgrade,
+	// and Go's transport picks HTTP/1.1 by itself only for WebSocket.
+	nodeH1, callerH1 http.RoundTripper
+	tracker          *connrotation.ConnectionTracker
 }
 
 // Pool sends requests to a list of apiservers. It implements
@@ -75,23 +81,32 @@ func New(servers []*url.URL, creds Credentials, mode string) (*Pool, error) {
 		nodeTLS := creds.TLS.Clone()
 		callerTLS := creds.TLS.Clone()
 		callerTLS.Certificates, callerTLS.GetClientCertificate = nil, nil
-		var node http.RoundTripper = newTransport(nodeTLS, tracker)
+		s := &Server{URL: u, tracker: tracker,
+			node: newTransport(nodeTLS, tracker, true), nodeH1: newTransport(nodeTLS, tracker, false),
+			caller: newTransport(callerTLS, tracker, true), callerH1: newTransport(callerTLS, tracker, false)}
 		if creds.Token != "" {
-			node = bearerRoundTripper{token: creds.Token, next: node}
+			s.node = bearerRoundTripper{token: creds.Token, next: s.node}
+			s.nodeH1 = bearerRoundTripper{token: creds.Token, next: s.nodeH1}
 		}
-		p.servers = append(p.servers, &Server{URL: u, node: node, caller: newTransport(callerTLS, tracker), tracker: tracker})
+		p.servers = append(p.servers, s)
 	}
 	return p, nil
 }
 
-func newTransport(tlsConfig *tls.Config, tracker *connrotation.ConnectionTracker) *http.Transport {
+// newTransport makes a transport whose connections tracker can close; h2
+// says whether it speaks HTTP/2 (else HTTP/1.1 only).
+func newTransport(tlsConfig *tls.Config, tracker *connrotation.ConnectionTracker, h2 bool) *http.Transport {
+	if !h2 {
+		tlsConfig = tlsConfig.Clone()
+		tlsConfig.NextProtos = []string{"http/1.1"}
+	}
 	dialer := connrotation.NewDialerWithTracker((&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext, tracker)
 	return &http.Transport{
 		Proxy:                 nil, // the link to the apiserver is ours; no environment proxy
 		DialContext:           dialer.DialContext,
 		TLSClientConfig:       tlsConfig,
 		TLSHandshakeTimeout:   5 * time.Second,
-		ForceAttemptHTTP2:     true,
+		ForceAttemptHTTP2:     h2,
 		MaxIdleConnsPerHost:   100,
 		IdleConnTimeout:       90 * time.Second,
 		ExpectContinueTimeout: time.Second,
@@ -261,6 +276,7 @@ func (p *Pool) send(i int, req *http.Request, info *request.Info) (*http.Respons
 		out.URL.Path = joinPath(s.URL.Path, req.URL.Path)
 		out.URL.RawPath = ""
 	}
+	upgrade := httpguts.HeaderValuesContainsToken(req.Header["Connection"], "Upgrade")
 	if info.Identity.Kind == request.NodeCert {
 		// The caller proved it is this node; it travels as the node, with
 		// nothing of its own that could change who it is upstream.
@@ -268,7 +284,13 @@ func (p *Pool) send(i int, req *http.Request, info *request.Info) (*http.Respons
 			out.Header = out.Header.Clone()
 			delete(out.Header, "Authorization")
 		}
+		if upgrade {
+			return s.nodeH1.RoundTrip(out)
+		}
 		return s.node.RoundTrip(out)
+	}
+	if upgrade {
+		return s.callerH1.RoundTrip(out)
 	}
 	return s.caller.RoundTrip(out)
 }
