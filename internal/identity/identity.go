@@ -251,9 +251,21 @@ func (a *Authenticator) learn(ctx context.Context, token, hash string) tokenEntr
 	if a.Review == nil {
 		return a.remember(token, tokenEntry{id: id, expires: now.Add(a.ttl())})
 	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	user, groups, ok, err := a.Review(ctx, token)
+	var (
+		user   string
+		groups []string
+		ok     bool
+		err    error
+	)
+	if a.Online != nil && !a.Online() {
+		// Offline, a review would only wait for its timeout, holding up
+		// every request with this token each time its memo expires.
+		err = errOffline
+	} else {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		user, groups, ok, err = a.Review(ctx, token)
+	}
 	if err != nil && a.Recall != nil {
 		// The apiserver cannot be asked: a token it confirmed before, and
 		// that has not expired, is still who it was.
@@ -284,6 +296,9 @@ func (a *Authenticator) learn(ctx context.Context, token, hash string) tokenEntr
 	}
 	return a.remember(token, tokenEntry{id: id, expires: now.Add(a.ttl())})
 }
+
+// errOffline is why a token is not reviewed while the cloud is unreachable.
+var errOffline = errors.New("the cloud is unreachable")
 
 // maxRemembered bounds how long an identity is trusted offline for a token
 // whose expiry cannot be read (not a JWT).

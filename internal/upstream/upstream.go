@@ -19,8 +19,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/net/http/httpguts"
-
 	"k8s.io/client-go/util/connrotation"
 
 	"github.com/outposthq/outpost/internal/config"
@@ -276,7 +274,6 @@ func (p *Pool) send(i int, req *http.Request, info *request.Info) (*http.Respons
 		out.URL.Path = joinPath(s.URL.Path, req.URL.Path)
 		out.URL.RawPath = ""
 	}
-	upgrade := httpguts.HeaderValuesContainsToken(req.Header["Connection"], "Upgrade")
 	if info.Identity.Kind == request.NodeCert {
 		// The caller proved it is this node; it travels as the node, with
 		// nothing of its own that could change who it is upstream.
@@ -284,12 +281,12 @@ func (p *Pool) send(i int, req *http.Request, info *request.Info) (*http.Respons
 			out.Header = out.Header.Clone()
 			delete(out.Header, "Authorization")
 		}
-		if upgrade {
+		if info.Upgrade {
 			return s.nodeH1.RoundTrip(out)
 		}
 		return s.node.RoundTrip(out)
 	}
-	if upgrade {
+	if info.Upgrade {
 		return s.callerH1.RoundTrip(out)
 	}
 	return s.caller.RoundTrip(out)
@@ -327,16 +324,19 @@ func retryable(req *http.Request, info *request.Info) bool {
 }
 
 // connectionFailure reports whether err says the server could not be
-// reached or did not answer, as opposed to the caller giving up.
+// reached or did not answer: a failed dial, a TLS failure or a timeout, as
+// opposed to the caller giving up. A connection that ended (EOF, reset)
+// proves nothing alone: a server closes idle connections, and a request on
+// one that was just closed fails so; the next dial, or the next probe,
+// tells whether the server is gone.
 func connectionFailure(err error) bool {
 	if errors.Is(err, context.Canceled) {
 		return false
 	}
 	var netErr net.Error
 	var opErr *net.OpError
-	return errors.As(err, &opErr) || (errors.As(err, &netErr) && netErr.Timeout()) ||
-		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
-		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, os.ErrDeadlineExceeded) ||
+	return (errors.As(err, &opErr) && opErr.Op == "dial") || (errors.As(err, &netErr) && netErr.Timeout()) ||
+		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, os.ErrDeadlineExceeded) ||
 		isTLSError(err)
 }
 

@@ -8,13 +8,18 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
+	"fmt"
 	"io"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -251,5 +256,27 @@ func TestStreamedBodyCountsAsAnswers(t *testing.T) {
 	// arrive 100 ms apart, each reported.
 	if n := count(); n < 10 {
 		t.Fatalf("%d answers reported for a body that streamed 10 chunks over a second, want 10 or more", n)
+	}
+}
+
+// TestConnectionFailure: what counts as passive evidence of a lost server.
+func TestConnectionFailure(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"dial refused", &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}, true},
+		{"dial timeout", &net.OpError{Op: "dial", Net: "tcp", Err: os.ErrDeadlineExceeded}, true},
+		{"response timeout", fmt.Errorf("awaiting headers: %w", os.ErrDeadlineExceeded), true},
+		{"TLS", &tls.CertificateVerificationError{Err: errors.New("unknown authority")}, true},
+		{"closed idle connection", io.EOF, false},
+		{"cut body", io.ErrUnexpectedEOF, false},
+		{"reset on read", &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}, false},
+		{"caller gone", context.Canceled, false},
+	} {
+		if got := connectionFailure(c.err); got != c.want {
+			t.Errorf("%s (%v): %v, want %v", c.name, c.err, got, c.want)
+		}
 	}
 }
