@@ -49,12 +49,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, usage)
 		return 0
 	case "run":
-		cfg, err := parseRun(args[1:], stderr)
+		cfg, err := parseRun(args[1:], stdout)
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
 		if err != nil {
-			fmt.Fprintf(stderr, "outpost run: %v\n", err)
+			fmt.Fprintf(stderr, "outpost run: %v\nSee 'outpost run --help'.\n", err)
 			return 2
 		}
 		return serve(cfg, stderr)
@@ -64,11 +64,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-func parseRun(args []string, stderr io.Writer) (config.Hub, error) {
+// parseRun parses the flags of `outpost run`. With --help it prints them to
+// stdout and returns flag.ErrHelp; a bad flag is only returned, for the
+// caller to report once.
+func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 	cfg := config.DefaultHub()
 	cfg.NodeName, _ = os.Hostname()
 	fs := flag.NewFlagSet("outpost run", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	fs.StringVar(&cfg.Kubeconfig, "kubeconfig", cfg.Kubeconfig, "kubeconfig with the upstream apiserver(s) and this node's credentials (required)")
 	fs.StringVar(&cfg.BootstrapKubeconfig, "bootstrap-kubeconfig", "", "kubeconfig with a bootstrap token: when --kubeconfig holds no valid node certificate, request one by CSR (kubelet TLS bootstrap), write --kubeconfig and rotate the certificate before expiry")
 	fs.Func("server", "apiserver URL; repeat for several. Replaces the kubeconfig's server", func(s string) error {
@@ -108,6 +112,11 @@ func parseRun(args []string, stderr io.Writer) (config.Hub, error) {
 	fs.IntVar(&cfg.RelistRate, "relist-rate", cfg.RelistRate, "views re-listed per second after a reconnect")
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, "Usage: outpost run [flags]\n\nFlags:\n")
+			fs.SetOutput(stdout)
+			fs.PrintDefaults()
+		}
 		return cfg, err
 	}
 	if fs.NArg() > 0 {
@@ -140,6 +149,9 @@ func serve(cfg config.Hub, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// The first signal drains; a second one ends the process at once, as
+	// the default action of the signal does.
+	context.AfterFunc(ctx, stop)
 	log.Info("outpost starting", "version", version.Version, "node", cfg.NodeName)
 	if err := h.Run(ctx); err != nil {
 		log.Error("outpost stopped", "err", err)

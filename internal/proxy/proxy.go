@@ -181,6 +181,24 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		defer g.Dec()
 	}
 	r = r.WithContext(ctx)
+	// Counted however the request ends: the reverse proxy aborts the
+	// handler (panics with http.ErrAbortHandler) when a body breaks off
+	// midway, because the client went away or the apiserver's connection
+	// broke.
+	completed := false
+	defer func() {
+		if completed {
+			rec.finish()
+		} else {
+			// Aborted: what the buffer holds is dropped with the stream.
+			rec.body = nil
+			rec.code = statusBadGateway
+			if r.Context().Err() != nil {
+				rec.code = statusClientClosed
+			}
+		}
+		h.observe(rec, info, start)
+	}()
 	offline := h.Cache != nil && h.Online != nil && !h.Online()
 	switch {
 	case offline && h.Cache.Answers(r, info):
@@ -198,8 +216,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// all still tried while every one is judged unhealthy.
 		h.proxy.ServeHTTP(rec, r)
 	}
-	rec.finish()
+	completed = true
+}
 
+// Codes counted for requests that got no whole answer.
+const (
+	// statusClientClosed: the client went away first (nginx's 499).
+	statusClientClosed = 499
+	// statusBadGateway: the apiserver's answer broke off midway.
+	statusBadGateway = http.StatusBadGateway
+)
+
+// observe counts a request that ended in the metrics.
+func (h *Handler) observe(rec *recorder, info *request.Info, start time.Time) {
 	if h.Metrics != nil {
 		resource := info.Resource
 		if !info.IsResourceRequest {
@@ -255,6 +284,9 @@ func (h *Handler) reject(w http.ResponseWriter, r *http.Request, err error) {
 func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
 		// The client went away; nobody reads an answer.
+		if rec, ok := w.(*recorder); ok {
+			rec.code = statusClientClosed
+		}
 		return
 	}
 	if info := request.From(r.Context()); info != nil && h.Cache != nil && h.Cache.Answers(r, info) {

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"io"
 	"log/slog"
@@ -15,14 +16,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/outposthq/outpost/internal/config"
+	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/upstream"
 )
 
 // newHandler puts a proxy in front of an upstream test server; every caller
 // counts as the node.
-func newHandler(t *testing.T, up *httptest.Server) *httptest.Server {
+func newHandler(t *testing.T, up *httptest.Server, opts ...func(*Handler)) *httptest.Server {
 	t.Helper()
 	u, _ := url.Parse(up.URL)
 	pool, err := upstream.New([]*url.URL{u}, upstream.Credentials{TLS: &tls.Config{InsecureSkipVerify: true}}, config.LBRoundRobin)
@@ -35,6 +40,9 @@ func newHandler(t *testing.T, up *httptest.Server) *httptest.Server {
 		},
 		Upstream: pool,
 		Log:      slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	for _, o := range opts {
+		o(h)
 	}
 	h.Init()
 	s := httptest.NewServer(h)
@@ -189,6 +197,69 @@ func TestStreamedBodiesArriveWhole(t *testing.T) {
 		resp.Body.Close()
 		if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(got, body) {
 			t.Fatalf("%s: %s, %d of %d bytes, %v", q, resp.Status, len(got), len(body), err)
+		}
+	}
+}
+
+// TestCutAnswersCounted: a request whose answer breaks off midway (the
+// apiserver's connection broke: 502) or whose client went away first (499)
+// is counted, with the code saying so, not lost from the metrics nor
+// counted as a 200.
+func TestCutAnswersCounted(t *testing.T) {
+	up := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("slow") != "" {
+			<-r.Context().Done()
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(bytes.Repeat([]byte("x"), 100<<10))
+		w.(http.Flusher).Flush()
+		// The connection breaks before the body ends.
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err == nil {
+			_ = conn.Close()
+		}
+	}))
+	defer up.Close()
+	m := metrics.New(prometheus.NewRegistry())
+	p := newHandler(t, up, func(h *Handler) { h.Metrics = m })
+	count := func(code string) float64 {
+		var d dto.Metric
+		if err := m.Requests.WithLabelValues("list", "pods", code, servedByUpstream).Write(&d); err != nil {
+			t.Fatal(err)
+		}
+		return d.GetCounter().GetValue()
+	}
+
+	resp, err := http.Get(p.URL + "/api/v1/pods")
+	if err == nil {
+		_, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+	}
+	if err == nil {
+		t.Fatal("an answer cut off upstream reached the client whole")
+	}
+	waitCount(t, func() bool { return count("502") == 1 }, "the cut answer counted as 502")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, p.URL+"/api/v1/pods?slow=1", nil)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatal("a request the client gave up on was answered")
+	}
+	waitCount(t, func() bool { return count("499") == 1 }, "the abandoned request counted as 499")
+	if n := count("200"); n != 0 {
+		t.Fatalf("%v requests counted as 200", n)
+	}
+}
+
+// waitCount waits for cond: the handler counts after the client saw the end.
+func waitCount(t *testing.T, cond func() bool, what string) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("not seen: %s", what)
 		}
 	}
 }

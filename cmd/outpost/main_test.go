@@ -1,0 +1,53 @@
+package main
+
+import (
+	"bytes"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestCommandLine: what users of a node daemon expect from its command
+// line: version and help on stdout with exit 0; a bad flag, value or file
+// is reported once, on stderr, with exit 2.
+func TestCommandLine(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct {
+		name       string
+		args       []string
+		code       int
+		out, err   string // substrings of stdout and stderr
+		errOnceOf  string // appears exactly once on stderr
+		emptyError bool
+	}{
+		{name: "version", args: []string{"version"}, code: 0, out: "outpost ", emptyError: true},
+		{name: "help", args: []string{"--help"}, code: 0, out: "outpost run", emptyError: true},
+		{name: "run help", args: []string{"run", "--help"}, code: 0, out: "-kubeconfig", emptyError: true},
+		{name: "no command", args: nil, code: 2, err: "outpost run"},
+		{name: "unknown command", args: []string{"serve"}, code: 2, err: `unknown command "serve"`},
+		{name: "unknown flag", args: []string{"run", "--bogus"}, code: 2, errOnceOf: "-bogus"},
+		{name: "bad value", args: []string{"run", "--lb-mode=random", "--kubeconfig=x"}, code: 2, errOnceOf: "round-robin or priority"},
+		{name: "missing kubeconfig file", args: []string{"run", "--kubeconfig=" + filepath.Join(dir, "none"), "--data-dir=" + filepath.Join(dir, "data"),
+			"--secure-address=127.0.0.1:0", "--admin-address="}, code: 2, err: "none"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := run(c.args, &stdout, &stderr)
+			if code != c.code {
+				t.Errorf("exit %d, want %d\nstdout: %s\nstderr: %s", code, c.code, &stdout, &stderr)
+			}
+			if !strings.Contains(stdout.String(), c.out) {
+				t.Errorf("stdout %q lacks %q", &stdout, c.out)
+			}
+			if !strings.Contains(stderr.String(), c.err) {
+				t.Errorf("stderr %q lacks %q", &stderr, c.err)
+			}
+			if c.errOnceOf != "" && strings.Count(stderr.String(), c.errOnceOf) != 1 {
+				t.Errorf("stderr %q should say %q once", &stderr, c.errOnceOf)
+			}
+			if c.emptyError && stderr.Len() != 0 {
+				t.Errorf("stderr %q, want nothing", &stderr)
+			}
+		})
+	}
+}
