@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -13,21 +14,50 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
 )
 
 // TestInformerSurvivesApiserverLoss: two apiservers behind outpost; the one
-// outpost prefers is stopped while an informer watches through outpost. The
-// informer keeps receiving events and reads keep succeeding.
+// outpost prefers is lost while an informer watches through outpost: it
+// stops (and closes its connections), or its link black-holes (nothing
+// closes: outpost must notice, and close its connections to it so that
+// watches re-establish on the other). The informer keeps receiving events,
+// within seconds, and reads keep succeeding, answered by an apiserver.
 func TestInformerSurvivesApiserverLoss(t *testing.T) {
+	for _, loss := range []string{"stopped", "black-holed"} {
+		t.Run(loss, func(t *testing.T) { informerSurvives(t, loss) })
+	}
+}
+
+func informerSurvives(t *testing.T, loss string) {
 	ctx := t.Context()
-	o := startOutpost(t, "edge-failover", "--server="+cp.URL(0), "--server="+cp.URL(1), "--lb-mode=priority")
+	first, lose := cp.URL(0), func() {
+		t.Cleanup(func() {
+			if err := cp.StartAPIServer(0); err != nil {
+				t.Errorf("restarting apiserver 0: %v", err)
+			}
+		})
+		if err := cp.StopAPIServer(0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if loss == "black-holed" {
+		link, err := framework.StartFaultProxy(cp.URL(0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = link.Close() })
+		first, lose = link.URL(), link.Blackhole
+	}
+	o := startOutpost(t, "edge-failover-"+strings.ReplaceAll(loss, "-", ""), "--server="+first, "--server="+cp.URL(1), "--lb-mode=priority")
 	token := adminToken(t)
 	client := kubernetes.NewForConfigOrDie(restConfig(o, "", "", token))
 	direct1cfg := cp.AdminConfig()
 	direct1cfg.Host = cp.URL(1)
 	direct1 := kubernetes.NewForConfigOrDie(direct1cfg)
 
-	const ns = "failover"
+	ns := "failover-" + loss
 	if _, err := cp.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -47,9 +77,11 @@ func TestInformerSurvivesApiserverLoss(t *testing.T) {
 	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
 		t.Fatal("informer through outpost never synced")
 	}
+	// Within 10 s: an HTTP/2 connection left open on a black-holed link
+	// would only be found dead by its pings, after 20 s.
 	waitSeen := func(name string) {
 		t.Helper()
-		deadline := time.Now().Add(30 * time.Second)
+		deadline := time.Now().Add(10 * time.Second)
 		for time.Now().Before(deadline) {
 			mu.Lock()
 			ok := seen[name]
@@ -59,7 +91,7 @@ func TestInformerSurvivesApiserverLoss(t *testing.T) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		t.Fatalf("informer through outpost did not see configmap %s within 30s", name)
+		t.Fatalf("informer through outpost did not see configmap %s within 10s", name)
 	}
 	create := func(name string) {
 		t.Helper()
@@ -93,14 +125,8 @@ func TestInformerSurvivesApiserverLoss(t *testing.T) {
 		}
 	}()
 
-	t.Cleanup(func() {
-		if err := cp.StartAPIServer(0); err != nil {
-			t.Errorf("restarting apiserver 0: %v", err)
-		}
-	})
-	if err := cp.StopAPIServer(0); err != nil {
-		t.Fatal(err)
-	}
+	fromCache := metric(t, o, "outpost_requests_total", "served_by=cache")
+	lose()
 	for i := range 3 {
 		create(fmt.Sprintf("after-%d", i))
 	}
@@ -116,8 +142,12 @@ func TestInformerSurvivesApiserverLoss(t *testing.T) {
 	t.Logf("%d reads through outpost during the loss, %d failed, slowest %v", reads.Load(), failures.Load(), time.Duration(slowest.Load()))
 	t.Logf("outpost log:\n%s", o.Log(30))
 
-	// Outpost saw it: the lost server is reported unhealthy.
-	if v := metric(t, o, "outpost_upstream_healthy", "server="+cp.URL(0)); v != 0 {
-		t.Errorf("outpost_upstream_healthy{server=%q} = %v, want 0", cp.URL(0), v)
+	// Outpost saw it: the lost server is reported unhealthy, and every
+	// read was answered by the other apiserver, none from the cache.
+	if v := metric(t, o, "outpost_upstream_healthy", "server="+first); v != 0 {
+		t.Errorf("outpost_upstream_healthy{server=%q} = %v, want 0", first, v)
+	}
+	if n := metric(t, o, "outpost_requests_total", "served_by=cache") - fromCache; n != 0 {
+		t.Errorf("%v answers came from the cache while an apiserver was up", n)
 	}
 }
