@@ -2,11 +2,9 @@ package proxy_test
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"io"
 	"net/http"
-	"os"
 	"strings"
 	"testing"
 
@@ -42,13 +40,7 @@ func whoami(t *testing.T, cfg *rest.Config) (string, error) {
 // certificate (or none), headers and returns code and body.
 func rawGet(t *testing.T, o *framework.Outpost, path string, cert *tls.Certificate, header http.Header) (int, string) {
 	t.Helper()
-	caPEM, err := os.ReadFile(o.ServingCAFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(caPEM)
-	cfg := &tls.Config{RootCAs: roots}
+	cfg := &tls.Config{RootCAs: roots(t, o.ServingCAFile)}
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{*cert}
 	}

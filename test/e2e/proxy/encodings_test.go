@@ -3,11 +3,9 @@ package proxy_test
 import (
 	"bytes"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"reflect"
 	"testing"
 	"time"
@@ -27,9 +25,7 @@ func TestAnswersSameAsDirect(t *testing.T) {
 	o := startOutpost(t, "edge-encodings", lenientProbes...)
 	token := adminToken(t)
 	const ns = "encodings"
-	if _, err := cp.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	createNamespace(t, ns)
 	for i := range 300 { // past kube-apiserver's 128 KiB threshold for gzip
 		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%03d", i), Labels: map[string]string{"app": "enc"}},
 			Data: map[string]string{"payload": string(bytes.Repeat([]byte{'a' + byte(i%26)}, 600))}}
@@ -38,14 +34,8 @@ func TestAnswersSameAsDirect(t *testing.T) {
 		}
 	}
 	client := func(caFile string) *http.Client {
-		pem, err := os.ReadFile(caFile)
-		if err != nil {
-			t.Fatal(err)
-		}
-		roots := x509.NewCertPool()
-		roots.AppendCertsFromPEM(pem)
 		return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
-			TLSClientConfig: &tls.Config{RootCAs: roots}, ForceAttemptHTTP2: true, DisableCompression: true}}
+			TLSClientConfig: &tls.Config{RootCAs: roots(t, caFile)}, ForceAttemptHTTP2: true, DisableCompression: true}}
 	}
 	direct, via := client(cp.CAFile), client(o.ServingCAFile)
 	type answer struct {

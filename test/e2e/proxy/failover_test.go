@@ -58,9 +58,7 @@ func informerSurvives(t *testing.T, loss string) {
 	direct1 := kubernetes.NewForConfigOrDie(direct1cfg)
 
 	ns := "failover-" + loss
-	if _, err := cp.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	createNamespace(t, ns)
 
 	var mu sync.Mutex
 	seen := map[string]bool{}

@@ -5,6 +5,7 @@ package proxy_test
 
 import (
 	"context"
+	"crypto/x509"
 	"os"
 	"path/filepath"
 	"testing"
@@ -58,6 +59,28 @@ func saToken(t *testing.T, ns, name, clusterRole string) string {
 		t.Fatalf("token for %s/%s: %v", ns, name, err)
 	}
 	return tr.Status.Token
+}
+
+// roots reads the CA bundle caFile into a pool.
+func roots(t *testing.T, caFile string) *x509.CertPool {
+	t.Helper()
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		t.Fatalf("no certificate in %s", caFile)
+	}
+	return pool
+}
+
+// createNamespace creates namespace ns directly.
+func createNamespace(t *testing.T, ns string) {
+	t.Helper()
+	if _, err := cp.Client().CoreV1().Namespaces().Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // startOutpost starts outpost for node and stops it when the test ends,

@@ -3,11 +3,9 @@ package proxy_test
 import (
 	"compress/gzip"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"sync"
 	"testing"
 
@@ -26,9 +24,7 @@ func TestProtobufAndHTTP2(t *testing.T) {
 	o := startOutpost(t, "edge-streams", lenientProbes...)
 	token := adminToken(t)
 	const ns = "streams"
-	if _, err := cp.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	createNamespace(t, ns)
 	for i := range 50 {
 		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%02d", i)}, Data: map[string]string{"i": fmt.Sprint(i)}}
 		if _, err := cp.Client().CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
@@ -58,10 +54,7 @@ func TestProtobufAndHTTP2(t *testing.T) {
 	}
 
 	// 200 concurrent requests on HTTP/2 streams, with gzip asked for.
-	caPEM, _ := os.ReadFile(o.ServingCAFile)
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(caPEM)
-	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}, ForceAttemptHTTP2: true, DisableCompression: true}}
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots(t, o.ServingCAFile)}, ForceAttemptHTTP2: true, DisableCompression: true}}
 	var wg sync.WaitGroup
 	errs := make(chan error, 200)
 	for i := range 200 {

@@ -3,12 +3,10 @@ package proxy_test
 import (
 	"bufio"
 	"crypto/tls"
-	"crypto/x509"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -75,14 +73,8 @@ func TestExecUpgradeThroughApiserver(t *testing.T) {
 	token := adminToken(t)
 	for _, path := range []struct{ name, url, ca string }{{"direct", cp.URL(0), cp.CAFile}, {"outpost", o.URL, o.ServingCAFile}} {
 		t.Run(path.name, func(t *testing.T) {
-			pem, err := os.ReadFile(path.ca)
-			if err != nil {
-				t.Fatal(err)
-			}
-			roots := x509.NewCertPool()
-			roots.AppendCertsFromPEM(pem)
 			addr := strings.TrimPrefix(path.url, "https://")
-			conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{RootCAs: roots, NextProtos: []string{"http/1.1"}})
+			conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{RootCAs: roots(t, path.ca), NextProtos: []string{"http/1.1"}})
 			if err != nil {
 				t.Fatal(err)
 			}
