@@ -56,6 +56,7 @@ type Monitor struct {
 	// answered[i] is when a real request to server i last got an answer
 	// (unix nanoseconds); written on every proxied request, so atomic.
 	answered []atomic.Int64
+	reached  atomic.Bool // a probe succeeded
 
 	mu      sync.Mutex // guards the fields below
 	servers []serverState
@@ -101,6 +102,11 @@ func (m *Monitor) Healthy(i int) bool {
 	m.init()
 	return m.servers[i].healthy
 }
+
+// Reached reports whether a probe of any apiserver has succeeded since Run
+// started. Servers count as healthy before their first probe, so that the
+// first requests are tried; readiness waits for proof.
+func (m *Monitor) Reached() bool { return m.reached.Load() }
 
 // Online reports whether at least one apiserver is healthy.
 func (m *Monitor) Online() bool {
@@ -185,11 +191,16 @@ func (m *Monitor) loop(ctx context.Context, i int) {
 			result = ProbeFailed
 		}
 		since = start
-		if result != ProbeExcused {
-			m.observe(i, err, false)
+		if result == ProbeOK {
+			m.reached.Store(true)
 		}
+		// Counted before it changes the state: whoever sees the new state
+		// also sees the probe that changed it.
 		if m.OnProbe != nil {
 			m.OnProbe(i, result)
+		}
+		if result != ProbeExcused {
+			m.observe(i, err, false)
 		}
 		select {
 		case <-ctx.Done():

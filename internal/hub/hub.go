@@ -67,6 +67,7 @@ type Hub struct {
 	// sealKey encrypts sensitive cache records (--encryption-key-file).
 	sealKey *seal.Key
 
+	gaugeMu sync.Mutex        // orders the health gauges' updates
 	tokenMu sync.RWMutex      // guards tokens
 	tokens  map[string]string // user -> the token it last used, in memory only
 
@@ -259,21 +260,28 @@ func (h *Hub) serverChanged(i int, healthy bool, err error) {
 	state := "unhealthy"
 	if healthy {
 		state = "healthy"
-		h.metrics.UpstreamHealthy.WithLabelValues(name).Set(1)
 		h.log.Info("apiserver healthy", "server", name)
 	} else {
-		h.metrics.UpstreamHealthy.WithLabelValues(name).Set(0)
 		h.log.Warn("apiserver unhealthy; closing its connections", "server", name, "err", err)
 		// Open watches on it end now, and their clients re-watch through
 		// a healthy server instead of waiting on a dead connection.
 		h.pool.CloseConnections(i)
 	}
 	h.metrics.UpstreamTransitions.WithLabelValues(name, state).Inc()
-	if h.monitor.Online() {
-		h.metrics.Online.Set(1)
-	} else {
-		h.metrics.Online.Set(0)
+	// Changes of several servers are reported concurrently: the gauges
+	// are set from the monitor's current state, one report at a time, so
+	// that the last one written is never an older state.
+	h.gaugeMu.Lock()
+	defer h.gaugeMu.Unlock()
+	h.metrics.UpstreamHealthy.WithLabelValues(name).Set(boolGauge(h.monitor.Healthy(i)))
+	h.metrics.Online.Set(boolGauge(h.monitor.Online()))
+}
+
+func boolGauge(b bool) float64 {
+	if b {
+		return 1
 	}
+	return 0
 }
 
 // Run serves until ctx is done, then drains and stops everything it started.
@@ -516,8 +524,9 @@ func (h *Hub) adminHandler() http.Handler {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		// Ready once outpost can serve: online, or offline with a cache.
-		if h.monitor.Online() {
+		// Ready once outpost can serve: online (an apiserver answered a
+		// probe), or offline with a cache.
+		if h.monitor.Online() && h.monitor.Reached() {
 			_, _ = w.Write([]byte("ok: online\n"))
 			return
 		}
@@ -526,6 +535,10 @@ func (h *Hub) adminHandler() http.Handler {
 			return
 		}
 		w.WriteHeader(http.StatusServiceUnavailable)
+		if h.monitor.Online() {
+			_, _ = w.Write([]byte("starting: no apiserver has answered a probe yet, and nothing cached\n"))
+			return
+		}
 		_, _ = w.Write([]byte("offline: no apiserver healthy and nothing cached\n"))
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(h.reg, promhttp.HandlerOpts{}))

@@ -38,8 +38,10 @@ type Releaser struct {
 	// one), then debug.FreeOSMemory. Tests replace it.
 	Release func()
 	// Held reports how many bytes of heap a release may return. Default:
-	// from runtime/metrics, what the heap holds beyond its live data.
-	// Tests replace it.
+	// from runtime/metrics, what the heap holds beyond its live data; when
+	// the heap holds Threshold or more in all, after a garbage collection,
+	// since live data measured by a collection during the burst would hide
+	// the burst's garbage. Tests replace it.
 	Held func() uint64
 	// Released, if set, is told after each release why it ran:
 	// ReasonQuiet or ReasonLarge.
@@ -95,7 +97,7 @@ func (r *Releaser) Run(ctx context.Context) error {
 		}
 	}
 	if held == nil {
-		held = heldBeyondLive
+		held = func() uint64 { return heldBeyondLive(threshold) }
 	}
 	tick := time.NewTicker(quiet / 2)
 	defer tick.Stop()
@@ -124,9 +126,22 @@ func (r *Releaser) Run(ctx context.Context) error {
 	}
 }
 
-// heldBeyondLive is what the heap holds (objects, free and unused span
-// space not yet returned) beyond its live data as of the last collection.
-func heldBeyondLive() uint64 {
+// heldBeyondLive is what the heap holds beyond its live data. When it
+// holds threshold bytes or more in all, it collects first: live data
+// measured by a collection that ran during a burst counts the burst's
+// garbage as live, and would hide it.
+func heldBeyondLive(threshold uint64) uint64 {
+	total, live := heapHeld()
+	if total >= threshold {
+		runtime.GC()
+		total, live = heapHeld()
+	}
+	return total - min(total, live)
+}
+
+// heapHeld is what the heap holds (objects, free and unused span space not
+// yet returned to the system) and its live data as of the last collection.
+func heapHeld() (total, live uint64) {
 	s := []metrics.Sample{
 		{Name: "/memory/classes/heap/objects:bytes"},
 		{Name: "/memory/classes/heap/unused:bytes"},
@@ -134,18 +149,13 @@ func heldBeyondLive() uint64 {
 		{Name: "/gc/heap/live:bytes"},
 	}
 	metrics.Read(s)
-	var held uint64
 	for _, m := range s[:3] {
 		if m.Value.Kind() == metrics.KindUint64 {
-			held += m.Value.Uint64()
+			total += m.Value.Uint64()
 		}
 	}
-	var live uint64
 	if s[3].Value.Kind() == metrics.KindUint64 {
 		live = s[3].Value.Uint64()
 	}
-	if held < live {
-		return 0
-	}
-	return held - live
+	return total, live
 }

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 )
 
@@ -45,8 +46,16 @@ func (s *Server) Run(ctx context.Context) error {
 			return fmt.Errorf("listening on %s for %s: %w", s.Addr, s.Name, err)
 		}
 	}
+	// Every handler is waited for, upgraded ones too: http.Server forgets
+	// a connection once a handler hijacks it (exec, attach, port-forward),
+	// and its handler then runs until the stream ends.
+	var handlers sync.WaitGroup
 	srv := &http.Server{
-		Handler:           s.Handler,
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			handlers.Add(1)
+			defer handlers.Done()
+			s.Handler.ServeHTTP(w, r)
+		}),
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 		MaxHeaderBytes:    1 << 20,
@@ -84,6 +93,19 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	if serr := <-errc; !errors.Is(serr, http.ErrServerClosed) && err == nil {
 		err = serr
+	}
+	// No request starts any more. Upgraded streams end with their
+	// request's context, which the handler ties to shutdown; give them
+	// another drain deadline.
+	done := make(chan struct{})
+	go func() {
+		handlers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(max(s.ShutdownTimeout, time.Second)):
+		s.Log.Warn("requests still running after the drain deadline; leaving them", "listener", s.Name)
 	}
 	return err
 }

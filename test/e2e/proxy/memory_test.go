@@ -14,7 +14,7 @@ import (
 )
 
 // TestMemoryReturnedAfterBurst: a burst of 32 clients listing 200
-// ConfigMaps of 4 KB through outpost grows its heap by tens of MB. Once the
+// ConfigMaps of 8 KB through outpost grows its heap by tens of MB. Once the
 // burst ends, outpost returns that memory to the system within seconds
 // (outpost_memory_releases_total{reason="quiet"}), instead of the minutes
 // the Go runtime would keep it: its anonymous memory falls back by at
@@ -24,7 +24,7 @@ func TestMemoryReturnedAfterBurst(t *testing.T) {
 	o := startOutpost(t, "edge-memory", lenientProbes...)
 	client := kubernetes.NewForConfigOrDie(restConfig(o, "", "", adminToken(t)))
 	const ns, n = "memory-burst", 200
-	if err := framework.SeedConfigMaps(ctx, cp.Client(), ns, n, 4096, 16); err != nil {
+	if err := framework.SeedConfigMaps(ctx, cp.Client(), ns, n, 8192, 16); err != nil {
 		t.Fatal(err)
 	}
 
