@@ -24,6 +24,8 @@ import (
 
 	"golang.org/x/sync/singleflight"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/status"
 )
@@ -110,10 +112,16 @@ func (a *Authenticator) Node() request.Identity {
 // Authenticate returns who sent r, or a Status error: 401 without a usable
 // credential, 403 for a valid certificate of anyone but this node.
 func (a *Authenticator) Authenticate(r *http.Request) (request.Identity, error) {
+	token, hasToken := bearer(r)
 	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
-		return a.certificate(r.TLS.PeerCertificates)
+		id, err := a.certificate(r.TLS.PeerCertificates)
+		// A certificate that proves nothing (not the cluster CA's) leaves
+		// the token to judge, as kube-apiserver's authenticators do.
+		if !hasToken || !apierrors.IsUnauthorized(err) {
+			return id, err
+		}
 	}
-	if token, ok := bearer(r); ok {
+	if hasToken {
 		id := a.token(r.Context(), token)
 		if a.Online != nil && !a.Online() {
 			var err error

@@ -83,6 +83,18 @@ func TestCertificates(t *testing.T) {
 	if _, err := a.Authenticate(withCert(other.issue(t, "system:node:edge-1", "system:nodes"))); !apierrors.IsUnauthorized(err) {
 		t.Errorf("certificate of a foreign CA: err = %v, want 401", err)
 	}
+	// Such a certificate beside a bearer token leaves the token to judge,
+	// as kube-apiserver does; a valid certificate of someone else does not.
+	withToken := func(r *http.Request) *http.Request {
+		r.Header.Set("Authorization", "Bearer some-token")
+		return r
+	}
+	if id, err := a.Authenticate(withToken(withCert(other.issue(t, "system:node:edge-1", "system:nodes")))); err != nil || id.Kind != request.BearerToken {
+		t.Errorf("foreign certificate and a token: %+v, %v; want the token's caller", id, err)
+	}
+	if _, err := a.Authenticate(withToken(withCert(cluster.issue(t, "admin", "system:masters")))); !apierrors.IsForbidden(err) {
+		t.Errorf("another user's valid certificate and a token: err = %v, want 403", err)
+	}
 	if _, err := a.Authenticate(httptest.NewRequest(http.MethodGet, "/", nil)); !apierrors.IsUnauthorized(err) {
 		t.Errorf("no credentials: err = %v, want 401", err)
 	}

@@ -310,10 +310,12 @@ func (p *Pool) pick(avoid int) int {
 			return i
 		}
 	}
+	// None healthy: keep trying every server in turn, whatever the mode,
+	// so that whichever comes back first is found by real requests too.
 	if avoid >= 0 {
 		return (avoid + 1) % n
 	}
-	return start
+	return int(p.next.Add(1) % uint64(n))
 }
 
 func retryable(req *http.Request, info *request.Info) bool {

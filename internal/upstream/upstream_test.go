@@ -192,6 +192,25 @@ func TestPriorityAndRoundRobin(t *testing.T) {
 	}
 }
 
+// TestAllDownTriesEveryServer: with every server judged unhealthy, the
+// first choice goes round all of them, in priority mode too, so that
+// whichever server comes back first gets real requests.
+func TestAllDownTriesEveryServer(t *testing.T) {
+	var servers []*httptest.Server
+	for range 3 {
+		servers = append(servers, newServer(t, http.HandlerFunc(echo)))
+	}
+	p := newPool(t, servers...)
+	p.SetHealth(&fakeHealth{down: map[int]bool{0: true, 1: true, 2: true}})
+	first := map[int]int{}
+	for range 6 {
+		first[p.pick(-1)]++
+	}
+	if len(first) != 3 {
+		t.Fatalf("first choices with every server down: %v; want all three", first)
+	}
+}
+
 func TestCloseConnectionsEndsStreams(t *testing.T) {
 	started := make(chan struct{})
 	s := newServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
