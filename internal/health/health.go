@@ -36,6 +36,14 @@ type Monitor struct {
 	Count int
 	// Probe checks one apiserver. Required.
 	Probe ProbeFunc
+	// Reachable, if set, is a cheaper check of the link to one apiserver
+	// and of its process (a TLS handshake), started when a probe has taken
+	// half its timeout. A probe that then times out while Reachable
+	// succeeded is excused, at most MaxReachableExcuses times in a row: a
+	// saturated apiserver (its /readyz waits on etcd) is not a lost one,
+	// and turning offline would close every watch and bring a re-list
+	// storm on it. A black-holed link fails both.
+	Reachable ProbeFunc
 	// Interval between probes of each apiserver. Default 1s.
 	Interval time.Duration
 	// Timeout of one probe. Default 1s.
@@ -65,6 +73,11 @@ type Monitor struct {
 
 	answeredOnce sync.Once
 }
+
+// MaxReachableExcuses bounds how many timed-out probes in a row Reachable
+// excuses: an apiserver that completes handshakes but answers nothing for
+// that long counts as lost.
+const MaxReachableExcuses = 4
 
 // ProbeResult is how one probe counted.
 type ProbeResult string
@@ -124,6 +137,27 @@ func (m *Monitor) Changed() <-chan struct{} {
 	return m.changed
 }
 
+// probe runs one probe of server i within timeout and, if it is slow and
+// checkReachable is set, Reachable beside it; reachable reports whether
+// that ran and succeeded.
+func (m *Monitor) probe(ctx context.Context, i int, timeout time.Duration, checkReachable bool) (reachable bool, err error) {
+	pctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if m.Reachable == nil || !checkReachable {
+		return false, m.Probe(pctx, i)
+	}
+	reach := make(chan error, 1)
+	slow := time.AfterFunc(timeout/2, func() { reach <- m.Reachable(pctx, i) })
+	err = m.Probe(pctx, i)
+	if slow.Stop() {
+		return false, err // answered within half its timeout
+	}
+	if err == nil {
+		cancel() // the check's answer is not needed
+	}
+	return <-reach == nil, err
+}
+
 // ReportFailure is passive evidence: a real request to apiserver i failed
 // to connect or timed out. The server is marked unhealthy at once.
 func (m *Monitor) ReportFailure(i int, err error) {
@@ -170,11 +204,10 @@ func (m *Monitor) loop(ctx context.Context, i int) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	since := time.Now().UnixNano() // when the previous probe started
+	reachableExcuses := 0          // in a row
 	for {
 		start := time.Now().UnixNano()
-		pctx, cancel := context.WithTimeout(ctx, timeout)
-		err := m.Probe(pctx, i)
-		cancel()
+		reachable, err := m.probe(ctx, i, timeout, reachableExcuses < MaxReachableExcuses)
 		if ctx.Err() != nil {
 			return
 		}
@@ -187,12 +220,17 @@ func (m *Monitor) loop(ctx context.Context, i int) {
 			// one, however long the interval): neither a failure nor a
 			// success.
 			result = ProbeExcused
+		case errors.Is(err, context.DeadlineExceeded) && reachable:
+			// Too slow, but the server completed a handshake meanwhile.
+			result = ProbeExcused
+			reachableExcuses++
 		default:
 			result = ProbeFailed
 		}
 		since = start
 		if result == ProbeOK {
 			m.reached.Store(true)
+			reachableExcuses = 0
 		}
 		// Counted before it changes the state: whoever sees the new state
 		// also sees the probe that changed it.

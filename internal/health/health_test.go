@@ -185,3 +185,83 @@ func TestOldAnswerDoesNotExcuse(t *testing.T) {
 		t.Fatal("a probe that timed out 300 ms after the last answer was excused")
 	}
 }
+
+// TestSlowProbeOfReachableServer: a probe that times out while a
+// handshake with the server succeeds (a saturated apiserver, whose /readyz
+// waits on etcd) is excused, at most MaxReachableExcuses times in a row;
+// when the handshake fails too (a black-holed link), it counts at once.
+func TestSlowProbeOfReachableServer(t *testing.T) {
+	var reachable atomic.Bool
+	var results sync.Mutex
+	var got []ProbeResult
+	m := &Monitor{Count: 1, Interval: 5 * time.Millisecond, Timeout: 40 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1,
+		Probe: func(ctx context.Context, i int) error { <-ctx.Done(); return ctx.Err() }, // /readyz never answers in time
+		Reachable: func(ctx context.Context, i int) error {
+			if reachable.Load() {
+				return nil
+			}
+			<-ctx.Done()
+			return ctx.Err()
+		},
+		OnProbe: func(i int, r ProbeResult) { results.Lock(); got = append(got, r); results.Unlock() },
+	}
+	reachable.Store(true)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = m.Run(ctx) })
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		results.Lock()
+		n := len(got)
+		results.Unlock()
+		if n >= MaxReachableExcuses+1 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	cancel()
+	wg.Wait()
+	results.Lock()
+	defer results.Unlock()
+	if len(got) < MaxReachableExcuses+1 {
+		t.Fatalf("only %d probes ran", len(got))
+	}
+	for k, r := range got[:MaxReachableExcuses] {
+		if r != ProbeExcused {
+			t.Fatalf("probe %d of a reachable server: %s, want excused (all: %v)", k, r, got)
+		}
+	}
+	if r := got[MaxReachableExcuses]; r != ProbeFailed {
+		t.Fatalf("probe %d in a row timing out: %s, want failed (all: %v)", MaxReachableExcuses+1, r, got)
+	}
+
+	// Black-holed: the handshake times out too, and the first probe counts.
+	got = nil
+	reachable.Store(false)
+	m2 := &Monitor{Count: 1, Interval: 5 * time.Millisecond, Timeout: 40 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1,
+		Probe: m.Probe, Reachable: m.Reachable}
+	done := make(chan ProbeResult, 1)
+	m2.OnProbe = func(i int, r ProbeResult) {
+		select {
+		case done <- r:
+		default:
+		}
+	}
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	wg.Go(func() { _ = m2.Run(ctx2) })
+	defer func() { cancel2(); wg.Wait() }()
+	select {
+	case r := <-done:
+		if r != ProbeFailed {
+			t.Fatalf("first probe of a black-holed server: %s, want failed", r)
+		}
+		// Counted before it changes the state: the change follows.
+		for deadline := time.Now().Add(time.Second); m2.Healthy(0); time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("a failed probe did not mark the server unhealthy")
+			}
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no probe ran")
+	}
+}

@@ -121,6 +121,7 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 	h.monitor = &health.Monitor{
 		Count:            pool.Len(),
 		Probe:            pool.Probe,
+		Reachable:        pool.Handshake,
 		Interval:         cfg.ProbeInterval,
 		Timeout:          cfg.ProbeTimeout,
 		FailureThreshold: cfg.FailureThreshold,

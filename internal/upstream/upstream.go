@@ -57,6 +57,8 @@ type Server struct {
 	// and Go's transport picks HTTP/1.1 by itself only for WebSocket.
 	nodeH1, callerH1 http.RoundTripper
 	tracker          *connrotation.ConnectionTracker
+	// handshake verifies the server, presenting no client certificate.
+	handshake *tls.Config
 }
 
 // Pool sends requests to a list of apiservers. It implements
@@ -79,7 +81,7 @@ func New(servers []*url.URL, creds Credentials, mode string) (*Pool, error) {
 		nodeTLS := creds.TLS.Clone()
 		callerTLS := creds.TLS.Clone()
 		callerTLS.Certificates, callerTLS.GetClientCertificate = nil, nil
-		s := &Server{URL: u, tracker: tracker,
+		s := &Server{URL: u, tracker: tracker, handshake: callerTLS,
 			node: newTransport(nodeTLS, tracker, true), nodeH1: newTransport(nodeTLS, tracker, false),
 			caller: newTransport(callerTLS, tracker, true), callerH1: newTransport(callerTLS, tracker, false)}
 		if creds.Token != "" {
@@ -146,6 +148,24 @@ func (p *Pool) Name(i int) string { return p.servers[i].URL.String() }
 // CloseConnections closes every connection to apiserver i, so that the
 // watches open on it end and their clients re-establish them elsewhere.
 func (p *Pool) CloseConnections(i int) { p.servers[i].tracker.CloseAll() }
+
+// Handshake opens a new connection to apiserver i, completes a TLS
+// handshake and closes it: proof that the link and the server process
+// work, at a cost (no request, no client certificate) that a saturated
+// apiserver still pays at once, unlike /readyz, which checks etcd.
+func (p *Pool) Handshake(ctx context.Context, i int) error {
+	s := p.servers[i]
+	host := s.URL.Host
+	if s.URL.Port() == "" {
+		host = net.JoinHostPort(s.URL.Hostname(), "443")
+	}
+	d := tls.Dialer{NetDialer: &net.Dialer{}, Config: s.handshake}
+	conn, err := d.DialContext(ctx, "tcp", host)
+	if err != nil {
+		return err
+	}
+	return conn.Close()
+}
 
 // Probe checks apiserver i's /readyz with the node's credentials.
 func (p *Pool) Probe(ctx context.Context, i int) error {

@@ -299,3 +299,20 @@ func TestConnectionFailure(t *testing.T) {
 		}
 	}
 }
+
+// TestHandshake: a TLS handshake with a live server succeeds; with one
+// that is gone it fails.
+func TestHandshake(t *testing.T) {
+	live := newServer(t, http.HandlerFunc(echo))
+	gone := newServer(t, http.HandlerFunc(echo))
+	p := newPool(t, live, gone)
+	gone.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.Handshake(ctx, 0); err != nil {
+		t.Errorf("handshake with a live server: %v", err)
+	}
+	if err := p.Handshake(ctx, 1); err == nil {
+		t.Error("handshake with a server that is gone succeeded")
+	}
+}
