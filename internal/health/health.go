@@ -165,8 +165,9 @@ func (m *Monitor) ReportFailure(i int, err error) {
 }
 
 // ReportAnswer is passive evidence the other way: a real request to
-// apiserver i got an answer (any status), or more of its body. It never marks a server healthy
-// by itself; it only keeps a probe that timed out meanwhile from counting.
+// apiserver i got an answer (any status), or more of its body. It never
+// marks a server healthy by itself; it only keeps a probe that timed out
+// meanwhile from counting.
 func (m *Monitor) ReportAnswer(i int) {
 	m.answers()[i].Store(time.Now().UnixNano())
 }
