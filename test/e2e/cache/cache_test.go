@@ -140,21 +140,10 @@ spec:
 
 // readerToken binds a service account to the view role (plus secrets and
 // widgets) and returns its token.
-// startOutpost starts outpost for node with args, and stops it when the
-// test ends, logging its last lines if the test failed.
+// startOutpost starts outpost for node with args until the test ends.
 func startOutpost(t *testing.T, node string, args ...string) *framework.Outpost {
 	t.Helper()
-	o, err := cp.StartOutpost(t.Context(), node, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		o.Stop()
-		if t.Failed() {
-			t.Logf("outpost log:\n%s", o.Log(80))
-		}
-	})
-	return o
+	return cp.StartOutpostT(t, node, args...)
 }
 
 func readerToken(t *testing.T) string {

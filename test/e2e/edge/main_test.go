@@ -73,16 +73,7 @@ func startEdge(t *testing.T, node string, args ...string) *edge {
 	}
 	t.Cleanup(func() { proxy.Close() })
 	args = append([]string{"--server=" + proxy.URL(), "--log-level=debug"}, args...)
-	o, err := cp.StartOutpost(t.Context(), node, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		o.Stop()
-		if t.Failed() {
-			t.Logf("last lines of outpost's log %s:\n%s", o.LogPath, o.Log(80))
-		}
-	})
+	o := cp.StartOutpostT(t, node, args...)
 	e := &edge{node: node, proxy: proxy, o: o}
 	if _, err := e.waitState(t.Context(), "online", 30*time.Second); err != nil {
 		t.Fatal(err)

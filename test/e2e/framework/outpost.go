@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"testing"
 	"time"
 )
 
@@ -105,6 +106,23 @@ func (c *ControlPlane) startOutpost(ctx context.Context, node string, bootstrap 
 		return nil, err
 	}
 	return o, nil
+}
+
+// StartOutpostT starts outpost for node with args (see StartOutpost) and
+// stops it when t ends, logging its last lines if t failed.
+func (c *ControlPlane) StartOutpostT(t testing.TB, node string, args ...string) *Outpost {
+	t.Helper()
+	o, err := c.StartOutpost(t.Context(), node, args...)
+	if err != nil {
+		t.Fatalf("starting outpost: %v", err)
+	}
+	t.Cleanup(func() {
+		o.Stop()
+		if t.Failed() {
+			t.Logf("last lines of outpost's log %s:\n%s", o.LogPath, o.Log(80))
+		}
+	})
+	return o
 }
 
 // Start starts the outpost process again with the same arguments (after

@@ -87,17 +87,7 @@ func createNamespace(t *testing.T, ns string) {
 // printing its log if the test failed.
 func startOutpost(t *testing.T, node string, args ...string) *framework.Outpost {
 	t.Helper()
-	o, err := cp.StartOutpost(t.Context(), node, args...)
-	if err != nil {
-		t.Fatalf("starting outpost: %v", err)
-	}
-	t.Cleanup(func() {
-		o.Stop()
-		if t.Failed() {
-			t.Logf("outpost log:\n%s", o.Log(60))
-		}
-	})
-	return o
+	return cp.StartOutpostT(t, node, args...)
 }
 
 func tokenKubeconfig(t *testing.T, o *framework.Outpost, token string) string {
