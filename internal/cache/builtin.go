@@ -57,11 +57,16 @@ import (
 	storagemigrationv1 "k8s.io/api/storagemigration/v1"
 	storagemigrationv1beta1 "k8s.io/api/storagemigration/v1beta1"
 
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	apiregistrationv1 "k8s.io/kube-aggregator/pkg/apis/apiregistration/v1"
 )
 
 // builtinTypes registers every built-in API group version (the ones
-// kube-apiserver serves and client-go knows) into a scheme. It is called
+// kube-apiserver serves and client-go knows), and the two groups that
+// kube-apiserver serves from its own extension and aggregation layers
+// (CustomResourceDefinitions, APIServices), into a scheme. Kinds outside it
+// are still recorded from protobuf, generically (see objectFromProtobuf). It is called
 // once, when the cache first decodes or encodes a typed object: importing
 // client-go's kubernetes/scheme instead would register all of them into a
 // scheme of its own at program start, costing an idle outpost several MB
@@ -122,4 +127,6 @@ var builtinTypes = runtime.SchemeBuilder{
 	storagev1beta1.AddToScheme,
 	storagemigrationv1.AddToScheme,
 	storagemigrationv1beta1.AddToScheme,
+	apiextensionsv1.AddToScheme,
+	apiregistrationv1.AddToScheme,
 }

@@ -67,6 +67,7 @@ type Cache struct {
 	pages       map[store.ViewKey]*pagedList
 	pending     map[store.ViewKey]int // answers being decoded, per view
 	claims      map[store.ViewKey]*claim
+	unrecorded  map[string]*Unrecorded // by resource, without "#meta"
 	lastLocalRV uint64
 	journalSeq  uint64
 }
@@ -114,6 +115,7 @@ func (c *Cache) init() {
 		c.pages = map[store.ViewKey]*pagedList{}
 		c.pending = map[store.ViewKey]int{}
 		c.claims = map[store.ViewKey]*claim{}
+		c.unrecorded = map[string]*Unrecorded{}
 	})
 }
 
@@ -291,6 +293,9 @@ func (w write) view() *store.ViewKey {
 }
 
 func (c *Cache) count(w write) {
+	if w.replace != nil {
+		c.recorded(w.replace.view.Key.Resource)
+	}
 	if c.Metrics == nil {
 		return
 	}
@@ -316,11 +321,22 @@ func (c *Cache) send(w write, view *store.ViewKey, reason string) (queued bool) 
 
 // drop counts a dropped recording and remembers its view as stale.
 func (c *Cache) drop(view *store.ViewKey, reason string) {
+	c.dropped(view, reason, nil)
+}
+
+// dropped is drop with the error that made the answer unrecordable; the
+// first such drop of a resource is logged.
+func (c *Cache) dropped(view *store.ViewKey, reason string, err error) {
 	if c.Metrics != nil {
 		c.Metrics.CacheDropped.WithLabelValues(reason).Inc()
 	}
-	if view != nil {
-		c.markStale(*view)
+	if view == nil {
+		return
+	}
+	c.markStale(*view)
+	if c.unrecordable(view, reason, err) {
+		c.Log.Warn("answers of this resource cannot be recorded; they will not be served offline until one is (see /debug/cache/unrecorded)",
+			"resource", view.Resource, "reason", reason, "err", err)
 	}
 }
 

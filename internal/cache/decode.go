@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,10 +21,8 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	cborserializer "k8s.io/apimachinery/pkg/runtime/serializer/cbor"
-	"k8s.io/apimachinery/pkg/runtime/serializer/streaming"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
 	"k8s.io/apimachinery/pkg/watch"
-	restwatch "k8s.io/client-go/rest/watch"
 
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -145,9 +144,10 @@ func decodeProtobufList(body []byte, resource string, known stored) (l List, ok 
 	if err != nil {
 		return List{}, false, nil
 	}
-	itemType, ok := protobufListItemType(gv.WithKind(l.Kind))
-	if !ok {
-		return List{}, false, nil
+	gvk := gv.WithKind(l.Kind)
+	itemType, typed := protobufListItemType(gvk)
+	if !typed && knownKind(gvk) {
+		return List{}, false, nil // a type of ours with another layout: decoded whole
 	}
 	defer func() {
 		// The generated decoders are fed bytes from the network.
@@ -186,8 +186,18 @@ func decodeProtobufList(body []byte, resource string, known stored) (l List, ok 
 	if err == nil && !well {
 		err = fmt.Errorf("%w: protobuf list: malformed", ErrUndecodable)
 	}
-	if err == nil {
+	switch {
+	case err != nil:
+	case typed:
 		err = decodeProtobufItems(l.Items, todo, itemType, resource)
+	default:
+		// A kind outpost has no type for (see generic.go).
+		err = inParallel(len(todo), func(j int) error {
+			it := &l.Items[todo[j]]
+			o, err := objectFromProtobuf(it.Proto)
+			*it = o
+			return err
+		})
 	}
 	if err != nil {
 		return List{}, true, err
@@ -312,6 +322,10 @@ func DecodeObject(contentType string, body []byte, resource string) (o store.Obj
 		o, err = objectFromJSON(body, resource)
 		return o, tm.Kind, tm.APIVersion, err
 	case mediaProtobuf, mediaCBOR:
+		if apiVersion, kind, msg, ok := protobufEnvelopeParts(body); ok && !knownKind(schema.FromAPIVersionAndKind(apiVersion, kind)) {
+			o, err := objectFromProtobuf(bytes.Clone(msg))
+			return o, kind, apiVersion, err
+		}
 		obj, err := decodeTyped(contentType, body)
 		if err != nil {
 			return o, "", "", err
@@ -556,8 +570,8 @@ type eventMeta struct {
 type WatchDecoder struct {
 	resource string
 	json     *json.Decoder
-	typed    *restwatch.Decoder
-	frames   *lastFrame // protobuf: what typed decoded last
+	protobuf io.Reader // length-delimited metav1.WatchEvent messages
+	frame    []byte    // the protobuf frame being decoded
 }
 
 // NewWatchDecoder decodes the watch stream r, sent as contentType.
@@ -567,12 +581,7 @@ func NewWatchDecoder(contentType string, r io.ReadCloser, resource string) (*Wat
 	case mediaJSON:
 		d.json = json.NewDecoder(r)
 	case mediaProtobuf:
-		info, ok := runtime.SerializerInfoForMediaType(codecs.SupportedMediaTypes(), mediaProtobuf)
-		if !ok || info.StreamSerializer == nil {
-			return nil, fmt.Errorf("%w: no protobuf stream serializer", ErrUndecodable)
-		}
-		d.frames = &lastFrame{ReadCloser: info.StreamSerializer.Framer.NewFrameReader(r)}
-		d.typed = restwatch.NewDecoder(streaming.NewDecoder(d.frames, info.StreamSerializer.Serializer), codecs.UniversalDeserializer())
+		d.protobuf = r
 	default:
 		return nil, fmt.Errorf("%w: watch content type %q", ErrUndecodable, contentType)
 	}
@@ -594,63 +603,78 @@ func (d *WatchDecoder) Next() (ev Event, err error) {
 		}
 		return d.event(frame.Type, func() (store.Object, error) { return objectFromJSON(frame.Object, d.resource) }, metaOfJSON(frame.Object))
 	}
-	defer func() {
-		if r := recover(); r != nil {
-			err = fmt.Errorf("%w: decoder panic: %v", ErrUndecodable, r)
-		}
-	}()
-	typ, obj, err := d.typed.Decode()
-	if err != nil {
-		if err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF) {
-			return ev, io.EOF
-		}
-		return ev, fmt.Errorf("%w: watch frame: %v", ErrUndecodable, err)
+	return d.nextProtobuf()
+}
+
+// maxWatchFrame bounds one protobuf watch event: kube-apiserver refuses
+// objects over about 1.5 MiB (etcd's request limit), so a larger frame is
+// a broken stream, not an object.
+const maxWatchFrame = 64 << 20
+
+// nextProtobuf reads one event of a protobuf watch stream: frames of a
+// 4-byte big-endian length and a metav1.WatchEvent message, whose object
+// is a protobuf envelope (see generic.go). Kinds outpost has a type for
+// are decoded with it; others are filed from their ObjectMeta. Either way
+// the object keeps the message the apiserver sent.
+func (d *WatchDecoder) nextProtobuf() (Event, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(d.protobuf, hdr[:]); err != nil {
+		return Event{}, watchReadError(err)
 	}
-	m := metaOfTyped(obj)
-	return d.event(typ, func() (store.Object, error) {
-		o, err := objectFromTyped(obj, d.resource)
-		if err == nil {
-			o.Proto = d.frames.objectMessage()
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n > maxWatchFrame {
+		return Event{}, fmt.Errorf("%w: protobuf watch frame of %d bytes", ErrUndecodable, n)
+	}
+	if cap(d.frame) < int(n) {
+		d.frame = make([]byte, n)
+	}
+	d.frame = d.frame[:n]
+	if _, err := io.ReadFull(d.protobuf, d.frame); err != nil {
+		return Event{}, watchReadError(err)
+	}
+	var we metav1.WatchEvent
+	if err := unmarshalSafely(&we, d.frame); err != nil {
+		return Event{}, fmt.Errorf("%w: protobuf watch frame: %v", ErrUndecodable, err)
+	}
+	typ := watch.EventType(we.Type)
+	apiVersion, kind, msg, ok := protobufEnvelopeParts(we.Object.Raw)
+	if !ok {
+		return Event{}, fmt.Errorf("%w: protobuf watch event object", ErrUndecodable)
+	}
+	m := eventMeta{Kind: kind, APIVersion: apiVersion}
+	if typ == watch.Bookmark {
+		om, err := protobufObjectMeta(msg)
+		if err != nil {
+			return Event{}, err
 		}
+		m.ResourceVersion, m.InitialEventsEnd = om.ResourceVersion, om.Annotations[initialEventsEnd] == "true"
+	}
+	return d.event(typ, func() (store.Object, error) {
+		msg := bytes.Clone(msg) // the object keeps it; the frame is reused
+		if !knownKind(schema.FromAPIVersionAndKind(apiVersion, kind)) {
+			return objectFromProtobuf(msg)
+		}
+		obj, err := decodeTyped(mediaProtobuf, we.Object.Raw)
+		if err != nil {
+			return store.Object{}, err
+		}
+		o, err := objectFromTyped(obj, d.resource)
+		o.Proto = msg
 		return o, err
 	}, m)
 }
 
-// lastFrame keeps the last whole frame read from a protobuf watch stream,
-// whose frame reader hands a frame over in several reads when the
-// caller's buffer is short.
-type lastFrame struct {
-	io.ReadCloser
-	frame []byte // the frame being read, then the last one read whole
-	whole bool
-}
-
-func (f *lastFrame) Read(p []byte) (int, error) {
-	n, err := f.ReadCloser.Read(p)
-	if f.whole {
-		f.frame, f.whole = f.frame[:0], false
+// watchReadError is what a failed read of a watch stream means: its end
+// (also when it ends mid-frame, as a closed connection does), the
+// recorder's own pipe errors as they are, else an undecodable stream.
+func watchReadError(err error) error {
+	switch {
+	case err == io.EOF, errors.Is(err, io.ErrUnexpectedEOF):
+		return io.EOF
+	case errors.Is(err, errOverflow), errors.Is(err, errPipeClosed):
+		return err
 	}
-	f.frame = append(f.frame, p[:n]...)
-	f.whole = err == nil
-	return n, err
-}
-
-// objectMessage returns a copy of the protobuf message of the object in
-// the last frame, a metav1.WatchEvent (type in field 1, the object in field
-// 2 as a RawExtension whose field 1 holds it in its envelope), or nil.
-func (f *lastFrame) objectMessage() []byte {
-	if !f.whole {
-		return nil
-	}
-	ext, found, short, ok := protoField(f.frame, 2)
-	if !ok || !found || short {
-		return nil
-	}
-	raw, found, short, ok := protoField(ext, 1)
-	if !ok || !found || short {
-		return nil
-	}
-	return protobufMessage(raw)
+	return fmt.Errorf("%w: watch stream: %v", ErrUndecodable, err)
 }
 
 func (d *WatchDecoder) event(typ watch.EventType, decode func() (store.Object, error), m eventMeta) (Event, error) {
@@ -689,22 +713,6 @@ func metaOfJSON(raw []byte) eventMeta {
 	_ = json.Unmarshal(raw, &doc)
 	return eventMeta{Kind: doc.Kind, APIVersion: doc.APIVersion, ResourceVersion: doc.Metadata.ResourceVersion,
 		InitialEventsEnd: doc.Metadata.Annotations[initialEventsEnd] == "true"}
-}
-
-func metaOfTyped(obj runtime.Object) eventMeta {
-	var m eventMeta
-	gvk := obj.GetObjectKind().GroupVersionKind()
-	if gvk.Kind == "" {
-		if kinds, _, err := cacheScheme.ObjectKinds(obj); err == nil && len(kinds) > 0 {
-			gvk = kinds[0]
-		}
-	}
-	m.Kind, m.APIVersion = gvk.Kind, gvk.GroupVersion().String()
-	if a, err := meta.Accessor(obj); err == nil {
-		m.ResourceVersion = a.GetResourceVersion()
-		m.InitialEventsEnd = a.GetAnnotations()[initialEventsEnd] == "true"
-	}
-	return m
 }
 
 type unstructuredCreater struct{}

@@ -18,7 +18,6 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/strategicpatch"
 
@@ -595,8 +594,7 @@ func (c *Cache) ReplayJournal(ctx context.Context, rate int, send func(ctx conte
 }
 
 func unsupportedMedia(mt string) error {
-	return &apierrors.StatusError{ErrStatus: metav1.Status{Status: metav1.StatusFailure, Code: http.StatusUnsupportedMediaType,
-		Reason: metav1.StatusReasonUnsupportedMediaType, Message: "outpost cannot apply " + mt + " offline"}}
+	return status.UnsupportedMediaType("outpost cannot apply " + mt + " offline")
 }
 
 // ReplayStatus sends the last local status of this node and its pods to

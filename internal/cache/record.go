@@ -435,8 +435,8 @@ func (c *Cache) unchanged(view store.ViewKey, rv string) bool {
 }
 
 func (c *Cache) undecodable(view *store.ViewKey, err error) {
-	c.Log.Warn("recorded answer not understood; dropped", "resource", view.Resource, "err", err)
-	c.drop(view, "undecodable")
+	c.Log.Debug("recorded answer not understood; dropped", "resource", view.Resource, "err", err)
+	c.dropped(view, "undecodable", err)
 }
 
 // teeWatch copies a watch stream into a non-blocking pipe read by a decoder

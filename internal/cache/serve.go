@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/http"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -221,7 +222,7 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 	if wantMeta {
 		kind, apiVersion = "PartialObjectMetadataList", "meta.k8s.io/v1"
 	}
-	var items [][]byte
+	var items, protos [][]byte
 	cont := ""
 	fast := !src.filter && !c.overlays.has(src.view.Key.Resource)
 	if fast && a.media == mediaProtobuf && a.as == "" && !wantMeta {
@@ -287,23 +288,31 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 			cont = encodeContinue(src.view.ResourceVersion, store.MemberKey(last.Namespace, last.Name))
 		}
 		items = make([][]byte, len(objs))
+		protos = make([][]byte, len(objs))
 		for i, o := range objs {
-			items[i] = o.Data
+			items[i], protos[i] = o.Data, o.Proto
 		}
 	}
 	if wantMeta {
+		protos = nil // the items are not the stored objects any more
 		for i, data := range items {
 			items[i] = withTypeMeta(metadataOnly(data), "PartialObjectMetadata", "meta.k8s.io/v1")
 		}
 	}
 	if a.media == mediaProtobuf && !(a.as == "Table" && !a.plainJSON) {
-		if body, ok := protobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, nil); ok {
+		if body, ok := protobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, protos); ok {
 			c.writeAnswer(w, mediaProtobuf, body, src)
 			return nil
 		}
 	}
+	protobufOnly := slices.ContainsFunc(items, isProtobufOnly)
+	if protobufOnly && a.as != "Table" {
+		return protobufOnlyError(describe(info))
+	}
 	body := jsonList(kind, apiVersion, src.view.ResourceVersion, cont, items)
-	if a.as == "Table" && !a.plainJSON {
+	if a.as == "Table" && (!a.plainJSON || protobufOnly) {
+		// A Table needs only the metadata, which is all outpost knows of
+		// objects recorded only as protobuf.
 		return c.writeTable(w, body, src)
 	}
 	return c.encode(w, body, a, src)
@@ -396,8 +405,8 @@ func protobufList(kind, apiVersion, rv, cont string, items, protos [][]byte) (bo
 	if err != nil {
 		return nil, false
 	}
-	itemType, ok := protobufListItemType(gv.WithKind(kind))
-	if !ok {
+	itemType, typed := protobufListItemType(gv.WithKind(kind))
+	if !typed && knownKind(gv.WithKind(kind)) {
 		return nil, false
 	}
 	if protos == nil {
@@ -410,6 +419,11 @@ func protobufList(kind, apiVersion, rv, cont string, items, protos [][]byte) (bo
 		if p == nil {
 			missing = append(missing, i)
 		}
+	}
+	if len(missing) > 0 && !typed {
+		// A kind outpost has no type for: only the recorded messages
+		// can be sent (see generic.go).
+		return nil, false
 	}
 	errNotProtobuf := errors.New("not protobuf")
 	if err := inParallel(len(missing), func(j int) error {
@@ -534,6 +548,8 @@ func (c *Cache) serveGet(w http.ResponseWriter, r *http.Request, info *request.I
 	if strings.HasPrefix(a.as, "PartialObjectMetadata") {
 		data = metadataOnly(data)
 		kind, apiVersion = "PartialObjectMetadata", "meta.k8s.io/v1"
+	} else if isProtobufOnly(data) {
+		return protobufOnlyError(describe(info))
 	}
 	body := withTypeMeta(data, kind, apiVersion)
 	return c.encode(w, body, a, source{})
@@ -610,8 +626,7 @@ func (c *Cache) encode(w http.ResponseWriter, jsonBody []byte, a accept, src sou
 			c.writeAnswer(w, mediaJSON, jsonBody, src)
 			return nil
 		}
-		return &apierrors.StatusError{ErrStatus: metav1.Status{Status: metav1.StatusFailure, Code: http.StatusNotAcceptable,
-			Reason: metav1.StatusReasonNotAcceptable, Message: fmt.Sprintf("outpost cache cannot encode this answer as protobuf: %v", err)}}
+		return status.NotAcceptable(fmt.Sprintf("outpost cache cannot encode this answer as protobuf: %v", err))
 	case mediaCBOR:
 		u := &unstructured.Unstructured{}
 		if err := u.UnmarshalJSON(jsonBody); err != nil {

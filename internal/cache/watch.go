@@ -74,7 +74,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	if strings.HasPrefix(a.as, "PartialObjectMetadata") {
 		kind, apiVersion = "PartialObjectMetadata", "meta.k8s.io/v1"
 	}
-	enc, err := newEventEncoder(w, a, kind, apiVersion)
+	enc, err := newEventEncoder(w, a, kind, apiVersion, c.recordedAsProtobuf(src.view.Key))
 	if err != nil {
 		return err
 	}
@@ -99,6 +99,10 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			data, proto := o.Data, o.Proto
 			if kind == "PartialObjectMetadata" {
 				data, proto = metadataOnly(data), nil
+			} else if isProtobufOnly(data) && !enc.protobuf {
+				st := protobufOnlyError(describe(info)).(apierrors.APIStatus).Status()
+				_ = enc.status(&st)
+				return stop
 			}
 			if err := enc.object(watch.Added, data, proto); err != nil {
 				return stop // the client went away
@@ -182,11 +186,27 @@ type eventEncoder struct {
 	kind, apiVersion string
 }
 
-func newEventEncoder(w http.ResponseWriter, a accept, kind, apiVersion string) (*eventEncoder, error) {
+// recordedAsProtobuf reports whether the first member of view k was
+// recorded from a protobuf answer: of a kind outpost has no type for,
+// only then can its events be sent in protobuf.
+func (c *Cache) recordedAsProtobuf(k store.ViewKey) bool {
+	found := false
+	_ = c.Store.List(k, "", 1, func(o store.Object) error {
+		found = o.Proto != nil
+		return nil
+	})
+	return found
+}
+
+// newEventEncoder picks the encoding of an offline watch's events: the
+// one the client asked for, unless that is protobuf for a kind outpost
+// can neither decode nor send as recorded (custom resources, which the
+// apiserver itself serves only as JSON or CBOR).
+func newEventEncoder(w http.ResponseWriter, a accept, kind, apiVersion string, recordedAsProtobuf bool) (*eventEncoder, error) {
 	media := mediaJSON
 	if a.media == mediaProtobuf && kind != "" {
 		gvk := schema.FromAPIVersionAndKind(apiVersion, kind)
-		if cacheScheme.Recognizes(gvk) {
+		if knownKind(gvk) || recordedAsProtobuf {
 			media = mediaProtobuf
 		}
 	}
@@ -232,6 +252,15 @@ func (e *eventEncoder) bookmark(rv string, end bool) error {
 		md["annotations"] = map[string]string{initialEventsEnd: "true"}
 	}
 	data, _ := json.Marshal(map[string]any{"metadata": md})
+	if e.protobuf && !knownKind(schema.FromAPIVersionAndKind(e.apiVersion, e.kind)) {
+		om := &metav1.ObjectMeta{ResourceVersion: rv}
+		if end {
+			om.Annotations = map[string]string{initialEventsEnd: "true"}
+		}
+		msg := protobufMetaMessage(om)
+		raw := protobufEnvelope(e.kind, e.apiVersion, len(msg), func(b []byte) []byte { return append(b, msg...) })
+		return e.stream.Encode(&metav1.WatchEvent{Type: string(watch.Bookmark), Object: runtime.RawExtension{Raw: raw}})
+	}
 	if e.protobuf {
 		gvk := schema.FromAPIVersionAndKind(e.apiVersion, e.kind)
 		obj, err := cacheScheme.New(gvk)

@@ -351,7 +351,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	// contract of the port, which is why it is off by default and meant for
 	// loopback only.
 	start("insecure", h.cfg.InsecureAddress, newProxy(func(*http.Request) (request.Identity, error) { return h.auth.Node(), nil }), nil)
-	start("admin", h.cfg.AdminAddress, h.adminHandler(), nil)
+	start("admin", h.cfg.AdminAddress, h.adminHandler(c), nil)
 
 	err = g.Wait()
 	if errors.Is(err, context.Canceled) {
@@ -520,7 +520,7 @@ func recordFilter(patterns []string) func(request.Identity) bool {
 	}
 }
 
-func (h *Hub) adminHandler() http.Handler {
+func (h *Hub) adminHandler(c *cache.Cache) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
@@ -551,6 +551,12 @@ func (h *Hub) adminHandler() http.Handler {
 		}
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(views)
+	})
+	// Resources whose answers could not be recorded lately, and so will
+	// not be served offline (the views endpoint keeps its list of views).
+	mux.HandleFunc("/debug/cache/unrecorded", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(c.Unrecorded())
 	})
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)

@@ -38,6 +38,10 @@ type Metrics struct {
 	// CacheDropped counts recordings dropped, by reason; their views are
 	// marked stale.
 	CacheDropped *prometheus.CounterVec
+	// CacheUnrecorded counts the same by the resource the answer was of
+	// (group, version, resource), so an operator learns which reads will
+	// not be served offline before the link drops.
+	CacheUnrecorded *prometheus.CounterVec
 	// CacheErrors counts failed store writes.
 	CacheErrors prometheus.Counter
 	// MemoryReleases counts returns of free heap to the system, by reason
@@ -102,6 +106,10 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "outpost_cache_dropped_total",
 			Help: "Recordings dropped (the view is marked stale), by reason.",
 		}, []string{"reason"}),
+		CacheUnrecorded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_cache_unrecorded_total",
+			Help: "Answers of a resource that could not be recorded (their view is marked stale), by group, version, resource and reason.",
+		}, []string{"group", "version", "resource", "reason"}),
 		CacheErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "outpost_cache_write_errors_total",
 			Help: "Failed writes to the store.",
@@ -114,7 +122,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.JournalEvents = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_events_total", Help: "Events journaled while offline."})
 	m.JournalDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_dropped_total", Help: "Journaled events dropped because the journal was full."})
 	m.JournalReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_replayed_total", Help: "Journaled events delivered to the apiserver after reconnect."})
-	reg.MustRegister(m.MemoryReleases, m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheErrors,
+	reg.MustRegister(m.MemoryReleases, m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheUnrecorded, m.CacheErrors,
 		m.Requests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
 		m.UpstreamTransitions, m.UpstreamProbes, m.Online, m.AuthFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

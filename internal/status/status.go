@@ -61,3 +61,18 @@ func Unavailable(msg string, retryAfterSeconds int32) *apierrors.StatusError {
 		Message: msg, Details: &metav1.StatusDetails{RetryAfterSeconds: retryAfterSeconds},
 	}}
 }
+
+// NotAcceptable is a 406 Status error with msg: the answer exists, but not
+// in an encoding the client accepts.
+func NotAcceptable(msg string) *apierrors.StatusError {
+	return &apierrors.StatusError{ErrStatus: metav1.Status{
+		Status: metav1.StatusFailure, Code: http.StatusNotAcceptable, Reason: metav1.StatusReasonNotAcceptable, Message: msg,
+	}}
+}
+
+// UnsupportedMediaType is a 415 Status error with msg.
+func UnsupportedMediaType(msg string) *apierrors.StatusError {
+	return &apierrors.StatusError{ErrStatus: metav1.Status{
+		Status: metav1.StatusFailure, Code: http.StatusUnsupportedMediaType, Reason: metav1.StatusReasonUnsupportedMediaType, Message: msg,
+	}}
+}
