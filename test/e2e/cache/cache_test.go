@@ -248,8 +248,8 @@ func TestReadsSurviveTheCut(t *testing.T) {
 		}},
 		// Protobuf answers offline are the apiserver's own bytes: each
 		// object as it sent it, in the same envelope.
-		{"protobuf list, byte for byte", rawProtobuf(saProto, "/api/v1/namespaces/c/configmaps")},
-		{"protobuf get, byte for byte", rawProtobuf(saProto, "/api/v1/namespaces/c/configmaps/cm-3")},
+		{"protobuf list, byte for byte", rawProtobuf(saProto.CoreV1().RESTClient(), "/api/v1/namespaces/c/configmaps")},
+		{"protobuf get, byte for byte", rawProtobuf(saProto.CoreV1().RESTClient(), "/api/v1/namespaces/c/configmaps/cm-3")},
 		{"metadata-only list", func(ctx context.Context) (string, error) {
 			l, err := meta.Resource(corev1.SchemeGroupVersion.WithResource("configmaps")).Namespace("b").List(ctx, metav1.ListOptions{LabelSelector: "tier=back"})
 			if err != nil {
@@ -370,11 +370,11 @@ func TestReadsSurviveTheCut(t *testing.T) {
 	}
 }
 
-// rawProtobuf reads path as protobuf with c's credentials and describes
+// rawProtobuf reads path as protobuf through c and describes
 // the body by its length and digest.
-func rawProtobuf(c kubernetes.Interface, path string) func(ctx context.Context) (string, error) {
+func rawProtobuf(c rest.Interface, path string) func(ctx context.Context) (string, error) {
 	return func(ctx context.Context) (string, error) {
-		b, err := c.CoreV1().RESTClient().Get().AbsPath(path).SetHeader("Accept", runtime.ContentTypeProtobuf).DoRaw(ctx)
+		b, err := c.Get().AbsPath(path).SetHeader("Accept", runtime.ContentTypeProtobuf).DoRaw(ctx)
 		if err == nil && !bytes.HasPrefix(b, []byte("k8s\x00")) {
 			err = fmt.Errorf("not protobuf: %q", b[:min(len(b), 64)])
 		}
