@@ -95,16 +95,7 @@ func seed(t *testing.T) {
 		}
 	}
 	// A CRD and instances of it.
-	crd := filepath.Join(t.TempDir(), "crd.yaml")
-	if err := os.WriteFile(crd, []byte(crdYAML), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := cp.Kubectl(ctx, "", "apply", "-f", crd); err != nil {
-		t.Fatalf("creating CRD: %v\n%s", err, out)
-	}
-	if out, err := cp.Kubectl(ctx, "", "wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=30s"); err != nil {
-		t.Fatalf("waiting for CRD: %v\n%s", err, out)
-	}
+	applyCRD(t, "widgets.example.com", crdYAML)
 	dyn := dynamic.NewForConfigOrDie(cp.AdminConfig())
 	deadline := time.Now().Add(30 * time.Second)
 	for i := 0; i < 3; {
@@ -119,6 +110,22 @@ func seed(t *testing.T) {
 			t.Fatalf("creating widget: %v", err)
 		}
 		time.Sleep(200 * time.Millisecond) // discovery of the new type settles
+	}
+}
+
+// applyCRD creates the CustomResourceDefinition name from its YAML and
+// waits until it is established.
+func applyCRD(t *testing.T, name, yaml string) {
+	t.Helper()
+	file := filepath.Join(t.TempDir(), "crd.yaml")
+	if err := os.WriteFile(file, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := cp.Kubectl(t.Context(), "", "apply", "-f", file); err != nil {
+		t.Fatalf("creating CRD %s: %v\n%s", name, err, out)
+	}
+	if out, err := cp.Kubectl(t.Context(), "", "wait", "--for=condition=Established", "crd/"+name, "--timeout=30s"); err != nil {
+		t.Fatalf("waiting for CRD %s: %v\n%s", name, err, out)
 	}
 }
 

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -53,16 +52,7 @@ spec:
 func TestProtobufKindsOutsideTheBuiltins(t *testing.T) {
 	ctx := t.Context()
 	token := readerToken(t)
-	crd := filepath.Join(t.TempDir(), "gadgets.yaml")
-	if err := os.WriteFile(crd, []byte(gadgetsCRD), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := cp.Kubectl(ctx, "", "apply", "-f", crd); err != nil {
-		t.Fatalf("creating CRD: %v\n%s", err, out)
-	}
-	if out, err := cp.Kubectl(ctx, "", "wait", "--for=condition=Established", "crd/gadgets.outpost.test", "--timeout=30s"); err != nil {
-		t.Fatalf("waiting for CRD: %v\n%s", err, out)
-	}
+	applyCRD(t, "gadgets.outpost.test", gadgetsCRD)
 	o := startOutpost(t, node)
 
 	protoCfg := &rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}}
