@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outposthq/outpost/internal/codec"
+
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -26,6 +28,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/outposthq/outpost/internal/codec/codectest"
 	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
@@ -111,7 +114,7 @@ func TestWatchListRecordedThenServed(t *testing.T) {
 	end := &corev1.ConfigMap{TypeMeta: metav1.TypeMeta{Kind: "ConfigMap", APIVersion: "v1"},
 		ObjectMeta: metav1.ObjectMeta{ResourceVersion: "12", Annotations: map[string]string{"k8s.io/initial-events-end": "true"}}}
 	later := cm("c", "ns1", "13", map[string]string{"tier": "front"})
-	body := watchStream(t, "application/json", []watch.Event{{Type: watch.Added, Object: &a}, {Type: watch.Added, Object: &b},
+	body := codectest.WatchStream(t, "application/json", []watch.Event{{Type: watch.Added, Object: &a}, {Type: watch.Added, Object: &b},
 		{Type: watch.Bookmark, Object: end}, {Type: watch.Added, Object: &later}})
 	respond(t, c, "/api/v1/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true", "", "application/json", body)
 
@@ -150,7 +153,7 @@ func TestWatchListRecordedThenServed(t *testing.T) {
 	}
 	// Protobuf, as kubelet asks.
 	w = serve(t, c, "/api/v1/namespaces/ns2/configmaps/b", "application/vnd.kubernetes.protobuf")
-	if w.Code != 200 || w.Header().Get("Content-Type") != mediaProtobuf {
+	if w.Code != 200 || w.Header().Get("Content-Type") != codec.MediaProtobuf {
 		t.Fatalf("protobuf get: %d %s", w.Code, w.Header())
 	}
 	// Metadata only, from the full view.
@@ -187,7 +190,7 @@ func TestOfflineWatch(t *testing.T) {
 
 	for _, media := range []string{"application/json", "application/vnd.kubernetes.protobuf"} {
 		w := serve(t, c, "/api/v1/namespaces/ns1/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=1", media)
-		d, err := NewWatchDecoder(w.Header().Get("Content-Type"), io.NopCloser(bytes.NewReader(w.Body.Bytes())), "/v1/configmaps")
+		d, err := codec.NewWatchDecoder(w.Header().Get("Content-Type"), io.NopCloser(bytes.NewReader(w.Body.Bytes())), "/v1/configmaps")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -222,14 +225,15 @@ func TestOfflineWatch(t *testing.T) {
 // gzipped.
 func protobufGzipped(t *testing.T, o runtime.Object) (plain, gzipped []byte) {
 	t.Helper()
-	var pb, gz bytes.Buffer
-	if err := protobufSerializer.Encode(o, &pb); err != nil {
+	pb, err := codec.EncodeProtobuf(o)
+	if err != nil {
 		t.Fatal(err)
 	}
+	var gz bytes.Buffer
 	zw := gzip.NewWriter(&gz)
-	_, _ = zw.Write(pb.Bytes())
+	_, _ = zw.Write(pb)
 	_ = zw.Close()
-	return pb.Bytes(), gz.Bytes()
+	return pb, gz.Bytes()
 }
 
 func TestGzippedProtobufListsRecorded(t *testing.T) {
@@ -260,7 +264,7 @@ func TestGzippedProtobufListsRecorded(t *testing.T) {
 		r.Header.Set("Accept", "application/vnd.kubernetes.protobuf, */*")
 		info, _ := request.Parse(r, reader)
 		resp := &http.Response{StatusCode: 200, Request: r, Body: io.NopCloser(bytes.NewReader(gz)),
-			Header: http.Header{"Content-Type": {mediaProtobuf}, "Content-Encoding": {"gzip"}}}
+			Header: http.Header{"Content-Type": {codec.MediaProtobuf}, "Content-Encoding": {"gzip"}}}
 		c.Tee(resp, info)
 		if _, err := io.Copy(io.Discard, resp.Body); err != nil {
 			t.Fatal(err)
@@ -309,7 +313,7 @@ func TestIdenticalAnswersRecordedOnce(t *testing.T) {
 		r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/ns1/configmaps", nil)
 		r.Header.Set("Accept", "application/vnd.kubernetes.protobuf, */*")
 		info, _ := request.Parse(r, reader)
-		h := http.Header{"Content-Type": {mediaProtobuf}}
+		h := http.Header{"Content-Type": {codec.MediaProtobuf}}
 		if gzipped {
 			h.Set("Content-Encoding", "gzip")
 		}
@@ -428,17 +432,32 @@ func TestLargeAnswerReported(t *testing.T) {
 	seedList(t, c, "small", 10, nil)
 	seedList(t, c, "large", 15000, nil)
 	reported := large.Load() // storing the large list may count already
-	if w := serve(t, c, "/api/v1/namespaces/small/configmaps", mediaJSON); w.Code != 200 {
+	if w := serve(t, c, "/api/v1/namespaces/small/configmaps", codec.MediaJSON); w.Code != 200 {
 		t.Fatalf("small list: %d", w.Code)
 	}
 	if n := large.Load(); n != reported {
 		t.Fatal("a small answer was reported large")
 	}
-	w := serve(t, c, "/api/v1/namespaces/large/configmaps", mediaJSON)
+	w := serve(t, c, "/api/v1/namespaces/large/configmaps", codec.MediaJSON)
 	if w.Code != 200 || w.Body.Len() < largeAnswer {
 		t.Fatalf("large list: %d, %d bytes", w.Code, w.Body.Len())
 	}
 	if n := large.Load(); n != reported+1 {
 		t.Fatalf("serving a large answer reported %d times; want once", n-reported)
 	}
+}
+
+// FuzzInflate: inflating whatever an apiserver's gzipped answer holds
+// returns an error or a body, never panics.
+func FuzzInflate(f *testing.F) {
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	_, _ = zw.Write([]byte(`{"kind":"ConfigMapList","apiVersion":"v1","metadata":{"resourceVersion":"1"},"items":[]}`))
+	_ = zw.Close()
+	f.Add(gz.Bytes())
+	f.Add([]byte{0x1f, 0x8b, 8, 0})
+	f.Fuzz(func(t *testing.T, body []byte) {
+		_, _ = gunzip(body)
+		_, _ = inflate(body, func([]byte) bool { return false })
+	})
 }

@@ -9,6 +9,10 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/outposthq/outpost/internal/codec"
+
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -34,23 +38,22 @@ func widgetMessage(t testing.TB, name, ns, rv string, labels map[string]string, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec := appendFieldHeader(nil, 1, len(color))
-	spec = append(spec, color...)
-	b := appendFieldHeader(nil, 1, len(md))
-	b = append(b, md...)
-	b = appendFieldHeader(b, 2, len(spec))
-	return append(b, spec...)
+	spec := protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), []byte(color))
+	b := protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), md)
+	return protowire.AppendBytes(protowire.AppendTag(b, 2, protowire.BytesType), spec)
 }
 
-func widgetList(rv string, items ...[]byte) []byte {
-	lm := &metav1.ListMeta{ResourceVersion: rv}
-	return protobufEnvelope("WidgetList", widgetAPIVersion, protobufListSize(lm, items), func(b []byte) []byte {
-		return appendProtobufList(b, lm, items)
-	})
+func widgetList(t testing.TB, rv string, items ...[]byte) []byte {
+	t.Helper()
+	body, ok := codec.ProtobufList("WidgetList", widgetAPIVersion, rv, "", make([][]byte, len(items)), items)
+	if !ok {
+		t.Fatal("cannot assemble a WidgetList")
+	}
+	return body
 }
 
 func widgetEnvelope(kind string, msg []byte) []byte {
-	return protobufEnvelope(kind, widgetAPIVersion, len(msg), func(b []byte) []byte { return append(b, msg...) })
+	return codec.ProtobufEnvelope(kind, widgetAPIVersion, len(msg), func(b []byte) []byte { return append(b, msg...) })
 }
 
 // TestUnknownProtobufKindRecordedAndServed: a list of a kind outpost has
@@ -62,12 +65,12 @@ func TestUnknownProtobufKindRecordedAndServed(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	c, stop := newCache(t, func(c *Cache) { c.Metrics = metrics.New(reg) })
 	defer stop()
-	if knownKind(schema.GroupVersionKind{Group: "example.com", Version: "v1", Kind: "Widget"}) {
+	if codec.KnownKind(schema.GroupVersionKind{Group: "example.com", Version: "v1", Kind: "Widget"}) {
 		t.Fatal("the test kind must be unknown to outpost")
 	}
 	a := widgetMessage(t, "a", "ns1", "7", map[string]string{"tier": "front"}, "blue")
 	b := widgetMessage(t, "b", "ns2", "8", map[string]string{"tier": "back"}, "red")
-	list := widgetList("9", a, b)
+	list := widgetList(t, "9", a, b)
 	const pb = "application/vnd.kubernetes.protobuf"
 	respond(t, c, "/apis/example.com/v1/widgets", pb+", application/json", pb, list)
 	key := store.ViewKey{Identity: reader.Key(), Resource: widgetResource}
@@ -84,11 +87,11 @@ func TestUnknownProtobufKindRecordedAndServed(t *testing.T) {
 		t.Errorf("protobuf list differs from the recorded one:\n got %q\nwant %q", w.Body.Bytes(), list)
 	}
 	w = serve(t, c, "/apis/example.com/v1/widgets?labelSelector=tier%3Dback", pb)
-	if want := widgetList("9", b); w.Code != http.StatusOK || !bytes.Equal(w.Body.Bytes(), want) {
+	if want := widgetList(t, "9", b); w.Code != http.StatusOK || !bytes.Equal(w.Body.Bytes(), want) {
 		t.Errorf("label-selected protobuf list: %d\n got %q\nwant %q", w.Code, w.Body.Bytes(), want)
 	}
 	w = serve(t, c, "/apis/example.com/v1/namespaces/ns1/widgets?fieldSelector=metadata.name%3Da", pb)
-	if want := widgetList("9", a); w.Code != http.StatusOK || !bytes.Equal(w.Body.Bytes(), want) {
+	if want := widgetList(t, "9", a); w.Code != http.StatusOK || !bytes.Equal(w.Body.Bytes(), want) {
 		t.Errorf("field-selected protobuf list in ns1: %d\n got %q\nwant %q", w.Code, w.Body.Bytes(), want)
 	}
 	w = serve(t, c, "/apis/example.com/v1/namespaces/ns2/widgets/b", pb)
@@ -133,7 +136,7 @@ func TestUnknownProtobufKindWatched(t *testing.T) {
 	const pb = "application/vnd.kubernetes.protobuf"
 	a := widgetMessage(t, "a", "ns1", "7", nil, "blue")
 	a2 := widgetMessage(t, "a", "ns1", "10", nil, "green")
-	respond(t, c, "/apis/example.com/v1/widgets", pb, pb, widgetList("9", a))
+	respond(t, c, "/apis/example.com/v1/widgets", pb, pb, widgetList(t, "9", a))
 	key := store.ViewKey{Identity: reader.Key(), Resource: widgetResource}
 	waitFor(t, "the list", func() bool { v, ok, _ := c.Store.View(key); return ok && v.ResourceVersion == "9" })
 
@@ -159,7 +162,7 @@ func TestUnknownProtobufKindWatched(t *testing.T) {
 	if w.Code != http.StatusOK || !strings.HasPrefix(w.Header().Get("Content-Type"), pb) {
 		t.Fatalf("offline watch: %d %s %s", w.Code, w.Header().Get("Content-Type"), w.Body)
 	}
-	d, err := NewWatchDecoder(pb, io.NopCloser(bytes.NewReader(w.Body.Bytes())), widgetResource)
+	d, err := codec.NewWatchDecoder(pb, io.NopCloser(bytes.NewReader(w.Body.Bytes())), widgetResource)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +189,7 @@ func TestUnrecordableCountedByResource(t *testing.T) {
 	c, stop := newCache(t, func(c *Cache) { c.Metrics = metrics.New(reg) })
 	defer stop()
 	const pb = "application/vnd.kubernetes.protobuf"
-	bad := append(bytes.Clone(protobufMagic), 0xff, 0xff, 0xff) // an envelope that breaks off
+	bad := append([]byte("k8s\x00"), 0xff, 0xff, 0xff) // an envelope that breaks off
 	respond(t, c, "/apis/example.com/v1/widgets", pb, pb, bad)
 	waitFor(t, "the drop", func() bool { return len(c.Unrecorded()) == 1 })
 	u := c.Unrecorded()[0]
@@ -199,7 +202,7 @@ func TestUnrecordableCountedByResource(t *testing.T) {
 	if _, ok, _ := c.Store.View(store.ViewKey{Identity: reader.Key(), Resource: widgetResource}); ok {
 		t.Error("a view was stored for an undecodable answer")
 	}
-	respond(t, c, "/apis/example.com/v1/widgets", pb, pb, widgetList("3", widgetMessage(t, "a", "", "3", nil, "x")))
+	respond(t, c, "/apis/example.com/v1/widgets", pb, pb, widgetList(t, "3", widgetMessage(t, "a", "", "3", nil, "x")))
 	waitFor(t, "the resource recorded again", func() bool { return len(c.Unrecorded()) == 0 })
 }
 

@@ -1,13 +1,13 @@
 package cache
 
 import (
-	"mime"
 	"net/http"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 
+	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -24,68 +24,12 @@ const (
 	document          // discovery, /version, OpenAPI
 )
 
-// accept describes what the client asked for in its Accept header.
-type accept struct {
-	// as is the transformation asked first: "", "Table",
-	// "PartialObjectMetadata" or "PartialObjectMetadataList".
-	as string
-	// plainJSON is true when a plain application/json answer is acceptable
-	// (kubectl asks for a Table but accepts JSON).
-	plainJSON bool
-	// media is the preferred media type without transformation.
-	media string
-}
-
-func parseAccept(h string) accept {
-	var a accept
-	if strings.TrimSpace(h) == "" {
-		return accept{plainJSON: true, media: mediaJSON}
-	}
-	for part := range strings.SplitSeq(h, ",") {
-		part = strings.TrimSpace(part)
-		var mt string
-		var params map[string]string
-		if strings.IndexByte(part, ';') < 0 {
-			// No parameters, as clients send most media types: no need
-			// for the parser's allocations.
-			mt = strings.ToLower(part)
-		} else {
-			var err error
-			if mt, params, err = mime.ParseMediaType(part); err != nil {
-				continue
-			}
-		}
-		if as := params["as"]; as != "" {
-			if a.as == "" && a.media == "" {
-				a.as = as
-				a.media = mt
-			}
-			continue
-		}
-		switch mt {
-		case mediaJSON, "*/*", "application/*":
-			a.plainJSON = true
-			if a.media == "" {
-				a.media = mediaJSON
-			}
-		case mediaProtobuf, mediaCBOR:
-			if a.media == "" {
-				a.media = mt
-			}
-		}
-	}
-	if a.media == "" {
-		a.media = mediaJSON
-	}
-	return a
-}
-
 // resourceKey is the store's name of the resource a request reads:
 // "group/version/resource", with "#meta" for metadata-only answers, which
 // are kept apart so they never replace full objects.
-func resourceKey(info *request.Info, a accept) string {
+func resourceKey(info *request.Info, a codec.Accept) string {
 	k := info.APIGroup + "/" + info.APIVersion + "/" + info.Resource
-	if strings.HasPrefix(a.as, "PartialObjectMetadata") {
+	if strings.HasPrefix(a.As, "PartialObjectMetadata") {
 		k += "#meta"
 	}
 	return k
@@ -116,8 +60,8 @@ func canonicalFields(s string) (string, error) {
 
 // classify says what r is for the cache and, for object requests, the
 // view it reads.
-func classify(r *http.Request, info *request.Info) (kind, store.ViewKey, accept) {
-	a := parseAccept(r.Header.Get("Accept"))
+func classify(r *http.Request, info *request.Info) (kind, store.ViewKey, codec.Accept) {
+	a := codec.ParseAccept(r.Header.Get("Accept"))
 	if r.Method != http.MethodGet || info.Upgrade {
 		return notCacheable, store.ViewKey{}, a
 	}
@@ -141,12 +85,12 @@ func classify(r *http.Request, info *request.Info) (kind, store.ViewKey, accept)
 	case "get":
 		key.Name = info.Name
 		key.LabelSelector, key.FieldSelector = "", ""
-		if a.as == "Table" {
+		if a.As == "Table" {
 			return table, key, a
 		}
 		return getObject, key, a
 	case "list":
-		if a.as == "Table" {
+		if a.As == "Table" {
 			return table, key, a
 		}
 		return listObjects, key, a

@@ -21,6 +21,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/strategicpatch"
 
+	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/status"
 	"github.com/outposthq/outpost/internal/store"
@@ -144,7 +145,7 @@ type overlayRecord struct {
 // applyOverlay returns o with the local version of it, if any.
 func (c *Cache) applyOverlay(resource string, o store.Object) store.Object {
 	if ov := c.overlays.get(strings.TrimSuffix(resource, "#meta"), o.Namespace, o.Name); ov != nil {
-		if no, err := objectFromJSON(ov.data, resource); err == nil {
+		if no, err := codec.ObjectFromJSON(ov.data, resource); err == nil {
 			return no
 		}
 	}
@@ -244,9 +245,9 @@ func requestJSON(r *http.Request) ([]byte, string, error) {
 	if len(body) > maxWriteBody {
 		return nil, "", apierrors.NewRequestEntityTooLargeError("request body over 3 MiB")
 	}
-	ct := mediaType(r.Header.Get("Content-Type"))
-	if ct == mediaProtobuf {
-		obj, _, err := codecs.UniversalDeserializer().Decode(body, nil, nil)
+	ct := codec.MediaType(r.Header.Get("Content-Type"))
+	if ct == codec.MediaProtobuf {
+		obj, err := codec.Decode(body, nil)
 		if err != nil {
 			return nil, ct, apierrors.NewBadRequest("decoding protobuf body: " + err.Error())
 		}
@@ -254,7 +255,7 @@ func requestJSON(r *http.Request) ([]byte, string, error) {
 		if err != nil {
 			return nil, ct, apierrors.NewBadRequest(err.Error())
 		}
-		ct = mediaJSON
+		ct = codec.MediaJSON
 	}
 	return body, ct, nil
 }
@@ -263,7 +264,7 @@ func (c *Cache) writeOverlay(w http.ResponseWriter, r *http.Request, info *reque
 	res := info.APIGroup + "/" + info.APIVersion + "/" + info.Resource
 	kinds := localKind[res]
 	if info.Verb == "get" {
-		return c.serveGet(w, r, info, store.ViewKey{Identity: info.Identity.Key(), Resource: res, Namespace: info.Namespace, Name: info.Name}, parseAccept(r.Header.Get("Accept")))
+		return c.serveGet(w, r, info, store.ViewKey{Identity: info.Identity.Key(), Resource: res, Namespace: info.Namespace, Name: info.Name}, codec.ParseAccept(r.Header.Get("Accept")))
 	}
 	body, ct, err := requestJSON(r)
 	if err != nil {
@@ -336,10 +337,10 @@ func (c *Cache) writeOverlay(w http.ResponseWriter, r *http.Request, info *reque
 	if err != nil {
 		return err
 	}
-	if ct != mediaJSON && info.Verb != "patch" {
+	if ct != codec.MediaJSON && info.Verb != "patch" {
 		return unsupportedMedia(ct)
 	}
-	obj, err := objectFromJSON(out, res)
+	obj, err := codec.ObjectFromJSON(out, res)
 	if err != nil {
 		return apierrors.NewBadRequest("outpost: the written object is not valid: " + err.Error())
 	}
@@ -369,7 +370,7 @@ func (c *Cache) writeOverlay(w http.ResponseWriter, r *http.Request, info *reque
 	}
 	ov := &overlay{resource: res, namespace: info.Namespace, name: name, kind: kinds[0], apiVersion: kinds[1], data: out}
 	rec, _ := json.Marshal(overlayRecord{Resource: res, Namespace: info.Namespace, Name: name, Kind: kinds[0], APIVersion: kinds[1], Data: out})
-	if err := c.Store.PutDoc(overlayPrefix+overlayKey(res, info.Namespace, name), mediaJSON, rec); err != nil {
+	if err := c.Store.PutDoc(overlayPrefix+overlayKey(res, info.Namespace, name), codec.MediaJSON, rec); err != nil {
 		return apierrors.NewInternalError(fmt.Errorf("saving local write: %w", err))
 	}
 	c.overlays.put(ov)
@@ -377,12 +378,12 @@ func (c *Cache) writeOverlay(w http.ResponseWriter, r *http.Request, info *reque
 	if info.Verb == "create" {
 		code = http.StatusCreated
 	}
-	a := parseAccept(r.Header.Get("Accept"))
+	a := codec.ParseAccept(r.Header.Get("Accept"))
 	w.Header().Set("X-Outpost-Local-Write", "overlay")
 	if code == http.StatusCreated {
 		w = statusCodeWriter{ResponseWriter: w, code: code}
 	}
-	return c.encode(w, withTypeMeta(out, kinds[0], kinds[1]), a, source{})
+	return c.encode(w, codec.WithTypeMeta(out, kinds[0], kinds[1]), a, source{})
 }
 
 // statusCodeWriter replaces the 200 of an encoded answer with code.
@@ -504,7 +505,7 @@ func (c *Cache) journal(w http.ResponseWriter, r *http.Request, info *request.In
 	if err != nil {
 		return err
 	}
-	if ct != mediaJSON {
+	if ct != codec.MediaJSON {
 		return unsupportedMedia(ct)
 	}
 	out, err := setMeta(body, "0", true)
@@ -516,7 +517,7 @@ func (c *Cache) journal(w http.ResponseWriter, r *http.Request, info *request.In
 	seq := c.journalSeq
 	c.mu.Unlock()
 	entry, _ := json.Marshal(journalEntry{Path: r.URL.Path, Body: body})
-	if err := c.Store.PutDoc(fmt.Sprintf("%s%020d", journalPrefix, seq), mediaJSON, entry); err != nil {
+	if err := c.Store.PutDoc(fmt.Sprintf("%s%020d", journalPrefix, seq), codec.MediaJSON, entry); err != nil {
 		return apierrors.NewInternalError(fmt.Errorf("journaling event: %w", err))
 	}
 	c.trimJournal()
@@ -528,7 +529,7 @@ func (c *Cache) journal(w http.ResponseWriter, r *http.Request, info *request.In
 		apiVersion = "events.k8s.io/v1"
 	}
 	w.Header().Set("X-Outpost-Local-Write", "journal")
-	return c.encode(statusCodeWriter{ResponseWriter: w, code: http.StatusCreated}, withTypeMeta(out, kind, apiVersion), parseAccept(r.Header.Get("Accept")), source{})
+	return c.encode(statusCodeWriter{ResponseWriter: w, code: http.StatusCreated}, codec.WithTypeMeta(out, kind, apiVersion), codec.ParseAccept(r.Header.Get("Accept")), source{})
 }
 
 // trimJournal keeps at most MaxJournal entries, dropping the oldest.

@@ -16,6 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -44,7 +45,7 @@ func seedObject(t *testing.T, c *Cache, resource, listKind, apiVersion string, o
 	var items []store.Object
 	for _, o := range objs {
 		raw, _ := json.Marshal(o)
-		so, err := objectFromJSON(raw, resource)
+		so, err := codec.ObjectFromJSON(raw, resource)
 		if err != nil {
 			t.Fatal(err)
 		}

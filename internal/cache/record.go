@@ -12,6 +12,7 @@ import (
 
 	"k8s.io/apimachinery/pkg/watch"
 
+	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -267,7 +268,7 @@ func (c *Cache) recordObject(view store.ViewKey, contentType string, body []byte
 	if cl == nil && c.holds(view, contentType, body, false, nil) {
 		return
 	}
-	o, kind, apiVersion, err := DecodeObject(contentType, body, view.Resource)
+	o, kind, apiVersion, err := codec.DecodeObject(contentType, body, view.Resource)
 	if err != nil {
 		c.undecodable(&view, err)
 		return
@@ -347,21 +348,21 @@ func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType stri
 // store instead of decoding them again: a re-list, or a list whose
 // resourceVersion moved because anything in the cluster was written, is
 // mostly such items.
-func (c *Cache) decodeList(view store.ViewKey, contentType string, body []byte) (l List, err error) {
+func (c *Cache) decodeList(view store.ViewKey, contentType string, body []byte) (l codec.List, err error) {
 	rerr := c.Store.Read(func(tx *store.Tx) error {
-		var known stored
+		var known codec.Stored
 		if tx.HasObjects(view.Resource) { // else, as when first listed, no lookups
 			known = func(namespace, name, rv string) (store.Object, bool) {
 				o, ok, err := tx.Get(view.Resource, namespace, name)
 				return o, err == nil && ok && o.ResourceVersion == rv
 			}
 		}
-		l, err = decodeList(contentType, body, view.Resource, known)
+		l, err = codec.DecodeList(contentType, body, view.Resource, known)
 		return nil
 	})
 	if rerr != nil {
 		// The store cannot be read: decode everything.
-		return DecodeList(contentType, body, view.Resource)
+		return codec.DecodeList(contentType, body, view.Resource, nil)
 	}
 	return l, err
 }
@@ -372,7 +373,7 @@ func (c *Cache) decodeList(view store.ViewKey, contentType string, body []byte) 
 // clients read again and again, then cost neither a decode nor a write. A
 // list must be whole (neither a page nor the first page of several).
 func (c *Cache) holds(view store.ViewKey, contentType string, body []byte, list bool, r *http.Request) bool {
-	rv, cont, ok := peekMeta(contentType, body, list)
+	rv, cont, ok := codec.PeekMeta(contentType, body, list)
 	if !ok || cont != "" || (list && r.URL.Query().Get("continue") != "") {
 		return false
 	}
@@ -394,7 +395,7 @@ type claim struct {
 // being recorded. Otherwise it returns the claim the recording must
 // release (nil when the start does not tell the version).
 func (c *Cache) claim(view store.ViewKey, contentType string, body []byte, list bool, r *http.Request) (held bool, cl *claim) {
-	rv, cont, ok := peekMeta(contentType, body, list)
+	rv, cont, ok := codec.PeekMeta(contentType, body, list)
 	if !ok || rv == "" || cont != "" || (list && r.URL.Query().Get("continue") != "") {
 		return false, nil
 	}
@@ -467,7 +468,7 @@ func (c *Cache) recordWatch(pipe *pipe, gz bool, view store.ViewKey, contentType
 		}
 		body = zr
 	}
-	dec, err := NewWatchDecoder(contentType, body, view.Resource)
+	dec, err := codec.NewWatchDecoder(contentType, body, view.Resource)
 	if err != nil {
 		c.undecodable(&view, err)
 		return

@@ -2,26 +2,21 @@ package cache
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
-	"reflect"
 	"slices"
 	"strconv"
 	"strings"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/apimachinery/pkg/runtime/serializer/protobuf"
 
+	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/status"
 	"github.com/outposthq/outpost/internal/store"
@@ -183,7 +178,7 @@ type continueToken struct {
 	After string `json:"after"`
 }
 
-func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a accept) error {
+func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a codec.Accept) error {
 	src, ok, err := c.findSource(want)
 	if err != nil {
 		return asStatus(err)
@@ -216,16 +211,16 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 
 	kind, apiVersion := src.view.Kind, src.view.APIVersion
 	if kind == "" {
-		kind, apiVersion = guessListKind(info)
+		kind, apiVersion = codec.GuessListKind(info.APIGroup, info.APIVersion, info.Resource)
 	}
-	wantMeta := strings.HasPrefix(a.as, "PartialObjectMetadata")
+	wantMeta := strings.HasPrefix(a.As, "PartialObjectMetadata")
 	if wantMeta {
 		kind, apiVersion = "PartialObjectMetadataList", "meta.k8s.io/v1"
 	}
 	var items, protos [][]byte
 	cont := ""
 	fast := !src.filter && !c.overlays.has(src.view.Key.Resource)
-	if fast && a.media == mediaProtobuf && a.as == "" && !wantMeta {
+	if fast && a.Media == codec.MediaProtobuf && a.As == "" && !wantMeta {
 		// The fastest path: the whole view to a protobuf client, from the
 		// stored protobuf messages, assembled while the read transaction
 		// keeps them in place in the file.
@@ -237,7 +232,7 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 				if more {
 					cont = encodeContinue(src.view.ResourceVersion, last)
 				}
-				body, ok = protobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, protos)
+				body, ok = codec.ProtobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, protos)
 			}
 			return err
 		})
@@ -245,7 +240,7 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 			return asStatus(err)
 		}
 		if ok {
-			c.writeAnswer(w, mediaProtobuf, body, src)
+			c.writeAnswer(w, codec.MediaProtobuf, body, src)
 			return nil
 		}
 		cont = "" // not a built-in list: JSON, below
@@ -296,21 +291,21 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 	if wantMeta {
 		protos = nil // the items are not the stored objects any more
 		for i, data := range items {
-			items[i] = withTypeMeta(metadataOnly(data), "PartialObjectMetadata", "meta.k8s.io/v1")
+			items[i] = codec.WithTypeMeta(codec.MetadataOnly(data), "PartialObjectMetadata", "meta.k8s.io/v1")
 		}
 	}
-	if a.media == mediaProtobuf && !(a.as == "Table" && !a.plainJSON) {
-		if body, ok := protobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, protos); ok {
-			c.writeAnswer(w, mediaProtobuf, body, src)
+	if a.Media == codec.MediaProtobuf && !(a.As == "Table" && !a.PlainJSON) {
+		if body, ok := codec.ProtobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, protos); ok {
+			c.writeAnswer(w, codec.MediaProtobuf, body, src)
 			return nil
 		}
 	}
-	protobufOnly := slices.ContainsFunc(items, isProtobufOnly)
-	if protobufOnly && a.as != "Table" {
-		return protobufOnlyError(describe(info))
+	protobufOnly := slices.ContainsFunc(items, codec.IsProtobufOnly)
+	if protobufOnly && a.As != "Table" {
+		return codec.ProtobufOnlyError(describe(info))
 	}
-	body := jsonList(kind, apiVersion, src.view.ResourceVersion, cont, items)
-	if a.as == "Table" && (!a.plainJSON || protobufOnly) {
+	body := codec.JSONList(kind, apiVersion, src.view.ResourceVersion, cont, items)
+	if a.As == "Table" && (!a.PlainJSON || protobufOnly) {
 		// A Table needs only the metadata, which is all outpost knows of
 		// objects recorded only as protobuf.
 		return c.writeTable(w, body, src)
@@ -365,95 +360,6 @@ func listItems(tx *store.Tx, src source, after string, limit int, withProto bool
 	return items, protos, last, more, err
 }
 
-// jsonList writes a JSON list around stored items without decoding them,
-// in the apiserver's order: kind, apiVersion, metadata, items.
-func jsonList(kind, apiVersion, rv, cont string, items [][]byte) []byte {
-	n := 64 + 2*(len(kind)+len(apiVersion)+len(rv)+len(cont))
-	for _, item := range items {
-		n += len(item) + 1
-	}
-	b := bytes.NewBuffer(make([]byte, 0, n))
-	b.WriteString(`{"kind":`)
-	writeJSONString(b, kind)
-	b.WriteString(`,"apiVersion":`)
-	writeJSONString(b, apiVersion)
-	b.WriteString(`,"metadata":{"resourceVersion":`)
-	writeJSONString(b, rv)
-	if cont != "" {
-		b.WriteString(`,"continue":`)
-		writeJSONString(b, cont)
-	}
-	b.WriteString(`},"items":[`)
-	for i, item := range items {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		b.Write(item)
-	}
-	b.WriteString(`]}`)
-	return b.Bytes()
-}
-
-// protobufList encodes items (stored JSON) as the protobuf list of kind,
-// as kubelet and other clients of built-in types ask, decoding the items
-// in parallel: decoding is nearly all the work of an offline list, and
-// offline nothing else competes for the cores. ok is false when kind has
-// no protobuf encoding or an item does not decode; the caller then takes
-// the general path, which says so.
-func protobufList(kind, apiVersion, rv, cont string, items, protos [][]byte) (body []byte, ok bool) {
-	gv, err := schema.ParseGroupVersion(apiVersion)
-	if err != nil {
-		return nil, false
-	}
-	itemType, typed := protobufListItemType(gv.WithKind(kind))
-	if !typed && knownKind(gv.WithKind(kind)) {
-		return nil, false
-	}
-	if protos == nil {
-		protos = make([][]byte, len(items))
-	}
-	// Items stored without their protobuf encoding are decoded from JSON
-	// and encoded, spread over the cores.
-	var missing []int
-	for i, p := range protos {
-		if p == nil {
-			missing = append(missing, i)
-		}
-	}
-	if len(missing) > 0 && !typed {
-		// A kind outpost has no type for: only the recorded messages
-		// can be sent (see generic.go).
-		return nil, false
-	}
-	errNotProtobuf := errors.New("not protobuf")
-	if err := inParallel(len(missing), func(j int) error {
-		i := missing[j]
-		obj := reflect.New(itemType).Interface()
-		m, isMarshaler := obj.(protobufMarshaler)
-		if !isMarshaler || json.Unmarshal(items[i], obj) != nil {
-			return errNotProtobuf
-		}
-		p := make([]byte, m.Size())
-		if _, err := m.MarshalToSizedBuffer(p); err != nil {
-			return err
-		}
-		protos[i] = p
-		return nil
-	}); err != nil {
-		return nil, false
-	}
-	lm := &metav1.ListMeta{ResourceVersion: rv, Continue: cont}
-	return protobufEnvelope(kind, apiVersion, protobufListSize(lm, protos), func(b []byte) []byte {
-		return appendProtobufList(b, lm, protos)
-	}), true
-}
-
-// protobufMarshaler is what the protobuf serializer needs of an object.
-type protobufMarshaler interface {
-	Size() int
-	MarshalToSizedBuffer([]byte) (int, error)
-}
-
 // checkListRV applies the apiserver's resourceVersion rules to an answer
 // that can only be given at the view's resourceVersion.
 func checkListRV(rv, match, viewRV string) error {
@@ -481,7 +387,7 @@ func checkListRV(rv, match, viewRV string) error {
 	return nil
 }
 
-func (c *Cache) serveGet(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a accept) error {
+func (c *Cache) serveGet(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a codec.Accept) error {
 	base := strings.TrimSuffix(want.Resource, "#meta")
 	// The object's own GET view, else a view that holds it.
 	var kind, apiVersion string
@@ -497,7 +403,7 @@ func (c *Cache) serveGet(w http.ResponseWriter, r *http.Request, info *request.I
 	}
 	if ov := c.overlays.get(base, want.Namespace, want.Name); ov != nil {
 		// A local write of this node's own object (offline status).
-		if lo, err := objectFromJSON(ov.data, base); err == nil {
+		if lo, err := codec.ObjectFromJSON(ov.data, base); err == nil {
 			o, exists = lo, true
 			if !found && info.Identity.Kind == request.NodeCert {
 				kind, apiVersion, found = ov.kind+"List", ov.apiVersion, true
@@ -535,23 +441,23 @@ func (c *Cache) serveGet(w http.ResponseWriter, r *http.Request, info *request.I
 	}
 	kind = strings.TrimSuffix(kind, "List")
 	if kind == "" {
-		kind, apiVersion = guessListKind(info)
+		kind, apiVersion = codec.GuessListKind(info.APIGroup, info.APIVersion, info.Resource)
 		kind = strings.TrimSuffix(kind, "List")
 	}
-	if a.media == mediaProtobuf && a.as == "" && o.Proto != nil {
+	if a.Media == codec.MediaProtobuf && a.As == "" && o.Proto != nil {
 		// As the apiserver sent it to a protobuf client (an overlay has
 		// none: it was written locally, in JSON).
-		c.writeAnswer(w, mediaProtobuf, protobufEnvelope(kind, apiVersion, len(o.Proto), func(b []byte) []byte { return append(b, o.Proto...) }), source{})
+		c.writeAnswer(w, codec.MediaProtobuf, codec.ProtobufEnvelope(kind, apiVersion, len(o.Proto), func(b []byte) []byte { return append(b, o.Proto...) }), source{})
 		return nil
 	}
 	data := o.Data
-	if strings.HasPrefix(a.as, "PartialObjectMetadata") {
-		data = metadataOnly(data)
+	if strings.HasPrefix(a.As, "PartialObjectMetadata") {
+		data = codec.MetadataOnly(data)
 		kind, apiVersion = "PartialObjectMetadata", "meta.k8s.io/v1"
-	} else if isProtobufOnly(data) {
-		return protobufOnlyError(describe(info))
+	} else if codec.IsProtobufOnly(data) {
+		return codec.ProtobufOnlyError(describe(info))
 	}
-	body := withTypeMeta(data, kind, apiVersion)
+	body := codec.WithTypeMeta(data, kind, apiVersion)
 	return c.encode(w, body, a, source{})
 }
 
@@ -572,82 +478,13 @@ func describe(info *request.Info) string {
 	return s
 }
 
-// guessListKind names the list of a view recorded without a kind, from the
-// scheme's built-in types.
-func guessListKind(info *request.Info) (string, string) {
-	gv := schema.GroupVersion{Group: info.APIGroup, Version: info.APIVersion}
-	for gvk := range cacheScheme.AllKnownTypes() {
-		if gvk.GroupVersion() == gv && strings.HasSuffix(gvk.Kind, "List") &&
-			strings.EqualFold(strings.TrimSuffix(gvk.Kind, "List")+"s", info.Resource) {
-			return gvk.Kind, gv.String()
-		}
-	}
-	return "List", gv.String()
-}
-
-func writeJSONString(b *bytes.Buffer, s string) {
-	q, _ := json.Marshal(s)
-	b.Write(q)
-}
-
-// metadataOnly keeps only the metadata of a stored object.
-func metadataOnly(data []byte) []byte {
-	var doc struct {
-		Metadata json.RawMessage `json:"metadata"`
-	}
-	if json.Unmarshal(data, &doc) != nil || len(doc.Metadata) == 0 {
-		return []byte(`{"metadata":{}}`)
-	}
-	out := make([]byte, 0, len(doc.Metadata)+14)
-	out = append(out, `{"metadata":`...)
-	out = append(out, doc.Metadata...)
-	return append(out, '}')
-}
-
-var protobufSerializer = protobuf.NewSerializer(cacheScheme, cacheScheme)
-
 // encode writes a JSON answer in the media type the client asked for.
-func (c *Cache) encode(w http.ResponseWriter, jsonBody []byte, a accept, src source) error {
-	if a.media == mediaJSON || (a.plainJSON && a.media != mediaProtobuf && a.media != mediaCBOR) {
-		c.writeAnswer(w, mediaJSON, jsonBody, src)
-		return nil
+func (c *Cache) encode(w http.ResponseWriter, jsonBody []byte, a codec.Accept, src source) error {
+	contentType, body, err := codec.Encode(jsonBody, a)
+	if err != nil {
+		return err
 	}
-	switch a.media {
-	case mediaProtobuf:
-		obj, _, err := codecs.UniversalDeserializer().Decode(jsonBody, nil, nil)
-		if err == nil {
-			var out bytes.Buffer
-			if err = protobufSerializer.Encode(obj, &out); err == nil {
-				c.writeAnswer(w, mediaProtobuf, out.Bytes(), src)
-				return nil
-			}
-		}
-		if a.plainJSON {
-			c.writeAnswer(w, mediaJSON, jsonBody, src)
-			return nil
-		}
-		return status.NotAcceptable(fmt.Sprintf("outpost cache cannot encode this answer as protobuf: %v", err))
-	case mediaCBOR:
-		u := &unstructured.Unstructured{}
-		if err := u.UnmarshalJSON(jsonBody); err != nil {
-			return apierrors.NewInternalError(err)
-		}
-		var obj runtime.Object = u
-		if u.IsList() {
-			l, err := u.ToList()
-			if err != nil {
-				return apierrors.NewInternalError(err)
-			}
-			obj = l
-		}
-		var out bytes.Buffer
-		if err := cborSerializer.Encode(obj, &out); err != nil {
-			return apierrors.NewInternalError(err)
-		}
-		c.writeAnswer(w, mediaCBOR, out.Bytes(), src)
-		return nil
-	}
-	c.writeAnswer(w, mediaJSON, jsonBody, src)
+	c.writeAnswer(w, contentType, body, src)
 	return nil
 }
 
@@ -671,33 +508,13 @@ type responseWriterTo struct {
 
 func (r responseWriterTo) Write(b []byte) (int, error) { return r.bw.Write(b) }
 
-// writeTable builds the Table the apiserver's default printer would: name
-// and creation time, each row with the object's metadata.
+// writeTable answers with the Table of a JSON list.
 func (c *Cache) writeTable(w http.ResponseWriter, listJSON []byte, src source) error {
-	var l struct {
-		Metadata metav1.ListMeta  `json:"metadata"`
-		Items    []map[string]any `json:"items"`
-	}
-	if err := json.Unmarshal(listJSON, &l); err != nil {
-		return apierrors.NewInternalError(err)
-	}
-	t := metav1.Table{TypeMeta: metav1.TypeMeta{Kind: "Table", APIVersion: "meta.k8s.io/v1"}, ListMeta: l.Metadata,
-		ColumnDefinitions: []metav1.TableColumnDefinition{
-			{Name: "Name", Type: "string", Format: "name", Description: "Name of the object"},
-			{Name: "Created At", Type: "date", Description: "When the object was created"},
-		}}
-	for _, item := range l.Items {
-		md, _ := item["metadata"].(map[string]any)
-		name, _ := md["name"].(string)
-		created, _ := md["creationTimestamp"].(string)
-		pom, _ := json.Marshal(map[string]any{"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": md})
-		t.Rows = append(t.Rows, metav1.TableRow{Cells: []any{name, created}, Object: runtime.RawExtension{Raw: pom}})
-	}
-	body, err := json.Marshal(t)
+	body, err := codec.Table(listJSON)
 	if err != nil {
 		return apierrors.NewInternalError(err)
 	}
-	c.writeAnswer(w, mediaJSON, body, src)
+	c.writeAnswer(w, codec.MediaJSON, body, src)
 	return nil
 }
 

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outposthq/outpost/internal/codec"
+
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -34,7 +36,7 @@ func seedList(t testing.TB, c *Cache, ns string, n int, proto func(int) bool) {
 				Time: &metav1.Time{Time: time.Unix(1700000000, 0)}, FieldsType: "FieldsV1",
 				FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:data":{".":{},"f:payload":{}},"f:metadata":{"f:labels":{".":{},"f:app":{}}}}`)}}}},
 			Data: map[string]string{"payload": strings.Repeat("x", 256)}}
-		o, err := objectFromTyped(&item, "/v1/configmaps")
+		o, err := codec.ObjectFromTyped(&item, "/v1/configmaps")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -102,21 +104,21 @@ func TestProtobufListAsBefore(t *testing.T) {
 	}
 	for _, target := range targets {
 		for _, as := range []string{"", ";as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"} {
-			pb := serve(t, c, target, mediaProtobuf+as)
-			js := serve(t, c, target, mediaJSON+as)
-			if pb.Code != 200 || js.Code != 200 || pb.Header().Get("Content-Type") != mediaProtobuf {
+			pb := serve(t, c, target, codec.MediaProtobuf+as)
+			js := serve(t, c, target, codec.MediaJSON+as)
+			if pb.Code != 200 || js.Code != 200 || pb.Header().Get("Content-Type") != codec.MediaProtobuf {
 				t.Fatalf("%s %s: %d %d %s", target, as, pb.Code, js.Code, pb.Header())
 			}
-			obj, _, err := codecs.UniversalDeserializer().Decode(js.Body.Bytes(), nil, nil)
+			obj, err := codec.Decode(js.Body.Bytes(), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
-			var want bytes.Buffer
-			if err := protobufSerializer.Encode(obj, &want); err != nil {
+			want, err := codec.EncodeProtobuf(obj)
+			if err != nil {
 				t.Fatal(err)
 			}
-			if !bytes.Equal(pb.Body.Bytes(), want.Bytes()) {
-				t.Errorf("%s %s: protobuf list of %d bytes differs from the JSON list encoded (%d bytes)", target, as, pb.Body.Len(), want.Len())
+			if !bytes.Equal(pb.Body.Bytes(), want) {
+				t.Errorf("%s %s: protobuf list of %d bytes differs from the JSON list encoded (%d bytes)", target, as, pb.Body.Len(), len(want))
 			}
 		}
 	}
@@ -159,11 +161,11 @@ func TestProtobufFromStored(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, target := range []string{"/api/v1/namespaces/ns1/configmaps", "/api/v1/namespaces/ns1/configmaps/cm-00001"} {
-		pb := serve(t, c, target, mediaProtobuf)
-		if pb.Code != 200 || pb.Header().Get("Content-Type") != mediaProtobuf || !bytes.Contains(pb.Body.Bytes(), unknownField) {
+		pb := serve(t, c, target, codec.MediaProtobuf)
+		if pb.Code != 200 || pb.Header().Get("Content-Type") != codec.MediaProtobuf || !bytes.Contains(pb.Body.Bytes(), unknownField) {
 			t.Errorf("%s: %d %s, stored protobuf not served: %q", target, pb.Code, pb.Header().Get("Content-Type"), pb.Body.Bytes())
 		}
-		obj, _, err := codecs.UniversalDeserializer().Decode(pb.Body.Bytes(), nil, nil)
+		obj, err := codec.Decode(pb.Body.Bytes(), nil)
 		if err != nil {
 			t.Fatalf("%s: %v", target, err)
 		}
@@ -179,16 +181,16 @@ func TestProtobufFromStored(t *testing.T) {
 		default:
 			t.Errorf("%s: decoded %T", target, obj)
 		}
-		if js := serve(t, c, target, mediaJSON); js.Code != 200 || bytes.Contains(js.Body.Bytes(), []byte("new!")) {
+		if js := serve(t, c, target, codec.MediaJSON); js.Code != 200 || bytes.Contains(js.Body.Bytes(), []byte("new!")) {
 			t.Errorf("%s as JSON: %d %s", target, js.Code, js.Body.String())
 		}
 	}
 	// And an offline watch's initial events.
-	w := serve(t, c, "/api/v1/namespaces/ns1/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=1", mediaProtobuf)
+	w := serve(t, c, "/api/v1/namespaces/ns1/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=1", codec.MediaProtobuf)
 	if !bytes.Contains(w.Body.Bytes(), unknownField) {
 		t.Errorf("offline protobuf watch: stored protobuf not served")
 	}
-	d, err := NewWatchDecoder(w.Header().Get("Content-Type"), io.NopCloser(bytes.NewReader(w.Body.Bytes())), "/v1/configmaps")
+	d, err := codec.NewWatchDecoder(w.Header().Get("Content-Type"), io.NopCloser(bytes.NewReader(w.Body.Bytes())), "/v1/configmaps")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,5 +206,17 @@ func TestProtobufFromStored(t *testing.T) {
 	}
 	if strings.Join(names, ",") != "cm-00000,cm-00001,cm-00002" {
 		t.Errorf("offline protobuf watch: ADDED %v", names)
+	}
+}
+
+func TestCheckListRV(t *testing.T) {
+	for _, c := range []struct {
+		rv, match string
+		ok        bool
+	}{{"", "", true}, {"0", "", true}, {"50", "NotOlderThan", true}, {"100", "NotOlderThan", true}, {"101", "NotOlderThan", false},
+		{"100", "Exact", true}, {"50", "Exact", false}, {"abc", "", false}} {
+		if err := checkListRV(c.rv, c.match, "100"); (err == nil) != c.ok {
+			t.Errorf("rv=%s match=%s: %v", c.rv, c.match, err)
+		}
 	}
 }

@@ -11,6 +11,7 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
+	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/status"
 )
@@ -55,16 +56,16 @@ func (c *Cache) teeToken(resp *http.Response, info *request.Info) {
 		raw, _ := json.Marshal(tr)
 		// Keyed by what the apiserver answered: it fills in default
 		// audiences, which a later identical request leaves out again.
-		c.send(write{doc: &doc{key: tokenKey(ns, sa, tr.Spec), contentType: mediaJSON, body: raw}}, nil, "queue-full")
+		c.send(write{doc: &doc{key: tokenKey(ns, sa, tr.Spec), contentType: codec.MediaJSON, body: raw}}, nil, "queue-full")
 	})
 }
 
 func decodeTokenRequest(contentType string, body []byte) (*authenticationv1.TokenRequest, error) {
 	tr := &authenticationv1.TokenRequest{}
-	if mediaType(contentType) == mediaJSON {
+	if codec.MediaType(contentType) == codec.MediaJSON {
 		return tr, json.Unmarshal(body, tr)
 	}
-	obj, _, err := codecs.UniversalDeserializer().Decode(body, nil, tr)
+	obj, err := codec.Decode(body, tr)
 	if err != nil {
 		return nil, err
 	}
@@ -112,11 +113,11 @@ func (c *Cache) serveToken(w http.ResponseWriter, r *http.Request, info *request
 	}
 	out, _ := json.Marshal(found)
 	w.Header().Set("X-Outpost-Local-Write", "recorded-token")
-	return c.encode(statusCodeWriter{ResponseWriter: w, code: http.StatusCreated}, withTypeMeta(stripKind(out), "TokenRequest", "authentication.k8s.io/v1"), parseAccept(r.Header.Get("Accept")), source{})
+	return c.encode(statusCodeWriter{ResponseWriter: w, code: http.StatusCreated}, codec.WithTypeMeta(stripKind(out), "TokenRequest", "authentication.k8s.io/v1"), codec.ParseAccept(r.Header.Get("Accept")), source{})
 }
 
 func stripKind(b []byte) []byte {
-	out, err := stripTypeMeta(b)
+	out, err := codec.StripTypeMeta(b)
 	if err != nil {
 		return b
 	}

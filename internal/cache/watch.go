@@ -1,8 +1,6 @@
 package cache
 
 import (
-	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -12,13 +10,9 @@ import (
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/meta"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/apimachinery/pkg/runtime/serializer/streaming"
 	"k8s.io/apimachinery/pkg/watch"
 
+	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -33,7 +27,7 @@ import (
 //   - then BOOKMARKs (when allowed) until timeoutSeconds, the client leaves,
 //     or the cloud returns, when the watch ends so the client re-watches
 //     upstream.
-func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a accept) error {
+func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a codec.Accept) error {
 	src, ok, err := c.findSource(want)
 	if err != nil {
 		return asStatus(err)
@@ -68,16 +62,17 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 
 	kind, apiVersion := strings.TrimSuffix(src.view.Kind, "List"), src.view.APIVersion
 	if kind == "" {
-		kind, apiVersion = guessListKind(info)
+		kind, apiVersion = codec.GuessListKind(info.APIGroup, info.APIVersion, info.Resource)
 		kind = strings.TrimSuffix(kind, "List")
 	}
-	if strings.HasPrefix(a.as, "PartialObjectMetadata") {
+	if strings.HasPrefix(a.As, "PartialObjectMetadata") {
 		kind, apiVersion = "PartialObjectMetadata", "meta.k8s.io/v1"
 	}
-	enc, err := newEventEncoder(w, a, kind, apiVersion, c.recordedAsProtobuf(src.view.Key))
+	enc, err := codec.NewEventEncoder(w, a, kind, apiVersion, c.recordedAsProtobuf(src.view.Key))
 	if err != nil {
 		return err
 	}
+	w.Header().Set("Content-Type", enc.ContentType)
 	w.Header().Set(ServedByHeader, "cache")
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
@@ -85,7 +80,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 
 	if tooOld {
 		st := apierrors.NewResourceExpired(fmt.Sprintf("too old resource version: %s (%s); the cloud is unreachable and the cache holds only %s", rv, src.view.ResourceVersion, src.view.ResourceVersion)).Status()
-		_ = enc.status(&st)
+		_ = enc.Status(&st)
 		_ = rc.Flush()
 		return nil
 	}
@@ -98,13 +93,13 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			}
 			data, proto := o.Data, o.Proto
 			if kind == "PartialObjectMetadata" {
-				data, proto = metadataOnly(data), nil
-			} else if isProtobufOnly(data) && !enc.protobuf {
-				st := protobufOnlyError(describe(info)).(apierrors.APIStatus).Status()
-				_ = enc.status(&st)
+				data, proto = codec.MetadataOnly(data), nil
+			} else if codec.IsProtobufOnly(data) && !enc.Protobuf {
+				st := codec.ProtobufOnlyError(describe(info)).(apierrors.APIStatus).Status()
+				_ = enc.Status(&st)
 				return stop
 			}
-			if err := enc.object(watch.Added, data, proto); err != nil {
+			if err := enc.Object(watch.Added, data, proto); err != nil {
 				return stop // the client went away
 			}
 			return nil
@@ -114,7 +109,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 		}
 	}
 	if sendInitial {
-		if err := enc.bookmark(src.view.ResourceVersion, true); err != nil {
+		if err := enc.Bookmark(src.view.ResourceVersion, true); err != nil {
 			return nil
 		}
 	}
@@ -148,22 +143,22 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			var fresh []*overlay
 			fresh, seen, local = c.overlays.since(src.view.Key.Resource, seen)
 			for _, ov := range fresh {
-				o, err := objectFromJSON(ov.data, src.view.Key.Resource)
+				o, err := codec.ObjectFromJSON(ov.data, src.view.Key.Resource)
 				if err != nil || !src.keep(o) {
 					continue
 				}
 				data := o.Data
 				if kind == "PartialObjectMetadata" {
-					data = metadataOnly(data)
+					data = codec.MetadataOnly(data)
 				}
-				if err := enc.object(watch.Modified, data, nil); err != nil {
+				if err := enc.Object(watch.Modified, data, nil); err != nil {
 					return nil
 				}
 			}
 			_ = rc.Flush()
 		case <-tick.C:
 			if bookmarks {
-				if err := enc.bookmark(src.view.ResourceVersion, false); err != nil {
+				if err := enc.Bookmark(src.view.ResourceVersion, false); err != nil {
 					return nil
 				}
 				_ = rc.Flush()
@@ -177,15 +172,6 @@ func BadRequestf(format string, args ...any) error {
 	return apierrors.NewBadRequest(fmt.Sprintf(format, args...))
 }
 
-// eventEncoder writes watch events in the client's media type.
-type eventEncoder struct {
-	w                http.ResponseWriter
-	stream           streaming.Encoder
-	embedded         runtime.Encoder
-	protobuf         bool
-	kind, apiVersion string
-}
-
 // recordedAsProtobuf reports whether the first member of view k was
 // recorded from a protobuf answer: of a kind outpost has no type for,
 // only then can its events be sent in protobuf.
@@ -196,103 +182,4 @@ func (c *Cache) recordedAsProtobuf(k store.ViewKey) bool {
 		return nil
 	})
 	return found
-}
-
-// newEventEncoder picks the encoding of an offline watch's events: the
-// one the client asked for, unless that is protobuf for a kind outpost
-// can neither decode nor send as recorded (custom resources, which the
-// apiserver itself serves only as JSON or CBOR).
-func newEventEncoder(w http.ResponseWriter, a accept, kind, apiVersion string, recordedAsProtobuf bool) (*eventEncoder, error) {
-	media := mediaJSON
-	if a.media == mediaProtobuf && kind != "" {
-		gvk := schema.FromAPIVersionAndKind(apiVersion, kind)
-		if knownKind(gvk) || recordedAsProtobuf {
-			media = mediaProtobuf
-		}
-	}
-	if a.media == mediaProtobuf && media != mediaProtobuf && !a.plainJSON {
-		return nil, apierrors.NewBadRequest("outpost cache cannot stream this resource as protobuf")
-	}
-	info, ok := runtime.SerializerInfoForMediaType(codecs.SupportedMediaTypes(), media)
-	if !ok || info.StreamSerializer == nil {
-		return nil, apierrors.NewInternalError(fmt.Errorf("no stream serializer for %s", media))
-	}
-	w.Header().Set("Content-Type", media+";stream=watch")
-	return &eventEncoder{w: w, stream: streaming.NewEncoder(info.StreamSerializer.Framer.NewFrameWriter(w), info.StreamSerializer.Serializer),
-		embedded: info.Serializer, protobuf: media == mediaProtobuf, kind: kind, apiVersion: apiVersion}, nil
-}
-
-// object writes one event for a stored object: its JSON data, or for a
-// protobuf client its protobuf message proto when stored (see
-// store.Object.Proto).
-func (e *eventEncoder) object(typ watch.EventType, data, proto []byte) error {
-	if e.protobuf && proto != nil {
-		raw := protobufEnvelope(e.kind, e.apiVersion, len(proto), func(b []byte) []byte { return append(b, proto...) })
-		return e.stream.Encode(&metav1.WatchEvent{Type: string(typ), Object: runtime.RawExtension{Raw: raw}})
-	}
-	raw := withTypeMeta(data, e.kind, e.apiVersion)
-	if e.protobuf {
-		obj, _, err := codecs.UniversalDeserializer().Decode(raw, nil, nil)
-		if err != nil {
-			return err
-		}
-		var b bytes.Buffer
-		if err := e.embedded.Encode(obj, &b); err != nil {
-			return err
-		}
-		raw = b.Bytes()
-	}
-	return e.stream.Encode(&metav1.WatchEvent{Type: string(typ), Object: runtime.RawExtension{Raw: raw}})
-}
-
-// bookmark writes a BOOKMARK at rv; end marks the end of initial events.
-func (e *eventEncoder) bookmark(rv string, end bool) error {
-	md := map[string]any{"resourceVersion": rv}
-	if end {
-		md["annotations"] = map[string]string{initialEventsEnd: "true"}
-	}
-	data, _ := json.Marshal(map[string]any{"metadata": md})
-	if e.protobuf && !knownKind(schema.FromAPIVersionAndKind(e.apiVersion, e.kind)) {
-		om := &metav1.ObjectMeta{ResourceVersion: rv}
-		if end {
-			om.Annotations = map[string]string{initialEventsEnd: "true"}
-		}
-		msg := protobufMetaMessage(om)
-		raw := protobufEnvelope(e.kind, e.apiVersion, len(msg), func(b []byte) []byte { return append(b, msg...) })
-		return e.stream.Encode(&metav1.WatchEvent{Type: string(watch.Bookmark), Object: runtime.RawExtension{Raw: raw}})
-	}
-	if e.protobuf {
-		gvk := schema.FromAPIVersionAndKind(e.apiVersion, e.kind)
-		obj, err := cacheScheme.New(gvk)
-		if err != nil {
-			return err
-		}
-		obj.GetObjectKind().SetGroupVersionKind(gvk) // the envelope names the kind
-		acc, err := meta.Accessor(obj)
-		if err != nil {
-			return err
-		}
-		acc.SetResourceVersion(rv)
-		if end {
-			acc.SetAnnotations(map[string]string{initialEventsEnd: "true"})
-		}
-		var b bytes.Buffer
-		if err := e.embedded.Encode(obj, &b); err != nil {
-			return err
-		}
-		return e.stream.Encode(&metav1.WatchEvent{Type: string(watch.Bookmark), Object: runtime.RawExtension{Raw: b.Bytes()}})
-	}
-	return e.stream.Encode(&metav1.WatchEvent{Type: string(watch.Bookmark), Object: runtime.RawExtension{Raw: withTypeMeta(data, e.kind, e.apiVersion)}})
-}
-
-// status writes an ERROR event carrying st.
-func (e *eventEncoder) status(st *metav1.Status) error {
-	st.Kind, st.APIVersion = "Status", "v1"
-	var b bytes.Buffer
-	if err := e.embedded.Encode(st, &b); err != nil {
-		raw, _ := json.Marshal(st)
-		b.Reset()
-		b.Write(raw)
-	}
-	return e.stream.Encode(&metav1.WatchEvent{Type: string(watch.Error), Object: runtime.RawExtension{Raw: b.Bytes()}})
 }

@@ -1,4 +1,4 @@
-package cache
+package codec
 
 import (
 	"bytes"
@@ -38,12 +38,12 @@ import (
 // apiserver answer starts this way.
 var protobufOnlyPrefix = []byte(`{"outpost.io/protobuf-only":true,"metadata":`)
 
-// isProtobufOnly reports whether stored JSON data is the marker of an
+// IsProtobufOnly reports whether stored JSON data is the marker of an
 // object recorded only as protobuf.
-func isProtobufOnly(data []byte) bool { return bytes.HasPrefix(data, protobufOnlyPrefix) }
+func IsProtobufOnly(data []byte) bool { return bytes.HasPrefix(data, protobufOnlyPrefix) }
 
-// knownKind reports whether outpost has a Go type for gvk.
-func knownKind(gvk schema.GroupVersionKind) bool { return cacheScheme.Recognizes(gvk) }
+// KnownKind reports whether outpost has a Go type for gvk.
+func KnownKind(gvk schema.GroupVersionKind) bool { return cacheScheme.Recognizes(gvk) }
 
 // protobufEnvelopeParts returns the apiVersion and kind named by the
 // protobuf envelope body, and the message inside it (aliasing body). ok is
@@ -144,9 +144,9 @@ func unmarshalSafely(m protobufUnmarshaler, b []byte) (err error) {
 	return m.Unmarshal(b)
 }
 
-// protobufOnlyError is the answer to a client that wants JSON (or CBOR)
+// ProtobufOnlyError is the answer to a client that wants JSON (or CBOR)
 // of objects recorded only as protobuf.
-func protobufOnlyError(resource string) error {
+func ProtobufOnlyError(resource string) error {
 	return status.NotAcceptable(fmt.Sprintf("outpost: the cloud is unreachable and %s was recorded only as protobuf, a kind outpost has no type for; "+
 		"offline it can be read as application/vnd.kubernetes.protobuf, or as metadata only (as=PartialObjectMetadata)", resource))
 }

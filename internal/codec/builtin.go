@@ -1,4 +1,4 @@
-package cache
+package codec
 
 import (
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"

@@ -1,4 +1,4 @@
-package cache
+package codec
 
 import (
 	"bytes"
@@ -6,11 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	"reflect"
 	"strconv"
 	"strings"
 	"testing"
+
+	apimeta "k8s.io/apimachinery/pkg/api/meta"
 
 	appsv1 "k8s.io/api/apps/v1"
 	batchv1 "k8s.io/api/batch/v1"
@@ -18,10 +19,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/serializer/streaming"
 	"k8s.io/apimachinery/pkg/watch"
-	"k8s.io/client-go/kubernetes/scheme"
 
+	"github.com/outposthq/outpost/internal/codec/codectest"
 	"github.com/outposthq/outpost/internal/store"
 )
 
@@ -47,11 +47,11 @@ func TestDecodeListJSONAndProtobufAgree(t *testing.T) {
 	if err := protobufSerializer.Encode(l, &pb); err != nil {
 		t.Fatal(err)
 	}
-	fromJSON, err := DecodeList("application/json", jsonBody, "/v1/pods")
+	fromJSON, err := DecodeList("application/json", jsonBody, "/v1/pods", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	fromPB, err := DecodeList("application/vnd.kubernetes.protobuf", pb.Bytes(), "/v1/pods")
+	fromPB, err := DecodeList("application/vnd.kubernetes.protobuf", pb.Bytes(), "/v1/pods", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,29 +88,9 @@ func TestTypeMetaRoundTrip(t *testing.T) {
 	if err != nil || kind != "Pod" || apiVersion != "v1" {
 		t.Fatalf("%v %q %q", err, kind, apiVersion)
 	}
-	if got := withTypeMeta(o.Data, kind, apiVersion); !bytes.Equal(got, body) {
+	if got := WithTypeMeta(o.Data, kind, apiVersion); !bytes.Equal(got, body) {
 		t.Fatalf("round trip:\n%s\n%s", got, body)
 	}
-}
-
-func watchStream(t *testing.T, contentType string, events []watch.Event) []byte {
-	t.Helper()
-	info, ok := runtime.SerializerInfoForMediaType(scheme.Codecs.SupportedMediaTypes(), contentType)
-	if !ok {
-		t.Fatal("no serializer")
-	}
-	var buf bytes.Buffer
-	enc := streaming.NewEncoder(info.StreamSerializer.Framer.NewFrameWriter(&buf), info.StreamSerializer.Serializer)
-	for _, ev := range events {
-		var raw bytes.Buffer
-		if err := info.Serializer.Encode(ev.Object, &raw); err != nil {
-			t.Fatal(err)
-		}
-		if err := enc.Encode(&metav1.WatchEvent{Type: string(ev.Type), Object: runtime.RawExtension{Raw: raw.Bytes()}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return buf.Bytes()
 }
 
 func TestWatchDecoder(t *testing.T) {
@@ -128,7 +108,7 @@ func TestWatchDecoder(t *testing.T) {
 		{Type: watch.Modified, Object: big}, {Type: watch.Modified, Object: &pods[0]}}
 	for _, ct := range []string{"application/json", "application/vnd.kubernetes.protobuf"} {
 		t.Run(ct, func(t *testing.T) {
-			d, err := NewWatchDecoder(ct, io.NopCloser(bytes.NewReader(watchStream(t, ct, events))), "/v1/pods")
+			d, err := NewWatchDecoder(ct, io.NopCloser(bytes.NewReader(codectest.WatchStream(t, ct, events))), "/v1/pods")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -170,28 +150,16 @@ func TestWatchDecoder(t *testing.T) {
 }
 
 func TestParseAccept(t *testing.T) {
-	for h, want := range map[string]accept{
-		"":                                    {plainJSON: true, media: mediaJSON},
-		"application/json":                    {plainJSON: true, media: mediaJSON},
-		"application/vnd.kubernetes.protobuf": {media: mediaProtobuf},
-		"application/vnd.kubernetes.protobuf,application/json":                                                            {plainJSON: true, media: mediaProtobuf},
-		"application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json": {as: "Table", plainJSON: true, media: mediaJSON},
-		"application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json":                               {as: "PartialObjectMetadataList", plainJSON: true, media: mediaJSON},
+	for h, want := range map[string]Accept{
+		"":                                    {PlainJSON: true, Media: MediaJSON},
+		"application/json":                    {PlainJSON: true, Media: MediaJSON},
+		"application/vnd.kubernetes.protobuf": {Media: MediaProtobuf},
+		"application/vnd.kubernetes.protobuf,application/json":                                                            {PlainJSON: true, Media: MediaProtobuf},
+		"application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json": {As: "Table", PlainJSON: true, Media: MediaJSON},
+		"application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json":                               {As: "PartialObjectMetadataList", PlainJSON: true, Media: MediaJSON},
 	} {
-		if got := parseAccept(h); got != want {
+		if got := ParseAccept(h); got != want {
 			t.Errorf("parseAccept(%q) = %+v, want %+v", h, got, want)
-		}
-	}
-}
-
-func TestCheckListRV(t *testing.T) {
-	for _, c := range []struct {
-		rv, match string
-		ok        bool
-	}{{"", "", true}, {"0", "", true}, {"50", "NotOlderThan", true}, {"100", "NotOlderThan", true}, {"101", "NotOlderThan", false},
-		{"100", "Exact", true}, {"50", "Exact", false}, {"abc", "", false}} {
-		if err := checkListRV(c.rv, c.match, "100"); (err == nil) != c.ok {
-			t.Errorf("rv=%s match=%s: %v", c.rv, c.match, err)
 		}
 	}
 }
@@ -207,15 +175,14 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`{"type":"ADDED","object":{"metadata":{"name":"x"}}}`), uint8(0))
 	f.Add([]byte("k8s\x00\x0a\x02"), uint8(1))
 	f.Fuzz(func(t *testing.T, body []byte, ct uint8) {
-		contentType := []string{mediaJSON, mediaProtobuf, mediaCBOR}[int(ct)%3]
-		_, _ = DecodeList(contentType, body, "/v1/pods")
-		_, _ = decodeList(contentType, body, "/v1/pods", func(ns, name, rv string) (store.Object, bool) {
+		contentType := []string{MediaJSON, MediaProtobuf, MediaCBOR}[int(ct)%3]
+		_, _ = DecodeList(contentType, body, "/v1/pods", nil)
+		_, _ = DecodeList(contentType, body, "/v1/pods", func(ns, name, rv string) (store.Object, bool) {
 			return store.Object{Namespace: ns, Name: name, ResourceVersion: rv}, rv == "41"
 		})
 		_, _, _, _ = DecodeObject(contentType, body, "/v1/pods")
-		_, _, _ = peekMeta(contentType, body, ct&4 == 0)
-		_, _ = stripTypeMeta(body)
-		_, _ = gunzip(body)
+		_, _, _ = PeekMeta(contentType, body, ct&4 == 0)
+		_, _ = StripTypeMeta(body)
 		if d, err := NewWatchDecoder(contentType, io.NopCloser(bytes.NewReader(body)), "/v1/pods"); err == nil {
 			for range 100 {
 				if _, err := d.Next(); err != nil {
@@ -265,11 +232,11 @@ func TestTypedAndJSONIndexingAgree(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		want, err := objectFromJSON(data, resource)
+		want, err := ObjectFromJSON(data, resource)
 		if err != nil {
 			t.Fatal(err)
 		}
-		got, err := objectFromTyped(obj.DeepCopyObject(), resource)
+		got, err := ObjectFromTyped(obj.DeepCopyObject(), resource)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -288,13 +255,13 @@ func TestStripTypeMeta(t *testing.T) {
 		`{"kind":"Pod"}`: `{}`,
 		`{}`:             `{}`,
 	} {
-		got, err := stripTypeMeta([]byte(in))
+		got, err := StripTypeMeta([]byte(in))
 		if err != nil || string(got) != want {
 			t.Errorf("stripTypeMeta(%s) = %s, %v; want %s", in, got, err, want)
 		}
 	}
 	for _, bad := range []string{``, `[]`, `{"kind":`, `{"a":1`, `{"a" 1}`, `{"a":1,}x`} {
-		if got, err := stripTypeMeta([]byte(bad)); err == nil {
+		if got, err := StripTypeMeta([]byte(bad)); err == nil {
 			t.Errorf("stripTypeMeta(%s) = %s, want an error", bad, got)
 		}
 	}
@@ -307,7 +274,7 @@ func TestDecodeJSONList(t *testing.T) {
 		// Unstructured lists put items before metadata.
 		`{"apiVersion":"v1","items":[{"metadata":{"name":"a"}} , {"apiVersion":"v1","kind":"Pod","metadata":{"name":"b"}}],"kind":"PodList","metadata":{"resourceVersion":"42","continue":"c"}}`: 2,
 	} {
-		l, err := DecodeList(mediaJSON, []byte(body), "/v1/pods")
+		l, err := DecodeList(MediaJSON, []byte(body), "/v1/pods", nil)
 		if err != nil || l.Kind != "PodList" || l.APIVersion != "v1" || l.ResourceVersion != "42" || len(l.Items) != n || l.Items == nil {
 			t.Fatalf("DecodeList(%s) = %+v, %v", body, l, err)
 		}
@@ -316,7 +283,7 @@ func TestDecodeJSONList(t *testing.T) {
 		}
 	}
 	for _, bad := range []string{`{"items":[{"metadata":{}}]}`, `{"items":[1]}`, `{"items":{}}`, `{"items":[{"metadata":{"name":"a"}}`, `[]`, `{"kind":1}`} {
-		if _, err := DecodeList(mediaJSON, []byte(bad), "/v1/pods"); !errors.Is(err, ErrUndecodable) {
+		if _, err := DecodeList(MediaJSON, []byte(bad), "/v1/pods", nil); !errors.Is(err, ErrUndecodable) {
 			t.Errorf("DecodeList(%s): %v, want ErrUndecodable", bad, err)
 		}
 	}
@@ -335,20 +302,20 @@ func TestPeekMeta(t *testing.T) {
 		list     bool
 		rv, cont string
 	}{{l, true, "42", "tok"}, {&pod, false, "40", ""}} {
-		for _, ct := range []string{mediaJSON, mediaProtobuf} {
+		for _, ct := range []string{MediaJSON, MediaProtobuf} {
 			var body bytes.Buffer
-			if ct == mediaJSON {
+			if ct == MediaJSON {
 				_ = json.NewEncoder(&body).Encode(c.obj)
 			} else if err := protobufSerializer.Encode(c.obj, &body); err != nil {
 				t.Fatal(err)
 			}
-			rv, cont, ok := peekMeta(ct, body.Bytes(), c.list)
+			rv, cont, ok := PeekMeta(ct, body.Bytes(), c.list)
 			if !ok || rv != c.rv || cont != c.cont {
 				t.Errorf("%s list=%v: peekMeta = %q %q %v, want %q %q", ct, c.list, rv, cont, ok, c.rv, c.cont)
 			}
 			// Every start either has it all or says it has not.
 			for n := range body.Len() {
-				if rv, cont, ok := peekMeta(ct, body.Bytes()[:n], c.list); ok && (rv != c.rv || cont != c.cont) {
+				if rv, cont, ok := PeekMeta(ct, body.Bytes()[:n], c.list); ok && (rv != c.rv || cont != c.cont) {
 					t.Fatalf("%s list=%v: peekMeta of %d bytes = %q %q", ct, c.list, n, rv, cont)
 				}
 			}
@@ -357,10 +324,10 @@ func TestPeekMeta(t *testing.T) {
 	l.Continue = ""
 	var body bytes.Buffer
 	_ = protobufSerializer.Encode(l, &body)
-	if rv, cont, ok := peekMeta(mediaProtobuf, body.Bytes(), true); !ok || rv != "42" || cont != "" {
+	if rv, cont, ok := PeekMeta(MediaProtobuf, body.Bytes(), true); !ok || rv != "42" || cont != "" {
 		t.Errorf("protobuf list without continue: %q %q %v", rv, cont, ok)
 	}
-	if _, _, ok := peekMeta(mediaCBOR, body.Bytes(), true); ok {
+	if _, _, ok := PeekMeta(MediaCBOR, body.Bytes(), true); ok {
 		t.Error("peekMeta claims to read CBOR")
 	}
 }
@@ -389,7 +356,7 @@ func TestItemwiseListDecoding(t *testing.T) {
 		if err := protobufSerializer.Encode(list, &pb); err != nil {
 			t.Fatal(err)
 		}
-		whole, err := decodeTypedList(mediaProtobuf, pb.Bytes(), resource)
+		whole, err := decodeTypedList(MediaProtobuf, pb.Bytes(), resource)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -422,8 +389,8 @@ func TestItemwiseListDecoding(t *testing.T) {
 	js, _ := json.Marshal(pods)
 	var pb bytes.Buffer
 	_ = protobufSerializer.Encode(pods, &pb)
-	for ct, body := range map[string][]byte{mediaJSON: js, mediaProtobuf: pb.Bytes()} {
-		l, err := decodeList(ct, body, "/v1/pods", known)
+	for ct, body := range map[string][]byte{MediaJSON: js, MediaProtobuf: pb.Bytes()} {
+		l, err := DecodeList(ct, body, "/v1/pods", known)
 		if err != nil || len(l.Items) != 2 || string(l.Items[1].Data) != `{"stored":true}` || string(l.Items[0].Data) == `{"stored":true}` ||
 			l.ResourceVersion != "42" || l.Kind != "PodList" {
 			t.Errorf("%s: %+v %v", ct, l, err)

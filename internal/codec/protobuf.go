@@ -1,4 +1,4 @@
-package cache
+package codec
 
 import (
 	"bytes"
@@ -148,12 +148,12 @@ func protoScan(b []byte, fn func(num uint64, v []byte, cut bool) bool) bool {
 	return true
 }
 
-// protobufEnvelope returns kube-apiserver's protobuf encoding of a message
+// ProtobufEnvelope returns kube-apiserver's protobuf encoding of a message
 // of kind and apiVersion whose encoding is rawLen bytes long and which
 // appendRaw appends: the magic, then runtime.Unknown with its TypeMeta,
 // the message as raw, and empty content encoding and type, in the order
 // and form the apiserver's serializer writes them.
-func protobufEnvelope(kind, apiVersion string, rawLen int, appendRaw func([]byte) []byte) []byte {
+func ProtobufEnvelope(kind, apiVersion string, rawLen int, appendRaw func([]byte) []byte) []byte {
 	tm := runtime.TypeMeta{APIVersion: apiVersion, Kind: kind}
 	tmLen := tm.Size()
 	size := len(protobufMagic) + fieldSize(tmLen) + fieldSize(rawLen) + 2*fieldSize(0)
