@@ -194,7 +194,7 @@ func (c *Cache) policy(info *request.Info) writePolicy {
 	res := info.APIGroup + "/" + info.APIVersion + "/" + info.Resource
 	switch {
 	case res == "coordination.k8s.io/v1/leases" && info.Namespace == "kube-node-lease" && info.Name == c.Node && info.Subresource == "" &&
-		(info.Verb == "update" || info.Verb == "patch" || info.Verb == "get"):
+		(info.Verb == "update" || info.Verb == "patch"):
 		return overlayWrite
 	case res == "coordination.k8s.io/v1/leases" && info.Namespace == "kube-node-lease" && info.Verb == "create":
 		return overlayWrite
@@ -227,7 +227,7 @@ func (c *Cache) ServeWrite(w http.ResponseWriter, r *http.Request, info *request
 	case recordedToken:
 		err = c.serveToken(w, r, info)
 	default:
-		err = status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable; %s %s cannot be done offline", info.Verb, r.URL.Path), 5)
+		err = status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable; %s %s cannot be done offline", info.Verb, info.Path), 5)
 	}
 	if err != nil {
 		status.WriteError(w, err)
@@ -263,9 +263,6 @@ func requestJSON(r *http.Request) ([]byte, string, error) {
 func (c *Cache) writeOverlay(w http.ResponseWriter, r *http.Request, info *request.Info) error {
 	res := info.APIGroup + "/" + info.APIVersion + "/" + info.Resource
 	kinds := localKind[res]
-	if info.Verb == "get" {
-		return c.serveGet(w, r, info, store.ViewKey{Identity: info.Identity.Key(), Resource: res, Namespace: info.Namespace, Name: info.Name}, codec.ParseAccept(r.Header.Get("Accept")))
-	}
 	body, ct, err := requestJSON(r)
 	if err != nil {
 		return err
@@ -378,7 +375,7 @@ func (c *Cache) writeOverlay(w http.ResponseWriter, r *http.Request, info *reque
 	if info.Verb == "create" {
 		code = http.StatusCreated
 	}
-	a := codec.ParseAccept(r.Header.Get("Accept"))
+	a := info.Accept
 	w.Header().Set("X-Outpost-Local-Write", "overlay")
 	if code == http.StatusCreated {
 		w = statusCodeWriter{ResponseWriter: w, code: code}
@@ -516,7 +513,7 @@ func (c *Cache) journal(w http.ResponseWriter, r *http.Request, info *request.In
 	c.journalSeq++
 	seq := c.journalSeq
 	c.mu.Unlock()
-	entry, _ := json.Marshal(journalEntry{Path: r.URL.Path, Body: body})
+	entry, _ := json.Marshal(journalEntry{Path: info.Path, Body: body})
 	if err := c.Store.PutDoc(fmt.Sprintf("%s%020d", journalPrefix, seq), codec.MediaJSON, entry); err != nil {
 		return apierrors.NewInternalError(fmt.Errorf("journaling event: %w", err))
 	}
@@ -529,7 +526,7 @@ func (c *Cache) journal(w http.ResponseWriter, r *http.Request, info *request.In
 		apiVersion = "events.k8s.io/v1"
 	}
 	w.Header().Set("X-Outpost-Local-Write", "journal")
-	return c.encode(statusCodeWriter{ResponseWriter: w, code: http.StatusCreated}, codec.WithTypeMeta(out, kind, apiVersion), codec.ParseAccept(r.Header.Get("Accept")), source{})
+	return c.encode(statusCodeWriter{ResponseWriter: w, code: http.StatusCreated}, codec.WithTypeMeta(out, kind, apiVersion), info.Accept, source{})
 }
 
 // trimJournal keeps at most MaxJournal entries, dropping the oldest.

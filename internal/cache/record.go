@@ -36,14 +36,13 @@ func (c *Cache) Tee(resp *http.Response, info *request.Info) {
 		c.teeToken(resp, info)
 		return
 	}
-	r := resp.Request
 	if resp.StatusCode != http.StatusOK {
 		return
 	}
-	k, view, _ := classify(r, info)
+	view, asked := info.View, info.Options.Continue
 	contentType := resp.Header.Get("Content-Type")
-	switch k {
-	case getObject, listObjects:
+	switch info.Class {
+	case request.GetObject, request.ListObjects:
 		var cl *claim
 		c.teeOrdered(resp, view, func(body []byte, whole bool) bool {
 			if cl == nil {
@@ -53,32 +52,32 @@ func (c *Cache) Tee(resp *http.Response, info *request.Info) {
 				// (many clients list the same thing at once), without
 				// inflating or decoding the rest.
 				var held bool
-				if held, cl = c.claim(view, contentType, body, k == listObjects, r); held {
+				if held, cl = c.claim(view, contentType, body, info.Class == request.ListObjects, asked); held {
 					return true
 				}
 			}
 			if !whole {
 				return false
 			}
-			if k == getObject {
+			if info.Class == request.GetObject {
 				c.recordObject(view, contentType, body, cl)
 			} else {
-				c.recordList(r, view, contentType, body, cl)
+				c.recordList(asked, view, contentType, body, cl)
 			}
 			return true
 		})
-	case table:
-		key := tableKey(view.Identity, r)
+	case request.Table:
+		key := tableKey(info)
 		c.teeWhole(resp, nil, func(body []byte) {
 			c.send(write{doc: &doc{key: key, contentType: contentType, body: body}}, nil, "queue-full")
 		})
-	case document:
-		key := docKey(r)
+	case request.Document:
+		key := docKey(info)
 		c.teeWhole(resp, nil, func(body []byte) {
 			c.send(write{doc: &doc{key: key, contentType: contentType, body: body}}, nil, "queue-full")
 		})
-	case watchObjects:
-		c.teeWatch(resp, view, contentType, r.URL.Query().Get("sendInitialEvents") == "true")
+	case request.WatchObjects:
+		c.teeWatch(resp, view, contentType, info.Options.SendInitialEvents)
 	}
 }
 
@@ -265,7 +264,7 @@ func (c *Cache) recordObject(view store.ViewKey, contentType string, body []byte
 			c.unclaim(cl)
 		}
 	}()
-	if cl == nil && c.holds(view, contentType, body, false, nil) {
+	if cl == nil && c.holds(view, contentType, body, false, "") {
 		return
 	}
 	o, kind, apiVersion, err := codec.DecodeObject(contentType, body, view.Resource)
@@ -289,16 +288,16 @@ type pagedList struct {
 // maxPagedObjects bounds what one paginated list may hold in memory.
 const maxPagedObjects = 1_000_000
 
-// recordList records a LIST answer (or a page of one) for view; cl as for
-// recordObject.
-func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType string, body []byte, cl *claim) {
+// recordList records a LIST answer (or a page of one, asked with the
+// continue token asked) for view; cl as for recordObject.
+func (c *Cache) recordList(asked string, view store.ViewKey, contentType string, body []byte, cl *claim) {
 	queued := false
 	defer func() {
 		if !queued {
 			c.unclaim(cl)
 		}
 	}()
-	if cl == nil && c.holds(view, contentType, body, true, r) {
+	if cl == nil && c.holds(view, contentType, body, true, asked) {
 		return
 	}
 	l, err := c.decodeList(view, contentType, body)
@@ -307,7 +306,6 @@ func (c *Cache) recordList(r *http.Request, view store.ViewKey, contentType stri
 		return
 	}
 	items := l.Items
-	asked := r.URL.Query().Get("continue")
 	// A paginated list replaces its view only when its last page arrived.
 	if asked != "" || l.Continue != "" {
 		c.mu.Lock()
@@ -371,10 +369,11 @@ func (c *Cache) decodeList(view store.ViewKey, contentType string, body []byte) 
 // of it) without decoding it: the answer's resourceVersion, read where the
 // apiserver writes it, is the view's. Unchanged objects and lists, which
 // clients read again and again, then cost neither a decode nor a write. A
-// list must be whole (neither a page nor the first page of several).
-func (c *Cache) holds(view store.ViewKey, contentType string, body []byte, list bool, r *http.Request) bool {
+// list must be whole (neither a page, asked with a continue token, nor the
+// first page of several).
+func (c *Cache) holds(view store.ViewKey, contentType string, body []byte, list bool, asked string) bool {
 	rv, cont, ok := codec.PeekMeta(contentType, body, list)
-	if !ok || cont != "" || (list && r.URL.Query().Get("continue") != "") {
+	if !ok || cont != "" || asked != "" {
 		return false
 	}
 	return c.unchanged(view, rv)
@@ -394,9 +393,9 @@ type claim struct {
 // (held): the view holds it, or another answer at the same version is
 // being recorded. Otherwise it returns the claim the recording must
 // release (nil when the start does not tell the version).
-func (c *Cache) claim(view store.ViewKey, contentType string, body []byte, list bool, r *http.Request) (held bool, cl *claim) {
+func (c *Cache) claim(view store.ViewKey, contentType string, body []byte, list bool, asked string) (held bool, cl *claim) {
 	rv, cont, ok := codec.PeekMeta(contentType, body, list)
-	if !ok || rv == "" || cont != "" || (list && r.URL.Query().Get("continue") != "") {
+	if !ok || rv == "" || cont != "" || asked != "" {
 		return false, nil
 	}
 	if c.unchanged(view, rv) {

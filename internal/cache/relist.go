@@ -67,7 +67,7 @@ func (c *Cache) Relist(ctx context.Context, identity string, rate int, fetch Fet
 		case v.Key.Name != "":
 			c.recordObject(v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body), nil)
 		default:
-			c.recordList(r, v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body), nil)
+			c.recordList("", v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body), nil)
 		}
 		done++
 	}

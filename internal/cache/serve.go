@@ -27,38 +27,36 @@ const ServedByHeader = "X-Outpost-Served-By"
 
 // Answers reports whether the cache may answer r at all (a read of a kind
 // it records). The proxy asks before falling back to Serve.
-func (c *Cache) Answers(r *http.Request, info *request.Info) bool {
-	k, _, _ := classify(r, info)
-	return k != notCacheable
+func (c *Cache) Answers(_ *http.Request, info *request.Info) bool {
+	return info.Class != request.NotCached
 }
 
 // Serve answers r from the store with what this identity read online. It
 // always writes a response: the answer, or a Status saying why not.
 func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info) {
 	c.init()
-	k, view, a := classify(r, info)
 	var err error
-	switch k {
-	case document:
-		err = c.serveDoc(w, docKey(r), r.URL.Path)
-	case table:
-		if ok, derr := c.serveRecordedTable(w, tableKey(view.Identity, r)); ok || derr != nil {
+	switch info.Class {
+	case request.Document:
+		err = c.serveDoc(w, docKey(info), info.Path)
+	case request.Table:
+		if ok, derr := c.serveRecordedTable(w, tableKey(info)); ok || derr != nil {
 			err = derr
 			break
 		}
 		if info.Verb == "get" {
-			err = c.serveGet(w, r, info, view, a)
+			err = c.serveGet(w, info)
 		} else {
-			err = c.serveList(w, r, info, view, a)
+			err = c.serveList(w, info)
 		}
-	case getObject:
-		err = c.serveGet(w, r, info, view, a)
-	case listObjects:
-		err = c.serveList(w, r, info, view, a)
-	case watchObjects:
-		err = c.serveWatch(w, r, info, view, a)
+	case request.GetObject:
+		err = c.serveGet(w, info)
+	case request.ListObjects:
+		err = c.serveList(w, info)
+	case request.WatchObjects:
+		err = c.serveWatch(w, r, info)
 	default:
-		err = status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable and %s %s cannot be answered from the cache", info.Verb, r.URL.Path), 5)
+		err = status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable and %s %s cannot be answered from the cache", info.Verb, info.Path), 5)
 	}
 	if err != nil {
 		status.WriteError(w, err)
@@ -127,18 +125,11 @@ func (s source) keep(o store.Object) bool {
 // one of the same identity (same resource, wider namespace, looser
 // selectors), whose members are then filtered locally. Metadata-only
 // requests may read full views; full requests never read metadata-only ones.
-func (c *Cache) findSource(want store.ViewKey) (source, bool, error) {
+func (c *Cache) findSource(info *request.Info) (source, bool, error) {
+	want := info.View
 	resources := []string{want.Resource}
 	if base, ok := strings.CutSuffix(want.Resource, "#meta"); ok {
 		resources = append(resources, base)
-	}
-	lsel, err := labels.Parse(want.LabelSelector)
-	if err != nil {
-		return source{}, false, status.BadRequest("invalid label selector: " + err.Error())
-	}
-	fsel, err := fields.ParseSelector(want.FieldSelector)
-	if err != nil {
-		return source{}, false, status.BadRequest("invalid field selector: " + err.Error())
 	}
 	for _, res := range resources {
 		key := want
@@ -165,7 +156,7 @@ func (c *Cache) findSource(want store.ViewKey) (source, bool, error) {
 			if k.Namespace == "" {
 				ns = want.Namespace
 			}
-			return source{view: v, namespace: ns, labels: lsel, fields: fsel, filter: true, meta: strings.HasSuffix(res, "#meta")}, true, nil
+			return source{view: v, namespace: ns, labels: info.Labels, fields: info.Fields, filter: true, meta: strings.HasSuffix(res, "#meta")}, true, nil
 		}
 	}
 	return source{}, false, nil
@@ -178,26 +169,24 @@ type continueToken struct {
 	After string `json:"after"`
 }
 
-func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a codec.Accept) error {
-	src, ok, err := c.findSource(want)
+func (c *Cache) serveList(w http.ResponseWriter, info *request.Info) error {
+	a, opts := info.Accept, info.Options
+	src, ok, err := c.findSource(info)
 	if err != nil {
 		return asStatus(err)
 	}
 	if !ok {
 		return neverAnswered(describe(info))
 	}
-	q := r.URL.Query()
-	if err := checkListRV(q.Get("resourceVersion"), q.Get("resourceVersionMatch"), src.view.ResourceVersion); err != nil {
+	if err := checkListRV(opts.ResourceVersion, opts.ResourceVersionMatch, src.view.ResourceVersion); err != nil {
 		return err
 	}
-	limit := 0
-	if s := q.Get("limit"); s != "" {
-		if limit, err = strconv.Atoi(s); err != nil || limit < 0 {
-			return status.BadRequest("invalid limit " + strconv.Quote(s))
-		}
+	if opts.Invalid == "limit" {
+		return status.BadRequest("invalid limit " + strconv.Quote(opts.InvalidValue))
 	}
+	limit := opts.Limit
 	after := ""
-	if s := q.Get("continue"); s != "" {
+	if s := opts.Continue; s != "" {
 		var tok continueToken
 		raw, err := base64.RawURLEncoding.DecodeString(s)
 		if err != nil || json.Unmarshal(raw, &tok) != nil {
@@ -387,7 +376,8 @@ func checkListRV(rv, match, viewRV string) error {
 	return nil
 }
 
-func (c *Cache) serveGet(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a codec.Accept) error {
+func (c *Cache) serveGet(w http.ResponseWriter, info *request.Info) error {
+	want, a := info.View, info.Accept
 	base := strings.TrimSuffix(want.Resource, "#meta")
 	// The object's own GET view, else a view that holds it.
 	var kind, apiVersion string

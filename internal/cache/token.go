@@ -113,7 +113,7 @@ func (c *Cache) serveToken(w http.ResponseWriter, r *http.Request, info *request
 	}
 	out, _ := json.Marshal(found)
 	w.Header().Set("X-Outpost-Local-Write", "recorded-token")
-	return c.encode(statusCodeWriter{ResponseWriter: w, code: http.StatusCreated}, codec.WithTypeMeta(stripKind(out), "TokenRequest", "authentication.k8s.io/v1"), codec.ParseAccept(r.Header.Get("Accept")), source{})
+	return c.encode(statusCodeWriter{ResponseWriter: w, code: http.StatusCreated}, codec.WithTypeMeta(stripKind(out), "TokenRequest", "authentication.k8s.io/v1"), info.Accept, source{})
 }
 
 func stripKind(b []byte) []byte {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/status"
 	"github.com/outposthq/outpost/internal/store"
 )
 
@@ -27,27 +28,22 @@ import (
 //   - then BOOKMARKs (when allowed) until timeoutSeconds, the client leaves,
 //     or the cloud returns, when the watch ends so the client re-watches
 //     upstream.
-func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request.Info, want store.ViewKey, a codec.Accept) error {
-	src, ok, err := c.findSource(want)
+func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request.Info) error {
+	a, opts := info.Accept, info.Options
+	src, ok, err := c.findSource(info)
 	if err != nil {
 		return asStatus(err)
 	}
 	if !ok {
 		return neverAnswered(describe(info))
 	}
-	q := r.URL.Query()
-	rv := q.Get("resourceVersion")
-	sendInitial := q.Get("sendInitialEvents") == "true"
-	bookmarks := q.Get("allowWatchBookmarks") == "true"
+	rv, sendInitial, bookmarks := opts.ResourceVersion, opts.SendInitialEvents, opts.AllowWatchBookmarks
 	timeout := 30*time.Minute + time.Duration(rand.Int64N(int64(30*time.Minute))) // as the apiserver's default
-	if s := q.Get("timeoutSeconds"); s != "" {
-		n, err := strconv.ParseInt(s, 10, 64)
-		if err != nil || n < 0 {
-			return BadRequestf("invalid timeoutSeconds %q", s)
-		}
-		if n > 0 {
-			timeout = time.Duration(n) * time.Second
-		}
+	if opts.Invalid == "timeoutSeconds" {
+		return status.BadRequest(fmt.Sprintf("invalid timeoutSeconds %q", opts.InvalidValue))
+	}
+	if opts.TimeoutSeconds > 0 {
+		timeout = time.Duration(opts.TimeoutSeconds) * time.Second
 	}
 	initial := sendInitial || rv == "" || rv == "0"
 	tooOld := false
@@ -55,7 +51,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 		want, err1 := strconv.ParseUint(rv, 10, 64)
 		have, err2 := strconv.ParseUint(src.view.ResourceVersion, 10, 64)
 		if err1 != nil {
-			return BadRequestf("invalid resourceVersion %q", rv)
+			return status.BadRequest(fmt.Sprintf("invalid resourceVersion %q", rv))
 		}
 		tooOld = err2 == nil && want < have
 	}
@@ -165,11 +161,6 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			}
 		}
 	}
-}
-
-// BadRequestf is a 400 Status error.
-func BadRequestf(format string, args ...any) error {
-	return apierrors.NewBadRequest(fmt.Sprintf(format, args...))
 }
 
 // recordedAsProtobuf reports whether the first member of view k was

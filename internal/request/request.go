@@ -1,5 +1,7 @@
 // Package request parses an incoming *http.Request once into a read-only
-// Info: who the caller is and what it asks for. Everything after the
+// Info: who the caller is, what it asks for (selectors, list and watch
+// options, the encoding it accepts), and what that is to the cache (its
+// class and the view it reads). Everything after the
 // listener receives the Info instead of re-parsing the request or passing
 // facts through context values.
 package request
@@ -11,6 +13,11 @@ import (
 
 	"golang.org/x/net/http/httpguts"
 
+	"github.com/outposthq/outpost/internal/codec"
+	"github.com/outposthq/outpost/internal/store"
+
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/sets"
 	apirequest "k8s.io/apiserver/pkg/endpoints/request"
 )
@@ -89,6 +96,21 @@ type Info struct {
 
 	LabelSelector string
 	FieldSelector string
+	// Labels and Fields are the selectors parsed; nil when invalid.
+	Labels labels.Selector
+	Fields fields.Selector
+	// Query is the raw query, and Options the list and watch options in it.
+	Query   string
+	Options Options
+	// AcceptHeader is the Accept header as sent, and Accept what it asks.
+	AcceptHeader string
+	Accept       codec.Accept
+
+	// Class is what the request is to the cache, and View the view a get,
+	// list or watch reads.
+	Class Class
+	View  store.ViewKey
+
 	// Watch is true for watch requests, including list?watch=true.
 	Watch bool
 	// LongRunning is true for requests that may stay open indefinitely:
@@ -133,6 +155,12 @@ func Parse(r *http.Request, id Identity) (*Info, error) {
 	info.Watch = ri.Verb == "watch"
 	info.LongRunning = info.Watch || info.Upgrade ||
 		(ri.IsResourceRequest && longRunningSubresources.Has(ri.Subresource) && (ri.Subresource != "log" || follows(q)))
+	info.Query = r.URL.RawQuery
+	info.Options = parseOptions(q)
+	info.AcceptHeader = r.Header.Get("Accept")
+	info.Accept = codec.ParseAccept(info.AcceptHeader)
+	parseSelectors(info)
+	classify(r, info)
 	return info, nil
 }
 
