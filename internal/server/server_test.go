@@ -92,15 +92,9 @@ func TestServes(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			s := &Server{Name: tt.name, Listener: ln, TLS: tt.tls, ShutdownTimeout: time.Second, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-				Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, r.Proto) })}
-			ctx, cancel := context.WithCancel(t.Context())
-			ran := make(chan error, 1)
-			go func() { ran <- s.Run(ctx) }()
+			ln := listen(t)
+			stop := start(t, &Server{Name: tt.name, Listener: ln, TLS: tt.tls, ShutdownTimeout: time.Second, Log: slog.New(slog.DiscardHandler),
+				Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, r.Proto) })})
 
 			tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}, ForceAttemptHTTP2: true}
 			resp, err := (&http.Client{Transport: tr}).Get(tt.scheme + "://" + ln.Addr().String() + "/")
@@ -115,14 +109,8 @@ func TestServes(t *testing.T) {
 			// Else an HTTP/2 server waits a second for the client to act
 			// on its GOAWAY.
 			tr.CloseIdleConnections()
-			cancel()
-			select {
-			case err := <-ran:
-				if err != nil {
-					t.Errorf("Run: %v", err)
-				}
-			case <-time.After(5 * time.Second):
-				t.Fatal("Run did not return")
+			if err := stop(); err != nil {
+				t.Errorf("Run: %v", err)
 			}
 		})
 	}
@@ -132,19 +120,13 @@ func TestServes(t *testing.T) {
 // has its connection closed, and Run returns nil: the deadline is handled,
 // not a failure.
 func TestDrainDeadline(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listen(t)
 	started := make(chan struct{})
-	s := &Server{Name: "test", Listener: ln, ShutdownTimeout: 200 * time.Millisecond, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	stop := start(t, &Server{Name: "test", Listener: ln, ShutdownTimeout: 200 * time.Millisecond, Log: slog.New(slog.DiscardHandler),
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			close(started)
 			<-r.Context().Done() // ends when the connection is closed
-		})}
-	ctx, cancel := context.WithCancel(t.Context())
-	ran := make(chan error, 1)
-	go func() { ran <- s.Run(ctx) }()
+		})})
 
 	got := make(chan error, 1)
 	go func() {
@@ -155,14 +137,8 @@ func TestDrainDeadline(t *testing.T) {
 		got <- err
 	}()
 	<-started
-	cancel()
-	select {
-	case err := <-ran:
-		if err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Run did not return after the drain deadline")
+	if err := stop(); err != nil {
+		t.Errorf("Run: %v", err)
 	}
 	if err := <-got; err == nil {
 		t.Error("the request cut off at the drain deadline got an answer")
@@ -171,13 +147,37 @@ func TestDrainDeadline(t *testing.T) {
 
 // TestServeErrorReturned: a listener that fails is Run's error, named.
 func TestServeErrorReturned(t *testing.T) {
+	ln := listen(t)
+	ln.Close()
+	s := &Server{Name: "test", Listener: ln, Handler: http.NotFoundHandler(), Log: slog.New(slog.DiscardHandler)}
+	if err := s.Run(t.Context()); err == nil || !strings.Contains(err.Error(), "serving test") {
+		t.Errorf("Run: %v, want the serve error", err)
+	}
+}
+
+func listen(t *testing.T) net.Listener {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln.Close()
-	s := &Server{Name: "test", Listener: ln, Handler: http.NotFoundHandler(), Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	if err := s.Run(t.Context()); err == nil || !strings.Contains(err.Error(), "serving test") {
-		t.Errorf("Run: %v, want the serve error", err)
+	return ln
+}
+
+// start runs s; stop ends its context and returns what Run returned.
+func start(t *testing.T, s *Server) (stop func() error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	ran := make(chan error, 1)
+	go func() { ran <- s.Run(ctx) }()
+	return func() error {
+		cancel()
+		select {
+		case err := <-ran:
+			return err
+		case <-time.After(5 * time.Second):
+			t.Fatal("Run did not return within 5 s of its context's end")
+			return nil
+		}
 	}
 }
