@@ -9,7 +9,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/outposthq/outpost/internal/autonomy"
+	"github.com/outposthq/outpost/internal/cloud/autonomy"
 )
 
 const usage = `outpost-controller: keeps pods of autonomous edge nodes from being evicted,

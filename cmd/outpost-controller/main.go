@@ -1,6 +1,6 @@
 // Command outpost-controller is the cloud side of Outpost: it keeps the pods
 // of autonomous nodes from being evicted, and behind their Services, while
-// those nodes are cut off. See package internal/autonomy.
+// those nodes are cut off. See package internal/cloud/autonomy.
 package main
 
 import (
@@ -17,7 +17,7 @@ import (
 
 	"k8s.io/klog/v2"
 
-	"github.com/outposthq/outpost/internal/autonomy"
+	"github.com/outposthq/outpost/internal/cloud/autonomy"
 	"github.com/outposthq/outpost/internal/version"
 )
 

@@ -1,6 +1,8 @@
-// Package server runs outpost's listeners (the TLS port for clients, the
-// optional plain-HTTP port, the admin port) with one lifecycle: Run serves
-// until its context ends, then drains within a deadline and closes.
+// Package server runs the listeners of both programs with one lifecycle:
+// Run serves until its context ends, then drains within a deadline and
+// closes. outpost has the TLS port for clients, the optional plain-HTTP port
+// and the admin port; outpost-controller the webhook port (TLS) and the
+// metrics port.
 package server
 
 import (
@@ -21,11 +23,15 @@ type Server struct {
 	Name string
 	// Addr is the host:port to listen on. Ignored when Listener is set.
 	Addr string
-	// Listener, if set, is used instead of listening on Addr (tests).
+	// Listener, if set, is used instead of listening on Addr: in tests, or
+	// by a caller that listens before starting anything so that a taken
+	// port fails fast. Run closes it.
 	Listener net.Listener
 	// Handler serves the requests.
 	Handler http.Handler
-	// TLS, if set, makes this a TLS listener offering HTTP/2 and HTTP/1.1.
+	// TLS, if set, makes this a TLS listener offering HTTP/2 and HTTP/1.1,
+	// with its Certificates or GetCertificate (certificates that rotate).
+	// If nil, the listener serves plain HTTP/1.1.
 	TLS *tls.Config
 	// ShutdownTimeout bounds the drain once the context ends; then open
 	// connections are closed. Zero: close at once.

@@ -32,7 +32,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
 
-	"github.com/outposthq/outpost/internal/autonomy"
+	"github.com/outposthq/outpost/internal/cloud/autonomy"
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
 

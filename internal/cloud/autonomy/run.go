@@ -19,7 +19,8 @@ import (
 	"k8s.io/client-go/tools/leaderelection"
 	"k8s.io/client-go/tools/record"
 
-	"github.com/outposthq/outpost/internal/autonomy/webhook"
+	"github.com/outposthq/outpost/internal/cloud/autonomy/webhook"
+	"github.com/outposthq/outpost/internal/server"
 )
 
 // Webhook paths, as in deploy/webhook.yaml.
@@ -90,26 +91,37 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	hooks.Handle(PathMutatePods, &webhook.Handler{Mutator: admission.MutatePod, Logger: admission.Logger, Observe: m.observeReview("pods")})
 	hooks.Handle(PathMutateEndpointSlices, &webhook.Handler{Mutator: admission.MutateEndpointSlice, Logger: admission.Logger, Observe: m.observeReview("endpointslices")})
 
+	health := leaderelection.NewLeaderHealthzAdaptor(20 * time.Second)
+
 	// Listen before starting anything, so that a taken port fails fast.
 	hookLn, err := net.Listen("tcp", cfg.Webhook.Address)
 	if err != nil {
 		return fmt.Errorf("webhook server: %w", err)
 	}
-	hookSrv := &http.Server{
-		Handler:           hooks,
-		ReadHeaderTimeout: 10 * time.Second,
-		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate},
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug), // TLS handshake noise
+	hookSrv := &server.Server{
+		Name:            "webhook",
+		Listener:        hookLn,
+		Handler:         hooks,
+		TLS:             &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate},
+		ShutdownTimeout: cfg.ShutdownTimeout,
+		Log:             logger,
 	}
-	var metricsLn net.Listener
+	var metricsSrv *server.Server
 	if cfg.MetricsAddress != "" {
-		if metricsLn, err = net.Listen("tcp", cfg.MetricsAddress); err != nil {
+		metricsLn, err := net.Listen("tcp", cfg.MetricsAddress)
+		if err != nil {
 			hookLn.Close()
 			return fmt.Errorf("metrics server: %w", err)
 		}
+		metricsSrv = &server.Server{
+			Name:            "metrics",
+			Listener:        metricsLn,
+			Handler:         adminMux(m, health, synced.Load, certs.Ready),
+			ShutdownTimeout: cfg.ShutdownTimeout,
+			Log:             logger,
+		}
 	}
 
-	health := leaderelection.NewLeaderHealthzAdaptor(20 * time.Second)
 	g, ctx := errgroup.WithContext(ctx)
 	factory.Start(ctx.Done())
 	defer factory.Shutdown()
@@ -126,14 +138,9 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 		return nil
 	})
 	g.Go(func() error { return certs.Run(ctx) })
-	g.Go(func() error {
-		return serve(ctx, hookSrv, hookLn, true, cfg.ShutdownTimeout)
-	})
-	if metricsLn != nil {
-		g.Go(func() error {
-			srv := &http.Server{Handler: adminMux(m, health, synced.Load, certs.Ready), ReadHeaderTimeout: 10 * time.Second}
-			return serve(ctx, srv, metricsLn, false, cfg.ShutdownTimeout)
-		})
+	g.Go(func() error { return hookSrv.Run(ctx) })
+	if metricsSrv != nil {
+		g.Go(func() error { return metricsSrv.Run(ctx) })
 	}
 	g.Go(func() error {
 		select {

@@ -10,7 +10,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 
-	"github.com/outposthq/outpost/internal/autonomy/webhook"
+	"github.com/outposthq/outpost/internal/cloud/autonomy/webhook"
 )
 
 // taintKeys are the NoExecute taints the node lifecycle controller puts on

@@ -6,7 +6,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 
-	"github.com/outposthq/outpost/internal/autonomy/webhook"
+	"github.com/outposthq/outpost/internal/cloud/autonomy/webhook"
 )
 
 // unreachable reports whether the node lifecycle controller has given up

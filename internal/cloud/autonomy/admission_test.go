@@ -15,7 +15,7 @@ import (
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 
-	"github.com/outposthq/outpost/internal/autonomy/webhook"
+	"github.com/outposthq/outpost/internal/cloud/autonomy/webhook"
 )
 
 func node(name string, annotations map[string]string, down bool) *corev1.Node {

@@ -1,40 +1,12 @@
 package autonomy
 
 import (
-	"context"
 	"fmt"
-	"net"
 	"net/http"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/client-go/tools/leaderelection"
 )
-
-// serve runs srv on ln until ctx is done, then shuts it down, forcing the
-// stop after timeout.
-func serve(ctx context.Context, srv *http.Server, ln net.Listener, useTLS bool, timeout time.Duration) error {
-	errc := make(chan error, 1)
-	go func() {
-		if useTLS {
-			errc <- srv.ServeTLS(ln, "", "")
-		} else {
-			errc <- srv.Serve(ln)
-		}
-	}()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serving on %s: %w", ln.Addr(), err)
-	case <-ctx.Done():
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
-		srv.Close()
-	}
-	<-errc // http.ErrServerClosed
-	return nil
-}
 
 // adminMux serves /metrics, /healthz and /readyz.
 //
