@@ -155,6 +155,9 @@ func (r *Rotator) prune(newest string) {
 	var pairs []string
 	for _, e := range entries {
 		stamp, ok := strings.CutPrefix(e.Name(), r.Name+"-")
+		if !ok {
+			continue
+		}
 		if stamp, ok = strings.CutSuffix(stamp, ".pem"); !ok || !e.Type().IsRegular() {
 			continue
 		}
