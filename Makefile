@@ -25,7 +25,7 @@ k8s:
 node-deps:
 	@if [ "$$(id -u)" = 0 ]; then hack/install-node-deps.sh; else echo "node-deps: not root; the real-kubelet tests will say they are skipped"; fi
 
-## lint: gofmt and go vet (and staticcheck when it builds)
+## lint: gofmt, go vet and staticcheck (pinned in hack/tools/staticcheck, built into _output/tools)
 lint:
 	hack/lint.sh
 

@@ -19,6 +19,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/outposthq/outpost/internal/atomicfile"
 )
 
 // File names inside the serving directory.
@@ -141,31 +143,9 @@ func serial() *big.Int {
 	return n
 }
 
-// writePEM writes one PEM block to path atomically (temp file, fsync,
-// rename) with mode 0600.
+// writePEM writes one PEM block to path atomically with mode 0600.
 func writePEM(path, typ string, der []byte) error {
-	return writeFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}))
-}
-
-// writeFile replaces path with data, mode 0600: temp file, fsync, rename.
-func writeFile(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := errors.Join(tmp.Sync(), tmp.Close()); err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600)
 }
 
 // LoadPool reads a PEM bundle of CA certificates.

@@ -23,6 +23,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/util/cert"
 	"k8s.io/client-go/util/keyutil"
+
+	"github.com/outposthq/outpost/internal/atomicfile"
 )
 
 // Signers of the certificates a node asks for, as kubelet does.
@@ -119,7 +121,7 @@ func (r *Rotator) store(certPEM, keyPEM []byte) (*tls.Certificate, error) {
 	}
 	name := r.Name + "-" + time.Now().UTC().Format(pairTime) + ".pem"
 	data := append(append(append([]byte(nil), certPEM...), '\n'), keyPEM...)
-	if err := writeFile(filepath.Join(r.Dir, name), data); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(r.Dir, name), data, 0o600); err != nil {
 		return nil, err
 	}
 	link := r.CurrentPath()
@@ -153,6 +155,9 @@ func (r *Rotator) prune(newest string) {
 	var pairs []string
 	for _, e := range entries {
 		stamp, ok := strings.CutPrefix(e.Name(), r.Name+"-")
+		if !ok {
+			continue
+		}
 		if stamp, ok = strings.CutSuffix(stamp, ".pem"); !ok || !e.Type().IsRegular() {
 			continue
 		}

@@ -228,7 +228,7 @@ func TestOldPairsPruned(t *testing.T) {
 	if err := r.Load(); err != nil {
 		t.Fatal(err)
 	}
-	others := []string{"node-serving-2020-01-01-00-00-00.000000000.pem", "node-client-notes.pem"}
+	others := []string{"node-serving-2020-01-01-00-00-00.000000000.pem", "node-client-notes.pem", "2020-01-01-00-00-00.000000000.pem"}
 	for _, f := range others {
 		if err := os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600); err != nil {
 			t.Fatal(err)

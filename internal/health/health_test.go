@@ -6,6 +6,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
@@ -93,97 +94,101 @@ func TestRunProbesUntilCancelled(t *testing.T) {
 // no answer since the previous probe does, and so does a probe that fails
 // outright.
 func TestSlowProbeWhileAnswering(t *testing.T) {
-	var answering atomic.Bool
-	var refuse atomic.Bool
-	probed := make(chan struct{}, 100)
-	m := &Monitor{Count: 1, Interval: 10 * time.Millisecond, Timeout: 20 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1}
-	m.Probe = func(ctx context.Context, i int) error {
-		// Told as each probe starts: the loop has then judged the one
-		// before.
-		probed <- struct{}{}
-		if refuse.Load() {
-			return errors.New("readyz answered 500 Internal Server Error")
-		}
-		for ctx.Err() == nil { // a server too busy to answer /readyz in time
-			if answering.Load() {
-				m.ReportAnswer(i) // ... that answers the requests proxied meanwhile
+	synctest.Test(t, func(t *testing.T) {
+		var answering atomic.Bool
+		var refuse atomic.Bool
+		probed := make(chan struct{}, 100)
+		m := &Monitor{Count: 1, Interval: 10 * time.Millisecond, Timeout: 20 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1}
+		m.Probe = func(ctx context.Context, i int) error {
+			// Told as each probe starts: the loop has then judged the one
+			// before.
+			probed <- struct{}{}
+			if refuse.Load() {
+				return errors.New("readyz answered 500 Internal Server Error")
 			}
-			time.Sleep(2 * time.Millisecond)
+			for ctx.Err() == nil { // a server too busy to answer /readyz in time
+				if answering.Load() {
+					m.ReportAnswer(i) // ... that answers the requests proxied meanwhile
+				}
+				time.Sleep(2 * time.Millisecond)
+			}
+			return ctx.Err()
 		}
-		return ctx.Err()
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() { _ = m.Run(ctx) })
-	defer func() { cancel(); wg.Wait() }()
-	// waitProbes waits until n probes more have started, so that n-1
-	// started after the caller's change have been judged, with the one
-	// under way at the change.
-	waitProbes := func(n int) {
-		for len(probed) > 0 {
-			<-probed
-		}
-		for range n {
-			select {
-			case <-probed:
-			case <-time.After(5 * time.Second):
-				t.Fatal("no probe ran")
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		wg.Go(func() { _ = m.Run(ctx) })
+		defer func() { cancel(); wg.Wait() }()
+		// waitProbes waits until n probes more have started, so that n-1
+		// started after the caller's change have been judged, with the one
+		// under way at the change.
+		waitProbes := func(n int) {
+			for len(probed) > 0 {
+				<-probed
+			}
+			for range n {
+				select {
+				case <-probed:
+				case <-time.After(5 * time.Second):
+					t.Fatal("no probe ran")
+				}
 			}
 		}
-	}
 
-	answering.Store(true)
-	waitProbes(5)
-	if !m.Healthy(0) {
-		t.Fatal("slow probes while requests were answered marked the server unhealthy")
-	}
-	answering.Store(false)
-	// The probe under way and the next may still be excused (an answer
-	// came since the previous probe); the one after is not.
-	waitProbes(4)
-	if m.Healthy(0) {
-		t.Fatal("probes timing out with no answer since the previous probe must mark the server unhealthy")
-	}
-	answering.Store(true)
-	waitProbes(4)
-	if m.Healthy(0) {
-		t.Fatal("answers alone must not bring a server back; only good probes do")
-	}
-	refuse.Store(true)
-	waitProbes(3)
-	if m.Healthy(0) {
-		t.Fatal("a probe that fails outright counts even while requests are answered")
-	}
+		answering.Store(true)
+		waitProbes(5)
+		if !m.Healthy(0) {
+			t.Fatal("slow probes while requests were answered marked the server unhealthy")
+		}
+		answering.Store(false)
+		// The probe under way and the next may still be excused (an answer
+		// came since the previous probe); the one after is not.
+		waitProbes(4)
+		if m.Healthy(0) {
+			t.Fatal("probes timing out with no answer since the previous probe must mark the server unhealthy")
+		}
+		answering.Store(true)
+		waitProbes(4)
+		if m.Healthy(0) {
+			t.Fatal("answers alone must not bring a server back; only good probes do")
+		}
+		refuse.Store(true)
+		waitProbes(3)
+		if m.Healthy(0) {
+			t.Fatal("a probe that fails outright counts even while requests are answered")
+		}
+	})
 }
 
 // TestOldAnswerDoesNotExcuse: with a long interval, an answer long before
 // a probe that times out does not excuse it; only answers within a probe
 // timeout of its start, or during it, do.
 func TestOldAnswerDoesNotExcuse(t *testing.T) {
-	var probes atomic.Int32
-	m := &Monitor{Count: 1, Interval: 300 * time.Millisecond, Timeout: 20 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1}
-	m.Probe = func(ctx context.Context, i int) error {
-		if probes.Add(1) == 1 {
-			return nil
+	synctest.Test(t, func(t *testing.T) {
+		var probes atomic.Int32
+		m := &Monitor{Count: 1, Interval: 300 * time.Millisecond, Timeout: 20 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1}
+		m.Probe = func(ctx context.Context, i int) error {
+			if probes.Add(1) == 1 {
+				return nil
+			}
+			<-ctx.Done() // every later probe times out
+			return ctx.Err()
 		}
-		<-ctx.Done() // every later probe times out
-		return ctx.Err()
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() { _ = m.Run(ctx) })
-	defer func() { cancel(); wg.Wait() }()
-	for probes.Load() < 1 {
-		time.Sleep(time.Millisecond)
-	}
-	m.ReportAnswer(0) // right after the first probe: ~300 ms before the second
-	deadline := time.Now().Add(5 * time.Second)
-	for probes.Load() < 3 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
-	if m.Healthy(0) {
-		t.Fatal("a probe that timed out 300 ms after the last answer was excused")
-	}
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		wg.Go(func() { _ = m.Run(ctx) })
+		defer func() { cancel(); wg.Wait() }()
+		for probes.Load() < 1 {
+			time.Sleep(time.Millisecond)
+		}
+		m.ReportAnswer(0) // right after the first probe: ~300 ms before the second
+		deadline := time.Now().Add(5 * time.Second)
+		for probes.Load() < 3 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if m.Healthy(0) {
+			t.Fatal("a probe that timed out 300 ms after the last answer was excused")
+		}
+	})
 }
 
 // TestSlowProbeOfReachableServer: a probe that times out while a
@@ -191,77 +196,79 @@ func TestOldAnswerDoesNotExcuse(t *testing.T) {
 // waits on etcd) is excused, at most MaxReachableExcuses times in a row;
 // when the handshake fails too (a black-holed link), it counts at once.
 func TestSlowProbeOfReachableServer(t *testing.T) {
-	var reachable atomic.Bool
-	var results sync.Mutex
-	var got []ProbeResult
-	m := &Monitor{Count: 1, Interval: 5 * time.Millisecond, Timeout: 40 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1,
-		Probe: func(ctx context.Context, i int) error { <-ctx.Done(); return ctx.Err() }, // /readyz never answers in time
-		Reachable: func(ctx context.Context, i int) error {
-			if reachable.Load() {
-				return nil
+	synctest.Test(t, func(t *testing.T) {
+		var reachable atomic.Bool
+		var results sync.Mutex
+		var got []ProbeResult
+		m := &Monitor{Count: 1, Interval: 5 * time.Millisecond, Timeout: 40 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1,
+			Probe: func(ctx context.Context, i int) error { <-ctx.Done(); return ctx.Err() }, // /readyz never answers in time
+			Reachable: func(ctx context.Context, i int) error {
+				if reachable.Load() {
+					return nil
+				}
+				<-ctx.Done()
+				return ctx.Err()
+			},
+			OnProbe: func(i int, r ProbeResult) { results.Lock(); got = append(got, r); results.Unlock() },
+		}
+		reachable.Store(true)
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		wg.Go(func() { _ = m.Run(ctx) })
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			results.Lock()
+			n := len(got)
+			results.Unlock()
+			if n >= MaxReachableExcuses+1 || time.Now().After(deadline) {
+				break
 			}
-			<-ctx.Done()
-			return ctx.Err()
-		},
-		OnProbe: func(i int, r ProbeResult) { results.Lock(); got = append(got, r); results.Unlock() },
-	}
-	reachable.Store(true)
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() { _ = m.Run(ctx) })
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+			time.Sleep(5 * time.Millisecond)
+		}
+		cancel()
+		wg.Wait()
 		results.Lock()
-		n := len(got)
-		results.Unlock()
-		if n >= MaxReachableExcuses+1 || time.Now().After(deadline) {
-			break
+		defer results.Unlock()
+		if len(got) < MaxReachableExcuses+1 {
+			t.Fatalf("only %d probes ran", len(got))
 		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	cancel()
-	wg.Wait()
-	results.Lock()
-	defer results.Unlock()
-	if len(got) < MaxReachableExcuses+1 {
-		t.Fatalf("only %d probes ran", len(got))
-	}
-	for k, r := range got[:MaxReachableExcuses] {
-		if r != ProbeExcused {
-			t.Fatalf("probe %d of a reachable server: %s, want excused (all: %v)", k, r, got)
-		}
-	}
-	if r := got[MaxReachableExcuses]; r != ProbeFailed {
-		t.Fatalf("probe %d in a row timing out: %s, want failed (all: %v)", MaxReachableExcuses+1, r, got)
-	}
-
-	// Black-holed: the handshake times out too, and the first probe counts.
-	got = nil
-	reachable.Store(false)
-	m2 := &Monitor{Count: 1, Interval: 5 * time.Millisecond, Timeout: 40 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1,
-		Probe: m.Probe, Reachable: m.Reachable}
-	done := make(chan ProbeResult, 1)
-	m2.OnProbe = func(i int, r ProbeResult) {
-		select {
-		case done <- r:
-		default:
-		}
-	}
-	ctx2, cancel2 := context.WithCancel(context.Background())
-	wg.Go(func() { _ = m2.Run(ctx2) })
-	defer func() { cancel2(); wg.Wait() }()
-	select {
-	case r := <-done:
-		if r != ProbeFailed {
-			t.Fatalf("first probe of a black-holed server: %s, want failed", r)
-		}
-		// Counted before it changes the state: the change follows.
-		for deadline := time.Now().Add(time.Second); m2.Healthy(0); time.Sleep(time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatal("a failed probe did not mark the server unhealthy")
+		for k, r := range got[:MaxReachableExcuses] {
+			if r != ProbeExcused {
+				t.Fatalf("probe %d of a reachable server: %s, want excused (all: %v)", k, r, got)
 			}
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("no probe ran")
-	}
+		if r := got[MaxReachableExcuses]; r != ProbeFailed {
+			t.Fatalf("probe %d in a row timing out: %s, want failed (all: %v)", MaxReachableExcuses+1, r, got)
+		}
+
+		// Black-holed: the handshake times out too, and the first probe counts.
+		got = nil
+		reachable.Store(false)
+		m2 := &Monitor{Count: 1, Interval: 5 * time.Millisecond, Timeout: 40 * time.Millisecond, FailureThreshold: 1, SuccessThreshold: 1,
+			Probe: m.Probe, Reachable: m.Reachable}
+		done := make(chan ProbeResult, 1)
+		m2.OnProbe = func(i int, r ProbeResult) {
+			select {
+			case done <- r:
+			default:
+			}
+		}
+		ctx2, cancel2 := context.WithCancel(context.Background())
+		wg.Go(func() { _ = m2.Run(ctx2) })
+		defer func() { cancel2(); wg.Wait() }()
+		select {
+		case r := <-done:
+			if r != ProbeFailed {
+				t.Fatalf("first probe of a black-holed server: %s, want failed", r)
+			}
+			// Counted before it changes the state: the change follows.
+			for deadline := time.Now().Add(time.Second); m2.Healthy(0); time.Sleep(time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("a failed probe did not mark the server unhealthy")
+				}
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("no probe ran")
+		}
+	})
 }

@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
+	"github.com/outposthq/outpost/internal/atomicfile"
 	"github.com/outposthq/outpost/internal/certs"
 	"github.com/outposthq/outpost/internal/identity"
 	"github.com/outposthq/outpost/internal/request"
@@ -203,10 +204,13 @@ func (h *Hub) writeKubeconfig(server string, caData []byte, caFile string) error
 	if err := os.MkdirAll(filepath.Dir(h.cfg.Kubeconfig), 0o700); err != nil {
 		return err
 	}
-	if err := clientcmd.WriteToFile(*cfg, h.cfg.Kubeconfig); err != nil {
-		return fmt.Errorf("writing %s: %w", h.cfg.Kubeconfig, err)
+	data, err := clientcmd.Write(*cfg)
+	if err != nil {
+		return fmt.Errorf("encoding %s: %w", h.cfg.Kubeconfig, err)
 	}
-	return os.Chmod(h.cfg.Kubeconfig, 0o600)
+	// Replaced whole: kubelet's tooling or an operator may read it at any
+	// time, and a crash midway must not leave a half kubeconfig.
+	return atomicfile.WriteFile(h.cfg.Kubeconfig, data, 0o600)
 }
 
 // servingHosts are the SANs of outpost's serving certificate: the names
