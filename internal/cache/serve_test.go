@@ -34,7 +34,7 @@ func seedList(t testing.TB, c *Cache, ns string, n int, proto func(int) bool) {
 			CreationTimestamp: metav1.Unix(1700000000, 0),
 			ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "bench.test", Operation: metav1.ManagedFieldsOperationUpdate, APIVersion: "v1",
 				Time: &metav1.Time{Time: time.Unix(1700000000, 0)}, FieldsType: "FieldsV1",
-				FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:data":{".":{},"f:payload":{}},"f:metadata":{"f:labels":{".":{},"f:app":{}}}}`)}}}},
+				FieldsV1: metav1.NewFieldsV1(`{"f:data":{".":{},"f:payload":{}},"f:metadata":{"f:labels":{".":{},"f:app":{}}}}`)}}},
 			Data: map[string]string{"payload": strings.Repeat("x", 256)}}
 		o, err := codec.ObjectFromTyped(&item, "/v1/configmaps")
 		if err != nil {
