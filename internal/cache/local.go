@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -544,11 +545,12 @@ func (c *Cache) trimJournal() {
 	}
 }
 
-// ReplayJournal sends the journaled events to the apiserver with send, at
+// ReplayJournal posts the journaled events to the apiserver through
+// upstream (as the node), at
 // most rate per second, deleting each one the apiserver answered. It stops
 // at the first failure to reach the apiserver; the rest wait for the next
 // reconnect.
-func (c *Cache) ReplayJournal(ctx context.Context, rate int, send func(ctx context.Context, path string, body []byte) (int, error)) (replayed int, err error) {
+func (c *Cache) ReplayJournal(ctx context.Context, rate int, upstream http.RoundTripper) (replayed int, err error) {
 	type item struct {
 		key   string
 		entry journalEntry
@@ -569,7 +571,7 @@ func (c *Cache) ReplayJournal(ctx context.Context, rate int, send func(ctx conte
 	tick := time.NewTicker(time.Second / time.Duration(rate))
 	defer tick.Stop()
 	for _, it := range items {
-		code, err := send(ctx, it.entry.Path, it.entry.Body)
+		code, err := send(ctx, upstream, http.MethodPost, it.entry.Path, "application/json", it.entry.Body)
 		if err != nil {
 			return replayed, err
 		}
@@ -596,10 +598,10 @@ func unsupportedMedia(mt string) error {
 }
 
 // ReplayStatus sends the last local status of this node and its pods to
-// the apiserver when the cloud returns, as merge patches of status with the
-// node's credentials. kubelet believes these statuses were saved (outpost
-// answered 200), so it would not send them again by itself.
-func (c *Cache) ReplayStatus(ctx context.Context, send func(ctx context.Context, method, path, contentType string, body []byte) (int, error)) (int, error) {
+// the apiserver when the cloud returns, as merge patches of status through
+// upstream (as the node). kubelet believes these statuses were saved
+// (outpost answered 200), so it would not send them again by itself.
+func (c *Cache) ReplayStatus(ctx context.Context, upstream http.RoundTripper) (int, error) {
 	c.overlays.mu.Lock()
 	var pending []*overlay
 	for _, ov := range c.overlays.byKey {
@@ -621,7 +623,7 @@ func (c *Cache) ReplayStatus(ctx context.Context, send func(ctx context.Context,
 		if ov.resource == "/v1/pods" {
 			path = "/api/v1/namespaces/" + ov.namespace + "/pods/" + ov.name + "/status"
 		}
-		code, err := send(ctx, http.MethodPatch, path, "application/merge-patch+json", patch)
+		code, err := send(ctx, upstream, http.MethodPatch, path, "application/merge-patch+json", patch)
 		if err != nil {
 			return sent, err
 		}
@@ -630,4 +632,21 @@ func (c *Cache) ReplayStatus(ctx context.Context, send func(ctx context.Context,
 		}
 	}
 	return sent, nil
+}
+
+// send makes one request of outpost's own through upstream and returns
+// the apiserver's status code.
+func send(ctx context.Context, upstream http.RoundTripper, method, path, contentType string, body []byte) (int, error) {
+	r, err := http.NewRequestWithContext(ctx, method, "https://upstream"+path, bytes.NewReader(body))
+	if err != nil {
+		return 0, err
+	}
+	r.Header.Set("Content-Type", contentType)
+	resp, err := upstream.RoundTrip(r)
+	if err != nil {
+		return 0, err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode, nil
 }

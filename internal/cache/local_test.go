@@ -118,23 +118,17 @@ func TestLocalWrites(t *testing.T) {
 		t.Fatalf("event: %d %s", w.Code, w.Body)
 	}
 	var sent []string
-	n, err := c.ReplayJournal(context.Background(), 1000, func(ctx context.Context, path string, body []byte) (int, error) {
-		sent = append(sent, path+" "+string(body))
-		return 201, nil
-	})
-	if err != nil || n != 1 || !strings.Contains(sent[0], "/api/v1/namespaces/default/events") || !strings.Contains(sent[0], "Started") {
+	n, err := c.ReplayJournal(context.Background(), 1000, answering(201, &sent))
+	if err != nil || n != 1 || !strings.Contains(sent[0], "POST /api/v1/namespaces/default/events") || !strings.Contains(sent[0], "Started") {
 		t.Fatalf("replay: %d %v %v", n, err, sent)
 	}
-	if n, _ := c.ReplayJournal(context.Background(), 1000, func(context.Context, string, []byte) (int, error) { return 201, nil }); n != 0 {
+	if n, _ := c.ReplayJournal(context.Background(), 1000, answering(201, new([]string))); n != 0 {
 		t.Fatalf("a replayed event was replayed again")
 	}
 	// The cloud returns: the local pod status is sent upstream (kubelet
 	// thinks it was saved), then overlays are dropped.
 	var patched []string
-	n, err = c.ReplayStatus(context.Background(), func(ctx context.Context, method, path, ct string, body []byte) (int, error) {
-		patched = append(patched, method+" "+path+" "+string(body))
-		return 200, nil
-	})
+	n, err = c.ReplayStatus(context.Background(), answering(200, &patched))
 	if err != nil || n != 1 || !strings.Contains(patched[0], "PATCH /api/v1/namespaces/default/pods/web/status") || !strings.Contains(patched[0], `"phase":"Running"`) {
 		t.Fatalf("status replay: %d %v %v", n, err, patched)
 	}
@@ -183,3 +177,17 @@ func TestRecordedServiceAccountTokens(t *testing.T) {
 		t.Fatalf("another identity got the kubelet's token: %d", w.Code)
 	}
 }
+
+// answering is an upstream that answers every request with code, noting
+// "METHOD path body" of each in sent.
+func answering(code int, sent *[]string) roundTripper {
+	return func(r *http.Request) (*http.Response, error) {
+		body, _ := io.ReadAll(r.Body)
+		*sent = append(*sent, r.Method+" "+r.URL.Path+" "+string(body))
+		return &http.Response{StatusCode: code, Body: io.NopCloser(strings.NewReader("{}")), Request: r}, nil
+	}
+}
+
+type roundTripper func(*http.Request) (*http.Response, error)
+
+func (f roundTripper) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }

@@ -12,20 +12,15 @@ import (
 	"github.com/outposthq/outpost/internal/store"
 )
 
-// Fetch sends a GET to the apiserver on behalf of the cache (re-listing
-// after a reconnect) and returns its answer.
-type Fetch func(ctx context.Context, r *http.Request) (*http.Response, error)
-
 // Relist refreshes every view of identity from the apiserver, through the
 // normal recording path, so the store converges to the cloud even for
 // clients that stay quiet, and objects that vanished upstream leave it. At
 // most rate views a second, each delayed by a little jitter, so many nodes
 // reconnecting at once do not storm the apiserver.
 //
-// Only identities outpost holds credentials for can be re-listed (this
-// node's); views of token callers are refreshed by those callers' own
-// re-lists, which their closed offline watches trigger.
-func (c *Cache) Relist(ctx context.Context, identity string, rate int, fetch Fetch) (done int, err error) {
+// upstream sends each GET as the identity: the node's credentials for the
+// node's views, the token a caller last used for a token caller's.
+func (c *Cache) Relist(ctx context.Context, identity string, rate int, upstream http.RoundTripper) (done int, err error) {
 	c.init()
 	views, err := c.Store.AllViews()
 	if err != nil {
@@ -48,7 +43,7 @@ func (c *Cache) Relist(ctx context.Context, identity string, rate int, fetch Fet
 		if err != nil {
 			continue
 		}
-		resp, err := fetch(ctx, r)
+		resp, err := upstream.RoundTrip(r)
 		if err != nil {
 			return done, err
 		}

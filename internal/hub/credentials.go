@@ -21,7 +21,6 @@ import (
 	"github.com/outposthq/outpost/internal/atomicfile"
 	"github.com/outposthq/outpost/internal/certs"
 	"github.com/outposthq/outpost/internal/identity"
-	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/version"
 )
 
@@ -159,19 +158,13 @@ func (h *Hub) nodeCSRClient() *certs.CSRClient {
 
 func userAgent() string { return "outpost/" + version.Version }
 
-// nodeTransport sends requests upstream with the node's credentials: the
-// one way outpost speaks to the apiserver as the node on its own behalf
-// (CSRs, re-lists, replayed statuses and events). The pool retries reads
-// by method, so the verb is only informative.
+// nodeTransport sends requests upstream with the node's credentials
+// (upstream.Pool.As), resolved at each request: the CSR client is made
+// before the pool and the authenticator are.
 type nodeTransport struct{ h *Hub }
 
 func (t nodeTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	verb := strings.ToLower(r.Method)
-	if r.Method == http.MethodGet {
-		verb = "get"
-	}
-	info := &request.Info{Identity: t.h.auth.Node(), Verb: verb}
-	return t.h.pool.RoundTrip(r.WithContext(request.WithInfo(r.Context(), info)))
+	return t.h.pool.As(t.h.auth.Node()).RoundTrip(r)
 }
 
 // nodeCertRotated closes every upstream connection after a renewal: they

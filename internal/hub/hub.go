@@ -4,33 +4,28 @@
 package hub
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
 	"k8s.io/client-go/rest"
 
 	"github.com/outposthq/outpost/internal/cache"
 	"github.com/outposthq/outpost/internal/certs"
 	"github.com/outposthq/outpost/internal/config"
+	"github.com/outposthq/outpost/internal/converge"
 	"github.com/outposthq/outpost/internal/health"
 	"github.com/outposthq/outpost/internal/identity"
 	"github.com/outposthq/outpost/internal/memory"
@@ -67,9 +62,9 @@ type Hub struct {
 	// sealKey encrypts sensitive cache records (--encryption-key-file).
 	sealKey *seal.Key
 
-	gaugeMu sync.Mutex        // orders the health gauges' updates
-	tokenMu sync.RWMutex      // guards tokens
-	tokens  map[string]string // user -> the token it last used, in memory only
+	gaugeMu sync.Mutex // orders the health gauges' updates
+	// tokens are the bearer tokens callers used lately, in memory only.
+	tokens identity.Tokens
 
 	// Listeners, if set, replace listening on the configured addresses
 	// (tests bind :0 themselves). Keys: "secure", "insecure", "admin".
@@ -141,7 +136,10 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 	if err != nil {
 		return nil, err
 	}
-	h.auth = &identity.Authenticator{NodeName: cfg.NodeName, ClientCAs: clientCA, Review: h.review, Online: h.monitor.Online}
+	h.auth = &identity.Authenticator{NodeName: cfg.NodeName, ClientCAs: clientCA, Online: h.monitor.Online,
+		Review: identity.ReviewThrough(func(token string) http.RoundTripper {
+			return pool.As(request.Identity{Kind: request.BearerToken, Token: token})
+		})}
 
 	if cfg.EncryptionKeyFile != "" {
 		// Checked here, so that a bad key file is a configuration error.
@@ -219,43 +217,6 @@ func (h *Hub) servingTLS() (*tls.Config, error) {
 	return cfg, nil
 }
 
-// review asks the apiserver, through the pool, who token belongs to.
-func (h *Hub) review(ctx context.Context, token string) (string, []string, bool, error) {
-	body := `{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}`
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://upstream/apis/authentication.k8s.io/v1/selfsubjectreviews", strings.NewReader(body))
-	if err != nil {
-		return "", nil, false, err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept", "application/json")
-	req.Header.Set("Authorization", "Bearer "+token)
-	info := &request.Info{Identity: request.Identity{Kind: request.BearerToken}, Verb: "create"}
-	resp, err := h.pool.RoundTrip(req.WithContext(request.WithInfo(ctx, info)))
-	if err != nil {
-		return "", nil, false, err
-	}
-	defer resp.Body.Close()
-	switch resp.StatusCode {
-	case http.StatusCreated, http.StatusOK:
-	case http.StatusUnauthorized:
-		return "", nil, false, nil
-	default:
-		return "", nil, false, fmt.Errorf("selfsubjectreview answered %s", resp.Status)
-	}
-	var out struct {
-		Status struct {
-			UserInfo struct {
-				Username string   `json:"username"`
-				Groups   []string `json:"groups"`
-			} `json:"userInfo"`
-		} `json:"status"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		return "", nil, false, fmt.Errorf("decoding selfsubjectreview: %w", err)
-	}
-	return out.Status.UserInfo.Username, out.Status.UserInfo.Groups, true, nil
-}
-
 func (h *Hub) serverChanged(i int, healthy bool, err error) {
 	name := h.pool.Name(i)
 	state := "unhealthy"
@@ -290,7 +251,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	opts := store.Options{Logger: h.log}
 	if h.sealKey != nil {
 		opts.Sealer = h.sealKey
-		opts.Sealed = store.SealRule{Resources: []string{"/v1/secrets", "/v1/secrets#meta"}, DocPrefixes: []string{"sa-token\x00", "table\x00"}}
+		opts.Sealed = cache.SealRule()
 	}
 	st, err := store.Open(filepath.Join(h.cfg.DataDir, "cache.db"), opts)
 	if err != nil {
@@ -302,12 +263,14 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 		}
 	}()
 	h.store = st
-	h.auth.Remember, h.auth.Recall = h.rememberToken, h.recallToken
-	h.auth.Seen = h.sawToken
-	h.loadIssuer()
 	mem := &memory.Releaser{Released: func(reason string) { h.metrics.MemoryReleases.WithLabelValues(reason).Inc() }}
 	c := &cache.Cache{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
 		Online: h.monitor.Online, Changed: h.monitor.Changed, Node: h.cfg.NodeName, LargeAnswer: mem.Large}
+	conv := &converge.Converger{Local: c, Upstream: h.pool.As, Node: h.auth.Node(), Online: h.monitor.Online, Changed: h.monitor.Changed,
+		FlapWindow: h.cfg.FlapWindow, RelistRate: h.cfg.RelistRate, Tokens: h.tokens.All, Metrics: h.metrics, Log: h.log}
+	remembered := identity.Memory{Store: st, Log: h.log}
+	h.auth.Remember, h.auth.Recall, h.auth.Seen = remembered.Remember, remembered.Recall, h.tokens.Seen
+	h.loadIssuer()
 
 	g, gctx := errgroup.WithContext(ctx)
 	if h.nodeCert != nil {
@@ -329,7 +292,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	g.Go(func() error { return h.monitor.Run(gctx) })
 	g.Go(func() error { return c.Run(gctx) })
 	g.Go(func() error { return mem.Run(gctx) })
-	g.Go(func() error { return h.reconnect(gctx, c) })
+	g.Go(func() error { return conv.Run(gctx) })
 	g.Go(func() error { return h.runIssuer(gctx) })
 
 	newProxy := func(auth proxy.Authenticate) http.Handler {
@@ -360,153 +323,6 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	return err
 }
 
-// reconnect follows the online/offline state. When the cloud returns it
-// drops the local overlays, replays the event journal and, after an outage
-// longer than the flap window, re-lists the views of this node.
-func (h *Hub) reconnect(ctx context.Context, c *cache.Cache) error {
-	wasOnline := h.monitor.Online()
-	offlineSince := time.Now() // a start offline counts as a long outage
-	for {
-		changed := h.monitor.Changed()
-		online := h.monitor.Online()
-		switch {
-		case online == wasOnline:
-		case !online:
-			offlineSince = time.Now()
-			h.log.Warn("cloud unreachable: answering from the cache")
-		default:
-			outage := time.Since(offlineSince)
-			h.log.Info("cloud reachable again", "outage", outage.Round(time.Millisecond))
-			if n, err := c.ReplayStatus(ctx, h.sendAsNode); err != nil {
-				h.log.Warn("re-sending local statuses stopped", "sent", n, "err", err)
-			} else if n > 0 {
-				h.log.Info("local node and pod statuses sent to the apiserver", "count", n)
-			}
-			c.DropOverlays()
-			n, err := c.ReplayJournal(ctx, 20, h.replayEvent)
-			h.metrics.JournalReplayed.Add(float64(n))
-			if err != nil {
-				h.log.Warn("event journal replay stopped; the rest waits for the next reconnect", "replayed", n, "err", err)
-			} else if n > 0 {
-				h.log.Info("event journal replayed", "events", n)
-			}
-			if outage >= h.cfg.FlapWindow {
-				start := time.Now()
-				n, err := c.Relist(ctx, identity.NodeUser(h.cfg.NodeName), h.cfg.RelistRate, h.fetchAsNode)
-				// Token callers' views, with the token each last used
-				// (kept in memory only), so quiet callers converge too.
-				for user, token := range h.tokensSeen() {
-					if err != nil {
-						break
-					}
-					var m int
-					m, err = c.Relist(ctx, user, h.cfg.RelistRate, h.fetchWithToken(token))
-					n += m
-				}
-				if err != nil && ctx.Err() == nil {
-					h.log.Warn("re-listing after reconnect stopped", "views", n, "err", err)
-				} else {
-					h.log.Info("re-listed cached views after reconnect", "views", n, "took", time.Since(start).Round(time.Millisecond))
-				}
-			}
-		}
-		wasOnline = online
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-changed:
-		}
-	}
-}
-
-// fetchAsNode sends r upstream with the node's credentials.
-func (h *Hub) fetchAsNode(ctx context.Context, r *http.Request) (*http.Response, error) {
-	return nodeTransport{h}.RoundTrip(r.WithContext(ctx))
-}
-
-func (h *Hub) sawToken(user, token string) {
-	// Called on every token request: a read lock while nothing changes.
-	h.tokenMu.RLock()
-	same := h.tokens[user] == token
-	h.tokenMu.RUnlock()
-	if same {
-		return
-	}
-	h.tokenMu.Lock()
-	defer h.tokenMu.Unlock()
-	if h.tokens == nil || len(h.tokens) > 10000 {
-		h.tokens = map[string]string{}
-	}
-	h.tokens[user] = token
-}
-
-func (h *Hub) tokensSeen() map[string]string {
-	h.tokenMu.Lock()
-	defer h.tokenMu.Unlock()
-	out := make(map[string]string, len(h.tokens))
-	for u, t := range h.tokens {
-		out[u] = t
-	}
-	return out
-}
-
-// fetchWithToken sends a re-list upstream as the caller whose token it is.
-func (h *Hub) fetchWithToken(token string) cache.Fetch {
-	return func(ctx context.Context, r *http.Request) (*http.Response, error) {
-		r.Header.Set("Authorization", "Bearer "+token)
-		info := &request.Info{Identity: request.Identity{Kind: request.BearerToken}, Verb: "list"}
-		return h.pool.RoundTrip(r.WithContext(request.WithInfo(ctx, info)))
-	}
-}
-
-// sendAsNode sends a write upstream with the node's credentials.
-func (h *Hub) sendAsNode(ctx context.Context, method, path, contentType string, body []byte) (int, error) {
-	r, err := http.NewRequestWithContext(ctx, method, "https://upstream"+path, bytes.NewReader(body))
-	if err != nil {
-		return 0, err
-	}
-	r.Header.Set("Content-Type", contentType)
-	resp, err := nodeTransport{h}.RoundTrip(r)
-	if err != nil {
-		return 0, err
-	}
-	_, _ = io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
-	return resp.StatusCode, nil
-}
-
-// replayEvent posts one journaled event with the node's credentials.
-func (h *Hub) replayEvent(ctx context.Context, path string, body []byte) (int, error) {
-	return h.sendAsNode(ctx, http.MethodPost, path, "application/json", body)
-}
-
-// rememberedToken is how a confirmed token identity is kept in the store,
-// under its hash; the token itself is never stored.
-type rememberedToken struct {
-	User    string    `json:"user"`
-	Groups  []string  `json:"groups,omitempty"`
-	Expires time.Time `json:"expires"`
-}
-
-func (h *Hub) rememberToken(hash string, id request.Identity, expires time.Time) {
-	body, _ := json.Marshal(rememberedToken{User: id.User, Groups: id.Groups, Expires: expires})
-	if err := h.store.PutDoc("identity\x00"+hash, "application/json", body); err != nil {
-		h.log.Warn("cannot remember a token identity; it will not be known offline after a restart", "user", id.User, "err", err)
-	}
-}
-
-func (h *Hub) recallToken(hash string) (request.Identity, time.Time, bool) {
-	_, body, ok, err := h.store.Doc("identity\x00" + hash)
-	if err != nil || !ok {
-		return request.Identity{}, time.Time{}, false
-	}
-	var r rememberedToken
-	if json.Unmarshal(body, &r) != nil || r.User == "" {
-		return request.Identity{}, time.Time{}, false
-	}
-	return request.Identity{User: r.User, Groups: r.Groups}, r.Expires, true
-}
-
 // recordFilter turns --record-identities into the cache's Record hook.
 func recordFilter(patterns []string) func(request.Identity) bool {
 	return func(id request.Identity) bool {
@@ -518,50 +334,4 @@ func recordFilter(patterns []string) func(request.Identity) bool {
 		}
 		return false
 	}
-}
-
-func (h *Hub) adminHandler(c *cache.Cache) http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
-	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		// Ready once outpost can serve: online (an apiserver answered a
-		// probe), or offline with a cache.
-		if h.monitor.Online() && h.monitor.Reached() {
-			_, _ = w.Write([]byte("ok: online\n"))
-			return
-		}
-		if _, views, err := h.store.Stats(); err == nil && views > 0 {
-			_, _ = fmt.Fprintf(w, "ok: offline, serving %d cached views\n", views)
-			return
-		}
-		w.WriteHeader(http.StatusServiceUnavailable)
-		if h.monitor.Online() {
-			_, _ = w.Write([]byte("starting: no apiserver has answered a probe yet, and nothing cached\n"))
-			return
-		}
-		_, _ = w.Write([]byte("offline: no apiserver healthy and nothing cached\n"))
-	})
-	mux.Handle("/metrics", promhttp.HandlerFor(h.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/debug/cache/views", func(w http.ResponseWriter, _ *http.Request) {
-		views, err := h.store.AllViews()
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(views)
-	})
-	// Resources whose answers could not be recorded lately, and so will
-	// not be served offline (the views endpoint keeps its list of views).
-	mux.HandleFunc("/debug/cache/unrecorded", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(c.Unrecorded())
-	})
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	return mux
 }

@@ -187,11 +187,9 @@ func (h *Hub) issuerDoc(ctx context.Context, path, token string) ([]byte, error)
 	req.Header.Set("Accept", "application/json, application/jwk-set+json")
 	id := h.auth.Node()
 	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-		id = request.Identity{Kind: request.BearerToken}
+		id = request.Identity{Kind: request.BearerToken, Token: token}
 	}
-	info := &request.Info{Identity: id, Verb: "get", Path: path}
-	resp, err := h.pool.RoundTrip(req.WithContext(request.WithInfo(ctx, info)))
+	resp, err := h.pool.As(id).RoundTrip(req)
 	if err != nil {
 		return nil, fmt.Errorf("GET %s: %w", path, err)
 	}
@@ -213,7 +211,7 @@ func (h *Hub) issuerDoc(ctx context.Context, path, token string) ([]byte, error)
 // untriedToken returns the token of a service account seen recently that
 // is not in tried, or "".
 func (h *Hub) untriedToken(tried map[string]bool) string {
-	for user, token := range h.tokensSeen() {
+	for user, token := range h.tokens.All() {
 		if strings.HasPrefix(user, "system:serviceaccount:") && !tried[token] {
 			return token
 		}

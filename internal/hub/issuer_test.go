@@ -138,8 +138,8 @@ func TestIssuerFetchedWithAServiceAccountTokenAndKept(t *testing.T) {
 	}
 	// Tokens that are not a service account's are not used; a refused
 	// one is not tried again.
-	h.sawToken("system:node:edge-1", "node-token")
-	h.sawToken("system:serviceaccount:shop:old", "sa-revoked")
+	h.tokens.Seen("system:node:edge-1", "node-token")
+	h.tokens.Seen("system:serviceaccount:shop:old", "sa-revoked")
 	if err := h.refreshIssuer(t.Context(), tried); !errors.Is(err, errNoIssuerReader) || !tried["sa-revoked"] || tried["node-token"] {
 		t.Fatalf("with a refused token: %v, tried %v", err, tried)
 	}
@@ -147,7 +147,7 @@ func TestIssuerFetchedWithAServiceAccountTokenAndKept(t *testing.T) {
 		t.Fatal("an issuer without documents")
 	}
 
-	h.sawToken("system:serviceaccount:shop:web", "sa-good")
+	h.tokens.Seen("system:serviceaccount:shop:web", "sa-good")
 	if err := h.refreshIssuer(t.Context(), tried); err != nil {
 		t.Fatal(err)
 	}
@@ -200,10 +200,10 @@ func TestRunIssuerWaitsForAServiceAccountAndLogsOnce(t *testing.T) {
 	waitFor("first failure logged", func() bool { return failures() == 1 })
 	// A refused token is tried at the next poll, and the same failure is
 	// not logged again.
-	h.sawToken("system:serviceaccount:shop:old", "sa-revoked")
+	h.tokens.Seen("system:serviceaccount:shop:old", "sa-revoked")
 	time.Sleep(2 * issuerPoll)
 	// A token that may read the documents: fetched within a poll.
-	h.sawToken("system:serviceaccount:shop:web", "sa-good")
+	h.tokens.Seen("system:serviceaccount:shop:web", "sa-good")
 	waitFor("issuer fetched", func() bool { return h.auth.ServiceAccounts.Load() != nil })
 	if n := failures(); n != 1 {
 		t.Fatalf("%d failure lines; want one for one failure:\n%s", n, logs)

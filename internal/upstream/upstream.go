@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -376,4 +377,32 @@ func joinPath(base, p string) string {
 		base = base[:len(base)-1]
 	}
 	return base + p
+}
+
+// As returns the one way outpost sends requests of its own upstream (CSRs,
+// re-lists, replayed statuses and events, token reviews): through the
+// pool, as the caller id. A node identity travels with the node's
+// credentials; a bearer-token identity with its token (id.Token) as the
+// Authorization header, on the transport that has no client certificate.
+// The verb is only informative: the pool retries reads by method.
+func (p *Pool) As(id request.Identity) http.RoundTripper {
+	return callerTransport{p: p, id: id}
+}
+
+type callerTransport struct {
+	p  *Pool
+	id request.Identity
+}
+
+func (t callerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	verb := strings.ToLower(r.Method)
+	if r.Method == http.MethodGet {
+		verb = "get"
+	}
+	if t.id.Kind == request.BearerToken {
+		r = r.Clone(r.Context())
+		r.Header.Set("Authorization", "Bearer "+t.id.Token)
+	}
+	info := &request.Info{Identity: t.id, Verb: verb}
+	return t.p.RoundTrip(r.WithContext(request.WithInfo(r.Context(), info)))
 }
