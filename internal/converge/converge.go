@@ -16,8 +16,8 @@ import (
 	"github.com/outposthq/outpost/internal/request"
 )
 
-// Local is what converging needs of the cache: its local writes and its
-// views.
+// Local is what converging needs of this node's local writes (package
+// local).
 type Local interface {
 	// ReplayStatus sends the last local Node and pod statuses upstream.
 	ReplayStatus(ctx context.Context, upstream http.RoundTripper) (int, error)
@@ -25,14 +25,15 @@ type Local interface {
 	DropOverlays()
 	// ReplayJournal posts the events journaled offline.
 	ReplayJournal(ctx context.Context, rate int, upstream http.RoundTripper) (int, error)
-	// Relist refreshes every view of identity from the apiserver.
-	Relist(ctx context.Context, identity string, rate int, upstream http.RoundTripper) (int, error)
 }
 
 // Converger follows the online/offline state and converges when the cloud
 // returns. Set the fields, then Run it.
 type Converger struct {
 	Local Local
+	// Relist refreshes every view of identity from the apiserver through
+	// upstream (recorder.Recorder.Relist).
+	Relist func(ctx context.Context, identity string, rate int, upstream http.RoundTripper) (int, error)
 	// Upstream sends requests of outpost's own as an identity (see
 	// upstream.Pool.As).
 	Upstream func(request.Identity) http.RoundTripper
@@ -108,7 +109,7 @@ func (c *Converger) converge(ctx context.Context, outage time.Duration) {
 		return
 	}
 	start := time.Now()
-	n, err = c.Local.Relist(ctx, c.Node.Key(), c.RelistRate, asNode)
+	n, err = c.Relist(ctx, c.Node.Key(), c.RelistRate, asNode)
 	var tokens map[string]string
 	if c.Tokens != nil {
 		tokens = c.Tokens()
@@ -118,7 +119,7 @@ func (c *Converger) converge(ctx context.Context, outage time.Duration) {
 			break
 		}
 		var m int
-		m, err = c.Local.Relist(ctx, user, c.RelistRate, c.Upstream(request.Identity{Kind: request.BearerToken, User: user, Token: token}))
+		m, err = c.Relist(ctx, user, c.RelistRate, c.Upstream(request.Identity{Kind: request.BearerToken, User: user, Token: token}))
 		n += m
 	}
 	if err != nil && ctx.Err() == nil {

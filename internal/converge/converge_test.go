@@ -85,7 +85,7 @@ func TestConvergeOnReturn(t *testing.T) {
 		node := request.Identity{Kind: request.NodeCert, User: "system:node:edge-1"}
 		l := &local{}
 		st := &state{online: true, changed: make(chan struct{})}
-		c := &Converger{Local: l, Node: node, Online: st.Online, Changed: st.Changed, FlapWindow: 10 * time.Second, RelistRate: 5,
+		c := &Converger{Local: l, Relist: l.Relist, Node: node, Online: st.Online, Changed: st.Changed, FlapWindow: 10 * time.Second, RelistRate: 5,
 			Upstream: func(id request.Identity) http.RoundTripper {
 				if id.Kind == request.BearerToken {
 					return as{id.User + "/" + id.Token}

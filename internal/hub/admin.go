@@ -6,11 +6,12 @@ import (
 	"net/http"
 	"net/http/pprof"
 
-	"github.com/outposthq/outpost/internal/cache"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/outposthq/outpost/internal/recorder"
 )
 
-func (h *Hub) adminHandler(c *cache.Cache) http.Handler {
+func (h *Hub) adminHandler(rec *recorder.Recorder) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
@@ -46,7 +47,7 @@ func (h *Hub) adminHandler(c *cache.Cache) http.Handler {
 	// not be served offline (the views endpoint keeps its list of views).
 	mux.HandleFunc("/debug/cache/unrecorded", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(c.Unrecorded())
+		_ = json.NewEncoder(w).Encode(rec.Unrecorded())
 	})
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)

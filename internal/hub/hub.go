@@ -22,15 +22,17 @@ import (
 	"golang.org/x/sync/errgroup"
 	"k8s.io/client-go/rest"
 
-	"github.com/outposthq/outpost/internal/cache"
 	"github.com/outposthq/outpost/internal/certs"
 	"github.com/outposthq/outpost/internal/config"
 	"github.com/outposthq/outpost/internal/converge"
 	"github.com/outposthq/outpost/internal/health"
 	"github.com/outposthq/outpost/internal/identity"
+	"github.com/outposthq/outpost/internal/local"
 	"github.com/outposthq/outpost/internal/memory"
 	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/proxy"
+	"github.com/outposthq/outpost/internal/reader"
+	"github.com/outposthq/outpost/internal/recorder"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/seal"
 	"github.com/outposthq/outpost/internal/server"
@@ -251,7 +253,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	opts := store.Options{Logger: h.log}
 	if h.sealKey != nil {
 		opts.Sealer = h.sealKey
-		opts.Sealed = cache.SealRule()
+		opts.Sealed = recorder.SealRule()
 	}
 	st, err := store.Open(filepath.Join(h.cfg.DataDir, "cache.db"), opts)
 	if err != nil {
@@ -264,9 +266,12 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	}()
 	h.store = st
 	mem := &memory.Releaser{Released: func(reason string) { h.metrics.MemoryReleases.WithLabelValues(reason).Inc() }}
-	c := &cache.Cache{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
-		Online: h.monitor.Online, Changed: h.monitor.Changed, Node: h.cfg.NodeName, LargeAnswer: mem.Large}
-	conv := &converge.Converger{Local: c, Upstream: h.pool.As, Node: h.auth.Node(), Online: h.monitor.Online, Changed: h.monitor.Changed,
+	writes := &local.Writer{Store: st, Log: h.log, Metrics: h.metrics, Node: h.cfg.NodeName}
+	writes.Load()
+	rec := &recorder.Recorder{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
+		RecordsToken: writes.Records, LargeAnswer: mem.Large}
+	cache := &reader.Reader{Store: st, Local: writes, Online: h.monitor.Online, Changed: h.monitor.Changed, LargeAnswer: mem.Large}
+	conv := &converge.Converger{Local: writes, Relist: rec.Relist, Upstream: h.pool.As, Node: h.auth.Node(), Online: h.monitor.Online, Changed: h.monitor.Changed,
 		FlapWindow: h.cfg.FlapWindow, RelistRate: h.cfg.RelistRate, Tokens: h.tokens.All, Metrics: h.metrics, Log: h.log}
 	remembered := identity.Memory{Store: st, Log: h.log}
 	h.auth.Remember, h.auth.Recall, h.auth.Seen = remembered.Remember, remembered.Recall, h.tokens.Seen
@@ -290,13 +295,13 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 		g.Go(func() error { return h.serving.Run(gctx) })
 	}
 	g.Go(func() error { return h.monitor.Run(gctx) })
-	g.Go(func() error { return c.Run(gctx) })
+	g.Go(func() error { return rec.Run(gctx) })
 	g.Go(func() error { return mem.Run(gctx) })
 	g.Go(func() error { return conv.Run(gctx) })
 	g.Go(func() error { return h.runIssuer(gctx) })
 
 	newProxy := func(auth proxy.Authenticate) http.Handler {
-		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Cache: c, Online: h.monitor.Online,
+		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Record: rec.Tee, Cache: cache, Local: writes, Online: h.monitor.Online,
 			Metrics: h.metrics, Log: h.log, Stopping: gctx, Activity: mem}
 		p.Init()
 		return p
@@ -314,7 +319,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	// contract of the port, which is why it is off by default and meant for
 	// loopback only.
 	start("insecure", h.cfg.InsecureAddress, newProxy(func(*http.Request) (request.Identity, error) { return h.auth.Node(), nil }), nil)
-	start("admin", h.cfg.AdminAddress, h.adminHandler(c), nil)
+	start("admin", h.cfg.AdminAddress, h.adminHandler(rec), nil)
 
 	err = g.Wait()
 	if errors.Is(err, context.Canceled) {

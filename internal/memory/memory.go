@@ -62,6 +62,11 @@ func (r *Releaser) End() {
 	r.inFlight.Add(-1)
 }
 
+// LargeAnswer is the size from which an answer outpost decodes, stores or
+// serves is worth reporting to Large: handling one takes several times its
+// size in short-lived memory.
+const LargeAnswer = 8 << 20
+
 // Large records that an answer of several MB was decoded, stored or served:
 // its memory is released one quiet interval later even if other requests
 // keep coming.

@@ -22,9 +22,11 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/outposthq/outpost/internal/cache"
 	"github.com/outposthq/outpost/internal/config"
+	"github.com/outposthq/outpost/internal/local"
 	"github.com/outposthq/outpost/internal/metrics"
+	"github.com/outposthq/outpost/internal/reader"
+	recording "github.com/outposthq/outpost/internal/recorder"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 	"github.com/outposthq/outpost/internal/upstream"
@@ -73,7 +75,7 @@ func BenchmarkProxy(b *testing.B) {
 	defer st.Close()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	m := metrics.New(prometheus.NewRegistry())
-	c := &cache.Cache{Store: st, Log: log, Metrics: m}
+	c := &recording.Recorder{Store: st, Log: log, Metrics: m}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { _ = c.Run(ctx); close(done) }()
@@ -83,7 +85,7 @@ func BenchmarkProxy(b *testing.B) {
 		Authenticate: func(*http.Request) (request.Identity, error) {
 			return request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:default:bench", Token: "t"}, nil
 		},
-		Upstream: pool, Cache: c, Metrics: m, Log: log,
+		Upstream: pool, Record: c.Tee, Cache: &reader.Reader{Store: st, Local: &local.Writer{Store: st, Log: log}}, Metrics: m, Log: log,
 	}
 	h.Init()
 	front := httptest.NewUnstartedServer(h)

@@ -20,8 +20,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
-	"github.com/outposthq/outpost/internal/cache"
 	"github.com/outposthq/outpost/internal/metrics"
+	"github.com/outposthq/outpost/internal/reader"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/status"
 )
@@ -29,19 +29,13 @@ import (
 // Authenticate returns who sent r, or a Status error to answer with.
 type Authenticate func(r *http.Request) (request.Identity, error)
 
-// Cache records answers and answers reads when no apiserver can.
-type Cache interface {
-	// Answers reports whether the cache may answer r (a read it records).
+// Answerer answers requests itself while no apiserver can: reads from the
+// cache (reader.Reader), this node's own writes (local.Writer).
+type Answerer interface {
+	// Answers reports whether it may answer r.
 	Answers(r *http.Request, info *request.Info) bool
-	// Tee arranges for an apiserver answer to be recorded as it streams.
-	Tee(resp *http.Response, info *request.Info)
-	// Serve answers r from the cache, or with a Status saying why not.
+	// Serve answers r, or writes a Status saying why not.
 	Serve(w http.ResponseWriter, r *http.Request, info *request.Info)
-	// AnswersWrite reports whether outpost answers this write itself while
-	// offline (this node's Lease, Node and pod status, Events).
-	AnswersWrite(r *http.Request, info *request.Info) bool
-	// ServeWrite answers such a write locally.
-	ServeWrite(w http.ResponseWriter, r *http.Request, info *request.Info)
 }
 
 // Activity follows the requests being served.
@@ -58,8 +52,14 @@ type Handler struct {
 	// Upstream sends a request to the apiservers with the credentials of
 	// the caller named by the request.Info in its context. Required.
 	Upstream http.RoundTripper
-	// Cache, if set, records answers and serves reads offline.
-	Cache Cache
+	// Record, if set, arranges for an apiserver's answer to be recorded as
+	// it streams to the client (recorder.Recorder.Tee).
+	Record func(resp *http.Response, info *request.Info)
+	// Cache, if set, answers reads offline, and at once when a read's
+	// upstream connection fails.
+	Cache Answerer
+	// Local, if set, answers this node's own writes offline.
+	Local Answerer
 	// Online reports whether any apiserver is healthy. Nil: always. While
 	// offline, reads the cache answers are served from it at once instead
 	// of waiting on a dead link.
@@ -97,8 +97,8 @@ func (h *Handler) Init() {
 			if info == nil {
 				return nil
 			}
-			if h.Cache != nil {
-				h.Cache.Tee(resp, info)
+			if h.Record != nil {
+				h.Record(resp, info)
 			}
 			if info.Watch {
 				resp.Body = &watchBody{ReadCloser: resp.Body}
@@ -203,9 +203,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case offline && h.Cache.Answers(r, info):
 		h.Cache.Serve(rec, r, info)
-	case offline && h.Cache.AnswersWrite(r, info):
+	case offline && h.Local != nil && h.Local.Answers(r, info):
 		rec.local = true
-		h.Cache.ServeWrite(rec, r, info)
+		h.Local.Serve(rec, r, info)
 	case offline && r.Method != http.MethodGet && r.Method != http.MethodHead && !info.Upgrade:
 		// A write nothing local may answer: say so now rather than after
 		// a TLS handshake timeout on a dead link.
@@ -239,7 +239,7 @@ func (h *Handler) observe(rec *recorder, info *request.Info, start time.Time) {
 		servedBy := servedByUpstream
 		if rec.local {
 			servedBy = servedByOutpost
-		} else if rec.Header().Get(cache.ServedByHeader) != "" {
+		} else if rec.Header().Get(reader.ServedByHeader) != "" {
 			servedBy = servedByCache
 		}
 		h.Metrics.Requests.WithLabelValues(info.Verb, resource, codeString(rec.code), servedBy).Inc()

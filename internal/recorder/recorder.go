@@ -1,22 +1,21 @@
-package cache
+package recorder
 
 import (
 	"context"
 	"log/slog"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/outposthq/outpost/internal/memory"
 	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
 
-// Cache records answers into Store and answers from it. Set the fields,
-// then call Run once; Tee and Serve may be called before Run returns.
-type Cache struct {
+// Recorder records the apiservers' answers into Store. Set the fields,
+// then call Run once; Tee may be called before Run starts.
+type Recorder struct {
 	Store *store.Store
 	Log   *slog.Logger
 	// Metrics, if set, counts what is recorded and dropped.
@@ -34,24 +33,15 @@ type Cache struct {
 	BatchDelay time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
-	// Online reports whether the cloud is reachable, and Changed returns a
-	// channel closed at the next change; offline watches end when it
-	// returns. Nil: offline watches run until their timeout.
-	Online  func() bool
-	Changed func() <-chan struct{}
-	// Node is this node's name: its kubelet's writes are answered locally
-	// offline. Empty: no local writes.
-	Node string
-	// MaxJournal bounds the offline event journal. Default 1000.
-	MaxJournal int
-	// BookmarkInterval is how often an offline watch sends a BOOKMARK when
-	// the client allows them. Default 5s.
-	BookmarkInterval time.Duration
+	// RecordsToken, if set, says whether a TokenRequest answer (201) is
+	// one to record for offline use (local.Writer.Records: this node's
+	// kubelet's).
+	RecordsToken func(*request.Info) bool
 
-	// LargeAnswer, if set, is called after an answer of largeAnswer bytes
-	// or more was stored or served: decoding, storing or serving one takes
-	// several times its size in short-lived memory, worth returning to the
-	// system soon after (see memory.Releaser.Large).
+	// LargeAnswer, if set, is called after an answer of memory.LargeAnswer
+	// bytes or more was stored: decoding and storing one takes several
+	// times its size in short-lived memory, worth returning to the system
+	// soon after (see memory.Releaser.Large).
 	LargeAnswer func()
 
 	initOnce sync.Once
@@ -60,16 +50,12 @@ type Cache struct {
 	buffered atomic.Int64 // bytes held by tees
 	watches  sync.WaitGroup
 
-	overlays overlays
-
-	mu          sync.Mutex // guards the fields below
-	stale       map[store.ViewKey]bool
-	pages       map[store.ViewKey]*pagedList
-	pending     map[store.ViewKey]int // answers being decoded, per view
-	claims      map[store.ViewKey]*claim
-	unrecorded  map[string]*Unrecorded // by resource, without "#meta"
-	lastLocalRV uint64
-	journalSeq  uint64
+	mu         sync.Mutex // guards the fields below
+	stale      map[store.ViewKey]bool
+	pages      map[store.ViewKey]*pagedList
+	pending    map[store.ViewKey]int // answers being decoded, per view
+	claims     map[store.ViewKey]*claim
+	unrecorded map[string]*Unrecorded // by resource, without "#meta"
 }
 
 // write is one ordered store write.
@@ -92,7 +78,7 @@ type doc struct {
 	body             []byte
 }
 
-func (c *Cache) init() {
+func (c *Recorder) init() {
 	c.initOnce.Do(func() {
 		if c.MaxBody <= 0 {
 			c.MaxBody = 256 << 20
@@ -106,9 +92,6 @@ func (c *Cache) init() {
 		if c.Now == nil {
 			c.Now = time.Now
 		}
-		if c.MaxJournal <= 0 {
-			c.MaxJournal = 1000
-		}
 		c.jobs = make(chan func(), 64)
 		c.writes = make(chan write, 4096)
 		c.stale = map[store.ViewKey]bool{}
@@ -121,10 +104,8 @@ func (c *Cache) init() {
 
 // Run decodes and writes recorded answers until ctx is done, then waits for
 // the watch recorders to end and writes what they decoded.
-func (c *Cache) Run(ctx context.Context) error {
+func (c *Recorder) Run(ctx context.Context) error {
 	c.init()
-	c.loadOverlays()
-	c.loadJournalSeq()
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		for {
@@ -154,7 +135,7 @@ func (c *Cache) Run(ctx context.Context) error {
 // arrives within BatchDelay (or up to 1000 writes) is committed together,
 // so a burst of recorded answers costs one fsync, not one each. A batch
 // that fails is retried write by write, so one bad write loses only itself.
-func (c *Cache) writer(stop <-chan struct{}) {
+func (c *Recorder) writer(stop <-chan struct{}) {
 	var batch []write
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
@@ -172,7 +153,7 @@ func (c *Cache) writer(stop <-chan struct{}) {
 			return nil
 		})
 		for _, w := range batch {
-			if w.replace != nil && objectsSize(w.replace.objs) >= largeAnswer {
+			if w.replace != nil && objectsSize(w.replace.objs) >= memory.LargeAnswer {
 				c.wasLarge()
 			}
 			if err != nil {
@@ -292,7 +273,7 @@ func (w write) view() *store.ViewKey {
 	return nil
 }
 
-func (c *Cache) count(w write) {
+func (c *Recorder) count(w write) {
 	if w.replace != nil {
 		c.recorded(w.replace.view.Key.Resource)
 	}
@@ -309,7 +290,7 @@ func (c *Cache) count(w write) {
 
 // send queues w without ever blocking the caller's client: when the queue
 // is full the write is dropped and its view marked stale.
-func (c *Cache) send(w write, view *store.ViewKey, reason string) (queued bool) {
+func (c *Recorder) send(w write, view *store.ViewKey, reason string) (queued bool) {
 	select {
 	case c.writes <- w:
 		return true
@@ -320,13 +301,13 @@ func (c *Cache) send(w write, view *store.ViewKey, reason string) (queued bool) 
 }
 
 // drop counts a dropped recording and remembers its view as stale.
-func (c *Cache) drop(view *store.ViewKey, reason string) {
+func (c *Recorder) drop(view *store.ViewKey, reason string) {
 	c.dropped(view, reason, nil)
 }
 
 // dropped is drop with the error that made the answer unrecordable; the
 // first such drop of a resource is logged.
-func (c *Cache) dropped(view *store.ViewKey, reason string, err error) {
+func (c *Recorder) dropped(view *store.ViewKey, reason string, err error) {
 	if c.Metrics != nil {
 		c.Metrics.CacheDropped.WithLabelValues(reason).Inc()
 	}
@@ -340,7 +321,7 @@ func (c *Cache) dropped(view *store.ViewKey, reason string, err error) {
 	}
 }
 
-func (c *Cache) markStale(k store.ViewKey) {
+func (c *Recorder) markStale(k store.ViewKey) {
 	c.mu.Lock()
 	c.stale[k] = true
 	delete(c.claims, k) // a later answer at the claimed version must be recorded
@@ -348,7 +329,7 @@ func (c *Cache) markStale(k store.ViewKey) {
 }
 
 // flushStale marks remembered views stale in the store (writer only).
-func (c *Cache) flushStale() {
+func (c *Recorder) flushStale() {
 	c.mu.Lock()
 	if len(c.stale) == 0 {
 		c.mu.Unlock()
@@ -374,33 +355,15 @@ func (c *Cache) flushStale() {
 
 // fail logs a store failure once per call site kind; the data already in
 // the store stays as it was.
-func (c *Cache) fail(doing string, err error) {
+func (c *Recorder) fail(doing string, err error) {
 	if c.Metrics != nil {
 		c.Metrics.CacheErrors.Inc()
 	}
 	c.Log.Warn("cache write failed; the view is marked stale", "doing", doing, "err", err)
 }
 
-// loadJournalSeq continues the journal's numbering after a restart.
-func (c *Cache) loadJournalSeq() {
-	var last uint64
-	_ = c.Store.Docs(journalPrefix, func(key, _ string, _ []byte) error {
-		if n, err := strconv.ParseUint(strings.TrimPrefix(key, journalPrefix), 10, 64); err == nil && n > last {
-			last = n
-		}
-		return nil
-	})
-	c.mu.Lock()
-	c.journalSeq = last
-	c.mu.Unlock()
-}
-
-// largeAnswer is the size past which recording or serving an answer is
-// reported to LargeAnswer.
-const largeAnswer = 8 << 20
-
 // wasLarge reports a large answer to LargeAnswer.
-func (c *Cache) wasLarge() {
+func (c *Recorder) wasLarge() {
 	if c.LargeAnswer != nil {
 		c.LargeAnswer()
 	}

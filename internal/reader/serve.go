@@ -1,4 +1,4 @@
-package cache
+package reader
 
 import (
 	"bufio"
@@ -17,44 +17,42 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 
 	"github.com/outposthq/outpost/internal/codec"
+	"github.com/outposthq/outpost/internal/memory"
+	"github.com/outposthq/outpost/internal/recorder"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/status"
 	"github.com/outposthq/outpost/internal/store"
 )
 
-// ServedByHeader marks answers that came from the cache.
-const ServedByHeader = "X-Outpost-Served-By"
-
 // Answers reports whether the cache may answer r at all (a read of a kind
 // it records). The proxy asks before falling back to Serve.
-func (c *Cache) Answers(_ *http.Request, info *request.Info) bool {
+func (rd *Reader) Answers(_ *http.Request, info *request.Info) bool {
 	return info.Class != request.NotCached
 }
 
 // Serve answers r from the store with what this identity read online. It
 // always writes a response: the answer, or a Status saying why not.
-func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info) {
-	c.init()
+func (rd *Reader) Serve(w http.ResponseWriter, r *http.Request, info *request.Info) {
 	var err error
 	switch info.Class {
 	case request.Document:
-		err = c.serveDoc(w, docKey(info), info.Path)
+		err = rd.serveDoc(w, recorder.DocKey(info), info.Path)
 	case request.Table:
-		if ok, derr := c.serveRecordedTable(w, tableKey(info)); ok || derr != nil {
+		if ok, derr := rd.serveRecordedTable(w, recorder.TableKey(info)); ok || derr != nil {
 			err = derr
 			break
 		}
 		if info.Verb == "get" {
-			err = c.serveGet(w, info)
+			err = rd.serveGet(w, info)
 		} else {
-			err = c.serveList(w, info)
+			err = rd.serveList(w, info)
 		}
 	case request.GetObject:
-		err = c.serveGet(w, info)
+		err = rd.serveGet(w, info)
 	case request.ListObjects:
-		err = c.serveList(w, info)
+		err = rd.serveList(w, info)
 	case request.WatchObjects:
-		err = c.serveWatch(w, r, info)
+		err = rd.serveWatch(w, r, info)
 	default:
 		err = status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable and %s %s cannot be answered from the cache", info.Verb, info.Path), 5)
 	}
@@ -69,8 +67,8 @@ func neverAnswered(what string) error {
 	return status.Unavailable("outpost: the cloud is unreachable, and "+what+" was never answered online for this caller, so it cannot be answered from the cache", 0)
 }
 
-func (c *Cache) serveDoc(w http.ResponseWriter, key, path string) error {
-	ct, body, ok, err := c.Store.Doc(key)
+func (rd *Reader) serveDoc(w http.ResponseWriter, key, path string) error {
+	ct, body, ok, err := rd.Store.Doc(key)
 	if err != nil {
 		return apierrors.NewInternalError(fmt.Errorf("reading cache: %w", err))
 	}
@@ -81,8 +79,8 @@ func (c *Cache) serveDoc(w http.ResponseWriter, key, path string) error {
 	return nil
 }
 
-func (c *Cache) serveRecordedTable(w http.ResponseWriter, key string) (bool, error) {
-	ct, body, ok, err := c.Store.Doc(key)
+func (rd *Reader) serveRecordedTable(w http.ResponseWriter, key string) (bool, error) {
+	ct, body, ok, err := rd.Store.Doc(key)
 	if err != nil {
 		return false, apierrors.NewInternalError(fmt.Errorf("reading cache: %w", err))
 	}
@@ -125,7 +123,7 @@ func (s source) keep(o store.Object) bool {
 // one of the same identity (same resource, wider namespace, looser
 // selectors), whose members are then filtered locally. Metadata-only
 // requests may read full views; full requests never read metadata-only ones.
-func (c *Cache) findSource(info *request.Info) (source, bool, error) {
+func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 	want := info.View
 	resources := []string{want.Resource}
 	if base, ok := strings.CutSuffix(want.Resource, "#meta"); ok {
@@ -135,12 +133,12 @@ func (c *Cache) findSource(info *request.Info) (source, bool, error) {
 		key := want
 		key.Resource = res
 		key.Name = ""
-		if v, ok, err := c.Store.View(key); err != nil {
+		if v, ok, err := rd.Store.View(key); err != nil {
 			return source{}, false, err
 		} else if ok {
 			return source{view: v, meta: strings.HasSuffix(res, "#meta")}, true, nil
 		}
-		views, err := c.Store.Views(want.Identity, res)
+		views, err := rd.Store.Views(want.Identity, res)
 		if err != nil {
 			return source{}, false, err
 		}
@@ -169,9 +167,9 @@ type continueToken struct {
 	After string `json:"after"`
 }
 
-func (c *Cache) serveList(w http.ResponseWriter, info *request.Info) error {
+func (rd *Reader) serveList(w http.ResponseWriter, info *request.Info) error {
 	a, opts := info.Accept, info.Options
-	src, ok, err := c.findSource(info)
+	src, ok, err := rd.findSource(info)
 	if err != nil {
 		return asStatus(err)
 	}
@@ -208,14 +206,14 @@ func (c *Cache) serveList(w http.ResponseWriter, info *request.Info) error {
 	}
 	var items, protos [][]byte
 	cont := ""
-	fast := !src.filter && !c.overlays.has(src.view.Key.Resource)
+	fast := !src.filter && !rd.Local.Has(src.view.Key.Resource)
 	if fast && a.Media == codec.MediaProtobuf && a.As == "" && !wantMeta {
 		// The fastest path: the whole view to a protobuf client, from the
 		// stored protobuf messages, assembled while the read transaction
 		// keeps them in place in the file.
 		var body []byte
 		ok := false
-		err := c.Store.Read(func(tx *store.Tx) error {
+		err := rd.Store.Read(func(tx *store.Tx) error {
 			items, protos, last, more, err := listItems(tx, src, after, limit, true)
 			if err == nil {
 				if more {
@@ -229,7 +227,7 @@ func (c *Cache) serveList(w http.ResponseWriter, info *request.Info) error {
 			return asStatus(err)
 		}
 		if ok {
-			c.writeAnswer(w, codec.MediaProtobuf, body, src)
+			rd.writeAnswer(w, codec.MediaProtobuf, body, src)
 			return nil
 		}
 		cont = "" // not a built-in list: JSON, below
@@ -238,7 +236,7 @@ func (c *Cache) serveList(w http.ResponseWriter, info *request.Info) error {
 		// The fast path: the whole view, items copied as stored.
 		var last string
 		var more bool
-		err := c.Store.Read(func(tx *store.Tx) error {
+		err := rd.Store.Read(func(tx *store.Tx) error {
 			items, _, last, more, err = listItems(tx, src, after, limit, false)
 			return err
 		})
@@ -252,8 +250,8 @@ func (c *Cache) serveList(w http.ResponseWriter, info *request.Info) error {
 		var objs []store.Object
 		more := false
 		stop := errors.New("stop")
-		err = c.Store.List(src.view.Key, after, 0, func(o store.Object) error {
-			o = c.applyOverlay(src.view.Key.Resource, o)
+		err = rd.Store.List(src.view.Key, after, 0, func(o store.Object) error {
+			o = rd.Local.Apply(src.view.Key.Resource, o)
 			if !src.keep(o) {
 				return nil
 			}
@@ -285,7 +283,7 @@ func (c *Cache) serveList(w http.ResponseWriter, info *request.Info) error {
 	}
 	if a.Media == codec.MediaProtobuf && !(a.As == "Table" && !a.PlainJSON) {
 		if body, ok := codec.ProtobufList(kind, apiVersion, src.view.ResourceVersion, cont, items, protos); ok {
-			c.writeAnswer(w, codec.MediaProtobuf, body, src)
+			rd.writeAnswer(w, codec.MediaProtobuf, body, src)
 			return nil
 		}
 	}
@@ -297,9 +295,9 @@ func (c *Cache) serveList(w http.ResponseWriter, info *request.Info) error {
 	if a.As == "Table" && (!a.PlainJSON || protobufOnly) {
 		// A Table needs only the metadata, which is all outpost knows of
 		// objects recorded only as protobuf.
-		return c.writeTable(w, body, src)
+		return rd.writeTable(w, body, src)
 	}
-	return c.encode(w, body, a, src)
+	return rd.encode(w, body, a, src)
 }
 
 func encodeContinue(rv, after string) string {
@@ -376,32 +374,30 @@ func checkListRV(rv, match, viewRV string) error {
 	return nil
 }
 
-func (c *Cache) serveGet(w http.ResponseWriter, info *request.Info) error {
+func (rd *Reader) serveGet(w http.ResponseWriter, info *request.Info) error {
 	want, a := info.View, info.Accept
 	base := strings.TrimSuffix(want.Resource, "#meta")
 	// The object's own GET view, else a view that holds it.
 	var kind, apiVersion string
 	found := false
-	if v, ok, err := c.Store.View(store.ViewKey{Identity: want.Identity, Resource: base, Namespace: want.Namespace, Name: want.Name}); err != nil {
+	if v, ok, err := rd.Store.View(store.ViewKey{Identity: want.Identity, Resource: base, Namespace: want.Namespace, Name: want.Name}); err != nil {
 		return asStatus(err)
 	} else if ok {
 		kind, apiVersion, found = v.Kind, v.APIVersion, true
 	}
-	o, exists, err := c.Store.Get(base, want.Namespace, want.Name)
+	o, exists, err := rd.Store.Get(base, want.Namespace, want.Name)
 	if err != nil {
 		return asStatus(err)
 	}
-	if ov := c.overlays.get(base, want.Namespace, want.Name); ov != nil {
+	if lo, lkind, lapiVersion, ok := rd.Local.Get(base, want.Namespace, want.Name); ok {
 		// A local write of this node's own object (offline status).
-		if lo, err := codec.ObjectFromJSON(ov.data, base); err == nil {
-			o, exists = lo, true
-			if !found && info.Identity.Kind == request.NodeCert {
-				kind, apiVersion, found = ov.kind+"List", ov.apiVersion, true
-			}
+		o, exists = lo, true
+		if !found && info.Identity.Kind == request.NodeCert {
+			kind, apiVersion, found = lkind+"List", lapiVersion, true
 		}
 	}
 	if !found {
-		views, err := c.Store.Views(want.Identity, base)
+		views, err := rd.Store.Views(want.Identity, base)
 		if err != nil {
 			return asStatus(err)
 		}
@@ -437,7 +433,7 @@ func (c *Cache) serveGet(w http.ResponseWriter, info *request.Info) error {
 	if a.Media == codec.MediaProtobuf && a.As == "" && o.Proto != nil {
 		// As the apiserver sent it to a protobuf client (an overlay has
 		// none: it was written locally, in JSON).
-		c.writeAnswer(w, codec.MediaProtobuf, codec.ProtobufEnvelope(kind, apiVersion, len(o.Proto), func(b []byte) []byte { return append(b, o.Proto...) }), source{})
+		rd.writeAnswer(w, codec.MediaProtobuf, codec.ProtobufEnvelope(kind, apiVersion, len(o.Proto), func(b []byte) []byte { return append(b, o.Proto...) }), source{})
 		return nil
 	}
 	data := o.Data
@@ -448,7 +444,7 @@ func (c *Cache) serveGet(w http.ResponseWriter, info *request.Info) error {
 		return codec.ProtobufOnlyError(describe(info))
 	}
 	body := codec.WithTypeMeta(data, kind, apiVersion)
-	return c.encode(w, body, a, source{})
+	return rd.encode(w, body, a, source{})
 }
 
 func describe(info *request.Info) string {
@@ -469,18 +465,18 @@ func describe(info *request.Info) string {
 }
 
 // encode writes a JSON answer in the media type the client asked for.
-func (c *Cache) encode(w http.ResponseWriter, jsonBody []byte, a codec.Accept, src source) error {
+func (rd *Reader) encode(w http.ResponseWriter, jsonBody []byte, a codec.Accept, src source) error {
 	contentType, body, err := codec.Encode(jsonBody, a)
 	if err != nil {
 		return err
 	}
-	c.writeAnswer(w, contentType, body, src)
+	rd.writeAnswer(w, contentType, body, src)
 	return nil
 }
 
-func (c *Cache) writeAnswer(w http.ResponseWriter, contentType string, body []byte, src source) {
-	if len(body) >= largeAnswer {
-		defer c.wasLarge()
+func (rd *Reader) writeAnswer(w http.ResponseWriter, contentType string, body []byte, src source) {
+	if len(body) >= memory.LargeAnswer {
+		defer rd.wasLarge()
 	}
 	if src.view.Stale {
 		w.Header().Set("X-Outpost-Cache-Stale", "true")
@@ -499,12 +495,12 @@ type responseWriterTo struct {
 func (r responseWriterTo) Write(b []byte) (int, error) { return r.bw.Write(b) }
 
 // writeTable answers with the Table of a JSON list.
-func (c *Cache) writeTable(w http.ResponseWriter, listJSON []byte, src source) error {
+func (rd *Reader) writeTable(w http.ResponseWriter, listJSON []byte, src source) error {
 	body, err := codec.Table(listJSON)
 	if err != nil {
 		return apierrors.NewInternalError(err)
 	}
-	c.writeAnswer(w, codec.MediaJSON, body, src)
+	rd.writeAnswer(w, codec.MediaJSON, body, src)
 	return nil
 }
 

@@ -1,4 +1,4 @@
-package cache
+package reader
 
 import (
 	"errors"
@@ -28,9 +28,9 @@ import (
 //   - then BOOKMARKs (when allowed) until timeoutSeconds, the client leaves,
 //     or the cloud returns, when the watch ends so the client re-watches
 //     upstream.
-func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request.Info) error {
+func (rd *Reader) serveWatch(w http.ResponseWriter, r *http.Request, info *request.Info) error {
 	a, opts := info.Accept, info.Options
-	src, ok, err := c.findSource(info)
+	src, ok, err := rd.findSource(info)
 	if err != nil {
 		return asStatus(err)
 	}
@@ -64,7 +64,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	if strings.HasPrefix(a.As, "PartialObjectMetadata") {
 		kind, apiVersion = "PartialObjectMetadata", "meta.k8s.io/v1"
 	}
-	enc, err := codec.NewEventEncoder(w, a, kind, apiVersion, c.recordedAsProtobuf(src.view.Key))
+	enc, err := codec.NewEventEncoder(w, a, kind, apiVersion, rd.recordedAsProtobuf(src.view.Key))
 	if err != nil {
 		return err
 	}
@@ -82,8 +82,8 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	}
 	if initial {
 		stop := errors.New("stop")
-		err := c.Store.List(src.view.Key, "", 0, func(o store.Object) error {
-			o = c.applyOverlay(src.view.Key.Resource, o)
+		err := rd.Store.List(src.view.Key, "", 0, func(o store.Object) error {
+			o = rd.Local.Apply(src.view.Key.Resource, o)
 			if !src.keep(o) {
 				return nil
 			}
@@ -113,20 +113,20 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
-	interval := c.BookmarkInterval
+	interval := rd.BookmarkInterval
 	if interval <= 0 {
 		interval = 5 * time.Second
 	}
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	// Local writes made from now on reach this watcher as MODIFIED events.
-	_, seen, local := c.overlays.since(src.view.Key.Resource, ^uint64(0))
+	_, seen, local := rd.Local.Since(src.view.Key.Resource, ^uint64(0))
 	for {
 		var changed <-chan struct{}
-		if c.Changed != nil {
-			changed = c.Changed()
+		if rd.Changed != nil {
+			changed = rd.Changed()
 		}
-		if c.Online != nil && c.Online() {
+		if rd.Online != nil && rd.Online() {
 			return nil // the cloud is back: the client re-watches upstream
 		}
 		select {
@@ -136,11 +136,10 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			return nil
 		case <-changed:
 		case <-local:
-			var fresh []*overlay
-			fresh, seen, local = c.overlays.since(src.view.Key.Resource, seen)
-			for _, ov := range fresh {
-				o, err := codec.ObjectFromJSON(ov.data, src.view.Key.Resource)
-				if err != nil || !src.keep(o) {
+			var fresh []store.Object
+			fresh, seen, local = rd.Local.Since(src.view.Key.Resource, seen)
+			for _, o := range fresh {
+				if !src.keep(o) {
 					continue
 				}
 				data := o.Data
@@ -166,9 +165,9 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 // recordedAsProtobuf reports whether the first member of view k was
 // recorded from a protobuf answer: of a kind outpost has no type for,
 // only then can its events be sent in protobuf.
-func (c *Cache) recordedAsProtobuf(k store.ViewKey) bool {
+func (rd *Reader) recordedAsProtobuf(k store.ViewKey) bool {
 	found := false
-	_ = c.Store.List(k, "", 1, func(o store.Object) error {
+	_ = rd.Store.List(k, "", 1, func(o store.Object) error {
 		found = o.Proto != nil
 		return nil
 	})

@@ -1,4 +1,4 @@
-package cache
+package reader
 
 import (
 	"bytes"
@@ -62,7 +62,7 @@ func seedObject(t *testing.T, c *Cache, resource, listKind, apiVersion string, o
 func TestLocalWrites(t *testing.T) {
 	c, stop := newCache(t)
 	defer stop()
-	c.Node = "edge-1"
+	c.Local.Node = "edge-1"
 	lease := coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: "edge-1", Namespace: "kube-node-lease", ResourceVersion: "50"}}
 	seedObject(t, c, "coordination.k8s.io/v1/leases", "LeaseList", "coordination.k8s.io/v1", lease)
 	pod := corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "default", ResourceVersion: "60"}, Spec: corev1.PodSpec{NodeName: "edge-1"},
@@ -118,21 +118,21 @@ func TestLocalWrites(t *testing.T) {
 		t.Fatalf("event: %d %s", w.Code, w.Body)
 	}
 	var sent []string
-	n, err := c.ReplayJournal(context.Background(), 1000, answering(201, &sent))
+	n, err := c.Local.ReplayJournal(context.Background(), 1000, answering(201, &sent))
 	if err != nil || n != 1 || !strings.Contains(sent[0], "POST /api/v1/namespaces/default/events") || !strings.Contains(sent[0], "Started") {
 		t.Fatalf("replay: %d %v %v", n, err, sent)
 	}
-	if n, _ := c.ReplayJournal(context.Background(), 1000, answering(201, new([]string))); n != 0 {
+	if n, _ := c.Local.ReplayJournal(context.Background(), 1000, answering(201, new([]string))); n != 0 {
 		t.Fatalf("a replayed event was replayed again")
 	}
 	// The cloud returns: the local pod status is sent upstream (kubelet
 	// thinks it was saved), then overlays are dropped.
 	var patched []string
-	n, err = c.ReplayStatus(context.Background(), answering(200, &patched))
+	n, err = c.Local.ReplayStatus(context.Background(), answering(200, &patched))
 	if err != nil || n != 1 || !strings.Contains(patched[0], "PATCH /api/v1/namespaces/default/pods/web/status") || !strings.Contains(patched[0], `"phase":"Running"`) {
 		t.Fatalf("status replay: %d %v %v", n, err, patched)
 	}
-	c.DropOverlays()
+	c.Local.DropOverlays()
 	lw = httptest.NewRecorder()
 	c.Serve(lw, r, info)
 	if strings.Contains(lw.Body.String(), `"phase":"Running"`) {
@@ -145,7 +145,7 @@ func TestLocalWrites(t *testing.T) {
 func TestRecordedServiceAccountTokens(t *testing.T) {
 	c, stop := newCache(t)
 	defer stop()
-	c.Node = "edge-1"
+	c.Local.Node = "edge-1"
 	bound := &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: "web", UID: "uid-1"}
 	issued := authenticationv1.TokenRequest{TypeMeta: metav1.TypeMeta{Kind: "TokenRequest", APIVersion: "authentication.k8s.io/v1"},
 		Spec:   authenticationv1.TokenRequestSpec{Audiences: []string{"https://kubernetes.default.svc"}, BoundObjectRef: bound},
@@ -169,7 +169,7 @@ func TestRecordedServiceAccountTokens(t *testing.T) {
 	if w := localWrite(t, c, kubelet, http.MethodPost, target, "application/json", other); w.Code != 503 {
 		t.Fatalf("never-issued token: %d %s", w.Code, w.Body)
 	}
-	c.Now = func() time.Time { return time.Now().Add(2 * time.Hour) }
+	c.Local.Now = func() time.Time { return time.Now().Add(2 * time.Hour) }
 	if w := localWrite(t, c, kubelet, http.MethodPost, target, "application/json", ask); w.Code != 503 {
 		t.Fatalf("expired token handed out: %d %s", w.Code, w.Body)
 	}

@@ -1,4 +1,4 @@
-package cache
+package recorder
 
 import (
 	"bytes"
@@ -13,6 +13,7 @@ import (
 	"k8s.io/apimachinery/pkg/watch"
 
 	"github.com/outposthq/outpost/internal/codec"
+	"github.com/outposthq/outpost/internal/local"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -21,7 +22,7 @@ import (
 // while it streams to the client. It must be called before the body is
 // read. Answers that are not cacheable, not 200, or of identities not
 // recorded are left alone.
-func (c *Cache) Tee(resp *http.Response, info *request.Info) {
+func (c *Recorder) Tee(resp *http.Response, info *request.Info) {
 	c.init()
 	if (resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusCreated) || resp.Request == nil || info == nil {
 		return
@@ -32,8 +33,13 @@ func (c *Cache) Tee(resp *http.Response, info *request.Info) {
 	if enc := resp.Header.Get("Content-Encoding"); enc != "" && enc != "identity" && enc != "gzip" {
 		return
 	}
-	if resp.StatusCode == http.StatusCreated && isTokenRequest(info) && c.ownNode(info) {
-		c.teeToken(resp, info)
+	if resp.StatusCode == http.StatusCreated && c.RecordsToken != nil && c.RecordsToken(info) {
+		ns, sa, contentType := info.Namespace, info.Name, resp.Header.Get("Content-Type")
+		c.teeWhole(resp, nil, func(body []byte) {
+			if key, tok, ok := local.RecordedToken(contentType, body, ns, sa); ok {
+				c.send(write{doc: &doc{key: key, contentType: codec.MediaJSON, body: tok}}, nil, "queue-full")
+			}
+		})
 		return
 	}
 	if resp.StatusCode != http.StatusOK {
@@ -67,12 +73,12 @@ func (c *Cache) Tee(resp *http.Response, info *request.Info) {
 			return true
 		})
 	case request.Table:
-		key := tableKey(info)
+		key := TableKey(info)
 		c.teeWhole(resp, nil, func(body []byte) {
 			c.send(write{doc: &doc{key: key, contentType: contentType, body: body}}, nil, "queue-full")
 		})
 	case request.Document:
-		key := docKey(info)
+		key := DocKey(info)
 		c.teeWhole(resp, nil, func(body []byte) {
 			c.send(write{doc: &doc{key: key, contentType: contentType, body: body}}, nil, "queue-full")
 		})
@@ -84,7 +90,7 @@ func (c *Cache) Tee(resp *http.Response, info *request.Info) {
 // teeWhole copies the body as the client reads it and, once it has been
 // read to the end, hands the copy to a decoder. A body that is cut off,
 // too large, or that finds the queue full is dropped.
-func (c *Cache) teeWhole(resp *http.Response, view *store.ViewKey, done func(body []byte)) {
+func (c *Recorder) teeWhole(resp *http.Response, view *store.ViewKey, done func(body []byte)) {
 	gz := resp.Header.Get("Content-Encoding") == "gzip"
 	resp.Body = &wholeTee{ReadCloser: resp.Body, c: c, limit: c.MaxBody, done: func(body []byte, ok bool, reason string) {
 		if !ok {
@@ -117,7 +123,7 @@ func (c *Cache) teeWhole(resp *http.Response, view *store.ViewKey, done func(bod
 // record is called with the whole body (whole), and first, for a gzipped
 // body, with its start inflated: when record then says it is done (an
 // answer the view holds already) the rest is not inflated.
-func (c *Cache) teeOrdered(resp *http.Response, view store.ViewKey, record func(body []byte, whole bool) (done bool)) {
+func (c *Recorder) teeOrdered(resp *http.Response, view store.ViewKey, record func(body []byte, whole bool) (done bool)) {
 	gz := resp.Header.Get("Content-Encoding") == "gzip"
 	t := &wholeTee{ReadCloser: resp.Body, c: c, limit: c.MaxBody, pooled: true}
 	if n := resp.ContentLength; n > 0 && n <= int64(c.MaxBody) {
@@ -156,13 +162,13 @@ func (c *Cache) teeOrdered(resp *http.Response, view store.ViewKey, record func(
 	resp.Body = t
 }
 
-func (c *Cache) hold(view store.ViewKey) {
+func (c *Recorder) hold(view store.ViewKey) {
 	c.mu.Lock()
 	c.pending[view]++
 	c.mu.Unlock()
 }
 
-func (c *Cache) unhold(view store.ViewKey) (left int) {
+func (c *Recorder) unhold(view store.ViewKey) (left int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.pending[view] > 0 {
@@ -175,7 +181,7 @@ func (c *Cache) unhold(view store.ViewKey) (left int) {
 	return left
 }
 
-func (c *Cache) held(view store.ViewKey) bool {
+func (c *Recorder) held(view store.ViewKey) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.pending[view] > 0
@@ -183,7 +189,7 @@ func (c *Cache) held(view store.ViewKey) bool {
 
 type wholeTee struct {
 	io.ReadCloser
-	c        *Cache
+	c        *Recorder
 	limit    int
 	size     int  // the body's length when known, to allocate once
 	pooled   bool // buf comes from (and goes back to) the body pool
@@ -255,9 +261,9 @@ func (t *wholeTee) Close() error {
 }
 
 // recordObject records a GET answer for view. With a claim (see
-// Cache.claim), it was checked already; the claim is released once the
+// Recorder.claim), it was checked already; the claim is released once the
 // answer is written or found not to need writing.
-func (c *Cache) recordObject(view store.ViewKey, contentType string, body []byte, cl *claim) {
+func (c *Recorder) recordObject(view store.ViewKey, contentType string, body []byte, cl *claim) {
 	queued := false
 	defer func() {
 		if !queued {
@@ -290,7 +296,7 @@ const maxPagedObjects = 1_000_000
 
 // recordList records a LIST answer (or a page of one, asked with the
 // continue token asked) for view; cl as for recordObject.
-func (c *Cache) recordList(asked string, view store.ViewKey, contentType string, body []byte, cl *claim) {
+func (c *Recorder) recordList(asked string, view store.ViewKey, contentType string, body []byte, cl *claim) {
 	queued := false
 	defer func() {
 		if !queued {
@@ -346,7 +352,7 @@ func (c *Cache) recordList(asked string, view store.ViewKey, contentType string,
 // store instead of decoding them again: a re-list, or a list whose
 // resourceVersion moved because anything in the cluster was written, is
 // mostly such items.
-func (c *Cache) decodeList(view store.ViewKey, contentType string, body []byte) (l codec.List, err error) {
+func (c *Recorder) decodeList(view store.ViewKey, contentType string, body []byte) (l codec.List, err error) {
 	rerr := c.Store.Read(func(tx *store.Tx) error {
 		var known codec.Stored
 		if tx.HasObjects(view.Resource) { // else, as when first listed, no lookups
@@ -371,7 +377,7 @@ func (c *Cache) decodeList(view store.ViewKey, contentType string, body []byte) 
 // clients read again and again, then cost neither a decode nor a write. A
 // list must be whole (neither a page, asked with a continue token, nor the
 // first page of several).
-func (c *Cache) holds(view store.ViewKey, contentType string, body []byte, list bool, asked string) bool {
+func (c *Recorder) holds(view store.ViewKey, contentType string, body []byte, list bool, asked string) bool {
 	rv, cont, ok := codec.PeekMeta(contentType, body, list)
 	if !ok || cont != "" || asked != "" {
 		return false
@@ -393,7 +399,7 @@ type claim struct {
 // (held): the view holds it, or another answer at the same version is
 // being recorded. Otherwise it returns the claim the recording must
 // release (nil when the start does not tell the version).
-func (c *Cache) claim(view store.ViewKey, contentType string, body []byte, list bool, asked string) (held bool, cl *claim) {
+func (c *Recorder) claim(view store.ViewKey, contentType string, body []byte, list bool, asked string) (held bool, cl *claim) {
 	rv, cont, ok := codec.PeekMeta(contentType, body, list)
 	if !ok || rv == "" || cont != "" || asked != "" {
 		return false, nil
@@ -412,7 +418,7 @@ func (c *Cache) claim(view store.ViewKey, contentType string, body []byte, list 
 }
 
 // unclaim releases cl, unless a newer claim replaced it.
-func (c *Cache) unclaim(cl *claim) {
+func (c *Recorder) unclaim(cl *claim) {
 	if cl == nil {
 		return
 	}
@@ -426,7 +432,7 @@ func (c *Cache) unclaim(cl *claim) {
 // unchanged reports whether view already holds this answer: the same
 // resourceVersion, and not stale. Repeated reads of an unchanged object or
 // list then cost no write at all.
-func (c *Cache) unchanged(view store.ViewKey, rv string) bool {
+func (c *Recorder) unchanged(view store.ViewKey, rv string) bool {
 	if rv == "" {
 		return false
 	}
@@ -434,7 +440,7 @@ func (c *Cache) unchanged(view store.ViewKey, rv string) bool {
 	return err == nil && ok && !v.Stale && v.ResourceVersion == rv
 }
 
-func (c *Cache) undecodable(view *store.ViewKey, err error) {
+func (c *Recorder) undecodable(view *store.ViewKey, err error) {
 	c.Log.Debug("recorded answer not understood; dropped", "resource", view.Resource, "err", err)
 	c.dropped(view, "undecodable", err)
 }
@@ -442,7 +448,7 @@ func (c *Cache) undecodable(view *store.ViewKey, err error) {
 // teeWatch copies a watch stream into a non-blocking pipe read by a decoder
 // goroutine. For a WatchList (sendInitialEvents=true) the initial events
 // replace the view when the initial-events-end bookmark arrives.
-func (c *Cache) teeWatch(resp *http.Response, view store.ViewKey, contentType string, watchList bool) {
+func (c *Recorder) teeWatch(resp *http.Response, view store.ViewKey, contentType string, watchList bool) {
 	// kube-apiserver gzips watches for clients that accept it, flushing the
 	// compressor at every event, so the copy decompresses as it goes.
 	gz := resp.Header.Get("Content-Encoding") == "gzip"
@@ -456,7 +462,7 @@ func (c *Cache) teeWatch(resp *http.Response, view store.ViewKey, contentType st
 	}()
 }
 
-func (c *Cache) recordWatch(pipe *pipe, gz bool, view store.ViewKey, contentType string, watchList bool) {
+func (c *Recorder) recordWatch(pipe *pipe, gz bool, view store.ViewKey, contentType string, watchList bool) {
 	defer pipe.CloseRead()
 	var body io.ReadCloser = pipe
 	if gz {

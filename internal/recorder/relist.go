@@ -1,4 +1,4 @@
-package cache
+package recorder
 
 import (
 	"context"
@@ -20,7 +20,7 @@ import (
 //
 // upstream sends each GET as the identity: the node's credentials for the
 // node's views, the token a caller last used for a token caller's.
-func (c *Cache) Relist(ctx context.Context, identity string, rate int, upstream http.RoundTripper) (done int, err error) {
+func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstream http.RoundTripper) (done int, err error) {
 	c.init()
 	views, err := c.Store.AllViews()
 	if err != nil {

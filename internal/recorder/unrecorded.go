@@ -1,4 +1,4 @@
-package cache
+package recorder
 
 import (
 	"cmp"
@@ -31,7 +31,7 @@ func persistentDrop(reason string) bool { return reason == "undecodable" || reas
 // reason (err, if any, says why), counts it by resource, and reports
 // whether this is the first such drop of the resource since it was last
 // recorded, so that the caller logs it once.
-func (c *Cache) unrecordable(view *store.ViewKey, reason string, err error) (first bool) {
+func (c *Recorder) unrecordable(view *store.ViewKey, reason string, err error) (first bool) {
 	if view == nil {
 		return false
 	}
@@ -60,7 +60,7 @@ func (c *Cache) unrecordable(view *store.ViewKey, reason string, err error) (fir
 
 // recorded forgets what unrecordable noted of resource: an answer of it
 // was written.
-func (c *Cache) recorded(resource string) {
+func (c *Recorder) recorded(resource string) {
 	res := strings.TrimSuffix(resource, "#meta")
 	c.mu.Lock()
 	if len(c.unrecorded) > 0 {
@@ -71,7 +71,7 @@ func (c *Cache) recorded(resource string) {
 
 // Unrecorded lists the resources whose answers could not be recorded
 // since an answer of them last was, by resource.
-func (c *Cache) Unrecorded() []Unrecorded {
+func (c *Recorder) Unrecorded() []Unrecorded {
 	c.init()
 	c.mu.Lock()
 	out := make([]Unrecorded, 0, len(c.unrecorded))

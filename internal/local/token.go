@@ -1,4 +1,4 @@
-package cache
+package local
 
 import (
 	"encoding/json"
@@ -24,6 +24,10 @@ import (
 
 const tokenPrefix = "sa-token\x00"
 
+// SealedDocPrefixes are the prefixes of the store documents of package
+// local that hold credentials (recorded tokens), to be sealed at rest.
+func SealedDocPrefixes() []string { return []string{tokenPrefix} }
+
 // tokenKey names a recorded token: namespace/service account, the bound
 // object and the audiences.
 func tokenKey(ns, sa string, spec authenticationv1.TokenRequestSpec) string {
@@ -40,24 +44,29 @@ func isTokenRequest(info *request.Info) bool {
 	return info.IsResourceRequest && info.APIGroup == "" && info.Resource == "serviceaccounts" && info.Subresource == "token" && info.Verb == "create"
 }
 
-func (c *Cache) ownNode(info *request.Info) bool {
-	return c.Node != "" && info.Identity.Kind == request.NodeCert && info.Identity.User == "system:node:"+c.Node
+func (l *Writer) ownNode(info *request.Info) bool {
+	return l.Node != "" && info.Identity.Kind == request.NodeCert && info.Identity.User == "system:node:"+l.Node
 }
 
-// teeToken records a TokenRequest answer given to this node's kubelet.
-func (c *Cache) teeToken(resp *http.Response, info *request.Info) {
-	ns, sa := info.Namespace, info.Name
-	contentType := resp.Header.Get("Content-Type")
-	c.teeWhole(resp, nil, func(body []byte) {
-		tr, err := decodeTokenRequest(contentType, body)
-		if err != nil || tr.Status.Token == "" {
-			return
-		}
-		raw, _ := json.Marshal(tr)
-		// Keyed by what the apiserver answered: it fills in default
-		// audiences, which a later identical request leaves out again.
-		c.send(write{doc: &doc{key: tokenKey(ns, sa, tr.Spec), contentType: codec.MediaJSON, body: raw}}, nil, "queue-full")
-	})
+// Records reports whether info's answer is a token for this node's
+// kubelet, which RecordedToken turns into the document to store.
+func (l *Writer) Records(info *request.Info) bool {
+	return isTokenRequest(info) && l.ownNode(info)
+}
+
+// RecordedToken returns the store document of a TokenRequest answer (a
+// 201 to this node's kubelet, see Records) for service account sa in
+// namespace ns: the key it is served offline by, and the answer as JSON.
+// ok is false for an answer that holds no token.
+func RecordedToken(contentType string, body []byte, ns, sa string) (key string, doc []byte, ok bool) {
+	tr, err := decodeTokenRequest(contentType, body)
+	if err != nil || tr.Status.Token == "" {
+		return "", nil, false
+	}
+	raw, _ := json.Marshal(tr)
+	// Keyed by what the apiserver answered: it fills in default
+	// audiences, which a later identical request leaves out again.
+	return tokenKey(ns, sa, tr.Spec), raw, true
 }
 
 func decodeTokenRequest(contentType string, body []byte) (*authenticationv1.TokenRequest, error) {
@@ -78,7 +87,7 @@ func decodeTokenRequest(contentType string, body []byte) (*authenticationv1.Toke
 
 // serveToken answers a TokenRequest offline with a recorded, unexpired
 // token for the same service account, bound object and audiences.
-func (c *Cache) serveToken(w http.ResponseWriter, r *http.Request, info *request.Info) error {
+func (l *Writer) serveToken(w http.ResponseWriter, r *http.Request, info *request.Info) error {
 	body, _, err := requestJSON(r)
 	if err != nil {
 		return err
@@ -87,7 +96,7 @@ func (c *Cache) serveToken(w http.ResponseWriter, r *http.Request, info *request
 	if err := json.Unmarshal(body, &req); err != nil {
 		return apierrors.NewBadRequest("decoding TokenRequest: " + err.Error())
 	}
-	now := c.Now()
+	now := l.Now()
 	var found *authenticationv1.TokenRequest
 	pick := func(raw []byte) {
 		var tr authenticationv1.TokenRequest
@@ -99,21 +108,20 @@ func (c *Cache) serveToken(w http.ResponseWriter, r *http.Request, info *request
 		}
 	}
 	if len(req.Spec.Audiences) > 0 {
-		if _, raw, ok, err := c.Store.Doc(tokenKey(info.Namespace, info.Name, req.Spec)); err == nil && ok {
+		if _, raw, ok, err := l.Store.Doc(tokenKey(info.Namespace, info.Name, req.Spec)); err == nil && ok {
 			pick(raw)
 		}
 	} else {
 		// No audiences asked: the apiserver's defaults, as recorded.
 		prefix := tokenKey(info.Namespace, info.Name, req.Spec)
 		prefix = prefix[:strings.LastIndexByte(prefix, 0)+1]
-		_ = c.Store.Docs(prefix, func(_, _ string, raw []byte) error { pick(raw); return nil })
+		_ = l.Store.Docs(prefix, func(_, _ string, raw []byte) error { pick(raw); return nil })
 	}
 	if found == nil {
 		return status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable and no unexpired token for service account %s/%s (this bound object and audiences) was issued to this node online", info.Namespace, info.Name), 5)
 	}
 	out, _ := json.Marshal(found)
-	w.Header().Set("X-Outpost-Local-Write", "recorded-token")
-	return c.encode(statusCodeWriter{ResponseWriter: w, code: http.StatusCreated}, codec.WithTypeMeta(stripKind(out), "TokenRequest", "authentication.k8s.io/v1"), info.Accept, source{})
+	return answer(w, http.StatusCreated, "recorded-token", codec.WithTypeMeta(stripKind(out), "TokenRequest", "authentication.k8s.io/v1"), info.Accept)
 }
 
 func stripKind(b []byte) []byte {
