@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -411,7 +410,7 @@ func (n *Node) StartKubelet(ctx context.Context) error {
 	ctx, cancel := n.cp.withStop(ctx)
 	defer cancel()
 	err = waitFor(ctx, p, "kubelet /healthz", func(ctx context.Context) error {
-		return probeHTTP(ctx, n.healthzURL)
+		return probeOK(ctx, nil, n.healthzURL)
 	})
 	if err != nil {
 		return fmt.Errorf("starting kubelet of %s: %w", n.Name, err)
@@ -486,25 +485,6 @@ func (n *Node) waitReady(ctx context.Context) error {
 		}
 		return errors.New("no Ready condition yet")
 	})
-}
-
-// probeHTTP returns nil when GET url answers 200.
-func probeHTTP(ctx context.Context, url string) error {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("%s: %s", url, resp.Status)
-	}
-	return nil
 }
 
 // Stop tears the node down completely and waits for it: kubelet, every
