@@ -17,6 +17,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
 )
 
 // kwokPods is how many pods the kwok node runs.
@@ -97,7 +99,7 @@ func TestKwokScale(t *testing.T) {
 		}
 		running := 0
 		for _, p := range l.Items {
-			if p.Status.Phase == corev1.PodRunning && podReady(&p) {
+			if p.Status.Phase == corev1.PodRunning && framework.PodReady(&p) {
 				running++
 			}
 		}
@@ -282,15 +284,6 @@ func leaseProblems(log string) []string {
 		}
 	}
 	return out
-}
-
-func podReady(p *corev1.Pod) bool {
-	for _, c := range p.Status.Conditions {
-		if c.Type == corev1.PodReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
 }
 
 func deref(s *string) string {

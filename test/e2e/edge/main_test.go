@@ -350,23 +350,6 @@ func printFigures() {
 
 func ms(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
 
-// requireRealNode skips the test, loudly, on a machine that cannot run a
-// real node, and fails it where one must: in CI.
-func requireRealNode(t *testing.T) {
-	t.Helper()
-	err := framework.NodeSupported()
-	if err == nil {
-		return
-	}
-	msg := fmt.Sprintf("REAL KUBELET NOT TESTED: %v", err)
-	// Printed outside the test log, so that it shows without -v too.
-	fmt.Fprintf(os.Stderr, "\n!!!!! %s !!!!!\n\n", msg)
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s; CI must run this test", msg)
-	}
-	t.Skip(msg)
-}
-
 // A milestone is a condition that must come to hold once.
 type milestone struct {
 	name string

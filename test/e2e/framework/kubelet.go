@@ -140,6 +140,25 @@ func NodeSupported() error {
 	return nil
 }
 
+// RequireRealNode skips t, loudly, on a machine that cannot run a real node
+// (see NodeSupported), and fails it instead when CI=true: CI is meant to run
+// these tests (as root), and a CI that cannot, for whatever reason, root
+// included, must say so by failing rather than pass without testing.
+func RequireRealNode(t testing.TB) {
+	t.Helper()
+	err := NodeSupported()
+	if err == nil {
+		return
+	}
+	msg := fmt.Sprintf("REAL KUBELET NOT TESTED: %v", err)
+	// Printed outside the test log, so that it shows without -v too.
+	fmt.Fprintf(os.Stderr, "\n!!!!! %s !!!!!\n\n", msg)
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("%s; CI must run this test", msg)
+	}
+	t.Skip(msg)
+}
+
 // hasCapability reports whether the effective capability set holds bit.
 func hasCapability(bit uint) (bool, error) {
 	status, err := os.ReadFile("/proc/self/status")
