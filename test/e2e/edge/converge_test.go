@@ -35,7 +35,7 @@ func TestFrozenThenConverged(t *testing.T) {
 	if err := cp.EnsureNamespace(ctx, ns); err != nil {
 		t.Fatal(err)
 	}
-	createNode(t, node, nil)
+	cp.CreateNode(t, node, nil)
 	for i := range 8 {
 		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%d", i), Labels: map[string]string{"set": "frozen"}},
 			Data: map[string]string{"v": "at-start"}}
@@ -56,8 +56,8 @@ func TestFrozenThenConverged(t *testing.T) {
 	const flapWindow = 3 * time.Second
 	e := startEdge(t, node, "--flap-window="+flapWindow.String())
 	kubelet := e.nodeClient(t)
-	reader := e.tokenClient(t, serviceAccountToken(t, "frozen-reader", readerRole))
-	quiet := e.tokenClient(t, serviceAccountToken(t, "frozen-quiet", readerRole))
+	reader := e.tokenClient(t, readerToken(t, "frozen-reader"))
+	quiet := e.tokenClient(t, readerToken(t, "frozen-quiet"))
 	nodePods := metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("spec.nodeName", node).String()}
 	selected := metav1.ListOptions{LabelSelector: sel}
 

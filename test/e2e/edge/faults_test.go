@@ -60,7 +60,7 @@ func TestFaults(t *testing.T) {
 	if err := cp.EnsureNamespace(ctx, ns); err != nil {
 		t.Fatal(err)
 	}
-	createNode(t, node, nil)
+	cp.CreateNode(t, node, nil)
 	for i := range 10 {
 		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("f-%d", i), Labels: map[string]string{"set": "faults"}},
 			Data: map[string]string{"v": "0"}}
@@ -69,7 +69,7 @@ func TestFaults(t *testing.T) {
 		}
 	}
 	e := startEdge(t, node)
-	reader := e.tokenClient(t, serviceAccountToken(t, "faults-reader", readerRole))
+	reader := e.tokenClient(t, readerToken(t, "faults-reader"))
 	selected := metav1.ListOptions{LabelSelector: sel}
 	read := func(ctx context.Context) error {
 		if _, err := reader.CoreV1().ConfigMaps(ns).List(ctx, selected); err != nil {

@@ -45,7 +45,7 @@ func TestKwokScale(t *testing.T) {
 	if err := cp.EnsureNamespace(ctx, ns); err != nil {
 		t.Fatal(err)
 	}
-	createNode(t, node, nil)
+	cp.CreateNode(t, node, nil)
 	grantKwokReads(t, node)
 	var g errgroup.Group
 	g.SetLimit(16)
@@ -88,7 +88,7 @@ func TestKwokScale(t *testing.T) {
 	kwokLog := filepath.Join(cp.Dir, "kwok.log")
 	defer func() {
 		if t.Failed() {
-			t.Logf("last lines of %s:\n%s", kwokLog, tail(readFrom(kwokLog, 0), 40))
+			t.Logf("last lines of %s:\n%s", kwokLog, cp.KwokLog(40))
 		}
 	}()
 	nodePods := metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("spec.nodeName", node).String()}
@@ -256,17 +256,13 @@ func grantKwokReads(t *testing.T, node string) {
 	if _, err := c.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
-	review := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+	err := cp.WaitAllowed(ctx, authorizationv1.SubjectAccessReviewSpec{
 		User: "system:node:" + node, Groups: []string{"system:nodes", "system:authenticated"},
 		ResourceAttributes: &authorizationv1.ResourceAttributes{Verb: "watch", Group: coordinationv1.GroupName, Resource: "leases", Namespace: corev1.NamespaceNodeLease},
-	}}
-	waitFor(t, 10*time.Second, "RBAC binding "+name, func(ctx context.Context) (bool, string) {
-		r, err := c.AuthorizationV1().SubjectAccessReviews().Create(ctx, review, metav1.CreateOptions{})
-		if err != nil {
-			return false, err.Error()
-		}
-		return r.Status.Allowed, r.Status.Reason
 	})
+	if err != nil {
+		t.Errorf("RBAC binding %s: %v", name, err)
+	}
 }
 
 // kwokProblem matches kwok log lines about failed lease or status writes.
@@ -298,10 +294,4 @@ func renewTime(l *coordinationv1.Lease) string {
 		return "never"
 	}
 	return l.Spec.RenewTime.Format("15:04:05.000")
-}
-
-// tail returns the last n lines of s.
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }

@@ -25,14 +25,8 @@ import (
 	"testing"
 	"time"
 
-	authenticationv1 "k8s.io/api/authentication/v1"
-	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
@@ -63,27 +57,13 @@ type edge struct {
 }
 
 // startEdge starts a fault proxy to apiserver 0 and outpost for node
-// behind it, both stopped when the test ends (with outpost's log when the
-// test failed).
+// behind it, logging at debug level, both stopped when the test ends (with
+// outpost's log when the test failed), and waits until outpost is online.
 func startEdge(t *testing.T, node string, args ...string) *edge {
 	t.Helper()
-	proxy, err := framework.StartFaultProxy(cp.URL(0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { proxy.Close() })
-	args = append([]string{"--server=" + proxy.URL(), "--log-level=debug"}, args...)
-	o := cp.StartOutpostT(t, node, args...)
-	e := &edge{node: node, proxy: proxy, o: o}
-	if _, err := e.waitState(t.Context(), "online", 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	return e
+	o, proxy := cp.StartOutpostWithLinkT(t, node, append([]string{"--log-level=debug"}, args...)...)
+	return &edge{node: node, proxy: proxy, o: o}
 }
-
-// state is what outpost's /readyz says: "online", "offline" (with a cache)
-// or the error.
-func (e *edge) state(ctx context.Context) string { return e.o.State(ctx) }
 
 // waitState waits until /readyz says want and returns how long that took.
 func (e *edge) waitState(ctx context.Context, want string, timeout time.Duration) (time.Duration, error) {
@@ -139,12 +119,10 @@ func (t countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 // requests.
 func (t countingTransport) WrappedRoundTripper() http.RoundTripper { return t.rt }
 
-func (e *edge) client(t *testing.T, cfg *rest.Config) *counted {
+func (e *edge) client(t *testing.T, certFile, keyFile, token string) *counted {
 	t.Helper()
 	c := &counted{}
-	cfg.Host = e.o.URL
-	cfg.CAFile = e.o.ServingCAFile
-	cfg.QPS = -1
+	cfg := e.o.ClientConfig(certFile, keyFile, token)
 	// Reads must answer quickly: a read that needs longer than this has
 	// failed in all but name.
 	cfg.Timeout = 10 * time.Second
@@ -159,77 +137,19 @@ func (e *edge) client(t *testing.T, cfg *rest.Config) *counted {
 
 // nodeClient acts as the node's kubelet does, with its client certificate.
 func (e *edge) nodeClient(t *testing.T) *counted {
-	return e.client(t, &rest.Config{TLSClientConfig: rest.TLSClientConfig{CertFile: e.o.NodeCertFile, KeyFile: e.o.NodeKeyFile}})
+	return e.client(t, e.o.NodeCertFile, e.o.NodeKeyFile, "")
 }
 
 // tokenClient acts as a service account whose token outpost forwards.
 func (e *edge) tokenClient(t *testing.T, token string) *counted {
-	return e.client(t, &rest.Config{BearerToken: token})
+	return e.client(t, "", "", token)
 }
 
-// readerRole is a ClusterRole that reads everything. The bootstrap "view"
-// role would do, but it is aggregated by kube-controller-manager, which
-// these tests do not run.
-const readerRole = "edge-e2e-reader"
-
-// serviceAccountToken creates service account default/name bound to
-// clusterRole (readerRole or a bootstrap role such as cluster-admin) and
-// returns a two-hour token of it.
-func serviceAccountToken(t *testing.T, name, clusterRole string) string {
+// readerToken returns a token of service account default/name, which may
+// read everything (framework.ReaderRole).
+func readerToken(t *testing.T, name string) string {
 	t.Helper()
-	ctx := t.Context()
-	c := cp.Client()
-	if clusterRole == readerRole {
-		role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: readerRole},
-			Rules: []rbacv1.PolicyRule{{APIGroups: []string{"*"}, Resources: []string{"*"}, Verbs: []string{"get", "list", "watch"}}}}
-		if _, err := c.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-			t.Fatal(err)
-		}
-	}
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}
-	if _, err := c.CoreV1().ServiceAccounts("default").Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
-	crb := &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: "edge-e2e:" + name},
-		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: clusterRole},
-		Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: "default", Name: name}},
-	}
-	if _, err := c.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
-	// RBAC is cached by the authorizer: wait until the binding counts.
-	review := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
-		User:               "system:serviceaccount:default:" + name,
-		Groups:             []string{"system:serviceaccounts", "system:serviceaccounts:default", "system:authenticated"},
-		ResourceAttributes: &authorizationv1.ResourceAttributes{Verb: "list", Resource: "configmaps"},
-	}}
-	waitFor(t, 10*time.Second, "RBAC binding of "+name, func(ctx context.Context) (bool, string) {
-		r, err := c.AuthorizationV1().SubjectAccessReviews().Create(ctx, review, metav1.CreateOptions{})
-		if err != nil {
-			return false, err.Error()
-		}
-		return r.Status.Allowed, r.Status.Reason
-	})
-	exp := int64(7200)
-	tr, err := c.CoreV1().ServiceAccounts("default").CreateToken(ctx, name,
-		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &exp}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tr.Status.Token
-}
-
-// createNode creates a Node object for a node that no kubelet runs.
-func createNode(t *testing.T, name string, annotations map[string]string) {
-	t.Helper()
-	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: annotations}}
-	if _, err := cp.Client().CoreV1().Nodes().Create(t.Context(), n, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cp.Client().CoreV1().Nodes().Delete(context.Background(), name, metav1.DeleteOptions{})
-	})
+	return cp.ServiceAccountToken(t, "default", name, framework.ReaderRole)
 }
 
 // firstCachedAnswer repeats read until outpost answers it from its cache

@@ -116,6 +116,12 @@ func (c *ControlPlane) StopKwok() error {
 	return nil
 }
 
+// KwokLog returns the last lines of kwok's log (kwok.log in Dir), for
+// failure messages.
+func (c *ControlPlane) KwokLog(lines int) string {
+	return tailFile(c.logPath("kwok"), lines)
+}
+
 // kwokStageFiles returns the paths of kwokStages in the module cache, in the
 // kwok version that hack/tools/kwok pins (hack/k8s.sh downloads it). They are
 // read from there rather than copied, so they always match the binary.
