@@ -42,10 +42,7 @@ func TestKwokScale(t *testing.T) {
 	)
 	ctx := t.Context()
 	admin := cp.Client()
-	if err := cp.EnsureNamespace(ctx, ns); err != nil {
-		t.Fatal(err)
-	}
-	cp.CreateNode(t, node, nil)
+	nodeNamespace(t, node, ns)
 	grantKwokReads(t, node)
 	var g errgroup.Group
 	g.SetLimit(16)
@@ -125,16 +122,10 @@ func TestKwokScale(t *testing.T) {
 	time.Sleep(time.Second) // the recorder writes in batches
 
 	// The cut, and kwok restarts behind it.
-	cutAt := time.Now()
-	e.proxy.Blackhole()
-	first, _ := firstCachedAnswer(t, kubelet, cutAt, 15*time.Second, func(ctx context.Context) error {
+	e.cut(t, kubelet, func(ctx context.Context) error {
 		_, err := edgePods(ctx)
 		return err
 	})
-	figure(t, "cut (black-hole) → first cached answer: %v", ms(first))
-	if _, err := e.waitState(ctx, "offline", 15*time.Second); err != nil {
-		t.Fatal(err)
-	}
 	// What the cloud holds once outpost has let go of its connections: a
 	// renewal in flight at the cut may still have landed before.
 	time.Sleep(time.Second)
@@ -206,13 +197,7 @@ func TestKwokScale(t *testing.T) {
 	}
 
 	// The link returns: kwok's renewals reach the cloud, pods still run.
-	restoreAt := time.Now()
-	e.proxy.Pass()
-	online, err := e.waitState(ctx, "online", 30*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	figure(t, "link back → outpost online: %v", ms(online))
+	restoreAt := e.restore(t)
 	if _, ok := waitFor(t, 3*kwokLease, "after the reconnect, the cloud's lease renewed by the restarted kwok", func(ctx context.Context) (bool, string) {
 		l, err := admin.CoordinationV1().Leases(corev1.NamespaceNodeLease).Get(ctx, node, metav1.GetOptions{})
 		if err != nil {

@@ -26,7 +26,10 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
@@ -68,6 +71,35 @@ func startEdge(t *testing.T, node string, args ...string) *edge {
 // waitState waits until /readyz says want and returns how long that took.
 func (e *edge) waitState(ctx context.Context, want string, timeout time.Duration) (time.Duration, error) {
 	return e.o.WaitState(ctx, want, timeout)
+}
+
+// cut black-holes the link to the cloud, records how long until read
+// through c was first answered from outpost's cache, and waits until
+// outpost says it is offline. It returns when the link was cut.
+func (e *edge) cut(t *testing.T, c *counted, read func(context.Context) error) time.Time {
+	t.Helper()
+	cutAt := time.Now()
+	e.proxy.Blackhole()
+	first, _ := firstCachedAnswer(t, c, cutAt, 15*time.Second, read)
+	figure(t, "cut (black-hole) → first cached answer: %v", ms(first))
+	if _, err := e.waitState(t.Context(), "offline", 15*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return cutAt
+}
+
+// restore lets the link pass again, waits until outpost says it is online
+// and records how long that took. It returns when the link was restored.
+func (e *edge) restore(t *testing.T) time.Time {
+	t.Helper()
+	restoreAt := time.Now()
+	e.proxy.Pass()
+	online, err := e.waitState(t.Context(), "online", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	figure(t, "link back → outpost online: %v", ms(online))
+	return restoreAt
 }
 
 // metric sums the samples of a counter or gauge on outpost's /metrics whose
@@ -150,6 +182,80 @@ func (e *edge) tokenClient(t *testing.T, token string) *counted {
 func readerToken(t *testing.T, name string) string {
 	t.Helper()
 	return cp.ServiceAccountToken(t, "default", name, framework.ReaderRole)
+}
+
+// nodeNamespace creates namespace ns, ready for pods, and a Node object
+// called node that no kubelet runs (see framework.ControlPlane.CreateNode).
+func nodeNamespace(t *testing.T, node, ns string) {
+	t.Helper()
+	if err := cp.EnsureNamespace(t.Context(), ns); err != nil {
+		t.Fatal(err)
+	}
+	cp.CreateNode(t, node, nil)
+}
+
+// createConfigMaps creates the ConfigMaps prefix-0, ..., prefix-(n-1) in
+// ns, labelled set=set, each with data v=v.
+func createConfigMaps(t *testing.T, ns, prefix string, n int, set, v string) {
+	t.Helper()
+	for i := range n {
+		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("%s-%d", prefix, i), Labels: map[string]string{"set": set}},
+			Data: map[string]string{"v": v}}
+		if _, err := cp.Client().CoreV1().ConfigMaps(ns).Create(t.Context(), cm, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// configMapInformer starts an informer through c on the ConfigMaps of ns
+// that match the label selector sel, stopped when the test ends, waits
+// until it has synced, and returns the state of what it holds, as
+// configMapsState writes it, at each call.
+func configMapInformer(t *testing.T, c kubernetes.Interface, ns, sel string) func() string {
+	t.Helper()
+	factory := informers.NewSharedInformerFactoryWithOptions(c, 0, informers.WithNamespace(ns),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sel }))
+	informer := factory.Core().V1().ConfigMaps().Informer()
+	ctx, stop := context.WithCancel(context.Background())
+	t.Cleanup(func() {
+		stop()
+		factory.Shutdown()
+	})
+	factory.Start(ctx.Done())
+	if !cache.WaitForCacheSync(t.Context().Done(), informer.HasSynced) {
+		t.Fatal("informer through outpost never synced")
+	}
+	return func() string {
+		var cms []corev1.ConfigMap
+		for _, o := range informer.GetStore().List() {
+			cms = append(cms, *o.(*corev1.ConfigMap))
+		}
+		return configMapsState(cms)
+	}
+}
+
+// listedConfigMaps is a read of the state of the ConfigMaps of ns that
+// match the label selector sel, as c lists them.
+func listedConfigMaps(c kubernetes.Interface, ns, sel string) func(context.Context) (string, error) {
+	return func(ctx context.Context) (string, error) {
+		l, err := c.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{LabelSelector: sel})
+		if err != nil {
+			return "", err
+		}
+		return configMapsState(l.Items), nil
+	}
+}
+
+// listedPods is a read of the state of the pods in all namespaces that
+// match opts, as c lists them.
+func listedPods(c kubernetes.Interface, opts metav1.ListOptions) func(context.Context) (string, error) {
+	return func(ctx context.Context) (string, error) {
+		l, err := c.CoreV1().Pods("").List(ctx, opts)
+		if err != nil {
+			return "", err
+		}
+		return podsState(l.Items), nil
+	}
 }
 
 // firstCachedAnswer repeats read until outpost answers it from its cache

@@ -92,16 +92,10 @@ func rebootThroughOutpost(t *testing.T) time.Duration {
 
 	// The cut.
 	logAtCut := fileSize(kubeletLog)
-	cutAt := time.Now()
-	e.proxy.Blackhole()
-	first, _ := firstCachedAnswer(t, kubelet, cutAt, 15*time.Second, func(ctx context.Context) error {
+	cutAt := e.cut(t, kubelet, func(ctx context.Context) error {
 		_, err := readPod(ctx, "web-host")
 		return err
 	})
-	figure(t, "cut (black-hole) → first cached answer: %v", ms(first))
-	if _, err := e.waitState(ctx, "offline", 15*time.Second); err != nil {
-		t.Fatal(err)
-	}
 
 	// The reboot, still offline.
 	rebootAt := time.Now()
@@ -197,13 +191,7 @@ func rebootThroughOutpost(t *testing.T) time.Duration {
 	time.Sleep(time.Until(cutAt.Add(12 * time.Second)))
 	statusUpstream := e.metric(t, "outpost_requests_total", "resource=pods/status", "served_by=upstream")
 	logAtRestore := fileSize(kubeletLog)
-	restoreAt := time.Now()
-	e.proxy.Pass()
-	online, err := e.waitState(ctx, "online", 30*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	figure(t, "link back → outpost online: %v", ms(online))
+	restoreAt := e.restore(t)
 	agree := milestone{"after the reconnect, kubelet's pod statuses and the apiserver agree", func(ctx context.Context) (bool, string) {
 		var waiting []string
 		for _, name := range webPods {
