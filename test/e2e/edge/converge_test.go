@@ -78,16 +78,23 @@ func TestFrozenThenConverged(t *testing.T) {
 	mustList("reader lists", err)
 	informerState := configMapInformer(t, reader, ns, sel)
 	cloudConfigMaps, cloudPods := listedConfigMaps(admin, ns, sel), listedPods(admin, nodePods)
+	// cloudState is what the apiserver holds now: the selected ConfigMaps
+	// and the node's pods.
+	cloudState := func() (configMaps, pods string) {
+		t.Helper()
+		configMaps, err := cloudConfigMaps(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pods, err = cloudPods(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return configMaps, pods
+	}
 	time.Sleep(time.Second) // the recorder writes in batches
 
-	cmsAtCut, err := cloudConfigMaps(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	podsAtCut, err := cloudPods(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cmsAtCut, podsAtCut := cloudState()
 	cm1AtCut, err := admin.CoreV1().ConfigMaps(ns).Get(ctx, "cm-1", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -196,14 +203,7 @@ func TestFrozenThenConverged(t *testing.T) {
 	time.Sleep(time.Until(cutAt.Add(flapWindow + 2*time.Second)))
 	restoreAt := e.restore(t)
 
-	cmsNow, err := cloudConfigMaps(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	podsNow, err := cloudPods(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cmsNow, podsNow := cloudState()
 	if cmsNow == cmsAtCut || podsNow == podsAtCut {
 		t.Fatal("the cloud did not change during the cut")
 	}
@@ -270,12 +270,7 @@ func TestFrozenThenConverged(t *testing.T) {
 
 	// A second cut proves what the store now holds: the new state, for
 	// quiet callers too, and no trace of the objects deleted meanwhile.
-	if cmsNow, err = cloudConfigMaps(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if podsNow, err = cloudPods(ctx); err != nil {
-		t.Fatal(err)
-	}
+	cmsNow, podsNow = cloudState()
 	cm1Now, err := admin.CoreV1().ConfigMaps(ns).Get(ctx, "cm-1", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)

@@ -30,13 +30,10 @@ func (c *ControlPlane) startEtcd(ctx context.Context) error {
 		"--unsafe-no-fsync",
 		"--log-level=warn",
 	}
-	p, err := startProcess("etcd", c.logPath("etcd"), bin, args, nil)
+	p, err := c.launch("etcd", bin, args, nil, &c.etcd)
 	if err != nil {
 		return err
 	}
-	c.mu.Lock()
-	c.etcd = p
-	c.mu.Unlock()
 
 	health := c.EtcdURL + "/health"
 	return waitFor(ctx, p, "etcd", func(ctx context.Context) error {

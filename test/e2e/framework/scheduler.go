@@ -30,13 +30,10 @@ func (c *ControlPlane) startScheduler(ctx context.Context) error {
 		"--secure-port=" + strconv.Itoa(port),
 		"--leader-elect=false",
 	}
-	p, err := startProcess("kube-scheduler", c.logPath("kube-scheduler"), bin, args, nil)
+	p, err := c.launch("kube-scheduler", bin, args, nil, &c.scheduler)
 	if err != nil {
 		return err
 	}
-	c.mu.Lock()
-	c.scheduler = p
-	c.mu.Unlock()
 
 	// The scheduler serves /healthz with a self-signed certificate of its
 	// own; verifying it would prove nothing about readiness.
