@@ -7,9 +7,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,9 +20,7 @@ import (
 	"testing"
 	"time"
 
-	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
@@ -70,7 +65,7 @@ func setup(b *testing.B) {
 		}
 		floorURL := startFloor(b)
 		pinCores(b)
-		token = benchToken(b)
+		token = cp.ServiceAccountToken(b, "default", "bench", "cluster-admin")
 		for name, host := range map[string]string{"direct": cp.URL(0), "floor": floorURL, "outpost": hub.URL} {
 			ca := cp.CAFile
 			if name != "direct" {
@@ -102,26 +97,6 @@ func seedConfigMaps(b *testing.B, ns string, n, size, parallel int) {
 	if err := framework.SeedConfigMaps(context.Background(), kubernetes.NewForConfigOrDie(cfg), ns, n, size, parallel); err != nil {
 		b.Error(err)
 	}
-}
-
-func benchToken(b *testing.B) string {
-	ctx := context.Background()
-	c := cp.Client()
-	if _, err := c.CoreV1().ServiceAccounts("default").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "bench"}}, metav1.CreateOptions{}); err != nil {
-		b.Fatal(err)
-	}
-	if _, err := c.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: "bench"},
-		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "cluster-admin"},
-		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "default", Name: "bench"}},
-	}, metav1.CreateOptions{}); err != nil {
-		b.Fatal(err)
-	}
-	tr, err := c.CoreV1().ServiceAccounts("default").CreateToken(ctx, "bench", &authenticationv1.TokenRequest{}, metav1.CreateOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	return tr.Status.Token
 }
 
 // measure runs op b.N times over `clients` goroutines and reports p50 and
@@ -216,27 +191,19 @@ func list1000(c *kubernetes.Clientset) func(context.Context) error {
 	}
 }
 
-func BenchmarkGet(b *testing.B) {
-	setup(b)
-	for _, conc := range []int{1, 64} {
-		for _, path := range []string{"direct", "outpost"} {
-			b.Run(fmt.Sprintf("c%d/%s", conc, path), func(b *testing.B) {
-				c := clients[path]
-				defer reportFromCache(b, path)()
-				measure(b, conc, getTarget(c))
-			})
-		}
-	}
-}
+func BenchmarkGet(b *testing.B) { directAndOutpost(b, getTarget) }
 
-func BenchmarkList1000(b *testing.B) {
+func BenchmarkList1000(b *testing.B) { directAndOutpost(b, list1000) }
+
+// directAndOutpost measures workload directly and through outpost, by one
+// client and by 64 at once, one after the other.
+func directAndOutpost(b *testing.B, workload func(*kubernetes.Clientset) func(context.Context) error) {
 	setup(b)
 	for _, conc := range []int{1, 64} {
 		for _, path := range []string{"direct", "outpost"} {
 			b.Run(fmt.Sprintf("c%d/%s", conc, path), func(b *testing.B) {
-				c := clients[path]
 				defer reportFromCache(b, path)()
-				measure(b, conc, list1000(c))
+				measure(b, conc, workload(clients[path]))
 			})
 		}
 	}
@@ -512,24 +479,13 @@ func cpuTimes(procs map[string]int) map[string]time.Duration {
 	return out
 }
 
+// savePprof saves the profile outpost's /debug/pprof answers at url.
 func savePprof(url, path string) error {
-	resp, err := http.Get(url)
+	profile, err := framework.GetOK(context.Background(), nil, url)
 	if err != nil {
 		return err
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("%s: %s", url, resp.Status)
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(f, resp.Body); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
+	return os.WriteFile(path, profile, 0o644)
 }
 
 // BenchmarkX100k follows a cache of 100,000 objects (ConfigMaps of about
@@ -566,7 +522,7 @@ func BenchmarkX100k(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer o.Stop()
-	oc := kubernetes.NewForConfigOrDie(&rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}})
+	oc := kubernetes.NewForConfigOrDie(o.ClientConfig("", "", token))
 	list := func() time.Duration {
 		t0 := time.Now()
 		l, err := oc.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{})
@@ -618,23 +574,14 @@ func BenchmarkX100k(b *testing.B) {
 	// Start again with the cloud unreachable: --server replaces the
 	// kubeconfig's apiserver with a port nothing listens on.
 	o.Stop()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	dead := l.Addr().String()
-	l.Close()
-	o.ExtraArgs = []string{"--server=https://" + dead}
+	o.ExtraArgs = []string{"--server=https://127.0.0.1:" + strconv.Itoa(framework.FreePort(b))}
 	ready := make(chan time.Duration, 1)
 	t0 = time.Now()
 	go func() {
 		for time.Since(t0) < 30*time.Second {
-			if resp, err := http.Get(o.AdminURL + "/readyz"); err == nil {
-				resp.Body.Close()
-				if resp.StatusCode == http.StatusOK {
-					ready <- time.Since(t0)
-					return
-				}
+			if _, err := framework.GetOK(ctx, nil, o.AdminURL+"/readyz"); err == nil {
+				ready <- time.Since(t0)
+				return
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
@@ -758,12 +705,7 @@ func startFloor(b *testing.B) string {
 	if out, err := build.CombinedOutput(); err != nil {
 		b.Fatalf("building floorproxy: %v\n%s", err, out)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := "127.0.0.1:" + strconv.Itoa(framework.FreePort(b))
 	pki := filepath.Join(hub.DataDir, "pki")
 	logFile, err := os.Create(filepath.Join(cp.Dir, "floorproxy.log"))
 	if err != nil {

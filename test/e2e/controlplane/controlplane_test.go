@@ -146,12 +146,8 @@ func TestNodeCredentialsAreNodeScoped(t *testing.T) {
 		t.Fatalf("creating secret: %v", err)
 	}
 
-	crt, key, err := cp.NodeCredentials(node)
+	kubeconfig, err := cp.NodeKubeconfig(node, cp.URL(0))
 	if err != nil {
-		t.Fatal(err)
-	}
-	kubeconfig := filepath.Join(t.TempDir(), "node.kubeconfig")
-	if err := framework.WriteKubeconfig(kubeconfig, cp.URL(0), cp.CAFile, crt, key, ""); err != nil {
 		t.Fatal(err)
 	}
 	nodeClient := clientFor(t, kubeconfig)

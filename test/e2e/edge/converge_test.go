@@ -14,8 +14,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/watch"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/tools/cache"
 )
 
 // TestFrozenThenConverged changes the cloud while the edge is cut off: the
@@ -32,17 +30,8 @@ func TestFrozenThenConverged(t *testing.T) {
 	)
 	ctx := t.Context()
 	admin := cp.Client()
-	if err := cp.EnsureNamespace(ctx, ns); err != nil {
-		t.Fatal(err)
-	}
-	createNode(t, node, nil)
-	for i := range 8 {
-		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%d", i), Labels: map[string]string{"set": "frozen"}},
-			Data: map[string]string{"v": "at-start"}}
-		if _, err := admin.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	nodeNamespace(t, node, ns)
+	createConfigMaps(t, ns, "cm", 8, "frozen", "at-start")
 	// Pods bound to the node (no kubelet runs them), each mounting a
 	// ConfigMap, so that the Node authorizer lets the node read it.
 	for i := range 6 {
@@ -56,8 +45,8 @@ func TestFrozenThenConverged(t *testing.T) {
 	const flapWindow = 3 * time.Second
 	e := startEdge(t, node, "--flap-window="+flapWindow.String())
 	kubelet := e.nodeClient(t)
-	reader := e.tokenClient(t, serviceAccountToken(t, "frozen-reader", readerRole))
-	quiet := e.tokenClient(t, serviceAccountToken(t, "frozen-quiet", readerRole))
+	reader := e.tokenClient(t, readerToken(t, "frozen-reader"))
+	quiet := e.tokenClient(t, readerToken(t, "frozen-quiet"))
 	nodePods := metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("spec.nodeName", node).String()}
 	selected := metav1.ListOptions{LabelSelector: sel}
 
@@ -87,49 +76,25 @@ func TestFrozenThenConverged(t *testing.T) {
 	}
 	_, err = reader.CoreV1().ConfigMaps(ns).List(ctx, selected)
 	mustList("reader lists", err)
-	factory := informers.NewSharedInformerFactoryWithOptions(reader, 0, informers.WithNamespace(ns),
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sel }))
-	informer := factory.Core().V1().ConfigMaps().Informer()
-	ictx, stopInformer := context.WithCancel(ctx)
-	defer func() {
-		stopInformer()
-		factory.Shutdown()
-	}()
-	factory.Start(ictx.Done())
-	if !cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {
-		t.Fatal("informer through outpost never synced")
-	}
-	informerState := func() string {
-		var cms []corev1.ConfigMap
-		for _, o := range informer.GetStore().List() {
-			cms = append(cms, *o.(*corev1.ConfigMap))
-		}
-		return configMapsState(cms)
-	}
-	cloudConfigMaps := func(ctx context.Context) (string, error) {
-		l, err := admin.CoreV1().ConfigMaps(ns).List(ctx, selected)
+	informerState := configMapInformer(t, reader, ns, sel)
+	cloudConfigMaps, cloudPods := listedConfigMaps(admin, ns, sel), listedPods(admin, nodePods)
+	// cloudState is what the apiserver holds now: the selected ConfigMaps
+	// and the node's pods.
+	cloudState := func() (configMaps, pods string) {
+		t.Helper()
+		configMaps, err := cloudConfigMaps(ctx)
 		if err != nil {
-			return "", err
+			t.Fatal(err)
 		}
-		return configMapsState(l.Items), nil
-	}
-	cloudPods := func(ctx context.Context) (string, error) {
-		l, err := admin.CoreV1().Pods("").List(ctx, nodePods)
+		pods, err = cloudPods(ctx)
 		if err != nil {
-			return "", err
+			t.Fatal(err)
 		}
-		return podsState(l.Items), nil
+		return configMaps, pods
 	}
 	time.Sleep(time.Second) // the recorder writes in batches
 
-	cmsAtCut, err := cloudConfigMaps(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	podsAtCut, err := cloudPods(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cmsAtCut, podsAtCut := cloudState()
 	cm1AtCut, err := admin.CoreV1().ConfigMaps(ns).Get(ctx, "cm-1", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -146,16 +111,10 @@ func TestFrozenThenConverged(t *testing.T) {
 	}
 
 	// The cut.
-	cutAt := time.Now()
-	e.proxy.Blackhole()
-	first, _ := firstCachedAnswer(t, reader, cutAt, 15*time.Second, func(ctx context.Context) error {
+	cutAt := e.cut(t, reader, func(ctx context.Context) error {
 		_, err := reader.CoreV1().ConfigMaps(ns).List(ctx, selected)
 		return err
 	})
-	figure(t, "cut (black-hole) → first cached answer: %v", ms(first))
-	if _, err := e.waitState(ctx, "offline", 15*time.Second); err != nil {
-		t.Fatal(err)
-	}
 
 	// The cloud changes meanwhile.
 	cm1 := cm1AtCut.DeepCopy()
@@ -213,22 +172,8 @@ func TestFrozenThenConverged(t *testing.T) {
 			t.Errorf("offline %s is not the state at the cut:\n%s", what, diff(want, got))
 		}
 	}
-	listConfigMaps := func(c *counted) func(context.Context) (string, error) {
-		return func(ctx context.Context) (string, error) {
-			l, err := c.CoreV1().ConfigMaps(ns).List(ctx, selected)
-			if err != nil {
-				return "", err
-			}
-			return configMapsState(l.Items), nil
-		}
-	}
-	listNodePods := func(ctx context.Context) (string, error) {
-		l, err := kubelet.CoreV1().Pods("").List(ctx, nodePods)
-		if err != nil {
-			return "", err
-		}
-		return podsState(l.Items), nil
-	}
+	listConfigMaps := func(c *counted) func(context.Context) (string, error) { return listedConfigMaps(c, ns, sel) }
+	listNodePods := listedPods(kubelet, nodePods)
 	getConfigMap := func(c *counted, name string) func(context.Context) (string, error) {
 		return func(ctx context.Context) (string, error) {
 			cm, err := c.CoreV1().ConfigMaps(ns).Get(ctx, name, metav1.GetOptions{})
@@ -256,22 +201,9 @@ func TestFrozenThenConverged(t *testing.T) {
 
 	// The link returns, after an outage longer than the flap window.
 	time.Sleep(time.Until(cutAt.Add(flapWindow + 2*time.Second)))
-	restoreAt := time.Now()
-	e.proxy.Pass()
-	online, err := e.waitState(ctx, "online", 30*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	figure(t, "link back → outpost online: %v", ms(online))
+	restoreAt := e.restore(t)
 
-	cmsNow, err := cloudConfigMaps(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	podsNow, err := cloudPods(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cmsNow, podsNow := cloudState()
 	if cmsNow == cmsAtCut || podsNow == podsAtCut {
 		t.Fatal("the cloud did not change during the cut")
 	}
@@ -338,12 +270,7 @@ func TestFrozenThenConverged(t *testing.T) {
 
 	// A second cut proves what the store now holds: the new state, for
 	// quiet callers too, and no trace of the objects deleted meanwhile.
-	if cmsNow, err = cloudConfigMaps(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if podsNow, err = cloudPods(ctx); err != nil {
-		t.Fatal(err)
-	}
+	cmsNow, podsNow = cloudState()
 	cm1Now, err := admin.CoreV1().ConfigMaps(ns).Get(ctx, "cm-1", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)

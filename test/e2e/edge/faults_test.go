@@ -9,10 +9,7 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/tools/cache"
 )
 
 // A fault is one way the link to the cloud breaks, held for a while.
@@ -57,19 +54,10 @@ func TestFaults(t *testing.T) {
 	)
 	ctx := t.Context()
 	admin := cp.Client()
-	if err := cp.EnsureNamespace(ctx, ns); err != nil {
-		t.Fatal(err)
-	}
-	createNode(t, node, nil)
-	for i := range 10 {
-		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("f-%d", i), Labels: map[string]string{"set": "faults"}},
-			Data: map[string]string{"v": "0"}}
-		if _, err := admin.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	nodeNamespace(t, node, ns)
+	createConfigMaps(t, ns, "f", 10, "faults", "0")
 	e := startEdge(t, node)
-	reader := e.tokenClient(t, serviceAccountToken(t, "faults-reader", readerRole))
+	reader := e.tokenClient(t, readerToken(t, "faults-reader"))
 	selected := metav1.ListOptions{LabelSelector: sel}
 	read := func(ctx context.Context) error {
 		if _, err := reader.CoreV1().ConfigMaps(ns).List(ctx, selected); err != nil {
@@ -83,18 +71,7 @@ func TestFaults(t *testing.T) {
 	if err := read(ctx); err != nil {
 		t.Fatalf("online read through outpost: %v", err)
 	}
-	factory := informers.NewSharedInformerFactoryWithOptions(reader, 0, informers.WithNamespace(ns),
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sel }))
-	informer := factory.Core().V1().ConfigMaps().Informer()
-	ictx, stopInformer := context.WithCancel(ctx)
-	defer func() {
-		stopInformer()
-		factory.Shutdown()
-	}()
-	factory.Start(ictx.Done())
-	if !cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {
-		t.Fatal("informer through outpost never synced")
-	}
+	informerState := configMapInformer(t, reader, ns, sel)
 	time.Sleep(time.Second) // the recorder writes in batches
 
 	// The reader: reads through outpost without pause, and counts.
@@ -172,31 +149,12 @@ func TestFaults(t *testing.T) {
 	// Convergence after the last restore: online answers, the informer,
 	// and — by one more cut — what the store holds.
 	restoreAt := time.Now()
-	cloud := func(ctx context.Context) (string, error) {
-		l, err := admin.CoreV1().ConfigMaps(ns).List(ctx, selected)
-		if err != nil {
-			return "", err
-		}
-		return configMapsState(l.Items), nil
-	}
-	edgeList := func(ctx context.Context) (string, error) {
-		l, err := reader.CoreV1().ConfigMaps(ns).List(ctx, selected)
-		if err != nil {
-			return "", err
-		}
-		return configMapsState(l.Items), nil
-	}
-	informerState := func(context.Context) (string, error) {
-		var cms []corev1.ConfigMap
-		for _, o := range informer.GetStore().List() {
-			cms = append(cms, *o.(*corev1.ConfigMap))
-		}
-		return configMapsState(cms), nil
-	}
+	cloud, edgeList := listedConfigMaps(admin, ns, sel), listedConfigMaps(reader, ns, sel)
+	informed := func(context.Context) (string, error) { return informerState(), nil }
 	for _, c := range []struct {
 		what string
 		read func(context.Context) (string, error)
-	}{{"reads", edgeList}, {"informer", informerState}} {
+	}{{"reads", edgeList}, {"informer", informed}} {
 		if _, ok := waitFor(t, 30*time.Second, c.what+" through outpost match the apiserver after the faults", func(ctx context.Context) (bool, string) {
 			want, err := cloud(ctx)
 			if err != nil {

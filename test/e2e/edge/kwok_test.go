@@ -17,6 +17,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
 )
 
 // kwokPods is how many pods the kwok node runs.
@@ -40,10 +42,7 @@ func TestKwokScale(t *testing.T) {
 	)
 	ctx := t.Context()
 	admin := cp.Client()
-	if err := cp.EnsureNamespace(ctx, ns); err != nil {
-		t.Fatal(err)
-	}
-	createNode(t, node, nil)
+	nodeNamespace(t, node, ns)
 	grantKwokReads(t, node)
 	var g errgroup.Group
 	g.SetLimit(16)
@@ -86,7 +85,7 @@ func TestKwokScale(t *testing.T) {
 	kwokLog := filepath.Join(cp.Dir, "kwok.log")
 	defer func() {
 		if t.Failed() {
-			t.Logf("last lines of %s:\n%s", kwokLog, tail(readFrom(kwokLog, 0), 40))
+			t.Logf("last lines of %s:\n%s", kwokLog, cp.KwokLog(40))
 		}
 	}()
 	nodePods := metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("spec.nodeName", node).String()}
@@ -97,7 +96,7 @@ func TestKwokScale(t *testing.T) {
 		}
 		running := 0
 		for _, p := range l.Items {
-			if p.Status.Phase == corev1.PodRunning && podReady(&p) {
+			if p.Status.Phase == corev1.PodRunning && framework.PodReady(&p) {
 				running++
 			}
 		}
@@ -123,16 +122,10 @@ func TestKwokScale(t *testing.T) {
 	time.Sleep(time.Second) // the recorder writes in batches
 
 	// The cut, and kwok restarts behind it.
-	cutAt := time.Now()
-	e.proxy.Blackhole()
-	first, _ := firstCachedAnswer(t, kubelet, cutAt, 15*time.Second, func(ctx context.Context) error {
+	e.cut(t, kubelet, func(ctx context.Context) error {
 		_, err := edgePods(ctx)
 		return err
 	})
-	figure(t, "cut (black-hole) → first cached answer: %v", ms(first))
-	if _, err := e.waitState(ctx, "offline", 15*time.Second); err != nil {
-		t.Fatal(err)
-	}
 	// What the cloud holds once outpost has let go of its connections: a
 	// renewal in flight at the cut may still have landed before.
 	time.Sleep(time.Second)
@@ -204,13 +197,7 @@ func TestKwokScale(t *testing.T) {
 	}
 
 	// The link returns: kwok's renewals reach the cloud, pods still run.
-	restoreAt := time.Now()
-	e.proxy.Pass()
-	online, err := e.waitState(ctx, "online", 30*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	figure(t, "link back → outpost online: %v", ms(online))
+	restoreAt := e.restore(t)
 	if _, ok := waitFor(t, 3*kwokLease, "after the reconnect, the cloud's lease renewed by the restarted kwok", func(ctx context.Context) (bool, string) {
 		l, err := admin.CoordinationV1().Leases(corev1.NamespaceNodeLease).Get(ctx, node, metav1.GetOptions{})
 		if err != nil {
@@ -254,17 +241,13 @@ func grantKwokReads(t *testing.T, node string) {
 	if _, err := c.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
-	review := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+	err := cp.WaitAllowed(ctx, authorizationv1.SubjectAccessReviewSpec{
 		User: "system:node:" + node, Groups: []string{"system:nodes", "system:authenticated"},
 		ResourceAttributes: &authorizationv1.ResourceAttributes{Verb: "watch", Group: coordinationv1.GroupName, Resource: "leases", Namespace: corev1.NamespaceNodeLease},
-	}}
-	waitFor(t, 10*time.Second, "RBAC binding "+name, func(ctx context.Context) (bool, string) {
-		r, err := c.AuthorizationV1().SubjectAccessReviews().Create(ctx, review, metav1.CreateOptions{})
-		if err != nil {
-			return false, err.Error()
-		}
-		return r.Status.Allowed, r.Status.Reason
 	})
+	if err != nil {
+		t.Errorf("RBAC binding %s: %v", name, err)
+	}
 }
 
 // kwokProblem matches kwok log lines about failed lease or status writes.
@@ -284,15 +267,6 @@ func leaseProblems(log string) []string {
 	return out
 }
 
-func podReady(p *corev1.Pod) bool {
-	for _, c := range p.Status.Conditions {
-		if c.Type == corev1.PodReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
-}
-
 func deref(s *string) string {
 	if s == nil {
 		return ""
@@ -305,10 +279,4 @@ func renewTime(l *coordinationv1.Lease) string {
 		return "never"
 	}
 	return l.Spec.RenewTime.Format("15:04:05.000")
-}
-
-// tail returns the last n lines of s.
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }

@@ -25,14 +25,11 @@ import (
 	"testing"
 	"time"
 
-	authenticationv1 "k8s.io/api/authentication/v1"
-	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
@@ -63,31 +60,46 @@ type edge struct {
 }
 
 // startEdge starts a fault proxy to apiserver 0 and outpost for node
-// behind it, both stopped when the test ends (with outpost's log when the
-// test failed).
+// behind it, logging at debug level, both stopped when the test ends (with
+// outpost's log when the test failed), and waits until outpost is online.
 func startEdge(t *testing.T, node string, args ...string) *edge {
 	t.Helper()
-	proxy, err := framework.StartFaultProxy(cp.URL(0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { proxy.Close() })
-	args = append([]string{"--server=" + proxy.URL(), "--log-level=debug"}, args...)
-	o := cp.StartOutpostT(t, node, args...)
-	e := &edge{node: node, proxy: proxy, o: o}
-	if _, err := e.waitState(t.Context(), "online", 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	return e
+	o, proxy := cp.StartOutpostWithLinkT(t, node, append([]string{"--log-level=debug"}, args...)...)
+	return &edge{node: node, proxy: proxy, o: o}
 }
-
-// state is what outpost's /readyz says: "online", "offline" (with a cache)
-// or the error.
-func (e *edge) state(ctx context.Context) string { return e.o.State(ctx) }
 
 // waitState waits until /readyz says want and returns how long that took.
 func (e *edge) waitState(ctx context.Context, want string, timeout time.Duration) (time.Duration, error) {
 	return e.o.WaitState(ctx, want, timeout)
+}
+
+// cut black-holes the link to the cloud, records how long until read
+// through c was first answered from outpost's cache, and waits until
+// outpost says it is offline. It returns when the link was cut.
+func (e *edge) cut(t *testing.T, c *counted, read func(context.Context) error) time.Time {
+	t.Helper()
+	cutAt := time.Now()
+	e.proxy.Blackhole()
+	first, _ := firstCachedAnswer(t, c, cutAt, 15*time.Second, read)
+	figure(t, "cut (black-hole) → first cached answer: %v", ms(first))
+	if _, err := e.waitState(t.Context(), "offline", 15*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return cutAt
+}
+
+// restore lets the link pass again, waits until outpost says it is online
+// and records how long that took. It returns when the link was restored.
+func (e *edge) restore(t *testing.T) time.Time {
+	t.Helper()
+	restoreAt := time.Now()
+	e.proxy.Pass()
+	online, err := e.waitState(t.Context(), "online", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	figure(t, "link back → outpost online: %v", ms(online))
+	return restoreAt
 }
 
 // metric sums the samples of a counter or gauge on outpost's /metrics whose
@@ -139,12 +151,10 @@ func (t countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 // requests.
 func (t countingTransport) WrappedRoundTripper() http.RoundTripper { return t.rt }
 
-func (e *edge) client(t *testing.T, cfg *rest.Config) *counted {
+func (e *edge) client(t *testing.T, certFile, keyFile, token string) *counted {
 	t.Helper()
 	c := &counted{}
-	cfg.Host = e.o.URL
-	cfg.CAFile = e.o.ServingCAFile
-	cfg.QPS = -1
+	cfg := e.o.ClientConfig(certFile, keyFile, token)
 	// Reads must answer quickly: a read that needs longer than this has
 	// failed in all but name.
 	cfg.Timeout = 10 * time.Second
@@ -159,77 +169,93 @@ func (e *edge) client(t *testing.T, cfg *rest.Config) *counted {
 
 // nodeClient acts as the node's kubelet does, with its client certificate.
 func (e *edge) nodeClient(t *testing.T) *counted {
-	return e.client(t, &rest.Config{TLSClientConfig: rest.TLSClientConfig{CertFile: e.o.NodeCertFile, KeyFile: e.o.NodeKeyFile}})
+	return e.client(t, e.o.NodeCertFile, e.o.NodeKeyFile, "")
 }
 
 // tokenClient acts as a service account whose token outpost forwards.
 func (e *edge) tokenClient(t *testing.T, token string) *counted {
-	return e.client(t, &rest.Config{BearerToken: token})
+	return e.client(t, "", "", token)
 }
 
-// readerRole is a ClusterRole that reads everything. The bootstrap "view"
-// role would do, but it is aggregated by kube-controller-manager, which
-// these tests do not run.
-const readerRole = "edge-e2e-reader"
-
-// serviceAccountToken creates service account default/name bound to
-// clusterRole (readerRole or a bootstrap role such as cluster-admin) and
-// returns a two-hour token of it.
-func serviceAccountToken(t *testing.T, name, clusterRole string) string {
+// readerToken returns a token of service account default/name, which may
+// read everything (framework.ReaderRole).
+func readerToken(t *testing.T, name string) string {
 	t.Helper()
-	ctx := t.Context()
-	c := cp.Client()
-	if clusterRole == readerRole {
-		role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: readerRole},
-			Rules: []rbacv1.PolicyRule{{APIGroups: []string{"*"}, Resources: []string{"*"}, Verbs: []string{"get", "list", "watch"}}}}
-		if _, err := c.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+	return cp.ServiceAccountToken(t, "default", name, framework.ReaderRole)
+}
+
+// nodeNamespace creates namespace ns, ready for pods, and a Node object
+// called node that no kubelet runs (see framework.ControlPlane.CreateNode).
+func nodeNamespace(t *testing.T, node, ns string) {
+	t.Helper()
+	if err := cp.EnsureNamespace(t.Context(), ns); err != nil {
+		t.Fatal(err)
+	}
+	cp.CreateNode(t, node, nil)
+}
+
+// createConfigMaps creates the ConfigMaps prefix-0, ..., prefix-(n-1) in
+// ns, labelled set=set, each with data v=v.
+func createConfigMaps(t *testing.T, ns, prefix string, n int, set, v string) {
+	t.Helper()
+	for i := range n {
+		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("%s-%d", prefix, i), Labels: map[string]string{"set": set}},
+			Data: map[string]string{"v": v}}
+		if _, err := cp.Client().CoreV1().ConfigMaps(ns).Create(t.Context(), cm, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}
-	if _, err := c.CoreV1().ServiceAccounts("default").Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
-	crb := &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: "edge-e2e:" + name},
-		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: clusterRole},
-		Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: "default", Name: name}},
-	}
-	if _, err := c.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
-	// RBAC is cached by the authorizer: wait until the binding counts.
-	review := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
-		User:               "system:serviceaccount:default:" + name,
-		Groups:             []string{"system:serviceaccounts", "system:serviceaccounts:default", "system:authenticated"},
-		ResourceAttributes: &authorizationv1.ResourceAttributes{Verb: "list", Resource: "configmaps"},
-	}}
-	waitFor(t, 10*time.Second, "RBAC binding of "+name, func(ctx context.Context) (bool, string) {
-		r, err := c.AuthorizationV1().SubjectAccessReviews().Create(ctx, review, metav1.CreateOptions{})
-		if err != nil {
-			return false, err.Error()
-		}
-		return r.Status.Allowed, r.Status.Reason
-	})
-	exp := int64(7200)
-	tr, err := c.CoreV1().ServiceAccounts("default").CreateToken(ctx, name,
-		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &exp}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tr.Status.Token
 }
 
-// createNode creates a Node object for a node that no kubelet runs.
-func createNode(t *testing.T, name string, annotations map[string]string) {
+// configMapInformer starts an informer through c on the ConfigMaps of ns
+// that match the label selector sel, stopped when the test ends, waits
+// until it has synced, and returns the state of what it holds, as
+// configMapsState writes it, at each call.
+func configMapInformer(t *testing.T, c kubernetes.Interface, ns, sel string) func() string {
 	t.Helper()
-	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: annotations}}
-	if _, err := cp.Client().CoreV1().Nodes().Create(t.Context(), n, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	factory := informers.NewSharedInformerFactoryWithOptions(c, 0, informers.WithNamespace(ns),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sel }))
+	informer := factory.Core().V1().ConfigMaps().Informer()
+	ctx, stop := context.WithCancel(context.Background())
 	t.Cleanup(func() {
-		_ = cp.Client().CoreV1().Nodes().Delete(context.Background(), name, metav1.DeleteOptions{})
+		stop()
+		factory.Shutdown()
 	})
+	factory.Start(ctx.Done())
+	if !cache.WaitForCacheSync(t.Context().Done(), informer.HasSynced) {
+		t.Fatal("informer through outpost never synced")
+	}
+	return func() string {
+		var cms []corev1.ConfigMap
+		for _, o := range informer.GetStore().List() {
+			cms = append(cms, *o.(*corev1.ConfigMap))
+		}
+		return configMapsState(cms)
+	}
+}
+
+// listedConfigMaps is a read of the state of the ConfigMaps of ns that
+// match the label selector sel, as c lists them.
+func listedConfigMaps(c kubernetes.Interface, ns, sel string) func(context.Context) (string, error) {
+	return func(ctx context.Context) (string, error) {
+		l, err := c.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{LabelSelector: sel})
+		if err != nil {
+			return "", err
+		}
+		return configMapsState(l.Items), nil
+	}
+}
+
+// listedPods is a read of the state of the pods in all namespaces that
+// match opts, as c lists them.
+func listedPods(c kubernetes.Interface, opts metav1.ListOptions) func(context.Context) (string, error) {
+	return func(ctx context.Context) (string, error) {
+		l, err := c.CoreV1().Pods("").List(ctx, opts)
+		if err != nil {
+			return "", err
+		}
+		return podsState(l.Items), nil
+	}
 }
 
 // firstCachedAnswer repeats read until outpost answers it from its cache
@@ -349,23 +375,6 @@ func printFigures() {
 }
 
 func ms(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
-
-// requireRealNode skips the test, loudly, on a machine that cannot run a
-// real node, and fails it where one must: in CI.
-func requireRealNode(t *testing.T) {
-	t.Helper()
-	err := framework.NodeSupported()
-	if err == nil {
-		return
-	}
-	msg := fmt.Sprintf("REAL KUBELET NOT TESTED: %v", err)
-	// Printed outside the test log, so that it shows without -v too.
-	fmt.Fprintf(os.Stderr, "\n!!!!! %s !!!!!\n\n", msg)
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s; CI must run this test", msg)
-	}
-	t.Skip(msg)
-}
 
 // A milestone is a condition that must come to hold once.
 type milestone struct {

@@ -3,9 +3,7 @@ package edge
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -25,11 +23,8 @@ const (
 	password = "s3cret from a secret, even offline"
 )
 
-// podPort is where the pod-network pod serves, on its pod IP.
-const podPort = 8080
-
 // The names of the two pods each node runs.
-var webPods = []string{"web-pod", "web-host"}
+var webPods = []string{framework.WebPodName, framework.WebHostName}
 
 // TestRebootOffline is the seed's scenario with a real kubelet and real
 // containers: a node rebooted while its link to the cloud is cut gets its
@@ -38,7 +33,7 @@ var webPods = []string{"web-pod", "web-host"}
 // to the unreachable apiserver leaves the pods dead, which proves it is
 // outpost that brings them back.
 func TestRebootOffline(t *testing.T) {
-	requireRealNode(t)
+	framework.RequireRealNode(t)
 	var recovered time.Duration
 	t.Run("through outpost", func(t *testing.T) { recovered = rebootThroughOutpost(t) })
 	t.Run("straight to the apiserver", func(t *testing.T) { rebootStraight(t, recovered) })
@@ -53,7 +48,9 @@ func rebootThroughOutpost(t *testing.T) time.Duration {
 	)
 	ctx := t.Context()
 	admin := cp.Client()
-	createWebConfig(t, ns)
+	if err := cp.CreateWebConfig(ctx, ns, greeting, password); err != nil {
+		t.Fatal(err)
+	}
 	e := startEdge(t, node)
 	kubeconfig, err := e.o.NodeKubeconfig()
 	if err != nil {
@@ -62,15 +59,13 @@ func rebootThroughOutpost(t *testing.T) time.Duration {
 	begin := time.Now()
 	n := cp.StartNodeForTest(t, node, kubeconfig)
 	nodeReady := time.Since(begin)
-	hostPort := freePort(t)
-	for _, pod := range []*corev1.Pod{framework.WebPod("web-pod", node, false, podPort, "web-config", "web-secret"), framework.WebPod("web-host", node, true, hostPort, "web-config", "web-secret")} {
-		if _, err := admin.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
+	hostPort := framework.FreePort(t)
+	if err := cp.CreateWebPods(ctx, ns, node, hostPort); err != nil {
+		t.Fatal(err)
 	}
 	before := waitPodsReady(t, n, ns)
 	figure(t, "cold start through outpost: node Ready %v, both pods Ready %v after StartNode", ms(nodeReady), ms(time.Since(begin)))
-	if err := checkServing(ctx, hostPort, before["web-pod"].IP); err != nil {
+	if err := checkServing(ctx, hostPort, before[framework.WebPodName].IP); err != nil {
 		t.Fatal(err)
 	}
 	// The test reads as the node too, through outpost, to see what the
@@ -97,16 +92,10 @@ func rebootThroughOutpost(t *testing.T) time.Duration {
 
 	// The cut.
 	logAtCut := fileSize(kubeletLog)
-	cutAt := time.Now()
-	e.proxy.Blackhole()
-	first, _ := firstCachedAnswer(t, kubelet, cutAt, 15*time.Second, func(ctx context.Context) error {
+	cutAt := e.cut(t, kubelet, func(ctx context.Context) error {
 		_, err := readPod(ctx, "web-host")
 		return err
 	})
-	figure(t, "cut (black-hole) → first cached answer: %v", ms(first))
-	if _, err := e.waitState(ctx, "offline", 15*time.Second); err != nil {
-		t.Fatal(err)
-	}
 
 	// The reboot, still offline.
 	rebootAt := time.Now()
@@ -116,7 +105,7 @@ func rebootThroughOutpost(t *testing.T) time.Duration {
 	if err := n.RemoveAllContainers(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if body, err := httpGet(ctx, fileURL("127.0.0.1:"+strconv.Itoa(hostPort), "/etc/config/greeting")); err == nil {
+	if body, err := framework.WebFile(ctx, "127.0.0.1:"+strconv.Itoa(hostPort), "/etc/config/greeting"); err == nil {
 		t.Fatalf("after RemoveAllContainers the host-network pod still serves: %q", body)
 	}
 	logAtReboot := fileSize(kubeletLog)
@@ -141,7 +130,7 @@ func rebootThroughOutpost(t *testing.T) time.Duration {
 	}
 	// kubelet reports the new containers; outpost answers the status
 	// patches locally, and the node's own reads see them.
-	offline := map[string]runningPod{}
+	offline := map[string]framework.RunningPod{}
 	if _, ok := waitFor(t, 60*time.Second, "offline, the node's pod status patches seen through outpost", func(ctx context.Context) (bool, string) {
 		var waiting []string
 		for _, name := range webPods {
@@ -150,24 +139,24 @@ func rebootThroughOutpost(t *testing.T) time.Duration {
 				waiting = append(waiting, fmt.Sprintf("%s: %v", name, err))
 				continue
 			}
-			if p, ok := readyPod(pod); ok && p.ContainerID != before[name].ContainerID {
+			if p, ok := framework.ReadyPod(pod); ok && p.ContainerID != before[name].ContainerID {
 				offline[name] = p
 				continue
 			}
-			waiting = append(waiting, describePod(pod))
+			waiting = append(waiting, framework.DescribePod(pod))
 		}
 		return len(waiting) == 0, strings.Join(waiting, "; ")
 	}); ok {
 		figure(t, "offline reboot → new pod statuses seen through outpost: %v (%v status writes answered locally)",
 			ms(time.Since(rebootAt)), e.localWrites(t, "pods/status")-statusesBefore)
-		if err := checkServing(ctx, hostPort, offline["web-pod"].IP); err != nil {
+		if err := checkServing(ctx, hostPort, offline[framework.WebPodName].IP); err != nil {
 			t.Error(err)
 		}
 	}
 	for _, name := range webPods {
 		if pod, err := admin.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{}); err != nil {
 			t.Error(err)
-		} else if p, _ := readyPod(pod); p.ContainerID != before[name].ContainerID {
+		} else if p, _ := framework.ReadyPod(pod); p.ContainerID != before[name].ContainerID {
 			t.Errorf("the cloud saw %s's new container %s while the link was cut", name, p.ContainerID)
 		}
 	}
@@ -202,13 +191,7 @@ func rebootThroughOutpost(t *testing.T) time.Duration {
 	time.Sleep(time.Until(cutAt.Add(12 * time.Second)))
 	statusUpstream := e.metric(t, "outpost_requests_total", "resource=pods/status", "served_by=upstream")
 	logAtRestore := fileSize(kubeletLog)
-	restoreAt := time.Now()
-	e.proxy.Pass()
-	online, err := e.waitState(ctx, "online", 30*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	figure(t, "link back → outpost online: %v", ms(online))
+	restoreAt := e.restore(t)
 	agree := milestone{"after the reconnect, kubelet's pod statuses and the apiserver agree", func(ctx context.Context) (bool, string) {
 		var waiting []string
 		for _, name := range webPods {
@@ -217,8 +200,8 @@ func rebootThroughOutpost(t *testing.T) time.Duration {
 				waiting = append(waiting, err.Error())
 				continue
 			}
-			if p, ok := readyPod(pod); !ok || offline[name].ContainerID == "" || p.ContainerID != offline[name].ContainerID {
-				waiting = append(waiting, fmt.Sprintf("%s (offline: %s)", describePod(pod), offline[name].ContainerID))
+			if p, ok := framework.ReadyPod(pod); !ok || offline[name].ContainerID == "" || p.ContainerID != offline[name].ContainerID {
+				waiting = append(waiting, fmt.Sprintf("%s (offline: %s)", framework.DescribePod(pod), offline[name].ContainerID))
 			}
 		}
 		sent := e.metric(t, "outpost_requests_total", "resource=pods/status", "served_by=upstream") - statusUpstream
@@ -293,30 +276,25 @@ func rebootStraight(t *testing.T, recovered time.Duration) {
 		ns   = "edge-straight"
 	)
 	ctx := t.Context()
-	admin := cp.Client()
-	createWebConfig(t, ns)
+	if err := cp.CreateWebConfig(ctx, ns, greeting, password); err != nil {
+		t.Fatal(err)
+	}
 	proxy, err := framework.StartFaultProxy(cp.URL(0))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { proxy.Close() })
-	certFile, keyFile, err := cp.NodeCredentials(node)
+	kubeconfig, err := cp.NodeKubeconfig(node, proxy.URL())
 	if err != nil {
 		t.Fatal(err)
 	}
-	kubeconfig := filepath.Join(t.TempDir(), "kubelet.kubeconfig")
-	if err := framework.WriteKubeconfig(kubeconfig, proxy.URL(), cp.CAFile, certFile, keyFile, ""); err != nil {
+	n := cp.StartNodeForTest(t, node, kubeconfig)
+	hostPort := framework.FreePort(t)
+	if err := cp.CreateWebPods(ctx, ns, node, hostPort); err != nil {
 		t.Fatal(err)
 	}
-	n := cp.StartNodeForTest(t, node, kubeconfig)
-	hostPort := freePort(t)
-	for _, pod := range []*corev1.Pod{framework.WebPod("web-pod", node, false, podPort, "web-config", "web-secret"), framework.WebPod("web-host", node, true, hostPort, "web-config", "web-secret")} {
-		if _, err := admin.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
 	before := waitPodsReady(t, n, ns)
-	if err := checkServing(ctx, hostPort, before["web-pod"].IP); err != nil {
+	if err := checkServing(ctx, hostPort, before[framework.WebPodName].IP); err != nil {
 		t.Fatal(err)
 	}
 
@@ -358,89 +336,15 @@ func runningTasks(ctx context.Context, n *framework.Node) (map[string]string, er
 	return tasks, nil
 }
 
-// createWebConfig creates namespace ns with the ConfigMap and the Secret the
-// web pods mount.
-func createWebConfig(t *testing.T, ns string) {
-	t.Helper()
-	ctx := t.Context()
-	if err := cp.EnsureNamespace(ctx, ns); err != nil {
-		t.Fatal(err)
-	}
-	cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "web-config"}, Data: map[string]string{"greeting": greeting}}
-	if _, err := cp.Client().CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	secret := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "web-secret"}, StringData: map[string]string{"password": password}}
-	if _, err := cp.Client().CoreV1().Secrets(ns).Create(ctx, secret, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// runningPod is what a Ready pod's status says of it.
-type runningPod struct {
-	UID         string
-	ContainerID string
-	Restarts    int32
-	IP          string
-}
-
 // waitPodsReady waits until both web pods are Ready in the apiserver and
 // returns what it saw.
-func waitPodsReady(t *testing.T, n *framework.Node, ns string) map[string]runningPod {
+func waitPodsReady(t *testing.T, n *framework.Node, ns string) map[string]framework.RunningPod {
 	t.Helper()
-	got := map[string]runningPod{}
-	_, ok := waitFor(t, 2*time.Minute, "both pods Ready in the apiserver", func(ctx context.Context) (bool, string) {
-		var waiting []string
-		for _, name := range webPods {
-			pod, err := cp.Client().CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
-			if err != nil {
-				waiting = append(waiting, fmt.Sprintf("%s: %v", name, err))
-				continue
-			}
-			if p, ok := readyPod(pod); ok {
-				got[name] = p
-				continue
-			}
-			waiting = append(waiting, describePod(pod))
-		}
-		return len(waiting) == 0, strings.Join(waiting, "; ")
-	})
-	if !ok {
-		t.Fatalf("last lines of kubelet.log:\n%s", n.KubeletLog(60))
+	got, err := n.WaitPodsReady(t.Context(), ns, webPods, nil)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return got
-}
-
-func readyPod(pod *corev1.Pod) (runningPod, bool) {
-	p := runningPod{UID: string(pod.UID), IP: pod.Status.PodIP}
-	if len(pod.Status.ContainerStatuses) != 1 {
-		return p, false
-	}
-	cs := pod.Status.ContainerStatuses[0]
-	p.ContainerID, p.Restarts = cs.ContainerID, cs.RestartCount
-	return p, podReady(pod) && cs.Ready && cs.State.Running != nil
-}
-
-// describePod summarises a pod that is not ready yet, for the failure.
-func describePod(pod *corev1.Pod) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "%s: phase %s", pod.Name, pod.Status.Phase)
-	for _, c := range pod.Status.Conditions {
-		if c.Status != corev1.ConditionTrue {
-			fmt.Fprintf(&b, ", %s=%s %s", c.Type, c.Status, c.Message)
-		}
-	}
-	for _, cs := range pod.Status.ContainerStatuses {
-		switch {
-		case cs.State.Waiting != nil:
-			fmt.Fprintf(&b, ", waiting %s: %s", cs.State.Waiting.Reason, cs.State.Waiting.Message)
-		case cs.State.Terminated != nil:
-			fmt.Fprintf(&b, ", terminated %s (%d)", cs.State.Terminated.Reason, cs.State.Terminated.ExitCode)
-		default:
-			fmt.Fprintf(&b, ", running %s ready=%v", cs.ContainerID, cs.Ready)
-		}
-	}
-	return b.String()
 }
 
 // kubeletWriteFailures are what kubelet logs when a Lease renewal, Node
@@ -473,61 +377,9 @@ func checkServing(ctx context.Context, hostPort int, podIP string) error {
 	if err := checkHostServing(ctx, hostPort); err != nil {
 		return err
 	}
-	return checkFiles(ctx, net.JoinHostPort(podIP, strconv.Itoa(podPort)))
+	return framework.CheckWebConfig(ctx, net.JoinHostPort(podIP, strconv.Itoa(framework.WebPodPort)), greeting, password)
 }
 
 func checkHostServing(ctx context.Context, hostPort int) error {
-	return checkFiles(ctx, "127.0.0.1:"+strconv.Itoa(hostPort))
-}
-
-func checkFiles(ctx context.Context, host string) error {
-	for path, want := range map[string]string{"/etc/config/greeting": greeting, "/etc/secret/password": password} {
-		got, err := httpGet(ctx, fileURL(host, path))
-		if err != nil {
-			return fmt.Errorf("reading %s from the pod at %s: %w", path, host, err)
-		}
-		if got != want {
-			return fmt.Errorf("%s at %s = %q, want %q", path, host, got, want)
-		}
-	}
-	return nil
-}
-
-func fileURL(host, path string) string {
-	return "http://" + host + "/file?path=" + path
-}
-
-// noProxy reaches pod IPs directly whatever the environment says.
-var noProxy = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{Proxy: nil}}
-
-func httpGet(ctx context.Context, url string) (string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return "", err
-	}
-	resp, err := noProxy.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("%s: %s: %s", url, resp.Status, body)
-	}
-	return string(body), nil
-}
-
-// freePort returns a TCP port of 127.0.0.1 that was free a moment ago, for
-// a host-network pod.
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return framework.CheckWebConfig(ctx, "127.0.0.1:"+strconv.Itoa(hostPort), greeting, password)
 }

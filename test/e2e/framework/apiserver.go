@@ -3,8 +3,6 @@ package framework
 import (
 	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"path/filepath"
 	"strconv"
 	"time"
@@ -94,22 +92,7 @@ func (c *ControlPlane) waitAPIServer(ctx context.Context, p *process, i int) err
 // readyz asks apiserver i whether it is ready. Ready includes the RBAC
 // bootstrap policy being in place, which Start relies on.
 func (c *ControlPlane) readyz(ctx context.Context, i int) error {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.URL(i)+"/readyz", nil)
-	if err != nil {
-		return err
-	}
-	resp, err := c.probe.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("/readyz: %s: %s", resp.Status, body)
-	}
-	return nil
+	return probeOK(ctx, c.probe, c.URL(i)+"/readyz")
 }
 
 // StopAPIServer stops apiserver i — SIGTERM, then SIGKILL if it has not

@@ -39,13 +39,10 @@ func (c *ControlPlane) startControllerManager(ctx context.Context) error {
 		"--leader-elect=false",
 	}
 	args = append(args, c.opts.ControllerManagerArgs...)
-	p, err := startProcess("kube-controller-manager", c.logPath("kube-controller-manager"), bin, args, nil)
+	p, err := c.launch("kube-controller-manager", bin, args, nil, &c.kcm)
 	if err != nil {
 		return err
 	}
-	c.mu.Lock()
-	c.kcm = p
-	c.mu.Unlock()
 	return waitFor(ctx, p, "kube-controller-manager to create the default ServiceAccount", func(ctx context.Context) error {
 		_, err := c.client.CoreV1().ServiceAccounts(metav1.NamespaceDefault).Get(ctx, "default", metav1.GetOptions{})
 		return err

@@ -334,6 +334,20 @@ func (c *ControlPlane) Stop() {
 // errStopped is returned by methods called after Stop.
 var errStopped = errors.New("control plane is stopped")
 
+// launch starts component name, with its log in Dir (see logPath), and
+// records it in *slot, one of the fields c.mu guards, so that Stop kills
+// it even while it is still starting.
+func (c *ControlPlane) launch(name, bin string, args, env []string, slot **process) (*process, error) {
+	p, err := startProcess(name, c.logPath(name), bin, args, env)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	*slot = p
+	c.mu.Unlock()
+	return p, nil
+}
+
 // logPath returns the log file of a component in Dir.
 func (c *ControlPlane) logPath(name string) string {
 	return filepath.Join(c.Dir, name+".log")

@@ -14,6 +14,13 @@
 // a parent-death signal, so none outlives the test binary even when a test
 // panics or times out.
 //
+// The package also holds whatever more than one suite needs, so that no
+// suite copies another's helpers: outpost processes (StartOutpostT, and
+// StartOutpostWithLinkT behind a FaultProxy the test cuts), callers
+// (ServiceAccountToken, Outpost.ClientConfig, CertPool), real nodes and
+// their web pods (RequireRealNode, StartNodeForTest, CreateWebPods,
+// Node.WaitPodsReady), and small probes (GetOK, Poll, Outpost.Metric).
+//
 // A test package typically owns one control plane for all of its tests:
 //
 //	var cp *framework.ControlPlane

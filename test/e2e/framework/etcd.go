@@ -3,8 +3,6 @@ package framework
 import (
 	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"path/filepath"
 	"strconv"
 	"syscall"
@@ -32,30 +30,14 @@ func (c *ControlPlane) startEtcd(ctx context.Context) error {
 		"--unsafe-no-fsync",
 		"--log-level=warn",
 	}
-	p, err := startProcess("etcd", c.logPath("etcd"), bin, args, nil)
+	p, err := c.launch("etcd", bin, args, nil, &c.etcd)
 	if err != nil {
 		return err
 	}
-	c.mu.Lock()
-	c.etcd = p
-	c.mu.Unlock()
 
 	health := c.EtcdURL + "/health"
 	return waitFor(ctx, p, "etcd", func(ctx context.Context) error {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, health, nil)
-		if err != nil {
-			return err
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("%s: %s: %s", health, resp.Status, body)
-		}
-		return nil
+		return probeOK(ctx, nil, health)
 	})
 }
 

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -163,13 +164,7 @@ func TestFaultProxyReset(t *testing.T) {
 	}
 	// New connections are reset too: the handshake completes in the
 	// kernel, then the first read fails.
-	fresh, err := net.Dial("tcp", p.Addr())
-	if err == nil {
-		_ = fresh.SetReadDeadline(time.Now().Add(2 * time.Second))
-		_, err = fresh.Read(make([]byte, 1))
-		fresh.Close()
-	}
-	if !errors.Is(err, syscall.ECONNRESET) {
+	if err := firstReadErr(p.Addr()); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("new connection during Reset: %v; want ECONNRESET", err)
 	}
 
@@ -231,23 +226,24 @@ func TestFaultProxyLatency(t *testing.T) {
 }
 
 func TestFaultProxyTargetDown(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	target := ln.Addr().String()
-	ln.Close()
-	p := startProxy(t, target)
+	p := startProxy(t, "127.0.0.1:"+strconv.Itoa(FreePort(t)))
 	// The reset may come before or after connect returns.
-	c, err := net.Dial("tcp", p.Addr())
-	if err == nil {
-		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
-		_, err = c.Read(make([]byte, 1))
-		c.Close()
-	}
-	if !errors.Is(err, syscall.ECONNRESET) {
+	if err := firstReadErr(p.Addr()); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("connection to a closed target: %v; want ECONNRESET", err)
 	}
+}
+
+// firstReadErr connects to addr and reads, for up to 2 s, and returns the
+// error of the connect or of the read.
+func firstReadErr(addr string) error {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	return err
 }
 
 // TestFaultProxyHTTP2 is the case the e2e tests depend on: a black-hole

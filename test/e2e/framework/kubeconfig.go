@@ -37,3 +37,19 @@ func WriteKubeconfig(path, server, caFile, certFile, keyFile, token string) erro
 	// 0600: the file may hold a bearer token.
 	return writeFileAtomic(path, data, 0o600)
 }
+
+// NodeKubeconfig writes the kubeconfig of a kubelet of node that talks to
+// server (an apiserver's URL, or a proxy in front of one) with the node's
+// credentials (see NodeCredentials, issued afresh) and trusts the cluster
+// CA, and returns its path in Dir. Each call rewrites it.
+func (c *ControlPlane) NodeKubeconfig(node, server string) (string, error) {
+	certFile, keyFile, err := c.NodeCredentials(node)
+	if err != nil {
+		return "", err
+	}
+	path := filepath.Join(c.Dir, "node-"+node+".kubeconfig")
+	if err := WriteKubeconfig(path, server, c.CAFile, certFile, keyFile, ""); err != nil {
+		return "", err
+	}
+	return path, nil
+}

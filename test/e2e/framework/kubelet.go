@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -139,6 +138,25 @@ func NodeSupported() error {
 		return errors.New("the kernel lacks overlayfs, which containerd's snapshotter needs")
 	}
 	return nil
+}
+
+// RequireRealNode skips t, loudly, on a machine that cannot run a real node
+// (see NodeSupported), and fails it instead when CI=true: CI is meant to run
+// these tests (as root), and a CI that cannot, for whatever reason, root
+// included, must say so by failing rather than pass without testing.
+func RequireRealNode(t testing.TB) {
+	t.Helper()
+	err := NodeSupported()
+	if err == nil {
+		return
+	}
+	msg := fmt.Sprintf("REAL KUBELET NOT TESTED: %v", err)
+	// Printed outside the test log, so that it shows without -v too.
+	fmt.Fprintf(os.Stderr, "\n!!!!! %s !!!!!\n\n", msg)
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("%s; CI must run this test", msg)
+	}
+	t.Skip(msg)
 }
 
 // hasCapability reports whether the effective capability set holds bit.
@@ -411,7 +429,7 @@ func (n *Node) StartKubelet(ctx context.Context) error {
 	ctx, cancel := n.cp.withStop(ctx)
 	defer cancel()
 	err = waitFor(ctx, p, "kubelet /healthz", func(ctx context.Context) error {
-		return probeHTTP(ctx, n.healthzURL)
+		return probeOK(ctx, nil, n.healthzURL)
 	})
 	if err != nil {
 		return fmt.Errorf("starting kubelet of %s: %w", n.Name, err)
@@ -486,25 +504,6 @@ func (n *Node) waitReady(ctx context.Context) error {
 		}
 		return errors.New("no Ready condition yet")
 	})
-}
-
-// probeHTTP returns nil when GET url answers 200.
-func probeHTTP(ctx context.Context, url string) error {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("%s: %s", url, resp.Status)
-	}
-	return nil
 }
 
 // Stop tears the node down completely and waits for it: kubelet, every

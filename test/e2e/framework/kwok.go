@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -95,19 +94,7 @@ func (c *ControlPlane) StartKwok(ctx context.Context, extraArgs ...string) error
 	defer cancel()
 	healthz := "http://127.0.0.1:" + strconv.Itoa(port) + "/healthz"
 	err = waitFor(ctx, p, "kwok /healthz", func(ctx context.Context) error {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, healthz, nil)
-		if err != nil {
-			return err
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("%s: %s", healthz, resp.Status)
-		}
-		return nil
+		return probeOK(ctx, nil, healthz)
 	})
 	if err != nil {
 		return fmt.Errorf("starting kwok: %w", err)
@@ -127,6 +114,12 @@ func (c *ControlPlane) StopKwok() error {
 	c.kwok.stop(kwokGrace)
 	c.kwok = nil
 	return nil
+}
+
+// KwokLog returns the last lines of kwok's log (kwok.log in Dir), for
+// failure messages.
+func (c *ControlPlane) KwokLog(lines int) string {
+	return tailFile(c.logPath("kwok"), lines)
 }
 
 // kwokStageFiles returns the paths of kwokStages in the module cache, in the

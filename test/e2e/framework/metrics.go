@@ -1,9 +1,8 @@
 package framework
 
 import (
+	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"strconv"
 	"strings"
 )
@@ -11,12 +10,7 @@ import (
 // Metric returns the sum of the samples of metric name on outpost's
 // /metrics whose labels match every one of match (see SumMetric).
 func (o *Outpost) Metric(name string, match ...string) (float64, error) {
-	resp, err := http.Get(o.AdminURL + "/metrics")
-	if err != nil {
-		return 0, fmt.Errorf("reading outpost's metrics: %w", err)
-	}
-	defer resp.Body.Close()
-	text, err := io.ReadAll(resp.Body)
+	text, err := GetOK(context.Background(), nil, o.AdminURL+"/metrics")
 	if err != nil {
 		return 0, fmt.Errorf("reading outpost's metrics: %w", err)
 	}

@@ -3,7 +3,6 @@ package framework
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"io"
 	"net/http"
@@ -15,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"k8s.io/client-go/rest"
 )
 
 // Outpost is an outpost process started by a test, in front of this
@@ -108,11 +109,28 @@ func (c *ControlPlane) startOutpost(ctx context.Context, node string, bootstrap 
 	return o, nil
 }
 
+// LenientProbes are outpost flags that keep it online through probe
+// timeouts caused by a loaded test machine, for tests that are not about
+// health: there a timed-out probe would send reads to the cache.
+var LenientProbes = []string{"--probe-timeout=2s", "--failure-threshold=3"}
+
 // StartOutpostT starts outpost for node with args (see StartOutpost) and
 // stops it when t ends, logging its last lines if t failed.
 func (c *ControlPlane) StartOutpostT(t testing.TB, node string, args ...string) *Outpost {
 	t.Helper()
-	o, err := c.StartOutpost(t.Context(), node, args...)
+	return c.startOutpostT(t, node, false, args)
+}
+
+// StartOutpostBootstrapT starts outpost for node as StartOutpostBootstrap
+// does, with no node credential, and stops it as StartOutpostT does.
+func (c *ControlPlane) StartOutpostBootstrapT(t testing.TB, node string, args ...string) *Outpost {
+	t.Helper()
+	return c.startOutpostT(t, node, true, args)
+}
+
+func (c *ControlPlane) startOutpostT(t testing.TB, node string, bootstrap bool, args []string) *Outpost {
+	t.Helper()
+	o, err := c.startOutpost(t.Context(), node, bootstrap, args)
 	if err != nil {
 		t.Fatalf("starting outpost: %v", err)
 	}
@@ -123,6 +141,25 @@ func (c *ControlPlane) StartOutpostT(t testing.TB, node string, args ...string) 
 		}
 	})
 	return o
+}
+
+// StartOutpostWithLinkT starts a FaultProxy to apiserver 0 and outpost for
+// node behind it (--server=the proxy, then args), both stopped when t ends,
+// and returns once outpost is online. The proxy is outpost's link to the
+// cloud, for the test to cut, while the test itself keeps reaching the
+// apiserver directly.
+func (c *ControlPlane) StartOutpostWithLinkT(t testing.TB, node string, args ...string) (*Outpost, *FaultProxy) {
+	t.Helper()
+	link, err := StartFaultProxy(c.URL(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { link.Close() })
+	o := c.StartOutpostT(t, node, append([]string{"--server=" + link.URL()}, args...)...)
+	if _, err := o.WaitState(t.Context(), "online", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return o, link
 }
 
 // Start starts the outpost process again with the same arguments (after
@@ -146,7 +183,7 @@ func (o *Outpost) Start(ctx context.Context) error {
 			return err
 		}
 		resp.Body.Close()
-		pool, err := o.servingPool()
+		pool, err := readCertPool(o.ServingCAFile)
 		if err != nil {
 			return err
 		}
@@ -156,18 +193,6 @@ func (o *Outpost) Start(ctx context.Context) error {
 		}
 		return conn.Close()
 	})
-}
-
-func (o *Outpost) servingPool() (*x509.CertPool, error) {
-	data, err := os.ReadFile(o.ServingCAFile)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(data) {
-		return nil, fmt.Errorf("no certificate in %s", o.ServingCAFile)
-	}
-	return pool, nil
 }
 
 // Stop sends SIGTERM and waits for outpost to exit (SIGKILL after 10 s).
@@ -186,6 +211,18 @@ func (o *Outpost) Kill() {
 
 // Log returns the last n lines of outpost's log.
 func (o *Outpost) Log(n int) string { return tailFile(o.LogPath, n) }
+
+// ClientConfig returns a client-go config for a local client of outpost:
+// with certFile/keyFile, or with token, or with neither. Client-side rate
+// limiting is off, as tests make bursts of calls.
+func (o *Outpost) ClientConfig(certFile, keyFile, token string) *rest.Config {
+	return &rest.Config{
+		Host:            o.URL,
+		TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile, CertFile: certFile, KeyFile: keyFile},
+		BearerToken:     token,
+		QPS:             -1,
+	}
+}
 
 // WriteClientKubeconfig writes a kubeconfig for a local client of outpost
 // to path: with certFile/keyFile, or with token, or with neither.

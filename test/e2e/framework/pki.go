@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"testing"
 	"time"
 )
 
@@ -133,6 +134,30 @@ func (c *ControlPlane) IssueClientCert(name, cn string, orgs ...string) (certFil
 // NodeRestriction admission limit to that node's own objects.
 func (c *ControlPlane) NodeCredentials(node string) (certFile, keyFile string, err error) {
 	return c.IssueClientCert("node-"+node, "system:node:"+node, "system:nodes")
+}
+
+// CertPool reads the PEM certificates in file (a CAFile, an Outpost's
+// ServingCAFile) into a pool, for a client that trusts them. It fails t if
+// the file holds none.
+func CertPool(t testing.TB, file string) *x509.CertPool {
+	t.Helper()
+	pool, err := readCertPool(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pool
+}
+
+func readCertPool(file string) (*x509.CertPool, error) {
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(data) {
+		return nil, fmt.Errorf("no certificate in %s", file)
+	}
+	return pool, nil
 }
 
 // writeServiceAccountKeys writes the RSA key pair that signs and verifies

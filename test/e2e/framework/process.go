@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -156,6 +157,19 @@ func freePort() (int, error) {
 		return 0, err
 	}
 	return ports[0], nil
+}
+
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago, for
+// what a test itself tells to listen there (a host-network pod, a flag of
+// outpost), or as an address where nothing listens. It fails t if there is
+// none.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	port, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return port
 }
 
 // freePorts returns n distinct free ports: all listeners stay open until

@@ -3,10 +3,8 @@ package framework
 import (
 	"context"
 	"crypto/tls"
-	"fmt"
 	"net/http"
 	"strconv"
-	"time"
 )
 
 // startScheduler starts kube-scheduler against the first apiserver and waits
@@ -32,35 +30,17 @@ func (c *ControlPlane) startScheduler(ctx context.Context) error {
 		"--secure-port=" + strconv.Itoa(port),
 		"--leader-elect=false",
 	}
-	p, err := startProcess("kube-scheduler", c.logPath("kube-scheduler"), bin, args, nil)
+	p, err := c.launch("kube-scheduler", bin, args, nil, &c.scheduler)
 	if err != nil {
 		return err
 	}
-	c.mu.Lock()
-	c.scheduler = p
-	c.mu.Unlock()
 
 	// The scheduler serves /healthz with a self-signed certificate of its
 	// own; verifying it would prove nothing about readiness.
-	client := &http.Client{
-		Timeout:   2 * time.Second,
-		Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}},
-	}
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
 	defer client.CloseIdleConnections()
 	healthz := "https://127.0.0.1:" + strconv.Itoa(port) + "/healthz"
 	return waitFor(ctx, p, "kube-scheduler /healthz", func(ctx context.Context) error {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, healthz, nil)
-		if err != nil {
-			return err
-		}
-		resp, err := client.Do(req)
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("%s: %s", healthz, resp.Status)
-		}
-		return nil
+		return probeOK(ctx, client, healthz)
 	})
 }

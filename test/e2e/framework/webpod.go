@@ -1,7 +1,11 @@
 package framework
 
 import (
+	"context"
+	"fmt"
+	"net/http"
 	"strconv"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -53,4 +57,80 @@ func WebPod(name, node string, hostNetwork bool, port int, configMap, secret str
 			},
 		},
 	}
+}
+
+// The web app is what the real-node tests run on a node: two WebPods that
+// serve the same ConfigMap and Secret, one on the pod network and one on
+// the host network, so that a test sees both kinds of pod come back.
+const (
+	// WebConfigMap is the ConfigMap the web pods mount, with one key,
+	// "greeting"; WebSecret is the Secret, with one key, "password".
+	WebConfigMap = "web-config"
+	WebSecret    = "web-secret"
+	// WebPodName is the web pod on the pod network, serving at its pod IP
+	// on WebPodPort; WebHostName is the one on the host network, serving
+	// on 127.0.0.1 at the port given to CreateWebPods.
+	WebPodName  = "web-pod"
+	WebHostName = "web-host"
+	WebPodPort  = 8080
+)
+
+// CreateWebConfig makes namespace ns ready for pods (EnsureNamespace) and
+// creates in it WebConfigMap holding greeting and WebSecret holding
+// password.
+func (c *ControlPlane) CreateWebConfig(ctx context.Context, ns, greeting, password string) error {
+	if err := c.EnsureNamespace(ctx, ns); err != nil {
+		return err
+	}
+	cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: WebConfigMap}, Data: map[string]string{"greeting": greeting}}
+	if _, err := c.client.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("creating the web pods' ConfigMap: %w", err)
+	}
+	secret := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: WebSecret}, StringData: map[string]string{"password": password}}
+	if _, err := c.client.CoreV1().Secrets(ns).Create(ctx, secret, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("creating the web pods' Secret: %w", err)
+	}
+	return nil
+}
+
+// CreateWebPods creates the two web pods in ns, bound to node: WebPodName
+// on the pod network and WebHostName on the host network at hostPort (see
+// FreePort). They mount what CreateWebConfig created.
+func (c *ControlPlane) CreateWebPods(ctx context.Context, ns, node string, hostPort int) error {
+	for _, pod := range []*corev1.Pod{
+		WebPod(WebPodName, node, false, WebPodPort, WebConfigMap, WebSecret),
+		WebPod(WebHostName, node, true, hostPort, WebConfigMap, WebSecret),
+	} {
+		if _, err := c.client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("creating pod %s/%s: %w", ns, pod.Name, err)
+		}
+	}
+	return nil
+}
+
+// webClient reaches pods directly: the environment's proxy settings cannot
+// reach pod IPs. A pod that serves answers at once.
+var webClient = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{Proxy: nil}}
+
+// WebFile returns the content of file path in the container of the web pod
+// serving at host ("ip:port"): on 127.0.0.1 for one on the host network, at
+// its pod IP (through the node's bridge) for one on the pod network.
+func WebFile(ctx context.Context, host, path string) (string, error) {
+	body, err := GetOK(ctx, webClient, "http://"+host+"/file?path="+path)
+	return string(body), err
+}
+
+// CheckWebConfig reads the mounted ConfigMap and Secret from the web pod at
+// host and returns an error unless they hold greeting and password.
+func CheckWebConfig(ctx context.Context, host, greeting, password string) error {
+	for path, want := range map[string]string{"/etc/config/greeting": greeting, "/etc/secret/password": password} {
+		got, err := WebFile(ctx, host, path)
+		if err != nil {
+			return fmt.Errorf("reading %s from the pod at %s: %w", path, host, err)
+		}
+		if got != want {
+			return fmt.Errorf("%s at %s = %q, want %q", path, host, got, want)
+		}
+	}
+	return nil
 }

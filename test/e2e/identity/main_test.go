@@ -62,29 +62,9 @@ type edge struct {
 // stopped when the test ends, and waits until outpost is online.
 func startEdge(t *testing.T, node string) *edge {
 	t.Helper()
-	proxy, err := framework.StartFaultProxy(cp.URL(0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { proxy.Close() })
-	o, err := cp.StartOutpost(t.Context(), node, "--server="+proxy.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		o.Stop()
-		if t.Failed() {
-			t.Logf("last lines of outpost's log %s:\n%s", o.LogPath, o.Log(60))
-		}
-	})
-	e := &edge{node: node, proxy: proxy, o: o}
-	e.waitState(t, "online")
-	return e
+	o, proxy := cp.StartOutpostWithLinkT(t, node)
+	return &edge{node: node, proxy: proxy, o: o}
 }
-
-// state is what outpost's /readyz says: "online", "offline" (with a cache)
-// or the error.
-func (e *edge) state(ctx context.Context) string { return e.o.State(ctx) }
 
 func (e *edge) waitState(t *testing.T, want string) {
 	t.Helper()
@@ -162,13 +142,7 @@ func (e *edge) get(t *testing.T, c caller, path string) answer {
 // send sends method path (with a merge-patch body, if any) to outpost as c.
 func (e *edge) send(t *testing.T, c caller, method, path, body string) answer {
 	t.Helper()
-	caPEM, err := os.ReadFile(e.o.ServingCAFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(caPEM)
-	cfg := &tls.Config{RootCAs: roots}
+	cfg := &tls.Config{RootCAs: framework.CertPool(t, e.o.ServingCAFile)}
 	if c.cert != nil {
 		cfg.Certificates = []tls.Certificate{*c.cert}
 	}

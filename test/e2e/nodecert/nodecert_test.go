@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,7 +28,6 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 	certificatesv1 "k8s.io/api/certificates/v1"
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/informers"
@@ -51,25 +51,16 @@ func TestMain(m *testing.M) {
 	}, &cp))
 }
 
+// startOutpost starts outpost for node, with only a bootstrap token or
+// with the node's credentials, until the test ends. Its probes are lenient:
+// these tests are not about health.
 func startOutpost(t *testing.T, bootstrap bool, node string, args ...string) *framework.Outpost {
 	t.Helper()
-	start := cp.StartOutpost
+	start := cp.StartOutpostT
 	if bootstrap {
-		start = cp.StartOutpostBootstrap
+		start = cp.StartOutpostBootstrapT
 	}
-	// Lenient probes: these tests are not about health, and a probe timing
-	// out on a loaded machine would send reads to the cache.
-	o, err := start(t.Context(), node, append([]string{"--probe-timeout=2s", "--failure-threshold=3"}, args...)...)
-	if err != nil {
-		t.Fatalf("starting outpost: %v", err)
-	}
-	t.Cleanup(func() {
-		o.Stop()
-		if t.Failed() {
-			t.Logf("outpost log:\n%s", o.Log(80))
-		}
-	})
-	return o
+	return start(t, node, append(slices.Clone(framework.LenientProbes), args...)...)
 }
 
 // waitUntil polls cond every 200ms until it holds or timeout passes.
@@ -82,17 +73,8 @@ func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() (bo
 
 // nodeClient is a client through outpost acting as the node (the test CA's
 // node certificate, as kubelet would hold).
-func nodeClient(t *testing.T, o *framework.Outpost) kubernetes.Interface {
-	t.Helper()
-	path, err := o.NodeKubeconfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := clientcmd.BuildConfigFromFlags("", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return kubernetes.NewForConfigOrDie(cfg)
+func nodeClient(o *framework.Outpost) kubernetes.Interface {
+	return kubernetes.NewForConfigOrDie(o.ClientConfig(o.NodeCertFile, o.NodeKeyFile, ""))
 }
 
 func csrsBy(t *testing.T, user, signer string) []certificatesv1.CertificateSigningRequest {
@@ -200,13 +182,10 @@ func TestBootstrapAndRotation(t *testing.T) {
 
 	// The Node object, so that kube-controller-manager's pod GC keeps the
 	// pods bound to it.
-	if _, err := cp.Client().CoreV1().Nodes().Create(t.Context(), &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cp.Client().CoreV1().Nodes().Delete(context.Background(), node, metav1.DeleteOptions{}) })
+	cp.CreateNode(t, node, nil)
 
 	// An informer through outpost, as the node.
-	client := nodeClient(t, o)
+	client := nodeClient(o)
 	var watchErrors atomic.Int32
 	var mu sync.Mutex
 	var errs []string
@@ -348,17 +327,6 @@ func caCert(t *testing.T) *x509.Certificate {
 	return c
 }
 
-func caPool(t *testing.T) *x509.CertPool {
-	t.Helper()
-	data, err := os.ReadFile(cp.CAFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(data)
-	return pool
-}
-
 // TestServingCertificateByCSR: with --rotate-server-certificates outpost
 // files a kubelet-serving CSR for its SANs; until someone approves it (kube-
 // controller-manager does not, as for kubelet) it serves its self-signed
@@ -375,7 +343,7 @@ func TestServingCertificateByCSR(t *testing.T) {
 		defer conn.Close()
 		return conn.ConnectionState().PeerCertificates[0], nil
 	}
-	if _, err := dial(caPool(t)); err == nil {
+	if _, err := dial(framework.CertPool(t, cp.CAFile)); err == nil {
 		t.Fatal("outpost served a cluster-signed certificate before any CSR was approved")
 	}
 
@@ -397,7 +365,7 @@ func TestServingCertificateByCSR(t *testing.T) {
 	var leaf *x509.Certificate
 	waitUntil(t, 30*time.Second, "outpost to serve the cluster-signed certificate", func() (bool, string) {
 		var err error
-		leaf, err = dial(caPool(t))
+		leaf, err = dial(framework.CertPool(t, cp.CAFile))
 		return err == nil, fmt.Sprint(err)
 	})
 	if leaf.Subject.CommonName != "system:node:"+node {
@@ -433,27 +401,13 @@ func TestServingCertificateByCSR(t *testing.T) {
 // to what this node may do.
 func TestInsecurePortActsAsThisNode(t *testing.T) {
 	const node = "plain-node"
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	insecure := l.Addr().String()
-	l.Close()
+	insecure := "127.0.0.1:" + strconv.Itoa(framework.FreePort(t))
 	startOutpost(t, false, node, "--insecure-address="+insecure)
 	base := "http://" + insecure
 
 	ctx := t.Context()
 	admin := cp.Client()
-	_, _ = admin.CoreV1().ServiceAccounts("default").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "plain-admin"}}, metav1.CreateOptions{})
-	_, _ = admin.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: "plain-admin"},
-		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "cluster-admin"},
-		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "default", Name: "plain-admin"}},
-	}, metav1.CreateOptions{})
-	tr, err := admin.CoreV1().ServiceAccounts("default").CreateToken(ctx, "plain-admin", &authenticationv1.TokenRequest{}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	token := cp.ServiceAccountToken(t, "default", "plain-admin", "cluster-admin")
 	if _, err := admin.CoreV1().Secrets("default").Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "not-for-nodes"},
 		StringData: map[string]string{"k": "v"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -478,14 +432,14 @@ func TestInsecurePortActsAsThisNode(t *testing.T) {
 		return resp.StatusCode, string(b)
 	}
 	review := `{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}`
-	for _, h := range []http.Header{nil, {"Authorization": {"Bearer " + tr.Status.Token}}, {"User-Agent": {"kubectl/v1.37.2"}}} {
+	for _, h := range []http.Header{nil, {"Authorization": {"Bearer " + token}}, {"User-Agent": {"kubectl/v1.37.2"}}} {
 		code, body := do(http.MethodPost, "/apis/authentication.k8s.io/v1/selfsubjectreviews", review, h)
 		if code != http.StatusCreated || !strings.Contains(body, `"username":"system:node:`+node+`"`) {
 			t.Fatalf("self review on the plain port with headers %v: %d %s; want system:node:%s", h, code, body, node)
 		}
 	}
 	// An admin's token does not lend its rights through the plain port.
-	code, body := do(http.MethodGet, "/api/v1/namespaces/default/secrets/not-for-nodes", "", http.Header{"Authorization": {"Bearer " + tr.Status.Token}})
+	code, body := do(http.MethodGet, "/api/v1/namespaces/default/secrets/not-for-nodes", "", http.Header{"Authorization": {"Bearer " + token}})
 	if code != http.StatusForbidden || !strings.Contains(body, "system:node:"+node) {
 		t.Fatalf("secret not bound to this node via the plain port: %d %s; want 403 for system:node:%s", code, body, node)
 	}
@@ -493,10 +447,7 @@ func TestInsecurePortActsAsThisNode(t *testing.T) {
 		t.Fatal("secret data leaked through the plain port")
 	}
 	// What this node may read, it reads: its own Node object.
-	if _, err := admin.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = admin.CoreV1().Nodes().Delete(context.Background(), node, metav1.DeleteOptions{}) })
+	cp.CreateNode(t, node, nil)
 	code, body = do(http.MethodGet, "/api/v1/nodes/"+node, "", nil)
 	if code != http.StatusOK || !strings.Contains(body, `"name":"`+node+`"`) {
 		t.Fatalf("get own node via the plain port: %d %s", code, body)

@@ -17,12 +17,6 @@ import (
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
 
-// restConfig is a client-go config for outpost with the given credentials.
-func restConfig(o *framework.Outpost, certFile, keyFile, token string) *rest.Config {
-	return &rest.Config{Host: o.URL, BearerToken: token, QPS: -1,
-		TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile, CertFile: certFile, KeyFile: keyFile}}
-}
-
 func whoami(t *testing.T, cfg *rest.Config) (string, error) {
 	t.Helper()
 	c, err := kubernetes.NewForConfig(cfg)
@@ -40,7 +34,7 @@ func whoami(t *testing.T, cfg *rest.Config) (string, error) {
 // certificate (or none), headers and returns code and body.
 func rawGet(t *testing.T, o *framework.Outpost, path string, cert *tls.Certificate, header http.Header) (int, string) {
 	t.Helper()
-	cfg := &tls.Config{RootCAs: roots(t, o.ServingCAFile)}
+	cfg := &tls.Config{RootCAs: framework.CertPool(t, o.ServingCAFile)}
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{*cert}
 	}
@@ -61,13 +55,13 @@ func rawGet(t *testing.T, o *framework.Outpost, path string, cert *tls.Certifica
 func TestAuthentication(t *testing.T) {
 	ctx := t.Context()
 	const node = "edge-auth"
-	o := startOutpost(t, node)
+	o := cp.StartOutpostT(t, node)
 	if _, err := cp.Client().CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
 
 	// This node's certificate is served with the node's credentials.
-	nodeCfg := restConfig(o, o.NodeCertFile, o.NodeKeyFile, "")
+	nodeCfg := o.ClientConfig(o.NodeCertFile, o.NodeKeyFile, "")
 	if who, err := whoami(t, nodeCfg); err != nil || who != "system:node:"+node {
 		t.Fatalf("node certificate: whoami = %q, %v", who, err)
 	}
@@ -78,8 +72,8 @@ func TestAuthentication(t *testing.T) {
 
 	// A bearer token is forwarded as it is: the caller stays itself, and
 	// the apiserver judges its rights.
-	weak := saToken(t, "default", "e2e-weak", "")
-	tokenCfg := restConfig(o, "", "", weak)
+	weak := cp.ServiceAccountToken(t, "default", "e2e-weak", "")
+	tokenCfg := o.ClientConfig("", "", weak)
 	tokenCfg.UserAgent = "kubelet/v1.37.2 (linux/amd64) kubernetes/abcdef" // forged: changes nothing
 	if who, err := whoami(t, tokenCfg); err != nil || who != "system:serviceaccount:default:e2e-weak" {
 		t.Fatalf("token caller: whoami = %q, %v", who, err)
@@ -88,7 +82,7 @@ func TestAuthentication(t *testing.T) {
 	if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "system:serviceaccount:default:e2e-weak") {
 		t.Fatalf("weak token listing secrets: %v; want the apiserver's 403 for that service account", err)
 	}
-	_, err = kubernetes.NewForConfigOrDie(restConfig(o, "", "", "not-a-token")).CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+	_, err = kubernetes.NewForConfigOrDie(o.ClientConfig("", "", "not-a-token")).CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
 	if !apierrors.IsUnauthorized(err) {
 		t.Fatalf("invalid token: %v; want 401 from the apiserver", err)
 	}

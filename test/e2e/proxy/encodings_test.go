@@ -14,6 +14,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
 )
 
 // TestAnswersSameAsDirect: for each way a client may ask (the encodings and
@@ -22,7 +24,7 @@ import (
 // Content-Encoding and body, byte for byte.
 func TestAnswersSameAsDirect(t *testing.T) {
 	ctx := t.Context()
-	o := startOutpost(t, "edge-encodings", lenientProbes...)
+	o := cp.StartOutpostT(t, "edge-encodings", framework.LenientProbes...)
 	token := adminToken(t)
 	const ns = "encodings"
 	createNamespace(t, ns)
@@ -35,7 +37,7 @@ func TestAnswersSameAsDirect(t *testing.T) {
 	}
 	client := func(caFile string) *http.Client {
 		return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
-			TLSClientConfig: &tls.Config{RootCAs: roots(t, caFile)}, ForceAttemptHTTP2: true, DisableCompression: true}}
+			TLSClientConfig: &tls.Config{RootCAs: framework.CertPool(t, caFile)}, ForceAttemptHTTP2: true, DisableCompression: true}}
 	}
 	direct, via := client(cp.CAFile), client(o.ServingCAFile)
 	type answer struct {

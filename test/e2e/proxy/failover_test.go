@@ -50,9 +50,9 @@ func informerSurvives(t *testing.T, loss string) {
 		t.Cleanup(func() { _ = link.Close() })
 		first, lose = link.URL(), link.Blackhole
 	}
-	o := startOutpost(t, "edge-failover-"+strings.ReplaceAll(loss, "-", ""), "--server="+first, "--server="+cp.URL(1), "--lb-mode=priority")
+	o := cp.StartOutpostT(t, "edge-failover-"+strings.ReplaceAll(loss, "-", ""), "--server="+first, "--server="+cp.URL(1), "--lb-mode=priority")
 	token := adminToken(t)
-	client := kubernetes.NewForConfigOrDie(restConfig(o, "", "", token))
+	client := kubernetes.NewForConfigOrDie(o.ClientConfig("", "", token))
 	direct1cfg := cp.AdminConfig()
 	direct1cfg.Host = cp.URL(1)
 	direct1 := kubernetes.NewForConfigOrDie(direct1cfg)

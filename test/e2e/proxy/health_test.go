@@ -19,8 +19,8 @@ import (
 // once: that is a real failure, and it counts.)
 func TestSlowProbesWhileAnswering(t *testing.T) {
 	ctx := t.Context()
-	o := startOutpost(t, "edge-slowprobe", "--server="+cp.URL(0), "--probe-interval=200ms", "--probe-timeout=200ms")
-	client := kubernetes.NewForConfigOrDie(restConfig(o, "", "", adminToken(t)))
+	o := cp.StartOutpostT(t, "edge-slowprobe", "--server="+cp.URL(0), "--probe-interval=200ms", "--probe-timeout=200ms")
+	client := kubernetes.NewForConfigOrDie(o.ClientConfig("", "", adminToken(t)))
 	waitState(t, o, "online", 10*time.Second)
 
 	// Served by the apiserver's watch cache, without etcd.
@@ -104,7 +104,7 @@ func TestReadyOnlyOnceReached(t *testing.T) {
 	defer link.Close()
 	link.Blackhole()
 	// Three failed probes of 500 ms before the server counts as down.
-	o := startOutpost(t, "edge-readiness", "--server="+link.URL(), "--failure-threshold=3")
+	o := cp.StartOutpostT(t, "edge-readiness", "--server="+link.URL(), "--failure-threshold=3")
 	for deadline := time.Now().Add(2500 * time.Millisecond); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if s := o.State(t.Context()); s == "online" || s == "offline" {
 			t.Fatalf("ready (%s) while no apiserver was ever reached and nothing is cached", s)

@@ -18,7 +18,7 @@ import (
 // through outpost, with the same bearer token, and compares what they show.
 func TestKubectlSameAsDirect(t *testing.T) {
 	ctx := t.Context()
-	o := startOutpost(t, "edge-kubectl", "--server="+cp.URL(0), "--server="+cp.URL(1))
+	o := cp.StartOutpostT(t, "edge-kubectl", "--server="+cp.URL(0), "--server="+cp.URL(1))
 	token := adminToken(t)
 	via, direct := tokenKubeconfig(t, o, token), directTokenKubeconfig(t, token)
 

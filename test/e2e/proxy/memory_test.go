@@ -21,8 +21,8 @@ import (
 // least half of what the burst added.
 func TestMemoryReturnedAfterBurst(t *testing.T) {
 	ctx := t.Context()
-	o := startOutpost(t, "edge-memory", lenientProbes...)
-	client := kubernetes.NewForConfigOrDie(restConfig(o, "", "", adminToken(t)))
+	o := cp.StartOutpostT(t, "edge-memory", framework.LenientProbes...)
+	client := kubernetes.NewForConfigOrDie(o.ClientConfig("", "", adminToken(t)))
 	const ns, n = "memory-burst", 200
 	if err := framework.SeedConfigMaps(ctx, cp.Client(), ns, n, 8192, 16); err != nil {
 		t.Fatal(err)

@@ -13,6 +13,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
 )
 
 // TestProtobufAndHTTP2: protobuf lists and many concurrent HTTP/2 streams
@@ -21,7 +23,7 @@ func TestProtobufAndHTTP2(t *testing.T) {
 	ctx := t.Context()
 	// Lenient probes: this test is about encodings and streams, and a
 	// probe timing out on a loaded machine would send a read to the cache.
-	o := startOutpost(t, "edge-streams", lenientProbes...)
+	o := cp.StartOutpostT(t, "edge-streams", framework.LenientProbes...)
 	token := adminToken(t)
 	const ns = "streams"
 	createNamespace(t, ns)
@@ -32,7 +34,7 @@ func TestProtobufAndHTTP2(t *testing.T) {
 		}
 	}
 
-	viaCfg := restConfig(o, "", "", token)
+	viaCfg := o.ClientConfig("", "", token)
 	viaCfg.ContentType = runtime.ContentTypeProtobuf
 	viaCfg.AcceptContentTypes = runtime.ContentTypeProtobuf
 	via := kubernetes.NewForConfigOrDie(viaCfg)
@@ -54,7 +56,7 @@ func TestProtobufAndHTTP2(t *testing.T) {
 	}
 
 	// 200 concurrent requests on HTTP/2 streams, with gzip asked for.
-	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots(t, o.ServingCAFile)}, ForceAttemptHTTP2: true, DisableCompression: true}}
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: framework.CertPool(t, o.ServingCAFile)}, ForceAttemptHTTP2: true, DisableCompression: true}}
 	var wg sync.WaitGroup
 	errs := make(chan error, 200)
 	for i := range 200 {

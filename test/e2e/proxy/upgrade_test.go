@@ -14,6 +14,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
 )
 
 // TestExecUpgradeThroughApiserver: an exec over SPDY, as client-go's
@@ -69,12 +71,12 @@ func TestExecUpgradeThroughApiserver(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	o := startOutpost(t, "edge-upgrades", lenientProbes...)
+	o := cp.StartOutpostT(t, "edge-upgrades", framework.LenientProbes...)
 	token := adminToken(t)
 	for _, path := range []struct{ name, url, ca string }{{"direct", cp.URL(0), cp.CAFile}, {"outpost", o.URL, o.ServingCAFile}} {
 		t.Run(path.name, func(t *testing.T) {
 			addr := strings.TrimPrefix(path.url, "https://")
-			conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{RootCAs: roots(t, path.ca), NextProtos: []string{"http/1.1"}})
+			conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{RootCAs: framework.CertPool(t, path.ca), NextProtos: []string{"http/1.1"}})
 			if err != nil {
 				t.Fatal(err)
 			}
