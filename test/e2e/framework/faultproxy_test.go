@@ -114,8 +114,15 @@ func TestFaultProxyPass(t *testing.T) {
 	c.echo("hello")
 	// A large write crosses many chunks and arrives intact and in order.
 	big := strings.Repeat("0123456789", 100_000)
-	go c.send(big)
+	sent := make(chan error, 1)
+	go func() {
+		_, err := io.WriteString(c.conn, big+"\n")
+		sent <- err
+	}()
 	got, err := c.recv(5 * time.Second)
+	if werr := <-sent; werr != nil {
+		t.Fatalf("big write: %v", werr)
+	}
 	if err != nil || got != big {
 		t.Fatalf("big echo: %d bytes, %v; want %d", len(got), err, len(big))
 	}

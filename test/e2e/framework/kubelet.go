@@ -499,7 +499,7 @@ func (n *Node) waitReady(ctx context.Context) error {
 				if cond.Status == corev1.ConditionTrue {
 					return nil
 				}
-				return fmt.Errorf("Ready=%s: %s: %s", cond.Status, cond.Reason, cond.Message)
+				return fmt.Errorf("node not ready (Ready=%s): %s: %s", cond.Status, cond.Reason, cond.Message)
 			}
 		}
 		return errors.New("no Ready condition yet")
