@@ -1,0 +1,253 @@
+package recorder
+
+import (
+	"io"
+	"net/http"
+
+	"github.com/outposthq/outpost/internal/codec"
+	"github.com/outposthq/outpost/internal/local"
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// Tee arranges for resp, the apiserver's answer to info, to be recorded
+// while it streams to the client. It must be called before the body is
+// read. Answers that are not cacheable, not 200, or of identities not
+// recorded are left alone.
+func (c *Recorder) Tee(resp *http.Response, info *request.Info) {
+	c.init()
+	if (resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusCreated) || resp.Request == nil || info == nil {
+		return
+	}
+	if info.Identity.Kind == request.Anonymous || (c.Record != nil && !c.Record(info.Identity)) {
+		return
+	}
+	if enc := resp.Header.Get("Content-Encoding"); enc != "" && enc != "identity" && enc != "gzip" {
+		return
+	}
+	if resp.StatusCode == http.StatusCreated && c.RecordsToken != nil && c.RecordsToken(info) {
+		ns, sa, contentType := info.Namespace, info.Name, resp.Header.Get("Content-Type")
+		c.teeWhole(resp, nil, func(body []byte) {
+			if key, tok, ok := local.RecordedToken(contentType, body, ns, sa); ok {
+				c.send(write{doc: &doc{key: key, contentType: codec.MediaJSON, body: tok}}, nil, "queue-full")
+			}
+		})
+		return
+	}
+	if resp.StatusCode != http.StatusOK {
+		return
+	}
+	view, asked := info.View, info.Options.Continue
+	contentType := resp.Header.Get("Content-Type")
+	switch info.Class {
+	case request.GetObject, request.ListObjects:
+		var cl *claim
+		c.teeOrdered(resp, view, func(body []byte, whole bool) bool {
+			if cl == nil {
+				// The answer's start (a gzipped answer's, inflated) is
+				// enough to tell one the view holds already, or that
+				// another answer at the same version is being recorded
+				// (many clients list the same thing at once), without
+				// inflating or decoding the rest.
+				var held bool
+				if held, cl = c.claim(view, contentType, body, info.Class == request.ListObjects, asked); held {
+					return true
+				}
+			}
+			if !whole {
+				return false
+			}
+			if info.Class == request.GetObject {
+				c.recordObject(view, contentType, body, cl)
+			} else {
+				c.recordList(asked, view, contentType, body, cl)
+			}
+			return true
+		})
+	case request.Table:
+		key := TableKey(info)
+		c.teeWhole(resp, nil, func(body []byte) {
+			c.send(write{doc: &doc{key: key, contentType: contentType, body: body}}, nil, "queue-full")
+		})
+	case request.Document:
+		key := DocKey(info)
+		c.teeWhole(resp, nil, func(body []byte) {
+			c.send(write{doc: &doc{key: key, contentType: contentType, body: body}}, nil, "queue-full")
+		})
+	case request.WatchObjects:
+		c.teeWatch(resp, view, contentType, info.Options.SendInitialEvents)
+	}
+}
+
+// teeWhole copies the body as the client reads it and, once it has been
+// read to the end, hands the copy to a decoder. A body that is cut off,
+// too large, or that finds the queue full is dropped.
+func (c *Recorder) teeWhole(resp *http.Response, view *store.ViewKey, done func(body []byte)) {
+	gz := resp.Header.Get("Content-Encoding") == "gzip"
+	resp.Body = &wholeTee{ReadCloser: resp.Body, c: c, limit: c.MaxBody, done: func(body []byte, ok bool, reason string) {
+		if !ok {
+			c.drop(view, reason)
+			return
+		}
+		job := func() {
+			if gz {
+				var err error
+				if body, err = gunzip(body); err != nil {
+					c.drop(view, "undecodable")
+					return
+				}
+			}
+			done(body)
+		}
+		select {
+		case c.jobs <- job:
+		default:
+			c.drop(view, "queue-full")
+		}
+	}}
+}
+
+// teeOrdered is teeWhole for answers that replace a view. Watch events
+// for the view that arrive while the answer is being decoded are held by
+// the writer until it has applied the answer, so an informer's list never
+// overwrites the watch events that follow it.
+//
+// record is called with the whole body (whole), and first, for a gzipped
+// body, with its start inflated: when record then says it is done (an
+// answer the view holds already) the rest is not inflated.
+func (c *Recorder) teeOrdered(resp *http.Response, view store.ViewKey, record func(body []byte, whole bool) (done bool)) {
+	gz := resp.Header.Get("Content-Encoding") == "gzip"
+	t := &wholeTee{ReadCloser: resp.Body, c: c, limit: c.MaxBody, pooled: true}
+	if n := resp.ContentLength; n > 0 && n <= int64(c.MaxBody) {
+		t.size = int(n)
+	}
+	t.done = func(raw []byte, ok bool, reason string) {
+		if !ok {
+			c.drop(&view, reason)
+			return
+		}
+		c.hold(view)
+		job := func() {
+			defer func() { c.writes <- write{release: &view} }() // after the replace, in order
+			defer putBody(raw)
+			if !gz {
+				record(raw, true)
+				return
+			}
+			body, err := inflate(raw, func(head []byte) bool { return record(head, false) })
+			switch {
+			case err != nil:
+				c.drop(&view, "undecodable")
+			case body != nil:
+				record(body, true)
+				putBody(body)
+			}
+		}
+		select {
+		case c.jobs <- job:
+		default:
+			c.unhold(view)
+			putBody(raw)
+			c.drop(&view, "queue-full")
+		}
+	}
+	resp.Body = t
+}
+
+func (c *Recorder) hold(view store.ViewKey) {
+	c.mu.Lock()
+	c.pending[view]++
+	c.mu.Unlock()
+}
+
+func (c *Recorder) unhold(view store.ViewKey) (left int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pending[view] > 0 {
+		c.pending[view]--
+	}
+	left = c.pending[view]
+	if left == 0 {
+		delete(c.pending, view)
+	}
+	return left
+}
+
+func (c *Recorder) held(view store.ViewKey) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pending[view] > 0
+}
+
+type wholeTee struct {
+	io.ReadCloser
+	c        *Recorder
+	limit    int
+	size     int  // the body's length when known, to allocate once
+	pooled   bool // buf comes from (and goes back to) the body pool
+	buf      []byte
+	held     int64
+	dropped  string
+	finished bool
+	done     func(body []byte, ok bool, reason string)
+}
+
+func (t *wholeTee) Read(p []byte) (int, error) {
+	n, err := t.ReadCloser.Read(p)
+	if n > 0 && t.dropped == "" {
+		if len(t.buf)+n > t.limit {
+			t.release("too-large")
+		} else if t.c.buffered.Add(int64(n)) > t.c.MaxBuffered {
+			t.c.buffered.Add(-int64(n))
+			t.release("memory")
+		} else {
+			if t.buf == nil {
+				size := t.size
+				if size == 0 {
+					// No Content-Length: a list the apiserver streams,
+					// most likely tens or hundreds of KiB.
+					size = max(n, 64<<10)
+				}
+				if t.pooled {
+					t.buf = getBody(size)
+				} else {
+					t.buf = make([]byte, 0, size)
+				}
+			}
+			t.held += int64(n)
+			t.buf = append(t.buf, p[:n]...)
+		}
+	}
+	if err == io.EOF && !t.finished {
+		t.finished = true
+		if t.dropped != "" {
+			t.done(nil, false, t.dropped)
+		} else {
+			body := t.buf
+			t.c.buffered.Add(-t.held)
+			t.buf, t.held = nil, 0
+			t.done(body, true, "")
+		}
+	}
+	return n, err
+}
+
+func (t *wholeTee) release(reason string) {
+	t.dropped = reason
+	t.c.buffered.Add(-t.held)
+	if t.pooled {
+		putBody(t.buf)
+	}
+	t.buf, t.held = nil, 0
+}
+
+func (t *wholeTee) Close() error {
+	if !t.finished {
+		t.finished = true
+		if t.dropped == "" {
+			t.release("cut-off")
+		}
+		t.done(nil, false, t.dropped)
+	}
+	return t.ReadCloser.Close()
+}
