@@ -8,6 +8,8 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/outposthq/outpost/internal/status"
+
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -38,7 +40,7 @@ func NewEventEncoder(w io.Writer, a Accept, kind, apiVersion string, recordedAsP
 		}
 	}
 	if a.Media == MediaProtobuf && media != MediaProtobuf && !a.PlainJSON {
-		return nil, apierrors.NewBadRequest("outpost cache cannot stream this resource as protobuf")
+		return nil, status.BadRequest("outpost cache cannot stream this resource as protobuf")
 	}
 	info, ok := runtime.SerializerInfoForMediaType(codecs.SupportedMediaTypes(), media)
 	if !ok || info.StreamSerializer == nil {

@@ -37,7 +37,7 @@ type Hub struct {
 	Servers []string
 	// NodeName is the name of this node. Defaults to the hostname.
 	NodeName string
-	// DataDir holds outpost's state (serving certificates, later the cache).
+	// DataDir holds outpost's state: the cache (cache.db) and pki/.
 	// Created with mode 0700. Default /var/lib/outpost.
 	DataDir string
 

@@ -13,6 +13,7 @@ import (
 
 	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/status"
 )
 
 // journalEntry is one event created offline, kept until it is replayed.
@@ -32,7 +33,7 @@ func (l *Writer) journal(w http.ResponseWriter, r *http.Request, info *request.I
 	}
 	out, err := setMeta(body, "0", true)
 	if err != nil {
-		return apierrors.NewBadRequest("outpost: the event is not a JSON object: " + err.Error())
+		return status.BadRequest("outpost: the event is not a JSON object: " + err.Error())
 	}
 	l.mu.Lock()
 	l.journalSeq++

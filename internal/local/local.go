@@ -142,7 +142,7 @@ const maxWriteBody = 3 << 20
 func requestJSON(r *http.Request) ([]byte, string, error) {
 	body, err := io.ReadAll(io.LimitReader(r.Body, maxWriteBody+1))
 	if err != nil {
-		return nil, "", apierrors.NewBadRequest("reading request body: " + err.Error())
+		return nil, "", status.BadRequest("reading request body: " + err.Error())
 	}
 	if len(body) > maxWriteBody {
 		return nil, "", apierrors.NewRequestEntityTooLargeError("request body over 3 MiB")
@@ -151,11 +151,11 @@ func requestJSON(r *http.Request) ([]byte, string, error) {
 	if ct == codec.MediaProtobuf {
 		obj, err := codec.Decode(body, nil)
 		if err != nil {
-			return nil, ct, apierrors.NewBadRequest("decoding protobuf body: " + err.Error())
+			return nil, ct, status.BadRequest("decoding protobuf body: " + err.Error())
 		}
 		body, err = json.Marshal(obj)
 		if err != nil {
-			return nil, ct, apierrors.NewBadRequest(err.Error())
+			return nil, ct, status.BadRequest(err.Error())
 		}
 		ct = codec.MediaJSON
 	}
@@ -205,7 +205,7 @@ func (l *Writer) writeOverlay(w http.ResponseWriter, r *http.Request, info *requ
 		}
 		_ = json.Unmarshal(body, &meta)
 		if meta.Metadata.Name == "" {
-			return apierrors.NewBadRequest("outpost: the object to create has no name")
+			return status.BadRequest("outpost: the object to create has no name")
 		}
 		if res == "/v1/nodes" && meta.Metadata.Name != l.Node {
 			return status.Forbidden("outpost: offline, a node may only register itself")
@@ -241,7 +241,7 @@ func (l *Writer) writeOverlay(w http.ResponseWriter, r *http.Request, info *requ
 	}
 	obj, err := codec.ObjectFromJSON(out, res)
 	if err != nil {
-		return apierrors.NewBadRequest("outpost: the written object is not valid: " + err.Error())
+		return status.BadRequest("outpost: the written object is not valid: " + err.Error())
 	}
 	if info.Verb == "create" {
 		name = obj.Name
@@ -301,7 +301,7 @@ func answer(w http.ResponseWriter, code int, policy string, jsonBody []byte, a c
 func replaceStatus(base, body []byte) ([]byte, error) {
 	var b, n map[string]json.RawMessage
 	if json.Unmarshal(base, &b) != nil || json.Unmarshal(body, &n) != nil {
-		return nil, apierrors.NewBadRequest("outpost: body is not a JSON object")
+		return nil, status.BadRequest("outpost: body is not a JSON object")
 	}
 	b["status"] = n["status"]
 	return json.Marshal(b)
@@ -324,23 +324,23 @@ func applyPatch(base, patch []byte, contentType, res string) ([]byte, error) {
 		}
 		out, err := strategicpatch.StrategicMergePatch(base, patch, schema)
 		if err != nil {
-			return nil, apierrors.NewBadRequest("applying strategic merge patch: " + err.Error())
+			return nil, status.BadRequest("applying strategic merge patch: " + err.Error())
 		}
 		return out, nil
 	case "application/merge-patch+json":
 		out, err := jsonpatch.MergePatch(base, patch)
 		if err != nil {
-			return nil, apierrors.NewBadRequest("applying merge patch: " + err.Error())
+			return nil, status.BadRequest("applying merge patch: " + err.Error())
 		}
 		return out, nil
 	case "application/json-patch+json":
 		p, err := jsonpatch.DecodePatch(patch)
 		if err != nil {
-			return nil, apierrors.NewBadRequest("decoding JSON patch: " + err.Error())
+			return nil, status.BadRequest("decoding JSON patch: " + err.Error())
 		}
 		out, err := p.Apply(base)
 		if err != nil {
-			return nil, apierrors.NewBadRequest("applying JSON patch: " + err.Error())
+			return nil, status.BadRequest("applying JSON patch: " + err.Error())
 		}
 		return out, nil
 	default:

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
 	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/request"
@@ -94,7 +93,7 @@ func (l *Writer) serveToken(w http.ResponseWriter, r *http.Request, info *reques
 	}
 	var req authenticationv1.TokenRequest
 	if err := json.Unmarshal(body, &req); err != nil {
-		return apierrors.NewBadRequest("decoding TokenRequest: " + err.Error())
+		return status.BadRequest("decoding TokenRequest: " + err.Error())
 	}
 	now := l.Now()
 	var found *authenticationv1.TokenRequest

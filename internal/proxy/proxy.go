@@ -1,7 +1,8 @@
 // Package proxy is outpost's request path: it authenticates the caller,
 // parses the request once, and sends it on. It is the one place that knows
-// every way a request can be answered (today the apiservers; the cache and
-// local answers plug in here, and nowhere else).
+// every way a request can be answered: the apiservers (whose answers it
+// hands to Record), the cache while none can (Cache), and this node's own
+// writes offline (Local).
 package proxy
 
 import (
