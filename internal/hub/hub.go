@@ -275,7 +275,9 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 		FlapWindow: h.cfg.FlapWindow, RelistRate: h.cfg.RelistRate, Tokens: h.tokens.All, Metrics: h.metrics, Log: h.log}
 	remembered := identity.Memory{Store: st, Log: h.log}
 	h.auth.Remember, h.auth.Recall, h.auth.Seen = remembered.Remember, remembered.Recall, h.tokens.Seen
-	h.loadIssuer()
+	issuer := &identity.IssuerKeeper{Store: st, Auth: h.auth, Upstream: h.pool.As, Node: h.auth.Node(), Tokens: h.tokens.All,
+		Audiences: h.cfg.APIAudiences, Online: h.monitor.Online, Changed: h.monitor.Changed, Log: h.log}
+	issuer.Load()
 
 	g, gctx := errgroup.WithContext(ctx)
 	if h.nodeCert != nil {
@@ -298,7 +300,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	g.Go(func() error { return rec.Run(gctx) })
 	g.Go(func() error { return mem.Run(gctx) })
 	g.Go(func() error { return conv.Run(gctx) })
-	g.Go(func() error { return h.runIssuer(gctx) })
+	g.Go(func() error { return issuer.Run(gctx) })
 
 	newProxy := func(auth proxy.Authenticate) http.Handler {
 		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Record: rec.Tee, Cache: cache, Local: writes, Online: h.monitor.Online,

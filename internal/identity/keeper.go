@@ -1,4 +1,4 @@
-package hub
+package identity
 
 import (
 	"bytes"
@@ -6,19 +6,38 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"time"
 
-	"github.com/outposthq/outpost/internal/identity"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
 
-// The cluster's service-account issuer: the two OIDC discovery documents
-// kube-apiserver publishes, fetched while online and kept in the store, so
-// that offline (even after a restart offline) the authenticator can verify
-// service-account tokens it never saw online (identity.Issuer).
+// IssuerKeeper keeps the cluster's service-account issuer: the two OIDC
+// discovery documents kube-apiserver publishes, fetched while online and
+// kept in the store, so that offline (even after a restart offline) the
+// authenticator can verify service-account tokens it never saw online
+// (Issuer). Set the fields, call Load before serving, then Run.
+type IssuerKeeper struct {
+	Store *store.Store
+	// Auth receives the issuer (its ServiceAccounts).
+	Auth *Authenticator
+	// Upstream sends requests of outpost's own as an identity
+	// (upstream.Pool.As); Node is this node's.
+	Upstream func(request.Identity) http.RoundTripper
+	Node     request.Identity
+	// Tokens returns the token each user last called with (Tokens.All):
+	// by default only service accounts may read the documents.
+	Tokens func() map[string]string
+	// Audiences a never-seen token must carry (--api-audiences).
+	Audiences []string
+	// Online and Changed are the online/offline state.
+	Online  func() bool
+	Changed func() <-chan struct{}
+	Log     *slog.Logger
+}
 
 const (
 	issuerConfigPath = "/.well-known/openid-configuration"
@@ -47,31 +66,30 @@ var (
 	errNoIssuerReader = errors.New("neither this node nor a service account seen lately may read the service-account issuer's documents")
 )
 
-// loadIssuer gives the authenticator the issuer kept in the store, if any.
-// Run calls it before serving.
-func (h *Hub) loadIssuer() {
-	_, cfg, ok, err := h.store.Doc(issuerConfigDoc)
+// Load gives the authenticator the issuer kept in the store, if any.
+func (k *IssuerKeeper) Load() {
+	_, cfg, ok, err := k.Store.Doc(issuerConfigDoc)
 	if err != nil || !ok {
 		return
 	}
-	_, keys, ok, err := h.store.Doc(issuerKeysDoc)
+	_, keys, ok, err := k.Store.Doc(issuerKeysDoc)
 	if err != nil || !ok {
 		return
 	}
-	iss, err := identity.NewIssuer(cfg, keys, h.cfg.APIAudiences)
+	iss, err := NewIssuer(cfg, keys, k.Audiences)
 	if err != nil {
-		h.log.Warn("the service-account issuer kept in the cache is not usable; it is fetched again once online", "err", err)
+		k.Log.Warn("the service-account issuer kept in the cache is not usable; it is fetched again once online", "err", err)
 		return
 	}
-	h.auth.ServiceAccounts.Store(iss)
-	h.log.Info("service-account issuer loaded from the cache", "issuer", iss.URL(), "keys", iss.Keys())
+	k.Auth.ServiceAccounts.Store(iss)
+	k.Log.Info("service-account issuer loaded from the cache", "issuer", iss.URL(), "keys", iss.Keys())
 }
 
-// runIssuer keeps the service-account issuer fresh until ctx ends: it
+// Run keeps the service-account issuer fresh until ctx ends: it
 // fetches the documents whenever the cloud becomes reachable, then every
 // issuerRefresh, after a failure every issuerRetry, and as soon as a new
 // service-account token is seen when only such a token may read them.
-func (h *Hub) runIssuer(ctx context.Context) error {
+func (k *IssuerKeeper) Run(ctx context.Context) error {
 	tick := time.NewTicker(issuerPoll)
 	defer tick.Stop()
 	var (
@@ -81,9 +99,9 @@ func (h *Hub) runIssuer(ctx context.Context) error {
 		waiting bool                // the last fetch failed for want of a token allowed to read
 	)
 	for {
-		changed := h.monitor.Changed()
-		if h.monitor.Online() && (!time.Now().Before(due) || waiting && h.untriedToken(tried) != "") {
-			err := h.refreshIssuer(ctx, tried)
+		changed := k.Changed()
+		if k.Online() && (!time.Now().Before(due) || waiting && k.untriedToken(tried) != "") {
+			err := k.refreshIssuer(ctx, tried)
 			if ctx.Err() != nil {
 				return nil
 			}
@@ -94,8 +112,8 @@ func (h *Hub) runIssuer(ctx context.Context) error {
 				due, waiting = time.Now().Add(issuerRetry), errors.Is(err, errNoIssuerReader)
 				if err.Error() != logged {
 					logged = err.Error()
-					h.log.Warn("cannot fetch the service-account issuer's keys; offline, service-account tokens never seen online are verified only with keys fetched before",
-						"holding", h.auth.ServiceAccounts.Load() != nil, "err", err)
+					k.Log.Warn("cannot fetch the service-account issuer's keys; offline, service-account tokens never seen online are verified only with keys fetched before",
+						"holding", k.Auth.ServiceAccounts.Load() != nil, "err", err)
 				}
 			}
 		}
@@ -112,25 +130,25 @@ func (h *Hub) runIssuer(ctx context.Context) error {
 // refreshIssuer fetches both documents, gives the authenticator the issuer
 // they describe and keeps them in the store (in one transaction, so a
 // crash never pairs a configuration with another fetch's keys).
-func (h *Hub) refreshIssuer(ctx context.Context, tried map[string]bool) error {
+func (k *IssuerKeeper) refreshIssuer(ctx context.Context, tried map[string]bool) error {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	cfg, keys, err := h.fetchIssuer(ctx, tried)
+	cfg, keys, err := k.fetchIssuer(ctx, tried)
 	if err != nil {
 		return err
 	}
-	iss, err := identity.NewIssuer(cfg, keys, h.cfg.APIAudiences)
+	iss, err := NewIssuer(cfg, keys, k.Audiences)
 	if err != nil {
 		return fmt.Errorf("service-account issuer: %w", err)
 	}
-	h.auth.ServiceAccounts.Store(iss)
+	k.Auth.ServiceAccounts.Store(iss)
 
-	_, oldCfg, _, _ := h.store.Doc(issuerConfigDoc)
-	_, oldKeys, _, _ := h.store.Doc(issuerKeysDoc)
+	_, oldCfg, _, _ := k.Store.Doc(issuerConfigDoc)
+	_, oldKeys, _, _ := k.Store.Doc(issuerKeysDoc)
 	if bytes.Equal(oldCfg, cfg) && bytes.Equal(oldKeys, keys) {
 		return nil
 	}
-	err = h.store.Update(func(tx *store.Tx) error {
+	err = k.Store.Update(func(tx *store.Tx) error {
 		if err := tx.PutDoc(issuerConfigDoc, "application/json", cfg); err != nil {
 			return err
 		}
@@ -139,7 +157,7 @@ func (h *Hub) refreshIssuer(ctx context.Context, tried map[string]bool) error {
 	if err != nil {
 		return fmt.Errorf("keeping the service-account issuer's keys: %w", err)
 	}
-	h.log.Info("service-account issuer keys fetched", "issuer", iss.URL(), "keys", iss.Keys())
+	k.Log.Info("service-account issuer keys fetched", "issuer", iss.URL(), "keys", iss.Keys())
 	return nil
 }
 
@@ -148,17 +166,17 @@ func (h *Hub) refreshIssuer(ctx context.Context, tried map[string]bool) error {
 // ClusterRoleBinding system:service-account-issuer-discovery), with the
 // token of a service account seen recently. Both are read with the same
 // credentials.
-func (h *Hub) fetchIssuer(ctx context.Context, tried map[string]bool) (cfg, keys []byte, err error) {
+func (k *IssuerKeeper) fetchIssuer(ctx context.Context, tried map[string]bool) (cfg, keys []byte, err error) {
 	token := ""
-	cfg, err = h.issuerDoc(ctx, issuerConfigPath, "")
+	cfg, err = k.issuerDoc(ctx, issuerConfigPath, "")
 	if errors.Is(err, errIssuerDenied) {
 		nodeErr := err
 		// A few tokens per round; the next ones are tried at the next poll.
 		for range 3 {
-			if token = h.untriedToken(tried); token == "" {
+			if token = k.untriedToken(tried); token == "" {
 				break
 			}
-			if cfg, err = h.issuerDoc(ctx, issuerConfigPath, token); !errors.Is(err, errIssuerDenied) {
+			if cfg, err = k.issuerDoc(ctx, issuerConfigPath, token); !errors.Is(err, errIssuerDenied) {
 				break
 			}
 			tried[token] = true
@@ -170,14 +188,14 @@ func (h *Hub) fetchIssuer(ctx context.Context, tried map[string]bool) (cfg, keys
 	if err != nil {
 		return nil, nil, err
 	}
-	if keys, err = h.issuerDoc(ctx, issuerKeysPath, token); err != nil {
+	if keys, err = k.issuerDoc(ctx, issuerKeysPath, token); err != nil {
 		return nil, nil, err
 	}
 	return cfg, keys, nil
 }
 
 // issuerDoc GETs one document upstream, as the node when token is empty.
-func (h *Hub) issuerDoc(ctx context.Context, path, token string) ([]byte, error) {
+func (k *IssuerKeeper) issuerDoc(ctx context.Context, path, token string) ([]byte, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://upstream"+path, nil)
 	if err != nil {
 		return nil, err
@@ -185,11 +203,11 @@ func (h *Hub) issuerDoc(ctx context.Context, path, token string) ([]byte, error)
 	// The JWKS comes as application/jwk-set+json, and a narrower Accept
 	// gets 406.
 	req.Header.Set("Accept", "application/json, application/jwk-set+json")
-	id := h.auth.Node()
+	id := k.Node
 	if token != "" {
 		id = request.Identity{Kind: request.BearerToken, Token: token}
 	}
-	resp, err := h.pool.As(id).RoundTrip(req)
+	resp, err := k.Upstream(id).RoundTrip(req)
 	if err != nil {
 		return nil, fmt.Errorf("GET %s: %w", path, err)
 	}
@@ -210,8 +228,8 @@ func (h *Hub) issuerDoc(ctx context.Context, path, token string) ([]byte, error)
 
 // untriedToken returns the token of a service account seen recently that
 // is not in tried, or "".
-func (h *Hub) untriedToken(tried map[string]bool) string {
-	for user, token := range h.tokens.All() {
+func (k *IssuerKeeper) untriedToken(tried map[string]bool) string {
+	for user, token := range k.Tokens() {
 		if strings.HasPrefix(user, "system:serviceaccount:") && !tried[token] {
 			return token
 		}

@@ -1,4 +1,4 @@
-package hub
+package identity
 
 import (
 	"bytes"
@@ -23,8 +23,6 @@ import (
 	"github.com/go-jose/go-jose/v4/jwt"
 
 	"github.com/outposthq/outpost/internal/config"
-	"github.com/outposthq/outpost/internal/health"
-	"github.com/outposthq/outpost/internal/identity"
 	"github.com/outposthq/outpost/internal/store"
 	"github.com/outposthq/outpost/internal/upstream"
 )
@@ -86,9 +84,14 @@ func (b *lockedBuffer) String() string {
 	return b.buf.String()
 }
 
-// issuerHub is the part of a Hub the issuer code uses, toward srv, with its
-// store in dir.
-func issuerHub(t *testing.T, srv *httptest.Server, dir string, logs *lockedBuffer) *Hub {
+// keeper is an IssuerKeeper toward srv, online, with its store in dir and
+// its tokens seen in tokens.
+type keeper struct {
+	*IssuerKeeper
+	tokens *Tokens
+}
+
+func issuerKeeper(t *testing.T, srv *httptest.Server, dir string, logs *lockedBuffer) keeper {
 	t.Helper()
 	u, _ := url.Parse(srv.URL)
 	roots := x509.NewCertPool()
@@ -102,8 +105,11 @@ func issuerHub(t *testing.T, srv *httptest.Server, dir string, logs *lockedBuffe
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	return &Hub{cfg: config.Hub{NodeName: "edge-1"}, log: slog.New(slog.NewTextHandler(logs, nil)), pool: pool, store: st,
-		monitor: &health.Monitor{Count: 1}, auth: &identity.Authenticator{NodeName: "edge-1"}}
+	auth := &Authenticator{NodeName: "edge-1"}
+	tokens := &Tokens{}
+	return keeper{&IssuerKeeper{Store: st, Auth: auth, Upstream: pool.As, Node: auth.Node(), Tokens: tokens.All,
+		Online: func() bool { return true }, Changed: func() <-chan struct{} { return nil },
+		Log: slog.New(slog.NewTextHandler(logs, nil))}, tokens}
 }
 
 func serviceAccountToken(t *testing.T, key *rsa.PrivateKey) string {
@@ -129,7 +135,7 @@ func TestIssuerFetchedWithAServiceAccountTokenAndKept(t *testing.T) {
 	srv := discoveryServer(t, key)
 	dir := t.TempDir()
 	logs := &lockedBuffer{}
-	h := issuerHub(t, srv, dir, logs)
+	h := issuerKeeper(t, srv, dir, logs)
 	tried := map[string]bool{}
 
 	// The node may not read the documents, and no service account was seen.
@@ -143,7 +149,7 @@ func TestIssuerFetchedWithAServiceAccountTokenAndKept(t *testing.T) {
 	if err := h.refreshIssuer(t.Context(), tried); !errors.Is(err, errNoIssuerReader) || !tried["sa-revoked"] || tried["node-token"] {
 		t.Fatalf("with a refused token: %v, tried %v", err, tried)
 	}
-	if h.auth.ServiceAccounts.Load() != nil {
+	if h.Auth.ServiceAccounts.Load() != nil {
 		t.Fatal("an issuer without documents")
 	}
 
@@ -152,15 +158,15 @@ func TestIssuerFetchedWithAServiceAccountTokenAndKept(t *testing.T) {
 		t.Fatal(err)
 	}
 	token := serviceAccountToken(t, key)
-	if id, err := h.auth.ServiceAccounts.Load().Verify(token, time.Now()); err != nil || id.User != "system:serviceaccount:shop:web" {
+	if id, err := h.Auth.ServiceAccounts.Load().Verify(token, time.Now()); err != nil || id.User != "system:serviceaccount:shop:web" {
 		t.Fatalf("fetched issuer: %+v, %v", id, err)
 	}
 
 	// A restart (offline: nothing upstream is asked) verifies from the store.
-	h.store.Close()
-	again := issuerHub(t, srv, dir, logs)
-	again.loadIssuer()
-	iss := again.auth.ServiceAccounts.Load()
+	h.Store.Close()
+	again := issuerKeeper(t, srv, dir, logs)
+	again.Load()
+	iss := again.Auth.ServiceAccounts.Load()
 	if iss == nil {
 		t.Fatalf("nothing loaded from the store; log:\n%s", logs)
 	}
@@ -175,14 +181,14 @@ func TestRunIssuerWaitsForAServiceAccountAndLogsOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	logs := &lockedBuffer{}
-	h := issuerHub(t, discoveryServer(t, key), t.TempDir(), logs)
+	h := issuerKeeper(t, discoveryServer(t, key), t.TempDir(), logs)
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
-	go func() { done <- h.runIssuer(ctx) }()
+	go func() { done <- h.Run(ctx) }()
 	defer func() {
 		cancel()
 		if err := <-done; err != nil {
-			t.Errorf("runIssuer: %v", err)
+			t.Errorf("Run: %v", err)
 		}
 	}()
 
@@ -204,7 +210,7 @@ func TestRunIssuerWaitsForAServiceAccountAndLogsOnce(t *testing.T) {
 	time.Sleep(2 * issuerPoll)
 	// A token that may read the documents: fetched within a poll.
 	h.tokens.Seen("system:serviceaccount:shop:web", "sa-good")
-	waitFor("issuer fetched", func() bool { return h.auth.ServiceAccounts.Load() != nil })
+	waitFor("issuer fetched", func() bool { return h.Auth.ServiceAccounts.Load() != nil })
 	if n := failures(); n != 1 {
 		t.Fatalf("%d failure lines; want one for one failure:\n%s", n, logs)
 	}
