@@ -9,10 +9,7 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -28,7 +25,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
 
@@ -105,7 +101,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = cp.StopKwok() })
 	for _, name := range []string{autoNode, plainNode, healthyNode} {
-		waitFor(ctx, t, "node "+name+" Ready", func() (bool, error) {
+		waitFor(ctx, t, "node "+name+" Ready", func(ctx context.Context) (bool, error) {
 			n, err := admin.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
 			return err == nil && nodeReady(n) == corev1.ConditionTrue, nil
 		})
@@ -122,7 +118,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 	deployPods := waitDeployment(ctx, t, admin)
 	step("deployment running: %v", deployPods)
 	for _, p := range deployPods[autoNode] {
-		waitFor(ctx, t, "controller to set tolerations of "+p, func() (bool, error) {
+		waitFor(ctx, t, "controller to set tolerations of "+p, func(ctx context.Context) (bool, error) {
 			pod, err := admin.CoreV1().Pods(ns).Get(ctx, p, metav1.GetOptions{})
 			return err == nil && tolerationsOf(pod) == "forever,forever" && pod.Annotations[autonomy.AnnotationOriginalTolerations] != "", nil
 		})
@@ -153,7 +149,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 		t.Fatal(err)
 	}
 	autoGood := append(slices.Clone(deployPods[autoNode]), "direct")
-	waitFor(ctx, t, "all 6 endpoints ready", func() (bool, error) {
+	waitFor(ctx, t, "all 6 endpoints ready", func(ctx context.Context) (bool, error) {
 		eps, err := endpoints(ctx, admin)
 		if err != nil || len(eps) != 6 {
 			return false, err
@@ -178,7 +174,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 
 	// The ordinary node's pods are evicted after the toleration.
 	for _, p := range deployPods[plainNode] {
-		waitFor(ctx, t, "eviction of "+p, func() (bool, error) {
+		waitFor(ctx, t, "eviction of "+p, func(ctx context.Context) (bool, error) {
 			pod, err := admin.CoreV1().Pods(ns).Get(ctx, p, metav1.GetOptions{})
 			return err == nil && pod.DeletionTimestamp != nil, nil
 		})
@@ -215,14 +211,19 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 	if podCondition(pod, corev1.PodReady) != corev1.ConditionFalse {
 		t.Errorf("pod %s: Ready %s; want False from the node lifecycle controller", pod.Name, podCondition(pod, corev1.PodReady))
 	}
-	metrics := get(ctx, t, metricsURL+"/metrics")
+	body, err := framework.GetOK(ctx, nil, metricsURL+"/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics := string(body)
+	// Each is exported: SumMetric alone would count a missing one as 0.
 	for _, want := range []string{"outpost_controller_endpoints_kept_ready_total", `outpost_controller_pod_patches_total{action="autonomy",result="ok"}`, "outpost_controller_leader 1"} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("/metrics lacks %s", want)
 		}
 	}
-	if v := metricValue(metrics, "outpost_controller_endpoints_kept_ready_total"); v < 1 {
-		t.Errorf("outpost_controller_endpoints_kept_ready_total = %v, want > 0", v)
+	if v, err := framework.SumMetric(metrics, "outpost_controller_endpoints_kept_ready_total"); err != nil || v < 1 {
+		t.Errorf("outpost_controller_endpoints_kept_ready_total = %v, %v; want > 0", v, err)
 	}
 
 	// Autonomy withdrawn: the original tolerations come back, and the taint
@@ -234,7 +235,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 	}
 	withdrawn := time.Now()
 	for _, p := range append(slices.Clone(autoGood), "crashy") {
-		waitFor(ctx, t, "restore and eviction of "+p, func() (bool, error) {
+		waitFor(ctx, t, "restore and eviction of "+p, func(ctx context.Context) (bool, error) {
 			pod, err := admin.CoreV1().Pods(ns).Get(ctx, p, metav1.GetOptions{})
 			if err != nil {
 				return false, err
@@ -291,7 +292,7 @@ func startController(ctx context.Context, t *testing.T) string {
 		t.Fatalf("%v: %s", err, out)
 	}
 
-	hookPort, metricsPort := freePort(t), freePort(t)
+	hookPort, metricsPort := framework.FreePort(t), framework.FreePort(t)
 	raw, err := os.ReadFile(filepath.Join(deploy, "webhook.yaml"))
 	if err != nil {
 		t.Fatal(err)
@@ -345,18 +346,13 @@ func startController(ctx context.Context, t *testing.T) string {
 	})
 
 	metricsURL := fmt.Sprintf("http://127.0.0.1:%d", metricsPort)
-	waitFor(ctx, t, "controller /readyz and the CA bundle in the webhook configuration", func() (bool, error) {
+	waitFor(ctx, t, "controller /readyz and the CA bundle in the webhook configuration", func(ctx context.Context) (bool, error) {
 		select {
 		case err := <-done:
 			return false, fmt.Errorf("controller exited: %v", err)
 		default:
 		}
-		resp, err := http.Get(metricsURL + "/readyz")
-		if err != nil {
-			return false, nil
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
+		if _, err := framework.GetOK(ctx, nil, metricsURL+"/readyz"); err != nil {
 			return false, nil
 		}
 		got, err := cp.Client().AdmissionregistrationV1().MutatingWebhookConfigurations().Get(ctx, cfg.Name, metav1.GetOptions{})
@@ -419,7 +415,7 @@ func createWeb(ctx context.Context, t *testing.T, c kubernetes.Interface) {
 func waitDeployment(ctx context.Context, t *testing.T, c kubernetes.Interface) map[string][]string {
 	t.Helper()
 	var byNode map[string][]string
-	waitFor(ctx, t, "4 web pods running, 2 per edge node", func() (bool, error) {
+	waitFor(ctx, t, "4 web pods running, 2 per edge node", func(ctx context.Context) (bool, error) {
 		pods, err := c.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=web"})
 		if err != nil {
 			return false, err
@@ -563,53 +559,29 @@ func podCondition(p *corev1.Pod, t corev1.PodConditionType) corev1.ConditionStat
 }
 
 // waitFor polls cond every 200 ms until it holds, failing the test with
-// what was awaited when ctx ends or cond errs.
-func waitFor(ctx context.Context, t *testing.T, what string, cond func() (bool, error)) {
+// what was awaited when ctx's deadline passes, or at once when cond errs
+// (the controller exited, a pod is gone: waiting longer would not help).
+func waitFor(ctx context.Context, t *testing.T, what string, cond func(ctx context.Context) (bool, error)) {
 	t.Helper()
-	err := wait.PollUntilContextCancel(ctx, 200*time.Millisecond, true, func(context.Context) (bool, error) { return cond() })
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		t.Fatalf("waiting for %s: the test's context has no deadline", what)
+	}
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
+	var condErr error
+	_, err := framework.Poll(ctx, 200*time.Millisecond, time.Until(deadline), func(ctx context.Context) (bool, string) {
+		ok, err := cond(ctx)
+		if err != nil {
+			condErr = err
+			stop() // Poll returns once ctx is done
+		}
+		return ok, ""
+	})
+	if condErr != nil {
+		err = condErr
+	}
 	if err != nil {
 		t.Fatalf("waiting for %s: %v", what, err)
 	}
-}
-
-func get(ctx context.Context, t *testing.T, url string) string {
-	t.Helper()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
-}
-
-// metricValue returns the value of an unlabelled metric in a Prometheus
-// text exposition, or -1.
-func metricValue(text, name string) float64 {
-	for line := range strings.Lines(text) {
-		if v, ok := strings.CutPrefix(line, name+" "); ok {
-			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			if err == nil {
-				return f
-			}
-		}
-	}
-	return -1
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }

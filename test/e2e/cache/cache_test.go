@@ -4,12 +4,8 @@
 package cache_test
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -17,9 +13,7 @@ import (
 	"testing"
 	"time"
 
-	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -51,9 +45,7 @@ func seed(t *testing.T) {
 	ctx := t.Context()
 	c := cp.Client()
 	for _, n := range []string{node, "edge-2"} {
-		if _, err := c.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
+		cp.CreateNode(t, n, nil)
 	}
 	for _, ns := range []string{"a", "b", "c"} {
 		if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
@@ -95,7 +87,7 @@ func seed(t *testing.T) {
 		}
 	}
 	// A CRD and instances of it.
-	applyCRD(t, "widgets.example.com", crdYAML)
+	applyCRD(t, widgets.Group, "Widget", "Namespaced", "")
 	dyn := dynamic.NewForConfigOrDie(cp.AdminConfig())
 	deadline := time.Now().Add(30 * time.Second)
 	for i := 0; i < 3; {
@@ -113,12 +105,16 @@ func seed(t *testing.T) {
 	}
 }
 
-// applyCRD creates the CustomResourceDefinition name from its YAML and
-// waits until it is established.
-func applyCRD(t *testing.T, name, yaml string) {
+// applyCRD creates a CustomResourceDefinition for kind in group (plural:
+// kind in lower case plus "s"), with labels (YAML flow entries such as
+// "a: b", or none) and one version, v1, without a schema so that every
+// field is kept, and waits until it is established.
+func applyCRD(t *testing.T, group, kind, scope, labels string) {
 	t.Helper()
+	singular := strings.ToLower(kind)
+	name := singular + "s." + group
 	file := filepath.Join(t.TempDir(), "crd.yaml")
-	if err := os.WriteFile(file, []byte(yaml), 0o600); err != nil {
+	if err := os.WriteFile(file, fmt.Appendf(nil, crdYAML, name, labels, group, scope, singular, kind), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if out, err := cp.Kubectl(t.Context(), "", "apply", "-f", file); err != nil {
@@ -129,14 +125,17 @@ func applyCRD(t *testing.T, name, yaml string) {
 	}
 }
 
+// crdYAML is applyCRD's CustomResourceDefinition: name, labels, group,
+// scope, singular and kind to fill in.
 const crdYAML = `apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata:
-  name: widgets.example.com
+  name: %[1]s
+  labels: {%[2]s}
 spec:
-  group: example.com
-  scope: Namespaced
-  names: {plural: widgets, singular: widget, kind: Widget, listKind: WidgetList}
+  group: %[3]s
+  scope: %[4]s
+  names: {plural: %[5]ss, singular: %[5]s, kind: %[6]s, listKind: %[6]sList}
   versions:
   - name: v1
     served: true
@@ -145,65 +144,17 @@ spec:
       openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
 `
 
-// readerToken binds a service account to the view role (plus secrets and
-// widgets) and returns its token.
-// startOutpost starts outpost for node with args until the test ends.
-func startOutpost(t *testing.T, node string, args ...string) *framework.Outpost {
-	t.Helper()
-	return cp.StartOutpostT(t, node, args...)
-}
-
-func readerToken(t *testing.T) string {
-	t.Helper()
-	ctx := t.Context()
-	c := cp.Client()
-	if _, err := c.CoreV1().ServiceAccounts("default").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "reader"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
-	if _, err := c.RbacV1().ClusterRoles().Create(ctx, &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "reader"},
-		Rules: []rbacv1.PolicyRule{{APIGroups: []string{"*"}, Resources: []string{"*"}, Verbs: []string{"get", "list", "watch"}}}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
-	if _, err := c.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "reader"},
-		RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "reader"},
-		Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "default", Name: "reader"}}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
-	exp := int64(7200)
-	tr, err := c.CoreV1().ServiceAccounts("default").CreateToken(ctx, "reader", &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &exp}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tr.Status.Token
-}
-
-// reads are the reads compared before and after the cut: each returns a
-// canonical text of what it got.
-type read struct {
-	name string
-	do   func(ctx context.Context) (string, error)
-}
-
-func names[T any](items []T, name func(T) string) string {
-	var out []string
-	for _, it := range items {
-		out = append(out, name(it))
-	}
-	sort.Strings(out)
-	return strings.Join(out, " ")
-}
-
 func TestReadsSurviveTheCut(t *testing.T) {
 	ctx := t.Context()
 	seed(t)
-	token := readerToken(t)
-	o := startOutpost(t, node, "--log-level=debug")
+	token := cp.ServiceAccountToken(t, "default", "reader", framework.ReaderRole)
+	o := cp.StartOutpostT(t, node, "--log-level=debug")
 
-	saCfg := &rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}}
+	saCfg := o.ClientConfig("", "", token)
 	protoCfg := rest.CopyConfig(saCfg)
 	protoCfg.ContentType = runtime.ContentTypeProtobuf
 	protoCfg.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
-	nodeCfg := &rest.Config{Host: o.URL, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile, CertFile: o.NodeCertFile, KeyFile: o.NodeKeyFile}}
+	nodeCfg := o.ClientConfig(o.NodeCertFile, o.NodeKeyFile, "")
 	nodeCfg.ContentType = runtime.ContentTypeProtobuf
 	nodeCfg.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
 	sa := kubernetes.NewForConfigOrDie(saCfg)
@@ -291,17 +242,7 @@ func TestReadsSurviveTheCut(t *testing.T) {
 			return fmt.Sprint(w.GetName(), w.Object["size"]), nil
 		}},
 	}
-	online := map[string]string{}
-	for _, r := range reads {
-		out, err := r.do(ctx)
-		if err != nil {
-			t.Fatalf("online %s: %v\n%s", r.name, err, out)
-		}
-		if strings.TrimSpace(out) == "" {
-			t.Fatalf("online %s: empty answer", r.name)
-		}
-		online[r.name] = out
-	}
+	online := readOnline(ctx, t, reads)
 	time.Sleep(500 * time.Millisecond) // let the recorder write (it batches within 100 ms)
 
 	// The broader view: never asked through outpost online, answered from
@@ -321,9 +262,7 @@ func TestReadsSurviveTheCut(t *testing.T) {
 		t.Fatalf("direct broader read: %q %v", wantBroader, err)
 	}
 
-	if resp, err := http.Get(o.AdminURL + "/debug/cache/views"); err == nil {
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
+	if b, err := framework.GetOK(ctx, nil, o.AdminURL+"/debug/cache/views"); err == nil {
 		t.Logf("views at the cut: %s", b)
 	}
 	if err := cp.StopAPIServer(0); err != nil {
@@ -331,16 +270,7 @@ func TestReadsSurviveTheCut(t *testing.T) {
 	}
 	check := func(phase string) {
 		t.Helper()
-		for _, r := range reads {
-			out, err := r.do(ctx)
-			if err != nil {
-				t.Errorf("%s %s: %v\n%s", phase, r.name, err, out)
-				continue
-			}
-			if out != online[r.name] {
-				t.Errorf("%s %s differs:\nonline:  %q\noffline: %q", phase, r.name, online[r.name], out)
-			}
-		}
+		checkReads(ctx, t, phase, reads, online)
 		if got, err := broader(ctx); err != nil || got != wantBroader {
 			t.Errorf("%s broader-view read: %q, %v; want %q", phase, got, err, wantBroader)
 		}
@@ -360,9 +290,8 @@ func TestReadsSurviveTheCut(t *testing.T) {
 		}
 	}
 	check("offline")
-	resp, err := http.Get(o.AdminURL + "/readyz")
-	if err != nil || resp.StatusCode != 200 {
-		t.Errorf("readyz offline with a cache: %v %v", resp, err)
+	if _, err := framework.GetOK(ctx, nil, o.AdminURL+"/readyz"); err != nil {
+		t.Errorf("readyz offline with a cache: %v", err)
 	}
 
 	// Restart outpost while the apiserver is still down: same answers.
@@ -374,17 +303,5 @@ func TestReadsSurviveTheCut(t *testing.T) {
 
 	if err := cp.StartAPIServer(0); err != nil {
 		t.Fatal(err)
-	}
-}
-
-// rawProtobuf reads path as protobuf through c and describes
-// the body by its length and digest.
-func rawProtobuf(c rest.Interface, path string) func(ctx context.Context) (string, error) {
-	return func(ctx context.Context) (string, error) {
-		b, err := c.Get().AbsPath(path).SetHeader("Accept", runtime.ContentTypeProtobuf).DoRaw(ctx)
-		if err == nil && !bytes.HasPrefix(b, []byte("k8s\x00")) {
-			err = fmt.Errorf("not protobuf: %q", b[:min(len(b), 64)])
-		}
-		return fmt.Sprintf("%d bytes, sha256 %x", len(b), sha256.Sum256(b)), err
 	}
 }

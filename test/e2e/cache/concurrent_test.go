@@ -10,7 +10,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
@@ -27,9 +26,9 @@ func TestConcurrentListsRecordedOnce(t *testing.T) {
 	if err := framework.SeedConfigMaps(ctx, cp.Client(), ns, n, 512, 16); err != nil {
 		t.Fatal(err)
 	}
-	token := readerToken(t)
-	o := startOutpost(t, node)
-	cfg := &rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}}
+	token := cp.ServiceAccountToken(t, "default", "reader", framework.ReaderRole)
+	o := cp.StartOutpostT(t, node)
+	cfg := o.ClientConfig("", "", token)
 	// Protobuf, gzipped by the apiserver (lists above 128 KiB): as
 	// client-go's typed clients in kubelet and kube-proxy ask.
 	cfg.ContentType = "application/vnd.kubernetes.protobuf"

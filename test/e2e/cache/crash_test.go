@@ -13,9 +13,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 
 	"github.com/outposthq/outpost/internal/store"
+	"github.com/outposthq/outpost/test/e2e/framework"
 )
 
 // TestKillDuringRecording kills outpost with SIGKILL at random moments while
@@ -45,13 +45,9 @@ func TestKillDuringRecording(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	o, err := cp.StartOutpost(ctx, "edge-crash")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer o.Stop()
-	token := readerToken(t)
-	client := kubernetes.NewForConfigOrDie(&rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}})
+	o := cp.StartOutpostT(t, "edge-crash")
+	token := cp.ServiceAccountToken(t, "default", "reader", framework.ReaderRole)
+	client := kubernetes.NewForConfigOrDie(o.ClientConfig("", "", token))
 	dbPath := filepath.Join(o.DataDir, "cache.db")
 
 	complete := 0

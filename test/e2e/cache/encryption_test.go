@@ -14,7 +14,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 )
 
 // TestEncryptionAtRest: with --encryption-key-file, a Secret and a
@@ -76,9 +75,8 @@ func atRest(t *testing.T, ns, node string, encrypted bool) {
 		}
 		args = append(args, "--encryption-key-file="+keyFile)
 	}
-	o := startOutpost(t, node, args...)
-	kubelet := kubernetes.NewForConfigOrDie(&rest.Config{Host: o.URL, QPS: -1,
-		TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile, CertFile: o.NodeCertFile, KeyFile: o.NodeKeyFile}})
+	o := cp.StartOutpostT(t, node, args...)
+	kubelet := kubernetes.NewForConfigOrDie(o.ClientConfig(o.NodeCertFile, o.NodeKeyFile, ""))
 
 	// Online, as kubelet starting the pod: the Secret and a bound token.
 	var got *corev1.Secret

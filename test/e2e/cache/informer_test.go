@@ -6,12 +6,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outposthq/outpost/test/e2e/framework"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 )
 
@@ -50,9 +50,9 @@ func TestInformerRestartOffline(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	o := startOutpost(t, "edge-informer")
-	token := readerToken(t)
-	c := kubernetes.NewForConfigOrDie(&rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}})
+	o := cp.StartOutpostT(t, "edge-informer")
+	token := cp.ServiceAccountToken(t, "default", "reader", framework.ReaderRole)
+	c := kubernetes.NewForConfigOrDie(o.ClientConfig("", "", token))
 
 	online := syncedNames(t, ctx, c, ns)
 	if len(online) != 3 {

@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,30 +14,12 @@ import (
 	apiextensionsinformers "k8s.io/apiextensions-apiserver/pkg/client/informers/externalversions"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	apiregistrationv1 "k8s.io/kube-aggregator/pkg/apis/apiregistration/v1"
 	aggregatorclient "k8s.io/kube-aggregator/pkg/client/clientset_generated/clientset"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
-
-const gadgetsCRD = `apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: gadgets.outpost.test
-  labels: {outpost-test: kinds}
-spec:
-  group: outpost.test
-  scope: Cluster
-  names: {plural: gadgets, singular: gadget, kind: Gadget, listKind: GadgetList}
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
-`
 
 // TestProtobufKindsOutsideTheBuiltins: clients reading
 // CustomResourceDefinitions and APIServices as protobuf, as the
@@ -51,11 +31,11 @@ spec:
 // /debug/cache/unrecorded.
 func TestProtobufKindsOutsideTheBuiltins(t *testing.T) {
 	ctx := t.Context()
-	token := readerToken(t)
-	applyCRD(t, "gadgets.outpost.test", gadgetsCRD)
-	o := startOutpost(t, node)
+	token := cp.ServiceAccountToken(t, "default", "reader", framework.ReaderRole)
+	applyCRD(t, "outpost.test", "Gadget", "Cluster", "outpost-test: kinds")
+	o := cp.StartOutpostT(t, node)
 
-	protoCfg := &rest.Config{Host: o.URL, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: o.ServingCAFile}}
+	protoCfg := o.ClientConfig("", "", token)
 	protoCfg.ContentType = runtime.ContentTypeProtobuf
 	protoCfg.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
 	ext := apiextensionsclient.NewForConfigOrDie(protoCfg)
@@ -120,14 +100,7 @@ func TestProtobufKindsOutsideTheBuiltins(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	online := map[string]string{}
-	for _, r := range reads {
-		out, err := r.do(ctx)
-		if err != nil || strings.TrimSpace(out) == "" {
-			t.Fatalf("online %s: %q %v", r.name, out, err)
-		}
-		online[r.name] = out
-	}
+	online := readOnline(ctx, t, reads)
 	time.Sleep(500 * time.Millisecond) // the recorder writes within 100 ms
 
 	if n, err := o.Metric("outpost_cache_unrecorded_total", "reason=undecodable"); err != nil || n != 0 {
@@ -161,45 +134,30 @@ func TestProtobufKindsOutsideTheBuiltins(t *testing.T) {
 			t.Error(err)
 		}
 	}()
-	check := func(phase string) {
-		t.Helper()
-		for _, r := range reads {
-			out, err := r.do(ctx)
-			if err != nil {
-				t.Errorf("%s %s: %v", phase, r.name, err)
-				continue
-			}
-			if out != online[r.name] {
-				t.Errorf("%s %s differs:\nonline:  %q\noffline: %q", phase, r.name, online[r.name], out)
-			}
-		}
-	}
-	check("offline")
+	checkReads(ctx, t, "offline", reads, online)
 	o.Stop()
 	if err := o.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	check("after restart offline")
+	checkReads(ctx, t, "after restart offline", reads, online)
+}
+
+// unrecordedAnswer is one row of outpost's /debug/cache/unrecorded.
+type unrecordedAnswer struct {
+	Resource, Reason, Error string
+	Count                   int
 }
 
 // unrecorded reads outpost's /debug/cache/unrecorded.
-func unrecorded(t *testing.T, o *framework.Outpost) []struct {
-	Resource, Reason, Error string
-	Count                   int
-} {
+func unrecorded(t *testing.T, o *framework.Outpost) []unrecordedAnswer {
 	t.Helper()
-	resp, err := http.Get(o.AdminURL + "/debug/cache/unrecorded")
+	body, err := framework.GetOK(t.Context(), nil, o.AdminURL+"/debug/cache/unrecorded")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	var out []struct {
-		Resource, Reason, Error string
-		Count                   int
-	}
-	if resp.StatusCode != http.StatusOK || json.Unmarshal(body, &out) != nil {
-		t.Fatalf("/debug/cache/unrecorded: %s %s", resp.Status, body)
+	var out []unrecordedAnswer
+	if err := json.Unmarshal(body, &out); err != nil {
+		t.Fatalf("/debug/cache/unrecorded: %v: %s", err, body)
 	}
 	return out
 }
