@@ -25,9 +25,10 @@ import (
 const usage = `outpost: a caching gateway between node components and kube-apiserver.
 
 Usage:
-  outpost run [flags]   serve local clients, proxying to the apiserver(s)
-  outpost version       print the version
-  outpost help          print this help; "outpost run --help" lists the flags
+  outpost run [flags]      serve local clients, proxying to the apiserver(s)
+  outpost status [flags]   show a running outpost's state (exit 0 online, 3 offline, 4 not ready)
+  outpost version          print the version
+  outpost help             print this help; "outpost run --help" lists the flags
 `
 
 func main() {
@@ -58,6 +59,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return 2
 		}
 		return serve(cfg, stderr)
+	case "status":
+		return status(args[1:], stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "outpost: unknown command %q\n\n%s", args[0], usage)
 		return 2
@@ -97,7 +100,7 @@ func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 	fs.StringVar(&cfg.ClientCAFile, "client-ca-file", "", "CA bundle that verifies client certificates (default: the kubeconfig's cluster CA)")
 	fs.StringVar(&cfg.InsecureAddress, "insecure-address", "",
 		"plain-HTTP listener, e.g. 127.0.0.1:10261 (default off). WARNING: everything arriving there is treated as this node's kubelet and forwarded with the node's credentials; bind it to loopback only")
-	fs.StringVar(&cfg.AdminAddress, "admin-address", cfg.AdminAddress, "listener for /healthz, /readyz, /metrics, /debug/pprof (empty: off)")
+	fs.StringVar(&cfg.AdminAddress, "admin-address", cfg.AdminAddress, "listener for /healthz, /readyz, /status, /metrics, /debug/cache/*, /debug/pprof (empty: off)")
 	fs.StringVar(&cfg.LBMode, "lb-mode", cfg.LBMode, "choice among healthy apiservers: round-robin or priority (first healthy in --server order)")
 	fs.DurationVar(&cfg.ProbeInterval, "probe-interval", cfg.ProbeInterval, "time between health probes of each apiserver")
 	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "timeout of one health probe")

@@ -8,11 +8,14 @@ package converge
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/outposthq/outpost/internal/metrics"
+	"github.com/outposthq/outpost/internal/report"
 	"github.com/outposthq/outpost/internal/request"
 )
 
@@ -55,6 +58,30 @@ type Converger struct {
 	Tokens  func() map[string]string
 	Metrics *metrics.Metrics // optional
 	Log     *slog.Logger
+
+	mu    sync.Mutex // guards the fields below
+	since time.Time  // when the current state began
+	last  *report.Reconnect
+}
+
+// Status returns when the current online or offline state began (for the
+// first, when Run started) and what the last return of the cloud did (nil
+// before the first).
+func (c *Converger) Status() (since time.Time, last *report.Reconnect) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.last != nil {
+		l := *c.last
+		last = &l
+	}
+	return c.since, last
+}
+
+// record updates the last reconnect's figures.
+func (c *Converger) record(update func(r *report.Reconnect)) {
+	c.mu.Lock()
+	update(c.last)
+	c.mu.Unlock()
 }
 
 // Run follows the state until ctx is done, converging at each return of
@@ -62,9 +89,17 @@ type Converger struct {
 func (c *Converger) Run(ctx context.Context) error {
 	wasOnline := c.Online()
 	offlineSince := time.Now()
+	c.mu.Lock()
+	c.since = offlineSince
+	c.mu.Unlock()
 	for {
 		changed := c.Changed()
 		online := c.Online()
+		if online != wasOnline {
+			c.mu.Lock()
+			c.since = time.Now()
+			c.mu.Unlock()
+		}
 		switch {
 		case online == wasOnline:
 		case !online:
@@ -85,11 +120,26 @@ func (c *Converger) Run(ctx context.Context) error {
 // converge runs the steps of a return after an outage of the given length.
 func (c *Converger) converge(ctx context.Context, outage time.Duration) {
 	c.Log.Info("cloud reachable again", "outage", outage.Round(time.Millisecond))
+	c.mu.Lock()
+	c.last = &report.Reconnect{At: time.Now(), Outage: outage}
+	c.mu.Unlock()
+	var failed error
+	defer func() {
+		c.record(func(r *report.Reconnect) {
+			r.Done = time.Now()
+			if failed != nil {
+				r.Error = failed.Error()
+			}
+		})
+	}()
 	asNode := c.Upstream(c.Node)
-	if n, err := c.Local.ReplayStatus(ctx, asNode); err != nil {
-		c.Log.Warn("re-sending local statuses stopped", "sent", n, "err", err)
-	} else if n > 0 {
-		c.Log.Info("local node and pod statuses sent to the apiserver", "count", n)
+	sent, err := c.Local.ReplayStatus(ctx, asNode)
+	c.record(func(r *report.Reconnect) { r.StatusesSent = sent })
+	if err != nil {
+		failed = fmt.Errorf("re-sending local statuses: %w", err)
+		c.Log.Warn("re-sending local statuses stopped", "sent", sent, "err", err)
+	} else if sent > 0 {
+		c.Log.Info("local node and pod statuses sent to the apiserver", "count", sent)
 	}
 	c.Local.DropOverlays()
 	rate := c.JournalRate
@@ -97,10 +147,12 @@ func (c *Converger) converge(ctx context.Context, outage time.Duration) {
 		rate = 20
 	}
 	n, err := c.Local.ReplayJournal(ctx, rate, asNode)
+	c.record(func(r *report.Reconnect) { r.EventsReplayed = n })
 	if c.Metrics != nil {
 		c.Metrics.JournalReplayed.Add(float64(n))
 	}
 	if err != nil {
+		failed = fmt.Errorf("replaying the event journal: %w", err)
 		c.Log.Warn("event journal replay stopped; the rest waits for the next reconnect", "replayed", n, "err", err)
 	} else if n > 0 {
 		c.Log.Info("event journal replayed", "events", n)
@@ -122,7 +174,9 @@ func (c *Converger) converge(ctx context.Context, outage time.Duration) {
 		m, err = c.Relist(ctx, user, c.RelistRate, c.Upstream(request.Identity{Kind: request.BearerToken, User: user, Token: token}))
 		n += m
 	}
+	c.record(func(r *report.Reconnect) { r.ViewsRelisted = n })
 	if err != nil && ctx.Err() == nil {
+		failed = fmt.Errorf("re-listing views: %w", err)
 		c.Log.Warn("re-listing after reconnect stopped", "views", n, "err", err)
 	} else {
 		c.Log.Info("re-listed cached views after reconnect", "views", n, "took", time.Since(start).Round(time.Millisecond))

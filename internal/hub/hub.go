@@ -65,6 +65,7 @@ type Hub struct {
 	sealKey *seal.Key
 
 	gaugeMu sync.Mutex // orders the health gauges' updates
+	probes  probeLog   // each apiserver's last probe, for /status
 	// tokens are the bearer tokens callers used lately, in memory only.
 	tokens identity.Tokens
 
@@ -126,8 +127,14 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 		OnChange:         h.serverChanged,
 		OnProbe: func(i int, result health.ProbeResult) {
 			m.UpstreamProbes.WithLabelValues(pool.Name(i), string(result)).Inc()
+			h.probes.probed(i, result)
 		},
 	}
+	names := make([]string, pool.Len())
+	for i := range names {
+		names[i] = pool.Name(i)
+	}
+	h.probes.init(names)
 	pool.SetHealth(h.monitor)
 	for i := 0; i < pool.Len(); i++ {
 		m.UpstreamHealthy.WithLabelValues(pool.Name(i)).Set(1)
@@ -221,6 +228,7 @@ func (h *Hub) servingTLS() (*tls.Config, error) {
 
 func (h *Hub) serverChanged(i int, healthy bool, err error) {
 	name := h.pool.Name(i)
+	h.probes.changed(i, healthy, err)
 	state := "unhealthy"
 	if healthy {
 		state = "healthy"
@@ -321,7 +329,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	// contract of the port, which is why it is off by default and meant for
 	// loopback only.
 	start("insecure", h.cfg.InsecureAddress, newProxy(func(*http.Request) (request.Identity, error) { return h.auth.Node(), nil }), nil)
-	start("admin", h.cfg.AdminAddress, h.adminHandler(rec), nil)
+	start("admin", h.cfg.AdminAddress, h.adminHandler(conv, writes, rec), nil)
 
 	err = g.Wait()
 	if errors.Is(err, context.Canceled) {

@@ -60,7 +60,11 @@ func (l *Writer) trimJournal() {
 	_ = l.Store.Docs(journalPrefix, func(key, _ string, _ []byte) error { keys = append(keys, key); return nil })
 	over := len(keys) - l.MaxJournal
 	for i := 0; i < over; i++ {
-		if l.Store.DeleteDoc(keys[i]) == nil && l.Metrics != nil {
+		if l.Store.DeleteDoc(keys[i]) != nil {
+			continue
+		}
+		l.dropped.Add(1)
+		if l.Metrics != nil {
 			l.Metrics.JournalDropped.Inc()
 		}
 	}
@@ -69,11 +73,17 @@ func (l *Writer) trimJournal() {
 	}
 }
 
+// Journal returns how many events wait in the journal, its bound, and
+// how many were dropped since start because it was full.
+func (l *Writer) Journal() (depth, max int, dropped int64) {
+	_ = l.Store.Docs(journalPrefix, func(string, string, []byte) error { depth++; return nil })
+	return depth, l.MaxJournal, l.dropped.Load()
+}
+
 // ReplayJournal posts the journaled events to the apiserver through
-// upstream (as the node), at
-// most rate per second, deleting each one the apiserver answered. It stops
-// at the first failure to reach the apiserver; the rest wait for the next
-// reconnect.
+// upstream (as the node), at most rate per second, deleting each one the
+// apiserver answered. It stops at the first failure to reach the
+// apiserver; the rest wait for the next reconnect.
 func (l *Writer) ReplayJournal(ctx context.Context, rate int, upstream http.RoundTripper) (replayed int, err error) {
 	type item struct {
 		key   string

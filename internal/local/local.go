@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	jsonpatch "gopkg.in/evanphx/json-patch.v4"
@@ -42,6 +43,7 @@ type Writer struct {
 	Now func() time.Time
 
 	overlays overlays
+	dropped  atomic.Int64 // journaled events dropped because it was full
 
 	mu          sync.Mutex // guards the fields below
 	lastLocalRV uint64

@@ -12,9 +12,9 @@ import (
 //
 // /healthz fails only when this replica holds the Lease but has not renewed
 // it in time (a wedged leader should be restarted). /readyz succeeds once
-// the caches have synced and a serving certificate exists: only then may
-// the Service send us admission reviews.
-func adminMux(m *metrics, health *leaderelection.HealthzAdaptor, synced, certReady func() bool) *http.ServeMux {
+// the namespace it works in exists, the caches have synced and a serving
+// certificate exists: only then may the Service send us admission reviews.
+func adminMux(m *metrics, health *leaderelection.HealthzAdaptor, namespace func() error, synced, certReady func() bool) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -25,6 +25,10 @@ func adminMux(m *metrics, health *leaderelection.HealthzAdaptor, synced, certRea
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		if err := namespace(); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
 		switch {
 		case !synced():
 			http.Error(w, "not ready: informer caches not synced", http.StatusServiceUnavailable)

@@ -92,6 +92,7 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	hooks.Handle(PathMutateEndpointSlices, &webhook.Handler{Mutator: admission.MutateEndpointSlice, Logger: admission.Logger, Observe: m.observeReview("endpointslices")})
 
 	health := leaderelection.NewLeaderHealthzAdaptor(20 * time.Second)
+	gate := newNamespaceGate(client, cfg.Namespace, logger)
 
 	// Listen before starting anything, so that a taken port fails fast.
 	hookLn, err := net.Listen("tcp", cfg.Webhook.Address)
@@ -116,7 +117,7 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 		metricsSrv = &server.Server{
 			Name:            "metrics",
 			Listener:        metricsLn,
-			Handler:         adminMux(m, health, synced.Load, certs.Ready),
+			Handler:         adminMux(m, health, gate.Problem, synced.Load, certs.Ready),
 			ShutdownTimeout: cfg.ShutdownTimeout,
 			Log:             logger,
 		}
@@ -137,16 +138,26 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 		logger.Info("informer caches synced")
 		return nil
 	})
-	g.Go(func() error { return certs.Run(ctx) })
+	g.Go(func() error { return gate.Run(ctx) })
+	g.Go(func() error {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-gate.Open():
+		}
+		return certs.Run(ctx)
+	})
 	g.Go(func() error { return hookSrv.Run(ctx) })
 	if metricsSrv != nil {
 		g.Go(func() error { return metricsSrv.Run(ctx) })
 	}
 	g.Go(func() error {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-cachesSynced:
+		for _, ready := range []<-chan struct{}{cachesSynced, gate.Open()} {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-ready:
+			}
 		}
 		if cfg.LeaderElection.Disabled {
 			m.leader.Set(1)

@@ -1,0 +1,174 @@
+package edge
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/outposthq/outpost/internal/report"
+	"github.com/outposthq/outpost/test/e2e/framework"
+)
+
+// outpostStatus runs `outpost status` against o's admin endpoint with args
+// and returns its exit code, stdout and stderr.
+func outpostStatus(t *testing.T, o *framework.Outpost, args ...string) (int, string, string) {
+	t.Helper()
+	bin, err := framework.OutpostBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Second)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, bin, append([]string{"status", "--admin-address", o.AdminURL}, args...)...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err = cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+		return 0, stdout.String(), stderr.String()
+	case errors.As(err, &exit):
+		return exit.ExitCode(), stdout.String(), stderr.String()
+	}
+	t.Fatalf("running outpost status: %v", err)
+	return 0, "", ""
+}
+
+// statusReport runs `outpost status -o json` and decodes what it printed.
+func statusReport(t *testing.T, o *framework.Outpost) (int, report.Report) {
+	t.Helper()
+	code, out, errOut := outpostStatus(t, o, "-o", "json")
+	var r report.Report
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("outpost status -o json (exit %d): %v\n%s\n%s", code, err, out, errOut)
+	}
+	return code, r
+}
+
+// TestStatusCommand runs `outpost status` as an operator would, against a
+// real outpost:
+//   - online: exit 0, and it counts exactly the views outpost holds (by
+//     resource and by identity, as /debug/cache/views lists them) and the
+//     certificates it serves and calls with;
+//   - cut off: exit 3, OFFLINE, the apiserver unhealthy, the event the
+//     node's kubelet posted waiting in the journal;
+//   - link back: exit 0, and the reconnect reported (the event replayed,
+//     views re-listed), the journal empty;
+//   - outpost stopped: exit 1 and one line saying so.
+func TestStatusCommand(t *testing.T) {
+	const node, ns = "status-node", "status"
+	ctx := t.Context()
+	nodeNamespace(t, node, ns)
+	createConfigMaps(t, ns, "cm", 3, "status", "v")
+	e := startEdge(t, node, "--flap-window=1s")
+	kubelet := e.nodeClient(t)
+	reader := e.tokenClient(t, readerToken(t, "status-reader"))
+	read := func(ctx context.Context) error {
+		_, err := reader.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{})
+		return err
+	}
+	if err := read(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kubelet.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	// Online: what it says is what outpost holds.
+	var code int
+	var r report.Report
+	var views []storedView
+	if _, err := framework.Poll(ctx, 100*time.Millisecond, 10*time.Second, func(ctx context.Context) (bool, string) {
+		code, r = statusReport(t, e.o)
+		var err error
+		if views, err = e.views(ctx); err != nil {
+			return false, err.Error()
+		}
+		return r.Store.Views == len(views) && len(views) >= 2, fmt.Sprintf("status says %d views, /debug/cache/views lists %d", r.Store.Views, len(views))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if code != report.ExitOnline || r.State != report.Online || !r.Ready || r.Node != node || r.Version == "" {
+		t.Errorf("online: exit %d, %+v", code, r)
+	}
+	if len(r.Apiservers) != 1 || !r.Apiservers[0].Healthy || r.Apiservers[0].LastResult != "ok" || !strings.Contains(r.Apiservers[0].URL, e.proxy.Addr()) {
+		t.Errorf("online apiservers: %+v (want %s, healthy, last probe ok)", r.Apiservers, e.proxy.Addr())
+	}
+	byResource, byIdentity := map[string]int{}, map[string]int{}
+	for _, v := range views {
+		byResource[v.Key.Resource]++
+		byIdentity[v.Key.Identity]++
+	}
+	if fmt.Sprint(byResource) != fmt.Sprint(r.Store.ByResource) || fmt.Sprint(byIdentity) != fmt.Sprint(r.Store.ByIdentity) {
+		t.Errorf("views by resource %v and identity %v; status says %v and %v", byResource, byIdentity, r.Store.ByResource, r.Store.ByIdentity)
+	}
+	if r.Store.ByIdentity["system:node:"+node] == 0 || r.Store.ByIdentity["system:serviceaccount:default:status-reader"] == 0 || r.Store.Bytes == 0 {
+		t.Errorf("store: %+v", r.Store)
+	}
+	certs := map[string]report.Certificate{}
+	for _, c := range r.Certificates {
+		certs[c.Name] = c
+	}
+	if c := certs["node-client"]; !strings.Contains(c.Subject, "CN=system:node:"+node) || !c.NotAfter.After(time.Now()) {
+		t.Errorf("node client certificate: %+v", r.Certificates)
+	}
+	if c := certs["serving"]; c.NotAfter.IsZero() {
+		t.Errorf("serving certificate: %+v", r.Certificates)
+	}
+	if r.LastReconnect != nil || r.Journal.Depth != 0 || r.Journal.Max != 1000 {
+		t.Errorf("online at start: last reconnect %+v, journal %+v", r.LastReconnect, r.Journal)
+	}
+
+	// Cut off: the node's kubelet posts an event, which waits.
+	cutAt := e.cut(t, reader, read)
+	ev := &corev1.Event{
+		ObjectMeta:     metav1.ObjectMeta{Name: fmt.Sprintf("%s.status-%d", node, time.Now().UnixNano()), Namespace: "default"},
+		InvolvedObject: corev1.ObjectReference{Kind: "Node", Name: node, UID: "status-node", APIVersion: "v1"},
+		Reason:         "StatusOffline", Message: "posted while cut off", Type: corev1.EventTypeNormal,
+		Source:         corev1.EventSource{Component: "kubelet", Host: node},
+		FirstTimestamp: metav1.Now(), LastTimestamp: metav1.Now(), Count: 1,
+	}
+	if _, err := kubelet.CoreV1().Events("default").Create(ctx, ev, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("offline event: %v", err)
+	}
+	code, r = statusReport(t, e.o)
+	if code != report.ExitOffline || r.State != report.Offline || !r.Ready || r.Since.Before(cutAt) || r.Journal.Depth != 1 {
+		t.Errorf("offline: exit %d, state %s (ready %v) since %v (cut at %v), journal %+v", code, r.State, r.Ready, r.Since, cutAt, r.Journal)
+	}
+	if len(r.Apiservers) != 1 || r.Apiservers[0].Healthy || r.Apiservers[0].LastError == "" {
+		t.Errorf("offline apiservers: %+v (want unhealthy, saying why)", r.Apiservers)
+	}
+	code, out, _ := outpostStatus(t, e.o)
+	if code != report.ExitOffline || !strings.Contains(out, "OFFLINE since") || !strings.Contains(out, "UNHEALTHY") || !strings.Contains(out, "1 of 1000 waiting") {
+		t.Errorf("offline, for a person: exit %d\n%s", code, out)
+	}
+	time.Sleep(1500 * time.Millisecond) // past the flap window: views are re-listed on return
+
+	// Link back: the reconnect is reported.
+	e.restore(t)
+	if _, err := framework.Poll(ctx, 100*time.Millisecond, 30*time.Second, func(context.Context) (bool, string) {
+		code, r = statusReport(t, e.o)
+		return r.LastReconnect != nil && !r.LastReconnect.Done.IsZero(), fmt.Sprintf("last reconnect %+v", r.LastReconnect)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if c := r.LastReconnect; code != report.ExitOnline || c.EventsReplayed != 1 || c.ViewsRelisted < 1 || c.Error != "" || c.Outage < time.Second || r.Journal.Depth != 0 {
+		t.Errorf("after the link returned: exit %d, reconnect %+v, journal %+v", code, c, r.Journal)
+	}
+
+	// Outpost stopped: nothing to read.
+	e.o.Stop()
+	code, out, errOut := outpostStatus(t, e.o)
+	if code != report.ExitUnreadable || out != "" || !strings.Contains(errOut, "cannot reach outpost's admin endpoint") || strings.Count(strings.TrimSpace(errOut), "\n") != 0 {
+		t.Errorf("outpost stopped: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+}
