@@ -90,7 +90,8 @@ func readyz(ctx context.Context, url string) string {
 // plainly, what is missing and how to fix it, /readyz says so, and it goes
 // on once the namespace appears; with credentials that may, it creates it.
 func TestMissingNamespace(t *testing.T) {
-	ctx := t.Context()
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
 	const late, created = "outpost-late", "outpost-created"
 
 	// May read everything, create nothing.
