@@ -27,6 +27,9 @@ const usage = `outpost: a caching gateway between node components and kube-apise
 Usage:
   outpost run [flags]      serve local clients, proxying to the apiserver(s)
   outpost status [flags]   show a running outpost's state (exit 0 online, 3 offline, 4 not ready)
+  outpost cache ls|get|verify [flags]
+                           read outpost's cache, running or not: its views, what it would
+                           answer offline, its integrity ("outpost cache --help")
   outpost version          print the version
   outpost help             print this help; "outpost run --help" lists the flags
 `
@@ -61,6 +64,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return serve(cfg, stderr)
 	case "status":
 		return status(args[1:], stdout, stderr)
+	case "cache":
+		return cacheCmd(args[1:], stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "outpost: unknown command %q\n\n%s", args[0], usage)
 		return 2

@@ -330,6 +330,13 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	// loopback only.
 	start("insecure", h.cfg.InsecureAddress, newProxy(func(*http.Request) (request.Identity, error) { return h.auth.Node(), nil }), nil)
 	start("admin", h.cfg.AdminAddress, h.adminHandler(conv, writes, rec), nil)
+	if ln, err := listenInspect(h.cfg.DataDir); err != nil {
+		// Only `outpost cache` on a running outpost needs it.
+		h.log.Warn("outpost cache will not read this running outpost's cache", "err", err)
+	} else {
+		s := &server.Server{Name: "inspect", Listener: ln, Handler: inspectHandler(st), ShutdownTimeout: h.cfg.ShutdownTimeout, Log: h.log}
+		g.Go(func() error { return s.Run(gctx) })
+	}
 
 	err = g.Wait()
 	if errors.Is(err, context.Canceled) {

@@ -22,6 +22,13 @@ import (
 // and returns its exit code, stdout and stderr.
 func outpostStatus(t *testing.T, o *framework.Outpost, args ...string) (int, string, string) {
 	t.Helper()
+	return runOutpost(t, append([]string{"status", "--admin-address", o.AdminURL}, args...)...)
+}
+
+// runOutpost runs the outpost command with args and returns its exit code,
+// stdout and stderr.
+func runOutpost(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
 	bin, err := framework.OutpostBinary()
 	if err != nil {
 		t.Fatal(err)
@@ -29,7 +36,7 @@ func outpostStatus(t *testing.T, o *framework.Outpost, args ...string) (int, str
 	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Second)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, bin, append([]string{"status", "--admin-address", o.AdminURL}, args...)...)
+	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err = cmd.Run()
 	var exit *exec.ExitError
@@ -39,7 +46,7 @@ func outpostStatus(t *testing.T, o *framework.Outpost, args ...string) (int, str
 	case errors.As(err, &exit):
 		return exit.ExitCode(), stdout.String(), stderr.String()
 	}
-	t.Fatalf("running outpost status: %v", err)
+	t.Fatalf("running outpost %s: %v", strings.Join(args, " "), err)
 	return 0, "", ""
 }
 
@@ -170,5 +177,67 @@ func TestStatusCommand(t *testing.T) {
 	code, out, errOut := outpostStatus(t, e.o)
 	if code != report.ExitUnreadable || out != "" || !strings.Contains(errOut, "cannot reach outpost's admin endpoint") || strings.Count(strings.TrimSpace(errOut), "\n") != 0 {
 		t.Errorf("outpost stopped: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+}
+
+// TestCacheCommand runs `outpost cache` on a real outpost's cache, as an
+// operator would: while outpost runs (through a copy), `ls` lists the views
+// /debug/cache/views lists and `get` answers with the objects the caller
+// read online; once outpost is stopped the same works on the file itself,
+// and `verify` finds it sound.
+func TestCacheCommand(t *testing.T) {
+	const node, ns = "cache-node", "cache-cmd"
+	ctx := t.Context()
+	nodeNamespace(t, node, ns)
+	createConfigMaps(t, ns, "cm", 4, "cache-cmd", "v-cache")
+	e := startEdge(t, node)
+	reader := e.tokenClient(t, readerToken(t, "cache-reader"))
+	online, err := reader.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := configMapsState(online.Items)
+	const user = "system:serviceaccount:default:cache-reader"
+
+	check := func(phase string) {
+		t.Helper()
+		var views []storedView
+		if _, err := framework.Poll(ctx, 100*time.Millisecond, 10*time.Second, func(ctx context.Context) (bool, string) {
+			code, out, errOut := runOutpost(t, "cache", "ls", "--data-dir", e.o.DataDir, "-o", "json")
+			if code != 0 {
+				return false, fmt.Sprintf("exit %d: %s", code, errOut)
+			}
+			if err := json.Unmarshal([]byte(out), &views); err != nil {
+				return false, err.Error()
+			}
+			for _, v := range views {
+				if v.Key.Identity == user && v.Key.Namespace == ns {
+					return true, ""
+				}
+			}
+			return false, "no view of " + user + " yet:\n" + out
+		}); err != nil {
+			t.Fatalf("%s: outpost cache ls: %v", phase, err)
+		}
+		if phase == "running" {
+			if listed, err := e.views(ctx); err != nil || len(listed) != len(views) {
+				t.Errorf("%s: outpost cache ls lists %d views, /debug/cache/views %d (%v)", phase, len(views), len(listed), err)
+			}
+		}
+		code, out, errOut := runOutpost(t, "cache", "get", "configmaps", "-n", ns, "--as", user, "--data-dir", e.o.DataDir)
+		var got corev1.ConfigMapList
+		if code != 0 || json.Unmarshal([]byte(out), &got) != nil {
+			t.Fatalf("%s: outpost cache get: exit %d\n%s%s", phase, code, out, errOut)
+		}
+		if state := configMapsState(got.Items); state != want {
+			t.Errorf("%s: outpost cache get differs from what the caller read online:%s", phase, diff(want, state))
+		}
+	}
+	check("running")
+	e.o.Stop()
+	check("stopped")
+	code, out, errOut := runOutpost(t, "cache", "verify", "--data-dir", e.o.DataDir)
+	if code != 0 || !strings.HasPrefix(out, "ok: ") {
+		t.Errorf("outpost cache verify: exit %d\n%s%s", code, out, errOut)
 	}
 }

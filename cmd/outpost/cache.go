@@ -1,0 +1,394 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/outposthq/outpost/internal/config"
+	"github.com/outposthq/outpost/internal/hub"
+	"github.com/outposthq/outpost/internal/local"
+	"github.com/outposthq/outpost/internal/reader"
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/seal"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// Exit codes of `outpost cache`.
+const (
+	cacheOK         = 0
+	cacheUnreadable = 1 // the file cannot be read: permissions, I/O, no way into a running outpost
+	cacheUsage      = 2
+	cacheDamaged    = 3 // verify found damage, or the file is not a store
+	cacheMissing    = 4 // no cache file in the data dir
+	cacheNotCached  = 5 // get: nothing cached that would answer it
+)
+
+const cacheUsageText = `Usage:
+  outpost cache ls [--identity USER] [--resource RESOURCE] [-o json]
+  outpost cache get RESOURCE [NAME] [-n NAMESPACE] [--as USER] [-o json|yaml]
+  outpost cache verify
+
+Each reads the cache of --data-dir (default /var/lib/outpost), never changing it:
+the file itself when outpost is stopped, a consistent copy through
+<data-dir>/inspect.sock while it runs. With --encryption-key-file, sealed
+Secrets and tokens are shown too.
+
+  ls      the views: who read what, at which resourceVersion, how many objects
+  get     exactly what outpost would answer offline to USER for that read
+          (RESOURCE: pods, configmaps, deployments.apps, or group/version/resource)
+  verify  the file's integrity: pages, references, counts, protobuf records
+
+Exit codes: 0 ok, 1 cannot read the file, 2 bad usage, 3 damaged (verify) or
+not a store, 4 no cache file, 5 (get) nothing cached answers it.
+
+Flags:
+`
+
+// cacheCmd runs `outpost cache`.
+func cacheCmd(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("outpost cache", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	dataDir := fs.String("data-dir", config.DefaultHub().DataDir, "outpost's state directory, as given to outpost run")
+	keyFile := fs.String("encryption-key-file", "", "the key outpost seals Secrets and tokens with, to show them")
+	identity := fs.String("identity", "", "ls: only the views of this user")
+	resource := fs.String("resource", "", "ls: only the views of this resource (pods, deployments.apps, or group/version/resource)")
+	as := fs.String("as", "", "get: the user to answer (default: the only one that read RESOURCE)")
+	namespace := fs.String("n", "", "get: the namespace")
+	output := fs.String("o", "", "output: json (ls: a table by default; get: json by default), or yaml for get")
+	usage := func(err error) int {
+		fmt.Fprintf(stderr, "outpost cache: %v\nSee 'outpost cache --help'.\n", err)
+		return cacheUsage
+	}
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		if len(args) == 0 {
+			return usage(errors.New("a subcommand is needed: ls, get or verify"))
+		}
+		fmt.Fprint(stdout, cacheUsageText)
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+		return cacheOK
+	}
+	sub := args[0]
+	// Flags may come before or after the arguments, as with kubectl.
+	var positional []string
+	rest := args[1:]
+	for {
+		if err := fs.Parse(rest); err != nil {
+			return usage(err)
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		positional = append(positional, fs.Arg(0))
+		rest = fs.Args()[1:]
+	}
+	switch {
+	case sub != "ls" && sub != "get" && sub != "verify":
+		return usage(fmt.Errorf("unknown subcommand %q", sub))
+	case sub == "get" && (len(positional) < 1 || len(positional) > 2):
+		return usage(errors.New("get takes RESOURCE and at most a NAME"))
+	case sub != "get" && len(positional) > 0:
+		return usage(fmt.Errorf("unexpected arguments %q", positional))
+	case *output != "" && *output != "json" && !(sub == "get" && *output == "yaml"):
+		return usage(fmt.Errorf("-o %s: %s takes json%s", *output, sub, map[bool]string{true: " or yaml"}[sub == "get"]))
+	}
+
+	st, code, err := openCache(*dataDir, *keyFile)
+	if err != nil {
+		fmt.Fprintf(stderr, "outpost cache: %v\n", err)
+		return code
+	}
+	defer st.close()
+	switch sub {
+	case "ls":
+		return cacheLs(st.Store, *identity, *resource, *output == "json", stdout, stderr)
+	case "get":
+		name := ""
+		if len(positional) == 2 {
+			name = positional[1]
+		}
+		return cacheGet(st.Store, positional[0], name, *namespace, *as, *output == "yaml", stdout, stderr)
+	}
+	return cacheVerify(st.Store, stdout, stderr)
+}
+
+// openedCache is a store opened read-only, and the snapshot file to remove
+// after, if it is one.
+type openedCache struct {
+	*store.Store
+	snapshot string
+}
+
+func (c openedCache) close() {
+	_ = c.Store.Close()
+	if c.snapshot != "" {
+		_ = os.RemoveAll(filepath.Dir(c.snapshot))
+	}
+}
+
+// openCache opens dataDir's cache read-only, or, when a running outpost
+// holds it, a consistent copy fetched through its inspection socket.
+func openCache(dataDir, keyFile string) (openedCache, int, error) {
+	var opts store.Options
+	if keyFile != "" {
+		k, err := seal.LoadKey(keyFile)
+		if err != nil {
+			return openedCache{}, cacheUsage, err
+		}
+		opts.Sealer = k
+	}
+	path := filepath.Join(dataDir, "cache.db")
+	st, err := store.OpenReadOnly(path, opts)
+	if errors.Is(err, store.ErrLocked) {
+		var snap string
+		if snap, err = fetchSnapshot(dataDir); err != nil {
+			return openedCache{}, cacheUnreadable, fmt.Errorf("%s is held by a running outpost, and its copy could not be read: %w", path, err)
+		}
+		if st, err = store.OpenReadOnly(snap, opts); err != nil {
+			_ = os.RemoveAll(filepath.Dir(snap))
+			return openedCache{}, cacheUnreadable, fmt.Errorf("the copy of %s from the running outpost: %w", path, err)
+		}
+		return openedCache{Store: st, snapshot: snap}, cacheOK, nil
+	}
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return openedCache{}, cacheMissing, fmt.Errorf("no cache at %s (is --data-dir outpost's?)", path)
+	case errors.Is(err, store.ErrCorrupt):
+		return openedCache{}, cacheDamaged, err
+	case err != nil:
+		return openedCache{}, cacheUnreadable, err
+	}
+	return openedCache{Store: st}, cacheOK, nil
+}
+
+// fetchSnapshot copies the running outpost's store into a private
+// temporary file.
+func fetchSnapshot(dataDir string) (string, error) {
+	sock := filepath.Join(dataDir, hub.InspectSocket)
+	client := &http.Client{Timeout: 5 * time.Minute, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+		}}}
+	resp, err := client.Get("http://outpost/snapshot")
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("%s answered %s", sock, resp.Status)
+	}
+	dir, err := os.MkdirTemp("", "outpost-cache-")
+	if err != nil {
+		return "", err
+	}
+	path := filepath.Join(dir, "cache.db")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o600)
+	if err == nil {
+		_, err = io.Copy(f, resp.Body)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		return "", fmt.Errorf("copying the store: %w", err)
+	}
+	return path, nil
+}
+
+// resourceMatches reports whether the store's resource key
+// ("group/version/resource") is what the user named: "pods",
+// "deployments.apps", or the key itself.
+func resourceMatches(key, name string) bool {
+	base, _, _ := strings.Cut(key, "#")
+	if name == base || name == key {
+		return true
+	}
+	parts := strings.SplitN(base, "/", 3)
+	if len(parts) != 3 {
+		return false
+	}
+	res, group := name, ""
+	if i := strings.IndexByte(name, '.'); i > 0 {
+		res, group = name[:i], name[i+1:]
+	}
+	return parts[2] == res && parts[0] == group
+}
+
+func cacheLs(st *store.Store, identity, resource string, asJSON bool, stdout, stderr io.Writer) int {
+	views, err := st.AllViews()
+	if err != nil {
+		fmt.Fprintf(stderr, "outpost cache: reading views: %v\n", err)
+		return cacheDamaged
+	}
+	views = slices.DeleteFunc(views, func(v store.View) bool {
+		return (identity != "" && v.Key.Identity != identity) || (resource != "" && !resourceMatches(v.Key.Resource, resource))
+	})
+	type row struct {
+		store.View
+		Objects int `json:"objects"`
+	}
+	rows := make([]row, len(views))
+	for i, v := range views {
+		rows[i].View = v
+		_ = st.Read(func(tx *store.Tx) error {
+			return tx.ListData(v.Key, "", 0, false, func(string, []byte, []byte) error { rows[i].Objects++; return nil })
+		})
+	}
+	if asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(rows)
+		return cacheOK
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "IDENTITY\tRESOURCE\tNAMESPACE\tNAME\tSELECTORS\tRV\tOBJECTS\tUPDATED\tSTALE")
+	for _, r := range rows {
+		k := r.Key
+		sel := strings.Trim(k.LabelSelector+" "+k.FieldSelector, " ")
+		updated := "-"
+		if !r.Updated.IsZero() {
+			updated = r.Updated.UTC().Format(time.RFC3339)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%v\n", k.Identity, k.Resource, dash(k.Namespace), dash(k.Name), dash(sel),
+			r.ResourceVersion, r.Objects, updated, r.Stale)
+	}
+	_ = tw.Flush()
+	return cacheOK
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// cacheGet answers as outpost's offline reader would: the request a client
+// of identity as would send, served by reader.Reader from the store.
+func cacheGet(st *store.Store, resource, name, namespace, as string, asYAML bool, stdout, stderr io.Writer) int {
+	views, err := st.AllViews()
+	if err != nil {
+		fmt.Fprintf(stderr, "outpost cache: reading views: %v\n", err)
+		return cacheDamaged
+	}
+	key, identities := "", map[string]bool{}
+	for _, v := range views {
+		if resourceMatches(v.Key.Resource, resource) && !strings.HasSuffix(v.Key.Resource, "#meta") {
+			key = v.Key.Resource
+			identities[v.Key.Identity] = true
+		}
+	}
+	if key == "" {
+		fmt.Fprintf(stderr, "outpost cache: nothing of %s is cached (see outpost cache ls)\n", resource)
+		return cacheNotCached
+	}
+	if as == "" {
+		if len(identities) != 1 {
+			var ids []string
+			for id := range identities {
+				ids = append(ids, id)
+			}
+			sort.Strings(ids)
+			fmt.Fprintf(stderr, "outpost cache: %s was read by %d users; answer which with --as: %s\n", resource, len(ids), strings.Join(ids, ", "))
+			return cacheUsage
+		}
+		for id := range identities {
+			as = id
+		}
+	}
+	parts := strings.SplitN(key, "/", 3)
+	path := "/apis/" + parts[0] + "/" + parts[1]
+	if parts[0] == "" {
+		path = "/api/" + parts[1]
+	}
+	if namespace != "" {
+		path += "/namespaces/" + url.PathEscape(namespace)
+	}
+	path += "/" + parts[2]
+	if name != "" {
+		path += "/" + url.PathEscape(name)
+	}
+	id := request.Identity{Kind: request.BearerToken, User: as}
+	if strings.HasPrefix(as, "system:node:") {
+		id.Kind = request.NodeCert
+	} else if hash, ok := strings.CutPrefix(as, "token:"); ok {
+		id = request.Identity{Kind: request.BearerToken, TokenHash: hash}
+	}
+	r := httptest.NewRequest(http.MethodGet, path, nil)
+	r.Header.Set("Accept", "application/json")
+	info, err := request.Parse(r, id)
+	if err != nil {
+		return usageErr(stderr, err)
+	}
+	writes := &local.Writer{Store: st, Log: slog.New(slog.DiscardHandler)}
+	writes.Load()
+	w := httptest.NewRecorder()
+	(&reader.Reader{Store: st, Local: writes}).Serve(w, r, info)
+	body := w.Body.Bytes()
+	if w.Code != http.StatusOK {
+		var status struct{ Message string }
+		_ = json.Unmarshal(body, &status)
+		fmt.Fprintf(stderr, "outpost cache: offline, outpost would answer %s to %s with %d: %s\n", path, as, w.Code, status.Message)
+		return cacheNotCached
+	}
+	if asYAML {
+		if body, err = yaml.JSONToYAML(body); err != nil {
+			fmt.Fprintf(stderr, "outpost cache: %v\n", err)
+			return cacheUnreadable
+		}
+		_, _ = stdout.Write(body)
+		return cacheOK
+	}
+	var out bytes.Buffer
+	if json.Indent(&out, body, "", "  ") != nil {
+		out.Reset()
+		out.Write(body)
+	}
+	out.WriteByte('\n')
+	_, _ = stdout.Write(out.Bytes())
+	return cacheOK
+}
+
+func usageErr(stderr io.Writer, err error) int {
+	fmt.Fprintf(stderr, "outpost cache: %v\n", err)
+	return cacheUsage
+}
+
+func cacheVerify(st *store.Store, stdout, stderr io.Writer) int {
+	problems, err := st.Verify(0)
+	if err != nil {
+		fmt.Fprintf(stderr, "outpost cache: verify: %v\n", err)
+		return cacheDamaged
+	}
+	objects, views, _ := st.Stats()
+	if len(problems) == 0 {
+		fmt.Fprintf(stdout, "ok: %d objects in %d views, every reference and count sound\n", objects, views)
+		return cacheOK
+	}
+	for _, p := range problems {
+		fmt.Fprintf(stdout, "%s: %s\n", p.Where, p.What)
+	}
+	fmt.Fprintf(stderr, "outpost cache: %d problems found\n", len(problems))
+	return cacheDamaged
+}
