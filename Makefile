@@ -29,9 +29,11 @@ node-deps:
 lint:
 	hack/lint.sh
 
-## test: lint, unit and end-to-end tests on a real local control plane
+## test: lint, unit and end-to-end tests on a real local control plane, and the
+## alerting rules and dashboard checked with Prometheus' own parsers
 test: k8s build node-deps lint
 	go test -count=1 -timeout $(GO_TEST_TIMEOUT) ./...
+	cd hack/tools/monitoring && go test -count=1 ./...
 
 ## unit: tests that need no control plane
 unit:

@@ -176,7 +176,7 @@ func (h *Hub) nodeCertRotated(c *tls.Certificate) {
 	for i := 0; i < h.pool.Len(); i++ {
 		h.pool.CloseConnections(i)
 	}
-	h.certRotations.WithLabelValues(nodeClientName).Inc()
+	h.metrics.CertRotations.WithLabelValues(nodeClientName).Inc()
 }
 
 // writeKubeconfig writes --kubeconfig pointing at the rotated certificate

@@ -59,8 +59,7 @@ type Hub struct {
 	nodeCert  *certs.Rotator
 	// serving renews the serving certificate by CSR with
 	// --rotate-server-certificates; nil otherwise.
-	serving       *certs.Rotator
-	certRotations *prometheus.CounterVec
+	serving *certs.Rotator
 	// sealKey encrypts sensitive cache records (--encryption-key-file).
 	sealKey *seal.Key
 
@@ -110,11 +109,6 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	h.pool, h.metrics, h.reg, h.restCfg = pool, m, reg, restCfg
-	h.certRotations = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "outpost_certificate_rotations_total",
-		Help: "Certificates outpost renewed by CSR, by pair (node-client, node-serving).",
-	}, []string{"name"})
-	reg.MustRegister(h.certRotations)
 
 	h.monitor = &health.Monitor{
 		Count:            pool.Len(),
@@ -278,6 +272,9 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	writes.Load()
 	rec := &recorder.Recorder{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
 		RecordsToken: writes.Records, LargeAnswer: mem.Large}
+	if err := h.reg.Register(statusCollector{h: h, writes: writes}); err != nil {
+		return fmt.Errorf("registering the status metrics: %w", err)
+	}
 	cache := &reader.Reader{Store: st, Local: writes, Online: h.monitor.Online, Changed: h.monitor.Changed, LargeAnswer: mem.Large}
 	conv := &converge.Converger{Local: writes, Relist: rec.Relist, Upstream: h.pool.As, Node: h.auth.Node(), Online: h.monitor.Online, Changed: h.monitor.Changed,
 		FlapWindow: h.cfg.FlapWindow, RelistRate: h.cfg.RelistRate, Tokens: h.tokens.All, Metrics: h.metrics, Log: h.log}

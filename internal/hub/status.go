@@ -9,9 +9,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/outposthq/outpost/internal/converge"
 	"github.com/outposthq/outpost/internal/health"
 	"github.com/outposthq/outpost/internal/local"
+	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/recorder"
 	"github.com/outposthq/outpost/internal/report"
 	"github.com/outposthq/outpost/internal/version"
@@ -160,4 +163,60 @@ func firstCertificate(data []byte) *x509.Certificate {
 			return c
 		}
 	}
+}
+
+// statusCollector exports, at each scrape, the gauges of what /status
+// reports that no counter says: the cache's size, objects, views and stale
+// views, the journal's depth, and when each certificate expires. Alerts
+// (deploy/monitoring) read them.
+type statusCollector struct {
+	h      *Hub
+	writes *local.Writer
+}
+
+var (
+	descCacheObjects = prometheus.NewDesc("outpost_cache_objects", "Objects in the cache.", nil, nil)
+	descCacheViews   = prometheus.NewDesc("outpost_cache_views", "Views in the cache, by state (fresh, stale: a recorded answer was dropped, or only a watch filled it).", []string{"state"}, nil)
+	descCacheBytes   = prometheus.NewDesc("outpost_cache_size_bytes", "Size of the cache file.", nil, nil)
+	descJournal      = prometheus.NewDesc("outpost_journal_depth", "Events journaled offline and not yet replayed.", nil, nil)
+	descCertExpiry   = prometheus.NewDesc("outpost_certificate_expiry_timestamp_seconds", "When a certificate outpost holds expires, by name (node-client, serving).", []string{"name"}, nil)
+)
+
+func (c statusCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descCacheObjects, descCacheViews, descCacheBytes, descJournal, descCertExpiry} {
+		ch <- d
+	}
+}
+
+func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.h.store
+	if objects, _, err := st.Stats(); err == nil {
+		ch <- prometheus.MustNewConstMetric(descCacheObjects, prometheus.GaugeValue, float64(objects))
+	}
+	if views, err := st.AllViews(); err == nil {
+		stale := 0
+		for _, v := range views {
+			if v.Stale {
+				stale++
+			}
+		}
+		ch <- prometheus.MustNewConstMetric(descCacheViews, prometheus.GaugeValue, float64(len(views)-stale), "fresh")
+		ch <- prometheus.MustNewConstMetric(descCacheViews, prometheus.GaugeValue, float64(stale), "stale")
+	}
+	if fi, err := os.Stat(st.Path()); err == nil {
+		ch <- prometheus.MustNewConstMetric(descCacheBytes, prometheus.GaugeValue, float64(fi.Size()))
+	}
+	depth, _, _ := c.writes.Journal()
+	ch <- prometheus.MustNewConstMetric(descJournal, prometheus.GaugeValue, float64(depth))
+	for _, cert := range c.h.certificates() {
+		ch <- prometheus.MustNewConstMetric(descCertExpiry, prometheus.GaugeValue, float64(cert.NotAfter.Unix()), cert.Name)
+	}
+}
+
+// MetricNames are the names of every metric outpost exports.
+func MetricNames() []string {
+	reg := prometheus.NewRegistry()
+	metrics.New(reg)
+	reg.MustRegister(statusCollector{})
+	return metrics.DescribedNames(reg)
 }

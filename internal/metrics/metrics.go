@@ -3,6 +3,9 @@
 package metrics
 
 import (
+	"regexp"
+	"slices"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -47,6 +50,8 @@ type Metrics struct {
 	// MemoryReleases counts returns of free heap to the system, by reason
 	// (see memory.Releaser).
 	MemoryReleases *prometheus.CounterVec
+	// CertRotations counts certificates renewed by CSR, by pair.
+	CertRotations *prometheus.CounterVec
 	// JournalEvents counts events journaled offline; JournalDropped those
 	// dropped because the journal was full; JournalReplayed those delivered
 	// after reconnect.
@@ -119,12 +124,41 @@ func New(reg prometheus.Registerer) *Metrics {
 		Name: "outpost_memory_releases_total",
 		Help: "Free heap returned to the system once quiet, by reason: quiet (after a burst of requests) or large (after a large answer).",
 	}, []string{"reason"})
+	m.CertRotations = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "outpost_certificate_rotations_total",
+		Help: "Certificates outpost renewed by CSR, by pair (node-client, node-serving).",
+	}, []string{"name"})
 	m.JournalEvents = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_events_total", Help: "Events journaled while offline."})
 	m.JournalDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_dropped_total", Help: "Journaled events dropped because the journal was full."})
 	m.JournalReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_replayed_total", Help: "Journaled events delivered to the apiserver after reconnect."})
-	reg.MustRegister(m.MemoryReleases, m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheUnrecorded, m.CacheErrors,
+	reg.MustRegister(m.MemoryReleases, m.CertRotations, m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheUnrecorded, m.CacheErrors,
 		m.Requests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
 		m.UpstreamTransitions, m.UpstreamProbes, m.Online, m.AuthFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
+
+// DescribedNames returns the names of the metrics c describes: what a
+// scrape of it can show (a histogram adds _bucket, _sum and _count).
+func DescribedNames(c prometheus.Collector) []string {
+	ch := make(chan *prometheus.Desc)
+	go func() {
+		c.Describe(ch)
+		close(ch)
+	}()
+	seen := map[string]bool{}
+	for d := range ch {
+		// A Desc says its name only in its String: Desc{fqName: "…", …}.
+		if m := fqName.FindStringSubmatch(d.String()); m != nil {
+			seen[m[1]] = true
+		}
+	}
+	names := make([]string, 0, len(seen))
+	for n := range seen {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
+}
+
+var fqName = regexp.MustCompile(`fqName: "([^"]+)"`)

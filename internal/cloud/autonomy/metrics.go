@@ -3,6 +3,8 @@ package autonomy
 import (
 	"time"
 
+	outpostmetrics "github.com/outposthq/outpost/internal/metrics"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"k8s.io/apimachinery/pkg/labels"
@@ -101,4 +103,9 @@ func (m *metrics) observeReview(name string) func(string, time.Duration) {
 		m.reviews.WithLabelValues(name, result).Inc()
 		m.reviewDuration.WithLabelValues(name).Observe(d.Seconds())
 	}
+}
+
+// MetricNames are the names of every metric outpost-controller exports.
+func MetricNames() []string {
+	return outpostmetrics.DescribedNames(newMetrics(nil, nil, nil).registry)
 }

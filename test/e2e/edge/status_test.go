@@ -131,6 +131,13 @@ func TestStatusCommand(t *testing.T) {
 	if c := certs["serving"]; c.NotAfter.IsZero() {
 		t.Errorf("serving certificate: %+v", r.Certificates)
 	}
+	// The same figures as gauges, for alerts.
+	if got := e.metric(t, "outpost_cache_views"); got != float64(r.Store.Views) {
+		t.Errorf("outpost_cache_views sums to %v; status says %d views", got, r.Store.Views)
+	}
+	if got := e.metric(t, "outpost_certificate_expiry_timestamp_seconds", "name=node-client"); got != float64(certs["node-client"].NotAfter.Unix()) {
+		t.Errorf("outpost_certificate_expiry_timestamp_seconds{name=node-client} = %v; status says %v", got, certs["node-client"].NotAfter)
+	}
 	if r.LastReconnect != nil || r.Journal.Depth != 0 || r.Journal.Max != 1000 {
 		t.Errorf("online at start: last reconnect %+v, journal %+v", r.LastReconnect, r.Journal)
 	}
@@ -153,6 +160,9 @@ func TestStatusCommand(t *testing.T) {
 	}
 	if len(r.Apiservers) != 1 || r.Apiservers[0].Healthy || r.Apiservers[0].LastError == "" {
 		t.Errorf("offline apiservers: %+v (want unhealthy, saying why)", r.Apiservers)
+	}
+	if got := e.metric(t, "outpost_journal_depth"); got != 1 {
+		t.Errorf("outpost_journal_depth = %v offline after one event; want 1", got)
 	}
 	code, out, _ := outpostStatus(t, e.o)
 	if code != report.ExitOffline || !strings.Contains(out, "OFFLINE since") || !strings.Contains(out, "UNHEALTHY") || !strings.Contains(out, "1 of 1000 waiting") {
