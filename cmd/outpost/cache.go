@@ -349,6 +349,12 @@ func cacheGet(st *store.Store, resource, name, namespace, as string, asYAML bool
 	if w.Code != http.StatusOK {
 		var status struct{ Message string }
 		_ = json.Unmarshal(body, &status)
+		if w.Code >= 500 && w.Code != http.StatusServiceUnavailable {
+			// The store could not be read (a sealed Secret without its key,
+			// a damaged record), which is not "not cached".
+			fmt.Fprintf(stderr, "outpost cache: reading %s for %s: %s\n", path, as, status.Message)
+			return cacheUnreadable
+		}
 		fmt.Fprintf(stderr, "outpost cache: offline, outpost would answer %s to %s with %d: %s\n", path, as, w.Code, status.Message)
 		return cacheNotCached
 	}

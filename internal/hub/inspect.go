@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -38,10 +39,17 @@ func listenInspect(dataDir string) (net.Listener, error) {
 	return ln, nil
 }
 
+// snapshotTimeout bounds the copy of the store: ample for a cache of
+// gigabytes on a local socket.
+const snapshotTimeout = 2 * time.Minute
+
 // inspectHandler serves GET /snapshot: a consistent copy of the store file.
 func inspectHandler(st *store.Store) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /snapshot", func(w http.ResponseWriter, _ *http.Request) {
+		// The copy holds one read transaction open; a reader that stops
+		// reading must not hold it, and the file's growth, for long.
+		_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(snapshotTimeout))
 		w.Header().Set("Content-Type", "application/octet-stream")
 		// An error midway cannot be reported in the body any more: the
 		// reader then finds a truncated copy, which does not open.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -221,4 +222,56 @@ func counterValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
 		}
 	}
 	return sum
+}
+
+// TestProtobufOnlyNeverHidesJSON: for a kind outpost has no type for, a
+// protobuf answer (a get, a list, a watch event) never replaces the whole
+// JSON a JSON answer recorded of the same object at the same
+// resourceVersion, and a JSON answer completes what protobuf answers
+// recorded, even in the same view at the same resourceVersion.
+func TestProtobufOnlyNeverHidesJSON(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	const pb = "application/vnd.kubernetes.protobuf"
+	jsonList := func(rv string, names ...string) []byte {
+		items := make([]string, len(names))
+		for i, n := range names {
+			items[i] = fmt.Sprintf(`{"metadata":{"name":%q,"namespace":"ns1","resourceVersion":"7"},"spec":{"color":"blue-%s"}}`, n, n)
+		}
+		return fmt.Appendf(nil, `{"kind":"WidgetList","apiVersion":"example.com/v1","metadata":{"resourceVersion":%q},"items":[%s]}`, rv, strings.Join(items, ","))
+	}
+	msg := widgetMessage(t, "a", "ns1", "7", nil, "blue")
+	viewAt := func(k store.ViewKey, rv string) func() bool {
+		return func() bool { v, ok, _ := c.Store.View(k); return ok && v.ResourceVersion == rv }
+	}
+
+	// JSON first, then protobuf at the same resourceVersion.
+	respond(t, c, "/apis/example.com/v1/namespaces/ns1/widgets", "application/json", "application/json", jsonList("9", "a"))
+	waitFor(t, "the JSON list", viewAt(store.ViewKey{Identity: reader.Key(), Resource: widgetResource, Namespace: "ns1"}, "9"))
+	respond(t, c, "/apis/example.com/v1/namespaces/ns1/widgets/a", pb, pb, widgetEnvelope("Widget", msg))
+	waitFor(t, "the protobuf get", viewAt(store.ViewKey{Identity: reader.Key(), Resource: widgetResource, Namespace: "ns1", Name: "a"}, "7"))
+	w := serve(t, c, "/apis/example.com/v1/namespaces/ns1/widgets", "application/json")
+	if w.Code != 200 || !strings.Contains(w.Body.String(), "blue-a") {
+		t.Errorf("JSON list after a protobuf get at the same resourceVersion: %d %s", w.Code, w.Body)
+	}
+	if w := serve(t, c, "/apis/example.com/v1/namespaces/ns1/widgets/a", pb); w.Code != 200 || !bytes.Equal(w.Body.Bytes(), widgetEnvelope("Widget", msg)) {
+		t.Errorf("protobuf get: %d %q", w.Code, w.Body.Bytes())
+	}
+
+	// Protobuf first, then JSON in the same view at the same version.
+	b := widgetMessage(t, "b", "ns2", "7", nil, "red")
+	respond(t, c, "/apis/example.com/v1/namespaces/ns2/widgets", pb, pb, widgetList(t, "9", b))
+	k2 := store.ViewKey{Identity: reader.Key(), Resource: widgetResource, Namespace: "ns2"}
+	waitFor(t, "the protobuf list", viewAt(k2, "9"))
+	if w := serve(t, c, "/apis/example.com/v1/namespaces/ns2/widgets", "application/json"); w.Code != http.StatusNotAcceptable {
+		t.Fatalf("JSON list of a protobuf-only view: %d, want 406", w.Code)
+	}
+	bJSON := []byte(`{"kind":"WidgetList","apiVersion":"example.com/v1","metadata":{"resourceVersion":"9"},"items":[{"metadata":{"name":"b","namespace":"ns2","resourceVersion":"7"},"spec":{"color":"red-b"}}]}`)
+	respond(t, c, "/apis/example.com/v1/namespaces/ns2/widgets", "application/json", "application/json", bJSON)
+	waitFor(t, "the JSON answer completing the view", func() bool {
+		return serve(t, c, "/apis/example.com/v1/namespaces/ns2/widgets", "application/json").Code == 200
+	})
+	if w := serve(t, c, "/apis/example.com/v1/namespaces/ns2/widgets", "application/json"); !strings.Contains(w.Body.String(), "red-b") {
+		t.Errorf("JSON list after the JSON answer: %d %s", w.Code, w.Body)
+	}
 }

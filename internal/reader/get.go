@@ -82,6 +82,11 @@ func (rd *Reader) serveGet(w http.ResponseWriter, info *request.Info) error {
 		data = codec.MetadataOnly(data)
 		kind, apiVersion = "PartialObjectMetadata", "meta.k8s.io/v1"
 	} else if codec.IsProtobufOnly(data) {
+		if a.As == "Table" {
+			// A Table needs only the metadata, which is all outpost
+			// knows of an object recorded only from protobuf.
+			return rd.writeTable(w, codec.JSONList(kind+"List", apiVersion, o.ResourceVersion, "", [][]byte{data}), source{})
+		}
 		return codec.ProtobufOnlyError(describe(info))
 	}
 	body := codec.WithTypeMeta(data, kind, apiVersion)

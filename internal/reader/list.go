@@ -37,8 +37,8 @@ func (rd *Reader) serveList(w http.ResponseWriter, info *request.Info) error {
 	if err := checkListRV(opts.ResourceVersion, opts.ResourceVersionMatch, src.view.ResourceVersion); err != nil {
 		return err
 	}
-	if opts.Invalid == "limit" {
-		return status.BadRequest("invalid limit " + strconv.Quote(opts.InvalidValue))
+	if opts.InvalidLimit != "" {
+		return status.BadRequest("invalid limit " + strconv.Quote(opts.InvalidLimit))
 	}
 	limit := opts.Limit
 	after := ""
@@ -146,7 +146,12 @@ func (rd *Reader) serveList(w http.ResponseWriter, info *request.Info) error {
 		}
 	}
 	protobufOnly := slices.ContainsFunc(items, codec.IsProtobufOnly)
-	if protobufOnly && a.As != "Table" {
+	switch {
+	case protobufOnly && a.As != "Table" && a.Media == codec.MediaProtobuf:
+		// Asked for protobuf, but some objects were recorded from JSON
+		// (a JSON re-list, say): neither encoding holds them all.
+		return status.NotAcceptable(fmt.Sprintf("outpost: the cloud is unreachable and %s was recorded partly from protobuf and partly from JSON, of a kind outpost has no type for; offline it can be read as metadata only (as=PartialObjectMetadataList)", describe(info)))
+	case protobufOnly && a.As != "Table":
 		return codec.ProtobufOnlyError(describe(info))
 	}
 	body := codec.JSONList(kind, apiVersion, src.view.ResourceVersion, cont, items)

@@ -39,8 +39,8 @@ func (rd *Reader) serveWatch(w http.ResponseWriter, r *http.Request, info *reque
 	}
 	rv, sendInitial, bookmarks := opts.ResourceVersion, opts.SendInitialEvents, opts.AllowWatchBookmarks
 	timeout := 30*time.Minute + time.Duration(rand.Int64N(int64(30*time.Minute))) // as the apiserver's default
-	if opts.Invalid == "timeoutSeconds" {
-		return status.BadRequest(fmt.Sprintf("invalid timeoutSeconds %q", opts.InvalidValue))
+	if opts.InvalidTimeout != "" {
+		return status.BadRequest(fmt.Sprintf("invalid timeoutSeconds %q", opts.InvalidTimeout))
 	}
 	if opts.TimeoutSeconds > 0 {
 		timeout = time.Duration(opts.TimeoutSeconds) * time.Second
@@ -96,7 +96,12 @@ func (rd *Reader) serveWatch(w http.ResponseWriter, r *http.Request, info *reque
 				return stop
 			}
 			if err := enc.Object(watch.Added, data, proto); err != nil {
-				return stop // the client went away
+				// The client went away, or the object cannot be sent in
+				// its encoding (a view recorded partly from protobuf and
+				// partly from JSON): say so, which fails in the first case.
+				st := status.NotAcceptable(fmt.Sprintf("outpost: the cloud is unreachable and %s cannot be sent in the encoding asked for: %v", describe(info), err)).Status()
+				_ = enc.Status(&st)
+				return stop
 			}
 			return nil
 		})

@@ -1,8 +1,11 @@
 package recorder
 
 import (
+	"strings"
+
 	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/store"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 )
 
 // recordObject records a GET answer for view. With a claim (see
@@ -23,9 +26,10 @@ func (c *Recorder) recordObject(view store.ViewKey, contentType string, body []b
 		c.undecodable(&view, err)
 		return
 	}
-	if c.unchanged(view, o.ResourceVersion) {
+	if c.unchanged(view, o.ResourceVersion, contentType) {
 		return
 	}
+	c.keepJSON(view.Resource, &o)
 	v := store.View{Key: view, ResourceVersion: o.ResourceVersion, Kind: kind + "List", APIVersion: apiVersion, Updated: c.Now()}
 	queued = c.send(write{replace: &replaceView{view: v, objs: []store.Object{o}, claim: cl}}, &view, "queue-full")
 }
@@ -85,7 +89,7 @@ func (c *Recorder) recordList(asked string, view store.ViewKey, contentType stri
 		}
 		items = p.items
 	}
-	if c.unchanged(view, l.ResourceVersion) {
+	if c.unchanged(view, l.ResourceVersion, contentType) {
 		return
 	}
 	v := store.View{Key: view, ResourceVersion: l.ResourceVersion, Kind: l.Kind, APIVersion: l.APIVersion, Updated: c.Now()}
@@ -103,7 +107,9 @@ func (c *Recorder) decodeList(view store.ViewKey, contentType string, body []byt
 		if tx.HasObjects(view.Resource) { // else, as when first listed, no lookups
 			known = func(namespace, name, rv string) (store.Object, bool) {
 				o, ok, err := tx.Get(view.Resource, namespace, name)
-				return o, err == nil && ok && o.ResourceVersion == rv
+				// A protobuf-only marker is not taken for the item: a JSON
+				// answer completes it (see codec.IsProtobufOnly).
+				return o, err == nil && ok && o.ResourceVersion == rv && !codec.IsProtobufOnly(o.Data)
 			}
 		}
 		l, err = codec.DecodeList(contentType, body, view.Resource, known)
@@ -127,7 +133,7 @@ func (c *Recorder) holds(view store.ViewKey, contentType string, body []byte, li
 	if !ok || cont != "" || asked != "" {
 		return false
 	}
-	return c.unchanged(view, rv)
+	return c.unchanged(view, rv, contentType)
 }
 
 // A claim marks an answer at one resourceVersion of a view as being
@@ -149,7 +155,7 @@ func (c *Recorder) claim(view store.ViewKey, contentType string, body []byte, li
 	if !ok || rv == "" || cont != "" || asked != "" {
 		return false, nil
 	}
-	if c.unchanged(view, rv) {
+	if c.unchanged(view, rv, contentType) {
 		return true, nil
 	}
 	c.mu.Lock()
@@ -177,12 +183,38 @@ func (c *Recorder) unclaim(cl *claim) {
 // unchanged reports whether view already holds this answer: the same
 // resourceVersion, and not stale. Repeated reads of an unchanged object or
 // list then cost no write at all.
-func (c *Recorder) unchanged(view store.ViewKey, rv string) bool {
+func (c *Recorder) unchanged(view store.ViewKey, rv, contentType string) bool {
 	if rv == "" {
 		return false
 	}
 	v, ok, err := c.Store.View(view)
-	return err == nil && ok && !v.Stale && v.ResourceVersion == rv
+	if err != nil || !ok || v.Stale || v.ResourceVersion != rv {
+		return false
+	}
+	if codec.MediaType(contentType) == codec.MediaProtobuf || v.Kind == "" ||
+		codec.KnownKind(schema.FromAPIVersionAndKind(v.APIVersion, strings.TrimSuffix(v.Kind, "List"))) {
+		return true
+	}
+	// A kind outpost has no type for, answered now in JSON or CBOR: the
+	// view may hold only what a protobuf answer told of it (see
+	// codec.IsProtobufOnly), which this answer completes.
+	return !c.protobufOnly(view)
+}
+
+// keepJSON gives o, an object of resource decoded from a protobuf answer
+// of a kind outpost has no type for (so its JSON is only the marker of
+// codec.IsProtobufOnly), the whole JSON the store holds of it at the same
+// resourceVersion, recorded from a JSON answer: the marker must not
+// replace it.
+func (c *Recorder) keepJSON(resource string, o *store.Object) {
+	if !codec.IsProtobufOnly(o.Data) {
+		return
+	}
+	stored, ok, err := c.Store.Get(strings.TrimSuffix(resource, "#meta"), o.Namespace, o.Name)
+	if err != nil || !ok || stored.ResourceVersion != o.ResourceVersion || codec.IsProtobufOnly(stored.Data) {
+		return
+	}
+	o.Data, o.Labels, o.Fields = stored.Data, stored.Labels, stored.Fields
 }
 
 func (c *Recorder) undecodable(view *store.ViewKey, err error) {

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/store"
 )
 
@@ -39,7 +40,7 @@ func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstre
 			return done, ctx.Err()
 		case <-time.After(time.Second/time.Duration(rate) + jitter/2):
 		}
-		r, err := relistRequest(ctx, v.Key)
+		r, err := relistRequest(ctx, v.Key, c.protobufOnly(v.Key))
 		if err != nil {
 			continue
 		}
@@ -78,8 +79,20 @@ func maybeGunzip(resp *http.Response, body []byte) []byte {
 	return body
 }
 
-// relistRequest rebuilds the GET that answers view k.
-func relistRequest(ctx context.Context, k store.ViewKey) (*http.Request, error) {
+// protobufOnly reports whether view k holds objects recorded only from
+// protobuf (see codec.IsProtobufOnly), judging by its first member.
+func (c *Recorder) protobufOnly(k store.ViewKey) bool {
+	marker := false
+	_ = c.Store.List(k, "", 1, func(o store.Object) error {
+		marker = codec.IsProtobufOnly(o.Data)
+		return nil
+	})
+	return marker
+}
+
+// relistRequest rebuilds the GET that answers view k, asking for protobuf
+// first when the view was recorded only from protobuf.
+func relistRequest(ctx context.Context, k store.ViewKey, protobuf bool) (*http.Request, error) {
 	res, meta := strings.CutSuffix(k.Resource, "#meta")
 	parts := strings.SplitN(res, "/", 3)
 	if len(parts) != 3 {
@@ -113,6 +126,12 @@ func relistRequest(ctx context.Context, k store.ViewKey) (*http.Request, error) 
 		return nil, err
 	}
 	r.Header.Set("Accept", "application/json")
+	if protobuf {
+		// Recorded from protobuf, of a kind outpost has no type for:
+		// re-listed the same way, so that its protobuf clients are still
+		// answered (a JSON re-list would leave objects without it).
+		r.Header.Set("Accept", codec.MediaProtobuf+", application/json")
+	}
 	if meta {
 		r.Header.Set("Accept", "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")
 	}

@@ -51,6 +51,9 @@ func (c *Recorder) recordWatch(pipe *pipe, gz bool, view store.ViewKey, contentT
 	initialDone := !watchList
 	for {
 		ev, err := dec.Next()
+		if err == nil {
+			c.keepJSON(view.Resource, &ev.Object)
+		}
 		if err != nil {
 			c.Log.Debug("watch recording ended", "resource", view.Resource, "identity", view.Identity, "err", err, "initialDone", initialDone)
 			if errors.Is(err, errOverflow) {

@@ -36,11 +36,10 @@ type Options struct {
 	TimeoutSeconds      int64
 	SendInitialEvents   bool
 	AllowWatchBookmarks bool
-	// Invalid names the first option whose value the apiserver would
-	// refuse ("limit", "timeoutSeconds"; InvalidValue is what was sent, and
-	// the option's field is 0). Online the apiserver says so; offline the
-	// reader does.
-	Invalid, InvalidValue string
+	// InvalidLimit and InvalidTimeout hold what was sent for limit and
+	// timeoutSeconds when the apiserver would refuse it (the field is then
+	// 0). Online the apiserver says so; offline the reader does.
+	InvalidLimit, InvalidTimeout string
 }
 
 func parseOptions(q map[string][]string) Options {
@@ -61,14 +60,14 @@ func parseOptions(q map[string][]string) Options {
 		if n, err := strconv.Atoi(s); err == nil && n >= 0 {
 			o.Limit = n
 		} else {
-			o.Invalid, o.InvalidValue = "limit", s
+			o.InvalidLimit = s
 		}
 	}
 	if s := get("timeoutSeconds"); s != "" {
 		if n, err := strconv.ParseInt(s, 10, 64); err == nil && n >= 0 {
 			o.TimeoutSeconds = n
-		} else if o.Invalid == "" {
-			o.Invalid, o.InvalidValue = "timeoutSeconds", s
+		} else {
+			o.InvalidTimeout = s
 		}
 	}
 	return o
