@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0
 LDFLAGS := -s -w -X github.com/outposthq/outpost/internal/version.Version=$(VERSION)
 GO_TEST_TIMEOUT ?= 40m
 
-.PHONY: all build k8s node-deps test unit e2e lint demo bench clean
+.PHONY: all build images k8s node-deps test unit e2e lint demo bench clean
 
 all: build
 
@@ -16,6 +16,12 @@ build:
 	@mkdir -p _output/bin
 	CGO_ENABLED=0 go build -ldflags '$(LDFLAGS)' -o _output/bin/outpost ./cmd/outpost
 	CGO_ENABLED=0 go build -ldflags '$(LDFLAGS)' -o _output/bin/outpost-controller ./cmd/outpost-controller
+
+## images: OCI image archives of both programs into _output/images (no container
+## engine needed); load with ctr images import, docker load or podman load
+images: build
+	go run ./hack/images -bin _output/bin -out _output/images -version $(VERSION) -revision "$$(git rev-parse HEAD 2>/dev/null || true)" \
+		-created "$$(git log -1 --format=%ct 2>/dev/null || echo 0)"
 
 ## k8s: the pinned Kubernetes toolchain into _output/k8s (skipped when current)
 k8s:
