@@ -320,30 +320,15 @@ func startController(ctx context.Context, t *testing.T) string {
 		t.Fatal(err)
 	}
 
-	runCtx, stop := context.WithCancel(context.Background())
-	done := make(chan error, 1)
 	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo}))
-	go func() {
-		done <- autonomy.Run(runCtx, autonomy.Config{
-			Kubeconfig:     kubeconfig,
-			MetricsAddress: fmt.Sprintf("127.0.0.1:%d", metricsPort),
-			Webhook: autonomy.Webhook{
-				Address: fmt.Sprintf("127.0.0.1:%d", hookPort),
-				Hosts:   []string{"127.0.0.1"},
-			},
-		}, logger)
-	}()
-	t.Cleanup(func() {
-		stop()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("controller: %v", err)
-			}
-		case <-time.After(20 * time.Second):
-			t.Error("controller did not stop within 20s")
-		}
-	})
+	done := runController(t, autonomy.Config{
+		Kubeconfig:     kubeconfig,
+		MetricsAddress: fmt.Sprintf("127.0.0.1:%d", metricsPort),
+		Webhook: autonomy.Webhook{
+			Address: fmt.Sprintf("127.0.0.1:%d", hookPort),
+			Hosts:   []string{"127.0.0.1"},
+		},
+	}, logger)
 
 	metricsURL := fmt.Sprintf("http://127.0.0.1:%d", metricsPort)
 	waitFor(ctx, t, "controller /readyz and the CA bundle in the webhook configuration", func(ctx context.Context) (bool, error) {
@@ -584,4 +569,26 @@ func waitFor(ctx context.Context, t *testing.T, what string, cond func(ctx conte
 	if err != nil {
 		t.Fatalf("waiting for %s: %v", what, err)
 	}
+}
+
+// runController runs outpost-controller in-process with cfg until the test
+// ends, then stops it and checks it stopped cleanly within 20 s. The
+// channel receives Run's result if it returns first.
+func runController(t *testing.T, cfg autonomy.Config, logger *slog.Logger) <-chan error {
+	t.Helper()
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- autonomy.Run(ctx, cfg, logger) }()
+	t.Cleanup(func() {
+		stop()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("controller: %v", err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Error("controller did not stop within 20s")
+		}
+	})
+	return done
 }

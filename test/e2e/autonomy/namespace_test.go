@@ -46,28 +46,13 @@ func runOutside(t *testing.T, kubeconfig, namespace string) (string, *syncBuffer
 	t.Helper()
 	metricsPort, hookPort := framework.FreePort(t), framework.FreePort(t)
 	logs := &syncBuffer{}
-	ctx, stop := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- autonomy.Run(ctx, autonomy.Config{
-			Kubeconfig:     kubeconfig,
-			Namespace:      namespace,
-			MetricsAddress: fmt.Sprintf("127.0.0.1:%d", metricsPort),
-			Webhook: autonomy.Webhook{Address: fmt.Sprintf("127.0.0.1:%d", hookPort), Hosts: []string{"127.0.0.1"},
-				ConfigName: "outpost-namespace-test"},
-		}, slog.New(slog.NewTextHandler(io.MultiWriter(logs, t.Output()), nil)))
-	}()
-	t.Cleanup(func() {
-		stop()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("controller: %v", err)
-			}
-		case <-time.After(20 * time.Second):
-			t.Error("controller did not stop within 20s")
-		}
-	})
+	runController(t, autonomy.Config{
+		Kubeconfig:     kubeconfig,
+		Namespace:      namespace,
+		MetricsAddress: fmt.Sprintf("127.0.0.1:%d", metricsPort),
+		Webhook: autonomy.Webhook{Address: fmt.Sprintf("127.0.0.1:%d", hookPort), Hosts: []string{"127.0.0.1"},
+			ConfigName: "outpost-namespace-test"},
+	}, slog.New(slog.NewTextHandler(io.MultiWriter(logs, t.Output()), nil)))
 	return fmt.Sprintf("http://127.0.0.1:%d/readyz", metricsPort), logs
 }
 
