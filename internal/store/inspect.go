@@ -210,8 +210,11 @@ func (s *Store) Verify(max int) (problems []Problem, err error) {
 				}
 			}
 		}
-		pc := tx.protos.Cursor()
-		for k, v := pc.First(); k != nil; k, v = pc.Next() {
+		var pc *bolt.Cursor
+		if tx.protos != nil { // a file an older outpost wrote has none yet
+			pc = tx.protos.Cursor()
+		}
+		for k, v := first(pc); k != nil; k, v = pc.Next() {
 			obj := tx.objects.Get(k)
 			r := reader{b: v}
 			rv := r.string("protobuf record")
@@ -241,4 +244,12 @@ func (s *Store) Verify(max int) (problems []Problem, err error) {
 		return nil
 	})
 	return problems, err
+}
+
+// first is c.First, or nothing for a nil cursor.
+func first(c *bolt.Cursor) (k, v []byte) {
+	if c == nil {
+		return nil, nil
+	}
+	return c.First()
 }

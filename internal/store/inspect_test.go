@@ -171,3 +171,43 @@ func TestVerifyFindsDamage(t *testing.T) {
 		}
 	}
 }
+
+// TestInspectOlderFile: a file an older outpost wrote, without the protos
+// bucket that Open adds, is read and verified as it is.
+func TestInspectOlderFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "cache.db")
+	s, err := Open(path, Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := replace(key("node", "a", "", ""), "10", pod("a", "p1", "5"))(s); err != nil {
+		t.Fatal(err)
+	}
+	_ = s.Close()
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(btx *bolt.Tx) error { return btx.DeleteBucket(bucketProtos) }); err != nil {
+		t.Fatal(err)
+	}
+	_ = db.Close()
+
+	r, err := OpenReadOnly(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if o, ok, err := r.Get(pods, "a", "p1"); err != nil || !ok || o.Proto != nil {
+		t.Errorf("get from an older file: %+v %v %v", o, ok, err)
+	}
+	n := 0
+	if err := r.Read(func(tx *Tx) error {
+		return tx.ListData(key("node", "a", "", ""), "", 0, true, func(string, []byte, []byte) error { n++; return nil })
+	}); err != nil || n != 1 {
+		t.Errorf("listing an older file: %d members, %v", n, err)
+	}
+	if problems, err := r.Verify(0); err != nil || len(problems) != 0 {
+		t.Errorf("verify of an older file: %v %v", problems, err)
+	}
+}

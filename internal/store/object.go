@@ -64,7 +64,7 @@ func (tx *Tx) List(k ViewKey, after string, limit int, fn func(Object) error) er
 func (tx *Tx) ListData(k ViewKey, after string, limit int, protoFirst bool, fn func(key string, data, proto []byte) error) error {
 	sealed := tx.seal.resource(k.Resource)
 	return tx.walk(k, after, limit, func(mk string) error {
-		if protoFirst && !sealed {
+		if protoFirst && !sealed && tx.protos != nil {
 			// Writes keep a protobuf encoding at its object's
 			// resourceVersion, or delete it (keepProto).
 			if rec := tx.protos.Get(tx.okey); rec != nil {

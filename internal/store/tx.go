@@ -91,8 +91,10 @@ func newTx(btx *bolt.Tx, sl *sealing) (*Tx, error) {
 		loaded:    make(map[string]*viewState),
 		resources: make(map[string]*resourceViews),
 	}
-	if tx.meta == nil || tx.objects == nil || tx.members == nil || tx.views == nil || tx.docs == nil || tx.protos == nil {
-		// Open creates them all; only a file changed behind our back lacks one.
+	if tx.meta == nil || tx.objects == nil || tx.members == nil || tx.views == nil || tx.docs == nil || (tx.protos == nil && btx.Writable()) {
+		// Open creates them all; only a file changed behind our back lacks
+		// one. A file an older outpost wrote lacks protos until Open adds
+		// it, which a read-only store (OpenReadOnly) reads without it.
 		return nil, fmt.Errorf("%w: missing bucket", ErrCorrupt)
 	}
 	if btx.Writable() {
@@ -451,6 +453,9 @@ func (tx *Tx) keepProto(o *Object, resource, mk string, cur []byte) error {
 // key okey if it is at resourceVersion rv (nil: none). It aliases the
 // file.
 func (tx *Tx) proto(okey []byte, rv string) []byte {
+	if tx.protos == nil {
+		return nil
+	}
 	rec := tx.protos.Get(okey)
 	if rec == nil {
 		return nil
