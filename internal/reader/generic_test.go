@@ -275,3 +275,27 @@ func TestProtobufOnlyNeverHidesJSON(t *testing.T) {
 		t.Errorf("JSON list after the JSON answer: %d %s", w.Code, w.Body)
 	}
 }
+
+// TestWatchOnlyViewNamesItsKind: a view that only a protobuf watch of a
+// kind outpost has no type for ever filled records the kind the events
+// named, so offline protobuf answers from it name it too.
+func TestWatchOnlyViewNamesItsKind(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	const pb = "application/vnd.kubernetes.protobuf"
+	a := widgetMessage(t, "a", "ns1", "10", nil, "green")
+	frame, err := (&metav1.WatchEvent{Type: "ADDED", Object: runtime.RawExtension{Raw: widgetEnvelope("Widget", a)}}).Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream := append(binary.BigEndian.AppendUint32(nil, uint32(len(frame))), frame...)
+	respond(t, c, "/apis/example.com/v1/namespaces/ns1/widgets?watch=true&resourceVersion=9", pb, pb+";stream=watch", stream)
+	key := store.ViewKey{Identity: reader.Key(), Resource: widgetResource, Namespace: "ns1"}
+	waitFor(t, "the watch-created view", func() bool { v, ok, _ := c.Store.View(key); return ok && v.ResourceVersion == "10" })
+	if v, _, _ := c.Store.View(key); v.Kind != "WidgetList" || v.APIVersion != widgetAPIVersion {
+		t.Errorf("watch-created view: kind %q, apiVersion %q; want WidgetList, %s", v.Kind, v.APIVersion, widgetAPIVersion)
+	}
+	if w := serve(t, c, "/apis/example.com/v1/namespaces/ns1/widgets/a", pb); w.Code != 200 || !bytes.Equal(w.Body.Bytes(), widgetEnvelope("Widget", a)) {
+		t.Errorf("protobuf get from a watch-created view: %d %q", w.Code, w.Body.Bytes())
+	}
+}

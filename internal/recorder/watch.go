@@ -82,7 +82,12 @@ func (c *Recorder) recordWatch(pipe *pipe, gz bool, view store.ViewKey, contentT
 				initial = append(initial, ev.Object)
 			}
 		default:
-			c.send(write{events: []store.Event{{Type: store.EventType(ev.Type), View: view, Object: ev.Object}}}, &view, "queue-full")
+			e := store.Event{Type: store.EventType(ev.Type), View: view, Object: ev.Object}
+			if ev.Kind != "" {
+				// A view only this watch fills gets the list kind.
+				e.Kind, e.APIVersion = ev.Kind+"List", ev.APIVersion
+			}
+			c.send(write{events: []store.Event{e}}, &view, "queue-full")
 		}
 	}
 }

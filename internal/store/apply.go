@@ -21,6 +21,10 @@ type Event struct {
 	// Object is the object of the event; for a BOOKMARK only its
 	// ResourceVersion matters.
 	Object Object
+	// Kind and APIVersion, if set, are the list kind of the event's view
+	// (e.g. "PodList", "v1"), given to a view that has none: one a watch
+	// created. Answers assembled from it then name their kind.
+	Kind, APIVersion string
 }
 
 // Apply applies a batch of watch events, in order, in this one transaction.
@@ -48,8 +52,8 @@ type Event struct {
 //     kube-proxy's filtered watch no longer sees it. If it was deleted,
 //     every other watch holding it reports that too.
 //
-// An event for a view that was never listed creates that view, without
-// Kind, and Stale: it holds only what the watch delivered, not what existed
+// An event for a view that was never listed creates that view, with the
+// event's Kind if it has one, and Stale: it holds only what the watch delivered, not what existed
 // before the watch began. ReplaceView makes it complete.
 //
 // Each view an event touches records the transaction's time as Updated.
@@ -82,6 +86,9 @@ func (tx *Tx) apply(ev *Event) error {
 	if vs.created {
 		vs.rec.stale = true // never listed
 		vs.created = false
+	}
+	if vs.rec.kind == "" && ev.Kind != "" {
+		vs.rec.kind, vs.rec.apiVersion = ev.Kind, ev.APIVersion
 	}
 	vs.advance(o.ResourceVersion)
 	vs.rec.updated = tx.now
