@@ -5,7 +5,6 @@ import (
 
 	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/store"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 )
 
 // recordObject records a GET answer for view. With a claim (see
@@ -187,18 +186,28 @@ func (c *Recorder) unchanged(view store.ViewKey, rv, contentType string) bool {
 	if rv == "" {
 		return false
 	}
-	v, ok, err := c.Store.View(view)
-	if err != nil || !ok || v.Stale || v.ResourceVersion != rv {
-		return false
-	}
-	if codec.MediaType(contentType) == codec.MediaProtobuf || v.Kind == "" ||
-		codec.KnownKind(schema.FromAPIVersionAndKind(v.APIVersion, strings.TrimSuffix(v.Kind, "List"))) {
-		return true
-	}
-	// A kind outpost has no type for, answered now in JSON or CBOR: the
-	// view may hold only what a protobuf answer told of it (see
-	// codec.IsProtobufOnly), which this answer completes.
-	return !c.protobufOnly(view)
+	held := false
+	err := c.Store.Read(func(tx *store.Tx) error {
+		v, ok, err := tx.View(view)
+		if err != nil || !ok || v.Stale || v.ResourceVersion != rv {
+			return err
+		}
+		held = true
+		if codec.MediaType(contentType) == codec.MediaProtobuf {
+			return nil
+		}
+		// Answered now in JSON or CBOR: the view may hold only what
+		// protobuf answers of a kind outpost has no type for told of it
+		// (see codec.IsProtobufOnly), which this answer completes. Its
+		// first member tells, read without decoding (asking the scheme
+		// whether the kind is known would build it, which outposts whose
+		// clients speak JSON never need).
+		return tx.ListData(view, "", 1, false, func(_ string, data, _ []byte) error {
+			held = !codec.IsProtobufOnly(data)
+			return nil
+		})
+	})
+	return err == nil && held
 }
 
 // keepJSON gives o, an object of resource decoded from a protobuf answer

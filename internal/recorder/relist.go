@@ -83,9 +83,11 @@ func maybeGunzip(resp *http.Response, body []byte) []byte {
 // protobuf (see codec.IsProtobufOnly), judging by its first member.
 func (c *Recorder) protobufOnly(k store.ViewKey) bool {
 	marker := false
-	_ = c.Store.List(k, "", 1, func(o store.Object) error {
-		marker = codec.IsProtobufOnly(o.Data)
-		return nil
+	_ = c.Store.Read(func(tx *store.Tx) error {
+		return tx.ListData(k, "", 1, false, func(_ string, data, _ []byte) error {
+			marker = codec.IsProtobufOnly(data)
+			return nil
+		})
 	})
 	return marker
 }

@@ -116,26 +116,42 @@ func TestInspectReadOnly(t *testing.T) {
 	_ = r.Close()
 }
 
-// TestVerifyFindsDamage: Verify names each kind of inconsistency a file
-// altered behind the store's back can hold.
-func TestVerifyFindsDamage(t *testing.T) {
+// alteredFile writes objs as one view of a new store file, closes it,
+// changes the file behind the store's back with alter, and opens it
+// read-only.
+func alteredFile(t *testing.T, alter func(*bolt.Tx) error, objs ...Object) *Store {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "cache.db")
 	s, err := Open(path, Options{NoSync: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	p1 := pod("a", "p1", "5")
-	p1.Proto = []byte("\x0a\x01x")
-	if err := replace(key("node", "a", "", ""), "10", p1, pod("a", "p2", "6"))(s); err != nil {
+	if err := replace(key("node", "a", "", ""), "10", objs...)(s); err != nil {
 		t.Fatal(err)
 	}
 	_ = s.Close()
-
 	db, err := bolt.Open(path, 0o600, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := db.Update(func(btx *bolt.Tx) error {
+	if err := db.Update(alter); err != nil {
+		t.Fatal(err)
+	}
+	_ = db.Close()
+	r, err := OpenReadOnly(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Close() })
+	return r
+}
+
+// TestVerifyFindsDamage: Verify names each kind of inconsistency a file
+// altered behind the store's back can hold.
+func TestVerifyFindsDamage(t *testing.T) {
+	p1 := pod("a", "p1", "5")
+	p1.Proto = []byte("\x0a\x01x")
+	r := alteredFile(t, func(btx *bolt.Tx) error {
 		// An object gone from under its view, a counter off, a protobuf
 		// encoding of another resourceVersion.
 		if err := btx.Bucket(bucketObjects).Delete(objectKey(nil, pods, memberKey("a", "p2"))); err != nil {
@@ -145,16 +161,7 @@ func TestVerifyFindsDamage(t *testing.T) {
 			return err
 		}
 		return btx.Bucket(bucketProtos).Put(objectKey(nil, pods, memberKey("a", "p1")), append(appendString(nil, "4"), "\x0a\x01x"...))
-	}); err != nil {
-		t.Fatal(err)
-	}
-	_ = db.Close()
-
-	r, err := OpenReadOnly(path, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	}, p1, pod("a", "p2", "6"))
 	problems, err := r.Verify(0)
 	if err != nil {
 		t.Fatal(err)
@@ -175,29 +182,7 @@ func TestVerifyFindsDamage(t *testing.T) {
 // TestInspectOlderFile: a file an older outpost wrote, without the protos
 // bucket that Open adds, is read and verified as it is.
 func TestInspectOlderFile(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "cache.db")
-	s, err := Open(path, Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := replace(key("node", "a", "", ""), "10", pod("a", "p1", "5"))(s); err != nil {
-		t.Fatal(err)
-	}
-	_ = s.Close()
-	db, err := bolt.Open(path, 0o600, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Update(func(btx *bolt.Tx) error { return btx.DeleteBucket(bucketProtos) }); err != nil {
-		t.Fatal(err)
-	}
-	_ = db.Close()
-
-	r, err := OpenReadOnly(path, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	r := alteredFile(t, func(btx *bolt.Tx) error { return btx.DeleteBucket(bucketProtos) }, pod("a", "p1", "5"))
 	if o, ok, err := r.Get(pods, "a", "p1"); err != nil || !ok || o.Proto != nil {
 		t.Errorf("get from an older file: %+v %v %v", o, ok, err)
 	}
