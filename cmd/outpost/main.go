@@ -97,6 +97,12 @@ func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 		cfg.NodeIPs = append(cfg.NodeIPs, splitList(s)...)
 		return nil
 	})
+	fs.StringVar(&cfg.NodeLocalAddress, "node-local-address", "", "IP:port of a second TLS listener for in-cluster clients of this node, e.g. 169.254.2.1:10269 on lo (default off): kubelet then sees the kubernetes Service there and --service-proxies its endpoints; needs --rotate-server-certificates or --tls-cert-file from the cluster CA")
+	fs.Func("service-proxies", `users whose view of the kubernetes Service's endpoints points at --node-local-address: comma-separated names or prefixes ending in "*" (default kube-proxy's service account and system:kube-proxy)`, func(s string) error {
+		cfg.ServiceProxies = splitList(s)
+		return nil
+	})
+	fs.StringVar(&cfg.ClusterDomain, "cluster-domain", cfg.ClusterDomain, "the cluster's DNS domain, for the serving certificate's kubernetes.default.svc.<domain> (with --node-local-address)")
 	fs.Func("api-audiences", "audiences a never-seen service-account token must carry to be accepted offline (default: the cluster's token issuer); comma-separated", func(s string) error {
 		cfg.APIAudiences = splitList(s)
 		return nil

@@ -48,6 +48,11 @@ type Rotator struct {
 	Dir  string
 	// Template is the subject and SANs to request.
 	Template *x509.CertificateRequest
+	// Learn, if set, completes Template at the time of a request with what
+	// only the apiserver can tell (say, a Service's address); an error
+	// postpones the request. A held certificate that lacks a name the
+	// completed template asks for is renewed at once.
+	Learn func(ctx context.Context, tmpl *x509.CertificateRequest) (*x509.CertificateRequest, error)
 	// SignerName and Usages go into the CSR.
 	SignerName string
 	Usages     []certificatesv1.KeyUsage
@@ -239,7 +244,7 @@ func (r *Rotator) Run(ctx context.Context) error {
 	backoff := 2 * time.Second
 	var lastErr string
 	for {
-		if c := r.Current(); c != nil {
+		if c := r.Current(); c != nil && !r.lacksNames(ctx, c.Leaf) {
 			at := r.Deadline()
 			r.Log.Info("certificate renewal scheduled", "name", r.Name, "at", at.Round(time.Second), "expires", c.Leaf.NotAfter)
 			if !sleep(ctx, time.Until(at)) {
@@ -279,8 +284,43 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
+// template returns what to request now.
+func (r *Rotator) template(ctx context.Context) (*x509.CertificateRequest, error) {
+	if r.Learn == nil {
+		return r.Template, nil
+	}
+	return r.Learn(ctx, r.Template)
+}
+
+// lacksNames reports whether leaf lacks a SAN that a request now would
+// ask for (the configuration changed, or the apiserver told something new).
+// When that cannot be told, it does not.
+func (r *Rotator) lacksNames(ctx context.Context, leaf *x509.Certificate) bool {
+	tmpl, err := r.template(ctx)
+	if err != nil {
+		return false
+	}
+	for _, d := range tmpl.DNSNames {
+		if !slices.Contains(leaf.DNSNames, d) {
+			r.Log.Info("certificate lacks a name now asked for; requesting a new one", "name", r.Name, "dns", d)
+			return true
+		}
+	}
+	for _, ip := range tmpl.IPAddresses {
+		if !slices.ContainsFunc(leaf.IPAddresses, ip.Equal) {
+			r.Log.Info("certificate lacks an address now asked for; requesting a new one", "name", r.Name, "ip", ip)
+			return true
+		}
+	}
+	return false
+}
+
 // renew files one CSR with a new key and waits for its certificate.
 func (r *Rotator) renew(ctx context.Context) error {
+	tmpl, err := r.template(ctx)
+	if err != nil {
+		return fmt.Errorf("completing the request: %w", err)
+	}
 	old := r.Current()
 	client, err := r.Client(old)
 	if err != nil {
@@ -290,7 +330,7 @@ func (r *Rotator) renew(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	csrPEM, err := cert.MakeCSRFromTemplate(key, r.Template)
+	csrPEM, err := cert.MakeCSRFromTemplate(key, tmpl)
 	if err != nil {
 		return fmt.Errorf("making CSR: %w", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"net/url"
 	"time"
 )
@@ -55,6 +56,24 @@ type Hub struct {
 	// NodeIPs are this node's addresses, added to the serving certificate's
 	// SANs besides 127.0.0.1, ::1, localhost and the node name.
 	NodeIPs []string
+	// NodeLocalAddress, when set (IP:port, a link-local address on lo, say
+	// 169.254.2.1:10269), is a second TLS listener where in-cluster clients
+	// of this node reach outpost: pods on the pod network and on the host
+	// network alike. This node's kubelet then sees the kubernetes Service
+	// pointing there (so pods' KUBERNETES_SERVICE_HOST/PORT lead to
+	// outpost), and ServiceProxies see its endpoints there (so its VIP and
+	// kubernetes.default.svc do too). The serving certificate then also
+	// names the in-cluster names and the Service's VIP, so it must come from
+	// the cluster CA: RotateServerCertificates, or TLSCertFile. Empty = off.
+	NodeLocalAddress string
+	// ServiceProxies are the users whose view of the kubernetes Service's
+	// endpoints points at NodeLocalAddress (user names, or prefixes ending
+	// in "*"); this node's own user always is. Default: kube-proxy's
+	// service account and the system:kube-proxy user.
+	ServiceProxies []string
+	// ClusterDomain is the cluster's DNS domain, for the serving
+	// certificate's kubernetes.default.svc.<domain>. Default cluster.local.
+	ClusterDomain string
 	// ClientCAFile verifies client certificates of local callers. Empty means
 	// the certificate authority of the kubeconfig's cluster.
 	ClientCAFile string
@@ -123,6 +142,8 @@ func DefaultHub() Hub {
 		FailureThreshold: 1,
 		SuccessThreshold: 2,
 		RecordIdentities: []string{"*"},
+		ServiceProxies:   []string{"system:serviceaccount:kube-system:kube-proxy", "system:kube-proxy"},
+		ClusterDomain:    "cluster.local",
 		FlapWindow:       10 * time.Second,
 		RelistRate:       5,
 		ShutdownTimeout:  15 * time.Second,
@@ -157,6 +178,17 @@ func (c *Hub) Validate() error {
 		}
 		if _, _, err := net.SplitHostPort(addr); err != nil {
 			errs = append(errs, fmt.Errorf("%s %q: %w", flag, addr, err))
+		}
+	}
+	if c.NodeLocalAddress != "" {
+		ap, err := netip.ParseAddrPort(c.NodeLocalAddress)
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("--node-local-address %q: want IP:port: %w", c.NodeLocalAddress, err))
+		case ap.Addr().IsUnspecified() || ap.Port() == 0:
+			errs = append(errs, fmt.Errorf("--node-local-address %q: want one address and a port, which pods are pointed at", c.NodeLocalAddress))
+		case !c.RotateServerCertificates && c.TLSCertFile == "":
+			errs = append(errs, errors.New("--node-local-address needs a serving certificate from the cluster CA, which in-cluster clients trust: --rotate-server-certificates or --tls-cert-file"))
 		}
 	}
 	for _, ip := range c.NodeIPs {

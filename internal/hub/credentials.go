@@ -1,19 +1,24 @@
 package hub
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
 	certificatesv1 "k8s.io/api/certificates/v1"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
@@ -217,6 +222,15 @@ func (h *Hub) servingHosts() []string {
 	if host, _, err := net.SplitHostPort(h.cfg.SecureAddress); err == nil && host != "" && host != "0.0.0.0" && host != "::" {
 		hosts = append(hosts, host)
 	}
+	if h.cfg.NodeLocalAddress != "" {
+		// What in-cluster clients verify: the address kubelet gives them,
+		// and the names of the kubernetes Service (its VIP is learned from
+		// the apiserver, see kubernetesServiceIPs).
+		if host, _, err := net.SplitHostPort(h.cfg.NodeLocalAddress); err == nil {
+			hosts = append(hosts, host)
+		}
+		hosts = append(hosts, "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc."+h.cfg.ClusterDomain)
+	}
 	seen := map[string]bool{}
 	out := hosts[:0]
 	for _, s := range hosts {
@@ -253,6 +267,63 @@ func (h *Hub) servingRotator() *certs.Rotator {
 		// Always as the node: the signer issues serving certificates only
 		// to the node they name.
 		Client: func(*tls.Certificate) (*certs.CSRClient, error) { return h.nodeCSRClient(), nil },
+		Learn:  h.learnServingNames,
 		Log:    h.log,
 	}
+}
+
+// learnServingNames adds the kubernetes Service's VIP to a serving
+// certificate request when in-cluster clients are served, since clients
+// that reach outpost through the VIP verify it.
+func (h *Hub) learnServingNames(ctx context.Context, tmpl *x509.CertificateRequest) (*x509.CertificateRequest, error) {
+	if h.cfg.NodeLocalAddress == "" {
+		return tmpl, nil
+	}
+	ips, err := h.kubernetesServiceIPs(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("learning the kubernetes Service's address for the serving certificate: %w", err)
+	}
+	out := *tmpl
+	out.IPAddresses = slices.Clone(tmpl.IPAddresses)
+	for _, ip := range ips {
+		if !slices.ContainsFunc(out.IPAddresses, ip.Equal) {
+			out.IPAddresses = append(out.IPAddresses, ip)
+		}
+	}
+	return &out, nil
+}
+
+// kubernetesServiceIPs asks the apiserver, as the node, for the ClusterIPs
+// of the kubernetes Service in default.
+func (h *Hub) kubernetesServiceIPs(ctx context.Context) ([]net.IP, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://upstream/api/v1/namespaces/default/services/kubernetes", nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Accept", "application/json")
+	req.Header.Set("User-Agent", userAgent())
+	resp, err := nodeTransport{h}.RoundTrip(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET the kubernetes Service: %s", resp.Status)
+	}
+	var svc corev1.Service
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&svc); err != nil {
+		return nil, fmt.Errorf("decoding the kubernetes Service: %w", err)
+	}
+	var ips []net.IP
+	for _, s := range append([]string{svc.Spec.ClusterIP}, svc.Spec.ClusterIPs...) {
+		if ip := net.ParseIP(s); ip != nil && !slices.ContainsFunc(ips, ip.Equal) {
+			ips = append(ips, ip)
+		}
+	}
+	if len(ips) == 0 {
+		return nil, errors.New("the kubernetes Service has no ClusterIP")
+	}
+	return ips, nil
 }

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -34,6 +35,7 @@ import (
 	"github.com/outposthq/outpost/internal/reader"
 	"github.com/outposthq/outpost/internal/recorder"
 	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/rewrite"
 	"github.com/outposthq/outpost/internal/seal"
 	"github.com/outposthq/outpost/internal/server"
 	"github.com/outposthq/outpost/internal/store"
@@ -309,7 +311,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 
 	newProxy := func(auth proxy.Authenticate) http.Handler {
 		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Record: rec.Tee, Cache: cache, Local: writes, Online: h.monitor.Online,
-			Metrics: h.metrics, Log: h.log, Stopping: gctx, Activity: mem}
+			Metrics: h.metrics, Log: h.log, Stopping: gctx, Activity: mem, Rewrite: h.rewriteRules()}
 		p.Init()
 		return p
 	}
@@ -322,6 +324,9 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 		g.Go(func() error { return s.Run(gctx) })
 	}
 	start("secure", h.cfg.SecureAddress, newProxy(h.auth.Authenticate), h.tls)
+	// In-cluster clients of this node: the same authentication, answers
+	// and certificate as the secure port.
+	start("node-local", h.cfg.NodeLocalAddress, newProxy(h.auth.Authenticate), h.tls)
 	// Everything on the plain-HTTP port is this node's kubelet: that is the
 	// contract of the port, which is why it is off by default and meant for
 	// loopback only.
@@ -340,6 +345,15 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 		err = nil
 	}
 	return err
+}
+
+// rewriteRules points this node's in-cluster clients at the node-local
+// address (package rewrite), or nil when there is none.
+func (h *Hub) rewriteRules() *rewrite.Rules {
+	if h.cfg.NodeLocalAddress == "" {
+		return nil
+	}
+	return &rewrite.Rules{Address: netip.MustParseAddrPort(h.cfg.NodeLocalAddress), NodeUser: identity.NodeUser(h.cfg.NodeName), Proxies: h.cfg.ServiceProxies}
 }
 
 // recordFilter turns --record-identities into the cache's Record hook.

@@ -15,6 +15,11 @@ type Metrics struct {
 	// Requests counts finished requests by verb, resource, code and who
 	// served them (upstream, cache, local).
 	Requests *prometheus.CounterVec
+	// ClientRequests counts finished requests by client (this node, each
+	// service account, other users together) and what served them: proof
+	// that in-cluster clients come through outpost and are answered from
+	// the cache offline. Service accounts on one node are few.
+	ClientRequests *prometheus.CounterVec
 	// Duration observes request latency up to the end of the response for
 	// ordinary requests and up to the response headers for long-running ones.
 	Duration *prometheus.HistogramVec
@@ -66,6 +71,10 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "outpost_requests_total",
 			Help: "Requests served, by verb, resource, HTTP code and what served them.",
 		}, []string{"verb", "resource", "code", "served_by"}),
+		ClientRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_client_requests_total",
+			Help: `Requests served, by client ("node", "serviceaccount:<namespace>/<name>", "user" for other users, "anonymous") and what served them.`,
+		}, []string{"client", "served_by"}),
 		Duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "outpost_request_duration_seconds",
 			Help:    "Request latency (to the end of the body, or to the headers for watches and upgrades).",
@@ -132,7 +141,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.JournalDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_dropped_total", Help: "Journaled events dropped because the journal was full."})
 	m.JournalReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_replayed_total", Help: "Journaled events delivered to the apiserver after reconnect."})
 	reg.MustRegister(m.MemoryReleases, m.CertRotations, m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheUnrecorded, m.CacheErrors,
-		m.Requests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
+		m.Requests, m.ClientRequests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
 		m.UpstreamTransitions, m.UpstreamProbes, m.Online, m.AuthFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/reader"
 	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/rewrite"
 	"github.com/outposthq/outpost/internal/status"
 )
 
@@ -76,6 +78,9 @@ type Handler struct {
 	// Activity, if set, is told when each request that is not
 	// long-running begins and ends (see memory.Releaser).
 	Activity Activity
+	// Rewrite, if set, changes the answers it names on their way to the
+	// client, after Record took its copy, whoever answered.
+	Rewrite *rewrite.Rules
 
 	proxy *httputil.ReverseProxy
 	// inFlight and responseBytes are Metrics' children resolved once, as
@@ -200,13 +205,17 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		h.observe(rec, info, start)
 	}()
+	var out http.ResponseWriter = rec
+	if h.Rewrite != nil {
+		out = h.Rewrite.Wrap(rec, info, h.Log)
+	}
 	offline := h.Cache != nil && h.Online != nil && !h.Online()
 	switch {
 	case offline && h.Cache.Answers(r, info):
-		h.Cache.Serve(rec, r, info)
+		h.Cache.Serve(out, r, info)
 	case offline && h.Local != nil && h.Local.Answers(r, info):
 		rec.local = true
-		h.Local.Serve(rec, r, info)
+		h.Local.Serve(out, r, info)
 	case offline && r.Method != http.MethodGet && r.Method != http.MethodHead && !info.Upgrade:
 		// A write nothing local may answer: say so now rather than after
 		// a TLS handshake timeout on a dead link.
@@ -215,7 +224,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		// Online, or nothing local can answer: the apiservers, which are
 		// all still tried while every one is judged unhealthy.
-		h.proxy.ServeHTTP(rec, r)
+		h.proxy.ServeHTTP(out, r)
+	}
+	if rw, ok := out.(*rewrite.Writer); ok {
+		rw.Finish()
 	}
 	completed = true
 }
@@ -244,6 +256,7 @@ func (h *Handler) observe(rec *recorder, info *request.Info, start time.Time) {
 			servedBy = servedByCache
 		}
 		h.Metrics.Requests.WithLabelValues(info.Verb, resource, codeString(rec.code), servedBy).Inc()
+		h.Metrics.ClientRequests.WithLabelValues(clientLabel(info.Identity), servedBy).Inc()
 		end := rec.firstWrite
 		if !info.LongRunning || end.IsZero() {
 			end = time.Now()
@@ -252,6 +265,26 @@ func (h *Handler) observe(rec *recorder, info *request.Info, start time.Time) {
 		h.responseBytes[servedBy].Add(float64(rec.bytes))
 	}
 }
+
+// clientLabel names a caller in outpost_client_requests_total: this node,
+// each service account (a node runs few), other users together.
+func clientLabel(id request.Identity) string {
+	switch {
+	case id.Kind == request.NodeCert:
+		return "node"
+	case strings.HasPrefix(id.User, serviceAccountPrefix):
+		ns, name, ok := strings.Cut(strings.TrimPrefix(id.User, serviceAccountPrefix), ":")
+		if ok {
+			return "serviceaccount:" + ns + "/" + name
+		}
+		return "user"
+	case id.Kind == request.Anonymous:
+		return "anonymous"
+	}
+	return "user"
+}
+
+const serviceAccountPrefix = "system:serviceaccount:"
 
 // codeString is strconv.Itoa without an allocation for the usual codes.
 func codeString(code int) string {
@@ -285,7 +318,7 @@ func (h *Handler) reject(w http.ResponseWriter, r *http.Request, err error) {
 func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
 		// The client went away; nobody reads an answer.
-		if rec, ok := w.(*recorder); ok {
+		if rec := recorderOf(w); rec != nil {
 			rec.code = statusClientClosed
 		}
 		return
@@ -298,10 +331,24 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 		return
 	}
 	h.Log.Warn("no apiserver answered", "method", r.Method, "path", r.URL.Path, "err", err)
-	if rec, ok := w.(*recorder); ok {
+	if rec := recorderOf(w); rec != nil {
 		rec.local = true
 	}
 	status.WriteError(w, status.Unavailable("outpost: no apiserver reachable: "+err.Error(), 1))
+}
+
+// recorderOf finds the recorder in w or below it (under a rewrite.Writer).
+func recorderOf(w http.ResponseWriter) *recorder {
+	for {
+		if rec, ok := w.(*recorder); ok {
+			return rec
+		}
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			return nil
+		}
+		w = u.Unwrap()
+	}
 }
 
 // recorder notes what the handler wrote, for metrics. It unwraps for
