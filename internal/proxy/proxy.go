@@ -208,6 +208,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var out http.ResponseWriter = rec
 	if h.Rewrite != nil {
 		out = h.Rewrite.Wrap(rec, info, h.Log)
+		if out != http.ResponseWriter(rec) {
+			// An answer to rewrite is asked for uncompressed, watches
+			// included (kube-apiserver gzips WatchList streams): these
+			// few reads cost more bytes upstream, not a stream inflated
+			// and compressed again here.
+			r.Header = r.Header.Clone()
+			r.Header.Del("Accept-Encoding")
+		}
 	}
 	offline := h.Cache != nil && h.Online != nil && !h.Online()
 	switch {

@@ -64,6 +64,7 @@ func (w *Writer) WriteHeader(code int) {
 		return
 	}
 	w.mode = w.modeFor(code)
+	w.log.Debug("answer may point the kubernetes Service at outpost", "kind", w.kind.String(), "mode", int(w.mode), "content-type", w.Header().Get("Content-Type"), "content-encoding", w.Header().Get("Content-Encoding"), "watch", w.watch)
 	switch w.mode {
 	case wholeJSON, wholeProtobuf:
 		// The length changes; it is set again at Finish.
