@@ -262,7 +262,13 @@ func (c *ControlPlane) startNode(ctx context.Context, name, kubeconfig string, o
 // (see Leftovers). A node that cannot start fails the test.
 func (c *ControlPlane) StartNodeForTest(t testing.TB, name, kubeconfig string) *Node {
 	t.Helper()
-	n, err := c.StartNode(t.Context(), name, kubeconfig)
+	return c.startNodeForTest(t, name, kubeconfig, nodeOptions{})
+}
+
+// startNodeForTest is StartNodeForTest with options.
+func (c *ControlPlane) startNodeForTest(t testing.TB, name, kubeconfig string, opts nodeOptions) *Node {
+	t.Helper()
+	n, err := c.startNode(t.Context(), name, kubeconfig, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
