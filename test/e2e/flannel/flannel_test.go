@@ -9,6 +9,7 @@ package flannel
 import (
 	"context"
 	"net"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -108,6 +109,44 @@ func TestFlannelPodNetwork(t *testing.T) {
 		ms(nodeReady), ms(flannelReady), ms(podReady))
 	t.Logf("reboot: flannel ready again %v, pod serving again %v after StopKubelet (pod IP %s, then %s)",
 		ms(flannelBack), ms(rebootToServing), web.IP, again.IP)
+}
+
+// TestFlannelThroughOutpost runs kubelet and flanneld through outpost, as
+// on an edge node: flanneld's in-cluster config reaches outpost, trusting
+// its serving CA, with its service account's token, and does its part
+// there.
+func TestFlannelThroughOutpost(t *testing.T) {
+	framework.RequireRealNode(t)
+	ctx := t.Context()
+	const node, ns = "flannel-edge", "flannel-edge-web"
+
+	if err := cp.CreateWebConfig(ctx, ns, greeting, password); err != nil {
+		t.Fatal(err)
+	}
+	o := cp.StartOutpostT(t, node)
+	kubeconfig, err := o.NodeKubeconfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := url.Parse(o.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	begin := time.Now()
+	f := cp.StartFlannelNodeForTest(t, node, kubeconfig, framework.FlannelOptions{APIServer: u.Host, CAFile: o.ServingCAFile})
+	pod := framework.WebPod(framework.WebPodName, node, false, framework.WebPodPort, framework.WebConfigMap, framework.WebSecret)
+	if _, err := cp.Client().CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	flannelReady := time.Since(begin)
+	checkFlannel(t, f)
+	web := waitReady(ctx, t, f.Node, ns, framework.WebPodName, nil)
+	checkPodNetwork(ctx, t, f, web.IP)
+	t.Logf("through outpost: flannel ready %v, pod on flannel's network serving %v after start",
+		flannelReady.Round(time.Millisecond), time.Since(begin).Round(time.Millisecond))
 }
 
 // waitReady waits until pod ns/name is Ready with a container other than

@@ -87,6 +87,7 @@ type Flannel struct {
 	SubnetFile string
 
 	apiserver string // host:port of the API for flanneld
+	ca        []byte // CA bundle for flanneld, if not the cluster CA
 }
 
 // FlannelOptions change how StartFlannelNodeForTest sets flannel up; the
@@ -102,6 +103,12 @@ type FlannelOptions struct {
 	// first apiserver (127.0.0.1) when empty; flanneld is on the host
 	// network, so a loopback address works.
 	APIServer string
+	// CAFile, when set, is the CA bundle flanneld's in-cluster config
+	// trusts (ca.crt beside its service account token) in place of the
+	// cluster CA: through outpost, its ServingCAFile. The pod then
+	// projects its token, ca.crt and namespace itself, as kubelet's own
+	// kube-api-access volume does, with ca.crt from a ConfigMap.
+	CAFile string
 }
 
 // StartFlannelNodeForTest starts a node for one test, as StartNodeForTest
@@ -164,6 +171,13 @@ func (c *ControlPlane) newFlannel(opts FlannelOptions) (*Flannel, error) {
 	}
 	if _, _, err := net.SplitHostPort(f.apiserver); err != nil {
 		return nil, fmt.Errorf("flannel: API server %q: %w", f.apiserver, err)
+	}
+	if opts.CAFile != "" {
+		ca, err := os.ReadFile(opts.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("flannel: %w", err)
+		}
+		f.ca = ca
 	}
 	f.Iface = "ofl" + randomID() // with the peer's "p", within 15 bytes
 	// The device is "flannel.<VNI>", so the VNI has 7 digits at most to
@@ -290,6 +304,9 @@ func (f *Flannel) deploy(ctx context.Context) error {
 		ObjectMeta: metav1.ObjectMeta{Name: f.Pod},
 		Data:       map[string]string{"net-conf.json": string(netConf)},
 	}
+	if f.ca != nil {
+		cm.Data["ca.crt"] = string(f.ca)
+	}
 	if _, err := client.CoreV1().ConfigMaps(f.Namespace).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("flannel: creating ConfigMap %s/%s: %w", f.Namespace, cm.Name, err)
 	}
@@ -393,7 +410,7 @@ func (f *Flannel) pod() *corev1.Pod {
 	fieldEnv := func(name, path string) corev1.EnvVar {
 		return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: path}}}
 	}
-	return &corev1.Pod{
+	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: f.Pod, Labels: map[string]string{"app": "flannel"}},
 		Spec: corev1.PodSpec{
 			NodeName:                      f.Node.Name,
@@ -438,10 +455,33 @@ func (f *Flannel) pod() *corev1.Pod {
 				}}},
 				{Name: "config", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
 					LocalObjectReference: corev1.LocalObjectReference{Name: f.Pod},
+					Items:                []corev1.KeyToPath{{Key: "net-conf.json", Path: "net-conf.json"}},
 				}}},
 			},
 		},
 	}
+	if f.ca == nil {
+		return pod
+	}
+	// kubelet's kube-api-access volume, with the CA of the ConfigMap.
+	pod.Spec.AutomountServiceAccountToken = new(false)
+	pod.Spec.Volumes = append(pod.Spec.Volumes, corev1.Volume{Name: "api-access", VolumeSource: corev1.VolumeSource{
+		Projected: &corev1.ProjectedVolumeSource{Sources: []corev1.VolumeProjection{
+			{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{Path: "token", ExpirationSeconds: new(int64(3607))}},
+			{ConfigMap: &corev1.ConfigMapProjection{
+				LocalObjectReference: corev1.LocalObjectReference{Name: f.Pod},
+				Items:                []corev1.KeyToPath{{Key: "ca.crt", Path: "ca.crt"}},
+			}},
+			{DownwardAPI: &corev1.DownwardAPIProjection{Items: []corev1.DownwardAPIVolumeFile{
+				{Path: "namespace", FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.namespace"}},
+			}}},
+		}},
+	}})
+	c := &pod.Spec.Containers[0]
+	c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{
+		Name: "api-access", MountPath: "/var/run/secrets/kubernetes.io/serviceaccount", ReadOnly: true,
+	})
+	return pod
 }
 
 // flannelAnnotations are the annotations flanneld writes on its Node once
