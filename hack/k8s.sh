@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the pinned Kubernetes toolchain into _output/k8s from the Go module
 # proxy: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# kubelet (v1.37.2), etcd (v3.7.0) and kwok (v0.8.0).
+# kubelet (v1.37.2), etcd (v3.7.0), kwok (v0.8.0), flanneld (v0.28.10) and
+# flannel's CNI plugin (flannel-cni, from containernetworking/plugins v0.9.1).
 #
 # A binary is rebuilt only when its tools module (go.mod/go.sum), the Go
 # version or this script changed; otherwise the run takes well under a second.
@@ -26,7 +27,7 @@ build() { # module dir, output name, package, ldflags
   fi
   echo "k8s.sh: building $name ($pkg)" >&2
   local start=$SECONDS
-  (cd "$mod" && CGO_ENABLED=0 go build -ldflags "$ldflags" -o "$out/$name.tmp" "$pkg")
+  (cd "$mod" && CGO_ENABLED=${cgo:-0} go build ${tags:+-tags "$tags"} -ldflags "$ldflags" -o "$out/$name.tmp" "$pkg")
   mv "$out/$name.tmp" "$out/$name"
   echo "$want" > "$out/.$name.stamp"
   echo "k8s.sh: built $name in $((SECONDS - start))s" >&2
@@ -35,13 +36,16 @@ build() { # module dir, output name, package, ldflags
 k8smod="$root/hack/tools/k8s"
 kwokmod="$root/hack/tools/kwok"
 
-want=${*:-"etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kwok"}
+want=${*:-"etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kwok flanneld flannel-cni"}
 for b in $want; do
   case $b in
     etcd) build "$k8smod" etcd go.etcd.io/etcd/server/v3 "-s -w" ;;
     kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|kubelet)
       build "$k8smod" "$b" "k8s.io/kubernetes/cmd/$b" "$k8s_ldflags" ;;
     kwok) build "$kwokmod" kwok sigs.k8s.io/kwok/cmd/kwok "-s -w" ;;
+    # flanneld's UDP backend needs cgo on amd64: linked statically, with Go's own resolver and user lookup.
+    flanneld) cgo=1 tags=netgo,osusergo build "$root/hack/tools/flannel" flanneld github.com/flannel-io/flannel "-s -w -linkmode=external -extldflags=-static" ;;
+    flannel-cni) build "$root/hack/tools/flannel/cni" flannel-cni github.com/containernetworking/plugins/plugins/meta/flannel "-s -w" ;;
     *) echo "k8s.sh: unknown binary $b" >&2; exit 2 ;;
   esac
 done

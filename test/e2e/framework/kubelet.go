@@ -187,7 +187,21 @@ func hasCapability(bit uint) (bool, error) {
 // it: kubelet refuses a loopback node IP and advertises the machine's
 // external address, so `kubectl logs/exec` cannot work. Reach a pod through
 // its hostNetwork port on 127.0.0.1, or its pod IP through Bridge.
-func (c *ControlPlane) StartNode(ctx context.Context, name, kubeconfig string) (_ *Node, err error) {
+func (c *ControlPlane) StartNode(ctx context.Context, name, kubeconfig string) (*Node, error) {
+	return c.startNode(ctx, name, kubeconfig, nodeOptions{})
+}
+
+// nodeOptions change how startNode sets a node up; the zero value is
+// StartNode's node.
+type nodeOptions struct {
+	// cni, when set, writes the node's CNI network configuration into
+	// confDir in place of the static bridge network, and returns the
+	// directory of CNI plugins containerd runs (cniBinDir by default).
+	cni func(n *Node, confDir string) (binDir string, err error)
+}
+
+// startNode is StartNode with options.
+func (c *ControlPlane) startNode(ctx context.Context, name, kubeconfig string, opts nodeOptions) (_ *Node, err error) {
 	if errs := validation.IsDNS1123Subdomain(name); len(errs) > 0 {
 		return nil, fmt.Errorf("starting node %q: invalid name: %s", name, strings.Join(errs, "; "))
 	}
@@ -209,7 +223,7 @@ func (c *ControlPlane) StartNode(ctx context.Context, name, kubeconfig string) (
 	if err != nil {
 		return nil, fmt.Errorf("starting node %s: %w", name, err)
 	}
-	n, err := c.newNode(name, kubeconfig)
+	n, err := c.newNode(name, kubeconfig, opts)
 	if err != nil {
 		return nil, fmt.Errorf("starting node %s: %w", name, err)
 	}
@@ -248,7 +262,13 @@ func (c *ControlPlane) StartNode(ctx context.Context, name, kubeconfig string) (
 // (see Leftovers). A node that cannot start fails the test.
 func (c *ControlPlane) StartNodeForTest(t testing.TB, name, kubeconfig string) *Node {
 	t.Helper()
-	n, err := c.StartNode(t.Context(), name, kubeconfig)
+	return c.startNodeForTest(t, name, kubeconfig, nodeOptions{})
+}
+
+// startNodeForTest is StartNodeForTest with options.
+func (c *ControlPlane) startNodeForTest(t testing.TB, name, kubeconfig string, opts nodeOptions) *Node {
+	t.Helper()
+	n, err := c.startNode(t.Context(), name, kubeconfig, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,7 +285,7 @@ func (c *ControlPlane) StartNodeForTest(t testing.TB, name, kubeconfig string) *
 }
 
 // newNode creates the node's directories and configuration files.
-func (c *ControlPlane) newNode(name, kubeconfig string) (_ *Node, err error) {
+func (c *ControlPlane) newNode(name, kubeconfig string, opts nodeOptions) (_ *Node, err error) {
 	dir := filepath.Join(c.Dir, "node-"+name)
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("creating node directory: %w", err)
@@ -305,7 +325,7 @@ func (c *ControlPlane) newNode(name, kubeconfig string) (_ *Node, err error) {
 			return nil, err
 		}
 	}
-	if err := n.writeContainerdConfig(); err != nil {
+	if err := n.writeContainerdConfig(opts.cni); err != nil {
 		return nil, err
 	}
 	if err := n.writeKubeletConfig(); err != nil {

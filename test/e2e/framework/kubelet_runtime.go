@@ -69,8 +69,15 @@ disabled_plugins = [
 `))
 
 // writeContainerdConfig writes containerd's configuration and the CNI
-// network of the node.
-func (n *Node) writeContainerdConfig() error {
+// network of the node: the static bridge network, or what cni writes.
+func (n *Node) writeContainerdConfig(cni func(n *Node, confDir string) (string, error)) error {
+	confDir, binDir := filepath.Join(n.Dir, "cni", "net.d"), cniBinDir
+	if cni != nil {
+		var err error
+		if binDir, err = cni(n, confDir); err != nil {
+			return err
+		}
+	}
 	var buf bytes.Buffer
 	err := containerdConfig.Execute(&buf, map[string]string{
 		"Root":       filepath.Join(n.Dir, "containerd"),
@@ -78,14 +85,17 @@ func (n *Node) writeContainerdConfig() error {
 		"Socket":     n.ContainerdSocket,
 		"Dir":        n.Dir,
 		"PauseImage": PauseImage,
-		"CNIBinDir":  cniBinDir,
-		"CNIConfDir": filepath.Join(n.Dir, "cni", "net.d"),
+		"CNIBinDir":  binDir,
+		"CNIConfDir": confDir,
 	})
 	if err != nil {
 		return err
 	}
 	if err := writeFileAtomic(filepath.Join(n.Dir, "containerd.toml"), buf.Bytes(), 0o644); err != nil {
 		return err
+	}
+	if cni != nil {
+		return nil
 	}
 
 	// A bridge with host-local addresses on the node's own subnet. The
