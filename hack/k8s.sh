@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the pinned Kubernetes toolchain into _output/k8s from the Go module
 # proxy: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# kubelet (v1.37.2), etcd (v3.7.0) and kwok (v0.8.0).
+# kubelet, kube-proxy (v1.37.2), etcd (v3.7.0), kwok (v0.8.0) and coredns.
 #
 # A binary is rebuilt only when its tools module (go.mod/go.sum), the Go
 # version or this script changed; otherwise the run takes well under a second.
@@ -35,11 +35,11 @@ build() { # module dir, output name, package, ldflags
 k8smod="$root/hack/tools/k8s"
 kwokmod="$root/hack/tools/kwok"
 
-want=${*:-"etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kwok"}
+want=${*:-"etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy kwok"}
 for b in $want; do
   case $b in
     etcd) build "$k8smod" etcd go.etcd.io/etcd/server/v3 "-s -w" ;;
-    kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|kubelet)
+    kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|kubelet|kube-proxy)
       build "$k8smod" "$b" "k8s.io/kubernetes/cmd/$b" "$k8s_ldflags" ;;
     kwok) build "$kwokmod" kwok sigs.k8s.io/kwok/cmd/kwok "-s -w" ;;
     *) echo "k8s.sh: unknown binary $b" >&2; exit 2 ;;
