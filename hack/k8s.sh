@@ -3,8 +3,12 @@
 # proxy: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
 # kubelet, kube-proxy (v1.37.2), etcd (v3.7.0), kwok (v0.8.0) and coredns.
 #
-# A binary is rebuilt only when its tools module (go.mod/go.sum), the Go
-# version or this script changed; otherwise the run takes well under a second.
+# coredns is CoreDNS v1.15.0 with only the plugins a node needs, from our own
+# main package in hack/tools/coredns.
+#
+# A binary is rebuilt only when its tools module (go.mod, go.sum and its Go
+# files), the Go version or this script changed; otherwise the run takes well
+# under a second.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,7 +19,7 @@ mkdir -p "$out"
 k8s_ldflags="-s -w -X k8s.io/component-base/version.gitVersion=v1.37.2 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37"
 
 stamp_of() { # module dir -> fingerprint of what the binaries depend on
-  cat "$1/go.mod" "$1/go.sum" "$0" | { cat; go version; } | sha256sum | cut -c1-16
+  cat "$1/go.mod" "$1/go.sum" "$1"/*.go "$0" | { cat; go version; } | sha256sum | cut -c1-16
 }
 
 build() { # module dir, output name, package, ldflags
@@ -34,14 +38,16 @@ build() { # module dir, output name, package, ldflags
 
 k8smod="$root/hack/tools/k8s"
 kwokmod="$root/hack/tools/kwok"
+corednsmod="$root/hack/tools/coredns"
 
-want=${*:-"etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy kwok"}
+want=${*:-"etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy kwok coredns"}
 for b in $want; do
   case $b in
     etcd) build "$k8smod" etcd go.etcd.io/etcd/server/v3 "-s -w" ;;
     kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|kubelet|kube-proxy)
       build "$k8smod" "$b" "k8s.io/kubernetes/cmd/$b" "$k8s_ldflags" ;;
     kwok) build "$kwokmod" kwok sigs.k8s.io/kwok/cmd/kwok "-s -w" ;;
+    coredns) build "$corednsmod" coredns . "-s -w" ;;
     *) echo "k8s.sh: unknown binary $b" >&2; exit 2 ;;
   esac
 done
