@@ -391,10 +391,8 @@ func (d *CoreDNS) Delete(ctx context.Context) error {
 		foreground := metav1.DeletePropagationForeground
 		notFound("Service", client.CoreV1().Services(ns).Delete(ctx, KubeDNSService, metav1.DeleteOptions{}))
 		notFound("Deployment", client.AppsV1().Deployments(ns).Delete(ctx, coreDNSName, metav1.DeleteOptions{PropagationPolicy: &foreground}))
-		notFound("ConfigMap", client.CoreV1().ConfigMaps(ns).Delete(ctx, coreDNSName, metav1.DeleteOptions{}))
-		notFound("ClusterRoleBinding", client.RbacV1().ClusterRoleBindings().Delete(ctx, coreDNSRole, metav1.DeleteOptions{}))
-		notFound("ClusterRole", client.RbacV1().ClusterRoles().Delete(ctx, coreDNSRole, metav1.DeleteOptions{}))
-		notFound("ServiceAccount", client.CoreV1().ServiceAccounts(ns).Delete(ctx, coreDNSName, metav1.DeleteOptions{}))
+		// The pods go first: kubelet still mounts the ConfigMap as they
+		// stop.
 		_, err := Poll(ctx, 200*time.Millisecond, 30*time.Second, func(ctx context.Context) (bool, string) {
 			pods, err := client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: coreDNSLabel + "=" + KubeDNSService})
 			if err != nil {
@@ -408,6 +406,10 @@ func (d *CoreDNS) Delete(ctx context.Context) error {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("deleting the coredns pods: %w", err))
 		}
+		notFound("ConfigMap", client.CoreV1().ConfigMaps(ns).Delete(ctx, coreDNSName, metav1.DeleteOptions{}))
+		notFound("ClusterRoleBinding", client.RbacV1().ClusterRoleBindings().Delete(ctx, coreDNSRole, metav1.DeleteOptions{}))
+		notFound("ClusterRole", client.RbacV1().ClusterRoles().Delete(ctx, coreDNSRole, metav1.DeleteOptions{}))
+		notFound("ServiceAccount", client.CoreV1().ServiceAccounts(ns).Delete(ctx, coreDNSName, metav1.DeleteOptions{}))
 	}
 	d.fwd.close()
 	return errors.Join(errs...)
@@ -425,35 +427,26 @@ func (n *Node) BridgeIP() (netip.Addr, error) {
 }
 
 // SetClusterDNS makes kubelet give pods of dnsPolicy ClusterFirst the
-// nameserver ip (KubeDNSIP) and the search domains of ClusterDomain, with a
-// drop-in configuration file, and restarts kubelet if it runs (its pods
-// keep running). Pods created before keep the resolv.conf they had.
+// nameserver ip (KubeDNSIP) and the search domains of ClusterDomain, and
+// restarts kubelet if it runs (its pods keep running). Pods created before
+// keep the resolv.conf they had.
+//
+// It adds clusterDNS to the node's kubelet configuration file rather than
+// to a drop-in (--config-dir): kubelet merges drop-ins through a form that
+// drops the file's empty enforceNodeAllocatable, which then defaults to
+// "pods" and fails validation without cgroupsPerQOS.
 func (n *Node) SetClusterDNS(ctx context.Context, ip string) error {
 	if _, err := netip.ParseAddr(ip); err != nil {
 		return fmt.Errorf("setting cluster DNS of %s: %w", n.Name, err)
 	}
-	dir := filepath.Join(n.Dir, "kubelet.conf.d")
-	data, err := json.MarshalIndent(map[string]any{
-		"apiVersion": "kubelet.config.k8s.io/v1beta1",
-		"kind":       "KubeletConfiguration",
-		"clusterDNS": []string{ip},
-	}, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("setting cluster DNS of %s: %w", n.Name, err)
-	}
-	if err := writeFileAtomic(filepath.Join(dir, "50-cluster-dns.conf"), data, 0o644); err != nil {
-		return fmt.Errorf("setting cluster DNS of %s: %w", n.Name, err)
-	}
+	path := filepath.Join(n.Dir, "kubelet.json")
 	n.mu.Lock()
-	flag := "--config-dir=" + dir
-	if !slices.Contains(n.kubeletArgs, flag) {
-		n.kubeletArgs = append(n.kubeletArgs, flag)
-	}
+	err := setJSONField(path, "clusterDNS", []string{ip})
 	running := n.kubelet != nil
 	n.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("setting cluster DNS of %s: %w", n.Name, err)
+	}
 	if !running {
 		return nil
 	}
@@ -461,6 +454,24 @@ func (n *Node) SetClusterDNS(ctx context.Context, ip string) error {
 		return err
 	}
 	return n.StartKubelet(ctx)
+}
+
+// setJSONField sets field of the JSON object in file path to value.
+func setJSONField(path, field string, value any) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var obj map[string]any
+	if err := json.Unmarshal(data, &obj); err != nil {
+		return fmt.Errorf("reading %s: %w", path, err)
+	}
+	obj[field] = value
+	data, err = json.MarshalIndent(obj, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(path, data, 0o644)
 }
 
 // LookupIPv4 asks the DNS server at server (an IP, port 53) for the IPv4

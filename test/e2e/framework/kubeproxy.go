@@ -64,10 +64,15 @@ type KubeProxy struct {
 	// MetricsURL is its Prometheus endpoint.
 	MetricsURL string
 
-	n       *Node
-	config  string   // path of its KubeProxyConfiguration
-	pathEnv string   // its $PATH
-	lock    *os.File // holds the flock on kubeProxyLock until Close
+	n      *Node
+	config string // path of its KubeProxyConfiguration
+	// tablesBefore are the nftables tables of the host before kube-proxy
+	// started in iptables mode; iptables-nft creates the tables it
+	// needs (ip nat, ip filter...) and nothing removes them.
+	tablesBefore []string
+	tracksTables bool     // tablesBefore was taken
+	pathEnv      string   // its $PATH
+	lock         *os.File // holds the flock on kubeProxyLock until Close
 
 	mu          sync.Mutex // guards the fields below
 	proc        *process
@@ -138,6 +143,12 @@ func (n *Node) StartKubeProxy(ctx context.Context, kubeconfig string, mode KubeP
 	if err := kp.cleanRules(ctx); err != nil {
 		return nil, fmt.Errorf("starting kube-proxy: removing stale rules: %w", err)
 	}
+	if mode == KubeProxyIPTables {
+		if kp.tablesBefore, err = nftTables(ctx); err != nil {
+			return nil, fmt.Errorf("starting kube-proxy: %w", err)
+		}
+		kp.tracksTables = true
+	}
 	if err := kp.Start(ctx); err != nil {
 		return nil, err
 	}
@@ -180,16 +191,25 @@ func (kp *KubeProxy) writeConfig() error {
 	kp.HealthzURL = "http://" + healthz + "/healthz"
 	kp.MetricsURL = "http://" + metrics + "/metrics"
 	const zero = "0s"
+	// NodePorts never on the machine's external address: on 127.0.0.1 in
+	// nftables mode; in iptables mode that would set the route_localnet
+	// sysctl for the whole machine, so there on the node's bridge address.
+	nodePorts := "127.0.0.1/32"
+	if kp.Mode == KubeProxyIPTables {
+		bridge, err := kp.n.BridgeIP()
+		if err != nil {
+			return err
+		}
+		nodePorts = bridge.String() + "/32"
+	}
 	cfg := map[string]any{
-		"apiVersion":       "kubeproxy.config.k8s.io/v1alpha1",
-		"kind":             "KubeProxyConfiguration",
-		"clientConnection": map[string]any{"kubeconfig": kp.Kubeconfig},
-		"hostnameOverride": kp.n.Name,
-		"mode":             string(kp.Mode),
-		"clusterCIDR":      ClusterCIDR,
-		// NodePorts on loopback only: nothing is opened on the machine's
-		// external address.
-		"nodePortAddresses":  []string{"127.0.0.1/32"},
+		"apiVersion":         "kubeproxy.config.k8s.io/v1alpha1",
+		"kind":               "KubeProxyConfiguration",
+		"clientConnection":   map[string]any{"kubeconfig": kp.Kubeconfig},
+		"hostnameOverride":   kp.n.Name,
+		"mode":               string(kp.Mode),
+		"clusterCIDR":        ClusterCIDR,
+		"nodePortAddresses":  []string{nodePorts},
 		"healthzBindAddress": healthz,
 		"metricsBindAddress": metrics,
 		// Lowering its OOM score needs CAP_SYS_RESOURCE, which root here
@@ -205,8 +225,7 @@ func (kp *KubeProxy) writeConfig() error {
 			"udpTimeout":            zero,
 			"udpStreamTimeout":      zero,
 		},
-		// NodePorts on 127.0.0.1 in iptables mode would set the
-		// route_localnet sysctl for the whole machine.
+		// Never the route_localnet sysctl, whatever the addresses above.
 		"iptables": map[string]any{"localhostNodePorts": false},
 	}
 	data, err := json.MarshalIndent(cfg, "", "  ")
@@ -344,10 +363,9 @@ func (kp *KubeProxy) Close() {
 }
 
 // Leftovers describes what kube-proxy still holds on the host: its process
-// and its nftables tables (after Close, those seen as it released the
-// machine's lock). After Close it must be empty. (In iptables mode
-// the KUBE-* chains are removed by `kube-proxy --cleanup` in Stop; what
-// iptables-nft's own tables hold is not kube-proxy's alone to check.)
+// and its nftables tables, including in iptables mode the empty tables
+// iptables-nft created for it (after Close, those seen as it released the
+// machine's lock). After Close it must be empty.
 func (kp *KubeProxy) Leftovers() []string {
 	kp.mu.Lock()
 	defer kp.mu.Unlock()
@@ -372,6 +390,9 @@ func (kp *KubeProxy) tablesLeft() []string {
 	var left []string
 	for _, t := range tables {
 		left = append(left, "nftables table "+t)
+	}
+	for _, t := range kp.iptablesTables(ctx) {
+		left = append(left, "nftables table "+t+", created by iptables-nft for kube-proxy")
 	}
 	return left
 }
@@ -398,18 +419,125 @@ func (kp *KubeProxy) cleanRules(ctx context.Context) error {
 		if out, err := cmd.CombinedOutput(); err != nil {
 			errs = append(errs, fmt.Errorf("kube-proxy --cleanup: %w: %s", err, bytes.TrimSpace(out)))
 		}
+		errs = append(errs, removeFirewallChain(ctx))
 	}
 	tables, err := kubeProxyTables(ctx)
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}
 	for _, t := range tables {
-		family, _, _ := strings.Cut(t, " ")
-		if out, err := exec.CommandContext(ctx, "nft", "delete", "table", family, kubeProxyTable).CombinedOutput(); err != nil {
-			errs = append(errs, fmt.Errorf("nft delete table %s: %w: %s", t, err, bytes.TrimSpace(out)))
-		}
+		errs = append(errs, deleteTable(ctx, t))
+	}
+	for _, t := range kp.iptablesTables(ctx) {
+		errs = append(errs, deleteTable(ctx, t))
 	}
 	return errors.Join(errs...)
+}
+
+// kubeletFirewallChain is kubelet's chain that kube-proxy in iptables mode
+// creates too (and its --cleanup leaves, as kubelet's): jumped to from
+// INPUT and OUTPUT of the filter table. The framework's kubelets never
+// create it (see kubeletPATH).
+const kubeletFirewallChain = "KUBE-FIREWALL"
+
+// removeFirewallChain removes kubeletFirewallChain and the jumps to it, for
+// IPv4 and IPv6, where it exists.
+func removeFirewallChain(ctx context.Context) error {
+	var errs []error
+	for _, tool := range []string{"iptables", "ip6tables"} {
+		run := func(args ...string) error {
+			args = append([]string{"-w", "-t", "filter"}, args...)
+			out, err := exec.CommandContext(ctx, tool, args...).CombinedOutput()
+			if err != nil {
+				return fmt.Errorf("%s %s: %w: %s", tool, strings.Join(args, " "), err, bytes.TrimSpace(out))
+			}
+			return nil
+		}
+		if run("-S", kubeletFirewallChain) != nil {
+			continue // no such chain
+		}
+		for _, hook := range []string{"INPUT", "OUTPUT"} {
+			for run("-C", hook, "-j", kubeletFirewallChain) == nil {
+				if err := run("-D", hook, "-j", kubeletFirewallChain); err != nil {
+					errs = append(errs, err)
+					break
+				}
+			}
+		}
+		errs = append(errs, run("-F", kubeletFirewallChain), run("-X", kubeletFirewallChain))
+	}
+	return errors.Join(errs...)
+}
+
+// iptablesTables returns the tables iptables-nft created for kube-proxy in
+// iptables mode that hold no rule now: those that did not exist before it
+// started. A table with rules is somebody else's too (another program that
+// uses iptables, such as flannel), and stays.
+func (kp *KubeProxy) iptablesTables(ctx context.Context) []string {
+	if !kp.tracksTables {
+		return nil
+	}
+	now, err := nftTables(ctx)
+	if err != nil {
+		return nil
+	}
+	var created []string
+	for _, t := range now {
+		if slices.Contains(kp.tablesBefore, t) {
+			continue
+		}
+		family, name, _ := strings.Cut(t, " ")
+		if !slices.Contains([]string{"nat", "filter", "mangle", "raw", "security"}, name) {
+			continue
+		}
+		out, err := exec.CommandContext(ctx, "nft", "list", "table", family, name).Output()
+		if err == nil && !hasRules(string(out)) {
+			created = append(created, t)
+		}
+	}
+	return created
+}
+
+// hasRules reports whether the listing of an nftables table (nft list
+// table) holds anything but chains without rules.
+func hasRules(listing string) bool {
+	for line := range strings.Lines(listing) {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		switch f[0] {
+		case "table", "chain", "type", "}":
+		default:
+			return true
+		}
+	}
+	return false
+}
+
+// deleteTable deletes nftables table t ("family name").
+func deleteTable(ctx context.Context, t string) error {
+	family, name, _ := strings.Cut(t, " ")
+	if out, err := exec.CommandContext(ctx, "nft", "delete", "table", family, name).CombinedOutput(); err != nil {
+		return fmt.Errorf("nft delete table %s: %w: %s", t, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// nftTables lists the host's nftables tables, as "family name".
+func nftTables(ctx context.Context) ([]string, error) {
+	out, err := exec.CommandContext(ctx, "nft", "list", "tables").CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("nft list tables: %w: %s", err, bytes.TrimSpace(out))
+	}
+	var tables []string
+	for line := range strings.Lines(string(out)) {
+		// table ip kube-proxy
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "table" {
+			tables = append(tables, f[1]+" "+f[2])
+		}
+	}
+	return tables, nil
 }
 
 // kubeProxyTables lists kube-proxy's nftables tables ("ip kube-proxy",
@@ -419,16 +547,14 @@ func kubeProxyTables(ctx context.Context) ([]string, error) {
 	if _, err := exec.LookPath("nft"); err != nil {
 		return nil, nil
 	}
-	out, err := exec.CommandContext(ctx, "nft", "list", "tables").CombinedOutput()
+	all, err := nftTables(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("nft list tables: %w: %s", err, bytes.TrimSpace(out))
+		return nil, err
 	}
 	var tables []string
-	for line := range strings.Lines(string(out)) {
-		// table ip kube-proxy
-		f := strings.Fields(line)
-		if len(f) == 3 && f[0] == "table" && f[2] == kubeProxyTable && slices.Contains([]string{"ip", "ip6"}, f[1]) {
-			tables = append(tables, f[1]+" "+f[2])
+	for _, t := range all {
+		if t == "ip "+kubeProxyTable || t == "ip6 "+kubeProxyTable {
+			tables = append(tables, t)
 		}
 	}
 	return tables, nil

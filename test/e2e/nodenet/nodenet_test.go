@@ -48,7 +48,7 @@ func testServiceAndDNS(t *testing.T, mode framework.KubeProxyMode) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n.StartKubeProxyForTest(t, proxyConfig, mode)
+	kp := n.StartKubeProxyForTest(t, proxyConfig, mode)
 	t.Logf("kube-proxy (%s) synced: %v", mode, since(begin))
 	n.DeployCoreDNSForTest(t, framework.CoreDNSConfig{Server: cp.URL(0)})
 	t.Logf("coredns ready: %v", since(begin))
@@ -80,17 +80,10 @@ func testServiceAndDNS(t *testing.T, mode framework.KubeProxyMode) {
 	t.Logf("%s -> %v: %v", name, addrs, since(begin))
 
 	// The web pod answers at the virtual IP: its hostname is its name.
-	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{Proxy: nil}}
 	base := "http://" + addrs[0].String() + ":80"
-	body, err := framework.GetOK(ctx, client, base+"/file?path=/etc/hostname")
-	if err != nil {
-		t.Fatalf("GET the web Service at its VIP: %v", err)
-	}
-	if got := strings.TrimSpace(string(body)); got != pod {
-		t.Fatalf("the web Service's VIP answered from %q, want the pod %q", got, pod)
-	}
+	checkWebAt(t, base, pod)
 	// kubelet gave the pod (dnsPolicy ClusterFirst) the cluster DNS.
-	body, err = framework.GetOK(ctx, client, base+"/file?path=/etc/resolv.conf")
+	body, err := framework.GetOK(ctx, webClient, base+"/file?path=/etc/resolv.conf")
 	if err != nil {
 		t.Fatalf("GET the web pod's resolv.conf: %v", err)
 	}
@@ -98,6 +91,47 @@ func testServiceAndDNS(t *testing.T, mode framework.KubeProxyMode) {
 		t.Errorf("the web pod's resolv.conf does not name the cluster DNS:\n%s", body)
 	}
 	t.Logf("web pod answered at %s: %v", base, since(begin))
+
+	// A "reboot" of kube-proxy: stopped, its rules gone with it, then
+	// started again from nothing; the VIP answers again.
+	if err := kp.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if left := kp.Leftovers(); len(left) > 0 {
+		t.Fatalf("kube-proxy stopped, but the host still holds:\n  %s", strings.Join(left, "\n  "))
+	}
+	restart := time.Now()
+	if err := kp.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	checkWebAt(t, base, pod)
+	t.Logf("kube-proxy restarted from no rules, web pod answered at its VIP again: %v", since(restart))
+}
+
+// webClient reaches Service VIPs and pods: the environment's proxy settings
+// cannot.
+var webClient = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{Proxy: nil}}
+
+// checkWebAt waits until the web Service answers at base with the
+// hostname of pod: kube-proxy may not have synced the Service's endpoint
+// yet (its rules then reject the connection).
+func checkWebAt(t *testing.T, base, pod string) {
+	t.Helper()
+	var body []byte
+	_, err := framework.Poll(t.Context(), 200*time.Millisecond, 30*time.Second, func(ctx context.Context) (bool, string) {
+		var err error
+		body, err = framework.GetOK(ctx, webClient, base+"/file?path=/etc/hostname")
+		if err != nil {
+			return false, err.Error()
+		}
+		return true, ""
+	})
+	if err != nil {
+		t.Fatalf("GET the web Service at %s: %v", base, err)
+	}
+	if got := strings.TrimSpace(string(body)); got != pod {
+		t.Fatalf("the web Service at %s answered from %q, want the pod %q", base, got, pod)
+	}
 }
 
 // createWeb creates namespace ns, a Deployment of one web pod bound to node
