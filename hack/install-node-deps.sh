@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the real-kubelet e2e tests (test/e2e/kubeletsmoke and the
 # offline suites) need on a Debian machine: containerd with its ctr client,
-# runc, the CNI plugins (bridge, host-local, loopback in /usr/lib/cni) and
-# iproute2 (the framework deletes the test's bridge with `ip link`).
+# runc, the CNI plugins (bridge, host-local, loopback in /usr/lib/cni),
+# iproute2 (the framework deletes the test's bridge with `ip link`) and
+# nftables (kube-proxy's nftables mode runs nft, and the framework deletes its
+# tables with it). kube-proxy needs no conntrack binary: it clears conntrack
+# entries over netlink.
 #
 # Idempotent: a machine that has everything is left alone, and apt-get update
 # runs only when a package is missing. Run as root it installs what is
@@ -20,10 +23,11 @@ declare -A provides=(
   [runc]=/usr/sbin/runc
   [containernetworking-plugins]=/usr/lib/cni/bridge
   [iproute2]=/usr/sbin/ip
+  [nftables]=/usr/sbin/nft
 )
 
 missing=()
-for pkg in containerd runc containernetworking-plugins iproute2; do
+for pkg in containerd runc containernetworking-plugins iproute2 nftables; do
   # ctr ships in Debian's containerd package; check both.
   if [[ $pkg == containerd && ! -x /usr/bin/ctr ]] || [[ ! -x ${provides[$pkg]} ]]; then
     missing+=("$pkg")
@@ -31,7 +35,7 @@ for pkg in containerd runc containernetworking-plugins iproute2; do
 done
 
 if ((${#missing[@]} == 0)); then
-  echo "install-node-deps: containerd, runc, CNI plugins and iproute2 are installed"
+  echo "install-node-deps: containerd, runc, CNI plugins, iproute2 and nftables are installed"
   exit 0
 fi
 

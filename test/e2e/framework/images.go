@@ -35,6 +35,14 @@ const (
 // WebBinary is the path of the webserver inside WebImage, for pod commands.
 const WebBinary = "/webserver"
 
+// CoreDNSImage runs CoreDNS, the binary hack/k8s.sh builds into
+// _output/k8s/coredns, at CoreDNSBinary. StartNode does not import it;
+// DeployCoreDNS imports it into the node that runs it.
+const (
+	CoreDNSImage  = "outpost.test/coredns:1"
+	CoreDNSBinary = "/coredns"
+)
+
 // testImage is an image made of one static binary built from testdata.
 type testImage struct {
 	ref    string // image reference, as kubelet asks for it
@@ -261,6 +269,16 @@ func writeTarFile(tw *tar.Writer, name string, mode int64, data []byte) error {
 // k8s.io namespace that its CRI plugin serves kubelet from, unpacked for
 // the CRI's snapshotter (overlayfs, ctr's default too).
 func (n *Node) importImages(ctx context.Context, archives []string) error {
+	refs := make([]string, len(testImages))
+	for i, img := range testImages {
+		refs[i] = img.ref
+	}
+	return n.importArchives(ctx, archives, refs)
+}
+
+// importArchives imports archives into the node's containerd and checks
+// that it then has every image of refs.
+func (n *Node) importArchives(ctx context.Context, archives, refs []string) error {
 	for _, archive := range archives {
 		if _, err := n.ctr(ctx, "images", "import", archive); err != nil {
 			return fmt.Errorf("importing %s: %w", filepath.Base(archive), err)
@@ -271,10 +289,55 @@ func (n *Node) importImages(ctx context.Context, archives []string) error {
 		return fmt.Errorf("listing imported images: %w", err)
 	}
 	have := strings.Fields(string(out))
-	for _, img := range testImages {
-		if !slices.Contains(have, img.ref) {
-			return fmt.Errorf("importing images: %s missing after import; containerd has %v", img.ref, have)
+	for _, ref := range refs {
+		if !slices.Contains(have, ref) {
+			return fmt.Errorf("importing images: %s missing after import; containerd has %v", ref, have)
 		}
+	}
+	return nil
+}
+
+// prebuiltImageArchive packs binary name of _output/k8s (see Binary) as
+// image ref, with the binary at path as its entrypoint, into an OCI archive
+// in Dir/images, once per control plane, and returns the archive's path.
+func (c *ControlPlane) prebuiltImageArchive(ref, name, path string) (string, error) {
+	imagesMu.Lock()
+	defer imagesMu.Unlock()
+	archive := filepath.Join(c.Dir, "images", name+".oci.tar")
+	if _, err := os.Stat(archive); err == nil {
+		return archive, nil
+	}
+	bin, err := Binary(name)
+	if err != nil {
+		return "", fmt.Errorf("packing image %s: %w", ref, err)
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		return "", fmt.Errorf("packing image %s: %w", ref, err)
+	}
+	tarball, err := ociArchive(ref, path, data)
+	if err != nil {
+		return "", fmt.Errorf("packing image %s: %w", ref, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(archive), 0o755); err != nil {
+		return "", err
+	}
+	if err := writeFileAtomic(archive, tarball, 0o644); err != nil {
+		return "", err
+	}
+	return archive, nil
+}
+
+// ImportCoreDNSImage imports CoreDNSImage into the node's containerd.
+func (n *Node) ImportCoreDNSImage(ctx context.Context) error {
+	archive, err := n.cp.prebuiltImageArchive(CoreDNSImage, "coredns", CoreDNSBinary)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := n.cp.withStop(ctx)
+	defer cancel()
+	if err := n.importArchives(ctx, []string{archive}, []string{CoreDNSImage}); err != nil {
+		return fmt.Errorf("node %s: %w", n.Name, err)
 	}
 	return nil
 }
