@@ -37,7 +37,7 @@ lint:
 
 ## test: lint, unit and end-to-end tests on a real local control plane, and the
 ## alerting rules and dashboard checked with Prometheus' own parsers
-test: k8s build node-deps lint
+test: node-deps k8s build lint
 	go test -count=1 -timeout $(GO_TEST_TIMEOUT) ./...
 	cd hack/tools/monitoring && go test -count=1 ./...
 
@@ -54,7 +54,7 @@ bench: k8s build
 	go test -run '^$$' -bench . -benchtime 2s -count 1 ./test/e2e/bench/ | tee _output/bench.txt
 
 ## demo: a real control plane, outpost in front of it, kubectl through outpost
-demo: k8s build node-deps
+demo: node-deps k8s build
 	hack/demo.sh
 
 clean:

@@ -5,7 +5,8 @@
 # iproute2 (the framework deletes the test's bridge with `ip link`) and
 # nftables (kube-proxy's nftables mode runs nft, and the framework deletes its
 # tables with it). kube-proxy needs no conntrack binary: it clears conntrack
-# entries over netlink.
+# entries over netlink. gcc and libc6-dev build flanneld (static, with cgo)
+# in hack/k8s.sh, which is why `make test` runs this first.
 #
 # Idempotent: a machine that has everything is left alone, and apt-get update
 # runs only when a package is missing. Run as root it installs what is
@@ -24,10 +25,13 @@ declare -A provides=(
   [containernetworking-plugins]=/usr/lib/cni/bridge
   [iproute2]=/usr/sbin/ip
   [nftables]=/usr/sbin/nft
+  # flanneld links statically with cgo (hack/k8s.sh): gcc and glibc's libc.a.
+  [gcc]=/usr/bin/gcc
+  [libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
 )
 
 missing=()
-for pkg in containerd runc containernetworking-plugins iproute2 nftables; do
+for pkg in containerd runc containernetworking-plugins iproute2 nftables gcc libc6-dev; do
   # ctr ships in Debian's containerd package; check both.
   if [[ $pkg == containerd && ! -x /usr/bin/ctr ]] || [[ ! -x ${provides[$pkg]} ]]; then
     missing+=("$pkg")
@@ -35,7 +39,7 @@ for pkg in containerd runc containernetworking-plugins iproute2 nftables; do
 done
 
 if ((${#missing[@]} == 0)); then
-  echo "install-node-deps: containerd, runc, CNI plugins, iproute2 and nftables are installed"
+  echo "install-node-deps: containerd, runc, CNI plugins, iproute2, nftables, gcc and libc6-dev are installed"
   exit 0
 fi
 
