@@ -33,7 +33,7 @@ declare -A provides=(
 missing=()
 for pkg in containerd runc containernetworking-plugins iproute2 nftables gcc libc6-dev; do
   # ctr ships in Debian's containerd package; check both.
-  if [[ $pkg == containerd && ! -x /usr/bin/ctr ]] || [[ ! -x ${provides[$pkg]} ]]; then
+  if [[ $pkg == containerd && ! -x /usr/bin/ctr ]] || [[ ! -e ${provides[$pkg]} ]]; then
     missing+=("$pkg")
   fi
 done
@@ -65,7 +65,7 @@ fi
 # runs; the tests never use it (their own containerd has its own socket).
 
 for pkg in "${missing[@]}"; do
-  if [[ ! -x ${provides[$pkg]} ]]; then
+  if [[ ! -e ${provides[$pkg]} ]]; then
     echo "install-node-deps: $pkg installed but ${provides[$pkg]} is missing" >&2
     exit 1
   fi
