@@ -69,6 +69,12 @@ type CoreDNSConfig struct {
 	Server string
 	// CAFile verifies Server's certificate; empty means the cluster CA.
 	CAFile string
+	// InCluster, instead of Server and CAFile, gives CoreDNS the in-cluster
+	// config of a real cluster: the KUBERNETES_SERVICE_HOST/PORT kubelet
+	// sets from the kubernetes Service and the cluster CA of
+	// kube-root-ca.crt. That works only where the Service leads somewhere
+	// a pod reaches, as outpost's --node-local-address does.
+	InCluster bool
 }
 
 // A CoreDNS is the cluster DNS DeployCoreDNS set up for one node: a
@@ -112,6 +118,20 @@ func (n *Node) DeployCoreDNS(ctx context.Context, cfg CoreDNSConfig) (_ *CoreDNS
 	defer cancel()
 	if err := n.ImportCoreDNSImage(ctx); err != nil {
 		return nil, fmt.Errorf("deploying coredns: %w", err)
+	}
+	if cfg.InCluster {
+		d := &CoreDNS{n: n}
+		if err := n.cp.EnsureNamespace(ctx, KubeDNSNamespace); err != nil {
+			return nil, fmt.Errorf("deploying coredns: %w", err)
+		}
+		if err := n.cp.createCoreDNSObjects(ctx, n.Name, ""); err != nil {
+			return nil, fmt.Errorf("deploying coredns: %w", err)
+		}
+		if err := d.WaitReady(ctx); err != nil {
+			d.Delete(context.WithoutCancel(ctx))
+			return nil, fmt.Errorf("deploying coredns: %w", err)
+		}
+		return d, nil
 	}
 	target, err := url.Parse(cfg.Server)
 	if err != nil || target.Host == "" {
@@ -171,8 +191,16 @@ func (n *Node) DeployCoreDNSForTest(t testing.TB, cfg CoreDNSConfig) *CoreDNS {
 
 // corefile serves ClusterDomain and the reverse zones from the kubernetes
 // plugin, with CoreDNS's readiness (/ready: the plugin has synced) and
-// health endpoints for the pod's probes.
-var corefile = `.:53 {
+// health endpoints for the pod's probes. With no kubeconfig, the plugin
+// uses the in-cluster config.
+func corefile(kubeconfig bool) string {
+	if kubeconfig {
+		return corefileTemplate
+	}
+	return strings.Replace(corefileTemplate, "        kubeconfig "+coreDNSConfigDir+"/kubeconfig\n", "", 1)
+}
+
+var corefileTemplate = `.:53 {
     errors
     log
     health :` + strconv.Itoa(coreDNSHealthPort) + `
@@ -249,7 +277,7 @@ func (c *ControlPlane) createCoreDNSObjects(ctx context.Context, node, kubeconfi
 		{"ConfigMap", func() error {
 			cm := &corev1.ConfigMap{
 				ObjectMeta: metav1.ObjectMeta{Name: coreDNSName},
-				Data:       map[string]string{"Corefile": corefile, "kubeconfig": kubeconfig},
+				Data:       map[string]string{"Corefile": corefile(kubeconfig != ""), "kubeconfig": kubeconfig},
 			}
 			_, err := c.client.CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{})
 			if apierrors.IsAlreadyExists(err) {
@@ -411,7 +439,9 @@ func (d *CoreDNS) Delete(ctx context.Context) error {
 		notFound("ClusterRole", client.RbacV1().ClusterRoles().Delete(ctx, coreDNSRole, metav1.DeleteOptions{}))
 		notFound("ServiceAccount", client.CoreV1().ServiceAccounts(ns).Delete(ctx, coreDNSName, metav1.DeleteOptions{}))
 	}
-	d.fwd.close()
+	if d.fwd != nil {
+		d.fwd.close()
+	}
 	return errors.Join(errs...)
 }
 

@@ -86,8 +86,9 @@ type Flannel struct {
 	// /run.
 	SubnetFile string
 
-	apiserver string // host:port of the API for flanneld
-	ca        []byte // CA bundle for flanneld, if not the cluster CA
+	apiserver   string // host:port of the API for flanneld
+	fromKubelet bool   // flanneld keeps kubelet's in-cluster config
+	ca          []byte // CA bundle for flanneld, if not the cluster CA
 }
 
 // FlannelOptions change how StartFlannelNodeForTest sets flannel up; the
@@ -109,6 +110,13 @@ type FlannelOptions struct {
 	// projects its token, ca.crt and namespace itself, as kubelet's own
 	// kube-api-access volume does, with ca.crt from a ConfigMap.
 	CAFile string
+	// FromKubelet, instead of APIServer and CAFile, leaves flanneld the
+	// in-cluster config kubelet gives every pod, as kube-flannel's
+	// DaemonSet has: KUBERNETES_SERVICE_HOST/PORT from the kubernetes
+	// Service and the cluster CA. That works only where the Service leads
+	// somewhere the host network reaches, as outpost's --node-local-address
+	// does.
+	FromKubelet bool
 }
 
 // StartFlannelNodeForTest starts a node for one test, as StartNodeForTest
@@ -158,21 +166,21 @@ func (c *ControlPlane) StartFlannelNodeForTest(t testing.TB, name, kubeconfig st
 // newFlannel chooses the names and numbers of a flannel that nothing else
 // on the machine uses.
 func (c *ControlPlane) newFlannel(opts FlannelOptions) (*Flannel, error) {
-	f := &Flannel{Namespace: opts.Namespace, apiserver: opts.APIServer}
+	f := &Flannel{Namespace: opts.Namespace, apiserver: opts.APIServer, fromKubelet: opts.FromKubelet}
 	if f.Namespace == "" {
 		f.Namespace = FlannelNamespace
 	}
-	if f.apiserver == "" {
+	if f.apiserver == "" && !f.fromKubelet {
 		u, err := url.Parse(c.URL(0))
 		if err != nil {
 			return nil, err
 		}
 		f.apiserver = u.Host
 	}
-	if _, _, err := net.SplitHostPort(f.apiserver); err != nil {
+	if _, _, err := net.SplitHostPort(f.apiserver); err != nil && !f.fromKubelet {
 		return nil, fmt.Errorf("flannel: API server %q: %w", f.apiserver, err)
 	}
-	if opts.CAFile != "" {
+	if opts.CAFile != "" && !f.fromKubelet {
 		ca, err := os.ReadFile(opts.CAFile)
 		if err != nil {
 			return nil, fmt.Errorf("flannel: %w", err)
@@ -459,6 +467,11 @@ func (f *Flannel) pod() *corev1.Pod {
 				}}},
 			},
 		},
+	}
+	if f.fromKubelet {
+		c := &pod.Spec.Containers[0]
+		c.Env = c.Env[:2] // POD_NAME and POD_NAMESPACE
+		return pod
 	}
 	if f.ca == nil {
 		return pod
