@@ -55,7 +55,7 @@ func parseRun(args []string, stdout io.Writer) (options, error) {
 	fs.StringVar(&c.Namespace, "namespace", autonomy.DefaultNamespace, "namespace of the leader Lease and the webhook CA Secret")
 	fs.IntVar(&c.Workers, "workers", 2, "pods synced in parallel")
 
-	leaderElect := fs.Bool("leader-elect", true, "run the toleration controller only in the replica holding the Lease (disable only with one replica)")
+	leaderElect := fs.Bool("leader-elect", true, "run the toleration controller and the CSR approval only in the replica holding the Lease (disable only with one replica)")
 	le := &c.LeaderElection
 	fs.StringVar(&le.Namespace, "leader-elect-namespace", "", "namespace of the leader Lease (default: --namespace)")
 	fs.StringVar(&le.Name, "leader-elect-name", autonomy.DefaultName, "name of the leader Lease")

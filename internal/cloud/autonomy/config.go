@@ -40,9 +40,10 @@ type Config struct {
 }
 
 // LeaderElection configures the Lease that picks the one replica running
-// the toleration controller. Every replica serves the webhooks.
+// the toleration controller and the CSR approval. Every replica serves the
+// webhooks.
 type LeaderElection struct {
-	// Disabled runs the controller without a Lease: for a single replica
+	// Disabled runs the controllers without a Lease: for a single replica
 	// only, since two would patch the same pods.
 	Disabled bool
 	// Namespace and Name of the Lease; empty means Config.Namespace and

@@ -61,7 +61,7 @@ func newMetrics(nodes corelisters.NodeLister, queueLen func() int, certNotAfter 
 		}, []string{"decision"}),
 		leader: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: ns, Name: "leader",
-			Help: "1 while this replica holds the leader Lease and runs the toleration controller.",
+			Help: "1 while this replica holds the leader Lease and runs the toleration controller and the CSR approval.",
 		}),
 		queueDepth: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: ns, Name: "queue_depth",

@@ -159,6 +159,7 @@ func (c *Controller) sync(ctx context.Context, lister certlisters.CertificateSig
 		return err
 	}
 	if d.Verdict == Ignore {
+		c.logger.Debug("CSR not ours", "csr", name, "why", d.Reason)
 		return nil
 	}
 

@@ -96,6 +96,12 @@ var allowedUsages = []certificatesv1.KeyUsage{
 	certificatesv1.UsageServerAuth,
 }
 
+// localhost is the name of the loopback addresses on every host: a
+// certificate for it, like one for 127.0.0.1, is good only for a client on
+// the same host, and outposts ask for it (internal/hub servingHosts). The
+// name alone: subdomains of localhost are foreign like any other.
+const localhost = "localhost"
+
 // loopbacks are the loopback addresses a pod on the node may use for the
 // outpost; the rest of 127.0.0.0/8 is not.
 var loopbacks = []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}
@@ -122,8 +128,8 @@ func InClusterNames(domain string) []string {
 //     auth, and include server auth;
 //   - there are no email or URI SANs;
 //   - the Node n exists;
-//   - every DNS SAN is an in-cluster name, n itself, or a Hostname,
-//     InternalDNS or ExternalDNS address of Node n;
+//   - every DNS SAN is an in-cluster name, localhost, n itself, or a
+//     Hostname, InternalDNS or ExternalDNS address of Node n;
 //   - every IP SAN is a ClusterIP of the kubernetes Service, an InternalIP
 //     or ExternalIP address of Node n, 127.0.0.1, ::1, or link-local.
 //
@@ -198,8 +204,8 @@ func Decide(csr *certificatesv1.CertificateSigningRequest, facts Facts) (Decisio
 		nodeDNS = append(nodeDNS, node)
 	}
 	for _, name := range req.DNSNames {
-		if !containsName(inCluster, name) && !containsName(nodeDNS, name) {
-			fails.add(ReasonForeignDNSName, "DNS SAN %q is neither an in-cluster name of the apiserver nor the name or a DNS address of %s", name, owner)
+		if !containsName(inCluster, name) && !strings.EqualFold(name, localhost) && !containsName(nodeDNS, name) {
+			fails.add(ReasonForeignDNSName, "DNS SAN %q is neither an in-cluster name of the apiserver, localhost, nor the name or a DNS address of %s", name, owner)
 		}
 	}
 	for _, ip := range req.IPAddresses {

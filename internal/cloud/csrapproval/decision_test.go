@@ -156,7 +156,7 @@ func TestDecide(t *testing.T) {
 		message string // in the message
 	}{
 		{name: "own names", req: request{
-			dns: with(nodeA, "edge-a.shop.example", "edge-a.internal"),
+			dns: with(nodeA, "edge-a.shop.example", "edge-a.internal", "localhost"),
 			ips: []string{vip, "169.254.2.1", "fe80::1", "127.0.0.1", "::1", "192.168.1.10", "2001:db8::10"},
 		}, want: Approve, reason: ReasonApproved},
 		{name: "with key encipherment", req: request{dns: with(), ips: []string{vip, "169.254.2.1"}, usages: []certificatesv1.KeyUsage{ds, ke, sa}}, want: Approve},
@@ -170,6 +170,7 @@ func TestDecide(t *testing.T) {
 		{name: "loopback beyond 127.0.0.1", req: request{dns: with(), ips: []string{"127.0.0.2"}}, want: Deny, reason: ReasonForeignIPAddress},
 		{name: "another node's IP", req: request{dns: with(), ips: []string{"192.168.1.20"}}, want: Deny, reason: ReasonForeignIPAddress},
 		{name: "foreign DNS", req: request{dns: with("apiserver.example.com")}, want: Deny, reason: ReasonForeignDNSName, message: `"apiserver.example.com"`},
+		{name: "below localhost", req: request{dns: with("evil.localhost")}, want: Deny, reason: ReasonForeignDNSName},
 		{name: "wildcard", req: request{dns: with("*.default.svc")}, want: Deny, reason: ReasonForeignDNSName},
 		{name: "another node's name", req: request{dns: with(nodeB)}, want: Deny, reason: ReasonForeignDNSName, message: `"edge-b"`},
 		{name: "another node's hostname", req: request{dns: with("edge-b.shop.example")}, want: Deny, reason: ReasonForeignDNSName},
@@ -191,7 +192,7 @@ func TestDecide(t *testing.T) {
 		{name: "unknown node", nodes: []string{nodeB}, req: request{dns: with(nodeA)}, want: Deny, reason: ReasonUnknownNode},
 		{name: "bad signature", req: request{dns: with(), tamper: true}, want: Deny, reason: ReasonBadRequest},
 		{name: "every failure listed", req: request{cn: nodeUserPrefix + nodeB, dns: with("evil.example"), ips: []string{"8.8.8.8"}},
-			want: Deny, reason: ReasonSubjectMismatch, message: `ForeignDNSName: DNS SAN "evil.example" is neither an in-cluster name of the apiserver nor the name or a DNS address of node edge-a; ForeignIPAddress: IP SAN 8.8.8.8`},
+			want: Deny, reason: ReasonSubjectMismatch, message: `ForeignDNSName: DNS SAN "evil.example" is neither an in-cluster name of the apiserver, localhost, nor the name or a DNS address of node edge-a; ForeignIPAddress: IP SAN 8.8.8.8`},
 
 		{name: "kubelet's own", req: request{dns: []string{nodeA, "edge-a.shop.example"}, ips: []string{"192.168.1.10"}}, want: Ignore},
 		{name: "kubelet's own, foreign names", req: request{dns: []string{"evil.example"}, ips: []string{"8.8.8.8"}}, want: Ignore},

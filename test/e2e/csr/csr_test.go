@@ -108,7 +108,7 @@ func TestServingCSRs(t *testing.T) {
 	asSA := kubernetes.NewForConfigOrDie(saConfig)
 	asA, asB := nodeClient(t, nodeA), nodeClient(t, nodeB)
 
-	own := append(slices.Clone(inCluster), nodeA)
+	own := append(slices.Clone(inCluster), nodeA, "localhost")
 	filings := []*filing{
 		{name: "own", client: asA, dns: own, ips: []string{vip, linkLocal, "127.0.0.1", nodeAIP},
 			want: certificatesv1.CertificateApproved, reason: csrapproval.ReasonApproved},
