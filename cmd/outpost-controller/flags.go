@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/outposthq/outpost/internal/cloud/autonomy"
+	"github.com/outposthq/outpost/internal/cloud/csrapproval"
 )
 
 const usage = `outpost-controller: keeps pods of autonomous edge nodes from being evicted,
@@ -24,6 +25,12 @@ Usage:
 A node is autonomous with the annotation outpost.io/autonomy-duration (a
 duration such as 72h; 0 means never evict); node.openyurt.io/autonomy-duration
 and node.beta.openyurt.io/autonomy=true are honoured too, in that order.
+
+The leader also approves the serving certificates that outposts request
+(signer kubernetes.io/kubelet-serving) for the names by which pods reach the
+apiserver, kubernetes.default.svc and the kubernetes Service's ClusterIP, when
+the rest of the request names only the requesting node's own names and
+addresses; any other request for those names is denied, with the reason.
 `
 
 // options are the parsed command line: the controller's configuration and
@@ -48,7 +55,7 @@ func parseRun(args []string, stdout io.Writer) (options, error) {
 	fs.StringVar(&c.Namespace, "namespace", autonomy.DefaultNamespace, "namespace of the leader Lease and the webhook CA Secret")
 	fs.IntVar(&c.Workers, "workers", 2, "pods synced in parallel")
 
-	leaderElect := fs.Bool("leader-elect", true, "run the toleration controller only in the replica holding the Lease (disable only with one replica)")
+	leaderElect := fs.Bool("leader-elect", true, "run the toleration controller and the CSR approval only in the replica holding the Lease (disable only with one replica)")
 	le := &c.LeaderElection
 	fs.StringVar(&le.Namespace, "leader-elect-namespace", "", "namespace of the leader Lease (default: --namespace)")
 	fs.StringVar(&le.Name, "leader-elect-name", autonomy.DefaultName, "name of the leader Lease")
@@ -72,6 +79,9 @@ func parseRun(args []string, stdout io.Writer) (options, error) {
 	fs.DurationVar(&wh.CAValidity, "webhook-ca-validity", 365*24*time.Hour, "lifetime of the webhook CA; rotated with a third left")
 	fs.DurationVar(&wh.CertValidity, "webhook-cert-validity", 7*24*time.Hour, "lifetime of the serving certificate; renewed with a third left")
 
+	approveCSRs := fs.Bool("approve-outpost-serving-csrs", true, "in the leader, approve outposts' kubelet-serving CSRs for their own node and the in-cluster names of the apiserver, and deny any other CSR claiming those names")
+	fs.StringVar(&c.CSRApproval.ClusterDomain, "cluster-domain", csrapproval.DefaultClusterDomain, "the cluster's DNS domain, for the name kubernetes.default.svc.<domain> in outposts' serving certificates")
+
 	fs.StringVar(&c.MetricsAddress, "metrics-address", ":8080", "HTTP listen address of /metrics, /healthz and /readyz (empty: off)")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 5*time.Second, "how long the servers drain requests on SIGTERM")
 	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
@@ -90,6 +100,7 @@ func parseRun(args []string, stdout io.Writer) (options, error) {
 	}
 	c.QPS = float32(*qps)
 	le.Disabled = !*leaderElect
+	c.CSRApproval.Disabled = !*approveCSRs
 	switch *logFormat {
 	case "text":
 	case "json":

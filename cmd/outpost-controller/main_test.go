@@ -30,6 +30,8 @@ func TestRunExitCodes(t *testing.T) {
 		{args: []string{"run", "--leader-elect-renew-deadline=20s"}, want: 2, wantErrOut: "renew deadline"},
 		{args: []string{"run", "stray"}, want: 2, wantErrOut: "unexpected arguments"},
 		{args: []string{"run", "--webhook-host=a,,b"}, want: 2, wantErrOut: "empty host"},
+		{args: []string{"run", "--cluster-domain=Bad_Domain"}, want: 2, wantErrOut: `cluster domain "Bad_Domain"`},
+		{args: []string{"run", "--approve-outpost-serving-csrs=maybe"}, want: 2, wantErrOut: "invalid boolean value"},
 		// Valid flags get as far as loading the client configuration.
 		{args: []string{"run", "--kubeconfig=/nonexistent", "--metrics-address="}, want: 1, wantErrOut: "loading client configuration"},
 	}
@@ -53,7 +55,7 @@ func TestParseRun(t *testing.T) {
 	o, err := parseRun([]string{
 		"--kubeconfig=/k", "--namespace=edge", "--leader-elect=false", "--leader-elect-lease-duration=30s",
 		"--webhook-host=a.example,10.0.0.1", "--webhook-host=b.example", "--kube-api-qps=5",
-		"--log-level=debug", "--log-format=json",
+		"--log-level=debug", "--log-format=json", "--approve-outpost-serving-csrs=false", "--cluster-domain=edge.example",
 	}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -61,6 +63,12 @@ func TestParseRun(t *testing.T) {
 	c := o.Config
 	if c.Kubeconfig != "/k" || c.Namespace != "edge" || !c.LeaderElection.Disabled || c.LeaderElection.LeaseDuration != 30*time.Second || c.QPS != 5 {
 		t.Errorf("config %+v", c)
+	}
+	if !c.CSRApproval.Disabled || c.CSRApproval.ClusterDomain != "edge.example" {
+		t.Errorf("CSR approval %+v", c.CSRApproval)
+	}
+	if o, err := parseRun(nil, io.Discard); err != nil || o.CSRApproval.Disabled || o.CSRApproval.ClusterDomain != "cluster.local" {
+		t.Errorf("CSR approval by default: %+v, %v", o.CSRApproval, err)
 	}
 	if !slices.Equal(c.Webhook.Hosts, []string{"a.example", "10.0.0.1", "b.example"}) {
 		t.Errorf("hosts %v", c.Webhook.Hosts)

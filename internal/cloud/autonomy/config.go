@@ -4,7 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"time"
+
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/outposthq/outpost/internal/cloud/csrapproval"
 )
 
 // Config is the configuration of Run. It is plain data; the zero value of
@@ -24,6 +29,7 @@ type Config struct {
 
 	LeaderElection LeaderElection
 	Webhook        Webhook
+	CSRApproval    CSRApproval
 
 	// MetricsAddress is where /metrics, /healthz and /readyz are served,
 	// over plain HTTP. If empty, they are not served.
@@ -34,9 +40,10 @@ type Config struct {
 }
 
 // LeaderElection configures the Lease that picks the one replica running
-// the toleration controller. Every replica serves the webhooks.
+// the toleration controller and the CSR approval. Every replica serves the
+// webhooks.
 type LeaderElection struct {
-	// Disabled runs the controller without a Lease: for a single replica
+	// Disabled runs the controllers without a Lease: for a single replica
 	// only, since two would patch the same pods.
 	Disabled bool
 	// Namespace and Name of the Lease; empty means Config.Namespace and
@@ -72,6 +79,17 @@ type Webhook struct {
 	// CertCheckInterval is how often certificates are checked; zero means
 	// one minute.
 	CertCheckInterval time.Duration
+}
+
+// CSRApproval configures the approval of outposts' serving certificates
+// for the in-cluster names of the apiserver (package csrapproval), which
+// runs in the leader.
+type CSRApproval struct {
+	// Disabled leaves those CSRs to another approver.
+	Disabled bool
+	// ClusterDomain is the cluster's DNS domain, for the name
+	// kubernetes.default.svc.<ClusterDomain>; empty means "cluster.local".
+	ClusterDomain string
 }
 
 // Names of the defaults, shared with the manifests under deploy/.
@@ -116,6 +134,7 @@ func (cfg Config) withDefaults() Config {
 	}
 	set(&wh.ConfigName, DefaultName)
 	set(&wh.SecretName, DefaultSecretName)
+	set(&cfg.CSRApproval.ClusterDomain, csrapproval.DefaultClusterDomain)
 	setD(&cfg.ShutdownTimeout, 5*time.Second)
 	return cfg
 }
@@ -141,6 +160,9 @@ func (cfg Config) Validate() error {
 		if _, _, err := net.SplitHostPort(cfg.MetricsAddress); err != nil {
 			errs = append(errs, fmt.Errorf("metrics address: %w", err))
 		}
+	}
+	if bad := validation.IsDNS1123Subdomain(cfg.CSRApproval.ClusterDomain); len(bad) > 0 {
+		errs = append(errs, fmt.Errorf("cluster domain %q: %s", cfg.CSRApproval.ClusterDomain, strings.Join(bad, "; ")))
 	}
 	for _, d := range []time.Duration{cfg.Webhook.CAValidity, cfg.Webhook.CertValidity, cfg.Webhook.CertCheckInterval, cfg.ShutdownTimeout} {
 		if d < 0 {

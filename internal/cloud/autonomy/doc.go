@@ -23,5 +23,7 @@
 //     the node is unreachable, so nothing lingers once the node is back.
 //
 // Run wires these together with leader election, the webhook server and
-// its certificates, and the metrics and health endpoints.
+// its certificates, and the metrics and health endpoints; the leader also
+// runs the approval of outposts' serving certificates (package
+// csrapproval).
 package autonomy

@@ -3,6 +3,7 @@ package autonomy
 import (
 	"time"
 
+	"github.com/outposthq/outpost/internal/cloud/csrapproval"
 	outpostmetrics "github.com/outposthq/outpost/internal/metrics"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,6 +21,7 @@ type metrics struct {
 	reviews          *prometheus.CounterVec   // webhook, result
 	reviewDuration   *prometheus.HistogramVec // webhook
 	endpointsKept    prometheus.Counter
+	csrDecisions     *prometheus.CounterVec // decision
 	leader           prometheus.Gauge
 	queueDepth       prometheus.GaugeFunc
 	autonomousNodes  prometheus.GaugeFunc
@@ -53,9 +55,13 @@ func newMetrics(nodes corelisters.NodeLister, queueLen func() int, certNotAfter 
 			Namespace: ns, Name: "endpoints_kept_ready_total",
 			Help: "EndpointSlice endpoints marked ready because their pod's autonomous node is unreachable.",
 		}),
+		csrDecisions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Name: "csr_decisions_total",
+			Help: "Outposts' serving CSRs for the in-cluster names of the apiserver decided, by decision (approved, denied).",
+		}, []string{"decision"}),
 		leader: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: ns, Name: "leader",
-			Help: "1 while this replica holds the leader Lease and runs the toleration controller.",
+			Help: "1 while this replica holds the leader Lease and runs the toleration controller and the CSR approval.",
 		}),
 		queueDepth: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: ns, Name: "queue_depth",
@@ -91,7 +97,7 @@ func newMetrics(nodes corelisters.NodeLister, queueLen func() int, certNotAfter 
 	m.registry.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.podPatches, m.reviews, m.reviewDuration, m.endpointsKept, m.leader,
+		m.podPatches, m.reviews, m.reviewDuration, m.endpointsKept, m.csrDecisions, m.leader,
 		m.queueDepth, m.autonomousNodes, m.servingCertUntil,
 	)
 	return m
@@ -103,6 +109,11 @@ func (m *metrics) observeReview(name string) func(string, time.Duration) {
 		m.reviews.WithLabelValues(name, result).Inc()
 		m.reviewDuration.WithLabelValues(name).Observe(d.Seconds())
 	}
+}
+
+// observeCSR is the csrapproval.Controller's decision hook.
+func (m *metrics) observeCSR(v csrapproval.Verdict) {
+	m.csrDecisions.WithLabelValues(v.String()).Inc()
 }
 
 // MetricNames are the names of every metric outpost-controller exports.

@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/tools/record"
 
 	"github.com/outposthq/outpost/internal/cloud/autonomy/webhook"
+	"github.com/outposthq/outpost/internal/cloud/csrapproval"
 	"github.com/outposthq/outpost/internal/server"
 )
 
@@ -32,7 +33,8 @@ const (
 // Run runs outpost-controller until ctx is done: informers on nodes and
 // bound pods, the webhook server with its certificates, the metrics and
 // health server, and — in the replica holding the leader Lease — the
-// toleration controller. Each runs under one errgroup; the first to fail
+// toleration controller and, unless disabled, the approval of outposts'
+// serving CSRs (package csrapproval). Each runs under one errgroup; the first to fail
 // stops the others. Run returns nil after a clean shutdown, and
 // ErrLeadershipLost if the Lease was lost while ctx was live.
 func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
@@ -77,6 +79,13 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	}
 	m := newMetrics(nodes.Lister(), ctrl.queueLen, certs.NotAfter)
 	ctrl.metrics = m
+	var approver *csrapproval.Controller
+	if !cfg.CSRApproval.Disabled {
+		approver = csrapproval.New(client, cfg.CSRApproval.ClusterDomain, recorder, logger.With("component", "csrapproval"), m.observeCSR)
+		for _, v := range []csrapproval.Verdict{csrapproval.Approve, csrapproval.Deny} {
+			m.csrDecisions.WithLabelValues(v.String()) // exported as 0 from the start
+		}
+	}
 
 	var synced atomic.Bool
 	admission := &Admission{
@@ -159,17 +168,27 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 			case <-ready:
 			}
 		}
+		// What only one replica may do: patch pods, decide CSRs.
+		work := func(ctx context.Context) error {
+			g, ctx := errgroup.WithContext(ctx)
+			g.Go(func() error { return ctrl.Run(ctx, cfg.Workers) })
+			if approver != nil {
+				g.Go(func() error { return approver.Run(ctx) })
+			}
+			return g.Wait()
+		}
 		if cfg.LeaderElection.Disabled {
 			m.leader.Set(1)
-			return ctrl.Run(ctx, cfg.Workers)
+			return work(ctx)
 		}
 		return lead(ctx, cfg.LeaderElection, client, recorder, health, logger, func(ctx context.Context) error {
 			m.leader.Set(1)
 			defer m.leader.Set(0)
-			return ctrl.Run(ctx, cfg.Workers)
+			return work(ctx)
 		})
 	})
 	logger.Info("outpost-controller running", "webhook", hookLn.Addr().String(), "hosts", cfg.Webhook.Hosts,
-		"metrics", cfg.MetricsAddress, "leaderElection", !cfg.LeaderElection.Disabled)
+		"metrics", cfg.MetricsAddress, "leaderElection", !cfg.LeaderElection.Disabled,
+		"approveServingCSRs", !cfg.CSRApproval.Disabled, "clusterDomain", cfg.CSRApproval.ClusterDomain)
 	return g.Wait()
 }
