@@ -73,7 +73,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		}, []string{"verb", "resource", "code", "served_by"}),
 		ClientRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "outpost_client_requests_total",
-			Help: `Requests served, by client ("node", "serviceaccount:<namespace>/<name>", "user" for other users, "anonymous") and what served them.`,
+			Help: `Requests answered, counted as the answer begins (a watch may last for hours), by client ("node", "serviceaccount:<namespace>/<name>", "user" for other users, "anonymous") and what answered them.`,
 		}, []string{"client", "served_by"}),
 		Duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "outpost_request_duration_seconds",

@@ -182,6 +182,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	rec := &recorder{ResponseWriter: w, code: http.StatusOK, stream: info.LongRunning}
 	if h.Metrics != nil {
+		// Counted as the answer begins: a watch (and a WatchList, which is
+		// all an informer sends now) may last for hours.
+		rec.answered = func() { h.Metrics.ClientRequests.WithLabelValues(clientLabel(info.Identity), rec.servedBy()).Inc() }
+	}
+	if h.Metrics != nil {
 		g := h.inFlight[info.LongRunning]
 		g.Inc()
 		defer g.Dec()
@@ -257,14 +262,12 @@ func (h *Handler) observe(rec *recorder, info *request.Info, start time.Time) {
 		} else if info.Subresource != "" {
 			resource += "/" + info.Subresource
 		}
-		servedBy := servedByUpstream
-		if rec.local {
-			servedBy = servedByOutpost
-		} else if rec.Header().Get(reader.ServedByHeader) != "" {
-			servedBy = servedByCache
-		}
+		servedBy := rec.servedBy()
 		h.Metrics.Requests.WithLabelValues(info.Verb, resource, codeString(rec.code), servedBy).Inc()
-		h.Metrics.ClientRequests.WithLabelValues(clientLabel(info.Identity), servedBy).Inc()
+		if rec.answered != nil {
+			// No answer began (the request broke off first).
+			rec.answered()
+		}
 		end := rec.firstWrite
 		if !info.LongRunning || end.IsZero() {
 			end = time.Now()
@@ -376,13 +379,35 @@ type recorder struct {
 	code       int
 	bytes      int64
 	firstWrite time.Time
+	// answered, if set, is called once, as the answer begins.
+	answered func()
+}
+
+// servedBy is the served_by label of the answer.
+func (r *recorder) servedBy() string {
+	switch {
+	case r.local:
+		return servedByOutpost
+	case r.Header().Get(reader.ServedByHeader) != "":
+		return servedByCache
+	}
+	return servedByUpstream
+}
+
+// begin notes that the answer begins.
+func (r *recorder) begin() {
+	r.firstWrite = time.Now()
+	if r.answered != nil {
+		r.answered()
+		r.answered = nil
+	}
 }
 
 func (r *recorder) WriteHeader(code int) {
 	if r.firstWrite.IsZero() {
 		r.code = code
 		if code >= 200 {
-			r.firstWrite = time.Now()
+			r.begin()
 		}
 	}
 	r.ResponseWriter.WriteHeader(code)
@@ -390,7 +415,7 @@ func (r *recorder) WriteHeader(code int) {
 
 func (r *recorder) Write(b []byte) (n int, err error) {
 	if r.firstWrite.IsZero() {
-		r.firstWrite = time.Now()
+		r.begin()
 	}
 	if r.stream || (r.body == nil && r.Header().Get("Content-Length") != "") {
 		// A body of known length is never flushed before its end.

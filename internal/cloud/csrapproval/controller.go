@@ -2,6 +2,7 @@ package csrapproval
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -134,6 +135,12 @@ func (c *Controller) processNext(ctx context.Context, lister certlisters.Certifi
 		if ctx.Err() != nil {
 			return false
 		}
+		if errors.Is(err, errNodeNotRegistered) {
+			c.logger.Debug("CSR waits for its node to register", "csr", name, "err", err)
+			c.queue.Forget(name)
+			c.queue.AddAfter(name, nodeWait)
+			return true
+		}
 		c.logger.Warn("deciding CSR; will retry", "csr", name, "retries", c.queue.NumRequeues(name), "err", err)
 		c.queue.AddRateLimited(name)
 		return true
@@ -141,6 +148,12 @@ func (c *Controller) processNext(ctx context.Context, lister certlisters.Certifi
 	c.queue.Forget(name)
 	return true
 }
+
+// errNodeNotRegistered: a CSR that passes every check so far is for a
+// Node that does not exist yet; it is looked at again every nodeWait.
+var errNodeNotRegistered = errors.New("node not registered yet")
+
+const nodeWait = 2 * time.Second
 
 // sync decides one CSR and writes the decision.
 func (c *Controller) sync(ctx context.Context, lister certlisters.CertificateSigningRequestLister, name string) error {
@@ -161,6 +174,9 @@ func (c *Controller) sync(ctx context.Context, lister certlisters.CertificateSig
 	if d.Verdict == Ignore {
 		c.logger.Debug("CSR not ours", "csr", name, "why", d.Reason)
 		return nil
+	}
+	if d.Verdict == Wait {
+		return fmt.Errorf("%w: %s", errNodeNotRegistered, d.Message)
 	}
 
 	condition := certificatesv1.CertificateSigningRequestCondition{

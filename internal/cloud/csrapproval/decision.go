@@ -36,6 +36,10 @@ const (
 	Approve
 	// Deny: claims an in-cluster name but fails a check.
 	Deny
+	// Wait: nothing is wrong yet, but the Node it is for is not
+	// registered (an outpost asks before its kubelet registers): decided
+	// once it is, since a denial is final.
+	Wait
 )
 
 // String is the value of the decision label of the decision metric.
@@ -196,9 +200,12 @@ func Decide(csr *certificatesv1.CertificateSigningRequest, facts Facts) (Decisio
 		if err != nil {
 			return Decision{}, fmt.Errorf("reading node %s: %w", node, err)
 		}
-		if n == nil {
+		switch {
+		case n == nil && len(fails) == 0:
+			return Decision{Verdict: Wait, Node: node, Reason: ReasonUnknownNode, Message: "node " + node + " is not registered yet"}, nil
+		case n == nil:
 			fails.add(ReasonUnknownNode, "node %s does not exist", node)
-		} else {
+		default:
 			nodeDNS, nodeIPs = addresses(n)
 		}
 		nodeDNS = append(nodeDNS, node)

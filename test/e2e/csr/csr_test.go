@@ -39,7 +39,6 @@ var cp *framework.ControlPlane
 
 func TestMain(m *testing.M) {
 	code := framework.Run(m, framework.Options{ControllerManager: true}, &cp)
-	removeControllerBinary()
 	os.Exit(code)
 }
 
@@ -131,7 +130,7 @@ func TestServingCSRs(t *testing.T) {
 	for _, f := range early {
 		f.file(ctx, t)
 	}
-	off := startController(ctx, t, "--approve-outpost-serving-csrs=false", "--leader-elect=false")
+	off := cp.StartControllerT(t, "--approve-outpost-serving-csrs=false", "--leader-elect=false")
 	time.Sleep(pendingFor)
 	for _, f := range early {
 		if csr, err := admin.CertificatesV1().CertificateSigningRequests().Get(ctx, f.csr, metav1.GetOptions{}); err != nil || len(csr.Status.Conditions) > 0 {
@@ -144,7 +143,7 @@ func TestServingCSRs(t *testing.T) {
 	off.Stop(t)
 	step("with --approve-outpost-serving-csrs=false, nothing decided in %v", pendingFor)
 
-	ctrl := startController(ctx, t)
+	ctrl := cp.StartControllerT(t)
 	step("outpost-controller leading")
 	for _, f := range filings {
 		if !slices.Contains(early, f) {

@@ -57,6 +57,7 @@ func Run(m *testing.M, opts Options, cp **ControlPlane) int {
 	}()
 
 	defer removeOutpostBinary()
+	defer removeControllerBinary()
 	begin := time.Now()
 	c, err := Start(ctx, opts)
 	if err != nil {

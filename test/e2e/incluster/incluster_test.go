@@ -23,7 +23,6 @@ import (
 	"testing"
 	"time"
 
-	certificatesv1 "k8s.io/api/certificates/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -107,32 +106,22 @@ func publishAPIServerEndpoints(t *testing.T) {
 	}
 }
 
-// approveServingCSRs approves the node's kubelet-serving CSRs that name
-// the in-cluster names, as outpost-controller does.
-func approveServingCSRs(t *testing.T, node string) {
+// caBundle writes the certificates of files into one CA bundle.
+func caBundle(t *testing.T, files ...string) string {
 	t.Helper()
-	ctx := t.Context()
-	_, err := framework.Poll(ctx, 200*time.Millisecond, 30*time.Second, func(ctx context.Context) (bool, string) {
-		list, err := cp.Client().CertificatesV1().CertificateSigningRequests().List(ctx, metav1.ListOptions{})
+	var all []byte
+	for _, f := range files {
+		b, err := os.ReadFile(f)
 		if err != nil {
-			return false, err.Error()
+			t.Fatal(err)
 		}
-		for _, c := range list.Items {
-			if c.Spec.Username != "system:node:"+node || c.Spec.SignerName != certificatesv1.KubeletServingSignerName || len(c.Status.Conditions) > 0 {
-				continue
-			}
-			c.Status.Conditions = append(c.Status.Conditions, certificatesv1.CertificateSigningRequestCondition{
-				Type: certificatesv1.CertificateApproved, Status: corev1.ConditionTrue, Reason: "E2EApproved", Message: "approved by the e2e test"})
-			if _, err := cp.Client().CertificatesV1().CertificateSigningRequests().UpdateApproval(ctx, c.Name, &c, metav1.UpdateOptions{}); err != nil {
-				return false, err.Error()
-			}
-			return true, ""
-		}
-		return false, "no serving CSR of the node yet"
-	})
-	if err != nil {
+		all = append(append(all, b...), '\n')
+	}
+	path := filepath.Join(t.TempDir(), "ca-bundle.crt")
+	if err := os.WriteFile(path, all, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return path
 }
 
 // waitServing waits until addr serves a certificate of the cluster CA for
@@ -197,16 +186,15 @@ func TestInClusterClientsThroughOutpost(t *testing.T) {
 	publishAPIServerEndpoints(t)
 	ip := addNodeLocalAddress(t)
 	local := netip.AddrPortFrom(ip, uint16(framework.FreePort(t)))
+	cp.StartControllerT(t, "--leader-elect=false")
 	o, link := cp.StartOutpostWithLinkT(t, node, append(slices.Clone(framework.LenientProbes),
-		"--rotate-server-certificates", "--node-local-address="+local.String(), "--log-level=debug")...)
+		"--rotate-server-certificates", "--node-local-address="+local.String())...)
 
-	approveServingCSRs(t, node)
-	took := waitServing(t, local.String(), ip.String(), kubernetesVIP, "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "127.0.0.1")
-	figure(t, "serving certificate with the in-cluster names after approval: %v", took.Round(time.Millisecond))
-
-	// kubelet trusts the cluster CA only, as it would any apiserver.
+	// kubelet trusts outpost's self-signed certificate, which it serves
+	// until outpost-controller approves its CSR (once the Node exists), and
+	// the cluster CA, which signs the certificate after that.
 	kubeconfig := filepath.Join(t.TempDir(), "kubelet.kubeconfig")
-	if err := framework.WriteKubeconfig(kubeconfig, o.URL, cp.CAFile, o.NodeCertFile, o.NodeKeyFile, ""); err != nil {
+	if err := framework.WriteKubeconfig(kubeconfig, o.URL, caBundle(t, o.ServingCAFile, cp.CAFile), o.NodeCertFile, o.NodeKeyFile, ""); err != nil {
 		t.Fatal(err)
 	}
 	if err := cp.CreateWebConfig(ctx, ns, greeting, "unused"); err != nil {
@@ -214,7 +202,10 @@ func TestInClusterClientsThroughOutpost(t *testing.T) {
 	}
 	// The pods' own service account may read; nobody lends them more.
 	cp.ServiceAccountToken(t, ns, "default", framework.ReaderRole)
+	begin := time.Now()
 	n := cp.StartNodeForTest(t, node, kubeconfig)
+	waitServing(t, local.String(), ip.String(), kubernetesVIP, "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "127.0.0.1")
+	figure(t, "node start → outpost serves the certificate with the in-cluster names, approved by outpost-controller: %v", time.Since(begin).Round(time.Millisecond))
 	hostPort := framework.FreePort(t)
 	if err := cp.CreateWebPods(ctx, ns, node, hostPort); err != nil {
 		t.Fatal(err)

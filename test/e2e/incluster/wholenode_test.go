@@ -56,7 +56,7 @@ func startWholeNode(t *testing.T, node, kubeletConfig, proxyConfig string, flann
 	w.f = cp.StartFlannelNodeForTest(t, node, kubeletConfig, flannel)
 	w.n = w.f.Node
 	if _, err := w.f.WaitReady(ctx); err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v\nflanneld:\n%s", err, w.f.Log(20))
 	}
 	patch := fmt.Sprintf(`{"metadata":{"labels":{%q:%q}}}`, zoneLabel, siteZone)
 	if _, err := cp.Client().CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
@@ -166,7 +166,7 @@ func createSiteWeb(t *testing.T, ns, node string) string {
 	}
 	deploy := &appsv1.Deployment{
 		ObjectMeta: metav1.ObjectMeta{Name: "web"},
-		Spec: appsv1.DeploymentSpec{Replicas: new(int32(1)), Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}}, Template: template},
+		Spec:       appsv1.DeploymentSpec{Replicas: new(int32(1)), Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}}, Template: template},
 	}
 	if _, err := client.AppsV1().Deployments(ns).Create(ctx, deploy, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -246,9 +246,13 @@ func TestWholeNodeRebootOffline(t *testing.T) {
 	publishAPIServerEndpoints(t)
 	ip := addNodeLocalAddress(t)
 	local := netip.AddrPortFrom(ip, uint16(framework.FreePort(t)))
+	// The Node is registered ahead, as an operator may: outpost-controller
+	// approves the serving CSR at once, and the pods, whose in-cluster
+	// clients verify it, start after.
+	cp.StartControllerT(t, "--leader-elect=false")
+	cp.CreateNode(t, node, nil)
 	o, link := cp.StartOutpostWithLinkT(t, node, append(slices.Clone(framework.LenientProbes),
 		"--rotate-server-certificates", "--node-local-address="+local.String())...)
-	approveServingCSRs(t, node)
 	waitServing(t, local.String(), ip.String(), kubernetesVIP, "kubernetes.default.svc")
 
 	dir := t.TempDir()
@@ -281,13 +285,15 @@ func TestWholeNodeRebootOffline(t *testing.T) {
 		cachedBefore[c] = metric(t, o, "outpost_client_requests_total", "client="+c, "served_by=cache")
 	}
 	rebootAt := w.reboot(t)
+	if _, err := w.f.WaitReady(ctx); err != nil {
+		t.Errorf("offline after the reboot, flannel: %v", err)
+	} else {
+		figure(t, "offline reboot → flannel ready (subnet file and VXLAN device), from outpost's cache: %v", time.Since(rebootAt).Round(time.Millisecond))
+	}
 	if err := w.serving(ctx, 90*time.Second); err != nil {
 		t.Fatalf("offline after the reboot: %v\nkube-proxy:\n%s\ncoredns and flannel pods: %s", err, w.kp.Log(20), describePods(t))
 	}
 	figure(t, "offline reboot → coredns answers and the VIP serves (this site's endpoint only), from outpost's cache: %v", time.Since(rebootAt).Round(time.Millisecond))
-	if _, err := w.f.WaitReady(ctx); err != nil {
-		t.Errorf("offline after the reboot, flannel: %v", err)
-	}
 	for _, c := range inCluster {
 		if v := metric(t, o, "outpost_client_requests_total", "client="+c, "served_by=cache") - cachedBefore[c]; v < 1 {
 			t.Errorf("offline after the reboot, no request of %s was answered from the cache", c)
