@@ -45,6 +45,10 @@ type Writer struct {
 	overlays overlays
 	dropped  atomic.Int64 // journaled events dropped because it was full
 
+	// followMu makes followEndpoints read and write the overlays of
+	// EndpointSlices one pod at a time.
+	followMu sync.Mutex
+
 	mu          sync.Mutex // guards the fields below
 	lastLocalRV uint64
 	journalSeq  uint64
@@ -270,11 +274,12 @@ func (l *Writer) writeOverlay(w http.ResponseWriter, r *http.Request, info *requ
 		return apierrors.NewInternalError(err)
 	}
 	ov := &overlay{resource: res, namespace: info.Namespace, name: name, kind: kinds[0], apiVersion: kinds[1], data: out}
-	rec, _ := json.Marshal(overlayRecord{Resource: res, Namespace: info.Namespace, Name: name, Kind: kinds[0], APIVersion: kinds[1], Data: out})
-	if err := l.Store.PutDoc(overlayPrefix+overlayKey(res, info.Namespace, name), codec.MediaJSON, rec); err != nil {
-		return apierrors.NewInternalError(fmt.Errorf("saving local write: %w", err))
+	if err := l.putOverlay(ov); err != nil {
+		return apierrors.NewInternalError(err)
 	}
-	l.overlays.put(ov)
+	if res == "/v1/pods" {
+		l.followEndpoints(out)
+	}
 	code := http.StatusOK
 	if info.Verb == "create" {
 		code = http.StatusCreated

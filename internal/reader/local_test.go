@@ -14,6 +14,7 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/outposthq/outpost/internal/codec"
@@ -191,3 +192,91 @@ func answering(code int, sent *[]string) roundTripper {
 type roundTripper func(*http.Request) (*http.Response, error)
 
 func (f roundTripper) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// TestEndpointsFollowLocalPods: offline, a pod of this node that came back
+// from a reboot with a new address is found at it through the cached
+// EndpointSlices that name it, by every reader (kube-proxy, coredns), in
+// lists and on watches; other nodes' endpoints and other Services' are left
+// as the cloud wrote them.
+func TestEndpointsFollowLocalPods(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	c.Local.Node = "edge-1"
+	pod := corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web-1", Namespace: "default", UID: "uid-1", ResourceVersion: "60"}, Spec: corev1.PodSpec{NodeName: "edge-1"},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.1.0.5", PodIPs: []corev1.PodIP{{IP: "10.1.0.5"}}}}
+	seedObject(t, c, "/v1/pods", "PodList", "v1", pod)
+	here, there := "edge-1", "edge-2"
+	yes := true
+	slice := discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: "web-abc", Namespace: "default", ResourceVersion: "70", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints: []discoveryv1.Endpoint{
+			{Addresses: []string{"10.1.0.5"}, Conditions: discoveryv1.EndpointConditions{Ready: &yes}, NodeName: &here,
+				TargetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: "default", Name: "web-1", UID: "uid-1"}},
+			{Addresses: []string{"10.2.0.9"}, Conditions: discoveryv1.EndpointConditions{Ready: &yes}, NodeName: &there,
+				TargetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: "default", Name: "web-2", UID: "uid-2"}},
+		},
+	}
+	v := store.View{Key: store.ViewKey{Identity: reader.Key(), Resource: "discovery.k8s.io/v1/endpointslices"}, ResourceVersion: "100", Kind: "EndpointSliceList", APIVersion: "discovery.k8s.io/v1"}
+	raw, _ := json.Marshal(slice)
+	so, err := codec.ObjectFromJSON(raw, v.Key.Resource)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Store.ReplaceView(v, []store.Object{so}); err != nil {
+		t.Fatal(err)
+	}
+	list := func() discoveryv1.EndpointSlice {
+		t.Helper()
+		r := httptest.NewRequest(http.MethodGet, "/apis/discovery.k8s.io/v1/endpointslices", nil)
+		info, _ := request.Parse(r, reader)
+		w := httptest.NewRecorder()
+		c.Serve(w, r, info)
+		var l discoveryv1.EndpointSliceList
+		if err := json.Unmarshal(w.Body.Bytes(), &l); err != nil || len(l.Items) != 1 {
+			t.Fatalf("list: %v %s", err, w.Body)
+		}
+		return l.Items[0]
+	}
+
+	// A watch from before the reboot sees the change as it happens.
+	r := httptest.NewRequest(http.MethodGet, "/apis/discovery.k8s.io/v1/endpointslices?watch=1&resourceVersion=100&timeoutSeconds=2", nil)
+	info, _ := request.Parse(r, reader)
+	events := httptest.NewRecorder()
+	done := make(chan struct{})
+	go func() { defer close(done); c.Serve(events, r, info) }()
+	time.Sleep(200 * time.Millisecond) // the watch has begun
+
+	// Rebooted: a new sandbox, no address yet; then its new address, ready.
+	status := func(body string) {
+		t.Helper()
+		if w := localWrite(t, c, kubelet, http.MethodPatch, "/api/v1/namespaces/default/pods/web-1/status", "application/merge-patch+json", []byte(body)); w.Code != 200 {
+			t.Fatalf("pod status: %d %s", w.Code, w.Body)
+		}
+	}
+	status(`{"status":{"podIP":null,"podIPs":null,"conditions":[{"type":"Ready","status":"False"}]}}`)
+	if e := list().Endpoints[0]; e.Addresses[0] != "10.1.0.5" || *e.Conditions.Ready {
+		t.Errorf("a pod without an address yet: endpoint %+v, want the old address not ready", e)
+	}
+	status(`{"status":{"podIP":"10.1.0.77","podIPs":[{"ip":"10.1.0.77"}],"conditions":[{"type":"Ready","status":"True"}]}}`)
+	got := list()
+	if e := got.Endpoints[0]; e.Addresses[0] != "10.1.0.77" || !*e.Conditions.Ready || *e.Conditions.Terminating {
+		t.Errorf("this node's endpoint does not follow its pod: %+v", e)
+	}
+	if e := got.Endpoints[1]; e.Addresses[0] != "10.2.0.9" {
+		t.Errorf("another node's endpoint changed: %+v", e)
+	}
+	if got.ResourceVersion != "70" {
+		t.Errorf("resourceVersion %s, want the cloud's 70", got.ResourceVersion)
+	}
+	<-done
+	if body := events.Body.String(); !strings.Contains(body, `"MODIFIED"`) || !strings.Contains(body, `"10.1.0.77"`) {
+		t.Errorf("the watch got no MODIFIED event with the new address:\n%s", body)
+	}
+
+	// The cloud returns: the derived overlay goes, and is never sent up.
+	c.Local.DropOverlays()
+	if e := list().Endpoints[0]; e.Addresses[0] != "10.1.0.5" {
+		t.Errorf("after the cloud returned, the cached endpoint is not the cloud's: %+v", e)
+	}
+}
