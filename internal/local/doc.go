@@ -6,6 +6,10 @@
 //     applied to an overlay that the offline reader shows, dropped when the
 //     cloud's truth returns (after the last status is sent upstream,
 //     since kubelet believes it saved it);
+//   - derived from those pod statuses, the endpoints of this node's pods in
+//     the cached EndpointSlices: a pod rebooted offline comes back at a new
+//     address, which Service traffic must follow (endpoints.go); never sent
+//     upstream;
 //   - Events: appended to a bounded journal in the store, replayed after
 //     reconnect;
 //   - TokenRequests: answered with a token the apiserver issued online for
