@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -14,11 +15,13 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
@@ -68,6 +71,8 @@ func startWholeNode(t *testing.T, node, kubeletConfig, proxyConfig string, flann
 	w.kp = w.n.StartKubeProxyForTest(t, proxyConfig, framework.KubeProxyNFTables)
 	w.n.DeployCoreDNSForTest(t, dns)
 	w.vip = createSiteWeb(t, w.ns, node)
+	// The web pods' own service account may read (checkKubernetesVIP).
+	cp.ServiceAccountToken(t, w.ns, "default", framework.ReaderRole)
 	w.name = fmt.Sprintf("web.%s.svc.%s", w.ns, framework.ClusterDomain)
 	if err := w.serving(ctx, 90*time.Second); err != nil {
 		t.Fatalf("online: %v\nkube-proxy:\n%s", err, w.kp.Log(20))
@@ -268,6 +273,7 @@ func TestWholeNodeRebootOffline(t *testing.T) {
 	w := startWholeNode(t, node, kubeletConfig, proxyConfig,
 		framework.FlannelOptions{FromKubelet: true}, framework.CoreDNSConfig{InCluster: true})
 	figure(t, "whole node through outpost: web Service resolved and serving %v after the node started", time.Since(begin).Round(time.Millisecond))
+	checkKubernetesVIP(t, w)
 
 	inCluster := []string{"serviceaccount:kube-system/coredns", "serviceaccount:kube-flannel/flannel", "serviceaccount:kube-system/kube-proxy"}
 	for _, c := range inCluster {
@@ -294,6 +300,12 @@ func TestWholeNodeRebootOffline(t *testing.T) {
 		t.Fatalf("offline after the reboot: %v\nkube-proxy:\n%s\ncoredns and flannel pods: %s", err, w.kp.Log(20), describePods(t))
 	}
 	figure(t, "offline reboot → coredns answers and the VIP serves (this site's endpoint only), from outpost's cache: %v", time.Since(rebootAt).Round(time.Millisecond))
+	if first, last, n := cniRefusals(t, w.n, rebootAt); n > 0 {
+		figure(t, "  of which: kubelet's first %d pod syncs failed from +%v to +%v after the reboot, because flannel had not yet written its subnet file; kubelet retries a failed pod only after its 10–15 s back-off",
+			n, first.Round(time.Millisecond), last.Round(time.Millisecond))
+	}
+	checkEndpointsFollow(t, o, w)
+	checkKubernetesVIP(t, w)
 	for _, c := range inCluster {
 		if v := metric(t, o, "outpost_client_requests_total", "client="+c, "served_by=cache") - cachedBefore[c]; v < 1 {
 			t.Errorf("offline after the reboot, no request of %s was answered from the cache", c)
@@ -370,6 +382,91 @@ func TestWholeNodeStraightToAPIServer(t *testing.T) {
 	}
 	t.Logf("straight to the apiserver, %v after the offline reboot the Service is still dead, as expected: %v", wait, err)
 	link.Pass()
+}
+
+// cniRefusals reads the node's kubelet log from since on and returns when
+// (after since) the first and last pod syncs failed because flannel's CNI
+// plugin found no subnet file, and how many did.
+func cniRefusals(t *testing.T, n *framework.Node, since time.Time) (first, last time.Duration, count int) {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(n.Dir, "kubelet.log"))
+	if err != nil {
+		t.Log(err)
+		return 0, 0, 0
+	}
+	for line := range strings.Lines(string(data)) {
+		if !strings.Contains(line, "Error syncing pod") || !strings.Contains(line, "subnet.env") || len(line) < 21 {
+			continue
+		}
+		// klog: Lmmdd hh:mm:ss.uuuuuu
+		at, err := time.ParseInLocation("0102 15:04:05.000000", line[1:21], time.Local)
+		if err != nil {
+			continue
+		}
+		at = at.AddDate(since.Year(), 0, 0)
+		if at.Before(since) {
+			continue
+		}
+		if count == 0 {
+			first = at.Sub(since)
+		}
+		last = at.Sub(since)
+		count++
+	}
+	return first, last, count
+}
+
+// checkEndpointsFollow: offline, kube-proxy sees the web Service's endpoint
+// on this node at the address its pod has now, which the cloud never heard
+// of, while the cloud still has the one from before the reboot.
+func checkEndpointsFollow(t *testing.T, o *framework.Outpost, w *wholeNode) {
+	t.Helper()
+	ctx := t.Context()
+	asNode := kubernetes.NewForConfigOrDie(withClusterCA(o.ClientConfig(o.NodeCertFile, o.NodeKeyFile, "")))
+	pods, err := asNode.CoreV1().Pods(w.ns).List(ctx, metav1.ListOptions{LabelSelector: "app=web"})
+	if err != nil || len(pods.Items) != 1 {
+		t.Errorf("the node's web pod through outpost: %v", err)
+		return
+	}
+	now := pods.Items[0].Status.PodIP
+	proxy := kubernetes.NewForConfigOrDie(withClusterCA(o.ClientConfig("", "", kubeProxyToken(t))))
+	seen, err := proxy.DiscoveryV1().EndpointSlices(w.ns).List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=web"})
+	if err != nil {
+		t.Errorf("kube-proxy's view of the web EndpointSlices: %v", err)
+		return
+	}
+	cloud, err := cp.Client().DiscoveryV1().EndpointSlices(w.ns).List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=web"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addresses := func(l *discoveryv1.EndpointSliceList) []string {
+		var out []string
+		for _, s := range l.Items {
+			for _, e := range s.Endpoints {
+				if e.NodeName != nil && *e.NodeName == w.n.Name {
+					out = append(out, e.Addresses...)
+				}
+			}
+		}
+		return out
+	}
+	if got := addresses(seen); !slices.Equal(got, []string{now}) {
+		t.Errorf("offline, kube-proxy sees the web pod's endpoint at %v; the pod is at %s", got, now)
+	}
+	t.Logf("offline: the web pod is at %s; kube-proxy sees its endpoint at %v through outpost; the cloud still says %v", now, addresses(seen), addresses(cloud))
+}
+
+// checkKubernetesVIP: a pod reaches outpost through the kubernetes
+// Service's VIP, as kube-proxy's rules (from the rewritten EndpointSlice)
+// send it there: the web pod GETs its own Service as an in-cluster client
+// at 10.0.0.1:443, verified against the cluster CA.
+func checkKubernetesVIP(t *testing.T, w *wholeNode) {
+	t.Helper()
+	url := "http://" + net.JoinHostPort(w.vip, "80") + "/kube?host=" + kubernetesVIP + ":443&path=/api/v1/namespaces/" + w.ns + "/services/web"
+	body, err := framework.GetOK(t.Context(), vipClient, url)
+	if err != nil || !strings.HasPrefix(string(body), "200\n") {
+		t.Errorf("a pod's in-cluster GET through the kubernetes Service's VIP: %v %.200s", err, body)
+	}
 }
 
 // describePods lists the pods of the node as outpost's cache holds them,
