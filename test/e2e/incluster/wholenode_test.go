@@ -423,12 +423,18 @@ func checkEndpointsFollow(t *testing.T, o *framework.Outpost, w *wholeNode) {
 	t.Helper()
 	ctx := t.Context()
 	asNode := kubernetes.NewForConfigOrDie(withClusterCA(o.ClientConfig(o.NodeCertFile, o.NodeKeyFile, "")))
-	pods, err := asNode.CoreV1().Pods(w.ns).List(ctx, metav1.ListOptions{LabelSelector: "app=web"})
-	if err != nil || len(pods.Items) != 1 {
-		t.Errorf("the node's web pod through outpost: %v", err)
+	// What kubelet reads: its pods, by field selector.
+	pods, err := asNode.CoreV1().Pods(metav1.NamespaceAll).List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + w.n.Name})
+	if err != nil {
+		t.Errorf("the node's pods through outpost: %v", err)
 		return
 	}
-	now := pods.Items[0].Status.PodIP
+	now := ""
+	for _, p := range pods.Items {
+		if p.Namespace == w.ns && p.Labels["app"] == "web" {
+			now = p.Status.PodIP
+		}
+	}
 	proxy := kubernetes.NewForConfigOrDie(withClusterCA(o.ClientConfig("", "", kubeProxyToken(t))))
 	seen, err := proxy.DiscoveryV1().EndpointSlices(w.ns).List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=web"})
 	if err != nil {
