@@ -436,7 +436,8 @@ func checkEndpointsFollow(t *testing.T, o *framework.Outpost, w *wholeNode) {
 		}
 	}
 	proxy := kubernetes.NewForConfigOrDie(withClusterCA(o.ClientConfig("", "", kubeProxyToken(t))))
-	seen, err := proxy.DiscoveryV1().EndpointSlices(w.ns).List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=web"})
+	// What kube-proxy reads: every namespace, this selector.
+	seen, err := proxy.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).List(ctx, metav1.ListOptions{LabelSelector: "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"})
 	if err != nil {
 		t.Errorf("kube-proxy's view of the web EndpointSlices: %v", err)
 		return
@@ -448,6 +449,9 @@ func checkEndpointsFollow(t *testing.T, o *framework.Outpost, w *wholeNode) {
 	addresses := func(l *discoveryv1.EndpointSliceList) []string {
 		var out []string
 		for _, s := range l.Items {
+			if s.Namespace != w.ns || s.Labels[discoveryv1.LabelServiceName] != "web" {
+				continue
+			}
 			for _, e := range s.Endpoints {
 				if e.NodeName != nil && *e.NodeName == w.n.Name {
 					out = append(out, e.Addresses...)
