@@ -439,7 +439,8 @@ func checkEndpointsFollow(t *testing.T, o *framework.Outpost, w *wholeNode) {
 	// What kube-proxy reads: every namespace, this selector.
 	seen, err := proxy.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).List(ctx, metav1.ListOptions{LabelSelector: "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"})
 	if err != nil {
-		t.Errorf("kube-proxy's view of the web EndpointSlices: %v", err)
+		views, _ := framework.GetOK(ctx, nil, o.AdminURL+"/debug/cache/views")
+		t.Errorf("kube-proxy's view of the web EndpointSlices: %v\noutpost's views:\n%s", err, views)
 		return
 	}
 	cloud, err := cp.Client().DiscoveryV1().EndpointSlices(w.ns).List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=web"})
