@@ -436,8 +436,8 @@ func checkEndpointsFollow(t *testing.T, o *framework.Outpost, w *wholeNode) {
 		}
 	}
 	proxy := kubernetes.NewForConfigOrDie(withClusterCA(o.ClientConfig("", "", kubeProxyToken(t))))
-	// What kube-proxy reads: every namespace, this selector.
-	seen, err := proxy.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).List(ctx, metav1.ListOptions{LabelSelector: "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"})
+	// What kube-proxy v1.37 reads: every namespace, this selector.
+	seen, err := proxy.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).List(ctx, metav1.ListOptions{LabelSelector: "!service.kubernetes.io/headless"})
 	if err != nil {
 		views, _ := framework.GetOK(ctx, nil, o.AdminURL+"/debug/cache/views")
 		t.Errorf("kube-proxy's view of the web EndpointSlices: %v\noutpost's views:\n%s", err, views)
