@@ -1,5 +1,7 @@
 package rewrite
 
+//lint:file-ignore SA1019 core/v1 Endpoints are deprecated but still served, and older service proxies read them.
+
 import (
 	"bytes"
 	"compress/gzip"
