@@ -52,7 +52,7 @@ type wholeNode struct {
 // startWholeNode starts the node called node with kubelet's kubeconfig and
 // kube-proxy's, and flannel and coredns as given, then the web app. It
 // returns once the web Service's name resolves and its VIP serves.
-func startWholeNode(t *testing.T, node, kubeletConfig, proxyConfig string, flannel framework.FlannelOptions, dns framework.CoreDNSConfig) *wholeNode {
+func startWholeNode(t *testing.T, node, kubeletConfig, proxyConfig string, mode framework.KubeProxyMode, flannel framework.FlannelOptions, dns framework.CoreDNSConfig) *wholeNode {
 	t.Helper()
 	ctx := t.Context()
 	w := &wholeNode{ns: node}
@@ -68,7 +68,7 @@ func startWholeNode(t *testing.T, node, kubeletConfig, proxyConfig string, flann
 	if err := w.n.SetClusterDNS(ctx, framework.KubeDNSIP); err != nil {
 		t.Fatal(err)
 	}
-	w.kp = w.n.StartKubeProxyForTest(t, proxyConfig, framework.KubeProxyNFTables)
+	w.kp = w.n.StartKubeProxyForTest(t, proxyConfig, mode)
 	w.n.DeployCoreDNSForTest(t, dns)
 	w.vip = createSiteWeb(t, w.ns, node)
 	// The web pods' own service account may read (checkKubernetesVIP).
@@ -245,8 +245,17 @@ func kubeProxyToken(t *testing.T) string {
 // from the cache; once the link returns, a Service created during the
 // outage reaches kube-proxy's rules.
 func TestWholeNodeRebootOffline(t *testing.T) {
+	wholeNodeThroughOutpost(t, "whole", framework.KubeProxyNFTables)
+}
+
+// TestWholeNodeRebootOfflineIPTables is the same with kube-proxy in
+// iptables mode.
+func TestWholeNodeRebootOfflineIPTables(t *testing.T) {
+	wholeNodeThroughOutpost(t, "whole-ipt", framework.KubeProxyIPTables)
+}
+
+func wholeNodeThroughOutpost(t *testing.T, node string, mode framework.KubeProxyMode) {
 	framework.RequireRealNode(t)
-	const node = "whole"
 	ctx := t.Context()
 	publishAPIServerEndpoints(t)
 	ip := addNodeLocalAddress(t)
@@ -270,9 +279,9 @@ func TestWholeNodeRebootOffline(t *testing.T) {
 		t.Fatal(err)
 	}
 	begin := time.Now()
-	w := startWholeNode(t, node, kubeletConfig, proxyConfig,
+	w := startWholeNode(t, node, kubeletConfig, proxyConfig, mode,
 		framework.FlannelOptions{FromKubelet: true}, framework.CoreDNSConfig{InCluster: true})
-	figure(t, "whole node through outpost: web Service resolved and serving %v after the node started", time.Since(begin).Round(time.Millisecond))
+	figure(t, "whole node through outpost (kube-proxy %s): web Service resolved and serving %v after the node started", mode, time.Since(begin).Round(time.Millisecond))
 	checkKubernetesVIP(t, w)
 
 	inCluster := []string{"serviceaccount:kube-system/coredns", "serviceaccount:kube-flannel/flannel", "serviceaccount:kube-system/kube-proxy"}
@@ -299,7 +308,7 @@ func TestWholeNodeRebootOffline(t *testing.T) {
 	if err := w.serving(ctx, 90*time.Second); err != nil {
 		t.Fatalf("offline after the reboot: %v\nkube-proxy:\n%s\ncoredns and flannel pods: %s", err, w.kp.Log(20), describePods(t))
 	}
-	figure(t, "offline reboot → coredns answers and the VIP serves (this site's endpoint only), from outpost's cache: %v", time.Since(rebootAt).Round(time.Millisecond))
+	figure(t, "offline reboot (kube-proxy %s) → coredns answers and the VIP serves (this site's endpoint only), from outpost's cache: %v", mode, time.Since(rebootAt).Round(time.Millisecond))
 	if first, last, n := cniRefusals(t, w.n, rebootAt); n > 0 {
 		figure(t, "  of which: kubelet's first %d pod syncs failed from +%v to +%v after the reboot, because flannel had not yet written its subnet file; kubelet retries a failed pod only after its 10–15 s back-off",
 			n, first.Round(time.Millisecond), last.Round(time.Millisecond))
@@ -370,7 +379,7 @@ func TestWholeNodeStraightToAPIServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	host := strings.TrimPrefix(link.URL(), "https://")
-	w := startWholeNode(t, node, kubeletConfig, proxyConfig,
+	w := startWholeNode(t, node, kubeletConfig, proxyConfig, framework.KubeProxyNFTables,
 		framework.FlannelOptions{APIServer: host}, framework.CoreDNSConfig{Server: link.URL()})
 
 	link.Blackhole()
