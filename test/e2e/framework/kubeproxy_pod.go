@@ -52,6 +52,9 @@ const (
 	kubeProxyConfigDir = "/var/lib/kube-proxy"
 	// kubeProxyLabel is the label of kubeadm's kube-proxy pods.
 	kubeProxyLabel = "k8s-app"
+	// kubeProxyLockWait bounds the wait for the machine's kube-proxy lock,
+	// which another test binary's kube-proxy may hold for minutes.
+	kubeProxyLockWait = 10 * time.Minute
 )
 
 // KubeProxyPodOptions change how StartKubeProxyPodForTest runs kube-proxy;
@@ -97,22 +100,24 @@ type KubeProxyPod struct {
 	apiserver string // host:port of the API, if not kubelet's
 	ca        []byte // CA bundle, if not the cluster CA
 	lock      *os.File
+	lockWait  time.Duration // how long the start waited for the lock
 
 	mu          sync.Mutex // guards the fields below
 	closed      bool
-	leftTables  []string    // what tablesLeft said as Close released the lock
+	leftTables  []string    // kubeProxyTablesLeft as Close released the lock
 	releaseStop func() bool // cancels the safety-net Close
 }
 
 // StartKubeProxyPod starts kube-proxy as a pod on node n and returns once
-// its rules are in place and its /healthz answers. It first waits, as long
-// as ctx allows, for any other kube-proxy of the machine (KubeProxy or
-// KubeProxyPod) to be closed, and removes the tables one killed earlier
-// may have left; then it imports KubeProxyImage and creates in
+// its rules are in place and its /healthz answers. It imports
+// KubeProxyImage, then waits, up to kubeProxyLockWait, for any other
+// kube-proxy of the machine (KubeProxy or KubeProxyPod) to be closed, and
+// removes the tables one killed earlier may have left; then it creates in
 // KubeProxyNamespace the kube-proxy ServiceAccount, kubeadm's
 // ClusterRoleBinding to system:node-proxier, the kube-proxy ConfigMap and
-// the pod. The caller must Close it; a safety net closes it when the
-// control plane stops.
+// the pod. ctx bounds it all; the steps after the lock get 2 minutes when
+// it has no deadline. The caller must Close it; a safety net closes it
+// when the control plane stops.
 func (n *Node) StartKubeProxyPod(ctx context.Context, opts KubeProxyPodOptions) (_ *KubeProxyPod, err error) {
 	if _, err := exec.LookPath("nft"); err != nil {
 		return nil, fmt.Errorf("starting the kube-proxy pod: %w: run hack/install-node-deps.sh as root", err)
@@ -128,30 +133,30 @@ func (n *Node) StartKubeProxyPod(ctx context.Context, opts KubeProxyPodOptions) 
 			return nil, fmt.Errorf("starting the kube-proxy pod: %w", err)
 		}
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, startTimeout)
-		defer cancel()
-	}
 	ctx, cancel := n.cp.withStop(ctx)
 	defer cancel()
-	archive, err := n.cp.kubeProxyArchive(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("starting the kube-proxy pod: %w", err)
-	}
-	if err := n.importArchives(ctx, []string{archive}, []string{KubeProxyImage}); err != nil {
+	if err := kp.importImage(ctx); err != nil {
 		return nil, fmt.Errorf("starting the kube-proxy pod: node %s: %w", n.Name, err)
 	}
-	lock, err := lockFile(ctx, kubeProxyLock)
+	// Other tests' kube-proxies hold the lock for as long as they run.
+	waitStart := time.Now()
+	lockCtx, cancelLock := context.WithTimeout(ctx, kubeProxyLockWait)
+	lock, err := lockFile(lockCtx, kubeProxyLock)
+	cancelLock()
 	if err != nil {
 		return nil, fmt.Errorf("starting the kube-proxy pod: waiting for the other kube-proxy of the machine to be closed: %w", err)
 	}
-	kp.lock = lock
+	kp.lock, kp.lockWait = lock, time.Since(waitStart)
 	defer func() {
 		if err != nil {
 			kp.Close()
 		}
 	}()
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, startTimeout)
+		defer cancel()
+	}
 	// Whatever kube-proxy tables exist now were left by one that was killed.
 	if err := deleteKubeProxyTables(ctx); err != nil {
 		return nil, fmt.Errorf("starting the kube-proxy pod: removing stale rules: %w", err)
@@ -179,6 +184,9 @@ func (n *Node) StartKubeProxyPodForTest(t testing.TB, opts KubeProxyPodOptions) 
 	if err != nil {
 		t.Fatal(err)
 	}
+	if kp.lockWait > time.Second {
+		t.Logf("the kube-proxy pod of %s waited %v for the machine's kube-proxy lock", n.Name, kp.lockWait.Round(time.Millisecond))
+	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("last lines of kube-proxy's log:\n%s", kp.Log(40))
@@ -189,6 +197,18 @@ func (n *Node) StartKubeProxyPodForTest(t testing.TB, opts KubeProxyPodOptions) 
 		}
 	})
 	return kp
+}
+
+// importImage imports KubeProxyImage into the node's containerd, within 2
+// minutes.
+func (kp *KubeProxyPod) importImage(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, startTimeout)
+	defer cancel()
+	archive, err := kp.Node.cp.kubeProxyArchive(ctx)
+	if err != nil {
+		return err
+	}
+	return kp.Node.importArchives(ctx, []string{archive}, []string{KubeProxyImage})
 }
 
 // kubeProxyArchive packs KubeProxyImage into an archive, once per control
