@@ -481,7 +481,7 @@ func (kp *KubeProxyPod) DeleteRules() error {
 }
 
 // Close deletes the pod and waits for kube-proxy to exit (killing it if
-// kubelet cannot stop it), deletes its tables, the ConfigMap, the binding
+// kubelet does not stop it), deletes its tables, the ConfigMap, the binding
 // and the service account, and releases the machine's lock for the next
 // kube-proxy. What cannot be cleaned is printed, and Leftovers lists it.
 // Close is idempotent.
@@ -521,30 +521,39 @@ func (kp *KubeProxyPod) Close() {
 
 // deletePod deletes the pod and waits up to 30 s for it to go, which
 // kubelet confirms once kube-proxy exited; it force-deletes the pod if
-// kubelet does not (it is stopped, say).
+// kubelet does not, or at once if kubelet is stopped.
 func (kp *KubeProxyPod) deletePod(ctx context.Context) error {
 	pods := kp.Node.cp.client.CoreV1().Pods(KubeProxyNamespace)
-	if err := pods.Delete(ctx, kp.Pod, metav1.DeleteOptions{}); err != nil {
-		if apierrors.IsNotFound(err) {
+	if kp.Node.kubeletRunning() {
+		if err := pods.Delete(ctx, kp.Pod, metav1.DeleteOptions{}); err != nil {
+			if apierrors.IsNotFound(err) {
+				return nil
+			}
+			return fmt.Errorf("deleting pod %s/%s: %w", KubeProxyNamespace, kp.Pod, err)
+		}
+		_, err := Poll(ctx, 200*time.Millisecond, 30*time.Second, func(ctx context.Context) (bool, string) {
+			_, err := pods.Get(ctx, kp.Pod, metav1.GetOptions{})
+			if apierrors.IsNotFound(err) {
+				return true, ""
+			}
+			return false, fmt.Sprintf("pod %s/%s still exists (%v)", KubeProxyNamespace, kp.Pod, err)
+		})
+		if err == nil {
 			return nil
 		}
-		return fmt.Errorf("deleting pod %s/%s: %w", KubeProxyNamespace, kp.Pod, err)
-	}
-	_, err := Poll(ctx, 200*time.Millisecond, 30*time.Second, func(ctx context.Context) (bool, string) {
-		_, err := pods.Get(ctx, kp.Pod, metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
-			return true, ""
-		}
-		return false, fmt.Sprintf("pod %s/%s still exists (%v)", KubeProxyNamespace, kp.Pod, err)
-	})
-	if err == nil {
-		return nil
 	}
 	force := metav1.DeleteOptions{GracePeriodSeconds: new(int64)}
 	if err := pods.Delete(ctx, kp.Pod, force); err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("force-deleting pod %s/%s: %w", KubeProxyNamespace, kp.Pod, err)
 	}
 	return nil
+}
+
+// kubeletRunning reports whether the node's kubelet runs.
+func (n *Node) kubeletRunning() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.kubelet != nil && !n.kubelet.exited()
 }
 
 // deleteObjects deletes the ConfigMap, the binding and the service account.
