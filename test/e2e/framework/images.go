@@ -153,7 +153,14 @@ type ociPlatform struct {
 // named ref: one uncompressed layer with binary at path (and the few
 // directories a container expects), run as the entrypoint.
 func ociArchive(ref, path string, binary []byte) ([]byte, error) {
-	layer, err := layerTar(path, binary)
+	return ociArchiveFiles(ref, path, []string{"PATH=/"}, []layerFile{{path: path, mode: 0o755, data: binary}})
+}
+
+// ociArchiveFiles is ociArchive for an image of several files: its layer
+// holds content, its entrypoint is entrypoint (one of them) and its
+// environment env.
+func ociArchiveFiles(ref, entrypoint string, env []string, content []layerFile) ([]byte, error) {
+	layer, err := layerTar(content)
 	if err != nil {
 		return nil, err
 	}
@@ -174,8 +181,8 @@ func ociArchive(ref, path string, binary []byte) ([]byte, error) {
 		"architecture": runtime.GOARCH,
 		"os":           "linux",
 		"config": map[string]any{
-			"Entrypoint": []string{path},
-			"Env":        []string{"PATH=/"},
+			"Entrypoint": []string{entrypoint},
+			"Env":        env,
 		},
 		// The layer is uncompressed, so its diff ID is its digest.
 		"rootfs": map[string]any{"type": "layers", "diff_ids": []string{layerDesc.Digest}},
@@ -234,21 +241,47 @@ func ociArchive(ref, path string, binary []byte) ([]byte, error) {
 // same binary always gives the same digests.
 var imageTime = time.Unix(0, 0)
 
-// layerTar returns a layer holding binary at path, plus /etc and /tmp,
-// which runtimes and programs expect to exist.
-func layerTar(path string, binary []byte) ([]byte, error) {
+// A layerFile is a regular file of an image layer.
+type layerFile struct {
+	path string // absolute path in the image
+	mode int64  // permission bits
+	data []byte // content
+}
+
+// layerTar returns a layer holding files, each after the directories on
+// its path, plus /etc and /tmp, which runtimes and programs expect to exist.
+// Files come in the order given, so the same files always give the same
+// layer.
+func layerTar(files []layerFile) ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
+	dirs := map[string]bool{}
+	addDir := func(name string, mode int64) error {
+		dirs[name] = true
+		return tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: name, Mode: mode, ModTime: imageTime})
+	}
 	for _, d := range []struct {
 		name string
 		mode int64
 	}{{"etc/", 0o755}, {"tmp/", 0o1777}} {
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d.name, Mode: d.mode, ModTime: imageTime}); err != nil {
+		if err := addDir(d.name, d.mode); err != nil {
 			return nil, err
 		}
 	}
-	if err := writeTarFile(tw, strings.TrimPrefix(path, "/"), 0o755, binary); err != nil {
-		return nil, err
+	for _, f := range files {
+		name := strings.TrimPrefix(filepath.ToSlash(filepath.Clean(f.path)), "/")
+		// Every directory on the way, outermost first: "usr/", "usr/sbin/".
+		for i, c := range name {
+			if c != '/' || dirs[name[:i+1]] {
+				continue
+			}
+			if err := addDir(name[:i+1], 0o755); err != nil {
+				return nil, err
+			}
+		}
+		if err := writeTarFile(tw, name, f.mode, f.data); err != nil {
+			return nil, err
+		}
 	}
 	if err := tw.Close(); err != nil {
 		return nil, err
@@ -340,4 +373,53 @@ func (n *Node) ImportCoreDNSImage(ctx context.Context) error {
 		return fmt.Errorf("node %s: %w", n.Name, err)
 	}
 	return nil
+}
+
+// hostLayerFiles reads files of the host (absolute paths), to be packed at
+// the same paths in an image: each one's content, symbolic links followed,
+// and permission bits.
+func hostLayerFiles(paths ...string) ([]layerFile, error) {
+	files := make([]layerFile, 0, len(paths))
+	for _, p := range paths {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return nil, err
+		}
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return nil, err
+		}
+		files = append(files, layerFile{path: p, mode: int64(fi.Mode().Perm()), data: data})
+	}
+	return files, nil
+}
+
+// sharedLibraries returns what the dynamically linked host program needs to
+// run in an image: the shared libraries ldd lists for it and the dynamic
+// loader, at the paths ldd gives, in ldd's order. The vDSO, which the kernel
+// provides, has no path and is left out.
+func sharedLibraries(ctx context.Context, program string) ([]string, error) {
+	out, err := exec.CommandContext(ctx, "ldd", program).CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("ldd %s: %w: %s", program, err, bytes.TrimSpace(out))
+	}
+	var libs []string
+	for line := range strings.Lines(string(out)) {
+		// "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)",
+		// "/lib64/ld-linux-x86-64.so.2 (0x...)" or "linux-vdso.so.1 (0x...)".
+		line = strings.TrimSpace(line)
+		if _, target, ok := strings.Cut(line, "=>"); ok {
+			line = strings.TrimSpace(target)
+		}
+		if strings.HasPrefix(line, "not found") {
+			return nil, fmt.Errorf("ldd %s: a library is not found:\n%s", program, out)
+		}
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "/") && !slices.Contains(libs, f[0]) {
+			libs = append(libs, f[0])
+		}
+	}
+	if len(libs) == 0 {
+		return nil, fmt.Errorf("ldd %s lists no shared library: %s", program, bytes.TrimSpace(out))
+	}
+	return libs, nil
 }
