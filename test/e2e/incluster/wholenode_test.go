@@ -41,18 +41,43 @@ const (
 // flannel as the CNI agent, coredns and a web Deployment behind a ClusterIP
 // Service, either all through outpost or all straight to the apiserver.
 type wholeNode struct {
-	ns   string
-	n    *framework.Node
-	f    *framework.Flannel
-	kp   *framework.KubeProxy
-	vip  string // the web Service's ClusterIP
-	name string // its DNS name
+	ns    string
+	n     *framework.Node
+	f     *framework.Flannel
+	kp    *framework.KubeProxy    // kube-proxy as a node process, or
+	kpPod *framework.KubeProxyPod // kube-proxy as kubeadm runs it
+	vip   string                  // the web Service's ClusterIP
+	name  string                  // its DNS name
+}
+
+// A proxyRun says how kube-proxy runs: as a node process in mode with
+// kubeconfig, or (asPod) as kubeadm runs it, a pod with the in-cluster
+// config kubelet gives it, in nftables mode.
+type proxyRun struct {
+	mode       framework.KubeProxyMode
+	kubeconfig string
+	asPod      bool
+}
+
+func (p proxyRun) String() string {
+	if p.asPod {
+		return "nftables, as a pod with in-cluster config"
+	}
+	return string(p.mode) + ", as a node process"
+}
+
+// proxyLog is the end of kube-proxy's log.
+func (w *wholeNode) proxyLog() string {
+	if w.kpPod != nil {
+		return w.kpPod.Log(20)
+	}
+	return w.kp.Log(20)
 }
 
 // startWholeNode starts the node called node with kubelet's kubeconfig and
 // kube-proxy's, and flannel and coredns as given, then the web app. It
 // returns once the web Service's name resolves and its VIP serves.
-func startWholeNode(t *testing.T, node, kubeletConfig, proxyConfig string, mode framework.KubeProxyMode, flannel framework.FlannelOptions, dns framework.CoreDNSConfig) *wholeNode {
+func startWholeNode(t *testing.T, node, kubeletConfig string, proxy proxyRun, flannel framework.FlannelOptions, dns framework.CoreDNSConfig) *wholeNode {
 	t.Helper()
 	ctx := t.Context()
 	w := &wholeNode{ns: node}
@@ -68,14 +93,18 @@ func startWholeNode(t *testing.T, node, kubeletConfig, proxyConfig string, mode 
 	if err := w.n.SetClusterDNS(ctx, framework.KubeDNSIP); err != nil {
 		t.Fatal(err)
 	}
-	w.kp = w.n.StartKubeProxyForTest(t, proxyConfig, mode)
+	if proxy.asPod {
+		w.kpPod = w.n.StartKubeProxyPodForTest(t, framework.KubeProxyPodOptions{})
+	} else {
+		w.kp = w.n.StartKubeProxyForTest(t, proxy.kubeconfig, proxy.mode)
+	}
 	w.n.DeployCoreDNSForTest(t, dns)
 	w.vip = createSiteWeb(t, w.ns, node)
 	// The web pods' own service account may read (checkKubernetesVIP).
 	cp.ServiceAccountToken(t, w.ns, "default", framework.ReaderRole)
 	w.name = fmt.Sprintf("web.%s.svc.%s", w.ns, framework.ClusterDomain)
 	if err := w.serving(ctx, 90*time.Second); err != nil {
-		t.Fatalf("online: %v\nkube-proxy:\n%s", err, w.kp.Log(20))
+		t.Fatalf("online: %v\nkube-proxy:\n%s", err, w.proxyLog())
 	}
 	return w
 }
@@ -113,8 +142,10 @@ var vipClient = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transpor
 func (w *wholeNode) reboot(t *testing.T) time.Time {
 	t.Helper()
 	ctx := t.Context()
-	if err := w.kp.Stop(); err != nil {
-		t.Fatal(err)
+	if w.kp != nil {
+		if err := w.kp.Stop(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := w.n.StopKubelet(); err != nil {
 		t.Fatal(err)
@@ -125,16 +156,28 @@ func (w *wholeNode) reboot(t *testing.T) time.Time {
 	if err := w.f.RemoveVolatile(); err != nil {
 		t.Fatal(err)
 	}
-	if left := w.kp.Leftovers(); len(left) > 0 {
+	left := []string{}
+	if w.kpPod != nil {
+		if err := w.kpPod.DeleteRules(); err != nil {
+			t.Fatal(err)
+		}
+		left = w.kpPod.Leftovers()
+	} else {
+		left = w.kp.Leftovers()
+	}
+	if len(left) > 0 {
 		t.Fatalf("kube-proxy's rules survived the reboot: %v", left)
 	}
 	at := time.Now()
 	if err := w.n.StartKubelet(ctx); err != nil {
 		t.Fatal(err)
 	}
-	// kube-proxy's own start waits for its rules, which it cannot make
-	// without the API: start it in the background, as systemd would.
-	go func() { _ = w.kp.Start(context.WithoutCancel(ctx)) }()
+	if w.kp != nil {
+		// kube-proxy's own start waits for its rules, which it cannot
+		// make without the API: start it in the background, as systemd
+		// would. (As a pod, kubelet starts it again.)
+		go func() { _ = w.kp.Start(context.WithoutCancel(ctx)) }()
+	}
 	return at
 }
 
@@ -245,16 +288,23 @@ func kubeProxyToken(t *testing.T) string {
 // from the cache; once the link returns, a Service created during the
 // outage reaches kube-proxy's rules.
 func TestWholeNodeRebootOffline(t *testing.T) {
-	wholeNodeThroughOutpost(t, "whole", framework.KubeProxyNFTables)
+	wholeNodeThroughOutpost(t, "whole", proxyRun{mode: framework.KubeProxyNFTables})
 }
 
 // TestWholeNodeRebootOfflineIPTables is the same with kube-proxy in
 // iptables mode.
 func TestWholeNodeRebootOfflineIPTables(t *testing.T) {
-	wholeNodeThroughOutpost(t, "whole-ipt", framework.KubeProxyIPTables)
+	wholeNodeThroughOutpost(t, "whole-ipt", proxyRun{mode: framework.KubeProxyIPTables})
 }
 
-func wholeNodeThroughOutpost(t *testing.T, node string, mode framework.KubeProxyMode) {
+// TestWholeNodeRebootOfflineKubeadm is the same with kube-proxy as kubeadm
+// runs it: a pod with the in-cluster config kubelet gives it, which leads
+// to outpost's node-local address.
+func TestWholeNodeRebootOfflineKubeadm(t *testing.T) {
+	wholeNodeThroughOutpost(t, "whole-pod", proxyRun{mode: framework.KubeProxyNFTables, asPod: true})
+}
+
+func wholeNodeThroughOutpost(t *testing.T, node string, proxy proxyRun) {
 	framework.RequireRealNode(t)
 	ctx := t.Context()
 	publishAPIServerEndpoints(t)
@@ -279,9 +329,10 @@ func wholeNodeThroughOutpost(t *testing.T, node string, mode framework.KubeProxy
 		t.Fatal(err)
 	}
 	begin := time.Now()
-	w := startWholeNode(t, node, kubeletConfig, proxyConfig, mode,
+	proxy.kubeconfig = proxyConfig
+	w := startWholeNode(t, node, kubeletConfig, proxy,
 		framework.FlannelOptions{FromKubelet: true}, framework.CoreDNSConfig{InCluster: true})
-	figure(t, "whole node through outpost (kube-proxy %s): web Service resolved and serving %v after the node started", mode, time.Since(begin).Round(time.Millisecond))
+	figure(t, "whole node through outpost (kube-proxy %s): web Service resolved and serving %v after the node started", proxy, time.Since(begin).Round(time.Millisecond))
 	checkKubernetesVIP(t, w)
 
 	inCluster := []string{"serviceaccount:kube-system/coredns", "serviceaccount:kube-flannel/flannel", "serviceaccount:kube-system/kube-proxy"}
@@ -306,9 +357,9 @@ func wholeNodeThroughOutpost(t *testing.T, node string, mode framework.KubeProxy
 		figure(t, "offline reboot → flannel ready (subnet file and VXLAN device), from outpost's cache: %v", time.Since(rebootAt).Round(time.Millisecond))
 	}
 	if err := w.serving(ctx, 90*time.Second); err != nil {
-		t.Fatalf("offline after the reboot: %v\nkube-proxy:\n%s\ncoredns and flannel pods: %s", err, w.kp.Log(20), describePods(t))
+		t.Fatalf("offline after the reboot: %v\nkube-proxy:\n%s\ncoredns and flannel pods: %s", err, w.proxyLog(), describePods(t))
 	}
-	figure(t, "offline reboot (kube-proxy %s) → coredns answers and the VIP serves (this site's endpoint only), from outpost's cache: %v", mode, time.Since(rebootAt).Round(time.Millisecond))
+	figure(t, "offline reboot (kube-proxy %s) → coredns answers and the VIP serves (this site's endpoint only), from outpost's cache: %v", proxy, time.Since(rebootAt).Round(time.Millisecond))
 	if first, last, n := cniRefusals(t, w.n, rebootAt); n > 0 {
 		figure(t, "  of which: kubelet's first %d pod syncs failed from +%v to +%v after the reboot, because flannel had not yet written its subnet file; kubelet retries a failed pod only after its 10–15 s back-off",
 			n, first.Round(time.Millisecond), last.Round(time.Millisecond))
@@ -379,7 +430,7 @@ func TestWholeNodeStraightToAPIServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	host := strings.TrimPrefix(link.URL(), "https://")
-	w := startWholeNode(t, node, kubeletConfig, proxyConfig, framework.KubeProxyNFTables,
+	w := startWholeNode(t, node, kubeletConfig, proxyRun{mode: framework.KubeProxyNFTables, kubeconfig: proxyConfig},
 		framework.FlannelOptions{APIServer: host}, framework.CoreDNSConfig{Server: link.URL()})
 
 	link.Blackhole()
