@@ -129,7 +129,7 @@ func (n *Node) StartKubeProxy(ctx context.Context, kubeconfig string, mode KubeP
 	if err := kp.writeConfig(); err != nil {
 		return nil, fmt.Errorf("starting kube-proxy: %w", err)
 	}
-	lock, err := lockFile(ctx, kubeProxyLock)
+	lock, err := lockProxies(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("starting kube-proxy: waiting for the other kube-proxy of the machine to be closed: %w", err)
 	}
@@ -356,8 +356,7 @@ func (kp *KubeProxy) Close() {
 	// kube-proxy's: see what is left while they can only be ours.
 	kp.leftTables = kp.tablesLeft()
 	if kp.lock != nil {
-		// Closing the file releases the flock.
-		kp.lock.Close()
+		unlockProxies(kp.lock)
 		kp.lock = nil
 	}
 }
@@ -558,6 +557,34 @@ func kubeProxyTables(ctx context.Context) ([]string, error) {
 		}
 	}
 	return tables, nil
+}
+
+// lockProxies takes the machine's kube-proxy lock and, while it is held,
+// routes the service CIDR to lo: a connection to a Service VIP that
+// kube-proxy has no rule for yet (or any more) then goes nowhere on this
+// machine, instead of following the default route off it. (The route must
+// exist: a host connection needs one before kube-proxy's OUTPUT rules
+// rewrite its destination. Forwarded pod traffic is rewritten before
+// routing.) It waits for the lock as long as ctx allows.
+func lockProxies(ctx context.Context) (*os.File, error) {
+	f, err := lockFile(ctx, kubeProxyLock)
+	if err != nil {
+		return nil, err
+	}
+	if out, err := exec.Command("ip", "route", "replace", serviceCIDR, "dev", "lo").CombinedOutput(); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("routing the service CIDR %s to lo: %v: %s", serviceCIDR, err, bytes.TrimSpace(out))
+	}
+	return f, nil
+}
+
+// unlockProxies removes the route lockProxies made and releases the lock.
+func unlockProxies(f *os.File) {
+	if out, err := exec.Command("ip", "route", "del", serviceCIDR, "dev", "lo").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: removing the route of the service CIDR %s: %v: %s\n", serviceCIDR, err, bytes.TrimSpace(out))
+	}
+	// Closing the file releases the flock.
+	f.Close()
 }
 
 // lockFile takes an exclusive flock on path, creating it, and waits for it

@@ -141,7 +141,7 @@ func (n *Node) StartKubeProxyPod(ctx context.Context, opts KubeProxyPodOptions) 
 	// Other tests' kube-proxies hold the lock for as long as they run.
 	waitStart := time.Now()
 	lockCtx, cancelLock := context.WithTimeout(ctx, kubeProxyLockWait)
-	lock, err := lockFile(lockCtx, kubeProxyLock)
+	lock, err := lockProxies(lockCtx)
 	cancelLock()
 	if err != nil {
 		return nil, fmt.Errorf("starting the kube-proxy pod: waiting for the other kube-proxy of the machine to be closed: %w", err)
@@ -513,8 +513,7 @@ func (kp *KubeProxyPod) Close() {
 	// kube-proxy's: see what is left while they can only be ours.
 	kp.leftTables = kubeProxyTablesLeft()
 	if kp.lock != nil {
-		// Closing the file releases the flock.
-		kp.lock.Close()
+		unlockProxies(kp.lock)
 		kp.lock = nil
 	}
 }

@@ -85,9 +85,10 @@ func addNodeLocalAddress(t *testing.T) netip.Addr {
 // apiserverEndpoint stands for the apiserver's address on the cluster's
 // network: the framework's apiserver listens on loopback only, and the
 // endpoints of a Service may not be loopback addresses, so it publishes
-// none (--endpoint-reconciler-type=none). 192.0.2.10 is TEST-NET-1, which
-// no packet reaches.
-const apiserverEndpoint = "192.0.2.10"
+// none (--endpoint-reconciler-type=none). Like farPodIP, it lies in the
+// service CIDR's static band, routed to lo while kube-proxy runs, so that
+// nothing sent there leaves the machine.
+const apiserverEndpoint = "10.0.0.14"
 
 // publishAPIServerEndpoints writes the kubernetes Service's Endpoints and
 // EndpointSlice as an apiserver on a real network keeps them.

@@ -31,10 +31,13 @@ const (
 	zoneLabel = "topology.kubernetes.io/zone"
 	siteZone  = "site-a"
 	farZone   = "site-b"
-	// farPodIP is the address of the web endpoint at the other site:
-	// TEST-NET-1, which no packet reaches, so a connection kube-proxy sent
-	// there would fail.
-	farPodIP = "192.0.2.77"
+	// farPodIP is the address of the web endpoint at the other site. It
+	// must not be reachable, and traffic to it must not leave the machine
+	// (TEST-NET-1 is this machine's own network): it is in the service
+	// CIDR's static band, which Services get only on request and which the
+	// framework routes to lo while kube-proxy runs, so a connection
+	// kube-proxy sent there would fail here.
+	farPodIP = "10.0.0.15"
 )
 
 // A wholeNode is the seed's whole node: kubelet, kube-proxy (nftables),

@@ -110,7 +110,9 @@ func testServiceAndDNS(t *testing.T, mode framework.KubeProxyMode) {
 
 // webClient reaches Service VIPs and pods: the environment's proxy settings
 // cannot.
-var webClient = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{Proxy: nil}}
+// Each request a connection of its own: one made before kube-proxy had a
+// rule for the VIP would never be rewritten.
+var webClient = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}}
 
 // checkWebAt waits until the web Service answers at base with the
 // hostname of pod: kube-proxy may not have synced the Service's endpoint
