@@ -30,6 +30,9 @@ Usage:
   outpost cache ls|get|verify [flags]
                            read outpost's cache, running or not: its views, what it would
                            answer offline, its integrity ("outpost cache --help")
+  outpost setup-node [--undo] [--dry-run] [flags]
+                           put this kubeadm node behind outpost (systemd unit, kubelet's
+                           kubeconfig), or take it out again
   outpost version          print the version
   outpost help             print this help; "outpost run --help" lists the flags
 `
@@ -66,6 +69,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return status(args[1:], stdout, stderr)
 	case "cache":
 		return cacheCmd(args[1:], stdout, stderr)
+	case "setup-node":
+		return setupNode(args[1:], stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "outpost: unknown command %q\n\n%s", args[0], usage)
 		return 2
