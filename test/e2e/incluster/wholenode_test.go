@@ -159,7 +159,7 @@ func (w *wholeNode) reboot(t *testing.T) time.Time {
 	if err := w.f.RemoveVolatile(); err != nil {
 		t.Fatal(err)
 	}
-	left := []string{}
+	var left []string
 	if w.kpPod != nil {
 		if err := w.kpPod.DeleteRules(); err != nil {
 			t.Fatal(err)
