@@ -21,17 +21,11 @@ const (
 
 // setupNode runs `outpost setup-node`.
 func setupNode(args []string, stdout, stderr io.Writer) int {
-	cfg := setup.Config{
-		KubeletKubeconfig: "/etc/kubernetes/kubelet.conf",
-		OutpostKubeconfig: "/etc/outpost/node.kubeconfig",
-		DataDir:           "/var/lib/outpost",
-		UnitFile:          "/etc/systemd/system/" + setup.OutpostUnit,
-		SecureAddress:     "127.0.0.1:10268",
-		AdminAddress:      "127.0.0.1:10267",
-		NodeLocalAddress:  "169.254.2.1:10269",
+	host, _ := os.Hostname()
+	cfg := setup.DefaultConfig(host)
+	if self, err := os.Executable(); err == nil {
+		cfg.Binary = self
 	}
-	cfg.NodeName, _ = os.Hostname()
-	cfg.Binary, _ = os.Executable()
 	var undo, dryRun bool
 	var manager string
 	fs := flag.NewFlagSet("outpost setup-node", flag.ContinueOnError)

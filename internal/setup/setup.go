@@ -68,6 +68,22 @@ type Config struct {
 	Ready func(adminAddress string, timeout time.Duration) error
 }
 
+// DefaultConfig is the Config of a kubeadm node with outpost installed as
+// /usr/local/bin/outpost, whose name is node.
+func DefaultConfig(node string) Config {
+	return Config{
+		KubeletKubeconfig: "/etc/kubernetes/kubelet.conf",
+		OutpostKubeconfig: "/etc/outpost/node.kubeconfig",
+		DataDir:           "/var/lib/outpost",
+		UnitFile:          "/etc/systemd/system/" + OutpostUnit,
+		Binary:            "/usr/local/bin/outpost",
+		NodeName:          node,
+		SecureAddress:     "127.0.0.1:10268",
+		AdminAddress:      "127.0.0.1:10267",
+		NodeLocalAddress:  "169.254.2.1:10269",
+	}
+}
+
 // Services is the node's service manager (systemd).
 type Services interface {
 	// Reload makes it read unit files again.
@@ -384,7 +400,6 @@ ProtectSystem=full
 ProtectHome=yes
 PrivateTmp=yes
 ReadWritePaths=` + c.DataDir + `
-StateDirectoryMode=0700
 
 [Install]
 WantedBy=multi-user.target

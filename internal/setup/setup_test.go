@@ -9,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"flag"
 	"io"
 	"math/big"
 	"os"
@@ -266,4 +267,23 @@ func tree(t *testing.T, dir string) []string {
 		return nil
 	})
 	return out
+}
+
+var update = flag.Bool("update", false, "rewrite deploy/node/outpost.service")
+
+// deploy/node/outpost.service is the unit setup-node writes on a kubeadm
+// node with the defaults (node name "NODE"), for those who install by hand.
+func TestShippedUnit(t *testing.T) {
+	path := filepath.Join("..", "..", "deploy", "node", "outpost.service")
+	c := DefaultConfig("NODE")
+	want := c.Unit()
+	if *update {
+		if err := os.WriteFile(path, []byte(want), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := os.ReadFile(path)
+	if err != nil || string(got) != want {
+		t.Errorf("%s is not the unit setup-node writes (go test ./internal/setup -update): %v", path, err)
+	}
 }
