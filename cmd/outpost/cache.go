@@ -25,6 +25,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/outposthq/outpost/internal/config"
+	"github.com/outposthq/outpost/internal/drift"
 	"github.com/outposthq/outpost/internal/hub"
 	"github.com/outposthq/outpost/internal/local"
 	"github.com/outposthq/outpost/internal/reader"
@@ -41,12 +42,14 @@ const (
 	cacheDamaged    = 3 // verify found damage, or the file is not a store
 	cacheMissing    = 4 // no cache file in the data dir
 	cacheNotCached  = 5 // get: nothing cached that would answer it
+	cacheDrifted    = 6 // diff: the cache differs from the apiserver
 )
 
 const cacheUsageText = `Usage:
   outpost cache ls [--identity USER] [--resource RESOURCE] [-o json]
   outpost cache get RESOURCE [NAME] [-n NAMESPACE] [--as USER] [-o json|yaml]
   outpost cache verify
+  outpost cache diff [--identity USER] [--resource RESOURCE] [-o json]
 
 Each reads the cache of --data-dir (default /var/lib/outpost), never changing it:
 the file itself when outpost is stopped, a consistent copy through
@@ -58,8 +61,14 @@ Secrets and tokens are shown too.
           (RESOURCE: pods, configmaps, deployments.apps, or group/version/resource)
   verify  the file's integrity: pages, references, counts, protobuf records
 
-Exit codes: 0 ok, 1 cannot read the file, 2 bad usage, 3 damaged (verify) or
-not a store, 4 no cache file, 5 (get) nothing cached answers it.
+  diff    a running, online outpost compares its views with the apiserver now,
+          listing each as its identity (metadata only): objects the cache lacks,
+          holds at another resourceVersion, or holds though they are gone; it
+          changes nothing (the next re-list does)
+
+Exit codes: 0 ok, 1 cannot read the file (diff: outpost not running, or
+offline), 2 bad usage, 3 damaged (verify) or not a store, 4 no cache file,
+5 (get) nothing cached answers it, 6 (diff) the cache differs.
 
 Flags:
 `
@@ -81,7 +90,7 @@ func cacheCmd(args []string, stdout, stderr io.Writer) int {
 	}
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		if len(args) == 0 {
-			return usage(errors.New("a subcommand is needed: ls, get or verify"))
+			return usage(errors.New("a subcommand is needed: ls, get, verify or diff"))
 		}
 		fmt.Fprint(stdout, cacheUsageText)
 		fs.SetOutput(stdout)
@@ -103,7 +112,7 @@ func cacheCmd(args []string, stdout, stderr io.Writer) int {
 		rest = fs.Args()[1:]
 	}
 	switch {
-	case sub != "ls" && sub != "get" && sub != "verify":
+	case sub != "ls" && sub != "get" && sub != "verify" && sub != "diff":
 		return usage(fmt.Errorf("unknown subcommand %q", sub))
 	case sub == "get" && (len(positional) < 1 || len(positional) > 2):
 		return usage(errors.New("get takes RESOURCE and at most a NAME"))
@@ -113,6 +122,9 @@ func cacheCmd(args []string, stdout, stderr io.Writer) int {
 		return usage(fmt.Errorf("-o %s: %s takes json%s", *output, sub, map[bool]string{true: " or yaml"}[sub == "get"]))
 	}
 
+	if sub == "diff" {
+		return cacheDiff(*dataDir, *identity, *resource, *output == "json", stdout, stderr)
+	}
 	st, code, err := openCache(*dataDir, *keyFile)
 	if err != nil {
 		fmt.Fprintf(stderr, "outpost cache: %v\n", err)
@@ -185,11 +197,7 @@ func openCache(dataDir, keyFile string) (openedCache, int, error) {
 // temporary file.
 func fetchSnapshot(dataDir string) (string, error) {
 	sock := filepath.Join(dataDir, hub.InspectSocket)
-	client := &http.Client{Timeout: 5 * time.Minute, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
-		}}}
-	resp, err := client.Get("http://outpost/snapshot")
+	resp, err := inspectClient(sock).Get("http://outpost/snapshot")
 	if err != nil {
 		return "", err
 	}
@@ -216,23 +224,79 @@ func fetchSnapshot(dataDir string) (string, error) {
 	return path, nil
 }
 
-// resourceMatches reports whether the store's resource key
-// ("group/version/resource") is what the user named: "pods",
-// "deployments.apps", or the key itself.
-func resourceMatches(key, name string) bool {
-	base, _, _ := strings.Cut(key, "#")
-	if name == base || name == key {
-		return true
+// inspectClient talks to a running outpost through its inspection socket.
+func inspectClient(sock string) *http.Client {
+	return &http.Client{Timeout: 5 * time.Minute, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+		}}}
+}
+
+// cacheDiff asks the running outpost of dataDir to compare its views with
+// the apiserver, and prints what differs.
+func cacheDiff(dataDir, identity, resource string, asJSON bool, stdout, stderr io.Writer) int {
+	sock := filepath.Join(dataDir, hub.InspectSocket)
+	q := url.Values{}
+	if identity != "" {
+		q.Set("identity", identity)
 	}
-	parts := strings.SplitN(base, "/", 3)
-	if len(parts) != 3 {
-		return false
+	if resource != "" {
+		q.Set("resource", resource)
 	}
-	res, group := name, ""
-	if i := strings.IndexByte(name, '.'); i > 0 {
-		res, group = name[:i], name[i+1:]
+	resp, err := inspectClient(sock).Get("http://outpost/diff?" + q.Encode())
+	if err != nil {
+		fmt.Fprintf(stderr, "outpost cache diff: no running outpost answers on %s (diff needs one, online): %v\n", sock, err)
+		return cacheUnreadable
 	}
-	return parts[2] == res && parts[0] == group
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil || resp.StatusCode != http.StatusOK {
+		fmt.Fprintf(stderr, "outpost cache diff: %s %s\n", resp.Status, bytes.TrimSpace(body))
+		return cacheUnreadable
+	}
+	var report drift.Report
+	if err := json.Unmarshal(body, &report); err != nil {
+		fmt.Fprintf(stderr, "outpost cache diff: reading outpost's answer: %v\n", err)
+		return cacheUnreadable
+	}
+	if asJSON {
+		_, _ = stdout.Write(body)
+	} else {
+		printDiff(report, stdout)
+	}
+	if report.Drifted() > 0 {
+		return cacheDrifted
+	}
+	return cacheOK
+}
+
+// printDiff prints one line per view, then the objects that differ.
+func printDiff(r drift.Report, out io.Writer) {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "IDENTITY\tRESOURCE\tNAMESPACE\tSELECTORS\tCACHED\tLIVE\tMISSING\tCHANGED\tGONE\t")
+	for _, v := range r.Views {
+		sel := strings.Trim(v.Key.LabelSelector+" "+v.Key.FieldSelector, " ")
+		if v.Key.Name != "" {
+			sel = "name=" + v.Key.Name
+		}
+		if v.Skipped != "" {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t-\t-\t-\t-\tnot compared: %s\n", v.Key.Identity, v.Key.Resource, dash(v.Key.Namespace), dash(sel), v.Cached, v.Skipped)
+			continue
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t\n", v.Key.Identity, v.Key.Resource, dash(v.Key.Namespace), dash(sel), v.Cached, v.Live, len(v.Missing), len(v.Changed), len(v.Gone))
+	}
+	_ = tw.Flush()
+	for _, v := range r.Views {
+		for _, d := range []struct {
+			what  string
+			names []string
+		}{{"missing", v.Missing}, {"changed", v.Changed}, {"gone", v.Gone}} {
+			for _, n := range d.names {
+				fmt.Fprintf(out, "%s %s %s: %s\n", v.Key.Identity, v.Key.Resource, d.what, n)
+			}
+		}
+	}
+	fmt.Fprintf(out, "%d of %d views differ from the apiserver\n", r.Drifted(), len(r.Views))
 }
 
 func cacheLs(st *store.Store, identity, resource string, asJSON bool, stdout, stderr io.Writer) int {
@@ -242,7 +306,7 @@ func cacheLs(st *store.Store, identity, resource string, asJSON bool, stdout, st
 		return cacheDamaged
 	}
 	views = slices.DeleteFunc(views, func(v store.View) bool {
-		return (identity != "" && v.Key.Identity != identity) || (resource != "" && !resourceMatches(v.Key.Resource, resource))
+		return (identity != "" && v.Key.Identity != identity) || (resource != "" && !request.MatchesResource(v.Key.Resource, resource))
 	})
 	type row struct {
 		store.View
@@ -294,7 +358,7 @@ func cacheGet(st *store.Store, resource, name, namespace, as string, asYAML bool
 	}
 	key, identities := "", map[string]bool{}
 	for _, v := range views {
-		if resourceMatches(v.Key.Resource, resource) && !strings.HasSuffix(v.Key.Resource, "#meta") {
+		if request.MatchesResource(v.Key.Resource, resource) && !strings.HasSuffix(v.Key.Resource, "#meta") {
 			key = v.Key.Resource
 			identities[v.Key.Identity] = true
 		}

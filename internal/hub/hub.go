@@ -336,7 +336,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 		// Only `outpost cache` on a running outpost needs it.
 		h.log.Warn("outpost cache will not read this running outpost's cache", "err", err)
 	} else {
-		s := &server.Server{Name: "inspect", Listener: ln, Handler: inspectHandler(st), ShutdownTimeout: h.cfg.ShutdownTimeout, Log: h.log}
+		s := &server.Server{Name: "inspect", Listener: ln, Handler: h.inspectHandler(st), ShutdownTimeout: h.cfg.ShutdownTimeout, Log: h.log}
 		g.Go(func() error { return s.Run(gctx) })
 	}
 

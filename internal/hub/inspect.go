@@ -1,6 +1,7 @@
 package hub
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -10,8 +11,27 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/outposthq/outpost/internal/drift"
+	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
+
+// driftUpstream sends a view's comparison list upstream as its identity:
+// the node with the node's credentials, a token caller with the token it
+// last used (in memory only); nil for anyone else.
+func (h *Hub) driftUpstream() drift.Upstream {
+	node := h.auth.Node()
+	tokens := h.tokens.All()
+	return func(identity string) http.RoundTripper {
+		if identity == node.Key() {
+			return h.pool.As(node)
+		}
+		if token, ok := tokens[identity]; ok {
+			return h.pool.As(request.Identity{Kind: request.BearerToken, User: identity, Token: token})
+		}
+		return nil
+	}
+}
 
 // InspectSocket is the name, in the data dir, of the unix socket through
 // which `outpost cache` reads the store of a running outpost: bbolt lets
@@ -43,9 +63,29 @@ func listenInspect(dataDir string) (net.Listener, error) {
 // gigabytes on a local socket.
 const snapshotTimeout = 2 * time.Minute
 
-// inspectHandler serves GET /snapshot: a consistent copy of the store file.
-func inspectHandler(st *store.Store) http.Handler {
+// inspectHandler serves GET /snapshot: a consistent copy of the store
+// file; and GET /diff: the views compared with the apiserver (package
+// drift), as JSON, optionally only those of ?identity= and ?resource=
+// (group/version/resource).
+func (h *Hub) inspectHandler(st *store.Store) http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /diff", func(w http.ResponseWriter, r *http.Request) {
+		if !h.monitor.Online() {
+			http.Error(w, "outpost is offline: there is no apiserver to compare the cache with", http.StatusServiceUnavailable)
+			return
+		}
+		identity, resource := r.URL.Query().Get("identity"), r.URL.Query().Get("resource")
+		keep := func(k store.ViewKey) bool {
+			return (identity == "" || k.Identity == identity) && (resource == "" || request.MatchesResource(k.Resource, resource))
+		}
+		report, err := drift.Compare(r.Context(), st, keep, h.driftUpstream())
+		if err != nil {
+			http.Error(w, "comparing the cache with the apiserver: "+err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(report)
+	})
 	mux.HandleFunc("GET /snapshot", func(w http.ResponseWriter, _ *http.Request) {
 		// The copy holds one read transaction open; a reader that stops
 		// reading must not hold it, and the file's growth, for long.

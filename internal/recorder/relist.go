@@ -5,11 +5,11 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
-	"net/url"
 	"strings"
 	"time"
 
 	"github.com/outposthq/outpost/internal/codec"
+	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
 
@@ -95,35 +95,12 @@ func (c *Recorder) protobufOnly(k store.ViewKey) bool {
 // relistRequest rebuilds the GET that answers view k, asking for protobuf
 // first when the view was recorded only from protobuf.
 func relistRequest(ctx context.Context, k store.ViewKey, protobuf bool) (*http.Request, error) {
-	res, meta := strings.CutSuffix(k.Resource, "#meta")
-	parts := strings.SplitN(res, "/", 3)
-	if len(parts) != 3 {
-		return nil, io.ErrUnexpectedEOF
+	path, err := request.ViewURL(k)
+	if err != nil {
+		return nil, err
 	}
-	group, version, resource := parts[0], parts[1], parts[2]
-	path := "/apis/" + group + "/" + version
-	if group == "" {
-		path = "/api/" + version
-	}
-	if k.Namespace != "" {
-		path += "/namespaces/" + url.PathEscape(k.Namespace)
-	}
-	path += "/" + resource
-	if k.Name != "" {
-		path += "/" + url.PathEscape(k.Name)
-	}
-	q := url.Values{}
-	if k.LabelSelector != "" {
-		q.Set("labelSelector", k.LabelSelector)
-	}
-	if k.FieldSelector != "" {
-		q.Set("fieldSelector", k.FieldSelector)
-	}
-	u := "https://upstream" + path
-	if len(q) > 0 {
-		u += "?" + q.Encode()
-	}
-	r, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	_, meta := strings.CutSuffix(k.Resource, "#meta")
+	r, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://upstream"+path, nil)
 	if err != nil {
 		return nil, err
 	}

@@ -1,7 +1,9 @@
 package request
 
 import (
+	"fmt"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 
@@ -144,4 +146,57 @@ func isDocumentPath(p string) bool {
 		return true
 	}
 	return false
+}
+
+// ViewURL is the path and query that read view k from an apiserver: the
+// inverse of the View key a request gets. It fails for a key whose
+// resource is not group/version/resource.
+func ViewURL(k store.ViewKey) (string, error) {
+	res, _ := strings.CutSuffix(k.Resource, "#meta")
+	parts := strings.SplitN(res, "/", 3)
+	if len(parts) != 3 || parts[1] == "" || parts[2] == "" {
+		return "", fmt.Errorf("view of %q: not group/version/resource", k.Resource)
+	}
+	group, version, resource := parts[0], parts[1], parts[2]
+	path := "/apis/" + group + "/" + version
+	if group == "" {
+		path = "/api/" + version
+	}
+	if k.Namespace != "" {
+		path += "/namespaces/" + url.PathEscape(k.Namespace)
+	}
+	path += "/" + resource
+	if k.Name != "" {
+		path += "/" + url.PathEscape(k.Name)
+	}
+	q := url.Values{}
+	if k.LabelSelector != "" {
+		q.Set("labelSelector", k.LabelSelector)
+	}
+	if k.FieldSelector != "" {
+		q.Set("fieldSelector", k.FieldSelector)
+	}
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	return path, nil
+}
+
+// MatchesResource reports whether the store's resource key
+// ("group/version/resource") is what the user named: "pods",
+// "deployments.apps", or the key itself.
+func MatchesResource(key, name string) bool {
+	base, _, _ := strings.Cut(key, "#")
+	if name == base || name == key {
+		return true
+	}
+	parts := strings.SplitN(base, "/", 3)
+	if len(parts) != 3 {
+		return false
+	}
+	res, group := name, ""
+	if i := strings.IndexByte(name, '.'); i > 0 {
+		res, group = name[:i], name[i+1:]
+	}
+	return parts[2] == res && parts[0] == group
 }

@@ -229,7 +229,7 @@ func TestCacheCommand(t *testing.T) {
 		}); err != nil {
 			t.Fatalf("%s: outpost cache ls: %v", phase, err)
 		}
-		if phase == "running" {
+		if strings.HasPrefix(phase, "running") {
 			if listed, err := e.views(ctx); err != nil || len(listed) != len(views) {
 				t.Errorf("%s: outpost cache ls lists %d views, /debug/cache/views %d (%v)", phase, len(views), len(listed), err)
 			}
@@ -244,7 +244,49 @@ func TestCacheCommand(t *testing.T) {
 		}
 	}
 	check("running")
+
+	// diff, online: nothing differs yet; then the cloud changes one
+	// ConfigMap, deletes one and adds one behind the caller's back, and
+	// diff names each, changing nothing in the cache.
+	diffOut := func(wantCode int) string {
+		t.Helper()
+		var out, errOut string
+		var code int
+		if _, err := framework.Poll(ctx, 200*time.Millisecond, 10*time.Second, func(context.Context) (bool, string) {
+			code, out, errOut = runOutpost(t, "cache", "diff", "--data-dir", e.o.DataDir, "--identity", user, "--resource", "configmaps")
+			return code == wantCode, fmt.Sprintf("exit %d, want %d:\n%s%s", code, wantCode, out, errOut)
+		}); err != nil {
+			t.Fatalf("outpost cache diff: %v", err)
+		}
+		return out
+	}
+	if out := diffOut(0); !strings.Contains(out, "0 of 1 views differ") {
+		t.Errorf("outpost cache diff before any change:\n%s", out)
+	}
+	admin := cp.Client().CoreV1().ConfigMaps(ns)
+	cm := online.Items[0].DeepCopy()
+	cm.Data = map[string]string{"changed": "yes"}
+	if _, err := admin.Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.Delete(ctx, online.Items[1].Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "cm-new"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	out := diffOut(6)
+	for _, line := range []string{"changed: " + ns + "/" + cm.Name, "gone: " + ns + "/" + online.Items[1].Name, "missing: " + ns + "/cm-new", "1 of 1 views differ"} {
+		if !strings.Contains(out, line) {
+			t.Errorf("outpost cache diff does not say %q:\n%s", line, out)
+		}
+	}
+	check("running, after the diff") // the cache still holds what the caller read
+
 	e.o.Stop()
+	if code, _, errOut := runOutpost(t, "cache", "diff", "--data-dir", e.o.DataDir); code != 1 || !strings.Contains(errOut, "no running outpost") {
+		t.Errorf("outpost cache diff with outpost stopped: exit %d: %s", code, errOut)
+	}
 	check("stopped")
 	code, out, errOut := runOutpost(t, "cache", "verify", "--data-dir", e.o.DataDir)
 	if code != 0 || !strings.HasPrefix(out, "ok: ") {
