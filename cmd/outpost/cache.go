@@ -24,6 +24,7 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/config"
 	"github.com/outposthq/outpost/internal/drift"
 	"github.com/outposthq/outpost/internal/hub"
@@ -446,7 +447,7 @@ func usageErr(stderr io.Writer, err error) int {
 }
 
 func cacheVerify(st *store.Store, stdout, stderr io.Writer) int {
-	problems, err := st.Verify(0)
+	problems, err := st.Verify(0, codec.ProtobufAgrees)
 	if err != nil {
 		fmt.Fprintf(stderr, "outpost cache: verify: %v\n", err)
 		return cacheDamaged

@@ -1,8 +1,12 @@
 package codec
 
 import (
+	"encoding/json"
+	"strings"
 	"testing"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/scheme"
 )
@@ -22,5 +26,26 @@ func TestBuiltinTypesMatchClientGo(t *testing.T) {
 		if !ours.Recognizes(gvk) {
 			t.Errorf("%v is known to client-go but not listed in builtinTypes", gvk)
 		}
+	}
+}
+
+func TestProtobufAgrees(t *testing.T) {
+	pod := corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "p", Namespace: "ns", UID: "u1", ResourceVersion: "7"}}
+	msg, err := pod.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, _ := json.Marshal(&pod)
+	if err := ProtobufAgrees(data, msg); err != nil {
+		t.Errorf("the same pod: %v", err)
+	}
+	other := pod
+	other.ResourceVersion = "8"
+	data, _ = json.Marshal(&other)
+	if err := ProtobufAgrees(data, msg); err == nil || !strings.Contains(err.Error(), "resourceVersion 7, JSON at 8") {
+		t.Errorf("another version: %v", err)
+	}
+	if err := ProtobufAgrees(data, []byte("\xff\xff")); err == nil {
+		t.Error("garbage protobuf agreed")
 	}
 }

@@ -150,3 +150,31 @@ func ProtobufOnlyError(resource string) error {
 	return status.NotAcceptable(fmt.Sprintf("outpost: the cloud is unreachable and %s was recorded only as protobuf, a kind outpost has no type for; "+
 		"offline it can be read as application/vnd.kubernetes.protobuf, or as metadata only (as=PartialObjectMetadata)", resource))
 }
+
+// ProtobufAgrees checks that proto, the protobuf message kept for an
+// object, and data, its JSON, are the same object: the same name,
+// namespace, uid and resourceVersion (`outpost cache verify`).
+func ProtobufAgrees(data, proto []byte) error {
+	om, err := protobufObjectMeta(proto)
+	if err != nil {
+		return err
+	}
+	var j struct {
+		Metadata struct {
+			Name, Namespace, UID, ResourceVersion string
+		} `json:"metadata"`
+	}
+	if err := json.Unmarshal(data, &j); err != nil {
+		return fmt.Errorf("%w: JSON of the object: %v", ErrUndecodable, err)
+	}
+	p, m := om, j.Metadata
+	switch {
+	case p.Name != m.Name || p.Namespace != m.Namespace:
+		return fmt.Errorf("protobuf is of %s/%s, JSON of %s/%s", p.Namespace, p.Name, m.Namespace, m.Name)
+	case string(p.UID) != m.UID:
+		return fmt.Errorf("protobuf has uid %s, JSON %s", p.UID, m.UID)
+	case p.ResourceVersion != m.ResourceVersion:
+		return fmt.Errorf("protobuf is at resourceVersion %s, JSON at %s", p.ResourceVersion, m.ResourceVersion)
+	}
+	return nil
+}

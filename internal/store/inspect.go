@@ -136,9 +136,11 @@ type Problem struct {
 // every view's members are stored objects, that each object counts exactly
 // the views holding it and is held by one, that every stored protobuf
 // encoding belongs to a stored object at its resourceVersion, and that the
-// counters match. It stops listing problems after max (0: 100). err is for
-// a store it could not read at all.
-func (s *Store) Verify(max int) (problems []Problem, err error) {
+// counters match. With agree, it also asks whether each protobuf encoding
+// is the same object as the JSON stored with it (codec.ProtobufAgrees);
+// the store itself does not read either. It stops listing problems after
+// max (0: 100). err is for a store it could not read at all.
+func (s *Store) Verify(max int, agree func(data, proto []byte) error) (problems []Problem, err error) {
 	if max <= 0 {
 		max = 100
 	}
@@ -232,6 +234,17 @@ func (s *Store) Verify(max int) (problems []Problem, err error) {
 					if !add("protos", "protobuf encoding of %q is at resourceVersion %s, the object at %s", k, rv, orv) {
 						return nil
 					}
+					continue
+				}
+				if agree == nil {
+					continue
+				}
+				data, err := objectData(obj)
+				if err == nil {
+					err = agree(data, r.b)
+				}
+				if err != nil && !add("protos", "protobuf encoding of %q is not the object stored: %v", k, err) {
+					return nil
 				}
 			}
 		}

@@ -64,8 +64,18 @@ func TestInspectReadOnly(t *testing.T) {
 		if o, ok, err := r.Get(pods, "a", "p1"); err != nil || !ok || string(o.Proto) != "\x0a\x03msg" {
 			t.Errorf("%s: p1 %+v %v %v", p, o, ok, err)
 		}
-		if problems, err := r.Verify(0); err != nil || len(problems) != 0 {
+		if problems, err := r.Verify(0, nil); err != nil || len(problems) != 0 {
 			t.Errorf("%s: a sound store: %v %v", p, problems, err)
+		}
+		// The agreement check sees each protobuf encoding with its JSON,
+		// and what it says is reported.
+		var seen []string
+		problems, err := r.Verify(0, func(data, proto []byte) error {
+			seen = append(seen, string(proto))
+			return errors.New("they disagree")
+		})
+		if err != nil || len(seen) != 1 || seen[0] != "\x0a\x03msg" || len(problems) != 1 || !strings.Contains(problems[0].What, "they disagree") {
+			t.Errorf("%s: agreement check saw %q, reported %v (%v)", p, seen, problems, err)
 		}
 		if err := r.PutDoc("x", "text/plain", nil); err == nil {
 			t.Errorf("%s: a write to a read-only store succeeded", p)
@@ -162,7 +172,7 @@ func TestVerifyFindsDamage(t *testing.T) {
 		}
 		return btx.Bucket(bucketProtos).Put(objectKey(nil, pods, memberKey("a", "p1")), append(appendString(nil, "4"), "\x0a\x01x"...))
 	}, p1, pod("a", "p2", "6"))
-	problems, err := r.Verify(0)
+	problems, err := r.Verify(0, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,7 +202,7 @@ func TestInspectOlderFile(t *testing.T) {
 	}); err != nil || n != 1 {
 		t.Errorf("listing an older file: %d members, %v", n, err)
 	}
-	if problems, err := r.Verify(0); err != nil || len(problems) != 0 {
+	if problems, err := r.Verify(0, nil); err != nil || len(problems) != 0 {
 		t.Errorf("verify of an older file: %v %v", problems, err)
 	}
 }
