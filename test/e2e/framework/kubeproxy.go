@@ -190,7 +190,6 @@ func (kp *KubeProxy) writeConfig() error {
 	metrics := "127.0.0.1:" + strconv.Itoa(ports[1])
 	kp.HealthzURL = "http://" + healthz + "/healthz"
 	kp.MetricsURL = "http://" + metrics + "/metrics"
-	const zero = "0s"
 	// NodePorts never on the machine's external address: on 127.0.0.1 in
 	// nftables mode; in iptables mode that would set the route_localnet
 	// sysctl for the whole machine, so there on the node's bridge address.
@@ -202,33 +201,7 @@ func (kp *KubeProxy) writeConfig() error {
 		}
 		nodePorts = bridge.String() + "/32"
 	}
-	cfg := map[string]any{
-		"apiVersion":         "kubeproxy.config.k8s.io/v1alpha1",
-		"kind":               "KubeProxyConfiguration",
-		"clientConnection":   map[string]any{"kubeconfig": kp.Kubeconfig},
-		"hostnameOverride":   kp.n.Name,
-		"mode":               string(kp.Mode),
-		"clusterCIDR":        ClusterCIDR,
-		"nodePortAddresses":  []string{nodePorts},
-		"healthzBindAddress": healthz,
-		"metricsBindAddress": metrics,
-		// Lowering its OOM score needs CAP_SYS_RESOURCE, which root here
-		// lacks (kube-proxy only logs the failure, but says so each start).
-		"oomScoreAdj": 0,
-		// Zeros leave the kernel's conntrack settings as they are, instead
-		// of raising nf_conntrack_max and the timeouts for the machine.
-		"conntrack": map[string]any{
-			"maxPerCore":            0,
-			"min":                   0,
-			"tcpEstablishedTimeout": zero,
-			"tcpCloseWaitTimeout":   zero,
-			"udpTimeout":            zero,
-			"udpStreamTimeout":      zero,
-		},
-		// Never the route_localnet sysctl, whatever the addresses above.
-		"iptables": map[string]any{"localhostNodePorts": false},
-	}
-	data, err := json.MarshalIndent(cfg, "", "  ")
+	data, err := kubeProxyConfig(kp.n.Name, kp.Mode, kp.Kubeconfig, nodePorts, healthz, metrics)
 	if err != nil {
 		return err
 	}
@@ -557,6 +530,43 @@ func kubeProxyTables(ctx context.Context) ([]string, error) {
 		}
 	}
 	return tables, nil
+}
+
+// kubeProxyConfig is the KubeProxyConfiguration of every kube-proxy the
+// framework runs: in mode, for node, with kubeconfig ("": its in-cluster
+// config), NodePorts on nodePorts, health and metrics on loopback.
+func kubeProxyConfig(node string, mode KubeProxyMode, kubeconfig, nodePorts, healthz, metrics string) ([]byte, error) {
+	const zero = "0s"
+	cfg := map[string]any{
+		"apiVersion":         "kubeproxy.config.k8s.io/v1alpha1",
+		"kind":               "KubeProxyConfiguration",
+		"hostnameOverride":   node,
+		"mode":               string(mode),
+		"clusterCIDR":        ClusterCIDR,
+		"nodePortAddresses":  []string{nodePorts},
+		"healthzBindAddress": healthz,
+		"metricsBindAddress": metrics,
+		// Lowering its OOM score needs CAP_SYS_RESOURCE, which root here
+		// lacks (kube-proxy only logs the failure, but says so each start),
+		// privileged container or not.
+		"oomScoreAdj": 0,
+		// Zeros leave the kernel's conntrack settings as they are, instead
+		// of raising nf_conntrack_max and the timeouts for the machine.
+		"conntrack": map[string]any{
+			"maxPerCore":            0,
+			"min":                   0,
+			"tcpEstablishedTimeout": zero,
+			"tcpCloseWaitTimeout":   zero,
+			"udpTimeout":            zero,
+			"udpStreamTimeout":      zero,
+		},
+		// Never the route_localnet sysctl, whatever the addresses above.
+		"iptables": map[string]any{"localhostNodePorts": false},
+	}
+	if kubeconfig != "" {
+		cfg["clientConnection"] = map[string]any{"kubeconfig": kubeconfig}
+	}
+	return json.MarshalIndent(cfg, "", "  ")
 }
 
 // lockProxies takes the machine's kube-proxy lock and, while it is held,

@@ -2,7 +2,6 @@ package framework
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -329,31 +328,7 @@ func (kp *KubeProxyPod) config() (string, error) {
 	metrics := "127.0.0.1:" + strconv.Itoa(ports[1])
 	kp.HealthzURL = "http://" + healthz + "/healthz"
 	kp.MetricsURL = "http://" + metrics + "/metrics"
-	const zero = "0s"
-	cfg := map[string]any{
-		"apiVersion":         "kubeproxy.config.k8s.io/v1alpha1",
-		"kind":               "KubeProxyConfiguration",
-		"hostnameOverride":   kp.Node.Name,
-		"mode":               string(KubeProxyNFTables),
-		"clusterCIDR":        ClusterCIDR,
-		"nodePortAddresses":  []string{"127.0.0.1/32"},
-		"healthzBindAddress": healthz,
-		"metricsBindAddress": metrics,
-		// Lowering its OOM score needs CAP_SYS_RESOURCE, which root here
-		// lacks, privileged container or not.
-		"oomScoreAdj": 0,
-		// Zeros leave the kernel's conntrack settings as they are.
-		"conntrack": map[string]any{
-			"maxPerCore":            0,
-			"min":                   0,
-			"tcpEstablishedTimeout": zero,
-			"tcpCloseWaitTimeout":   zero,
-			"udpTimeout":            zero,
-			"udpStreamTimeout":      zero,
-		},
-		"iptables": map[string]any{"localhostNodePorts": false},
-	}
-	data, err := json.MarshalIndent(cfg, "", "  ")
+	data, err := kubeProxyConfig(kp.Node.Name, KubeProxyNFTables, "", "127.0.0.1/32", healthz, metrics)
 	return string(data), err
 }
 
