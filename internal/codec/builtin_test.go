@@ -1,6 +1,7 @@
 package codec
 
 import (
+	"bytes"
 	"encoding/json"
 	"strings"
 	"testing"
@@ -47,5 +48,36 @@ func TestProtobufAgrees(t *testing.T) {
 	}
 	if err := ProtobufAgrees(data, []byte("\xff\xff")); err == nil {
 		t.Error("garbage protobuf agreed")
+	}
+}
+
+// A list written in pieces, from its frame, is the list written whole.
+func TestListFrames(t *testing.T) {
+	items := [][]byte{[]byte(`{"metadata":{"name":"a"}}`), []byte(`{"metadata":{"name":"b"}}`)}
+	prefix, suffix := JSONListFrame("ConfigMapList", "v1", "7", "")
+	streamed := append(append(append(append(append([]byte{}, prefix...), items[0]...), ','), items[1]...), suffix...)
+	if whole := JSONList("ConfigMapList", "v1", "7", "", items); !bytes.Equal(streamed, whole) {
+		t.Errorf("JSON:\n%s\n%s", streamed, whole)
+	}
+	var protos [][]byte
+	size := 0
+	for _, name := range []string{"a", "b"} {
+		cm := corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "ns", ResourceVersion: "7"}}
+		p, _ := cm.Marshal()
+		protos = append(protos, p)
+		size += ProtobufListItemSize(len(p))
+	}
+	whole, ok := ProtobufList("ConfigMapList", "v1", "7", "", make([][]byte, 2), protos)
+	prefix, suffix, ok2 := ProtobufListFrame("ConfigMapList", "v1", "7", "", size)
+	if !ok || !ok2 {
+		t.Fatal("no protobuf list")
+	}
+	streamed = append([]byte{}, prefix...)
+	for _, p := range protos {
+		streamed = AppendProtobufListItem(streamed, p)
+	}
+	streamed = append(streamed, suffix...)
+	if !bytes.Equal(streamed, whole) {
+		t.Errorf("protobuf:\n%x\n%x", streamed, whole)
 	}
 }

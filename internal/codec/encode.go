@@ -22,11 +22,28 @@ import (
 // JSONList writes a JSON list around stored items without decoding them,
 // in the apiserver's order: kind, apiVersion, metadata, items.
 func JSONList(kind, apiVersion, rv, cont string, items [][]byte) []byte {
-	n := 64 + 2*(len(kind)+len(apiVersion)+len(rv)+len(cont))
+	prefix, suffix := JSONListFrame(kind, apiVersion, rv, cont)
+	n := len(prefix) + len(suffix)
 	for _, item := range items {
 		n += len(item) + 1
 	}
 	b := bytes.NewBuffer(make([]byte, 0, n))
+	b.Write(prefix)
+	for i, item := range items {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.Write(item)
+	}
+	b.Write(suffix)
+	return b.Bytes()
+}
+
+// JSONListFrame returns what a JSON list of kind holds before its items
+// and after them; the items go between, separated by commas. A list
+// written so is byte for byte JSONList's.
+func JSONListFrame(kind, apiVersion, rv, cont string) (prefix, suffix []byte) {
+	b := bytes.NewBuffer(make([]byte, 0, 64+2*(len(kind)+len(apiVersion)+len(rv)+len(cont))))
 	b.WriteString(`{"kind":`)
 	writeJSONString(b, kind)
 	b.WriteString(`,"apiVersion":`)
@@ -38,14 +55,43 @@ func JSONList(kind, apiVersion, rv, cont string, items [][]byte) []byte {
 		writeJSONString(b, cont)
 	}
 	b.WriteString(`},"items":[`)
-	for i, item := range items {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		b.Write(item)
+	return b.Bytes(), []byte(`]}`)
+}
+
+// ProtobufListFrame returns what the protobuf list of kind holds before
+// its items and after them, for items whose encodings take itemsSize
+// bytes in all (the sum of ProtobufListItemSize); each item then goes
+// between as AppendProtobufListItem appends it. A list written so is byte
+// for byte ProtobufList's. ok is false when kind has no protobuf list.
+func ProtobufListFrame(kind, apiVersion, rv, cont string, itemsSize int) (prefix, suffix []byte, ok bool) {
+	gv, err := schema.ParseGroupVersion(apiVersion)
+	if err != nil {
+		return nil, nil, false
 	}
-	b.WriteString(`]}`)
-	return b.Bytes()
+	if _, typed := protobufListItemType(gv.WithKind(kind)); !typed && KnownKind(gv.WithKind(kind)) {
+		return nil, nil, false
+	}
+	lm := &metav1.ListMeta{ResourceVersion: rv, Continue: cont}
+	rawLen := fieldSize(lm.Size()) + itemsSize
+	// The envelope with an empty raw, cut where the raw goes.
+	const cut = 0xFF
+	whole := ProtobufEnvelope(kind, apiVersion, rawLen, func(b []byte) []byte {
+		return append(appendProtobufList(b, lm, nil), cut)
+	})
+	i := bytes.LastIndexByte(whole, cut)
+	if i < 0 {
+		return nil, nil, false
+	}
+	return whole[:i], whole[i+1:], true
+}
+
+// ProtobufListItemSize is what an item of n bytes takes in a protobuf list.
+func ProtobufListItemSize(n int) int { return fieldSize(n) }
+
+// AppendProtobufListItem appends item, the protobuf message of one object,
+// as an item of a protobuf list.
+func AppendProtobufListItem(b, item []byte) []byte {
+	return append(appendFieldHeader(b, 2, len(item)), item...)
 }
 
 // ProtobufList encodes items (stored JSON) as the protobuf list of kind,

@@ -65,6 +65,23 @@ func (rd *Reader) serveList(w http.ResponseWriter, info *request.Info) error {
 	var items, protos [][]byte
 	cont := ""
 	fast := !src.filter && !rd.Local.Has(src.view.Key.Resource)
+	if fast && limit == 0 && after == "" && !wantMeta && a.As == "" {
+		// A whole view, as stored, while another is being answered:
+		// streamed a page at a time (stream.go).
+		concurrent := rd.beginWhole()
+		defer rd.endWhole()
+		switch {
+		case !concurrent:
+		case a.Media == codec.MediaProtobuf:
+			if rd.streamList(w, src, kind, apiVersion, true) {
+				return nil
+			}
+		case a.Media == codec.MediaJSON || (a.PlainJSON && a.Media != codec.MediaCBOR):
+			if rd.streamList(w, src, kind, apiVersion, false) {
+				return nil
+			}
+		}
+	}
 	if fast && a.Media == codec.MediaProtobuf && a.As == "" && !wantMeta {
 		// The fastest path: the whole view to a protobuf client, from the
 		// stored protobuf messages, assembled while the read transaction

@@ -15,6 +15,7 @@
 package reader
 
 import (
+	"sync/atomic"
 	"time"
 
 	"github.com/outposthq/outpost/internal/store"
@@ -54,6 +55,9 @@ type Reader struct {
 	// LargeAnswer, if set, is called after an answer of memory.LargeAnswer
 	// bytes or more was served (see memory.Releaser.Large).
 	LargeAnswer func()
+
+	// wholeLists counts the whole-view lists being answered (stream.go).
+	wholeLists atomic.Int32
 }
 
 // wasLarge reports a large answer to LargeAnswer.

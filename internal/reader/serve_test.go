@@ -220,3 +220,62 @@ func TestCheckListRV(t *testing.T) {
 		}
 	}
 }
+
+// TestStreamedList: a whole view of several MB goes out a page at a time,
+// byte for byte what the assembled answer is, JSON and protobuf; should
+// the view move under the stream, the answer is cut off.
+func TestStreamedList(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	seedList(t, c, "big", 5000, func(int) bool { return true })
+	for _, media := range []string{codec.MediaJSON, codec.MediaProtobuf} {
+		// Alone, a whole view is assembled; while another is being
+		// answered, streamed.
+		whole := serve(t, c, "/api/v1/namespaces/big/configmaps", media)
+		c.Reader.beginWhole()
+		streamed := serve(t, c, "/api/v1/namespaces/big/configmaps", media)
+		c.Reader.endWhole()
+		if streamed.Code != 200 || whole.Code != 200 || streamed.Body.Len() < streamMin {
+			t.Fatalf("%s: %d (%d bytes), %d", media, streamed.Code, streamed.Body.Len(), whole.Code)
+		}
+		if !bytes.Equal(streamed.Body.Bytes(), whole.Body.Bytes()) {
+			t.Errorf("%s: the streamed list differs from the assembled one (%d and %d bytes)", media, streamed.Body.Len(), whole.Body.Len())
+		}
+		if got := streamed.Header().Get("Content-Length"); got != strconv.Itoa(streamed.Body.Len()) {
+			t.Errorf("%s: Content-Length %s for %d bytes", media, got, streamed.Body.Len())
+		}
+	}
+
+	// The view is re-listed (the cloud returned) after the first page.
+	r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/big/configmaps", nil)
+	info, _ := request.Parse(r, reader)
+	c.Reader.beginWhole()
+	defer c.Reader.endWhole()
+	w := &movingWriter{ResponseRecorder: httptest.NewRecorder(), move: func() {
+		v := store.View{Key: store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "big"}, ResourceVersion: "30000", Kind: "ConfigMapList", APIVersion: "v1"}
+		if err := c.Store.ReplaceView(v, nil); err != nil {
+			t.Error(err)
+		}
+	}}
+	defer func() {
+		if p := recover(); p != http.ErrAbortHandler {
+			t.Errorf("a view that moved under the stream: %v, want the answer cut off", p)
+		}
+	}()
+	c.Serve(w, r, info)
+}
+
+// movingWriter calls move at the second write of a body.
+type movingWriter struct {
+	*httptest.ResponseRecorder
+	writes int
+	move   func()
+}
+
+func (m *movingWriter) Write(b []byte) (int, error) {
+	m.writes++
+	if m.writes == 2 {
+		m.move()
+	}
+	return m.ResponseRecorder.Write(b)
+}
