@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"strings"
 
 	"github.com/outposthq/outpost/internal/setup"
 )
@@ -41,6 +42,7 @@ func setupNode(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&cfg.NodeLocalAddress, "node-local-address", cfg.NodeLocalAddress, `outpost's address for the node's pods, put on lo by the unit ("" for none; see README "Putting a node behind outpost")`)
 	fs.StringVar(&manager, "service-manager", "systemd", `"systemd", or "none" to only write the files (then start outpost with the unit's command line and restart kubelet yourself)`)
 	fs.BoolVar(&undo, "undo", false, "take the node out from behind outpost: restore kubelet's kubeconfig, stop and remove outpost's unit (its cache stays in --data-dir)")
+	fs.BoolVar(&cfg.Remove, "remove", false, "with --undo: also stop and remove outpost, though pods started behind it still reach the apiserver through its node-local address (restart them first)")
 	fs.BoolVar(&dryRun, "dry-run", false, "print every change, make none")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -75,6 +77,9 @@ func setupNode(args []string, stdout, stderr io.Writer) int {
 	}
 	if len(steps) == 0 {
 		fmt.Fprintf(stdout, "nothing to do: already done (%s)\n", verb)
+		if undo && cfg.KeptForPods() {
+			fmt.Fprintln(stdout, "outpost still runs for the pods started behind it; restart them, then run outpost setup-node --undo --remove")
+		}
 		return setupOK
 	}
 	if dryRun {
@@ -114,6 +119,9 @@ func setupUsageProblem(cfg *setup.Config, args int, manager string) string {
 		if f.v == "" {
 			return f.name + " is required"
 		}
+	}
+	if manager == "systemd" && (strings.HasPrefix(cfg.Binary, "/tmp/") || strings.HasPrefix(cfg.Binary, "/home/") || strings.HasPrefix(cfg.Binary, "/root/")) {
+		return fmt.Sprintf("--binary %s: the unit cannot run a program under /tmp, /home or /root (it runs with PrivateTmp and ProtectHome); install outpost as /usr/local/bin/outpost", cfg.Binary)
 	}
 	return ""
 }

@@ -66,6 +66,9 @@ type Config struct {
 	// Ready waits until outpost at AdminAddress is ready. Nil: not waited
 	// for.
 	Ready func(adminAddress string, timeout time.Duration) error
+	// Remove, with UndoPlan, also stops and removes outpost when pods may
+	// still depend on its node-local address.
+	Remove bool
 }
 
 // DefaultConfig is the Config of a kubeadm node with outpost installed as
@@ -109,6 +112,8 @@ type Step struct {
 	What string
 	// Do makes the change.
 	Do func() error
+	// note: the step changes nothing by itself, it tells the operator.
+	note bool
 }
 
 // ErrKubeconfig marks a kubelet kubeconfig that cannot be used (missing,
@@ -189,15 +194,17 @@ func (c *Config) Plan() ([]Step, error) {
 	if err != nil {
 		return nil, err
 	}
-	kubeletSteps := writeStep(c.KubeletKubeconfig, redirected, "kubelet's kubeconfig, now pointing at outpost "+c.outpostURL())
-	steps = append(steps, kubeletSteps...)
-	switch {
-	case len(kubeletSteps) > 0 && c.Services != nil:
-		steps = append(steps, Step{What: "systemctl restart " + KubeletUnit + " (its pods keep running)", Do: func() error { return c.Services.Restart(KubeletUnit) }})
-	case len(kubeletSteps) > 0:
-		steps = append(steps, Step{What: "(no service manager) start outpost with the unit's command line, then restart kubelet", Do: func() error { return nil }})
+	changed := false
+	if cur, err := os.ReadFile(c.KubeletKubeconfig); err != nil || !bytes.Equal(cur, redirected) {
+		changed = true
+		steps = append(steps, Step{What: "write " + c.KubeletKubeconfig + ": kubelet's kubeconfig, now pointing at outpost " + c.outpostURL(),
+			Do: func() error { return c.changeKubeletKubeconfig(redirected) }})
 	}
-	return steps, nil
+	if changed && c.Services == nil {
+		steps = append(steps, Step{What: "(no service manager) start outpost with the unit's command line", note: true, Do: func() error { return nil }})
+	}
+	steps = append(steps, c.restartKubelet(changed)...)
+	return onlyNotes(steps), nil
 }
 
 // UndoPlan returns the steps that take the node out from behind outpost;
@@ -210,17 +217,33 @@ func (c *Config) UndoPlan() ([]Step, error) {
 		current, _ := os.ReadFile(c.KubeletKubeconfig)
 		if !bytes.Equal(current, orig) {
 			steps = append(steps, Step{What: fmt.Sprintf("restore kubelet's kubeconfig %s from %s", c.KubeletKubeconfig, c.backupPath()),
-				Do: func() error { return atomicfile.WriteFile(c.KubeletKubeconfig, orig, 0o600) }})
-			if c.Services != nil {
-				steps = append(steps, Step{What: "systemctl restart " + KubeletUnit + " (its pods keep running)", Do: func() error { return c.Services.Restart(KubeletUnit) }})
-			} else {
-				steps = append(steps, Step{What: "(no service manager) restart kubelet, then stop outpost", Do: func() error { return nil }})
+				Do: func() error { return c.changeKubeletKubeconfig(orig) }})
+		}
+	case errors.Is(err, os.ErrNotExist):
+		if kc, err := clientcmd.LoadFromFile(c.KubeletKubeconfig); err == nil {
+			if cluster, _, err := current(kc); err == nil && cluster.Server == c.outpostURL() {
+				return nil, fmt.Errorf("%w: %s points at outpost and its saved original %s is gone: point it back at the apiserver by hand", ErrKubeconfig, c.KubeletKubeconfig, c.backupPath())
 			}
 		}
-	case !errors.Is(err, os.ErrNotExist):
+	default:
 		return nil, fmt.Errorf("reading the saved kubelet kubeconfig: %w", err)
 	}
-	if _, err := os.Stat(c.UnitFile); err == nil {
+	steps = append(steps, c.restartKubelet(len(steps) > 0)...)
+
+	unit, err := os.ReadFile(c.UnitFile)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	ip := unitNodeLocalIP(string(unit))
+	if ip.IsValid() && !c.Remove {
+		// Pods started while the node was behind outpost have its
+		// node-local address in their environment: outpost must go on
+		// serving them until they restart.
+		steps = append(steps, Step{What: fmt.Sprintf("keep outpost running for now: pods started behind it reach the apiserver through %s until they restart; "+
+			"restart them, then run outpost setup-node --undo --remove", ip), note: true, Do: func() error { return nil }})
+		return onlyNotes(steps), nil
+	}
+	if unit != nil {
 		if c.Services != nil {
 			steps = append(steps, Step{What: "systemctl disable --now " + OutpostUnit, Do: func() error { return c.Services.DisableStop(OutpostUnit) }})
 		}
@@ -229,7 +252,10 @@ func (c *Config) UndoPlan() ([]Step, error) {
 			steps = append(steps, Step{What: "systemctl daemon-reload", Do: c.Services.Reload})
 		}
 	}
-	if ip := c.nodeLocalIP(); ip.IsValid() && hasAddress(ip) {
+	if !ip.IsValid() {
+		ip = c.nodeLocalIP()
+	}
+	if ip.IsValid() && hasAddress(ip) {
 		steps = append(steps, Step{What: "remove " + ip.String() + "/32 from lo", Do: func() error { return run("ip", "addr", "del", ip.String()+"/32", "dev", "lo") }})
 	}
 	for _, f := range []string{c.OutpostKubeconfig, c.bundlePath(), c.backupPath()} {
@@ -237,7 +263,79 @@ func (c *Config) UndoPlan() ([]Step, error) {
 			steps = append(steps, removeStep(f))
 		}
 	}
-	return steps, nil
+	return onlyNotes(steps), nil
+}
+
+// KeptForPods reports whether outpost was left running by --undo for the
+// pods that still reach the apiserver through its node-local address.
+func (c *Config) KeptForPods() bool {
+	unit, err := os.ReadFile(c.UnitFile)
+	return err == nil && unitNodeLocalIP(string(unit)).IsValid() && !c.Remove
+}
+
+// onlyNotes returns nil when steps change nothing (notes alone), so that
+// a plan with nothing to do says so.
+func onlyNotes(steps []Step) []Step {
+	for _, s := range steps {
+		if !s.note {
+			return steps
+		}
+	}
+	return nil
+}
+
+// restartKubelet is the step that restarts kubelet after its kubeconfig
+// changed (changed), or after an earlier run changed it and the restart
+// failed (the pending marker remains).
+func (c *Config) restartKubelet(changed bool) []Step {
+	if _, err := os.Stat(c.restartPendingPath()); err != nil && !changed {
+		return nil
+	}
+	if c.Services == nil {
+		return []Step{{What: "(no service manager) restart kubelet yourself", note: true, Do: func() error {
+			return removeIfExists(c.restartPendingPath())
+		}}}
+	}
+	return []Step{{What: "systemctl restart " + KubeletUnit + " (its pods keep running)", Do: func() error {
+		if err := c.Services.Restart(KubeletUnit); err != nil {
+			return err
+		}
+		return removeIfExists(c.restartPendingPath())
+	}}}
+}
+
+// changeKubeletKubeconfig writes kubelet's kubeconfig, noting first that
+// kubelet must be restarted for it to count.
+func (c *Config) changeKubeletKubeconfig(data []byte) error {
+	if err := writeFile(c.restartPendingPath(), nil); err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(c.KubeletKubeconfig, data, 0o600)
+}
+
+func (c *Config) restartPendingPath() string {
+	return filepath.Join(c.DataDir, "setup", "kubelet-restart-pending")
+}
+
+// unitNodeLocalIP is the node-local address a unit written by setup-node
+// serves, if any.
+func unitNodeLocalIP(unit string) netip.Addr {
+	_, rest, ok := strings.Cut(unit, "--node-local-address=")
+	if !ok {
+		return netip.Addr{}
+	}
+	ap, err := netip.ParseAddrPort(strings.Fields(rest + " ")[0])
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr()
+}
+
+func removeIfExists(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 // Apply runs steps in order, telling out about each, and stops at the

@@ -287,3 +287,109 @@ func TestShippedUnit(t *testing.T) {
 		t.Errorf("%s is not the unit setup-node writes (go test ./internal/setup -update): %v", path, err)
 	}
 }
+
+// With a node-local address, --undo first only points kubelet back: pods
+// started behind outpost have its address in their environment, so it
+// keeps serving them until --undo --remove.
+func TestUndoInTwoPhases(t *testing.T) {
+	dir, kubeconfig, _ := kubeadmNode(t)
+	original, _ := os.ReadFile(kubeconfig)
+	systemd := &recorder{}
+	c := config(dir, kubeconfig, systemd)
+	c.NodeLocalAddress = "169.254.2.1:10269"
+	steps, err := c.Plan()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Apply(steps, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	systemd.calls = nil
+	undo := config(dir, kubeconfig, systemd) // flags need not match
+	steps, err = undo.UndoPlan()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Apply(steps, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if now, _ := os.ReadFile(kubeconfig); !bytes.Equal(now, original) {
+		t.Error("kubelet's kubeconfig not restored")
+	}
+	if _, err := os.Stat(c.UnitFile); err != nil || !slices.Equal(systemd.calls, []string{"restart kubelet.service"}) {
+		t.Errorf("the first undo stopped outpost (%v) or did %q", err, systemd.calls)
+	}
+	if !strings.Contains(strings.Join(describe(steps), "\n"), "--undo --remove") {
+		t.Errorf("the first undo does not say how to finish: %v", describe(steps))
+	}
+	// Again: nothing to do but the note.
+	if steps, err := undo.UndoPlan(); err != nil || len(steps) != 0 {
+		t.Errorf("undo again planned %v (%v)", describe(steps), err)
+	}
+	undo.Remove = true
+	systemd.calls = nil
+	steps, err = undo.UndoPlan()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Apply(steps, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"disable --now outpost.service", "daemon-reload"}; !slices.Equal(systemd.calls, want) {
+		t.Errorf("--undo --remove asked %q, want %q", systemd.calls, want)
+	}
+	if _, err := os.Stat(c.UnitFile); !errors.Is(err, os.ErrNotExist) {
+		t.Error("the unit is left after --undo --remove")
+	}
+}
+
+// A kubelet restart that failed is planned again by the next run, though
+// kubelet's kubeconfig is already written.
+func TestFailedRestartIsRetried(t *testing.T) {
+	dir, kubeconfig, _ := kubeadmNode(t)
+	c := config(dir, kubeconfig, &failingRestart{recorder: &recorder{}})
+	steps, err := c.Plan()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Apply(steps, io.Discard); err == nil {
+		t.Fatal("the failing restart did not fail")
+	}
+	c.Services = &recorder{}
+	steps, err = c.Plan()
+	if err != nil || !slices.ContainsFunc(describe(steps), func(s string) bool { return strings.Contains(s, "restart kubelet") }) {
+		t.Fatalf("the rerun does not restart kubelet: %v (%v)", describe(steps), err)
+	}
+	if err := Apply(steps, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if steps, err := c.Plan(); err != nil || len(steps) != 0 {
+		t.Errorf("after the restart, planned %v (%v)", describe(steps), err)
+	}
+}
+
+// An undo with kubelet pointing at outpost and no saved original refuses,
+// rather than stop outpost under kubelet.
+func TestUndoWithoutTheOriginal(t *testing.T) {
+	dir, kubeconfig, _ := kubeadmNode(t)
+	c := config(dir, kubeconfig, &recorder{})
+	steps, _ := c.Plan()
+	if err := Apply(steps, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(c.backupPath()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.UndoPlan(); !errors.Is(err, ErrKubeconfig) {
+		t.Errorf("undo without the original: %v", err)
+	}
+}
+
+type failingRestart struct{ *recorder }
+
+func (f *failingRestart) Restart(unit string) error {
+	if unit == KubeletUnit {
+		return errors.New("kubelet would not restart")
+	}
+	return f.recorder.Restart(unit)
+}
