@@ -11,6 +11,7 @@ import (
 
 	certificatesv1 "k8s.io/api/certificates/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
@@ -225,6 +226,23 @@ func (c *Controller) facts(ctx context.Context) Facts {
 				return nil, err
 			}
 			return serviceIPs(svc), nil
+		},
+		APIServerIPs: func() ([]net.IP, error) {
+			slices, err := c.client.DiscoveryV1().EndpointSlices(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=kubernetes"})
+			if err != nil {
+				return nil, err
+			}
+			var ips []net.IP
+			for _, s := range slices.Items {
+				for _, e := range s.Endpoints {
+					for _, a := range e.Addresses {
+						if ip := net.ParseIP(a); ip != nil {
+							ips = append(ips, ip)
+						}
+					}
+				}
+			}
+			return ips, nil
 		},
 		Node: func(name string) (*corev1.Node, error) {
 			n, err := c.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})

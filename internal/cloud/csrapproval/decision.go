@@ -90,7 +90,15 @@ type Facts struct {
 	ServiceIPs func() ([]net.IP, error)
 	// Node returns the Node of that name, or nil if there is none.
 	Node func(name string) (*corev1.Node, error)
+	// APIServerIPs, if set, returns the addresses of the apiservers (the
+	// kubernetes Service's endpoints), which no node may claim.
+	APIServerIPs func() ([]net.IP, error)
 }
+
+// metadataIPs are the cloud providers' instance metadata addresses: link-
+// local, but a certificate for them would let a node impersonate the
+// metadata service to its pods.
+var metadataIPs = []net.IP{net.ParseIP("169.254.169.254"), net.ParseIP("fd00:ec2::254")}
 
 // allowedUsages are the usages an outpost may ask for; server auth is
 // also required.
@@ -135,7 +143,11 @@ func InClusterNames(domain string) []string {
 //   - every DNS SAN is an in-cluster name, localhost, n itself, or a
 //     Hostname, InternalDNS or ExternalDNS address of Node n;
 //   - every IP SAN is a ClusterIP of the kubernetes Service, an InternalIP
-//     or ExternalIP address of Node n, 127.0.0.1, ::1, or link-local.
+//     or ExternalIP address of Node n, 127.0.0.1, ::1, or link-local;
+//   - and, since a node writes its own status addresses, no DNS SAN is a
+//     wildcard or another Service's name in the cluster domain, and no IP
+//     SAN is an apiserver's address (the kubernetes Service's endpoints)
+//     or the cloud's metadata address.
 //
 // A request whose PEM or X.509 does not parse names nothing we can read:
 // Ignore (the apiserver rejects such requests on create anyway).
@@ -186,6 +198,37 @@ func Decide(csr *certificatesv1.CertificateSigningRequest, facts Facts) (Decisio
 	}
 	for _, u := range req.URIs {
 		fails.add(ReasonForbiddenSAN, "URI SAN %q is not allowed", u.String())
+	}
+	// Names and addresses no node may have signed, whatever its Node
+	// object says (a node writes its own status addresses): wildcards,
+	// other Services of the cluster, the cloud's metadata address, the
+	// apiserver's own addresses.
+	domain := facts.ClusterDomain
+	if domain == "" {
+		domain = DefaultClusterDomain
+	}
+	for _, name := range req.DNSNames {
+		lower := strings.ToLower(name)
+		switch {
+		case strings.Contains(name, "*"):
+			fails.add(ReasonForbiddenSAN, "wildcard DNS SAN %q is not allowed", name)
+		case !containsName(inCluster, name) && (strings.HasSuffix(lower, ".svc") || strings.Contains(lower, ".svc.") || strings.HasSuffix(lower, "."+domain)):
+			fails.add(ReasonForbiddenSAN, "DNS SAN %q names another Service of the cluster", name)
+		}
+	}
+	var apiservers []net.IP
+	if len(req.IPAddresses) > 0 && facts.APIServerIPs != nil {
+		if apiservers, err = facts.APIServerIPs(); err != nil {
+			return Decision{}, fmt.Errorf("reading the apiserver's addresses: %w", err)
+		}
+	}
+	for _, ip := range req.IPAddresses {
+		switch {
+		case slices.ContainsFunc(metadataIPs, ip.Equal):
+			fails.add(ReasonForbiddenSAN, "IP SAN %s is the cloud's metadata address", ip)
+		case containsIP(apiservers, ip):
+			fails.add(ReasonForbiddenSAN, "IP SAN %s is an address of the apiserver itself", ip)
+		}
 	}
 
 	// The node's own names and addresses: only a node's, and only when it

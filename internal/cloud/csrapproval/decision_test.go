@@ -121,6 +121,11 @@ func world(domain string, nodes ...string) (Facts, *[]string) {
 			{Type: corev1.NodeExternalIP, Address: "2001:db8::10"},
 			{Type: corev1.NodeHostName, Address: "edge-a.shop.example"},
 			{Type: corev1.NodeInternalDNS, Address: "edge-a.internal"},
+			// What a compromised node may write into its own status.
+			{Type: corev1.NodeInternalDNS, Address: "web.shop.svc.cluster.local"},
+			{Type: corev1.NodeExternalDNS, Address: "*.edge.example"},
+			{Type: corev1.NodeInternalIP, Address: apiserverIP},
+			{Type: corev1.NodeExternalIP, Address: "169.254.169.254"},
 		}}},
 		nodeB: {ObjectMeta: metav1.ObjectMeta{Name: nodeB}, Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{
 			{Type: corev1.NodeInternalIP, Address: "192.168.1.20"},
@@ -130,6 +135,7 @@ func world(domain string, nodes ...string) (Facts, *[]string) {
 	return Facts{
 		ClusterDomain: domain,
 		ServiceIPs:    func() ([]net.IP, error) { return []net.IP{net.ParseIP(vip)}, nil },
+		APIServerIPs:  func() ([]net.IP, error) { return []net.IP{net.ParseIP(apiserverIP)}, nil },
 		Node: func(name string) (*corev1.Node, error) {
 			asked = append(asked, name)
 			for _, n := range nodes {
@@ -141,6 +147,9 @@ func world(domain string, nodes ...string) (Facts, *[]string) {
 		},
 	}, &asked
 }
+
+// apiserverIP is the apiserver's address, the kubernetes Service's endpoint.
+const apiserverIP = "10.1.1.1"
 
 var inCluster = []string{"kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"}
 
@@ -171,10 +180,14 @@ func TestDecide(t *testing.T) {
 		{name: "another node's IP", req: request{dns: with(), ips: []string{"192.168.1.20"}}, want: Deny, reason: ReasonForeignIPAddress},
 		{name: "foreign DNS", req: request{dns: with("apiserver.example.com")}, want: Deny, reason: ReasonForeignDNSName, message: `"apiserver.example.com"`},
 		{name: "below localhost", req: request{dns: with("evil.localhost")}, want: Deny, reason: ReasonForeignDNSName},
-		{name: "wildcard", req: request{dns: with("*.default.svc")}, want: Deny, reason: ReasonForeignDNSName},
+		{name: "wildcard", req: request{dns: with("*.default.svc")}, want: Deny, reason: ReasonForbiddenSAN},
+		{name: "a wildcard the node gave itself", req: request{dns: with("*.edge.example")}, want: Deny, reason: ReasonForbiddenSAN, message: "wildcard"},
+		{name: "another Service the node gave itself", req: request{dns: with("web.shop.svc.cluster.local")}, want: Deny, reason: ReasonForbiddenSAN, message: "another Service"},
+		{name: "the apiserver's address the node gave itself", req: request{dns: with(), ips: []string{apiserverIP}}, want: Deny, reason: ReasonForbiddenSAN, message: "the apiserver itself"},
+		{name: "the metadata address", req: request{dns: with(), ips: []string{"169.254.169.254"}}, want: Deny, reason: ReasonForbiddenSAN, message: "metadata"},
 		{name: "another node's name", req: request{dns: with(nodeB)}, want: Deny, reason: ReasonForeignDNSName, message: `"edge-b"`},
 		{name: "another node's hostname", req: request{dns: with("edge-b.shop.example")}, want: Deny, reason: ReasonForeignDNSName},
-		{name: "another cluster domain", req: request{dns: []string{"kubernetes.default.svc.edge.example", "kubernetes"}}, want: Deny, reason: ReasonForeignDNSName},
+		{name: "another cluster domain", req: request{dns: []string{"kubernetes.default.svc.edge.example", "kubernetes"}}, want: Deny, reason: ReasonForbiddenSAN},
 		{name: "service account", req: request{username: "system:serviceaccount:kube-system:sneaky", groups: []string{"system:serviceaccounts", nodesGroup},
 			cn: nodeUserPrefix + nodeA, dns: with()}, want: Deny, reason: ReasonNotANode, message: `requester "system:serviceaccount:kube-system:sneaky" is not a node`},
 		{name: "service account naming itself", req: request{username: "system:serviceaccount:kube-system:sneaky", groups: []string{"system:serviceaccounts"}, dns: with()},

@@ -13,7 +13,9 @@
 // approves. Whoever approves such a request lets one node answer for the
 // apiserver to every pod that trusts it, so the Controller approves only a
 // request that names the requesting node's own certificate and nothing
-// wider (see Decide for the checks), and denies — with the failed check as
+// wider (see Decide for the checks; a node writes its own status
+// addresses, so wildcards, other Services' names, the apiservers' and the
+// cloud metadata addresses are refused even there), and denies — with the failed check as
 // the reason, a log line and a Warning event on the request — any other
 // request that claims an in-cluster name. Kubelet's own serving requests
 // claim none; they are left alone, for whichever approver the cluster has.
@@ -34,7 +36,9 @@
 //   - certificates.k8s.io signers, resourceName kubernetes.io/kubelet-serving:
 //     approve (the apiserver checks it for approving and denying alike);
 //   - nodes: get;
-//   - services in namespace default, resourceName kubernetes: get.
+//   - services in namespace default, resourceName kubernetes: get;
+//   - discovery.k8s.io endpointslices in namespace default: list (the
+//     kubernetes Service's, the apiservers' addresses no node may claim).
 //
 // deploy/rbac.yaml grants exactly these to outpost-controller.
 package csrapproval
