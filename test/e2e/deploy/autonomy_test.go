@@ -53,7 +53,7 @@ func autonomyScenario(t *testing.T, podIP string, step func(string, ...any)) {
 	defer cancel()
 	admin := cp.Client()
 
-	cut := startFakeNode(t)
+	cut := startFakeNode(ctx, t)
 	if err := cp.EnsureNamespace(ctx, ns); err != nil {
 		t.Fatal(err)
 	}
@@ -216,9 +216,8 @@ func autonomyScenario(t *testing.T, podIP string, step func(string, ...any)) {
 // startFakeNode creates autoNode, autonomous forever, with the status of
 // a ready node, and renews its Lease every second until the returned cut
 // is called. Node and Lease are deleted when t ends.
-func startFakeNode(t *testing.T) (cut func()) {
+func startFakeNode(ctx context.Context, t *testing.T) (cut func()) {
 	t.Helper()
-	ctx := t.Context()
 	admin := cp.Client()
 	n := &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{

@@ -105,6 +105,9 @@ func TestControllerFromDeploy(t *testing.T) {
 		if t.Failed() {
 			t.Logf("controller log:\n%s", log)
 		}
+		if !strings.Contains(log, "toleration controller started") {
+			t.Errorf("the controller's log, read from %s, does not show its toleration controller started", filepath.Join(n.Dir, "pod-logs"))
+		}
 		if strings.Contains(log, "forbidden") {
 			t.Error("the controller was forbidden something: deploy/rbac.yaml lacks a permission")
 		}
@@ -380,6 +383,12 @@ func waitController(t *testing.T, n *framework.Node, o *framework.Outpost) *core
 			t.Logf("controller log:\n%s", controllerLog(n, pod))
 		}
 		t.Fatalf("waiting for outpost-controller from deploy/: %v", err)
+	}
+	// What the probes saw, seen from the host too.
+	for _, path := range []string{"/readyz", "/healthz"} {
+		if _, err := framework.GetOK(t.Context(), podClient, "http://"+net.JoinHostPort(pod.Status.PodIP, strconv.Itoa(metricsPort))+path); err != nil {
+			t.Errorf("the controller's %s: %v", path, err)
+		}
 	}
 	sa := "serviceaccount:" + controllerNS + "/" + controllerName
 	if v, err := o.Metric("outpost_client_requests_total", "client="+sa, "served_by=upstream"); err != nil || v < 1 {
