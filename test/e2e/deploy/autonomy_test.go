@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strconv"
@@ -227,8 +228,7 @@ func startFakeNode(ctx context.Context, t *testing.T) (cut func()) {
 		},
 		Spec: corev1.NodeSpec{Taints: []corev1.Taint{{Key: fakeTaint, Effect: corev1.TaintEffectNoSchedule}}},
 	}
-	created, err := admin.CoreV1().Nodes().Create(ctx, n, metav1.CreateOptions{})
-	if err != nil {
+	if _, err := admin.CoreV1().Nodes().Create(ctx, n, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	leases := admin.CoordinationV1().Leases(corev1.NamespaceNodeLease)
@@ -244,15 +244,19 @@ func startFakeNode(ctx context.Context, t *testing.T) (cut func()) {
 		corev1.ResourceMemory: resource.MustParse("8Gi"),
 		corev1.ResourcePods:   resource.MustParse("110"),
 	}
-	created.Status = corev1.NodeStatus{
+	// A merge patch: kube-controller-manager writes the new Node too.
+	status, err := json.Marshal(map[string]any{"status": corev1.NodeStatus{
 		Capacity:    capacity,
 		Allocatable: capacity,
 		Conditions: []corev1.NodeCondition{{
 			Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady",
 			LastHeartbeatTime: now, LastTransitionTime: now,
 		}},
+	}})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := admin.CoreV1().Nodes().UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+	if _, err := admin.CoreV1().Nodes().Patch(ctx, autoNode, types.MergePatchType, status, metav1.PatchOptions{}, "status"); err != nil {
 		t.Fatal(err)
 	}
 	lease := &coordinationv1.Lease{
