@@ -243,8 +243,10 @@ func (r *Rotator) Deadline() time.Time {
 func (r *Rotator) Run(ctx context.Context) error {
 	backoff := 2 * time.Second
 	var lastErr string
+	renewed := false // a certificate was just issued: it is kept until its deadline
 	for {
-		if c := r.Current(); c != nil && !r.lacksNames(ctx, c.Leaf) {
+		if c := r.Current(); c != nil && (renewed || !r.lacksNames(ctx, c.Leaf)) {
+			renewed = false
 			at := r.Deadline()
 			r.Log.Info("certificate renewal scheduled", "name", r.Name, "at", at.Round(time.Second), "expires", c.Leaf.NotAfter)
 			if !sleep(ctx, time.Until(at)) {
@@ -256,19 +258,29 @@ func (r *Rotator) Run(ctx context.Context) error {
 			return nil
 		}
 		if err == nil {
-			backoff, lastErr = 2*time.Second, ""
+			backoff, lastErr, renewed = 2*time.Second, "", true
+			if c := r.Current(); c != nil && r.lacksNames(ctx, c.Leaf) {
+				// The signer left a name out: asking again at once would
+				// only get the same.
+				r.Log.Warn("the certificate issued lacks names asked for; kept until its renewal", "name", r.Name)
+			}
 			continue
 		}
 		if err.Error() != lastErr {
-			r.Log.Warn("requesting a certificate failed; retrying", "name", r.Name, "signer", r.SignerName, "err", err)
+			r.Log.Warn("requesting a certificate failed; retrying", "name", r.Name, "signer", r.SignerName, "err", err, "in", backoff)
 			lastErr = err.Error()
 		}
 		if !sleep(ctx, backoff) {
 			return nil
 		}
-		backoff = min(backoff*2, time.Minute)
+		// A denied or unanswered request is not asked again every minute
+		// forever: each one is a CSR object and an event in the cluster.
+		backoff = min(backoff*2, maxBackoff)
 	}
 }
+
+// maxBackoff bounds the wait between failed requests.
+const maxBackoff = 15 * time.Minute
 
 func sleep(ctx context.Context, d time.Duration) bool {
 	if d <= 0 {
@@ -294,11 +306,13 @@ func (r *Rotator) template(ctx context.Context) (*x509.CertificateRequest, error
 
 // lacksNames reports whether leaf lacks a SAN that a request now would
 // ask for (the configuration changed, or the apiserver told something new).
-// When that cannot be told, it does not.
+// When the apiserver cannot be asked, only the configured names count.
 func (r *Rotator) lacksNames(ctx context.Context, leaf *x509.Certificate) bool {
 	tmpl, err := r.template(ctx)
 	if err != nil {
-		return false
+		// What only the apiserver knows cannot be told now; the names
+		// of the configuration can.
+		tmpl = r.Template
 	}
 	for _, d := range tmpl.DNSNames {
 		if !slices.Contains(leaf.DNSNames, d) {
