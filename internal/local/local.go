@@ -2,6 +2,7 @@ package local
 
 import (
 	"crypto/rand"
+	"errors"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -48,6 +49,8 @@ type Writer struct {
 	// followMu makes followEndpoints read and write the overlays of
 	// EndpointSlices one pod at a time.
 	followMu sync.Mutex
+	// overlayMu orders saving an overlay and dropping them all.
+	overlayMu sync.Mutex
 
 	mu          sync.Mutex // guards the fields below
 	lastLocalRV uint64
@@ -169,6 +172,7 @@ func requestJSON(r *http.Request) ([]byte, string, error) {
 }
 
 func (l *Writer) writeOverlay(w http.ResponseWriter, r *http.Request, info *request.Info) error {
+	gen := l.overlays.generation()
 	res := info.APIGroup + "/" + info.APIVersion + "/" + info.Resource
 	kinds := localKind[res]
 	body, ct, err := requestJSON(r)
@@ -274,11 +278,14 @@ func (l *Writer) writeOverlay(w http.ResponseWriter, r *http.Request, info *requ
 		return apierrors.NewInternalError(err)
 	}
 	ov := &overlay{resource: res, namespace: info.Namespace, name: name, kind: kinds[0], apiVersion: kinds[1], data: out}
-	if err := l.putOverlay(ov); err != nil {
+	if err := l.putOverlay(ov, gen); errors.Is(err, errDropped) {
+		// The cloud returned meanwhile: the write goes there instead.
+		return status.Unavailable("outpost: the cloud is reachable again; send the write again", 1)
+	} else if err != nil {
 		return apierrors.NewInternalError(err)
 	}
-	if res == "/v1/pods" {
-		l.followEndpoints(out)
+	if res == "/v1/pods" && podMoved(base, out) {
+		l.followEndpoints(info.Namespace, name, gen)
 	}
 	code := http.StatusOK
 	if info.Verb == "create" {

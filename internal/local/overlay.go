@@ -25,6 +25,7 @@ type overlay struct {
 type overlays struct {
 	mu      sync.Mutex // guards the fields below
 	seq     uint64
+	gen     uint64              // incremented by drop: overlays of an earlier generation are refused
 	byKey   map[string]*overlay // resource \x00 member key
 	changed chan struct{}       // closed and replaced at every change
 }
@@ -47,15 +48,28 @@ func (o *overlays) get(resource, ns, name string) *overlay {
 	return o.byKey[overlayKey(resource, ns, name)]
 }
 
-func (o *overlays) put(ov *overlay) {
+// generation is the current generation of overlays.
+func (o *overlays) generation() uint64 {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	return o.gen
+}
+
+// put stores ov if no drop happened since generation gen was read, and
+// reports whether it did.
+func (o *overlays) put(ov *overlay, gen uint64) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if gen != o.gen {
+		return false
+	}
 	o.init()
 	o.seq++
 	ov.seq = o.seq
 	o.byKey[overlayKey(ov.resource, ov.namespace, ov.name)] = ov
 	close(o.changed)
 	o.changed = make(chan struct{})
+	return true
 }
 
 // since returns the overlays of resource written after seq, and the
@@ -89,6 +103,7 @@ func (o *overlays) drop() int {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.init()
+	o.gen++
 	n := len(o.byKey)
 	clear(o.byKey)
 	return n
@@ -99,7 +114,7 @@ func (l *Writer) loadOverlays() {
 	_ = l.Store.Docs(overlayPrefix, func(key, _ string, body []byte) error {
 		var rec overlayRecord
 		if json.Unmarshal(body, &rec) == nil {
-			l.overlays.put(&overlay{resource: rec.Resource, namespace: rec.Namespace, name: rec.Name, kind: rec.Kind, apiVersion: rec.APIVersion, data: rec.Data})
+			l.overlays.put(&overlay{resource: rec.Resource, namespace: rec.Namespace, name: rec.Name, kind: rec.Kind, apiVersion: rec.APIVersion, data: rec.Data}, l.overlays.generation())
 		}
 		return nil
 	})
@@ -151,6 +166,10 @@ func (l *Writer) Since(resource string, seq uint64) ([]store.Object, uint64, <-c
 
 // DropOverlays forgets every local write: the cloud's truth is back.
 func (l *Writer) DropOverlays() {
+	// With putOverlay: a write that began offline does not outlive the
+	// drop, in memory or in the store.
+	l.overlayMu.Lock()
+	defer l.overlayMu.Unlock()
 	if n := l.overlays.drop(); n > 0 {
 		l.Log.Info("cloud reachable again; local status overlays dropped", "count", n)
 	}
