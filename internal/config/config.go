@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"strings"
 	"time"
 )
 
@@ -180,13 +181,16 @@ func (c *Hub) Validate() error {
 			errs = append(errs, fmt.Errorf("%s %q: %w", flag, addr, err))
 		}
 	}
+	if c.NodeLocalAddress != "" && (c.ClusterDomain == "" || strings.HasPrefix(c.ClusterDomain, ".") || strings.HasSuffix(c.ClusterDomain, ".")) {
+		errs = append(errs, fmt.Errorf("--cluster-domain %q: want the cluster's DNS domain, such as cluster.local", c.ClusterDomain))
+	}
 	if c.NodeLocalAddress != "" {
 		ap, err := netip.ParseAddrPort(c.NodeLocalAddress)
 		switch {
 		case err != nil:
 			errs = append(errs, fmt.Errorf("--node-local-address %q: want IP:port: %w", c.NodeLocalAddress, err))
-		case ap.Addr().IsUnspecified() || ap.Port() == 0:
-			errs = append(errs, fmt.Errorf("--node-local-address %q: want one address and a port, which pods are pointed at", c.NodeLocalAddress))
+		case ap.Addr().IsUnspecified() || ap.Port() == 0 || ap.Addr().Zone() != "" || ap.Addr().Is4In6():
+			errs = append(errs, fmt.Errorf("--node-local-address %q: want one address (no zone, no IPv4 in IPv6) and a port, which pods are pointed at", c.NodeLocalAddress))
 		case !c.RotateServerCertificates && c.TLSCertFile == "":
 			errs = append(errs, errors.New("--node-local-address needs a serving certificate from the cluster CA, which in-cluster clients trust: --rotate-server-certificates or --tls-cert-file"))
 		}

@@ -211,7 +211,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.observe(rec, info, start)
 	}()
 	var out http.ResponseWriter = rec
-	if h.Rewrite != nil {
+	if h.Rewrite != nil && r.Method != http.MethodHead {
 		out = h.Rewrite.Wrap(rec, info, h.Log)
 		if out != http.ResponseWriter(rec) {
 			// An answer to rewrite is asked for uncompressed, watches

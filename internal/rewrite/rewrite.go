@@ -121,9 +121,16 @@ func (r *Rules) proxy(user string) bool {
 	return false
 }
 
-// mayHold is a cheap test that data may hold an object to rewrite: every
-// one is named, or labelled, "kubernetes".
-func mayHold(data []byte) bool { return bytes.Contains(data, []byte(serviceName)) }
+// mayHoldJSON and mayHoldProtobuf are cheap tests that data may hold an
+// object to rewrite: every one is named, or labelled, "kubernetes" — the
+// whole string, quoted in JSON, after its length (10) in protobuf. (Every
+// EndpointSlice holds the word in its label keys, kubernetes.io/…, so the
+// word alone would pass them all.)
+func mayHoldJSON(data []byte) bool { return bytes.Contains(data, []byte(`"`+serviceName+`"`)) }
+
+func mayHoldProtobuf(data []byte) bool {
+	return bytes.Contains(data, []byte("\x0a"+serviceName))
+}
 
 // object rewrites obj in place if it is one Rules rewrites, and reports
 // whether it changed.
@@ -248,7 +255,7 @@ func newObject(kind string) runtime.Object {
 // rewriteJSON returns data, a JSON object, rewritten, or data itself when
 // nothing in it is to change (so that it goes out byte for byte).
 func (r *Rules) rewriteJSON(k kind, data []byte) ([]byte, error) {
-	if !mayHold(data) {
+	if !mayHoldJSON(data) {
 		return data, nil
 	}
 	var meta struct {
@@ -292,7 +299,7 @@ type protoMessage interface {
 // rewriteProtobuf returns data, an enveloped protobuf object, rewritten,
 // or data itself when nothing in it is to change.
 func (r *Rules) rewriteProtobuf(k kind, data []byte) ([]byte, error) {
-	if !mayHold(data) {
+	if !mayHoldProtobuf(data) {
 		return data, nil
 	}
 	body, ok := bytes.CutPrefix(data, protobufMagic)

@@ -125,6 +125,10 @@ func (w *Writer) Write(p []byte) (int, error) {
 	return w.ResponseWriter.Write(p)
 }
 
+// maxFrame bounds one protobuf watch event (kube-apiserver's objects are
+// at most a few MB).
+const maxFrame = 64 << 20
+
 // events writes out every complete event in buf, rewritten.
 func (w *Writer) events() error {
 	for {
@@ -141,6 +145,14 @@ func (w *Writer) events() error {
 				return nil
 			}
 			n := int(binary.BigEndian.Uint32(data))
+			if n > maxFrame {
+				// Not a watch event anyone sends: the rest goes out as it
+				// comes rather than be held in memory.
+				w.fail(fmt.Errorf("watch event of %d bytes", n))
+				_, err := w.ResponseWriter.Write(data)
+				w.buf.Reset()
+				return err
+			}
 			if len(data) < 4+n {
 				return nil
 			}
@@ -167,10 +179,10 @@ func (w *Writer) events() error {
 
 // event returns one watch event frame rewritten.
 func (w *Writer) event(frame []byte) ([]byte, error) {
-	if !mayHold(frame) {
-		return frame, nil
-	}
 	if w.mode == eventsJSON {
+		if !mayHoldJSON(frame) {
+			return frame, nil
+		}
 		var ev struct {
 			Type   string          `json:"type"`
 			Object json.RawMessage `json:"object"`
@@ -188,6 +200,9 @@ func (w *Writer) event(frame []byte) ([]byte, error) {
 			return nil, err
 		}
 		return append(out, '\n'), nil
+	}
+	if !mayHoldProtobuf(frame) {
+		return frame, nil
 	}
 	var ev metav1.WatchEvent
 	if err := ev.Unmarshal(frame[4:]); err != nil {
