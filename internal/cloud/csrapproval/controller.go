@@ -137,9 +137,10 @@ func (c *Controller) processNext(ctx context.Context, lister certlisters.Certifi
 			return false
 		}
 		if errors.Is(err, errNodeNotRegistered) {
+			// Looked at again with the queue's growing back-off: soon
+			// after a node registers, rarely for one that never does.
 			c.logger.Debug("CSR waits for its node to register", "csr", name, "err", err)
-			c.queue.Forget(name)
-			c.queue.AddAfter(name, nodeWait)
+			c.queue.AddRateLimited(name)
 			return true
 		}
 		c.logger.Warn("deciding CSR; will retry", "csr", name, "retries", c.queue.NumRequeues(name), "err", err)
@@ -151,10 +152,8 @@ func (c *Controller) processNext(ctx context.Context, lister certlisters.Certifi
 }
 
 // errNodeNotRegistered: a CSR that passes every check so far is for a
-// Node that does not exist yet; it is looked at again every nodeWait.
+// Node that does not exist yet; it is looked at again later.
 var errNodeNotRegistered = errors.New("node not registered yet")
-
-const nodeWait = 2 * time.Second
 
 // sync decides one CSR and writes the decision.
 func (c *Controller) sync(ctx context.Context, lister certlisters.CertificateSigningRequestLister, name string) error {
