@@ -73,16 +73,8 @@ func ProtobufListFrame(kind, apiVersion, rv, cont string, itemsSize int) (prefix
 	}
 	lm := &metav1.ListMeta{ResourceVersion: rv, Continue: cont}
 	rawLen := fieldSize(lm.Size()) + itemsSize
-	// The envelope with an empty raw, cut where the raw goes.
-	const cut = 0xFF
-	whole := ProtobufEnvelope(kind, apiVersion, rawLen, func(b []byte) []byte {
-		return append(appendProtobufList(b, lm, nil), cut)
-	})
-	i := bytes.LastIndexByte(whole, cut)
-	if i < 0 {
-		return nil, nil, false
-	}
-	return whole[:i], whole[i+1:], true
+	prefix = appendProtobufList(protobufEnvelopeHead(kind, apiVersion, rawLen, fieldSize(lm.Size())), lm, nil)
+	return prefix, protobufEnvelopeTail, true
 }
 
 // ProtobufListItemSize is what an item of n bytes takes in a protobuf list.

@@ -154,21 +154,28 @@ func protoScan(b []byte, fn func(num uint64, v []byte, cut bool) bool) bool {
 // the message as raw, and empty content encoding and type, in the order
 // and form the apiserver's serializer writes them.
 func ProtobufEnvelope(kind, apiVersion string, rawLen int, appendRaw func([]byte) []byte) []byte {
+	head := protobufEnvelopeHead(kind, apiVersion, rawLen, rawLen+len(protobufEnvelopeTail))
+	return append(appendRaw(head), protobufEnvelopeTail...)
+}
+
+// protobufEnvelopeHead is the envelope up to its raw message of rawLen
+// bytes, in a buffer with room for more bytes after it.
+func protobufEnvelopeHead(kind, apiVersion string, rawLen, more int) []byte {
 	tm := runtime.TypeMeta{APIVersion: apiVersion, Kind: kind}
 	tmLen := tm.Size()
-	size := len(protobufMagic) + fieldSize(tmLen) + fieldSize(rawLen) + 2*fieldSize(0)
-	b := make([]byte, 0, size)
+	b := make([]byte, 0, len(protobufMagic)+fieldSize(tmLen)+1+uvarintSize(uint64(rawLen))+more)
 	b = append(b, protobufMagic...)
 	b = appendFieldHeader(b, 1, tmLen)
 	b = b[:len(b)+tmLen]
 	if _, err := tm.MarshalToSizedBuffer(b[len(b)-tmLen:]); err != nil {
 		return nil // cannot happen: the buffer has the size Size said
 	}
-	b = appendFieldHeader(b, 2, rawLen)
-	b = appendRaw(b)
-	b = appendFieldHeader(b, 3, 0)    // contentEncoding
-	return appendFieldHeader(b, 4, 0) // contentType
+	return appendFieldHeader(b, 2, rawLen)
 }
+
+// protobufEnvelopeTail follows the raw message: empty content encoding
+// (field 3) and content type (field 4).
+var protobufEnvelopeTail = []byte{3<<3 | 2, 0, 4<<3 | 2, 0}
 
 // appendProtobufList appends the protobuf message of a list: its
 // ListMeta (field 1) with rv and cont, then each item (field 2), as every

@@ -6,8 +6,11 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -278,4 +281,59 @@ func (m *movingWriter) Write(b []byte) (int, error) {
 		m.move()
 	}
 	return m.ResponseRecorder.Write(b)
+}
+
+// BenchmarkServeListConcurrent: fifty clients list the same view of 10,000
+// objects at once, offline. It reports the peak of the Go heap in use
+// while they do (peak-heap-MB), sampled every millisecond, beside the time.
+func BenchmarkServeListConcurrent(b *testing.B) {
+	c, stop := newCache(b)
+	defer stop()
+	seedList(b, c, "json", 10000, nil)
+	seedList(b, c, "protobuf", 10000, func(int) bool { return true })
+	for _, bc := range []struct{ name, ns, accept string }{
+		{"protobuf", "protobuf", "application/vnd.kubernetes.protobuf, */*"},
+		{"json", "json", "application/json"},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/"+bc.ns+"/configmaps", nil)
+			r.Header.Set("Accept", bc.accept)
+			info, err := request.Parse(r, reader)
+			if err != nil {
+				b.Fatal(err)
+			}
+			runtime.GC()
+			var peak atomic.Uint64
+			done := make(chan struct{})
+			go func() {
+				var ms runtime.MemStats
+				for {
+					select {
+					case <-done:
+						return
+					case <-time.After(time.Millisecond):
+					}
+					runtime.ReadMemStats(&ms)
+					if ms.HeapInuse > peak.Load() {
+						peak.Store(ms.HeapInuse)
+					}
+				}
+			}()
+			for b.Loop() {
+				var wg sync.WaitGroup
+				for range 50 {
+					wg.Go(func() {
+						w := &discardWriter{header: http.Header{}}
+						c.Serve(w, r, info)
+						if w.code != 200 {
+							b.Errorf("status %d", w.code)
+						}
+					})
+				}
+				wg.Wait()
+			}
+			close(done)
+			b.ReportMetric(float64(peak.Load())/(1<<20), "peak-heap-MB")
+		})
+	}
 }
