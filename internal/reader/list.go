@@ -1,6 +1,7 @@
 package reader
 
 import (
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -25,7 +26,7 @@ type continueToken struct {
 	After string `json:"after"`
 }
 
-func (rd *Reader) serveList(w http.ResponseWriter, info *request.Info) error {
+func (rd *Reader) serveList(ctx context.Context, w http.ResponseWriter, info *request.Info) error {
 	a, opts := info.Accept, info.Options
 	src, ok, err := rd.findSource(info)
 	if err != nil {
@@ -81,6 +82,13 @@ func (rd *Reader) serveList(w http.ResponseWriter, info *request.Info) error {
 				return nil
 			}
 		}
+	}
+	if limit == 0 || limit > smallPage {
+		// Assembled whole: a few at a time (stream.go).
+		if err := rd.assembling(ctx); err != nil {
+			return nil // the client went away
+		}
+		defer rd.assembled()
 	}
 	if fast && a.Media == codec.MediaProtobuf && a.As == "" && !wantMeta {
 		// The fastest path: the whole view to a protobuf client, from the

@@ -15,8 +15,11 @@
 package reader
 
 import (
+	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sync/semaphore"
 
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -56,8 +59,11 @@ type Reader struct {
 	// bytes or more was served (see memory.Releaser.Large).
 	LargeAnswer func()
 
-	// wholeLists counts the whole-view lists being answered (stream.go).
-	wholeLists atomic.Int32
+	// wholeLists counts the whole-view lists being answered, and assemble
+	// bounds the large answers assembled at once (stream.go).
+	wholeLists   atomic.Int32
+	assembleOnce sync.Once
+	assemble     *semaphore.Weighted
 }
 
 // wasLarge reports a large answer to LargeAnswer.

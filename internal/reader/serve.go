@@ -40,12 +40,12 @@ func (rd *Reader) Serve(w http.ResponseWriter, r *http.Request, info *request.In
 		if info.Verb == "get" {
 			err = rd.serveGet(w, info)
 		} else {
-			err = rd.serveList(w, info)
+			err = rd.serveList(r.Context(), w, info)
 		}
 	case request.GetObject:
 		err = rd.serveGet(w, info)
 	case request.ListObjects:
-		err = rd.serveList(w, info)
+		err = rd.serveList(r.Context(), w, info)
 	case request.WatchObjects:
 		err = rd.serveWatch(w, r, info)
 	default:

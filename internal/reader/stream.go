@@ -1,9 +1,12 @@
 package reader
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"strconv"
+
+	"golang.org/x/sync/semaphore"
 
 	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/memory"
@@ -33,6 +36,26 @@ const (
 	// streamPage bounds the bytes one page copies out of the store.
 	streamPage = 256 << 10
 )
+
+// Answers that cannot stream (a view filtered locally, converted to
+// protobuf from JSON, a Table…) are assembled whole, and at most
+// maxAssembling of the large ones at a time: the others wait their turn,
+// which on a small node's few cores costs little, since assembling them
+// is what takes the cores. A page of a paginated list (limit at most
+// smallPage, as informers ask) is small and never waits.
+const (
+	maxAssembling = 2
+	smallPage     = 1000
+)
+
+// assembling waits for a turn to assemble a large answer, or for ctx to
+// end; assembled ends the turn.
+func (rd *Reader) assembling(ctx context.Context) error {
+	rd.assembleOnce.Do(func() { rd.assemble = semaphore.NewWeighted(maxAssembling) })
+	return rd.assemble.Acquire(ctx, 1)
+}
+
+func (rd *Reader) assembled() { rd.assemble.Release(1) }
 
 // beginWhole counts a whole-view answer in; it reports whether another
 // is being answered already, and then this one should stream. Each call
