@@ -120,7 +120,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 	for _, p := range deployPods[autoNode] {
 		waitFor(ctx, t, "controller to set tolerations of "+p, func(ctx context.Context) (bool, error) {
 			pod, err := admin.CoreV1().Pods(ns).Get(ctx, p, metav1.GetOptions{})
-			return err == nil && tolerationsOf(pod) == "forever,forever" && pod.Annotations[autonomy.AnnotationOriginalTolerations] != "", nil
+			return err == nil && framework.TolerationsOf(pod) == "forever,forever" && pod.Annotations[autonomy.AnnotationOriginalTolerations] != "", nil
 		})
 	}
 	for _, p := range deployPods[plainNode] {
@@ -128,7 +128,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := tolerationsOf(pod); got != "5,5" {
+		if got := framework.TolerationsOf(pod); got != "5,5" {
 			t.Errorf("pod %s on the ordinary node: tolerations %s, want the defaults 5,5", p, got)
 		}
 	}
@@ -141,7 +141,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := tolerationsOf(created); got != "forever,forever" || created.Annotations[autonomy.AnnotationOriginalTolerations] == "" {
+	if got := framework.TolerationsOf(created); got != "forever,forever" || created.Annotations[autonomy.AnnotationOriginalTolerations] == "" {
 		t.Errorf("pod created bound to %s: tolerations %s, annotations %v; want forever from the webhook", autoNode, got, created.Annotations)
 	}
 	// A pod that will be failing before the cut.
@@ -241,7 +241,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 				return false, err
 			}
 			_, recorded := pod.Annotations[autonomy.AnnotationOriginalTolerations]
-			return !recorded && tolerationsOf(pod) == "5,5" && pod.DeletionTimestamp != nil, nil
+			return !recorded && framework.TolerationsOf(pod) == "5,5" && pod.DeletionTimestamp != nil, nil
 		})
 	}
 	step("autonomy withdrawn: originals restored and pods evicted in %.1fs", time.Since(withdrawn).Seconds())
@@ -497,23 +497,6 @@ func endpoints(ctx context.Context, c kubernetes.Interface) ([]endpointInfo, err
 		}
 	}
 	return out, nil
-}
-
-// tolerationsOf returns the NoExecute tolerationSeconds of unreachable and
-// not-ready, "forever" for none, as "unreachable,not-ready".
-func tolerationsOf(pod *corev1.Pod) string {
-	get := func(key string) string {
-		for _, t := range pod.Spec.Tolerations {
-			if t.Key == key && t.Effect == corev1.TaintEffectNoExecute {
-				if t.TolerationSeconds == nil {
-					return "forever"
-				}
-				return strconv.FormatInt(*t.TolerationSeconds, 10)
-			}
-		}
-		return "none"
-	}
-	return get(corev1.TaintNodeUnreachable) + "," + get(corev1.TaintNodeNotReady)
 }
 
 func nodeReady(n *corev1.Node) corev1.ConditionStatus {

@@ -95,7 +95,7 @@ func autonomyScenario(t *testing.T, podIP string, step func(string, ...any)) {
 			if err != nil {
 				return false, err.Error()
 			}
-			got := tolerationsOf(pod)
+			got := framework.TolerationsOf(pod)
 			return got == "forever,forever" && pod.Annotations[autonomy.AnnotationOriginalTolerations] != "", "tolerations " + got
 		})
 	}
@@ -112,7 +112,7 @@ func autonomyScenario(t *testing.T, podIP string, step func(string, ...any)) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := tolerationsOf(created); got != "forever,forever" || created.Annotations[autonomy.AnnotationOriginalTolerations] == "" {
+	if got := framework.TolerationsOf(created); got != "forever,forever" || created.Annotations[autonomy.AnnotationOriginalTolerations] == "" {
 		t.Fatalf("pod created bound to %s: tolerations %s, annotations %v; want forever from the webhook", autoNode, got, created.Annotations)
 	}
 	step("the pod webhook set the tolerations of a pod created bound")
@@ -207,8 +207,8 @@ func autonomyScenario(t *testing.T, podIP string, step func(string, ...any)) {
 				return false, err.Error()
 			}
 			_, recorded := pod.Annotations[autonomy.AnnotationOriginalTolerations]
-			return !recorded && tolerationsOf(pod) == "5,5" && pod.DeletionTimestamp != nil,
-				fmt.Sprintf("tolerations %s, originals recorded %v, deleted %v", tolerationsOf(pod), recorded, pod.DeletionTimestamp != nil)
+			return !recorded && framework.TolerationsOf(pod) == "5,5" && pod.DeletionTimestamp != nil,
+				fmt.Sprintf("tolerations %s, originals recorded %v, deleted %v", framework.TolerationsOf(pod), recorded, pod.DeletionTimestamp != nil)
 		})
 	}
 	step("autonomy withdrawn: tolerations restored and pods evicted in %.1fs", time.Since(withdrawn).Seconds())
@@ -400,23 +400,6 @@ func endpoints(ctx context.Context) ([]endpoint, error) {
 		}
 	}
 	return out, nil
-}
-
-// tolerationsOf returns the NoExecute tolerationSeconds of unreachable and
-// not-ready as "unreachable,not-ready", "forever" for no limit.
-func tolerationsOf(pod *corev1.Pod) string {
-	get := func(key string) string {
-		for _, t := range pod.Spec.Tolerations {
-			if t.Key == key && t.Effect == corev1.TaintEffectNoExecute {
-				if t.TolerationSeconds == nil {
-					return "forever"
-				}
-				return strconv.FormatInt(*t.TolerationSeconds, 10)
-			}
-		}
-		return "none"
-	}
-	return get(corev1.TaintNodeUnreachable) + "," + get(corev1.TaintNodeNotReady)
 }
 
 // waitFor polls cond every 200 ms until it holds, failing the test with

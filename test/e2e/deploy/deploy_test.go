@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -66,7 +65,7 @@ func TestControllerFromDeploy(t *testing.T) {
 
 	// The node behind outpost, which pods reach at a node-local address:
 	// kubelet gives them that address as KUBERNETES_SERVICE_HOST/PORT.
-	ip := addNodeLocalAddress(t)
+	ip := framework.AddNodeLocalAddress(t, 200, 50)
 	local := netip.AddrPortFrom(ip, uint16(framework.FreePort(t)))
 	cp.CreateNode(t, node, nil)
 	o := cp.StartOutpostT(t, node, append(slices.Clone(framework.LenientProbes),
@@ -164,41 +163,6 @@ func buildImages(t *testing.T) (archive, ref string) {
 		t.Fatalf("hack/images printed no reference for %s:\n%s", archive, printed)
 	}
 	return archive, ref
-}
-
-// addNodeLocalAddress adds a free link-local address to lo (this kernel
-// has no dummy links), for outpost's --node-local-address, and removes it
-// when t ends.
-func addNodeLocalAddress(t *testing.T) netip.Addr {
-	t.Helper()
-	taken := map[netip.Addr]bool{netip.MustParseAddr("169.254.169.254"): true}
-	addrs, err := net.InterfaceAddrs()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, a := range addrs {
-		if p, err := netip.ParsePrefix(a.String()); err == nil {
-			taken[p.Addr()] = true
-		}
-	}
-	for range 20 {
-		// 169.254.200.0-169.254.249.255: apart from other suites' picks.
-		ip := netip.AddrFrom4([4]byte{169, 254, byte(200 + rand.IntN(50)), byte(1 + rand.IntN(254))})
-		if taken[ip] {
-			continue
-		}
-		if out, err := exec.Command("ip", "addr", "add", ip.String()+"/32", "dev", "lo").CombinedOutput(); err != nil {
-			t.Fatalf("adding %s to lo: %v: %s", ip, err, out)
-		}
-		t.Cleanup(func() {
-			if out, err := exec.Command("ip", "addr", "del", ip.String()+"/32", "dev", "lo").CombinedOutput(); err != nil {
-				t.Errorf("removing %s from lo: %v: %s", ip, err, out)
-			}
-		})
-		return ip
-	}
-	t.Fatal("no free link-local address")
-	return netip.Addr{}
 }
 
 // approveServingCSR approves the kubelet-serving CSR outpost filed for node,

@@ -10,12 +10,10 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -49,38 +47,6 @@ func TestMain(m *testing.M) {
 // kubernetesVIP is the kubernetes Service's ClusterIP: the first address of
 // the framework's service CIDR, 10.0.0.0/24.
 const kubernetesVIP = "10.0.0.1"
-
-// addNodeLocalAddress puts a link-local address of its own on lo for the
-// test (this kernel has no dummy link type) and removes it when t ends.
-func addNodeLocalAddress(t *testing.T) netip.Addr {
-	t.Helper()
-	used := map[netip.Addr]bool{}
-	if addrs, err := net.InterfaceAddrs(); err == nil {
-		for _, a := range addrs {
-			if p, err := netip.ParsePrefix(a.String()); err == nil {
-				used[p.Addr()] = true
-			}
-		}
-	}
-	for range 20 {
-		// 169.254.100.0-169.254.199.255: clear of 169.254.169.254 too.
-		ip := netip.AddrFrom4([4]byte{169, 254, byte(100 + rand.IntN(100)), byte(1 + rand.IntN(254))})
-		if used[ip] || ip == netip.MustParseAddr("169.254.169.254") {
-			continue
-		}
-		if out, err := exec.Command("ip", "addr", "add", ip.String()+"/32", "dev", "lo").CombinedOutput(); err != nil {
-			t.Fatalf("adding %s to lo: %v: %s", ip, err, out)
-		}
-		t.Cleanup(func() {
-			if out, err := exec.Command("ip", "addr", "del", ip.String()+"/32", "dev", "lo").CombinedOutput(); err != nil {
-				t.Errorf("removing %s from lo: %v: %s", ip, err, out)
-			}
-		})
-		return ip
-	}
-	t.Fatal("no free link-local address")
-	return netip.Addr{}
-}
 
 // apiserverEndpoint stands for the apiserver's address on the cluster's
 // network: the framework's apiserver listens on loopback only, and the
@@ -185,7 +151,7 @@ func TestInClusterClientsThroughOutpost(t *testing.T) {
 	ctx := t.Context()
 	admin := cp.Client()
 	publishAPIServerEndpoints(t)
-	ip := addNodeLocalAddress(t)
+	ip := framework.AddNodeLocalAddress(t, 100, 100)
 	local := netip.AddrPortFrom(ip, uint16(framework.FreePort(t)))
 	cp.StartControllerT(t, "--leader-elect=false")
 	o, link := cp.StartOutpostWithLinkT(t, node, append(slices.Clone(framework.LenientProbes),

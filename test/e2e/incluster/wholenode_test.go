@@ -311,7 +311,7 @@ func wholeNodeThroughOutpost(t *testing.T, node string, proxy proxyRun) {
 	framework.RequireRealNode(t)
 	ctx := t.Context()
 	publishAPIServerEndpoints(t)
-	ip := addNodeLocalAddress(t)
+	ip := framework.AddNodeLocalAddress(t, 100, 100)
 	local := netip.AddrPortFrom(ip, uint16(framework.FreePort(t)))
 	// The Node is registered ahead, as an operator may: outpost-controller
 	// approves the serving CSR at once, and the pods, whose in-cluster
