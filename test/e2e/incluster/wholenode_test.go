@@ -533,13 +533,16 @@ func checkEndpointsFollow(t *testing.T, o *framework.Outpost, w *wholeNode) {
 // checkKubernetesVIP: a pod reaches outpost through the kubernetes
 // Service's VIP, as kube-proxy's rules (from the rewritten EndpointSlice)
 // send it there: the web pod GETs its own Service as an in-cluster client
-// at 10.0.0.1:443, verified against the cluster CA.
+// at 10.0.0.1:443 and at kubernetes.default.svc:443 (which coredns
+// resolves to the VIP), verified against the cluster CA.
 func checkKubernetesVIP(t *testing.T, w *wholeNode) {
 	t.Helper()
-	url := "http://" + net.JoinHostPort(w.vip, "80") + "/kube?host=" + kubernetesVIP + ":443&path=/api/v1/namespaces/" + w.ns + "/services/web"
-	body, err := framework.GetOK(t.Context(), vipClient, url)
-	if err != nil || !strings.HasPrefix(string(body), "200\n") {
-		t.Errorf("a pod's in-cluster GET through the kubernetes Service's VIP: %v %.200s", err, body)
+	for _, host := range []string{kubernetesVIP, "kubernetes.default.svc"} {
+		url := "http://" + net.JoinHostPort(w.vip, "80") + "/kube?host=" + host + ":443&path=/api/v1/namespaces/" + w.ns + "/services/web"
+		body, err := framework.GetOK(t.Context(), vipClient, url)
+		if err != nil || !strings.HasPrefix(string(body), "200\n") {
+			t.Errorf("a pod's in-cluster GET through the kubernetes Service at %s: %v %.200s", host, err, body)
+		}
 	}
 }
 
