@@ -420,3 +420,41 @@ func TestLargeAnswerReported(t *testing.T) {
 		t.Fatalf("serving a large answer reported %d times; want once", n)
 	}
 }
+
+// TestProtobufAfterJSONRecorded: a protobuf answer at the resourceVersion
+// a JSON answer already recorded still records its messages, so offline
+// protobuf clients get the apiserver's bytes (and can stream) instead of
+// every object converted from JSON. (Claims are per view and version,
+// whatever the encoding: a protobuf answer racing the JSON one is not
+// recorded, the next is; hence the pause.)
+func TestProtobufAfterJSONRecorded(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	l := &corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: "10"},
+		Items: []corev1.ConfigMap{cm("a", "ns1", "5", nil), cm("b", "ns1", "6", nil)}}
+	js, _ := json.Marshal(l)
+	respond(t, c, "/api/v1/namespaces/ns1/configmaps", "application/json", "application/json", js)
+	time.Sleep(300 * time.Millisecond) // the JSON answer is recorded
+	pb, _ := protobufGzipped(t, l)
+	respond(t, c, "/api/v1/namespaces/ns1/configmaps", codec.MediaProtobuf, codec.MediaProtobuf, pb)
+	key := store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns1"}
+	protos := func() int {
+		n := 0
+		_ = c.Store.Read(func(tx *store.Tx) error {
+			return tx.ListData(key, "", 0, true, func(_ string, _, proto []byte) error {
+				if proto != nil {
+					n++
+				}
+				return nil
+			})
+		})
+		return n
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for protos() != 2 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := protos(); n != 2 {
+		t.Errorf("the protobuf answer after the JSON one recorded %d messages of 2", n)
+	}
+}

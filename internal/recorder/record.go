@@ -194,7 +194,15 @@ func (c *Recorder) unchanged(view store.ViewKey, rv, contentType string) bool {
 		}
 		held = true
 		if codec.MediaType(contentType) == codec.MediaProtobuf {
-			return nil
+			// Answered now in protobuf: the view may hold only JSON (a
+			// JSON answer came first at this version), and the messages
+			// of this answer would spare offline protobuf clients a
+			// conversion of every object, and let them stream. Its first
+			// member tells.
+			return tx.ListData(view, "", 1, true, func(_ string, _, proto []byte) error {
+				held = proto != nil
+				return nil
+			})
 		}
 		// Answered now in JSON or CBOR: the view may hold only what
 		// protobuf answers of a kind outpost has no type for told of it

@@ -21,9 +21,9 @@ import (
 // TestConcurrentOfflineListsBounded: fifty clients listing the same large
 // view at once from outpost's cache, JSON and protobuf, do not take
 // outpost's memory past a bound (issue 20): answers that can stream go a
-// page at a time, and those that cannot (protobuf converted from the JSON
-// recorded here) are assembled a few at a time. Each answer is checked to
-// be the cache's whole list, byte for byte the same for every client.
+// page at a time, and those that cannot (protobuf converted from recorded
+// JSON, say) are assembled a few at a time. Each answer is checked to be
+// the cache's whole list, byte for byte the same for every client.
 func TestConcurrentOfflineListsBounded(t *testing.T) {
 	const (
 		ns      = "memory"
