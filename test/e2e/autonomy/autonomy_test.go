@@ -101,7 +101,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = cp.StopKwok() })
 	for _, name := range []string{autoNode, plainNode, healthyNode} {
-		waitFor(ctx, t, "node "+name+" Ready", func(ctx context.Context) (bool, error) {
+		framework.WaitFor(ctx, t, "node "+name+" Ready", func(ctx context.Context) (bool, error) {
 			n, err := admin.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
 			return err == nil && nodeReady(n) == corev1.ConditionTrue, nil
 		})
@@ -118,7 +118,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 	deployPods := waitDeployment(ctx, t, admin)
 	step("deployment running: %v", deployPods)
 	for _, p := range deployPods[autoNode] {
-		waitFor(ctx, t, "controller to set tolerations of "+p, func(ctx context.Context) (bool, error) {
+		framework.WaitFor(ctx, t, "controller to set tolerations of "+p, func(ctx context.Context) (bool, error) {
 			pod, err := admin.CoreV1().Pods(ns).Get(ctx, p, metav1.GetOptions{})
 			return err == nil && framework.TolerationsOf(pod) == "forever,forever" && pod.Annotations[autonomy.AnnotationOriginalTolerations] != "", nil
 		})
@@ -149,7 +149,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 		t.Fatal(err)
 	}
 	autoGood := append(slices.Clone(deployPods[autoNode]), "direct")
-	waitFor(ctx, t, "all 6 endpoints ready", func(ctx context.Context) (bool, error) {
+	framework.WaitFor(ctx, t, "all 6 endpoints ready", func(ctx context.Context) (bool, error) {
 		eps, err := endpoints(ctx, admin)
 		if err != nil || len(eps) != 6 {
 			return false, err
@@ -174,7 +174,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 
 	// The ordinary node's pods are evicted after the toleration.
 	for _, p := range deployPods[plainNode] {
-		waitFor(ctx, t, "eviction of "+p, func(ctx context.Context) (bool, error) {
+		framework.WaitFor(ctx, t, "eviction of "+p, func(ctx context.Context) (bool, error) {
 			pod, err := admin.CoreV1().Pods(ns).Get(ctx, p, metav1.GetOptions{})
 			return err == nil && pod.DeletionTimestamp != nil, nil
 		})
@@ -235,7 +235,7 @@ func TestAutonomousNodeKeepsPodsAndEndpoints(t *testing.T) {
 	}
 	withdrawn := time.Now()
 	for _, p := range append(slices.Clone(autoGood), "crashy") {
-		waitFor(ctx, t, "restore and eviction of "+p, func(ctx context.Context) (bool, error) {
+		framework.WaitFor(ctx, t, "restore and eviction of "+p, func(ctx context.Context) (bool, error) {
 			pod, err := admin.CoreV1().Pods(ns).Get(ctx, p, metav1.GetOptions{})
 			if err != nil {
 				return false, err
@@ -331,7 +331,7 @@ func startController(ctx context.Context, t *testing.T) string {
 	}, logger)
 
 	metricsURL := fmt.Sprintf("http://127.0.0.1:%d", metricsPort)
-	waitFor(ctx, t, "controller /readyz and the CA bundle in the webhook configuration", func(ctx context.Context) (bool, error) {
+	framework.WaitFor(ctx, t, "controller /readyz and the CA bundle in the webhook configuration", func(ctx context.Context) (bool, error) {
 		select {
 		case err := <-done:
 			return false, fmt.Errorf("controller exited: %v", err)
@@ -400,7 +400,7 @@ func createWeb(ctx context.Context, t *testing.T, c kubernetes.Interface) {
 func waitDeployment(ctx context.Context, t *testing.T, c kubernetes.Interface) map[string][]string {
 	t.Helper()
 	var byNode map[string][]string
-	waitFor(ctx, t, "4 web pods running, 2 per edge node", func(ctx context.Context) (bool, error) {
+	framework.WaitFor(ctx, t, "4 web pods running, 2 per edge node", func(ctx context.Context) (bool, error) {
 		pods, err := c.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=web"})
 		if err != nil {
 			return false, err
@@ -524,34 +524,6 @@ func podCondition(p *corev1.Pod, t corev1.PodConditionType) corev1.ConditionStat
 		}
 	}
 	return ""
-}
-
-// waitFor polls cond every 200 ms until it holds, failing the test with
-// what was awaited when ctx's deadline passes, or at once when cond errs
-// (the controller exited, a pod is gone: waiting longer would not help).
-func waitFor(ctx context.Context, t *testing.T, what string, cond func(ctx context.Context) (bool, error)) {
-	t.Helper()
-	deadline, ok := ctx.Deadline()
-	if !ok {
-		t.Fatalf("waiting for %s: the test's context has no deadline", what)
-	}
-	ctx, stop := context.WithCancel(ctx)
-	defer stop()
-	var condErr error
-	_, err := framework.Poll(ctx, 200*time.Millisecond, time.Until(deadline), func(ctx context.Context) (bool, string) {
-		ok, err := cond(ctx)
-		if err != nil {
-			condErr = err
-			stop() // Poll returns once ctx is done
-		}
-		return ok, ""
-	})
-	if condErr != nil {
-		err = condErr
-	}
-	if err != nil {
-		t.Fatalf("waiting for %s: %v", what, err)
-	}
 }
 
 // runController runs outpost-controller in-process with cfg until the test

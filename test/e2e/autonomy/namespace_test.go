@@ -87,7 +87,7 @@ func TestMissingNamespace(t *testing.T) {
 	}
 	url, logs := runOutside(t, kubeconfig, late)
 	want := "namespace " + late + " does not exist and these credentials may not create it: create it (kubectl create namespace " + late
-	waitFor(ctx, t, "/readyz saying the namespace is missing", func(ctx context.Context) (bool, error) {
+	framework.WaitFor(ctx, t, "/readyz saying the namespace is missing", func(ctx context.Context) (bool, error) {
 		return strings.HasPrefix(readyz(ctx, url), "503 not ready: "+want), nil
 	})
 	time.Sleep(7 * time.Second) // more than one more check
@@ -100,13 +100,13 @@ func TestMissingNamespace(t *testing.T) {
 	if _, err := cp.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: late}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(ctx, t, "the controller going on once the namespace exists", func(ctx context.Context) (bool, error) {
+	framework.WaitFor(ctx, t, "the controller going on once the namespace exists", func(ctx context.Context) (bool, error) {
 		return !strings.Contains(readyz(ctx, url), "namespace") && strings.Contains(logs.String(), "namespace present"), nil
 	})
 
 	// May create it: created.
 	_, adminLogs := runOutside(t, cp.AdminKubeconfig, created)
-	waitFor(ctx, t, "the namespace created by the controller", func(ctx context.Context) (bool, error) {
+	framework.WaitFor(ctx, t, "the namespace created by the controller", func(ctx context.Context) (bool, error) {
 		_, err := cp.Client().CoreV1().Namespaces().Get(ctx, created, metav1.GetOptions{})
 		return err == nil && strings.Contains(adminLogs.String(), "created the namespace outpost-controller works in"), nil
 	})

@@ -156,7 +156,7 @@ func TestServingCSRs(t *testing.T) {
 		if f.want == "" {
 			continue
 		}
-		waitFor(ctx, t, f.name+" CSR "+string(f.want), func(ctx context.Context) (bool, error) {
+		framework.WaitFor(ctx, t, f.name+" CSR "+string(f.want), func(ctx context.Context) (bool, error) {
 			csr, err := admin.CertificatesV1().CertificateSigningRequests().Get(ctx, f.csr, metav1.GetOptions{})
 			if err != nil {
 				return false, err
@@ -219,7 +219,7 @@ func TestServingCSRs(t *testing.T) {
 		if f.want == certificatesv1.CertificateApproved {
 			wantType, wantReason = corev1.EventTypeNormal, csrapproval.EventApproved
 		}
-		waitFor(ctx, t, "the event on the "+f.name+" CSR", func(ctx context.Context) (bool, error) {
+		framework.WaitFor(ctx, t, "the event on the "+f.name+" CSR", func(ctx context.Context) (bool, error) {
 			events, err := admin.CoreV1().Events(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{FieldSelector: fields.Set{
 				"involvedObject.kind": "CertificateSigningRequest", "involvedObject.name": f.csr,
 			}.String()})

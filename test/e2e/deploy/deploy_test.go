@@ -83,7 +83,7 @@ func TestControllerFromDeploy(t *testing.T) {
 	// take over: what the test then saw would not all be the deployed
 	// controller's own doing.)
 	approveServingCSR(t, node, ip)
-	waitServing(t, local.String(), ip.String(), kubernetesVIP, "kubernetes.default.svc", "127.0.0.1")
+	cp.WaitServing(t, local.String(), ip.String(), kubernetesVIP, "kubernetes.default.svc", "127.0.0.1")
 	step("outpost serves a certificate of the cluster CA at %s", local)
 
 	kubeconfig := filepath.Join(t.TempDir(), "kubelet.kubeconfig")
@@ -209,26 +209,6 @@ func approveServingCSR(t *testing.T, node string, ip netip.Addr) {
 		t.Fatalf("approving outpost's serving CSR: %v", err)
 	}
 	t.Cleanup(func() { _ = csrs.Delete(context.Background(), approved, metav1.DeleteOptions{}) })
-}
-
-// waitServing waits until addr serves a certificate of the cluster CA for
-// each of names.
-func waitServing(t *testing.T, addr string, names ...string) {
-	t.Helper()
-	roots := framework.CertPool(t, cp.CAFile)
-	_, err := framework.Poll(t.Context(), 200*time.Millisecond, 60*time.Second, func(context.Context) (bool, string) {
-		for _, name := range names {
-			conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: roots, ServerName: name})
-			if err != nil {
-				return false, fmt.Sprintf("as %s: %v", name, err)
-			}
-			conn.Close()
-		}
-		return true, ""
-	})
-	if err != nil {
-		t.Fatalf("outpost at %s: %v", addr, err)
-	}
 }
 
 // applyDeploy applies deploy/ with kubectl through a kustomize overlay that

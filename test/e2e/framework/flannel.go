@@ -389,23 +389,8 @@ func (f *Flannel) grant(ctx context.Context) error {
 	if _, err := rbac.ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return fmt.Errorf("flannel: creating ClusterRole %s: %w", flannelRole, err)
 	}
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: flannelServiceAccount}}
-	if _, err := c.client.CoreV1().ServiceAccounts(f.Namespace).Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("flannel: creating service account %s/%s: %w", f.Namespace, flannelServiceAccount, err)
-	}
-	binding := &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: flannelRole + ":" + f.Namespace},
-		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: flannelRole},
-		Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: f.Namespace, Name: flannelServiceAccount}},
-	}
-	if _, err := rbac.ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("flannel: creating ClusterRoleBinding %s: %w", binding.Name, err)
-	}
-	return c.WaitAllowed(ctx, authorizationv1.SubjectAccessReviewSpec{
-		User:               "system:serviceaccount:" + f.Namespace + ":" + flannelServiceAccount,
-		Groups:             []string{"system:serviceaccounts", "system:serviceaccounts:" + f.Namespace, "system:authenticated"},
-		ResourceAttributes: &authorizationv1.ResourceAttributes{Verb: "patch", Resource: "nodes", Subresource: "status"},
-	})
+	return c.bindServiceAccount(ctx, f.Namespace, flannelServiceAccount, flannelRole, flannelRole+":"+f.Namespace,
+		authorizationv1.ResourceAttributes{Verb: "patch", Resource: "nodes", Subresource: "status"})
 }
 
 // pod is flanneld's pod, as upstream's DaemonSet runs it: on the host

@@ -177,21 +177,26 @@ func (n *Node) stragglers() map[int]string {
 // containerd to exit, then SIGKILLs them and waits for them to go.
 // Normally there are none: a shim exits once its tasks are deleted, though
 // not always before containerd does, and it removes its socket on the way.
-func (n *Node) killStragglers() error {
-	procs := n.stragglers()
+func (n *Node) killStragglers() error { return killLingering("processes", n.stragglers) }
+
+// killLingering waits up to 2 s for the processes find returns (by pid) to
+// exit, then SIGKILLs those left and waits up to 5 s for them to go; it
+// fails naming what (what) survives.
+func killLingering(what string, find func() map[int]string) error {
+	procs := find()
 	for deadline := time.Now().Add(2 * time.Second); len(procs) > 0 && time.Now().Before(deadline); {
 		time.Sleep(pollInterval)
-		procs = n.stragglers()
+		procs = find()
 	}
 	for pid := range procs {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 	for deadline := time.Now().Add(5 * time.Second); len(procs) > 0 && time.Now().Before(deadline); {
 		time.Sleep(pollInterval)
-		procs = n.stragglers()
+		procs = find()
 	}
 	if len(procs) > 0 {
-		return fmt.Errorf("processes survive SIGKILL: %v", procs)
+		return fmt.Errorf("%s survive SIGKILL: %v", what, procs)
 	}
 	return nil
 }

@@ -12,14 +12,12 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
@@ -294,26 +292,8 @@ func (kp *KubeProxyPod) deploy(ctx context.Context) error {
 // system:node-proxier as kubeadm does, then waits until the authorizer
 // counts the binding.
 func (kp *KubeProxyPod) grant(ctx context.Context) error {
-	c := kp.Node.cp
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: kubeProxyName}}
-	if _, err := c.client.CoreV1().ServiceAccounts(KubeProxyNamespace).Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("creating service account %s/%s: %w", KubeProxyNamespace, kubeProxyName, err)
-	}
-	binding := &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: kubeProxyBinding},
-		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: nodeProxierRole},
-		Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: KubeProxyNamespace, Name: kubeProxyName}},
-	}
-	if _, err := c.client.RbacV1().ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("creating ClusterRoleBinding %s: %w", kubeProxyBinding, err)
-	}
-	return c.WaitAllowed(ctx, authorizationv1.SubjectAccessReviewSpec{
-		User:   "system:serviceaccount:" + KubeProxyNamespace + ":" + kubeProxyName,
-		Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + KubeProxyNamespace, "system:authenticated"},
-		ResourceAttributes: &authorizationv1.ResourceAttributes{
-			Verb: "watch", Group: discoveryv1.GroupName, Resource: "endpointslices",
-		},
-	})
+	return kp.Node.cp.bindServiceAccount(ctx, KubeProxyNamespace, kubeProxyName, nodeProxierRole, kubeProxyBinding,
+		authorizationv1.ResourceAttributes{Verb: "watch", Group: discoveryv1.GroupName, Resource: "endpointslices"})
 }
 
 // config returns kube-proxy's KubeProxyConfiguration, with the settings of
@@ -571,22 +551,13 @@ func (kp *KubeProxyPod) processes() []int {
 // killProcesses waits a moment for the node's kube-proxy to exit, as it
 // does once kubelet stopped its container, then SIGKILLs it.
 func (kp *KubeProxyPod) killProcesses() error {
-	pids := kp.processes()
-	for deadline := time.Now().Add(2 * time.Second); len(pids) > 0 && time.Now().Before(deadline); {
-		time.Sleep(pollInterval)
-		pids = kp.processes()
-	}
-	for _, pid := range pids {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-	}
-	for deadline := time.Now().Add(5 * time.Second); len(pids) > 0 && time.Now().Before(deadline); {
-		time.Sleep(pollInterval)
-		pids = kp.processes()
-	}
-	if len(pids) > 0 {
-		return fmt.Errorf("kube-proxy processes survive SIGKILL: %v", pids)
-	}
-	return nil
+	return killLingering("kube-proxy processes", func() map[int]string {
+		procs := map[int]string{}
+		for _, pid := range kp.processes() {
+			procs[pid] = "kube-proxy"
+		}
+		return procs
+	})
 }
 
 // Leftovers describes what kube-proxy still holds on the host: its process

@@ -1,12 +1,16 @@
 package framework
 
 import (
+	"context"
+	"crypto/tls"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os/exec"
 	"strconv"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 )
@@ -62,4 +66,26 @@ func TolerationsOf(pod *corev1.Pod) string {
 		return "none"
 	}
 	return get(corev1.TaintNodeUnreachable) + "," + get(corev1.TaintNodeNotReady)
+}
+
+// WaitServing waits up to a minute until addr serves a certificate of the
+// cluster CA for every one of names, as in-cluster clients verify it (an
+// outpost whose serving CSR was approved), and returns how long that took.
+func (c *ControlPlane) WaitServing(t *testing.T, addr string, names ...string) time.Duration {
+	t.Helper()
+	roots := CertPool(t, c.CAFile)
+	took, err := Poll(t.Context(), 200*time.Millisecond, time.Minute, func(context.Context) (bool, string) {
+		for _, name := range names {
+			conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: roots, ServerName: name})
+			if err != nil {
+				return false, fmt.Sprintf("as %s: %v", name, err)
+			}
+			conn.Close()
+		}
+		return true, ""
+	})
+	if err != nil {
+		t.Fatalf("outpost at %s: %v", addr, err)
+	}
+	return took
 }

@@ -51,29 +51,10 @@ func (c *ControlPlane) ServiceAccountToken(t testing.TB, ns, name, clusterRole s
 			t.Fatalf("creating cluster role %s: %v", ReaderRole, err)
 		}
 	}
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}
-	if _, err := c.client.CoreV1().ServiceAccounts(ns).Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatalf("creating service account %s/%s: %v", ns, name, err)
-	}
-	if clusterRole != "" {
-		crb := &rbacv1.ClusterRoleBinding{
-			ObjectMeta: metav1.ObjectMeta{Name: "outpost-e2e:" + ns + ":" + name + ":" + clusterRole},
-			RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: clusterRole},
-			Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: ns, Name: name}},
-		}
-		if _, err := c.client.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-			t.Fatalf("binding %s/%s to %s: %v", ns, name, clusterRole, err)
-		}
-		// RBAC is cached by the authorizer: wait until the binding counts.
-		// Every role above lets its holder list configmaps.
-		err := c.WaitAllowed(ctx, authorizationv1.SubjectAccessReviewSpec{
-			User:               "system:serviceaccount:" + ns + ":" + name,
-			Groups:             []string{"system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"},
-			ResourceAttributes: &authorizationv1.ResourceAttributes{Verb: "list", Resource: "configmaps"},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
+	// Every role above lets its holder list configmaps.
+	if err := c.bindServiceAccount(ctx, ns, name, clusterRole, "outpost-e2e:"+ns+":"+name+":"+clusterRole,
+		authorizationv1.ResourceAttributes{Verb: "list", Resource: "configmaps"}); err != nil {
+		t.Fatal(err)
 	}
 	exp := int64(7200)
 	tr, err := c.client.CoreV1().ServiceAccounts(ns).CreateToken(ctx, name,
@@ -82,6 +63,34 @@ func (c *ControlPlane) ServiceAccountToken(t testing.TB, ns, name, clusterRole s
 		t.Fatalf("token for %s/%s: %v", ns, name, err)
 	}
 	return tr.Status.Token
+}
+
+// bindServiceAccount creates service account ns/name if it is missing,
+// and unless clusterRole is "" binds it to clusterRole (binding names the
+// ClusterRoleBinding) and waits until the authorizer allows the account
+// what allowed asks: RBAC is cached by the authorizer, so a new binding
+// counts only once its informers have seen it.
+func (c *ControlPlane) bindServiceAccount(ctx context.Context, ns, name, clusterRole, binding string, allowed authorizationv1.ResourceAttributes) error {
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}
+	if _, err := c.client.CoreV1().ServiceAccounts(ns).Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("creating service account %s/%s: %w", ns, name, err)
+	}
+	if clusterRole == "" {
+		return nil
+	}
+	crb := &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: binding},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: clusterRole},
+		Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: ns, Name: name}},
+	}
+	if _, err := c.client.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("binding %s/%s to %s: %w", ns, name, clusterRole, err)
+	}
+	return c.WaitAllowed(ctx, authorizationv1.SubjectAccessReviewSpec{
+		User:               "system:serviceaccount:" + ns + ":" + name,
+		Groups:             []string{"system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"},
+		ResourceAttributes: &allowed,
+	})
 }
 
 // WaitAllowed waits up to 10 s until the apiserver's authorizer allows what

@@ -8,7 +8,6 @@ package incluster
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"net"
 	"net/http"
@@ -91,27 +90,6 @@ func caBundle(t *testing.T, files ...string) string {
 	return path
 }
 
-// waitServing waits until addr serves a certificate of the cluster CA for
-// every one of names, as in-cluster clients verify it.
-func waitServing(t *testing.T, addr string, names ...string) time.Duration {
-	t.Helper()
-	roots := framework.CertPool(t, cp.CAFile)
-	took, err := framework.Poll(t.Context(), 200*time.Millisecond, 60*time.Second, func(context.Context) (bool, string) {
-		for _, name := range names {
-			conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: roots, ServerName: name})
-			if err != nil {
-				return false, fmt.Sprintf("as %s: %v", name, err)
-			}
-			conn.Close()
-		}
-		return true, ""
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return took
-}
-
 // podGet asks a web pod at host ("ip:port") for path.
 func podGet(ctx context.Context, host, path string) (string, error) {
 	body, err := framework.GetOK(ctx, podClient, "http://"+host+path)
@@ -171,7 +149,7 @@ func TestInClusterClientsThroughOutpost(t *testing.T) {
 	cp.ServiceAccountToken(t, ns, "default", framework.ReaderRole)
 	begin := time.Now()
 	n := cp.StartNodeForTest(t, node, kubeconfig)
-	waitServing(t, local.String(), ip.String(), kubernetesVIP, "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "127.0.0.1")
+	cp.WaitServing(t, local.String(), ip.String(), kubernetesVIP, "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "127.0.0.1")
 	figure(t, "node start → outpost serves the certificate with the in-cluster names, approved by outpost-controller: %v", time.Since(begin).Round(time.Millisecond))
 	hostPort := framework.FreePort(t)
 	if err := cp.CreateWebPods(ctx, ns, node, hostPort); err != nil {

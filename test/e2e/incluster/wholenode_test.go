@@ -320,7 +320,7 @@ func wholeNodeThroughOutpost(t *testing.T, node string, proxy proxyRun) {
 	cp.CreateNode(t, node, nil)
 	o, link := cp.StartOutpostWithLinkT(t, node, append(slices.Clone(framework.LenientProbes),
 		"--rotate-server-certificates", "--node-local-address="+local.String())...)
-	waitServing(t, local.String(), ip.String(), kubernetesVIP, "kubernetes.default.svc")
+	cp.WaitServing(t, local.String(), ip.String(), kubernetesVIP, "kubernetes.default.svc")
 
 	dir := t.TempDir()
 	kubeletConfig := filepath.Join(dir, "kubelet.kubeconfig")
