@@ -15,6 +15,7 @@ import (
 	"strings"
 	"syscall"
 
+	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/klog/v2"
 
 	"github.com/outposthq/outpost/internal/config"
@@ -129,6 +130,14 @@ func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 	})
 	fs.DurationVar(&cfg.FlapWindow, "flap-window", cfg.FlapWindow, "after an outage shorter than this, resume without re-listing cached views")
 	fs.IntVar(&cfg.RelistRate, "relist-rate", cfg.RelistRate, "views re-listed per second after a reconnect")
+	fs.Func("recording-budget", "bound on the bytes of answers held at once while they are copied for recording, e.g. 128Mi (past it copies are dropped and their views re-listed later); default 128Mi", func(s string) error {
+		q, err := resource.ParseQuantity(s)
+		if err != nil || q.Sign() <= 0 || q.Value() < 1<<20 {
+			return fmt.Errorf("want a size of at least 1Mi, such as 128Mi")
+		}
+		cfg.RecordingBudget = q.Value()
+		return nil
+	})
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

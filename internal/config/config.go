@@ -123,6 +123,10 @@ type Hub struct {
 	FlapWindow time.Duration
 	// RelistRate bounds re-lists after a reconnect, per second. Default 5.
 	RelistRate int
+	// RecordingBudget bounds the bytes of answers held at once while they
+	// are copied for recording (recorder.Recorder.MaxBuffered). Zero: the
+	// recorder's default.
+	RecordingBudget int64
 
 	// ShutdownTimeout bounds the drain of in-flight requests on SIGTERM.
 	// Default 15s.

@@ -273,7 +273,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	writes := &local.Writer{Store: st, Log: h.log, Metrics: h.metrics, Node: h.cfg.NodeName}
 	writes.Load()
 	rec := &recorder.Recorder{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
-		RecordsToken: writes.Records, LargeAnswer: mem.Large}
+		RecordsToken: writes.Records, LargeAnswer: mem.Large, MaxBuffered: h.cfg.RecordingBudget}
 	if err := h.reg.Register(statusCollector{h: h, writes: writes}); err != nil {
 		return fmt.Errorf("registering the status metrics: %w", err)
 	}

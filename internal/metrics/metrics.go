@@ -50,6 +50,13 @@ type Metrics struct {
 	// (group, version, resource), so an operator learns which reads will
 	// not be served offline before the link drops.
 	CacheUnrecorded *prometheus.CounterVec
+	// CacheSkipped counts answers not copied for recording past their
+	// start: the view held them already, or another copy at the same
+	// resourceVersion was being recorded.
+	CacheSkipped prometheus.Counter
+	// RecordingBytes is what tees hold now, copying answers to record,
+	// and RecordingBudget its bound (Recorder.MaxBuffered).
+	RecordingBytes, RecordingBudget prometheus.Gauge
 	// CacheErrors counts failed store writes.
 	CacheErrors prometheus.Counter
 	// MemoryReleases counts returns of free heap to the system, by reason
@@ -124,6 +131,18 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "outpost_cache_unrecorded_total",
 			Help: "Answers of a resource that could not be recorded (their view is marked stale), by group, version, resource and reason.",
 		}, []string{"group", "version", "resource", "reason"}),
+		CacheSkipped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_cache_answers_skipped_total",
+			Help: "Answers not copied for recording past their start: the view held them already, or another copy at the same resourceVersion was being recorded.",
+		}),
+		RecordingBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outpost_cache_recording_bytes",
+			Help: "Bytes of answers held now while they are copied for recording.",
+		}),
+		RecordingBudget: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outpost_cache_recording_budget_bytes",
+			Help: "The bound on outpost_cache_recording_bytes (--recording-budget); past it copies are dropped and their views marked stale.",
+		}),
 		CacheErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "outpost_cache_write_errors_total",
 			Help: "Failed writes to the store.",
@@ -141,6 +160,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.JournalDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_dropped_total", Help: "Journaled events dropped because the journal was full."})
 	m.JournalReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_replayed_total", Help: "Journaled events delivered to the apiserver after reconnect."})
 	reg.MustRegister(m.MemoryReleases, m.CertRotations, m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheUnrecorded, m.CacheErrors,
+		m.CacheSkipped, m.RecordingBytes, m.RecordingBudget,
 		m.Requests, m.ClientRequests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
 		m.UpstreamTransitions, m.UpstreamProbes, m.Online, m.AuthFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

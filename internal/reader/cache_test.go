@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -458,3 +461,113 @@ func TestProtobufAfterJSONRecorded(t *testing.T) {
 		t.Errorf("the protobuf answer after the JSON one recorded %d messages of 2", n)
 	}
 }
+
+// TestConcurrentCopiesCostTheirStart: of many answers at one
+// resourceVersion of a view streaming at once (many clients listing the
+// same thing), only one is copied for recording; the others cost the start
+// that tells their version, while they stream, gzipped or not (issue 20).
+// The one copied is recorded once they end.
+func TestConcurrentCopiesCostTheirStart(t *testing.T) {
+	for _, gzipped := range []bool{false, true} {
+		t.Run(fmt.Sprintf("gzip=%v", gzipped), func(t *testing.T) {
+			m := metrics.New(prometheus.NewRegistry())
+			c, stop := newCache(t, func(c *Cache) { c.Metrics = m })
+			defer stop()
+			l := &corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: "50"}}
+			rnd := rand.New(rand.NewPCG(1, 2)) // payloads that gzip cannot shrink much
+			for i := range 4000 {
+				item := cm(fmt.Sprintf("cm-%04d", i), "ns1", strconv.Itoa(i+1), nil)
+				item.TypeMeta = metav1.TypeMeta{}
+				payload := make([]byte, 200)
+				for j := range payload {
+					payload[j] = byte(rnd.Uint32())
+				}
+				item.Data["payload"] = hex.EncodeToString(payload)
+				l.Items = append(l.Items, item)
+			}
+			body, err := json.Marshal(l)
+			if err != nil {
+				t.Fatal(err)
+			}
+			h := http.Header{"Content-Type": {codec.MediaJSON}}
+			if gzipped {
+				var gz bytes.Buffer
+				zw, _ := gzip.NewWriterLevel(&gz, gzip.BestSpeed)
+				_, _ = zw.Write(body)
+				_ = zw.Close()
+				body = gz.Bytes()
+				h.Set("Content-Encoding", "gzip")
+			}
+			const answers = 10
+			half := len(body) / 2
+			if half <= checkLastForTest {
+				t.Fatalf("an answer of %d bytes is too small to tell", len(body))
+			}
+			writers := make([]*io.PipeWriter, answers)
+			read := make(chan error, answers)
+			for i := range answers {
+				pr, pw := io.Pipe()
+				writers[i] = pw
+				r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/ns1/configmaps", nil)
+				info, _ := request.Parse(r, reader)
+				resp := &http.Response{StatusCode: 200, Request: r, Body: pr, Header: h}
+				c.Tee(resp, info)
+				go func() {
+					_, err := io.Copy(io.Discard, resp.Body)
+					read <- errors.Join(err, resp.Body.Close())
+				}()
+			}
+			// Each answer streams its first half; the first has told its
+			// version before the others start.
+			for _, pw := range writers {
+				if _, err := pw.Write(body[:half]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var g dto.Metric
+			held := func() float64 {
+				if err := m.RecordingBytes.Write(&g); err != nil {
+					t.Fatal(err)
+				}
+				return g.GetGauge().GetValue()
+			}
+			// (A write to a pipe returns once the reader has the bytes, a
+			// moment before the tee has copied them.)
+			waitFor(t, "the first half copied", func() bool { return held() >= float64(half) })
+			time.Sleep(50 * time.Millisecond)
+			if n := held(); n > float64(half+checkLastForTest) {
+				t.Errorf("%d answers half-way hold %v bytes for recording; want one half (%d) and little more", answers, n, half)
+			}
+			for _, pw := range writers {
+				if _, err := pw.Write(body[half:]); err != nil {
+					t.Fatal(err)
+				}
+				_ = pw.Close()
+			}
+			for range answers {
+				if err := <-read; err != nil {
+					t.Fatal(err)
+				}
+			}
+			key := store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns1"}
+			waitFor(t, "view at 50", func() bool {
+				v, ok, _ := c.Store.View(key)
+				return ok && !v.Stale && v.ResourceVersion == "50"
+			})
+			var skipped dto.Metric
+			if err := m.CacheSkipped.Write(&skipped); err != nil {
+				t.Fatal(err)
+			}
+			if n := skipped.GetCounter().GetValue(); n != answers-1 {
+				t.Errorf("%v answers skipped, want %d", n, answers-1)
+			}
+			if n := held(); n != 0 {
+				t.Errorf("after the answers ended %v bytes are still held", n)
+			}
+		})
+	}
+}
+
+// checkLastForTest is the most of an answer a tee copies before it can tell
+// whether it needs recording (recorder's checkLast).
+const checkLastForTest = 256 << 10

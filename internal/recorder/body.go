@@ -82,6 +82,18 @@ func inflate(b []byte, head func([]byte) bool) ([]byte, error) {
 	}
 }
 
+// inflatePrefix inflates up to n bytes of the start of a gzipped answer of
+// which b is only the start, for PeekMeta; what cannot be inflated yet is
+// left out (nil if nothing can).
+func inflatePrefix(b []byte, n int) []byte {
+	zr, err := gzip.NewReader(bytes.NewReader(b))
+	if err != nil {
+		return nil
+	}
+	out, _, _ := readFull(zr, make([]byte, 0, n))
+	return out
+}
+
 // readFull reads from r into buf's spare room until it is full (eof false)
 // or r ends (eof true).
 func readFull(r io.Reader, buf []byte) (_ []byte, eof bool, err error) {

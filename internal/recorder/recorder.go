@@ -13,6 +13,11 @@ import (
 	"github.com/outposthq/outpost/internal/store"
 )
 
+// DefaultBudget is Recorder.MaxBuffered's default: room to record a list
+// of 100,000 small objects (about 120 MB of JSON), or several large lists
+// at once, on a node of 2 GB.
+const DefaultBudget = 128 << 20
+
 // Recorder records the apiservers' answers into Store. Set the fields,
 // then call Run once; Tee may be called before Run starts.
 type Recorder struct {
@@ -26,7 +31,11 @@ type Recorder struct {
 	// MaxBody bounds one recorded body (a list, an object, a document).
 	// Default 256 MiB.
 	MaxBody int
-	// MaxBuffered bounds all bodies being copied at once. Default 512 MiB.
+	// MaxBuffered bounds all bodies being copied at once (the recording
+	// budget): past it copies are dropped and their views marked stale.
+	// An answer whose view holds it already, or of which another copy at
+	// the same resourceVersion is being recorded, costs only its start.
+	// Default 128 MiB.
 	MaxBuffered int64
 	// BatchDelay bounds how long a watch event waits before it is written.
 	// Default 100ms.
@@ -84,7 +93,10 @@ func (c *Recorder) init() {
 			c.MaxBody = 256 << 20
 		}
 		if c.MaxBuffered <= 0 {
-			c.MaxBuffered = 512 << 20
+			c.MaxBuffered = DefaultBudget
+		}
+		if c.Metrics != nil {
+			c.Metrics.RecordingBudget.Set(float64(c.MaxBuffered))
 		}
 		if c.BatchDelay <= 0 {
 			c.BatchDelay = 100 * time.Millisecond

@@ -47,8 +47,9 @@ func (c *Recorder) Tee(resp *http.Response, info *request.Info) {
 				// The answer's start (a gzipped answer's, inflated) is
 				// enough to tell one the view holds already, or that
 				// another answer at the same version is being recorded
-				// (many clients list the same thing at once), without
-				// inflating or decoding the rest.
+				// (many clients list the same thing at once): the tee
+				// asks while the answer streams, and copies no more of
+				// it, nor inflates or decodes it.
 				var held bool
 				if held, cl = c.claim(view, contentType, body, info.Class == request.ListObjects, asked); held {
 					return true
@@ -117,13 +118,29 @@ func (c *Recorder) teeWhole(resp *http.Response, view *store.ViewKey, done func(
 // answer the view holds already) the rest is not inflated.
 func (c *Recorder) teeOrdered(resp *http.Response, view store.ViewKey, record func(body []byte, whole bool) (done bool)) {
 	gz := resp.Header.Get("Content-Encoding") == "gzip"
-	t := &wholeTee{ReadCloser: resp.Body, c: c, limit: c.MaxBody, pooled: true}
+	t := &wholeTee{ReadCloser: resp.Body, c: c, limit: c.MaxBody, pooled: true, checkAt: checkFirst}
 	if n := resp.ContentLength; n > 0 && n <= int64(c.MaxBody) {
 		t.size = int(n)
+	}
+	checked := false
+	t.check = func(start []byte) (skip bool) {
+		head := start
+		if gz {
+			head = inflatePrefix(start, inflateHead)
+		}
+		skip = record(head, false)
+		checked = true
+		return skip
 	}
 	t.done = func(raw []byte, ok bool, reason string) {
 		if !ok {
 			c.drop(&view, reason)
+			return
+		}
+		if reason == skipped { // the view holds it, or another copy is recorded
+			if c.Metrics != nil {
+				c.Metrics.CacheSkipped.Inc()
+			}
 			return
 		}
 		c.hold(view)
@@ -132,6 +149,17 @@ func (c *Recorder) teeOrdered(resp *http.Response, view store.ViewKey, record fu
 			defer putBody(raw)
 			if !gz {
 				record(raw, true)
+				return
+			}
+			if checked {
+				// Its start was asked about already, while it streamed.
+				body, err := gunzip(raw)
+				if err != nil {
+					c.drop(&view, "undecodable")
+					return
+				}
+				record(body, true)
+				putBody(body)
 				return
 			}
 			body, err := inflate(raw, func(head []byte) bool { return record(head, false) })
@@ -179,6 +207,19 @@ func (c *Recorder) held(view store.ViewKey) bool {
 	return c.pending[view] > 0
 }
 
+// checkFirst and checkLast bound how much of an answer a tee copies
+// before it asks check: the metadata comes first, within a few hundred
+// bytes of JSON or protobuf, but a gzipped answer may need more to inflate
+// that far; the tee asks again at twice as much until checkLast.
+const (
+	checkFirst = 16 << 10
+	checkLast  = 256 << 10
+)
+
+// skipped is the reason done is given, with ok, for an answer check said
+// needs no recording.
+const skipped = "skipped"
+
 type wholeTee struct {
 	io.ReadCloser
 	c        *Recorder
@@ -188,17 +229,24 @@ type wholeTee struct {
 	buf      []byte
 	held     int64
 	dropped  string
+	skipped  bool // check said no copy is needed
 	finished bool
-	done     func(body []byte, ok bool, reason string)
+	// check, if set, is asked with the start of the body once checkAt
+	// bytes are copied, until it can tell (it returns once it did or
+	// checkLast is passed), whether the answer needs recording at all:
+	// skip ends the copy, and done is then called with a nil body.
+	check   func(start []byte) (skip bool)
+	checkAt int
+	done    func(body []byte, ok bool, reason string)
 }
 
 func (t *wholeTee) Read(p []byte) (int, error) {
 	n, err := t.ReadCloser.Read(p)
-	if n > 0 && t.dropped == "" {
+	if n > 0 && t.dropped == "" && !t.skipped {
 		if len(t.buf)+n > t.limit {
 			t.release("too-large")
-		} else if t.c.buffered.Add(int64(n)) > t.c.MaxBuffered {
-			t.c.buffered.Add(-int64(n))
+		} else if t.c.buffer(int64(n)) > t.c.MaxBuffered {
+			t.c.buffer(-int64(n))
 			t.release("memory")
 		} else {
 			if t.buf == nil {
@@ -216,15 +264,19 @@ func (t *wholeTee) Read(p []byte) (int, error) {
 			}
 			t.held += int64(n)
 			t.buf = append(t.buf, p[:n]...)
+			t.ask()
 		}
 	}
 	if err == io.EOF && !t.finished {
 		t.finished = true
-		if t.dropped != "" {
+		switch {
+		case t.dropped != "":
 			t.done(nil, false, t.dropped)
-		} else {
+		case t.skipped:
+			t.done(nil, true, skipped)
+		default:
 			body := t.buf
-			t.c.buffered.Add(-t.held)
+			t.c.buffer(-t.held)
 			t.buf, t.held = nil, 0
 			t.done(body, true, "")
 		}
@@ -232,9 +284,34 @@ func (t *wholeTee) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// buffer adds n to the bytes tees hold, and returns the sum.
+func (c *Recorder) buffer(n int64) int64 {
+	if c.Metrics != nil {
+		c.Metrics.RecordingBytes.Add(float64(n))
+	}
+	return c.buffered.Add(n)
+}
+
+// ask asks check, if it is due.
+func (t *wholeTee) ask() {
+	if t.check == nil || len(t.buf) < t.checkAt {
+		return
+	}
+	switch {
+	case t.check(t.buf):
+		t.release("")
+		t.skipped = true
+		t.check = nil
+	case t.checkAt >= checkLast:
+		t.check = nil // the whole answer will tell
+	default:
+		t.checkAt *= 2
+	}
+}
+
 func (t *wholeTee) release(reason string) {
 	t.dropped = reason
-	t.c.buffered.Add(-t.held)
+	t.c.buffer(-t.held)
 	if t.pooled {
 		putBody(t.buf)
 	}
@@ -244,6 +321,10 @@ func (t *wholeTee) release(reason string) {
 func (t *wholeTee) Close() error {
 	if !t.finished {
 		t.finished = true
+		if t.skipped {
+			t.done(nil, true, skipped) // nothing was to be recorded anyway
+			return t.ReadCloser.Close()
+		}
 		if t.dropped == "" {
 			t.release("cut-off")
 		}

@@ -30,11 +30,12 @@ import (
 )
 
 var (
-	cp      *framework.ControlPlane
-	hub     *framework.Outpost
-	floor   *exec.Cmd                            // floorproxy, see startFloor
-	clients = map[string]*kubernetes.Clientset{} // "direct", "floor", "outpost"
-	token   string                               // the bench service account's
+	cp       *framework.ControlPlane
+	hub      *framework.Outpost
+	floor    *exec.Cmd                            // floorproxy, see startFloor
+	clients  = map[string]*kubernetes.Clientset{} // "direct", "floor", "outpost"
+	token    string                               // the bench service account's
+	floorURL string
 )
 
 const (
@@ -63,7 +64,7 @@ func setup(b *testing.B) {
 		if err != nil {
 			b.Fatalf("starting outpost: %v", err)
 		}
-		floorURL := startFloor(b)
+		floorURL = startFloor(b)
 		pinCores(b)
 		token = cp.ServiceAccountToken(b, "default", "bench", "cluster-admin")
 		for name, host := range map[string]string{"direct": cp.URL(0), "floor": floorURL, "outpost": hub.URL} {
