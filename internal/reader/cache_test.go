@@ -571,3 +571,80 @@ func TestConcurrentCopiesCostTheirStart(t *testing.T) {
 // checkLastForTest is the most of an answer a tee copies before it can tell
 // whether it needs recording (recorder's checkLast).
 const checkLastForTest = 256 << 10
+
+// TestSlowAnswerHoldsNothingBack: an answer whose client reads it slowly
+// neither keeps the next answers at its version from being recorded for
+// long (its claim lasts claimPatience), nor, when it ends after a newer
+// answer was recorded, takes the view back to its older version.
+func TestSlowAnswerHoldsNothingBack(t *testing.T) {
+	var now atomic.Int64
+	now.Store(time.Now().UnixNano())
+	c, stop := newCache(t, func(c *Cache) { c.Now = func() time.Time { return time.Unix(0, now.Load()) } })
+	defer stop()
+	key := store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns1"}
+	list := func(rv string) []byte {
+		l := &corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: rv}}
+		for i := range 1000 {
+			item := cm(fmt.Sprintf("cm-%03d", i), "ns1", strconv.Itoa(i+1), nil)
+			item.TypeMeta = metav1.TypeMeta{}
+			item.Data["payload"] = strings.Repeat("s", 100) + rv
+			l.Items = append(l.Items, item)
+		}
+		body, err := json.Marshal(l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return body
+	}
+	at := func(rv string) func() bool {
+		return func() bool {
+			v, ok, _ := c.Store.View(key)
+			return ok && !v.Stale && v.ResourceVersion == rv
+		}
+	}
+	// The slow answer at 70: its start is read, then nothing for a while.
+	slow := list("70")
+	pr, pw := io.Pipe()
+	r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/ns1/configmaps", nil)
+	info, _ := request.Parse(r, reader)
+	resp := &http.Response{StatusCode: 200, Request: r, Body: pr, Header: http.Header{"Content-Type": {codec.MediaJSON}}}
+	c.Tee(resp, info)
+	read := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, resp.Body)
+		read <- errors.Join(err, resp.Body.Close())
+	}()
+	if _, err := pw.Write(slow[:64<<10]); err != nil {
+		t.Fatal(err)
+	}
+	// Another answer at 70 within the claim's patience is not recorded;
+	// past it, it is.
+	respond(t, c, "/api/v1/namespaces/ns1/configmaps", "", codec.MediaJSON, slow)
+	time.Sleep(200 * time.Millisecond)
+	if v, ok, _ := c.Store.View(key); ok {
+		t.Fatalf("an answer at the version a slow one claimed was recorded (view at %s)", v.ResourceVersion)
+	}
+	now.Add(int64(claimPatienceForTest + time.Second))
+	respond(t, c, "/api/v1/namespaces/ns1/configmaps", "", codec.MediaJSON, slow)
+	waitFor(t, "view at 70", at("70"))
+	// A newer answer is recorded while the slow one still streams, which
+	// then ends: the view stays at the newer version.
+	now.Add(int64(time.Second))
+	respond(t, c, "/api/v1/namespaces/ns1/configmaps", "", codec.MediaJSON, list("71"))
+	waitFor(t, "view at 71", at("71"))
+	if _, err := pw.Write(slow[64<<10:]); err != nil {
+		t.Fatal(err)
+	}
+	_ = pw.Close()
+	if err := <-read; err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // written by now, were it to be
+	if !at("71")() {
+		v, _, _ := c.Store.View(key)
+		t.Fatalf("the slow answer at 70, ended last, took the view to %s (stale %v)", v.ResourceVersion, v.Stale)
+	}
+}
+
+// claimPatienceForTest is recorder's claimPatience.
+const claimPatienceForTest = 30 * time.Second

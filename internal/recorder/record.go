@@ -2,6 +2,7 @@ package recorder
 
 import (
 	"strings"
+	"time"
 
 	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/store"
@@ -143,7 +144,14 @@ func (c *Recorder) holds(view store.ViewKey, contentType string, body []byte, li
 type claim struct {
 	view store.ViewKey
 	rv   string
+	at   time.Time
 }
+
+// claimPatience is how long a claim keeps other answers at its version from
+// being copied. A claim that old belongs to an answer its client reads
+// very slowly (or that never ends): the next answer at the version is
+// recorded too, so that client does not hold back the view.
+const claimPatience = 30 * time.Second
 
 // claim reports whether the answer starting with body need not be recorded
 // (held): the view holds it, or another answer at the same version is
@@ -159,10 +167,11 @@ func (c *Recorder) claim(view store.ViewKey, contentType string, body []byte, li
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if other := c.claims[view]; other != nil && other.rv == rv {
+	now := c.Now()
+	if other := c.claims[view]; other != nil && other.rv == rv && now.Sub(other.at) < claimPatience {
 		return true, nil
 	}
-	cl = &claim{view: view, rv: rv}
+	cl = &claim{view: view, rv: rv, at: now}
 	c.claims[view] = cl
 	return false, cl
 }

@@ -254,6 +254,20 @@ func applyTx(tx *store.Tx, w write) error {
 	case w.events != nil:
 		return tx.Apply(w.events)
 	case w.replace != nil:
+		// An answer older than what the view was given since it started
+		// (its client read it slowly while newer answers and events were
+		// recorded) would take the view back in time. (A view at a newer
+		// version that is older than the answer is not newer: the
+		// cluster's versions went back, as after etcd is restored.)
+		if cl := w.replace.claim; cl != nil {
+			v, ok, err := tx.View(w.replace.view.Key)
+			if err != nil {
+				return err
+			}
+			if ok && v.Updated.After(cl.at) && store.NewerRV(v.ResourceVersion, w.replace.view.ResourceVersion) {
+				return nil
+			}
+		}
 		return tx.ReplaceView(w.replace.view, w.replace.objs)
 	case w.doc != nil:
 		return tx.PutDoc(w.doc.key, w.doc.contentType, w.doc.body)

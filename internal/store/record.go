@@ -386,6 +386,9 @@ func decodeView(b []byte) (viewRecord, error) {
 	return v, r.err
 }
 
+// NewerRV is newerRV for strings.
+func NewerRV(a, b string) bool { return newerRV([]byte(a), []byte(b)) }
+
 // newerRV reports whether resourceVersion a is newer than b. The apiserver
 // documents resourceVersions as opaque, but every storage it ships with
 // (etcd) uses unsigned integers, and comparing them is what lets an old

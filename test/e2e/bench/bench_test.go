@@ -30,18 +30,21 @@ import (
 )
 
 var (
-	cp       *framework.ControlPlane
-	hub      *framework.Outpost
-	floor    *exec.Cmd                            // floorproxy, see startFloor
-	clients  = map[string]*kubernetes.Clientset{} // "direct", "floor", "outpost"
-	token    string                               // the bench service account's
-	floorURL string
+	cp      *framework.ControlPlane
+	hub     *framework.Outpost
+	floor   *exec.Cmd                            // floorproxy, see startFloor
+	clients = map[string]*kubernetes.Clientset{} // "direct", "floor", "outpost"
+	// jsonClients are the same speaking JSON, as kubectl and scripts do.
+	jsonClients = map[string]*kubernetes.Clientset{}
+	token       string // the bench service account's
+	floorURL    string
 )
 
 const (
 	ns         = "bench"
 	listNS     = "bench-list"
 	listObject = 1000
+	list10kNS  = "bench-10k"
 )
 
 func TestMain(m *testing.M) {
@@ -74,6 +77,9 @@ func setup(b *testing.B) {
 			}
 			cfg := &rest.Config{Host: host, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: ca}}
 			clients[name] = kubernetes.NewForConfigOrDie(cfg)
+			cfg = rest.CopyConfig(cfg)
+			cfg.ContentType, cfg.AcceptContentTypes = "application/json", "application/json"
+			jsonClients[name] = kubernetes.NewForConfigOrDie(cfg)
 		}
 		c := cp.Client()
 		if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
@@ -83,6 +89,7 @@ func setup(b *testing.B) {
 			b.Fatal(err)
 		}
 		seedConfigMaps(b, listNS, listObject, 256, 16)
+		seedConfigMaps(b, list10kNS, 10000, 256, 32)
 	})
 	if hub == nil {
 		b.Fatal("setup failed earlier")
@@ -192,6 +199,27 @@ func list1000(c *kubernetes.Clientset) func(context.Context) error {
 	}
 }
 
+// list10k is the large LIST workload: the 10,000 ConfigMaps of list10kNS.
+func list10k(c *kubernetes.Clientset) func(context.Context) error {
+	return func(ctx context.Context) error {
+		l, err := c.CoreV1().ConfigMaps(list10kNS).List(ctx, metav1.ListOptions{})
+		if err == nil && len(l.Items) != 10000 {
+			err = fmt.Errorf("listed %d objects, want 10000", len(l.Items))
+		}
+		return err
+	}
+}
+
+// inProtobuf and inJSON run a workload with the path's clients speaking
+// protobuf (as client-go does by default) or JSON.
+func inProtobuf(op func(*kubernetes.Clientset) func(context.Context) error) func(string) func(context.Context) error {
+	return func(path string) func(context.Context) error { return op(clients[path]) }
+}
+
+func inJSON(op func(*kubernetes.Clientset) func(context.Context) error) func(string) func(context.Context) error {
+	return func(path string) func(context.Context) error { return op(jsonClients[path]) }
+}
+
 func BenchmarkGet(b *testing.B) { directAndOutpost(b, getTarget) }
 
 func BenchmarkList1000(b *testing.B) { directAndOutpost(b, list1000) }
@@ -236,7 +264,7 @@ func BenchmarkInterleaved(b *testing.B) {
 					slices.Reverse(order)
 				}
 				for _, path := range order {
-					l, d, err := runWindow(w.concurrency, w.window, w.op(clients[path]))
+					l, d, err := runWindow(w.concurrency, w.window, w.op(path))
 					if err != nil {
 						b.Fatalf("%s: %v", path, err)
 					}
@@ -268,14 +296,19 @@ func BenchmarkInterleaved(b *testing.B) {
 var workloads = []struct {
 	name        string
 	concurrency int
-	op          func(*kubernetes.Clientset) func(context.Context) error
+	op          func(path string) func(context.Context) error
 	window      time.Duration
 	rounds      int
 }{
-	{"get-c1", 1, getTarget, 250 * time.Millisecond, 12},
-	{"get-c64", 64, getTarget, 250 * time.Millisecond, 12},
-	{"list-c1", 1, list1000, 500 * time.Millisecond, 8},
-	{"list-c64", 64, list1000, 2 * time.Second, 6},
+	{"get-c1", 1, inProtobuf(getTarget), 250 * time.Millisecond, 12},
+	{"get-c64", 64, inProtobuf(getTarget), 250 * time.Millisecond, 12},
+	{"list-c1", 1, inProtobuf(list1000), 500 * time.Millisecond, 8},
+	{"list-c64", 64, inProtobuf(list1000), 2 * time.Second, 6},
+	// Issue 20: JSON lists, as kubectl and scripts ask, against the floor.
+	{"list-json-c1", 1, inJSON(list1000), 500 * time.Millisecond, 8},
+	{"list-json-c16", 16, inJSON(list1000), 2 * time.Second, 6},
+	{"list10k-json-c1", 1, inJSON(list10k), 3 * time.Second, 4},
+	{"list10k-json-c16", 16, inJSON(list10k), 6 * time.Second, 3},
 }
 
 // runWindow runs op from `concurrency` goroutines for d (each finishes the
@@ -387,7 +420,7 @@ func BenchmarkProfile(b *testing.B) {
 						})
 					}
 				}
-				lat, elapsed, err := runWindow(w.concurrency, seconds*time.Second, w.op(clients[path]))
+				lat, elapsed, err := runWindow(w.concurrency, seconds*time.Second, w.op(path))
 				wg.Wait()
 				if err != nil {
 					b.Fatal(err)
@@ -626,9 +659,8 @@ func metric(b *testing.B, o *framework.Outpost, name string, match ...string) fl
 func BenchmarkYOfflineList10k(b *testing.B) {
 	setup(b)
 	ctx := context.Background()
-	const ns, n = "bench-10k", 10000
+	const ns, n = list10kNS, 10000
 	seed10k.Do(func() {
-		seedConfigMaps(b, ns, n, 256, 32)
 		// Recorded through outpost while online.
 		if l, err := clients["outpost"].CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != n {
 			b.Fatalf("recording list: %v", err)
