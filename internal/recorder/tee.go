@@ -2,6 +2,7 @@ package recorder
 
 import (
 	"io"
+	"slices"
 	"net/http"
 
 	"github.com/outposthq/outpost/internal/codec"
@@ -261,6 +262,12 @@ func (t *wholeTee) Read(p []byte) (int, error) {
 				} else {
 					t.buf = make([]byte, 0, size)
 				}
+			}
+			if len(t.buf)+n > cap(t.buf) {
+				// Double, rather than append's quarter once large: a
+				// list of 12 MB streamed without a length otherwise
+				// allocates five times its size on the way.
+				t.buf = slices.Grow(t.buf, max(cap(t.buf), n))
 			}
 			t.held += int64(n)
 			t.buf = append(t.buf, p[:n]...)

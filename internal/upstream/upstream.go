@@ -118,6 +118,11 @@ func newTransport(tlsConfig *tls.Config, tracker *connrotation.ConnectionTracker
 			// Find a dead HTTP/2 connection even when no probe runs on it.
 			SendPingTimeout: 15 * time.Second,
 			PingTimeout:     5 * time.Second,
+			// What an answer may hold here ahead of its client: many
+			// clients listing at once otherwise hold 4 MiB each (the
+			// default), more than a small node's whole budget. 1 MiB still
+			// lets one answer stream at 10 MB/s over a 100 ms link.
+			MaxReceiveBufferPerStream: 1 << 20,
 		},
 	}
 }

@@ -34,6 +34,7 @@ func BenchmarkXMemoryBurst(b *testing.B) {
 	)
 	seedBurst.Do(func() { seedConfigMaps(b, burstNS, objects, 1024, 32) })
 	o, link := cp.StartOutpostWithLinkT(b, "edge-burst", append([]string{"--log-level=warn"}, framework.LenientProbes...)...)
+	burstOutpost = o
 	path := "/api/v1/namespaces/" + burstNS + "/configmaps"
 	hosts := map[string]struct {
 		url  string
@@ -80,14 +81,22 @@ func BenchmarkXMemoryBurst(b *testing.B) {
 		if n := bytes.Count(first, []byte("cm-0")); n < objects {
 			b.Fatalf("%s: the list names %d objects, want %d", name, n, objects)
 		}
-		time.Sleep(2 * time.Second) // recorded, and memory returned
+		time.Sleep(5 * time.Second) // recorded, and memory returned
 		if h.pid != 0 {
 			b.ReportMetric(statusMB(b, h.pid, "VmRSS:"), name+"-idle-MB")
+			if name != "floor" {
+				b.ReportMetric(statusMB(b, h.pid, "RssAnon:"), name+"-idle-anon-MB")
+			}
 			if err := os.WriteFile("/proc/"+strconv.Itoa(h.pid)+"/clear_refs", []byte("5"), 0); err != nil {
 				b.Fatal(err)
 			}
 		}
+		fromCache := 0.0
+		if name == "outpost" {
+			fromCache = metric(b, o, "outpost_requests_total", `served_by="cache"`)
+		}
 		start := time.Now()
+		stopSampling := sampleMemory(b, name, h.pid, name != "direct" && name != "floor")
 		var wg sync.WaitGroup
 		for range clients {
 			c := client()
@@ -102,13 +111,32 @@ func BenchmarkXMemoryBurst(b *testing.B) {
 				}
 			})
 		}
+		if dir := os.Getenv("OUTPOST_BENCH_PROFILE"); dir != "" && name != "direct" && name != "floor" {
+			// The heap in the thick of it.
+			time.Sleep(took0(name) / 3)
+			if err := savePprof(o.AdminURL+"/debug/pprof/heap", fmt.Sprintf("%s/burst-%s-%s.heap.pprof", dir, b.Name()[len("BenchmarkXMemoryBurst/"):], name)); err != nil {
+				b.Error(err)
+			}
+		}
 		wg.Wait()
 		took := time.Since(start)
+		stopSampling()
+		tooks[name] = took
+		if name == "outpost" {
+			// Probes that time out on a loaded machine take outpost
+			// offline, and then the cache answers: it must be 0 for the
+			// figures to be the online path's.
+			b.ReportMetric(metric(b, o, "outpost_requests_total", `served_by="cache"`)-fromCache, "outpost-from-cache")
+		}
 		b.ReportMetric(took.Seconds(), name+"-burst-s")
 		if h.pid != 0 {
 			b.ReportMetric(statusMB(b, h.pid, "VmHWM:"), name+"-peak-MB")
 			time.Sleep(5 * time.Second)
 			b.ReportMetric(statusMB(b, h.pid, "VmRSS:"), name+"-after5s-MB")
+			if name != "floor" { // of which
+				b.ReportMetric(statusMB(b, h.pid, "RssAnon:"), name+"-after5s-anon-MB")
+				b.ReportMetric(metric(b, o, "go_memstats_heap_inuse_bytes")/(1<<20), name+"-after5s-heap-MB")
+			}
 		}
 		return took
 	}
@@ -143,3 +171,66 @@ func BenchmarkXMemoryBurst(b *testing.B) {
 }
 
 var seedBurst sync.Once
+
+// sampleMemory samples the resident memory of process pid, anonymous and
+// file-backed, every 20 ms, and with goMetrics outpost's Go heap and
+// stacks every 250 ms, until the returned func is called, which reports
+// the peak of each: where a peak of RSS comes from.
+func sampleMemory(b *testing.B, name string, pid int, goMetrics bool) (stop func()) {
+	if pid == 0 {
+		return func() {}
+	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	peaks := map[string]float64{}
+	var mu sync.Mutex
+	peak := func(k string, v float64) {
+		mu.Lock()
+		peaks[k] = max(peaks[k], v)
+		mu.Unlock()
+	}
+	wg.Go(func() {
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for n := 0; ; n++ {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			if v, err := framework.StatusMB(pid, "RssAnon:"); err == nil {
+				peak("anon", v)
+			}
+			if v, err := framework.StatusMB(pid, "RssFile:"); err == nil {
+				peak("file", v)
+			}
+			if goMetrics && n%12 == 0 {
+				for k, m := range map[string]string{"heap": "go_memstats_heap_inuse_bytes", "stack": "go_memstats_stack_inuse_bytes"} {
+					if v, err := burstOutpost.Metric(m); err == nil {
+						peak(k, v/(1<<20))
+					}
+				}
+			}
+		}
+	})
+	return func() {
+		close(done)
+		wg.Wait()
+		for k, v := range peaks {
+			b.ReportMetric(v, name+"-peak-"+k+"-MB")
+		}
+	}
+}
+
+// burstOutpost is BenchmarkXMemoryBurst's outpost.
+var burstOutpost *framework.Outpost
+
+// tooks are the last burst's times, by path, to time the heap profile.
+var tooks = map[string]time.Duration{}
+
+func took0(name string) time.Duration {
+	if d, ok := tooks[name]; ok {
+		return d
+	}
+	return 3 * time.Second
+}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -13,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
@@ -120,5 +124,143 @@ func TestConcurrentOfflineListsBounded(t *testing.T) {
 		clients, objects, float64(len(want["application/json"]))/(1<<20), float64(len(want["application/vnd.kubernetes.protobuf"]))/(1<<20), peak, before)
 	if peak > boundMB {
 		t.Errorf("outpost's peak RSS reached %.0f MB with %d concurrent offline lists; the bound is %d MB", peak, clients, boundMB)
+	}
+}
+
+// TestConcurrentOnlineListsBounded: fifty clients, each on a connection of
+// its own, listing the same large view at once through outpost online, in
+// JSON without gzip (as curl and kubectl --raw ask), do not take outpost's
+// memory past a bound (issue 20): only one copy is held for recording, the
+// others cost their start. Meanwhile a client reads its own list very
+// slowly: it neither keeps a newer answer from being recorded nor, ending
+// last, takes the view back; offline, the cache answers the newest list.
+func TestConcurrentOnlineListsBounded(t *testing.T) {
+	const (
+		ns      = "memory-online"
+		objects = 3000
+		clients = 50
+		// As TestConcurrentOfflineListsBounded. Before a copy was skipped
+		// past its start, every client's answer was copied whole.
+		boundMB = 150
+	)
+	ctx := t.Context()
+	cfg := cp.AdminConfig()
+	cfg.QPS = -1
+	admin := kubernetes.NewForConfigOrDie(cfg)
+	if err := framework.SeedConfigMaps(ctx, admin, ns, objects, 1024, 16); err != nil {
+		t.Fatal(err)
+	}
+	o, link := cp.StartOutpostWithLinkT(t, "memory-online-node", framework.LenientProbes...)
+	token := cp.ServiceAccountToken(t, "default", "memory-online-reader", framework.ReaderRole)
+	pool := framework.CertPool(t, o.ServingCAFile)
+	client := func() *http.Client {
+		return &http.Client{Timeout: 2 * time.Minute, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool},
+			ForceAttemptHTTP2: true, DisableCompression: true}}
+	}
+	get := func(ctx context.Context, c *http.Client) (*http.Response, error) {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, o.URL+"/api/v1/namespaces/"+ns+"/configmaps", nil)
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Accept", "application/json")
+		resp, err := c.Do(req)
+		if err == nil && resp.StatusCode != http.StatusOK {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			err = fmt.Errorf("%s: %.200s", resp.Status, body)
+		}
+		return resp, err
+	}
+	list := func(ctx context.Context, c *http.Client) ([]byte, error) {
+		resp, err := get(ctx, c)
+		if err != nil {
+			return nil, err
+		}
+		defer resp.Body.Close()
+		return io.ReadAll(resp.Body)
+	}
+	first, err := list(ctx, client())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(first) < 3<<20 {
+		t.Fatalf("the list is only %d bytes", len(first))
+	}
+	time.Sleep(time.Second) // recorded
+	// The slow client reads the start of its answer, then waits.
+	slow, err := get(ctx, client())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Body.Close()
+	slowStart := make([]byte, 256<<10)
+	if _, err := io.ReadFull(slow.Body, slowStart); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile("/proc/"+strconv.Itoa(o.PID())+"/clear_refs", []byte("5"), 0); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := framework.StatusMB(o.PID(), "VmHWM:")
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	for range clients {
+		c := client()
+		wg.Go(func() {
+			defer c.CloseIdleConnections()
+			body, err := list(ctx, c)
+			if err == nil && !bytes.Equal(body, first) {
+				err = fmt.Errorf("an answer of %d bytes differs from the first list of %d", len(body), len(first))
+			}
+			if err != nil {
+				errs <- err
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	peak, err := framework.StatusMB(o.PID(), "VmHWM:")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("FIGURE %d concurrent online lists of %d objects (%.1f MB JSON), each on its own connection: outpost's peak RSS %.0f MB (%.0f MB before)",
+		clients, objects, float64(len(first))/(1<<20), peak, before)
+	if peak > boundMB {
+		t.Errorf("outpost's peak RSS reached %.0f MB with %d concurrent online lists; the bound is %d MB", peak, clients, boundMB)
+	}
+
+	// A change, listed by a fast client, is recorded while the slow one
+	// still reads the older answer; then the slow one ends.
+	if _, err := admin.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "after-the-slow-one"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	newer, err := list(ctx, client())
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // recorded
+	rest, err := io.ReadAll(slow.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := append(slowStart, rest...); !bytes.Equal(got, first) {
+		t.Errorf("the slow client's answer (%d bytes) is not the list it began (%d bytes)", len(got), len(first))
+	}
+	time.Sleep(time.Second) // were it to be recorded, it would be by now
+	link.Blackhole()
+	if _, err := o.WaitState(ctx, "offline", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	offline, err := list(ctx, client())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got, want corev1.ConfigMapList
+	if err := errors.Join(json.Unmarshal(offline, &got), json.Unmarshal(newer, &want)); err != nil {
+		t.Fatal(err)
+	}
+	if got.ResourceVersion != want.ResourceVersion || len(got.Items) != len(want.Items) || len(got.Items) != objects+1 {
+		t.Errorf("offline, the cache answers %d objects at %s; the newest online list was %d at %s (the slow answer's: %d)",
+			len(got.Items), got.ResourceVersion, len(want.Items), want.ResourceVersion, objects)
 	}
 }
