@@ -2,8 +2,8 @@ package recorder
 
 import (
 	"io"
-	"slices"
 	"net/http"
+	"slices"
 
 	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/local"
