@@ -11,6 +11,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/outposthq/outpost/internal/peer"
 )
 
 // LB modes choose among healthy apiservers.
@@ -124,6 +126,10 @@ type Hub struct {
 	// RelistRate bounds re-lists after a reconnect, per second. Default 5.
 	RelistRate int
 
+	// Peers configures this node's part in its site's peer checks (package
+	// peer); off unless Peers.Address is set.
+	Peers peer.Config
+
 	// ShutdownTimeout bounds the drain of in-flight requests on SIGTERM.
 	// Default 15s.
 	ShutdownTimeout time.Duration
@@ -218,6 +224,7 @@ func (c *Hub) Validate() error {
 	if c.ShutdownTimeout < 0 {
 		errs = append(errs, errors.New("--shutdown-timeout must not be negative"))
 	}
+	errs = append(errs, c.Peers.Validate())
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:
