@@ -34,7 +34,6 @@ func TestQuorum(t *testing.T) {
 type cluster struct {
 	sites   map[string]string // node → site
 	reports []peer.Report
-	now     time.Time
 }
 
 func (c cluster) view() *view {
