@@ -176,7 +176,11 @@ func (r *reporter) write(ctx context.Context, rep Report) error {
 		rep.Apply(lease)
 		_, err = leases.Update(ctx, lease, metav1.UpdateOptions{FieldManager: "outpost"})
 	}
-	if err != nil {
+	switch {
+	case apierrors.IsForbidden(err) || apierrors.IsNotFound(err):
+		// Not this node's doing: the cluster lacks what deploy/ installs.
+		return fmt.Errorf("writing report %s/%s: %w (is deploy/ applied: namespace.yaml, rbac.yaml, peer-reports.yaml?)", r.cfg.Namespace, r.Node, err)
+	case err != nil:
 		return fmt.Errorf("writing report %s/%s: %w", r.cfg.Namespace, r.Node, err)
 	}
 	return nil
