@@ -17,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"testing"
 	"time"
 
@@ -53,19 +52,7 @@ const (
 var cp *framework.ControlPlane
 
 func TestMain(m *testing.M) {
-	os.Exit(framework.Run(m, framework.Options{
-		ControllerManager: true,
-		Scheduler:         true,
-		APIServerArgs: []string{
-			"--default-unreachable-toleration-seconds=" + strconv.Itoa(toleration),
-			"--default-not-ready-toleration-seconds=" + strconv.Itoa(toleration),
-		},
-		ControllerManagerArgs: []string{
-			"--node-monitor-period=1s",
-			"--node-monitor-grace-period=" + monitorGrace.String(),
-			"--node-eviction-rate=100",
-		},
-	}, &cp))
+	os.Exit(framework.Run(m, framework.EvictionOptions(toleration, monitorGrace), &cp))
 }
 
 // edge is one node of the site: its outpost, the link to the cloud it is
