@@ -129,6 +129,11 @@ func TestPeersTellDeadFromCut(t *testing.T) {
 			return len(r.Reachable) == 2 && len(r.Unreachable) == 0 && r.Site == site
 		}, "reaching its two peers")
 	}
+	for _, name := range []string{"a", "b", "c"} {
+		if v, err := edges[name].o.Metric("outpost_peer_probes_total", "result=reached"); err != nil || v < 2 {
+			t.Errorf("outpost of %s: outpost_peer_probes_total{result=reached} = %v (%v), want its two peers probed", name, v, err)
+		}
+	}
 	step("every node reports its two peers reachable")
 
 	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
@@ -232,14 +237,19 @@ func TestPeersTellDeadFromCut(t *testing.T) {
 	waitUnreachable(ctx, t, admin, "c")
 	step("a and c unreachable and tainted, %.1fs after the cut", time.Since(cut).Seconds())
 	before := map[string]time.Time{}
+	offline := map[string]float64{}
 	for _, name := range []string{"a", "c"} {
 		before[name] = readReport(ctx, t, admin, name).Renewed
+		offline[name], _ = edges[name].o.Metric("outpost_peer_reports_total", "result=offline")
 	}
 	keep := map[string]string{"a": pods["a"], "c": pods["c"]}
 	hold(ctx, t, admin, peerGrace+toleration*time.Second+2*time.Second, keep, "a", "c")
 	for _, name := range []string{"a", "c"} {
 		if r := readReport(ctx, t, admin, name); !r.Renewed.Equal(before[name]) || !r.Renewed.Before(cut.Add(time.Second)) {
 			t.Errorf("%s wrote a report at %v while cut off (cut at %v)", name, r.Renewed, cut)
+		}
+		if v, _ := edges[name].o.Metric("outpost_peer_reports_total", "result=offline"); v <= offline[name] {
+			t.Errorf("outpost of %s: outpost_peer_reports_total{result=offline} stayed at %v while cut off", name, v)
 		}
 	}
 	step("the site's pods kept %.1fs after the cut, with no report written", time.Since(cut).Seconds())
