@@ -100,11 +100,9 @@ func (r *reporter) report(ctx context.Context) {
 		r.Metrics.reported("offline")
 		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, r.cfg.ReportInterval)
-	defer cancel()
 	err := r.exchange(ctx)
-	if ctx.Err() != nil && err != nil {
-		return
+	if err != nil && ctx.Err() != nil {
+		return // shutting down: says nothing about the cloud
 	}
 	if err != nil {
 		r.Metrics.reported("error")
@@ -124,8 +122,11 @@ func (r *reporter) report(ctx context.Context) {
 // errNoSite: this node's Node has no site label.
 var errNoSite = errors.New("this node has no site label")
 
-// exchange writes this node's report and reads its peers' addresses.
+// exchange writes this node's report and reads its peers' addresses,
+// within one report interval.
 func (r *reporter) exchange(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.ReportInterval)
+	defer cancel()
 	node, err := r.Client.CoreV1().Nodes().Get(ctx, r.Node, metav1.GetOptions{})
 	if err != nil {
 		return fmt.Errorf("reading this node's site: %w", err)
