@@ -11,6 +11,7 @@ import (
 
 	"github.com/outposthq/outpost/internal/cloud/autonomy"
 	"github.com/outposthq/outpost/internal/cloud/csrapproval"
+	"github.com/outposthq/outpost/internal/peer"
 )
 
 const usage = `outpost-controller: keeps pods of autonomous edge nodes from being evicted,
@@ -31,6 +32,12 @@ The leader also approves the serving certificates that outposts request
 apiserver, kubernetes.default.svc and the kubernetes Service's ClusterIP, when
 the rest of the request names only the requesting node's own names and
 addresses; any other request for those names is denied, with the reason.
+
+Outposts at one site (--peer-site-label, topology.kubernetes.io/zone by
+default) probe each other and report what they see. When a quorum of a
+silent node's peers (a majority, at least 2) cannot reach it for
+--peer-grace-period, its autonomy is withdrawn and Kubernetes evicts its pods
+as on any node; one peer that reaches it keeps them.
 `
 
 // options are the parsed command line: the controller's configuration and
@@ -82,6 +89,11 @@ func parseRun(args []string, stdout io.Writer) (options, error) {
 	approveCSRs := fs.Bool("approve-outpost-serving-csrs", true, "in the leader, approve outposts' kubelet-serving CSRs for their own node and the in-cluster names of the apiserver, and deny any other CSR claiming those names")
 	fs.StringVar(&c.CSRApproval.ClusterDomain, "cluster-domain", csrapproval.DefaultClusterDomain, "the cluster's DNS domain, for the name kubernetes.default.svc.<domain> in outposts' serving certificates")
 
+	peerVerdicts := fs.Bool("peer-verdicts", true, "withdraw the autonomy of an unreachable node when a quorum of the nodes at its site (a majority, at least 2) report it unreachable for --peer-grace-period; with no such quorum autonomy holds")
+	fs.StringVar(&c.Peers.Namespace, "peer-namespace", peer.DefaultNamespace, "namespace of the outposts' peer reports (one Lease per node)")
+	fs.StringVar(&c.Peers.SiteLabel, "peer-site-label", peer.DefaultSiteLabel, "Node label whose value names a node's site; the outposts' --peer-site-label")
+	fs.DurationVar(&c.Peers.GracePeriod, "peer-grace-period", 5*time.Minute, "how long a quorum of a node's peers must report it unreachable before its autonomy is withdrawn and Kubernetes evicts its pods")
+
 	fs.StringVar(&c.MetricsAddress, "metrics-address", ":8080", "HTTP listen address of /metrics, /healthz and /readyz (empty: off)")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 5*time.Second, "how long the servers drain requests on SIGTERM")
 	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
@@ -101,6 +113,7 @@ func parseRun(args []string, stdout io.Writer) (options, error) {
 	c.QPS = float32(*qps)
 	le.Disabled = !*leaderElect
 	c.CSRApproval.Disabled = !*approveCSRs
+	c.Peers.Disabled = !*peerVerdicts
 	switch *logFormat {
 	case "text":
 	case "json":

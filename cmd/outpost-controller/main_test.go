@@ -32,6 +32,9 @@ func TestRunExitCodes(t *testing.T) {
 		{args: []string{"run", "--webhook-host=a,,b"}, want: 2, wantErrOut: "empty host"},
 		{args: []string{"run", "--cluster-domain=Bad_Domain"}, want: 2, wantErrOut: `cluster domain "Bad_Domain"`},
 		{args: []string{"run", "--approve-outpost-serving-csrs=maybe"}, want: 2, wantErrOut: "invalid boolean value"},
+		{args: []string{"run", "--peer-site-label=bad label"}, want: 2, wantErrOut: `peer site label "bad label"`},
+		{args: []string{"run", "--peer-namespace=Bad"}, want: 2, wantErrOut: `peer namespace "Bad"`},
+		{args: []string{"run", "--peer-grace-period=-1s"}, want: 2, wantErrOut: "negative duration"},
 		// Valid flags get as far as loading the client configuration.
 		{args: []string{"run", "--kubeconfig=/nonexistent", "--metrics-address="}, want: 1, wantErrOut: "loading client configuration"},
 	}
@@ -56,6 +59,7 @@ func TestParseRun(t *testing.T) {
 		"--kubeconfig=/k", "--namespace=edge", "--leader-elect=false", "--leader-elect-lease-duration=30s",
 		"--webhook-host=a.example,10.0.0.1", "--webhook-host=b.example", "--kube-api-qps=5",
 		"--log-level=debug", "--log-format=json", "--approve-outpost-serving-csrs=false", "--cluster-domain=edge.example",
+		"--peer-verdicts=false", "--peer-site-label=example.com/site", "--peer-grace-period=30s",
 	}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -69,6 +73,12 @@ func TestParseRun(t *testing.T) {
 	}
 	if o, err := parseRun(nil, io.Discard); err != nil || o.CSRApproval.Disabled || o.CSRApproval.ClusterDomain != "cluster.local" {
 		t.Errorf("CSR approval by default: %+v, %v", o.CSRApproval, err)
+	}
+	if p := c.Peers; !p.Disabled || p.SiteLabel != "example.com/site" || p.GracePeriod != 30*time.Second || p.Namespace != "outpost-peers" {
+		t.Errorf("peers %+v", p)
+	}
+	if o, _ := parseRun(nil, io.Discard); o.Peers.Disabled || o.Peers.GracePeriod != 5*time.Minute || o.Peers.SiteLabel != "topology.kubernetes.io/zone" {
+		t.Errorf("peers by default: %+v", o.Peers)
 	}
 	if !slices.Equal(c.Webhook.Hosts, []string{"a.example", "10.0.0.1", "b.example"}) {
 		t.Errorf("hosts %v", c.Webhook.Hosts)

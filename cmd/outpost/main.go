@@ -14,12 +14,14 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/klog/v2"
 
 	"github.com/outposthq/outpost/internal/config"
 	"github.com/outposthq/outpost/internal/hub"
+	"github.com/outposthq/outpost/internal/peer"
 	"github.com/outposthq/outpost/internal/version"
 )
 
@@ -138,6 +140,15 @@ func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 		cfg.RecordingBudget = q.Value()
 		return nil
 	})
+	pc := &cfg.Peers
+	fs.StringVar(&pc.Address, "peer-address", "", "IP:port on the site's network where this node answers its peers' probes, over mutual TLS with node certificates (default off): nodes of one site check each other and report to the cloud, which tells a dead node from a cut link")
+	fs.StringVar(&pc.SiteLabel, "peer-site-label", peer.DefaultSiteLabel, "Node label whose value names this node's site; its peers are the nodes with the same value")
+	fs.StringVar(&pc.Namespace, "peer-namespace", peer.DefaultNamespace, "namespace of the peer reports (one Lease per node)")
+	fs.DurationVar(&pc.ProbeInterval, "peer-probe-interval", 2*time.Second, "time between rounds of peer probes")
+	fs.DurationVar(&pc.ProbeTimeout, "peer-probe-timeout", time.Second, "timeout of one peer probe")
+	fs.IntVar(&pc.Fanout, "peer-fanout", 3, "peers probed per round, in turn: the site's load is its size times this, per round")
+	fs.IntVar(&pc.FailureThreshold, "peer-failure-threshold", 3, "consecutive failed probes that make a peer unreachable")
+	fs.DurationVar(&pc.ReportInterval, "peer-report-interval", 10*time.Second, "time between reports to the cloud; a report holds for three")
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

@@ -27,6 +27,8 @@ func TestCommandLine(t *testing.T) {
 		{name: "unknown command", args: []string{"serve"}, code: 2, err: `unknown command "serve"`},
 		{name: "unknown flag", args: []string{"run", "--bogus"}, code: 2, errOnceOf: "-bogus"},
 		{name: "bad value", args: []string{"run", "--lb-mode=random", "--kubeconfig=x"}, code: 2, errOnceOf: "round-robin or priority"},
+		{name: "bad peer address", args: []string{"run", "--kubeconfig=x", "--peer-address=0.0.0.0:10269"}, code: 2, errOnceOf: `--peer-address "0.0.0.0:10269"`},
+		{name: "negative peer interval", args: []string{"run", "--kubeconfig=x", "--peer-address=127.0.0.2:10269", "--peer-probe-interval=-1s"}, code: 2, errOnceOf: "--peer-probe-interval"},
 		{name: "missing kubeconfig file", args: []string{"run", "--kubeconfig=" + filepath.Join(dir, "none"), "--data-dir=" + filepath.Join(dir, "data"),
 			"--secure-address=127.0.0.1:0", "--admin-address="}, code: 2, err: "none"},
 	} {

@@ -11,6 +11,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/outposthq/outpost/internal/peer"
 )
 
 // LB modes choose among healthy apiservers.
@@ -128,6 +130,10 @@ type Hub struct {
 	// recorder's default.
 	RecordingBudget int64
 
+	// Peers configures this node's part in its site's peer checks (package
+	// peer); off unless Peers.Address is set.
+	Peers peer.Config
+
 	// ShutdownTimeout bounds the drain of in-flight requests on SIGTERM.
 	// Default 15s.
 	ShutdownTimeout time.Duration
@@ -222,6 +228,7 @@ func (c *Hub) Validate() error {
 	if c.ShutdownTimeout < 0 {
 		errs = append(errs, errors.New("--shutdown-timeout must not be negative"))
 	}
+	errs = append(errs, c.Peers.Validate())
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:

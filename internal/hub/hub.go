@@ -31,6 +31,7 @@ import (
 	"github.com/outposthq/outpost/internal/local"
 	"github.com/outposthq/outpost/internal/memory"
 	"github.com/outposthq/outpost/internal/metrics"
+	"github.com/outposthq/outpost/internal/peer"
 	"github.com/outposthq/outpost/internal/proxy"
 	"github.com/outposthq/outpost/internal/reader"
 	"github.com/outposthq/outpost/internal/recorder"
@@ -64,6 +65,10 @@ type Hub struct {
 	serving *certs.Rotator
 	// sealKey encrypts sensitive cache records (--encryption-key-file).
 	sealKey *seal.Key
+	// upstreamTLS carries the node's credentials upstream; with
+	// --peer-address the peer checks present the same certificate.
+	upstreamTLS *tls.Config
+	peerMetrics *peer.Metrics
 
 	gaugeMu sync.Mutex // orders the health gauges' updates
 	probes  probeLog   // each apiserver's last probe, for /status
@@ -111,6 +116,7 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	h.pool, h.metrics, h.reg, h.restCfg = pool, m, reg, restCfg
+	h.upstreamTLS, h.peerMetrics = upstreamTLS, peer.NewMetrics(reg)
 
 	h.monitor = &health.Monitor{
 		Count:            pool.Len(),
@@ -286,7 +292,15 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 		Audiences: h.cfg.APIAudiences, Online: h.monitor.Online, Changed: h.monitor.Changed, Log: h.log}
 	issuer.Load()
 
+	site, err := h.peerSite()
+	if err != nil {
+		return fmt.Errorf("peer checks: %w", err)
+	}
+
 	g, gctx := errgroup.WithContext(ctx)
+	if site != nil {
+		g.Go(func() error { return site.Run(gctx) })
+	}
 	if h.nodeCert != nil {
 		g.Go(func() error { return h.nodeCert.Run(gctx) })
 		g.Go(func() error {

@@ -15,6 +15,7 @@ import (
 	"github.com/outposthq/outpost/internal/health"
 	"github.com/outposthq/outpost/internal/local"
 	"github.com/outposthq/outpost/internal/metrics"
+	"github.com/outposthq/outpost/internal/peer"
 	"github.com/outposthq/outpost/internal/recorder"
 	"github.com/outposthq/outpost/internal/report"
 	"github.com/outposthq/outpost/internal/version"
@@ -217,6 +218,7 @@ func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
 func MetricNames() []string {
 	reg := prometheus.NewRegistry()
 	metrics.New(reg)
+	peer.NewMetrics(reg)
 	reg.MustRegister(statusCollector{})
 	return metrics.DescribedNames(reg)
 }

@@ -32,6 +32,8 @@ type Admission struct {
 	GetNode func(ctx context.Context, name string) (*corev1.Node, error)
 	// Synced reports whether the informers have synced.
 	Synced func() bool
+	// Peers, if set, can withdraw a node's autonomy (Controller's too).
+	Peers PeerVerdicts
 	// KeptReady, if not nil, is called for each endpoint made ready.
 	KeptReady func()
 	// Logger receives decisions at debug level.
@@ -71,7 +73,7 @@ func (a *Admission) MutatePod(ctx context.Context, req *admissionv1.AdmissionReq
 		}
 		return nil, fmt.Errorf("reading node %s: %w", pod.Spec.NodeName, err)
 	}
-	p, _ := NodePolicy(node) // invalid: not autonomous; the controller reports it
+	p, _ := effectivePolicy(node, a.Peers) // invalid: not autonomous; the controller reports it
 	return tolerationPatch(&pod, p)
 }
 
@@ -159,7 +161,7 @@ func (a *Admission) autonomousAndUnreachable(ctx context.Context, pod *corev1.Po
 	if err != nil {
 		return false
 	}
-	if p, _ := NodePolicy(node); !p.Autonomous {
+	if p, _ := effectivePolicy(node, a.Peers); !p.Autonomous {
 		return false
 	}
 	if unreachable(node) {
@@ -175,7 +177,7 @@ func (a *Admission) autonomousAndUnreachable(ctx context.Context, pod *corev1.Po
 		a.logger().Warn("reading node to confirm it is unreachable", "node", pod.Spec.NodeName, "err", err)
 		return false
 	}
-	p, _ := NodePolicy(live)
+	p, _ := effectivePolicy(live, a.Peers)
 	return p.Autonomous && unreachable(live)
 }
 

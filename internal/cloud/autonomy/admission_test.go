@@ -109,8 +109,11 @@ func TestMutateEndpointSlice(t *testing.T) {
 	gated.Status.Conditions = append(gated.Status.Conditions, corev1.PodCondition{Type: "example.com/lb", Status: corev1.ConditionFalse})
 	pending := runningPod("pending", "down-auto", true)
 	pending.Status.Phase = corev1.PodPending
+	downDead := node("down-dead", autonomous, true)
+	onDead := runningPod("on-dead", "down-dead", true)
 
-	a := fakeAdmission(t, upAuto, downAuto, downPlain, tainted, good, crashing, onPlain, onUp, onTainted, gated, pending)
+	a := fakeAdmission(t, upAuto, downAuto, downPlain, tainted, good, crashing, onPlain, onUp, onTainted, gated, pending, downDead, onDead)
+	a.Peers = withdrawnSet{"down-dead": true}
 
 	recreated := endpoint(good, false)
 	recreated.TargetRef.UID = "other"
@@ -131,6 +134,7 @@ func TestMutateEndpointSlice(t *testing.T) {
 		{"readiness gate false", endpoint(gated, false), false},
 		{"not running", endpoint(pending, false), false},
 		{"node not autonomous", endpoint(onPlain, false), false},
+		{"autonomy withdrawn by the node's peers", endpoint(onDead, false), false},
 		{"node reachable", endpoint(onUp, false), false},
 		{"already ready", endpoint(good, true), false},
 		{"terminating", terminating, false},
@@ -227,7 +231,9 @@ func TestMutateEndpointSliceNotSynced(t *testing.T) {
 
 func TestMutatePod(t *testing.T) {
 	a := fakeAdmission(t, node("auto", map[string]string{AnnotationAutonomyDuration: "2h"}, false), node("plain", nil, false),
-		node("typo", map[string]string{AnnotationAutonomyDuration: "2 hours"}, false))
+		node("typo", map[string]string{AnnotationAutonomyDuration: "2 hours"}, false),
+		node("dead", map[string]string{AnnotationAutonomyDuration: "2h"}, true))
+	a.Peers = withdrawnSet{"dead": true}
 	newPod := func(nodeName string) *corev1.Pod {
 		p := boundPod(defaults()...)
 		p.Spec.NodeName = nodeName
@@ -243,6 +249,7 @@ func TestMutatePod(t *testing.T) {
 		{"bound to plain node", newPod("plain"), admissionv1.Create, ""},
 		{"invalid annotation", newPod("typo"), admissionv1.Create, ""},
 		{"unknown node", newPod("nowhere"), admissionv1.Create, ""},
+		{"autonomy withdrawn by the node's peers", newPod("dead"), admissionv1.Create, ""},
 		{"unbound", newPod(""), admissionv1.Create, ""},
 		{"update is not ours", newPod("auto"), admissionv1.Update, ""},
 	}

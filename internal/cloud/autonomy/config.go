@@ -10,6 +10,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/outposthq/outpost/internal/cloud/csrapproval"
+	"github.com/outposthq/outpost/internal/peer"
 )
 
 // Config is the configuration of Run. It is plain data; the zero value of
@@ -30,6 +31,7 @@ type Config struct {
 	LeaderElection LeaderElection
 	Webhook        Webhook
 	CSRApproval    CSRApproval
+	Peers          Peers
 
 	// MetricsAddress is where /metrics, /healthz and /readyz are served,
 	// over plain HTTP. If empty, they are not served.
@@ -92,6 +94,24 @@ type CSRApproval struct {
 	ClusterDomain string
 }
 
+// Peers configures the peers' verdicts (package peerhealth): a quorum of
+// the nodes at an unreachable autonomous node's site reporting it
+// unreachable for GracePeriod withdraws its autonomy.
+type Peers struct {
+	// Disabled ignores the reports: autonomy as declared, always.
+	Disabled bool
+	// Namespace holds the reports; empty means peer.DefaultNamespace.
+	Namespace string
+	// SiteLabel names the Node label of a node's site; empty means
+	// peer.DefaultSiteLabel. It must be the label the outposts use.
+	SiteLabel string
+	// GracePeriod is how long a quorum must report a node unreachable
+	// before its autonomy is withdrawn; zero means 5 minutes.
+	GracePeriod time.Duration
+	// Interval is the time between evaluations; zero means one second.
+	Interval time.Duration
+}
+
 // Names of the defaults, shared with the manifests under deploy/.
 const (
 	DefaultNamespace  = "outpost-system"
@@ -135,6 +155,10 @@ func (cfg Config) withDefaults() Config {
 	set(&wh.ConfigName, DefaultName)
 	set(&wh.SecretName, DefaultSecretName)
 	set(&cfg.CSRApproval.ClusterDomain, csrapproval.DefaultClusterDomain)
+	set(&cfg.Peers.Namespace, peer.DefaultNamespace)
+	set(&cfg.Peers.SiteLabel, peer.DefaultSiteLabel)
+	setD(&cfg.Peers.GracePeriod, 5*time.Minute)
+	setD(&cfg.Peers.Interval, time.Second)
 	setD(&cfg.ShutdownTimeout, 5*time.Second)
 	return cfg
 }
@@ -164,7 +188,13 @@ func (cfg Config) Validate() error {
 	if bad := validation.IsDNS1123Subdomain(cfg.CSRApproval.ClusterDomain); len(bad) > 0 {
 		errs = append(errs, fmt.Errorf("cluster domain %q: %s", cfg.CSRApproval.ClusterDomain, strings.Join(bad, "; ")))
 	}
-	for _, d := range []time.Duration{cfg.Webhook.CAValidity, cfg.Webhook.CertValidity, cfg.Webhook.CertCheckInterval, cfg.ShutdownTimeout} {
+	if bad := validation.IsQualifiedName(cfg.Peers.SiteLabel); len(bad) > 0 {
+		errs = append(errs, fmt.Errorf("peer site label %q: %s", cfg.Peers.SiteLabel, strings.Join(bad, "; ")))
+	}
+	if bad := validation.IsDNS1123Label(cfg.Peers.Namespace); len(bad) > 0 {
+		errs = append(errs, fmt.Errorf("peer namespace %q: %s", cfg.Peers.Namespace, strings.Join(bad, "; ")))
+	}
+	for _, d := range []time.Duration{cfg.Webhook.CAValidity, cfg.Webhook.CertValidity, cfg.Webhook.CertCheckInterval, cfg.ShutdownTimeout, cfg.Peers.GracePeriod, cfg.Peers.Interval} {
 		if d < 0 {
 			errs = append(errs, fmt.Errorf("negative duration %v", d))
 		}

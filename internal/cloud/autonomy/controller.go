@@ -30,11 +30,19 @@ const podsByNode = "outpost.io/node-name"
 
 // Event reasons.
 const (
-	reasonInvalidAutonomy     = "InvalidAutonomy"
-	reasonAutonomyTolerations = "AutonomyTolerations"
-	reasonRestoredTolerations = "RestoredTolerations"
-	reasonBadRecord           = "BadOriginalTolerations"
+	reasonInvalidAutonomy      = "InvalidAutonomy"
+	reasonAutonomyTolerations  = "AutonomyTolerations"
+	reasonRestoredTolerations  = "RestoredTolerations"
+	reasonBadRecord            = "BadOriginalTolerations"
+	reasonWithdrawnTolerations = "AutonomyWithdrawnTolerations"
 )
+
+// PeerVerdicts says whether the peers of a node at its site have had its
+// autonomy withdrawn (package peerhealth): a quorum of them reported it
+// unreachable for longer than the grace period.
+type PeerVerdicts interface {
+	Withdrawn(node string) bool
+}
 
 // Controller keeps the NoExecute tolerations of pods on autonomous nodes at
 // the declared duration, and restores the originals when autonomy ends.
@@ -53,6 +61,8 @@ type Controller struct {
 	recorder record.EventRecorder
 	logger   *slog.Logger
 	metrics  *metrics
+	// peers, if set, can withdraw a node's autonomy.
+	peers PeerVerdicts
 }
 
 // NewController returns a controller over the given informers, which must
@@ -162,7 +172,7 @@ func (c *Controller) podChanged(pod *corev1.Pod) {
 		return
 	}
 	_, recorded := pod.Annotations[AnnotationOriginalTolerations]
-	if !recorded && !c.policyOf(pod.Spec.NodeName).Autonomous {
+	if p, _ := c.policyOf(pod.Spec.NodeName); !recorded && !p.Autonomous {
 		return
 	}
 	if key, err := cache.MetaNamespaceKeyFunc(pod); err == nil {
@@ -184,14 +194,24 @@ func (c *Controller) enqueueNodePods(node string) {
 }
 
 // policyOf returns the policy of a node by name; a missing node or an
-// invalid annotation means not autonomous.
-func (c *Controller) policyOf(name string) Policy {
+// invalid annotation means not autonomous, and so does autonomy its peers
+// withdrew (withdrawn is then true).
+func (c *Controller) policyOf(name string) (p Policy, withdrawn bool) {
 	node, err := c.nodes.Get(name)
 	if err != nil {
-		return Policy{}
+		return Policy{}, false
 	}
-	p, _ := NodePolicy(node)
-	return p
+	return effectivePolicy(node, c.peers)
+}
+
+// effectivePolicy is the policy of node's annotations, unless its peers
+// withdrew its autonomy.
+func effectivePolicy(node *corev1.Node, peers PeerVerdicts) (p Policy, withdrawn bool) {
+	p, _ = NodePolicy(node)
+	if p.Autonomous && peers != nil && peers.Withdrawn(node.Name) {
+		return Policy{}, true
+	}
+	return p, false
 }
 
 func (c *Controller) processNext(ctx context.Context) bool {
@@ -225,7 +245,7 @@ func (c *Controller) sync(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
-	p := c.policyOf(pod.Spec.NodeName)
+	p, withdrawn := c.policyOf(pod.Spec.NodeName)
 	ops, err := tolerationPatch(pod, p)
 	if errors.Is(err, errBadRecord) {
 		// Someone edited our record. Guessing the originals could leave
@@ -263,10 +283,14 @@ func (c *Controller) sync(ctx context.Context, key string) error {
 	if err != nil {
 		return fmt.Errorf("patching tolerations: %w", err)
 	}
-	if action == actionRestore {
+	switch {
+	case withdrawn:
+		c.logger.Info("restored original tolerations: the node's peers report it down", "pod", key, "node", pod.Spec.NodeName)
+		c.recorder.Eventf(pod, corev1.EventTypeWarning, reasonWithdrawnTolerations, "Peers at the site of node %s report it down: original tolerations restored, so the pod is evicted as on any node", pod.Spec.NodeName)
+	case action == actionRestore:
 		c.logger.Info("restored original tolerations", "pod", key, "node", pod.Spec.NodeName)
 		c.recorder.Eventf(pod, corev1.EventTypeNormal, reasonRestoredTolerations, "Node %s is no longer autonomous: original tolerations restored", pod.Spec.NodeName)
-	} else {
+	default:
 		c.logger.Info("set autonomy tolerations", "pod", key, "node", pod.Spec.NodeName, "policy", p.String())
 		c.recorder.Eventf(pod, corev1.EventTypeNormal, reasonAutonomyTolerations, "Node %s is %s: pod tolerates it being unreachable or not ready accordingly", pod.Spec.NodeName, p)
 	}

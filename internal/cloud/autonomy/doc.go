@@ -21,6 +21,11 @@
 //     while its pod's autonomous node is unreachable, provided the kubelet's
 //     last word was that the pod's containers were ready. It acts only while
 //     the node is unreachable, so nothing lingers once the node is back.
+//   - Autonomy is for nodes alive behind a cut link. When a quorum of the
+//     nodes at an unreachable node's site report it unreachable for a grace
+//     period (package peerhealth), its autonomy is withdrawn: both of the
+//     above treat it as any node, so Kubernetes evicts its pods and their
+//     controllers replace them.
 //
 // Run wires these together with leader election, the webhook server and
 // its certificates, and the metrics and health endpoints; the leader also

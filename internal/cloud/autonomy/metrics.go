@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/outposthq/outpost/internal/cloud/csrapproval"
+	"github.com/outposthq/outpost/internal/cloud/peerhealth"
 	outpostmetrics "github.com/outposthq/outpost/internal/metrics"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -26,6 +27,7 @@ type metrics struct {
 	queueDepth       prometheus.GaugeFunc
 	autonomousNodes  prometheus.GaugeFunc
 	servingCertUntil prometheus.GaugeFunc
+	peers            *peerhealth.Metrics
 }
 
 // Actions of the pod patch counter.
@@ -100,6 +102,7 @@ func newMetrics(nodes corelisters.NodeLister, queueLen func() int, certNotAfter 
 		m.podPatches, m.reviews, m.reviewDuration, m.endpointsKept, m.csrDecisions, m.leader,
 		m.queueDepth, m.autonomousNodes, m.servingCertUntil,
 	)
+	m.peers = peerhealth.NewMetrics(m.registry)
 	return m
 }
 

@@ -4,6 +4,9 @@ import (
 	"errors"
 	"testing"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 func TestParsePolicy(t *testing.T) {
@@ -90,6 +93,39 @@ func TestLonger(t *testing.T) {
 	for _, tt := range tests {
 		if got := longer(tt.a, tt.b); str(got) != str(tt.want) {
 			t.Errorf("longer(%s, %s) = %s, want %s", str(tt.a), str(tt.b), str(got), str(tt.want))
+		}
+	}
+}
+
+// withdrawnSet is a PeerVerdicts: the nodes whose autonomy peers withdrew.
+type withdrawnSet map[string]bool
+
+func (w withdrawnSet) Withdrawn(node string) bool { return w[node] }
+
+func TestEffectivePolicy(t *testing.T) {
+	node := func(name, duration string) *corev1.Node {
+		n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}
+		if duration != "" {
+			n.Annotations = map[string]string{AnnotationAutonomyDuration: duration}
+		}
+		return n
+	}
+	peers := withdrawnSet{"dead": true, "plain": true}
+	tests := []struct {
+		node          *corev1.Node
+		peers         PeerVerdicts
+		autonomous    bool
+		wantWithdrawn bool
+	}{
+		{node("alive", "0"), peers, true, false},
+		{node("dead", "0"), peers, false, true},
+		{node("dead", "0"), nil, true, false}, // peer verdicts off
+		{node("plain", ""), peers, false, false},
+	}
+	for _, tt := range tests {
+		p, withdrawn := effectivePolicy(tt.node, tt.peers)
+		if p.Autonomous != tt.autonomous || withdrawn != tt.wantWithdrawn {
+			t.Errorf("%s (peers %v): autonomous %v withdrawn %v, want %v %v", tt.node.Name, tt.peers != nil, p.Autonomous, withdrawn, tt.autonomous, tt.wantWithdrawn)
 		}
 	}
 }

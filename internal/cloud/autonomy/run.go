@@ -21,6 +21,7 @@ import (
 
 	"github.com/outposthq/outpost/internal/cloud/autonomy/webhook"
 	"github.com/outposthq/outpost/internal/cloud/csrapproval"
+	"github.com/outposthq/outpost/internal/cloud/peerhealth"
 	"github.com/outposthq/outpost/internal/server"
 )
 
@@ -32,7 +33,8 @@ const (
 
 // Run runs outpost-controller until ctx is done: informers on nodes and
 // bound pods, the webhook server with its certificates, the metrics and
-// health server, and — in the replica holding the leader Lease — the
+// health server, the peers' verdicts on unreachable autonomous nodes
+// (package peerhealth, on the reports' Leases), and — in the replica holding the leader Lease — the
 // toleration controller and, unless disabled, the approval of outposts'
 // serving CSRs (package csrapproval). Each runs under one errgroup; the first to fail
 // stops the others. Run returns nil after a clean shutdown, and
@@ -79,6 +81,29 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	}
 	m := newMetrics(nodes.Lister(), ctrl.queueLen, certs.NotAfter)
 	ctrl.metrics = m
+
+	// The peers' verdicts: evaluated in every replica, since every replica
+	// answers admission reviews; announced as Events by the leader only.
+	var leading atomic.Bool
+	var reports informers.SharedInformerFactory
+	var tracker *peerhealth.Tracker
+	if !cfg.Peers.Disabled {
+		reports = informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithNamespace(cfg.Peers.Namespace), informers.WithTransform(stripManagedFields))
+		tracker = &peerhealth.Tracker{
+			Nodes:     nodes.Lister(),
+			Reports:   reports.Coordination().V1().Leases().Lister().Leases(cfg.Peers.Namespace),
+			SiteLabel: cfg.Peers.SiteLabel,
+			Grace:     cfg.Peers.GracePeriod,
+			Interval:  cfg.Peers.Interval,
+			Candidate: peerCandidate,
+			Changed:   ctrl.enqueueNodePods,
+			Recorder:  recorder,
+			Announce:  leading.Load,
+			Metrics:   m.peers,
+			Log:       logger.With("component", "peerhealth"),
+		}
+		ctrl.peers = tracker
+	}
 	var approver *csrapproval.Controller
 	if !cfg.CSRApproval.Disabled {
 		approver = csrapproval.New(client, cfg.CSRApproval.ClusterDomain, recorder, logger.With("component", "csrapproval"), m.observeCSR)
@@ -95,6 +120,9 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 		Synced:    synced.Load,
 		KeptReady: m.endpointsKept.Inc,
 		Logger:    logger.With("component", "webhook"),
+	}
+	if tracker != nil {
+		admission.Peers = tracker
 	}
 	hooks := http.NewServeMux()
 	hooks.Handle(PathMutatePods, &webhook.Handler{Mutator: admission.MutatePod, Logger: admission.Logger, Observe: m.observeReview("pods")})
@@ -135,6 +163,10 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	g, ctx := errgroup.WithContext(ctx)
 	factory.Start(ctx.Done())
 	defer factory.Shutdown()
+	if reports != nil {
+		reports.Start(ctx.Done())
+		defer reports.Shutdown()
+	}
 	cachesSynced := make(chan struct{})
 	g.Go(func() error {
 		for _, ok := range factory.WaitForCacheSync(ctx.Done()) {
@@ -142,11 +174,28 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 				return nil // ctx is done
 			}
 		}
+		if reports != nil {
+			for _, ok := range reports.WaitForCacheSync(ctx.Done()) {
+				if !ok {
+					return nil
+				}
+			}
+		}
 		synced.Store(true)
 		close(cachesSynced)
 		logger.Info("informer caches synced")
 		return nil
 	})
+	if tracker != nil {
+		g.Go(func() error {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-cachesSynced:
+			}
+			return tracker.Run(ctx)
+		})
+	}
 	g.Go(func() error { return gate.Run(ctx) })
 	g.Go(func() error {
 		select {
@@ -179,16 +228,27 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 		}
 		if cfg.LeaderElection.Disabled {
 			m.leader.Set(1)
+			leading.Store(true)
 			return work(ctx)
 		}
 		return lead(ctx, cfg.LeaderElection, client, recorder, health, logger, func(ctx context.Context) error {
 			m.leader.Set(1)
+			leading.Store(true)
 			defer m.leader.Set(0)
+			defer leading.Store(false)
 			return work(ctx)
 		})
 	})
 	logger.Info("outpost-controller running", "webhook", hookLn.Addr().String(), "hosts", cfg.Webhook.Hosts,
 		"metrics", cfg.MetricsAddress, "leaderElection", !cfg.LeaderElection.Disabled,
-		"approveServingCSRs", !cfg.CSRApproval.Disabled, "clusterDomain", cfg.CSRApproval.ClusterDomain)
+		"approveServingCSRs", !cfg.CSRApproval.Disabled, "clusterDomain", cfg.CSRApproval.ClusterDomain,
+		"peerVerdicts", !cfg.Peers.Disabled, "peerGracePeriod", cfg.Peers.GracePeriod)
 	return g.Wait()
+}
+
+// peerCandidate is whom the peers' verdicts are for: a node autonomous by
+// its annotations that the cloud no longer hears from.
+func peerCandidate(node *corev1.Node) bool {
+	p, _ := NodePolicy(node)
+	return p.Autonomous && unreachable(node)
 }

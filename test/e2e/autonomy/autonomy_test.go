@@ -13,7 +13,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -45,20 +44,7 @@ const gracePeriod = 10 * time.Second
 var cp *framework.ControlPlane
 
 func TestMain(m *testing.M) {
-	os.Exit(framework.Run(m, framework.Options{
-		ControllerManager: true,
-		Scheduler:         true,
-		APIServerArgs: []string{
-			"--default-unreachable-toleration-seconds=" + strconv.Itoa(toleration),
-			"--default-not-ready-toleration-seconds=" + strconv.Itoa(toleration),
-		},
-		ControllerManagerArgs: []string{
-			"--node-monitor-period=1s",
-			"--node-monitor-grace-period=" + gracePeriod.String(),
-			// Taint both silent nodes at once rather than one per 10 s.
-			"--node-eviction-rate=100",
-		},
-	}, &cp))
+	os.Exit(framework.Run(m, framework.EvictionOptions(toleration, gracePeriod), &cp))
 }
 
 const (

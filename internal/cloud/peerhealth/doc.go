@@ -1,0 +1,30 @@
+// Package peerhealth decides, for each autonomous node the cloud no longer
+// hears from, whether the nodes beside it say it is alive behind a cut link
+// or dead, from the reports they write (package internal/peer).
+//
+// The rules, for an unreachable autonomous node B at site S:
+//
+//   - A report counts only if it is well formed and fresh, its observer is
+//     a Node of this cluster other than B, and that Node's own site label
+//     (never the report's word for it) is S. Who wrote the report is the
+//     apiserver's concern: RBAC lets nodes write reports, and an admission
+//     policy lets each write only the report named after itself
+//     (deploy/peer-reports.yaml).
+//   - One counted report that reaches B: B is Alive; its pods stay, as
+//     autonomy always kept them.
+//   - A quorum of S's other nodes — a majority, and never fewer than two —
+//     in counted reports that cannot reach B, and none that can: B is Dead.
+//     Once Dead has held for the grace period without a break, autonomy is
+//     Withdrawn: the pods of B are treated as those of any node, and
+//     Kubernetes evicts them and their controllers replace them elsewhere.
+//   - Anything else (no reports, too few, a whole site cut off and silent):
+//     Unknown, and autonomy holds as before.
+//
+// One node alone can never have another evicted, nor can nodes of another
+// site. A node can keep a dead peer's pods by lying that it reaches it; that
+// errs on the side autonomy already took.
+//
+// The grace period is timed on this process's clock from the first time it
+// saw the quorum, so clock skew between nodes does not shorten it, and a new
+// leader starts it again rather than trusting a predecessor.
+package peerhealth

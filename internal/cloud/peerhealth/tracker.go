@@ -1,0 +1,256 @@
+package peerhealth
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	coordinationlisters "k8s.io/client-go/listers/coordination/v1"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/record"
+
+	"github.com/outposthq/outpost/internal/peer"
+)
+
+// Event reasons on the Node.
+const (
+	ReasonPeersReach     = "PeersReachNode"
+	ReasonPeersCannot    = "PeersCannotReachNode"
+	ReasonWithdrawn      = "AutonomyWithdrawn"
+	ReasonAutonomyResume = "AutonomyResumed"
+)
+
+// Tracker keeps the peers' verdict on every unreachable autonomous node,
+// evaluating the listers' state every Interval. Set the fields, then call
+// Run once; Withdrawn may be called at any time from any goroutine.
+type Tracker struct {
+	Nodes corelisters.NodeLister
+	// Reports lists the report Leases of the reports namespace.
+	Reports coordinationlisters.LeaseNamespaceLister
+	// SiteLabel names the Node label of a node's site.
+	SiteLabel string
+	// Grace is how long a quorum must say dead before autonomy is withdrawn.
+	Grace time.Duration
+	// Interval is the time between evaluations; zero means one second.
+	Interval time.Duration
+	// Candidate reports whether a node is one the verdict is for: autonomous
+	// by its annotations and unreachable.
+	Candidate func(*corev1.Node) bool
+	// Changed is called with a node whose Withdrawn answer changed.
+	Changed func(node string)
+	// Recorder records the verdicts as Events on the Node when Announce
+	// says so (in the leader; every replica evaluates, since every replica
+	// answers admission reviews). Either may be nil.
+	Recorder record.EventRecorder
+	Announce func() bool
+	Metrics  *Metrics // may be nil
+	Log      *slog.Logger
+
+	mu       sync.Mutex // guards the field below
+	verdicts map[string]verdict
+}
+
+// Withdrawn reports whether autonomy is withdrawn from node: a quorum of
+// its peers has reported it unreachable for longer than the grace period.
+func (t *Tracker) Withdrawn(node string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.verdicts[node].state == Withdrawn
+}
+
+// Verdict returns the current state of node and its evidence.
+func (t *Tracker) Verdict(node string) (State, Evidence) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	v, ok := t.verdicts[node]
+	if !ok {
+		return Unknown, Evidence{}
+	}
+	return v.state, v.evidence
+}
+
+// Run evaluates every Interval until ctx is done. The listers' informers
+// must have synced.
+func (t *Tracker) Run(ctx context.Context) error {
+	interval := t.Interval
+	if interval <= 0 {
+		interval = time.Second
+	}
+	t.Log.Info("peer verdicts on", "siteLabel", t.SiteLabel, "grace", t.Grace, "quorum", "majority of the site's other nodes, at least 2")
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		if err := t.Evaluate(time.Now()); err != nil {
+			t.Log.Error("evaluating peer reports", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+// Evaluate brings every verdict up to date with the listers at now.
+func (t *Tracker) Evaluate(now time.Time) error {
+	nodes, err := t.Nodes.List(labels.Everything())
+	if err != nil {
+		return fmt.Errorf("listing nodes: %w", err)
+	}
+	leases, err := t.Reports.List(labels.Everything())
+	if err != nil {
+		return fmt.Errorf("listing reports: %w", err)
+	}
+	v := view{sites: make(map[string]string, len(nodes)), members: map[string]int{}, reports: map[string]peer.Report{}}
+	for _, n := range nodes {
+		site := n.Labels[t.SiteLabel]
+		v.sites[n.Name] = site
+		if site != "" {
+			v.members[site]++
+		}
+	}
+	reports := map[string]int{}
+	for _, l := range leases {
+		r, err := peer.ParseReport(l)
+		switch _, isNode := v.sites[l.Name]; {
+		case err != nil:
+			reports["malformed"]++
+		case !isNode:
+			reports["not_a_node"]++
+		case !r.Fresh(now):
+			reports["stale"]++
+		default:
+			reports["valid"]++
+			v.reports[r.Observer] = r
+		}
+	}
+
+	counts := map[State]int{}
+	otherSite, withdrawals := 0, 0
+	var changed []string
+	t.mu.Lock()
+	prev := t.verdicts
+	t.verdicts = make(map[string]verdict, len(prev))
+	for _, n := range nodes {
+		if !t.Candidate(n) {
+			continue
+		}
+		judged, ev := v.judge(n.Name)
+		otherSite += len(ev.OtherSite)
+		old := prev[n.Name]
+		cur := next(old, judged, ev, now, t.Grace)
+		t.verdicts[n.Name] = cur
+		counts[cur.state]++
+		if (old.state == Withdrawn) != (cur.state == Withdrawn) {
+			changed = append(changed, n.Name)
+			if cur.state == Withdrawn {
+				withdrawals++
+			}
+		}
+		if old.state != cur.state && !(old.state == "" && cur.state == Unknown) {
+			t.announce(n, old, cur)
+		}
+	}
+	for name, old := range prev {
+		if _, ok := t.verdicts[name]; !ok && old.state == Withdrawn {
+			changed = append(changed, name)
+			t.Log.Info("autonomy resumed: node reachable again, or no longer autonomous", "node", name)
+			if n, err := t.Nodes.Get(name); err == nil {
+				t.event(n, corev1.EventTypeNormal, ReasonAutonomyResume, "The cloud hears from it again, or it is no longer autonomous: peer verdict cleared")
+			}
+		}
+	}
+	t.mu.Unlock()
+
+	t.Metrics.set(counts, reports, otherSite)
+	if t.Metrics != nil {
+		t.Metrics.withdrawals.Add(float64(withdrawals))
+	}
+	for _, name := range changed {
+		if t.Changed != nil {
+			t.Changed(name)
+		}
+	}
+	return nil
+}
+
+// announce logs a change of verdict and records it on the Node.
+func (t *Tracker) announce(n *corev1.Node, old, cur verdict) {
+	ev := cur.evidence
+	t.Log.Info("peer verdict", "node", n.Name, "from", string(old.state), "to", string(cur.state), "site", ev.Site,
+		"reachableBy", ev.Reachable, "unreachableBy", ev.Unreachable, "quorum", ev.Quorum, "peers", ev.Peers, "ignoredOtherSite", ev.OtherSite)
+	switch cur.state {
+	case Alive:
+		t.event(n, corev1.EventTypeNormal, ReasonPeersReach, fmt.Sprintf(
+			"Reached by its peers at site %s (%s): cut off from the cloud, not down; autonomy keeps its pods", ev.Site, strings.Join(ev.Reachable, ", ")))
+	case Dead:
+		t.event(n, corev1.EventTypeWarning, ReasonPeersCannot, fmt.Sprintf(
+			"%d of its %d peers at site %s cannot reach it (%s; quorum %d): autonomy is withdrawn in %v unless that changes",
+			len(ev.Unreachable), ev.Peers, ev.Site, strings.Join(ev.Unreachable, ", "), ev.Quorum, t.Grace))
+	case Withdrawn:
+		t.event(n, corev1.EventTypeWarning, ReasonWithdrawn, fmt.Sprintf(
+			"Its peers at site %s (%s) have not reached it for %v: autonomy withdrawn, its pods are evicted as on any node",
+			ev.Site, strings.Join(ev.Unreachable, ", "), t.Grace))
+	case Unknown:
+		if old.state == Withdrawn {
+			t.event(n, corev1.EventTypeNormal, ReasonAutonomyResume, "No quorum of its peers says it is down any more: autonomy holds again")
+		}
+	}
+}
+
+func (t *Tracker) event(n *corev1.Node, typ, reason, msg string) {
+	if t.Recorder == nil || (t.Announce != nil && !t.Announce()) {
+		return
+	}
+	// Events on a Node refer to it by name, as kubelet's and the node
+	// lifecycle controller's do (kubectl describe node finds them so).
+	ref := &corev1.ObjectReference{Kind: "Node", Name: n.Name, UID: n.UID}
+	t.Recorder.Event(ref, typ, reason, msg)
+}
+
+// Metrics are the verdicts' Prometheus metrics.
+type Metrics struct {
+	verdicts    *prometheus.GaugeVec
+	reports     *prometheus.GaugeVec
+	otherSite   prometheus.Gauge
+	withdrawals prometheus.Counter
+}
+
+// NewMetrics returns the metrics, registered with reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	const ns = "outpost_controller"
+	m := &Metrics{
+		verdicts: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "peer_verdicts",
+			Help: "Unreachable autonomous nodes by their peers' verdict: alive (a peer reaches it), dead (a quorum cannot, within the grace period), withdrawn (autonomy withdrawn), unknown (no quorum: autonomy as before)."},
+			[]string{"verdict"}),
+		reports: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "peer_reports",
+			Help: "Peer report Leases by status: valid, stale, malformed, not_a_node (named after no Node)."},
+			[]string{"status"}),
+		otherSite: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "peer_reports_other_site",
+			Help: "Observations of unreachable autonomous nodes made by nodes of another site, which do not count."}),
+		withdrawals: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "autonomy_withdrawals_total",
+			Help: "Times autonomy was withdrawn from a node because a quorum of its peers reported it unreachable for the grace period."}),
+	}
+	reg.MustRegister(m.verdicts, m.reports, m.otherSite, m.withdrawals)
+	m.set(nil, nil, 0)
+	return m
+}
+
+func (m *Metrics) set(verdicts map[State]int, reports map[string]int, otherSite int) {
+	if m == nil {
+		return
+	}
+	for _, s := range States {
+		m.verdicts.WithLabelValues(string(s)).Set(float64(verdicts[s]))
+	}
+	for _, s := range []string{"valid", "stale", "malformed", "not_a_node"} {
+		m.reports.WithLabelValues(s).Set(float64(reports[s]))
+	}
+	m.otherSite.Set(float64(otherSite))
+}
