@@ -10,8 +10,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -132,13 +134,12 @@ func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 	})
 	fs.DurationVar(&cfg.FlapWindow, "flap-window", cfg.FlapWindow, "after an outage shorter than this, resume without re-listing cached views")
 	fs.IntVar(&cfg.RelistRate, "relist-rate", cfg.RelistRate, "views re-listed per second after a reconnect")
-	fs.Func("recording-budget", "bound on the bytes of answers held at once while they are copied for recording, e.g. 128Mi (past it copies are dropped and their views re-listed later); default 128Mi", func(s string) error {
-		q, err := resource.ParseQuantity(s)
-		if err != nil || q.Sign() <= 0 || q.Value() < 1<<20 {
-			return fmt.Errorf("want a size of at least 1Mi, such as 128Mi")
-		}
-		cfg.RecordingBudget = q.Value()
-		return nil
+	fs.Func("recording-budget", "bound on the bytes of answers held at once while they are copied for recording, e.g. 64Mi (past it copies are dropped and their views re-listed later); default 64Mi", func(s string) error {
+		return parseSize(s, 1<<20, &cfg.RecordingBudget)
+	})
+	cfg.MemoryLimit = -1 // unset: --memory-limit's default, unless GOMEMLIMIT is set
+	fs.Func("memory-limit", "soft limit of outpost's Go memory, e.g. 100Mi: past it the garbage collector works harder, so bursts of answers leave less garbage resident (default 100Mi, or $GOMEMLIMIT when set; 0: none)", func(s string) error {
+		return parseSize(s, 0, &cfg.MemoryLimit)
 	})
 	pc := &cfg.Peers
 	fs.StringVar(&pc.Address, "peer-address", "", "IP:port on the site's network where this node answers its peers' probes, over mutual TLS with node certificates (default off): nodes of one site check each other and report to the cloud, which tells a dead node from a cut link")
@@ -164,6 +165,21 @@ func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 	return cfg, cfg.Validate()
 }
 
+// parseSize reads a size flag (a Kubernetes quantity, such as 128Mi) of at
+// least least bytes (or 0 when least is 0) into v.
+func parseSize(s string, least int64, v *int64) error {
+	q, err := resource.ParseQuantity(s)
+	switch {
+	case err != nil || q.Sign() < 0:
+		return fmt.Errorf("want a size such as 128Mi")
+	case least == 0 && q.IsZero():
+	case q.Value() < max(least, 1):
+		return fmt.Errorf("want a size of at least %s", resource.NewQuantity(max(least, 1), resource.BinarySI))
+	}
+	*v = q.Value()
+	return nil
+}
+
 // splitList splits a comma-separated flag value, dropping empty items.
 func splitList(s string) []string {
 	var out []string
@@ -175,12 +191,25 @@ func splitList(s string) []string {
 	return out
 }
 
+func cond[T any](c bool, a, b T) T {
+	if c {
+		return a
+	}
+	return b
+}
+
 func serve(cfg config.Hub, stderr io.Writer) int {
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(cfg.LogLevel))
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	klog.SetSlogLogger(log.With("source", "client-go"))
 
+	switch {
+	case cfg.MemoryLimit >= 0:
+		debug.SetMemoryLimit(cond(cfg.MemoryLimit == 0, math.MaxInt64, cfg.MemoryLimit))
+	case os.Getenv("GOMEMLIMIT") == "":
+		debug.SetMemoryLimit(config.DefaultMemoryLimit)
+	}
 	h, err := hub.New(cfg, log)
 	if err != nil {
 		log.Error("invalid configuration", "err", err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"io"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -29,6 +30,8 @@ func TestCommandLine(t *testing.T) {
 		{name: "bad value", args: []string{"run", "--lb-mode=random", "--kubeconfig=x"}, code: 2, errOnceOf: "round-robin or priority"},
 		{name: "bad peer address", args: []string{"run", "--kubeconfig=x", "--peer-address=0.0.0.0:10269"}, code: 2, errOnceOf: `--peer-address "0.0.0.0:10269"`},
 		{name: "negative peer interval", args: []string{"run", "--kubeconfig=x", "--peer-address=127.0.0.2:10269", "--peer-probe-interval=-1s"}, code: 2, errOnceOf: "--peer-probe-interval"},
+		{name: "bad recording budget", args: []string{"run", "--kubeconfig=x", "--recording-budget=12k"}, code: 2, errOnceOf: "at least 1Mi"},
+		{name: "bad memory limit", args: []string{"run", "--kubeconfig=x", "--memory-limit=lots"}, code: 2, errOnceOf: "want a size such as 128Mi"},
 		{name: "missing kubeconfig file", args: []string{"run", "--kubeconfig=" + filepath.Join(dir, "none"), "--data-dir=" + filepath.Join(dir, "data"),
 			"--secure-address=127.0.0.1:0", "--admin-address="}, code: 2, err: "none"},
 	} {
@@ -51,5 +54,27 @@ func TestCommandLine(t *testing.T) {
 				t.Errorf("stderr %q, want nothing", &stderr)
 			}
 		})
+	}
+}
+
+// TestSizeFlags: the size flags take Kubernetes quantities, and
+// --memory-limit stays unset (-1, for the default or $GOMEMLIMIT) unless
+// given; 0 is no limit.
+func TestSizeFlags(t *testing.T) {
+	for _, c := range []struct {
+		args           []string
+		budget, memory int64
+	}{
+		{nil, 0, -1},
+		{[]string{"--recording-budget=256Mi", "--memory-limit=0"}, 256 << 20, 0},
+		{[]string{"--memory-limit=1G"}, 0, 1e9},
+	} {
+		cfg, err := parseRun(append([]string{"--kubeconfig=x", "--node-name=n"}, c.args...), io.Discard)
+		if err != nil {
+			t.Fatalf("%q: %v", c.args, err)
+		}
+		if cfg.RecordingBudget != c.budget || cfg.MemoryLimit != c.memory {
+			t.Errorf("%q: budget %d, memory limit %d; want %d, %d", c.args, cfg.RecordingBudget, cfg.MemoryLimit, c.budget, c.memory)
+		}
 	}
 }

@@ -129,6 +129,10 @@ type Hub struct {
 	// are copied for recording (recorder.Recorder.MaxBuffered). Zero: the
 	// recorder's default.
 	RecordingBudget int64
+	// MemoryLimit is the soft limit of the Go runtime's memory
+	// (debug.SetMemoryLimit): 0 means none, negative means
+	// DefaultMemoryLimit unless $GOMEMLIMIT is set.
+	MemoryLimit int64
 
 	// Peers configures this node's part in its site's peer checks (package
 	// peer); off unless Peers.Address is set.
@@ -140,6 +144,15 @@ type Hub struct {
 	// LogLevel is one of debug, info, warn, error. Default info.
 	LogLevel string
 }
+
+// DefaultMemoryLimit is --memory-limit's default. Outpost's live heap is a
+// few MB plus what bursts hold for a moment (a page per client streamed
+// from the cache, a MiB per answer proxied ahead of its client, the answer
+// copied for recording); by default Go lets the heap grow to twice what is
+// live before collecting, which leaves a burst's garbage resident. With
+// the limit the collector runs sooner once the heap nears it. It is soft:
+// more live data than this slows outpost down rather than failing it.
+const DefaultMemoryLimit = 100 << 20
 
 // DefaultHub returns a Hub with every default filled in except NodeName.
 func DefaultHub() Hub {

@@ -14,9 +14,9 @@ import (
 )
 
 // DefaultBudget is Recorder.MaxBuffered's default: room to record a list
-// of 100,000 small objects (about 120 MB of JSON), or several large lists
-// at once, on a node of 2 GB.
-const DefaultBudget = 128 << 20
+// of 50,000 small objects (about 60 MB of JSON), or several large lists at
+// once, within what a small node can give outpost.
+const DefaultBudget = 64 << 20
 
 // Recorder records the apiservers' answers into Store. Set the fields,
 // then call Run once; Tee may be called before Run starts.
@@ -35,7 +35,7 @@ type Recorder struct {
 	// budget): past it copies are dropped and their views marked stale.
 	// An answer whose view holds it already, or of which another copy at
 	// the same resourceVersion is being recorded, costs only its start.
-	// Default 128 MiB.
+	// Default DefaultBudget.
 	MaxBuffered int64
 	// BatchDelay bounds how long a watch event waits before it is written.
 	// Default 100ms.
