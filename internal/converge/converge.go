@@ -36,7 +36,9 @@ type Converger struct {
 	Local Local
 	// Relist refreshes every view of identity from the apiserver through
 	// upstream (recorder.Recorder.Relist).
-	Relist func(ctx context.Context, identity string, rate int, upstream http.RoundTripper) (int, error)
+	// Views a whole answer replaced after since (clients re-listed them
+	// when the link returned) are not asked again.
+	Relist func(ctx context.Context, identity string, rate int, upstream http.RoundTripper, since time.Time) (int, error)
 	// Upstream sends requests of outpost's own as an identity (see
 	// upstream.Pool.As).
 	Upstream func(request.Identity) http.RoundTripper
@@ -50,6 +52,9 @@ type Converger struct {
 	FlapWindow time.Duration
 	// RelistRate bounds views re-listed a second, per identity.
 	RelistRate int
+	// RelistHeadStart is how long after the link returned re-listing
+	// begins: the time clients get to re-list the views they use.
+	RelistHeadStart time.Duration
 	// JournalRate bounds events replayed a second. Default 20.
 	JournalRate int
 	// Tokens returns the token each user last called with (see
@@ -120,8 +125,9 @@ func (c *Converger) Run(ctx context.Context) error {
 // converge runs the steps of a return after an outage of the given length.
 func (c *Converger) converge(ctx context.Context, outage time.Duration) {
 	c.Log.Info("cloud reachable again", "outage", outage.Round(time.Millisecond))
+	back := time.Now()
 	c.mu.Lock()
-	c.last = &report.Reconnect{At: time.Now(), Outage: outage}
+	c.last = &report.Reconnect{At: back, Outage: outage}
 	c.mu.Unlock()
 	var failed error
 	defer func() {
@@ -160,8 +166,15 @@ func (c *Converger) converge(ctx context.Context, outage time.Duration) {
 	if outage < c.FlapWindow {
 		return
 	}
+	// Clients whose watches broke re-list first (informers do within a
+	// second or two): the views they refresh need no re-list of ours.
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(c.RelistHeadStart):
+	}
 	start := time.Now()
-	n, err = c.Relist(ctx, c.Node.Key(), c.RelistRate, asNode)
+	n, err = c.Relist(ctx, c.Node.Key(), c.RelistRate, asNode, back)
 	var tokens map[string]string
 	if c.Tokens != nil {
 		tokens = c.Tokens()
@@ -171,7 +184,7 @@ func (c *Converger) converge(ctx context.Context, outage time.Duration) {
 			break
 		}
 		var m int
-		m, err = c.Relist(ctx, user, c.RelistRate, c.Upstream(request.Identity{Kind: request.BearerToken, User: user, Token: token}))
+		m, err = c.Relist(ctx, user, c.RelistRate, c.Upstream(request.Identity{Kind: request.BearerToken, User: user, Token: token}), back)
 		n += m
 	}
 	c.record(func(r *report.Reconnect) { r.ViewsRelisted = n })

@@ -36,7 +36,7 @@ func (l *local) ReplayJournal(_ context.Context, _ int, up http.RoundTripper) (i
 	l.note("journal as " + up.(as).key)
 	return 2, nil
 }
-func (l *local) Relist(_ context.Context, identity string, _ int, up http.RoundTripper) (int, error) {
+func (l *local) Relist(_ context.Context, identity string, _ int, up http.RoundTripper, _ time.Time) (int, error) {
 	l.note("relist " + identity + " as " + up.(as).key)
 	return 3, nil
 }

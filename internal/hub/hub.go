@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
@@ -81,6 +82,12 @@ type Hub struct {
 }
 
 // New checks cfg and builds a Hub. It starts nothing.
+
+// relistHeadStart is converge.Converger.RelistHeadStart: informers whose
+// watches broke with the link re-list within a second or two of its
+// return (client-go's backoff starts at 800 ms).
+const relistHeadStart = 3 * time.Second
+
 func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -285,7 +292,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	}
 	cache := &reader.Reader{Store: st, Local: writes, Online: h.monitor.Online, Changed: h.monitor.Changed, LargeAnswer: mem.Large}
 	conv := &converge.Converger{Local: writes, Relist: rec.Relist, Upstream: h.pool.As, Node: h.auth.Node(), Online: h.monitor.Online, Changed: h.monitor.Changed,
-		FlapWindow: h.cfg.FlapWindow, RelistRate: h.cfg.RelistRate, Tokens: h.tokens.All, Metrics: h.metrics, Log: h.log}
+		FlapWindow: h.cfg.FlapWindow, RelistRate: h.cfg.RelistRate, RelistHeadStart: relistHeadStart, Tokens: h.tokens.All, Metrics: h.metrics, Log: h.log}
 	remembered := identity.Memory{Store: st, Log: h.log}
 	h.auth.Remember, h.auth.Recall, h.auth.Seen = remembered.Remember, remembered.Recall, h.tokens.Seen
 	issuer := &identity.IssuerKeeper{Store: st, Auth: h.auth, Upstream: h.pool.As, Node: h.auth.Node(), Tokens: h.tokens.All,

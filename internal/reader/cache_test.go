@@ -648,3 +648,44 @@ func TestSlowAnswerHoldsNothingBack(t *testing.T) {
 
 // claimPatienceForTest is recorder's claimPatience.
 const claimPatienceForTest = 30 * time.Second
+
+// roundTripFunc is an upstream made of a function.
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// TestRelistSkipsViewsClientsRelisted: after the link returns, a view a
+// client's list replaced since is converged already and is not asked of
+// the apiserver again; one nobody refreshed is.
+func TestRelistSkipsViewsClientsRelisted(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	body := func(rv string) []byte {
+		l := &corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: rv}}
+		l.Items = []corev1.ConfigMap{cm("a", "ns1", "5", nil)}
+		b, err := json.Marshal(l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	key := store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns1"}
+	respond(t, c, "/api/v1/namespaces/ns1/configmaps", "", codec.MediaJSON, body("20"))
+	waitFor(t, "view at 20", func() bool { v, ok, _ := c.Store.View(key); return ok && v.ResourceVersion == "20" })
+	var asked atomic.Int32
+	upstream := roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		asked.Add(1)
+		return &http.Response{StatusCode: 200, Request: r, Header: http.Header{"Content-Type": {codec.MediaJSON}}, Body: io.NopCloser(bytes.NewReader(body("21")))}, nil
+	})
+	// The link returned before the client's list: nothing to ask.
+	n, err := c.Relist(t.Context(), reader.Key(), 100, upstream, time.Now().Add(-time.Minute))
+	if err != nil || n != 0 || asked.Load() != 0 {
+		t.Fatalf("re-listed %d views (%v), asked the apiserver %d times; want none", n, err, asked.Load())
+	}
+	// It returned after: the view is asked again, and converges.
+	n, err = c.Relist(t.Context(), reader.Key(), 100, upstream, time.Now())
+	if err != nil || n != 1 || asked.Load() != 1 {
+		t.Fatalf("re-listed %d views (%v), asked the apiserver %d times; want one", n, err, asked.Load())
+	}
+	waitFor(t, "view at 21", func() bool { v, ok, _ := c.Store.View(key); return ok && v.ResourceVersion == "21" })
+}

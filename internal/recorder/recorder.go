@@ -64,6 +64,7 @@ type Recorder struct {
 	pages      map[store.ViewKey]*pagedList
 	pending    map[store.ViewKey]int // answers being decoded, per view
 	claims     map[store.ViewKey]*claim
+	listed     map[store.ViewKey]time.Time // when a whole answer last replaced each view
 	unrecorded map[string]*Unrecorded // by resource, without "#meta"
 }
 
@@ -110,6 +111,7 @@ func (c *Recorder) init() {
 		c.pages = map[store.ViewKey]*pagedList{}
 		c.pending = map[store.ViewKey]int{}
 		c.claims = map[store.ViewKey]*claim{}
+		c.listed = map[store.ViewKey]time.Time{}
 		c.unrecorded = map[string]*Unrecorded{}
 	})
 }
@@ -180,6 +182,9 @@ func (c *Recorder) writer(stop <-chan struct{}) {
 			c.count(w)
 			if w.replace != nil {
 				c.unclaim(w.replace.claim) // the store now holds the answer
+				c.mu.Lock()
+				c.listed[w.replace.view.Key] = c.Now()
+				c.mu.Unlock()
 			}
 		}
 		clear(batch) // the written lists must not stay reachable from here

@@ -21,7 +21,12 @@ import (
 //
 // upstream sends each GET as the identity: the node's credentials for the
 // node's views, the token a caller last used for a token caller's.
-func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstream http.RoundTripper) (done int, err error) {
+//
+// A view a whole answer replaced after since (a client re-listed it when
+// the link returned, as informers whose watches broke do) is converged
+// already and is not asked again: after an outage the apiserver sees one
+// re-list of it, not two.
+func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstream http.RoundTripper, since time.Time) (done int, err error) {
 	c.init()
 	views, err := c.Store.AllViews()
 	if err != nil {
@@ -39,6 +44,9 @@ func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstre
 		case <-ctx.Done():
 			return done, ctx.Err()
 		case <-time.After(time.Second/time.Duration(rate) + jitter/2):
+		}
+		if c.listedSince(v.Key, since) {
+			continue
 		}
 		r, err := relistRequest(ctx, v.Key, c.protobufOnly(v.Key))
 		if err != nil {
@@ -68,6 +76,14 @@ func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstre
 		done++
 	}
 	return done, nil
+}
+
+// listedSince reports whether a whole answer replaced view k after since.
+func (c *Recorder) listedSince(k store.ViewKey, since time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	at, ok := c.listed[k]
+	return ok && at.After(since) && !c.stale[k]
 }
 
 func maybeGunzip(resp *http.Response, body []byte) []byte {
