@@ -65,7 +65,7 @@ type Recorder struct {
 	pending    map[store.ViewKey]int // answers being decoded, per view
 	claims     map[store.ViewKey]*claim
 	listed     map[store.ViewKey]time.Time // when a whole answer last replaced each view
-	unrecorded map[string]*Unrecorded // by resource, without "#meta"
+	unrecorded map[string]*Unrecorded      // by resource, without "#meta"
 }
 
 // write is one ordered store write.
