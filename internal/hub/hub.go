@@ -286,7 +286,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	writes := &local.Writer{Store: st, Log: h.log, Metrics: h.metrics, Node: h.cfg.NodeName}
 	writes.Load()
 	rec := &recorder.Recorder{Store: st, Log: h.log, Metrics: h.metrics, Record: recordFilter(h.cfg.RecordIdentities),
-		RecordsToken: writes.Records, LargeAnswer: mem.Large, MaxBuffered: h.cfg.RecordingBudget}
+		RecordsToken: writes.Records, LargeAnswer: mem.Large, MaxBuffered: h.cfg.RecordingBudget, UpstreamAs: h.upstreamAs}
 	if err := h.reg.Register(statusCollector{h: h, writes: writes}); err != nil {
 		return fmt.Errorf("registering the status metrics: %w", err)
 	}
@@ -388,4 +388,17 @@ func recordFilter(patterns []string) func(request.Identity) bool {
 		}
 		return false
 	}
+}
+
+// upstreamAs sends requests as the identity whose key is identity: the node
+// with its own credentials, a token caller with the token it last used
+// (kept in memory only), nobody else (nil).
+func (h *Hub) upstreamAs(identity string) http.RoundTripper {
+	if node := h.auth.Node(); identity == node.Key() {
+		return h.pool.As(node)
+	}
+	if token, ok := h.tokens.All()[identity]; ok {
+		return h.pool.As(request.Identity{Kind: request.BearerToken, User: identity, Token: token})
+	}
+	return nil
 }

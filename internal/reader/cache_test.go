@@ -689,3 +689,75 @@ func TestRelistSkipsViewsClientsRelisted(t *testing.T) {
 	}
 	waitFor(t, "view at 21", func() bool { v, ok, _ := c.Store.View(key); return ok && v.ResourceVersion == "21" })
 }
+
+// TestLostClaimRelisted: when the one copy of an answer being recorded is
+// lost (its client went away midway) after other copies of it were passed
+// over, the view is re-listed on its own (as its identity), rather than
+// left behind while the link holds; a view stale from that is not held back
+// by the guard against older answers.
+func TestLostClaimRelisted(t *testing.T) {
+	list := func(rv string) []byte {
+		l := &corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: rv}}
+		for i := range 1000 {
+			item := cm(fmt.Sprintf("cm-%03d", i), "ns1", strconv.Itoa(i+1), nil)
+			item.TypeMeta = metav1.TypeMeta{}
+			item.Data["payload"] = strings.Repeat("l", 100) + rv
+			l.Items = append(l.Items, item)
+		}
+		b, err := json.Marshal(l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	var asked atomic.Int32
+	c, stop := newCache(t, func(c *Cache) {
+		c.UpstreamAs = func(identity string) http.RoundTripper {
+			if identity != reader.Key() {
+				return nil
+			}
+			return roundTripFunc(func(r *http.Request) (*http.Response, error) {
+				asked.Add(1)
+				return &http.Response{StatusCode: 200, Request: r, Header: http.Header{"Content-Type": {codec.MediaJSON}}, Body: io.NopCloser(bytes.NewReader(list("30")))}, nil
+			})
+		}
+	})
+	defer stop()
+	key := store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns1"}
+	respond(t, c, "/api/v1/namespaces/ns1/configmaps", "", codec.MediaJSON, list("10"))
+	waitFor(t, "view at 10", func() bool { v, ok, _ := c.Store.View(key); return ok && v.ResourceVersion == "10" })
+
+	body := list("20")
+	start := func() (*io.PipeWriter, *http.Response) {
+		pr, pw := io.Pipe()
+		r := httptest.NewRequest(http.MethodGet, "/api/v1/namespaces/ns1/configmaps", nil)
+		info, _ := request.Parse(r, reader)
+		resp := &http.Response{StatusCode: 200, Request: r, Body: pr, Header: http.Header{"Content-Type": {codec.MediaJSON}}}
+		c.Tee(resp, info)
+		return pw, resp
+	}
+	// The first copy claims 20, the second is passed over and ends.
+	pw1, resp1 := start()
+	go func() { _, _ = io.CopyN(io.Discard, resp1.Body, 64<<10) }()
+	if _, err := pw1.Write(body[:64<<10]); err != nil {
+		t.Fatal(err)
+	}
+	pw2, resp2 := start()
+	done := make(chan struct{})
+	go func() { _, _ = io.Copy(io.Discard, resp2.Body); _ = resp2.Body.Close(); close(done) }()
+	if _, err := pw2.Write(body); err != nil {
+		t.Fatal(err)
+	}
+	_ = pw2.Close()
+	<-done
+	// The first one's client goes away.
+	_ = resp1.Body.Close()
+	_ = pw1.Close()
+	waitFor(t, "the view re-listed on its own", func() bool {
+		v, ok, _ := c.Store.View(key)
+		return ok && !v.Stale && v.ResourceVersion == "30"
+	})
+	if n := asked.Load(); n != 1 {
+		t.Errorf("the apiserver was asked %d times; want once", n)
+	}
+}

@@ -2,6 +2,7 @@ package recorder
 
 import (
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/outposthq/outpost/internal/codec"
@@ -142,9 +143,10 @@ func (c *Recorder) holds(view store.ViewKey, contentType string, body []byte, li
 // arrive meanwhile, as when many clients list the same thing at once, are
 // then neither inflated nor decoded nor written again.
 type claim struct {
-	view store.ViewKey
-	rv   string
-	at   time.Time
+	view    store.ViewKey
+	rv      string
+	at      time.Time
+	skipped atomic.Int32 // copies passed over for this one
 }
 
 // claimPatience is how long a claim keeps other answers at its version from
@@ -169,6 +171,7 @@ func (c *Recorder) claim(view store.ViewKey, contentType string, body []byte, li
 	defer c.mu.Unlock()
 	now := c.Now()
 	if other := c.claims[view]; other != nil && other.rv == rv && now.Sub(other.at) < claimPatience {
+		other.skipped.Add(1)
 		return true, nil
 	}
 	cl = &claim{view: view, rv: rv, at: now}

@@ -3,6 +3,7 @@ package recorder
 import (
 	"context"
 	"log/slog"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,6 +48,13 @@ type Recorder struct {
 	// kubelet's).
 	RecordsToken func(*request.Info) bool
 
+	// UpstreamAs, if set, sends requests as the identity (by its key) a
+	// view belongs to, or returns nil when outpost holds no credentials
+	// of it. The recorder then re-lists a view on its own when the one
+	// copy of an answer it was recording is lost after other copies of it
+	// were passed over (see claim).
+	UpstreamAs func(identity string) http.RoundTripper
+
 	// LargeAnswer, if set, is called after an answer of memory.LargeAnswer
 	// bytes or more was stored: decoding and storing one takes several
 	// times its size in short-lived memory, worth returning to the system
@@ -65,7 +73,9 @@ type Recorder struct {
 	pending    map[store.ViewKey]int // answers being decoded, per view
 	claims     map[store.ViewKey]*claim
 	listed     map[store.ViewKey]time.Time // when a whole answer last replaced each view
-	unrecorded map[string]*Unrecorded      // by resource, without "#meta"
+	refreshing map[store.ViewKey]bool      // queued in refreshes
+	refreshes  chan store.ViewKey
+	unrecorded map[string]*Unrecorded // by resource, without "#meta"
 }
 
 // write is one ordered store write.
@@ -81,6 +91,7 @@ type replaceView struct {
 	view  store.View
 	objs  []store.Object
 	claim *claim // released once the replace is applied
+	older bool   // set by applyTx: the view was newer, and kept
 }
 
 type doc struct {
@@ -112,6 +123,8 @@ func (c *Recorder) init() {
 		c.pending = map[store.ViewKey]int{}
 		c.claims = map[store.ViewKey]*claim{}
 		c.listed = map[store.ViewKey]time.Time{}
+		c.refreshing = map[store.ViewKey]bool{}
+		c.refreshes = make(chan store.ViewKey, 256)
 		c.unrecorded = map[string]*Unrecorded{}
 	})
 }
@@ -121,6 +134,7 @@ func (c *Recorder) init() {
 func (c *Recorder) Run(ctx context.Context) error {
 	c.init()
 	var wg sync.WaitGroup
+	wg.Go(func() { c.refresher(ctx) })
 	wg.Go(func() {
 		for {
 			select {
@@ -179,11 +193,16 @@ func (c *Recorder) writer(stop <-chan struct{}) {
 					continue
 				}
 			}
+			if w.replace != nil && w.replace.older {
+				c.unclaim(w.replace.claim) // nothing to write: the view is newer
+				continue
+			}
 			c.count(w)
 			if w.replace != nil {
 				c.unclaim(w.replace.claim) // the store now holds the answer
 				c.mu.Lock()
 				c.listed[w.replace.view.Key] = c.Now()
+				delete(c.stale, w.replace.view.Key) // a whole answer made it whole
 				c.mu.Unlock()
 			}
 		}
@@ -263,13 +282,17 @@ func applyTx(tx *store.Tx, w write) error {
 		// (its client read it slowly while newer answers and events were
 		// recorded) would take the view back in time. (A view at a newer
 		// version that is older than the answer is not newer: the
-		// cluster's versions went back, as after etcd is restored.)
+		// cluster's versions went back, as after etcd is restored; and
+		// a stale view, which events alone may have moved past what it
+		// lacks, takes any whole answer.)
+		w.replace.older = false
 		if cl := w.replace.claim; cl != nil {
 			v, ok, err := tx.View(w.replace.view.Key)
 			if err != nil {
 				return err
 			}
-			if ok && v.Updated.After(cl.at) && store.NewerRV(v.ResourceVersion, w.replace.view.ResourceVersion) {
+			if ok && !v.Stale && v.Updated.After(cl.at) && store.NewerRV(v.ResourceVersion, w.replace.view.ResourceVersion) {
+				w.replace.older = true
 				return nil
 			}
 		}
@@ -355,9 +378,70 @@ func (c *Recorder) dropped(view *store.ViewKey, reason string, err error) {
 func (c *Recorder) markStale(k store.ViewKey) {
 	c.mu.Lock()
 	c.stale[k] = true
+	cl := c.claims[k]
 	delete(c.claims, k) // a later answer at the claimed version must be recorded
 	c.mu.Unlock()
+	if cl != nil && cl.skipped.Load() > 0 {
+		// Copies of the same answer were not taken because this one
+		// was: with it lost, nothing would bring the view up to date
+		// while the link holds.
+		c.refresh(k)
+	}
+	// Marked in the store in order with the answers queued before and
+	// after it (or, should the queue be full, by the writer's next flush).
+	select {
+	case c.writes <- write{stale: &k}:
+	default:
+	}
 }
+
+// refresh queues view k to be re-listed by the refresher (see UpstreamAs),
+// once however often it is asked until it was.
+func (c *Recorder) refresh(k store.ViewKey) {
+	if c.UpstreamAs == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.refreshing[k] {
+		return
+	}
+	select {
+	case c.refreshes <- k:
+		c.refreshing[k] = true
+	default: // many at once: the rest wait for the next reconnect's re-list
+	}
+}
+
+// refresher re-lists the views refresh queued, at most refreshRate a
+// second, until ctx ends.
+func (c *Recorder) refresher(ctx context.Context) {
+	tick := time.NewTicker(time.Second / refreshRate)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case k := <-c.refreshes:
+			if up := c.UpstreamAs(k.Identity); up != nil {
+				if _, err := c.relistOne(ctx, k, up); err != nil {
+					c.Log.Debug("re-listing a view whose recording was lost failed; it stays stale", "view", k.String(), "err", err)
+				}
+			}
+			c.mu.Lock()
+			delete(c.refreshing, k)
+			c.mu.Unlock()
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}
+}
+
+// refreshRate bounds the views the refresher re-lists a second.
+const refreshRate = 5
 
 // flushStale marks remembered views stale in the store (writer only).
 func (c *Recorder) flushStale() {

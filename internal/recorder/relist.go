@@ -36,7 +36,9 @@ func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstre
 		rate = 5
 	}
 	for _, v := range views {
-		if v.Key.Identity != identity {
+		// A view a client re-listed since is skipped before its turn
+		// (costing no wait) and when its turn comes.
+		if v.Key.Identity != identity || (!v.Stale && c.listedSince(v.Key, since)) {
 			continue
 		}
 		jitter := time.Duration(rand.Int64N(int64(time.Second / time.Duration(rate))))
@@ -45,35 +47,16 @@ func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstre
 			return done, ctx.Err()
 		case <-time.After(time.Second/time.Duration(rate) + jitter/2):
 		}
-		if c.listedSince(v.Key, since) {
+		if !v.Stale && c.listedSince(v.Key, since) {
 			continue
 		}
-		r, err := relistRequest(ctx, v.Key, c.protobufOnly(v.Key))
-		if err != nil {
-			continue
-		}
-		resp, err := upstream.RoundTrip(r)
+		ok, err := c.relistOne(ctx, v.Key, upstream)
 		if err != nil {
 			return done, err
 		}
-		body, err := io.ReadAll(io.LimitReader(resp.Body, int64(c.MaxBody)+1))
-		resp.Body.Close()
-		switch {
-		case err != nil:
-			return done, err
-		case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusForbidden:
-			// Gone upstream, or no longer this identity's to read (the
-			// Node authorizer forgets a deleted pod's ConfigMap): the view
-			// goes, so it is never served again.
-			_ = c.Store.DeleteView(v.Key)
-		case resp.StatusCode != http.StatusOK:
-			continue
-		case v.Key.Name != "":
-			c.recordObject(v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body), nil)
-		default:
-			c.recordList("", v.Key, resp.Header.Get("Content-Type"), maybeGunzip(resp, body), nil)
+		if ok {
+			done++
 		}
-		done++
 	}
 	return done, nil
 }
@@ -84,6 +67,43 @@ func (c *Recorder) listedSince(k store.ViewKey, since time.Time) bool {
 	defer c.mu.Unlock()
 	at, ok := c.listed[k]
 	return ok && at.After(since) && !c.stale[k]
+}
+
+// relistOne asks the apiserver for view k through upstream and records the
+// answer; ok is false when there was nothing to record (the request could
+// not be made, or the apiserver refused it: a view it says is gone or no
+// longer readable is deleted). err is a failure of the link.
+func (c *Recorder) relistOne(ctx context.Context, k store.ViewKey, upstream http.RoundTripper) (ok bool, err error) {
+	r, err := relistRequest(ctx, k, c.protobufOnly(k))
+	if err != nil {
+		return false, nil
+	}
+	resp, err := upstream.RoundTrip(r)
+	if err != nil {
+		return false, err
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, int64(c.MaxBody)+1))
+	resp.Body.Close()
+	switch {
+	case err != nil:
+		return false, err
+	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusForbidden:
+		// Gone upstream, or no longer this identity's to read (the Node
+		// authorizer forgets a deleted pod's ConfigMap): the view goes,
+		// so it is never served again.
+		_ = c.Store.DeleteView(k)
+		c.mu.Lock()
+		delete(c.listed, k)
+		c.mu.Unlock()
+		return true, nil
+	case resp.StatusCode != http.StatusOK:
+		return false, nil
+	case k.Name != "":
+		c.recordObject(k, resp.Header.Get("Content-Type"), maybeGunzip(resp, body), nil)
+	default:
+		c.recordList("", k, resp.Header.Get("Content-Type"), maybeGunzip(resp, body), nil)
+	}
+	return true, nil
 }
 
 func maybeGunzip(resp *http.Response, body []byte) []byte {

@@ -252,10 +252,15 @@ func (t *wholeTee) Read(p []byte) (int, error) {
 		} else {
 			if t.buf == nil {
 				size := t.size
-				if size == 0 {
+				switch {
+				case size == 0:
 					// No Content-Length: a list the apiserver streams,
 					// most likely tens or hundreds of KiB.
 					size = max(n, 64<<10)
+				case t.check != nil:
+					// Room for what check reads first: the rest once
+					// check says the copy is needed.
+					size = min(size, max(n, 2*checkFirst))
 				}
 				if t.pooled {
 					t.buf = getBody(size)
@@ -309,10 +314,15 @@ func (t *wholeTee) ask() {
 		t.release("")
 		t.skipped = true
 		t.check = nil
+		return
 	case t.checkAt >= checkLast:
 		t.check = nil // the whole answer will tell
 	default:
 		t.checkAt *= 2
+	}
+	if t.size > cap(t.buf) {
+		// Needed, or not told yet: room for the whole, at once.
+		t.buf = slices.Grow(t.buf, t.size-len(t.buf))
 	}
 }
 
