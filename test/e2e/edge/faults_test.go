@@ -122,8 +122,16 @@ func TestFaults(t *testing.T) {
 			continue
 		}
 		figure(t, "%s: link back → online: %v", f.name, ms(online))
-		// Let the edge settle online before the next fault.
+		// Let the edge settle online before the next fault: the
+		// reconnect's steps (re-listing after a long outage begins a few
+		// seconds after the link returned) end before it.
 		time.Sleep(2 * time.Second)
+		if _, ok := waitFor(t, 60*time.Second, "the reconnect's steps to end", func(context.Context) (bool, string) {
+			_, r := statusReport(t, e.o)
+			return r.LastReconnect == nil || !r.LastReconnect.Done.IsZero(), fmt.Sprintf("last reconnect %+v", r.LastReconnect)
+		}); !ok {
+			t.FailNow()
+		}
 		stats.begin("online")
 		if strings.HasPrefix(f.name, "flapping") {
 			// Every outage was shorter than the flap window: none may
