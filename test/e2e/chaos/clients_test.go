@@ -21,7 +21,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
@@ -410,19 +409,7 @@ type configMapInformer struct {
 
 func startInformer(t *testing.T, c *client) *configMapInformer {
 	t.Helper()
-	factory := informers.NewSharedInformerFactoryWithOptions(c, 0, informers.WithNamespace(ns),
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sel }))
-	inf := factory.Core().V1().ConfigMaps().Informer()
-	ctx, stop := context.WithCancel(context.Background())
-	t.Cleanup(func() {
-		stop()
-		factory.Shutdown()
-	})
-	factory.Start(ctx.Done())
-	if !cache.WaitForCacheSync(t.Context().Done(), inf.HasSynced) {
-		t.Fatal("informer through outpost never synced")
-	}
-	return &configMapInformer{informer: inf}
+	return &configMapInformer{informer: framework.StartConfigMapInformer(t, c, ns, sel)}
 }
 
 // state is the informer's objects as configMapsState writes them.
