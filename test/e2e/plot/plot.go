@@ -57,9 +57,12 @@ type Chart struct {
 }
 
 // The size of one chart; Stack makes the file Height taller per chart.
+// The legend takes a column of LegendWidth on the right, so that it never
+// hides a curve however many faults a run names.
 const (
-	Width  = 24 * vg.Centimeter
-	Height = 9 * vg.Centimeter
+	Width       = 24 * vg.Centimeter
+	Height      = 9 * vg.Centimeter
+	LegendWidth = 4.5 * vg.Centimeter
 )
 
 // Save writes the chart to path, as PNG or SVG by the extension.
@@ -85,12 +88,13 @@ func Stack(path string, charts ...Chart) error {
 	}
 	unit := unitFor(end)
 	plots := make([][]*gplot.Plot, len(charts))
+	legends := make([]gplot.Legend, len(charts))
 	for i, ch := range charts {
-		p, err := ch.plot(unit)
+		p, legend, err := ch.plot(unit)
 		if err != nil {
 			return fmt.Errorf("plot: chart %q: %w", ch.Title, err)
 		}
-		plots[i] = []*gplot.Plot{p}
+		plots[i], legends[i] = []*gplot.Plot{p}, legend
 	}
 	alignX(plots)
 
@@ -105,8 +109,14 @@ func Stack(path string, charts ...Chart) error {
 		PadY: vg.Millimeter * 4,
 	}
 	dc := draw.New(canvas)
-	for i, row := range gplot.Align(plots, tiles, dc) {
+	plotArea := draw.Crop(dc, 0, -LegendWidth, 0, 0)
+	legendArea := draw.Crop(dc, Width-LegendWidth, 0, 0, 0)
+	for i, row := range gplot.Align(plots, tiles, plotArea) {
 		plots[i][0].Draw(row[0])
+		// Level with the data area's top, below the chart's title.
+		lc := tiles.At(legendArea, 0, i)
+		lc.Max.Y = row[0].Max.Y - plots[i][0].Title.TextStyle.Rectangle(charts[i].Title).Size().Y - plots[i][0].Title.Padding
+		legends[i].Draw(lc)
 	}
 
 	f, err := os.Create(path)
@@ -156,19 +166,21 @@ func (c Chart) end() time.Duration {
 	return end
 }
 
-func (c Chart) plot(unit timeUnit) (*gplot.Plot, error) {
+// plot builds the chart's plot and, apart, its legend.
+func (c Chart) plot(unit timeUnit) (*gplot.Plot, gplot.Legend, error) {
 	p := gplot.New()
 	p.Title.Text = c.Title
 	p.X.Label.Text = "time (" + unit.name + ")"
 	p.Y.Label.Text = c.YLabel
-	p.Legend.Top = true
-	p.Legend.Left = true
-	p.Legend.ThumbnailWidth = 0.4 * vg.Centimeter
 	p.Add(plotter.NewGrid())
+	legend := gplot.NewLegend()
+	legend.Top, legend.Left = true, true
+	legend.ThumbnailWidth = 0.5 * vg.Centimeter
+	legend.TextStyle.Font.Size = vg.Points(9)
 
 	// Spans first, so curves and marks are drawn over the shading.
 	for i, label := range labels(c.Spans, func(s Span) string { return s.Label }) {
-		sp := &spans{fill: translucent(plotutil.Color(i+4), 0x40)}
+		sp := &spans{fill: translucent(spanColors[i%len(spanColors)], 0x50)}
 		for _, s := range c.Spans {
 			if s.Label == label {
 				sp.from = append(sp.from, unit.of(s.From))
@@ -176,12 +188,12 @@ func (c Chart) plot(unit timeUnit) (*gplot.Plot, error) {
 			}
 		}
 		p.Add(sp)
-		p.Legend.Add(label, sp)
+		legend.Add(label, sp)
 	}
 	var y0, y1 float64
 	for i, s := range c.Series {
 		if len(s.T) != len(s.V) {
-			return nil, fmt.Errorf("series %q has %d times and %d values", s.Name, len(s.T), len(s.V))
+			return nil, legend, fmt.Errorf("series %q has %d times and %d values", s.Name, len(s.T), len(s.V))
 		}
 		xys := make(plotter.XYs, len(s.T))
 		for j := range s.T {
@@ -193,16 +205,16 @@ func (c Chart) plot(unit timeUnit) (*gplot.Plot, error) {
 		}
 		line, err := plotter.NewLine(xys)
 		if err != nil {
-			return nil, fmt.Errorf("series %q: %w", s.Name, err)
+			return nil, legend, fmt.Errorf("series %q: %w", s.Name, err)
 		}
 		line.Color = plotutil.Color(i)
 		line.Width = vg.Points(1.5)
 		p.Add(line)
-		p.Legend.Add(s.Name, line)
+		legend.Add(s.Name, line)
 	}
 	for i, label := range labels(c.Marks, func(m Mark) string { return m.Label }) {
 		mk := &marks{line: draw.LineStyle{
-			Color:  plotutil.Color(i + len(c.Series)),
+			Color:  markColors[i%len(markColors)],
 			Width:  vg.Points(1),
 			Dashes: []vg.Length{vg.Points(3), vg.Points(2)},
 		}}
@@ -212,22 +224,35 @@ func (c Chart) plot(unit timeUnit) (*gplot.Plot, error) {
 			}
 		}
 		p.Add(mk)
-		p.Legend.Add(label, mk)
+		legend.Add(label, mk)
 	}
 	// Start the value axis at zero for non-negative data (a resource curve
-	// read from zero shows its growth honestly), and leave headroom above
-	// the highest point for the legend.
+	// read from zero shows its growth honestly), with some headroom.
 	if len(c.Series) > 0 {
 		if y0 >= 0 {
 			p.Y.Min = 0
 		}
-		p.Y.Max = y1 + (y1-p.Y.Min)*0.25
+		p.Y.Max = y1 + (y1-p.Y.Min)*0.1
 		if p.Y.Max == p.Y.Min {
 			p.Y.Max = p.Y.Min + 1
 		}
 	}
 	p.X.Min = 0
-	return p, nil
+	return p, legend, nil
+}
+
+// markColors tell up to a dozen kinds of event apart (the "tab10" colours
+// and two more); spanColors are paler, for shading behind the curves.
+var (
+	markColors = []color.Color{
+		rgb(0x1f77b4), rgb(0xff7f0e), rgb(0x2ca02c), rgb(0xd62728), rgb(0x9467bd), rgb(0x8c564b),
+		rgb(0xe377c2), rgb(0x7f7f7f), rgb(0xbcbd22), rgb(0x17becf), rgb(0x000000), rgb(0x393b79),
+	}
+	spanColors = []color.Color{rgb(0x9467bd), rgb(0xff7f0e), rgb(0x17becf), rgb(0xbcbd22)}
+)
+
+func rgb(v uint32) color.Color {
+	return color.RGBA{R: uint8(v >> 16), G: uint8(v >> 8), B: uint8(v), A: 0xff}
 }
 
 // alignX gives every stacked chart the same time range.
@@ -311,8 +336,11 @@ func (m *marks) Plot(c draw.Canvas, p *gplot.Plot) {
 func (m *marks) DataRange() (xmin, xmax, ymin, ymax float64) { return xrange(m.at) }
 
 func (m *marks) Thumbnail(c *draw.Canvas) {
-	x := (c.Min.X + c.Max.X) / 2
-	c.StrokeLine2(m.line, x, c.Min.Y, x, c.Max.Y)
+	// A thumbnail is short: a solid, thicker line shows the colour.
+	style := m.line
+	style.Dashes, style.Width = nil, vg.Points(2.5)
+	y := (c.Min.Y + c.Max.Y) / 2
+	c.StrokeLine2(style, c.Min.X, y, c.Max.X, y)
 }
 
 func xrange(xs []float64) (xmin, xmax, ymin, ymax float64) {
