@@ -27,12 +27,11 @@ type faultKind struct {
 
 // faultRun is one injected fault and what followed it.
 type faultRun struct {
-	n           int
-	kind        string
-	at, hold    time.Duration // since the soak began; how long it lasted
-	detail      string        // what the fault did beyond its kind
-	converged   time.Duration // from the reconnect until the edge converged
-	convergeErr string        // why it did not, if it did not
+	n         int
+	kind      string
+	at, hold  time.Duration // since the soak began; how long it lasted
+	detail    string        // what the fault did beyond its kind
+	converged convergence   // after the fault
 }
 
 func faultKinds(disk bool) []faultKind {
@@ -55,6 +54,15 @@ func faultKinds(disk bool) []faultKind {
 		kinds = append(kinds, faultKind{"disk full", (*soak).fillDisk})
 	}
 	return kinds
+}
+
+// faultNames lists the kinds, for CHAOS_FAULTS.
+func faultNames(disk bool) string {
+	var names []string
+	for _, k := range faultKinds(disk) {
+		names = append(names, k.name)
+	}
+	return strings.Join(names, ",")
 }
 
 // linkFault sets the link's mode for the hold, then lets it pass.
@@ -104,8 +112,10 @@ func (s *soak) killOffline(f *faultRun) time.Time {
 	// The first read after the restart must come from the cache.
 	if _, err := s.reader.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{LabelSelector: sel}); err != nil {
 		s.violation.add("%s #%d: the first read after an offline restart failed: %s", f.kind, f.n, explain(err))
+	} else if by := s.reader.servedBy(); by != "cache" {
+		s.violation.add("%s #%d: the first read after an offline restart was served by %q, not the cache", f.kind, f.n, by)
 	} else {
-		f.detail = "first read after restart served by " + s.reader.servedBy()
+		f.detail = "first read after the restart served from the cache"
 	}
 	sleep(ctx, f.hold)
 	s.link.Pass()
@@ -125,20 +135,22 @@ func (s *soak) restartAPIServer(f *faultRun) time.Time {
 }
 
 // corruptStore kills outpost, damages its store file — the meta pages
-// overwritten, or the file cut to half — and starts it again: it must
-// start, with the damaged file moved aside, and serve.
+// overwritten, the file cut to half its pages, or one page in use
+// overwritten — and starts it again: it must start and serve. The first
+// two are damage outpost's Open looks for: the file must be moved aside.
+// The third it finds only when it reads that page.
 func (s *soak) corruptStore(f *faultRun) time.Time {
 	ctx := s.t.Context()
 	s.kill(f.kind)
 	db := filepath.Join(s.o.DataDir, "cache.db")
-	how := []string{"meta pages overwritten", "truncated to half"}[s.rng.IntN(2)]
-	if err := corrupt(db, how); err != nil {
+	how := []string{"meta pages overwritten", "truncated to half", "a page overwritten"}[s.rng.IntN(3)]
+	if err := corrupt(db, how, s.rng.IntN); err != nil {
 		s.t.Fatalf("corrupting %s: %v", db, err)
 	}
 	s.restart(ctx)
 	asides, _ := filepath.Glob(db + ".corrupt-*")
 	f.detail = fmt.Sprintf("%s; %d file(s) moved aside", how, len(asides))
-	if len(asides) == 0 {
+	if len(asides) == 0 && how != "a page overwritten" {
 		s.violation.add("%s #%d (%s): outpost started but did not move the damaged file aside", f.kind, f.n, how)
 	}
 	// They would fill the small file system under the store.
@@ -150,7 +162,8 @@ func (s *soak) corruptStore(f *faultRun) time.Time {
 	return time.Now()
 }
 
-func corrupt(path, how string) error {
+// corrupt damages the bbolt file at path as how says; pick chooses a page.
+func corrupt(path, how string, pick func(n int) int) error {
 	st, err := os.Stat(path)
 	if err != nil {
 		return err
@@ -158,7 +171,7 @@ func corrupt(path, how string) error {
 	if how == "truncated to half" {
 		// Half of the pages in use, not of the file: bbolt grows its file
 		// ahead of use, and cutting only that tail damages nothing.
-		used, err := boltUsed(path)
+		used, _, err := boltUsed(path)
 		if err != nil {
 			return err
 		}
@@ -168,9 +181,24 @@ func corrupt(path, how string) error {
 	if err != nil {
 		return err
 	}
-	junk := make([]byte, min(st.Size(), 8192))
+	used, pageSize, err := boltUsed(path)
+	if err != nil {
+		return errors.Join(err, f.Close())
+	}
+	// Both meta pages.
+	junk := make([]byte, 2*pageSize)
+	at := int64(0)
+	if how == "a page overwritten" {
+		// One page in use past the two meta pages, header and all.
+		pages := used / pageSize
+		if pages <= 2 {
+			return errors.Join(fmt.Errorf("%s has no page in use beyond its meta pages", path), f.Close())
+		}
+		junk = make([]byte, pageSize)
+		at = pageSize * (2 + int64(pick(int(pages-2))))
+	}
 	_, _ = rand.Read(junk)
-	_, err = f.WriteAt(junk, 0)
+	_, err = f.WriteAt(junk, at)
 	return errors.Join(err, f.Close())
 }
 
@@ -179,17 +207,16 @@ func corrupt(path, how string) error {
 // size. A meta page: a 16-byte page header, then magic, version, page size
 // and flags (4 bytes each), the root bucket (16), the freelist page (8),
 // and the high-water page id (8), then the transaction id (8).
-func boltUsed(path string) (int64, error) {
+func boltUsed(path string) (used, pageSize int64, err error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	const hdr = 16
 	if len(data) < hdr+64 {
-		return 0, fmt.Errorf("%s: %d bytes is no bbolt file", path, len(data))
+		return 0, 0, fmt.Errorf("%s: %d bytes is no bbolt file", path, len(data))
 	}
-	pageSize := int64(binary.LittleEndian.Uint32(data[hdr+8:]))
-	var used int64
+	pageSize = int64(binary.LittleEndian.Uint32(data[hdr+8:]))
 	var txid uint64
 	for _, off := range []int64{0, pageSize} {
 		if off+hdr+64 > int64(len(data)) {
@@ -200,10 +227,10 @@ func boltUsed(path string) (int64, error) {
 			txid, used = tx, int64(binary.LittleEndian.Uint64(m[40:]))*pageSize
 		}
 	}
-	if used <= 0 {
-		return 0, fmt.Errorf("%s: no meta page names its size", path)
+	if used <= 0 || pageSize <= 0 {
+		return 0, 0, fmt.Errorf("%s: no meta page names its size", path)
 	}
-	return used, nil
+	return used, pageSize, nil
 }
 
 // fillDisk fills the file system under the store for the hold, while the
@@ -221,21 +248,39 @@ func (s *soak) fillDisk(f *faultRun) time.Time {
 	return time.Now()
 }
 
-// converge waits until the edge has converged to the apiserver's state and
-// returns how long that took from restored, or why it did not within
-// convergeWithin: the informer holds exactly what the apiserver lists,
-// every view in outpost's store matches the apiserver (`outpost cache
-// diff`), and the node's statuses and events accepted so far are upstream.
-func (s *soak) converge(ctx context.Context, restored time.Time) (time.Duration, string) {
+// A convergence is how the edge came back to the apiserver's state after
+// one reconnect: when each check first held, measured from the reconnect,
+// and why those that did not hold within their bound did not.
+type convergence struct {
+	took   map[string]time.Duration
+	missed map[string]string
+}
+
+// converge waits until the edge has converged to the apiserver's state,
+// each check within its bound: every view in outpost's store matches the
+// apiserver (`outpost cache diff`), the node's statuses and events
+// accepted so far are upstream, and the informer holds exactly what the
+// apiserver lists.
+func (s *soak) converge(ctx context.Context, restored time.Time) convergence {
 	s.writes.mu.Lock()
 	nodeSeq, podSeq := s.writes.nodeSeq, s.writes.podSeq
 	events := append([]string(nil), s.writes.events...)
 	s.writes.mu.Unlock()
 	checks := []struct {
-		name string
-		ok   func(ctx context.Context) (bool, string)
+		name   string
+		within time.Duration
+		ok     func(ctx context.Context) (bool, string)
 	}{
-		{"informer", func(ctx context.Context) (bool, string) {
+		{"store", convergeWithin, func(ctx context.Context) (bool, string) { return s.cacheDiff(ctx) }},
+		{"statuses", convergeWithin, func(ctx context.Context) (bool, string) { return s.statusesUp(ctx, nodeSeq, podSeq) }},
+		{"events", convergeWithin, func(ctx context.Context) (bool, string) {
+			missing, err := s.missingEvents(ctx, events)
+			if err != nil {
+				return false, err.Error()
+			}
+			return len(missing) == 0, fmt.Sprintf("%d accepted events not in the apiserver: %s", len(missing), head(missing, 5))
+		}},
+		{"informer", informerWithin, func(ctx context.Context) (bool, string) {
 			l, err := s.admin.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{LabelSelector: sel})
 			if err != nil {
 				return false, err.Error()
@@ -243,51 +288,45 @@ func (s *soak) converge(ctx context.Context, restored time.Time) (time.Duration,
 			want, got := configMapsState(l.Items), s.informer.state()
 			return want == got, "informer differs from the apiserver:\n" + lineDiff(want, got)
 		}},
-		{"store", func(ctx context.Context) (bool, string) { return s.cacheDiff(ctx) }},
-		{"statuses", func(ctx context.Context) (bool, string) { return s.statusesUp(ctx, nodeSeq, podSeq) }},
-		{"events", func(ctx context.Context) (bool, string) {
-			missing, err := s.missingEvents(ctx, events)
-			if err != nil {
-				return false, err.Error()
-			}
-			return len(missing) == 0, fmt.Sprintf("%d accepted events not in the apiserver: %s", len(missing), head(missing, 5))
-		}},
 	}
-	done := map[string]bool{}
-	last := map[string]string{}
+	c := convergence{took: map[string]time.Duration{}, missed: map[string]string{}}
 	for {
-		for _, c := range checks {
-			if done[c.name] {
+		pending := 0
+		for _, chk := range checks {
+			if _, ok := c.took[chk.name]; ok || c.missed[chk.name] != "" {
 				continue
 			}
 			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			ok, why := c.ok(cctx)
+			ok, why := chk.ok(cctx)
 			cancel()
-			done[c.name], last[c.name] = ok, why
-		}
-		if len(done) == len(checks) && !hasFalse(done) {
-			return time.Since(restored), ""
-		}
-		if time.Since(restored) > convergeWithin || ctx.Err() != nil {
-			var why []string
-			for _, c := range checks {
-				if !done[c.name] {
-					why = append(why, c.name+": "+last[c.name])
-				}
+			switch since := time.Since(restored); {
+			case ok:
+				c.took[chk.name] = since
+			case since > chk.within || ctx.Err() != nil:
+				c.missed[chk.name] = fmt.Sprintf("not within %v: %s", chk.within, why)
+			default:
+				pending++
 			}
-			return time.Since(restored), strings.Join(why, "; ")
+		}
+		if pending == 0 {
+			return c
 		}
 		sleep(ctx, 500*time.Millisecond)
 	}
 }
 
-func hasFalse(m map[string]bool) bool {
-	for _, v := range m {
-		if !v {
-			return true
+// summary is the convergence in one line: each check's time, and what was
+// missed.
+func (c convergence) summary() string {
+	var parts []string
+	for _, name := range []string{"store", "statuses", "events", "informer"} {
+		if d, ok := c.took[name]; ok {
+			parts = append(parts, fmt.Sprintf("%s %v", name, d.Round(10*time.Millisecond)))
+		} else if why := c.missed[name]; why != "" {
+			parts = append(parts, fmt.Sprintf("**%s %s**", name, strings.ReplaceAll(why, "\n", " ")))
 		}
 	}
-	return false
+	return strings.Join(parts, ", ")
 }
 
 // diffed are the resources whose views `outpost cache diff` compares with

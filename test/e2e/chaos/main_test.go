@@ -8,9 +8,10 @@
 //
 //   - cached reads never fail while outpost is offline (every failed read
 //     is counted with its phase and error);
-//   - after every reconnect the edge converges to the apiserver's state
-//     (the informer's objects, every view in outpost's store, the node's
-//     statuses and events) within convergeWithin;
+//   - after every reconnect the edge converges to the apiserver's state:
+//     every view in outpost's store, the node's statuses and events within
+//     convergeWithin, the informer's objects within informerWithin (its
+//     reflector's back-off is client-go's);
 //   - every event and status the node wrote reaches the apiserver, or is
 //     counted as dropped by policy (the journal's bound);
 //   - the store always opens, never serves a partial view, and a full disk
@@ -30,6 +31,8 @@
 // writes them into _output/chaos (CHAOS_OUT) and runs for 10 minutes; as a
 // plain `go test` (and so in `make test`) the soak runs for 40 s and logs
 // the report. CHAOS_SEED replays a run: the report names its seed.
+// CHAOS_FAULTS (comma-separated kinds, as the report names them) keeps to
+// some faults, to chase one.
 package chaos
 
 import (

@@ -137,11 +137,10 @@ func (s *soak) checkWrites(ctx context.Context) {
 	if err != nil {
 		s.violation.add("listing events: %v", err)
 	}
-	dropped, _ := s.o.Metric("outpost_journal_dropped_total")
-	dropped += s.droppedBefore
+	dropped := s.journalDrops() + s.droppedBefore
 	s.final.eventsMissing, s.final.journalDropped = missing, dropped
 	if float64(len(missing)) > dropped {
-		s.violation.add("%d of %d accepted events never reached the apiserver (journal dropped %v by policy): %s",
+		s.violation.add("%d of %d accepted events never reached the apiserver (outpost dropped %v by policy): %s",
 			len(missing), len(events), dropped, head(missing, 10))
 	}
 	ok, why := s.statusesUp(ctx, nodeSeq, podSeq)
@@ -169,16 +168,28 @@ func (s *soak) report() string {
 		s.cfg.seed, s.cfg.duration, len(s.faults), s.start.UTC().Format(time.RFC3339), s.cfg.seed, s.cfg.duration)
 	p("The seed fixes the faults, their order, durations and variants, and the cloud's changes; timing on a shared machine does not replay exactly.\n\n")
 
-	var conv []time.Duration
-	notConverged := 0
-	for _, f := range s.faults {
-		if f.convergeErr != "" {
-			notConverged++
-		} else {
-			conv = append(conv, f.converged)
+	// Convergence times by check, over every fault and the end.
+	conv := map[string][]time.Duration{}
+	missed := map[string]int{}
+	for _, c := range append(s.faultConvergences(), s.final.converged) {
+		for name, d := range c.took {
+			conv[name] = append(conv[name], d)
+		}
+		for name := range c.missed {
+			missed[name]++
 		}
 	}
-	sort.Slice(conv, func(i, j int) bool { return conv[i] < conv[j] })
+	convRow := func(names ...string) (bool, string) {
+		var parts []string
+		n := 0
+		for _, name := range names {
+			ds := conv[name]
+			slices.Sort(ds)
+			n += missed[name]
+			parts = append(parts, fmt.Sprintf("%s %s, %d missed", name, durations(ds), missed[name]))
+		}
+		return n == 0, strings.Join(parts, "; ")
+	}
 	restarts := 0
 	for _, f := range s.faults {
 		if strings.HasPrefix(f.kind, "kill") || f.kind == "corrupt store" {
@@ -200,9 +211,12 @@ func (s *soak) report() string {
 	p("| reads never fail while outpost runs (offline: from its cache) | %s | %d reads: %d from the cache, %d upstream, **%d failed**; %d made while outpost was down (killed/restarting) not counted; %d of them kubectl |\n",
 		mark(len(r.failures) == 0), r.total, r.cached, r.upstream, len(r.failures), r.down, r.kubectl)
 	p("| never a partial view (every cached list holds all %d stable ConfigMaps) | %s | %d partial |\n", stables, mark(len(r.partial) == 0), len(r.partial))
-	p("| edge converges after every reconnect within %v (informer = apiserver, `outpost cache diff` clean, statuses and events up) | %s | %d faults, %d not converged; time from reconnect: %s |\n",
-		convergeWithin, mark(notConverged == 0), len(s.faults), notConverged, durations(conv))
-	p("| offline writes reach the apiserver or are dropped by policy (0 silently lost) | %s | %d events accepted (%d journaled offline), %d missing at the end, %v dropped by the journal's bound; %s |\n",
+	ok, row := convRow("store", "statuses", "events")
+	p("| after every reconnect outpost converges within %v: `outpost cache diff` clean (ConfigMaps, pods, nodes), the node's statuses and events upstream | %s | %d faults and the end; time from the reconnect: %s |\n",
+		convergeWithin, mark(ok), len(s.faults), row)
+	ok, row = convRow("informer")
+	p("| after every reconnect the informer through outpost holds what the apiserver lists within %v (client-go's back-off) | %s | %s |\n", informerWithin, mark(ok), row)
+	p("| offline writes reach the apiserver or are dropped by policy (0 silently lost) | %s | %d events accepted (%d journaled offline), %d missing at the end, %v dropped by policy (journal bound, refused on replay); %s |\n",
 		mark(float64(len(s.final.eventsMissing)) <= s.final.journalDropped && !strings.Contains(strings.Join(viol, "\n"), "last statuses")),
 		len(w.events), w.local, len(s.final.eventsMissing), s.final.journalDropped, s.final.statuses)
 	p("| the store always opens | %s | %d restarts (kill -9 online/offline, corrupt file), all started |\n", mark(true), restarts)
@@ -218,11 +232,7 @@ func (s *soak) report() string {
 
 	p("\n## Faults\n\n| # | at | fault | held | detail | reconnect → converged |\n|---|---|---|---|---|---|\n")
 	for _, f := range s.faults {
-		c := f.converged.Round(time.Millisecond).String()
-		if f.convergeErr != "" {
-			c = "**not within " + convergeWithin.String() + "**: " + strings.ReplaceAll(f.convergeErr, "\n", " ")
-		}
-		p("| %d | %v | %s | %v | %s | %s |\n", f.n, f.at.Round(time.Second), f.kind, f.hold, f.detail, c)
+		p("| %d | %v | %s | %v | %s | %s |\n", f.n, f.at.Round(time.Second), f.kind, f.hold, f.detail, f.converged.summary())
 	}
 	if len(r.failures) > 0 {
 		p("\n## Failed reads\n\n")
@@ -254,6 +264,14 @@ func (s *soak) report() string {
 		}
 	}
 	return b.String()
+}
+
+func (s *soak) faultConvergences() []convergence {
+	var cs []convergence
+	for _, f := range s.faults {
+		cs = append(cs, f.converged)
+	}
+	return cs
 }
 
 // durations summarises convergence times: median and max.
