@@ -137,9 +137,10 @@ func (s *soak) checkWrites(ctx context.Context) {
 	if err != nil {
 		s.violation.add("listing events: %v", err)
 	}
-	dropped := s.journalDrops() + s.droppedBefore
-	s.final.eventsMissing, s.final.journalDropped = missing, dropped
-	if float64(len(missing)) > dropped {
+	bound, refused := s.journalDrops()
+	bound, refused = bound+s.droppedBefore[0], refused+s.droppedBefore[1]
+	s.final.eventsMissing, s.final.journalDropped = missing, [2]float64{bound, refused}
+	if dropped := bound + refused; float64(len(missing)) > dropped {
 		s.violation.add("%d of %d accepted events never reached the apiserver (outpost dropped %v by policy): %s",
 			len(missing), len(events), dropped, head(missing, 10))
 	}
@@ -216,9 +217,10 @@ func (s *soak) report() string {
 		convergeWithin, mark(ok), len(s.faults), row)
 	ok, row = convRow("informer")
 	p("| after every reconnect the informer through outpost holds what the apiserver lists within %v (client-go's back-off) | %s | %s |\n", informerWithin, mark(ok), row)
-	p("| offline writes reach the apiserver or are dropped by policy (0 silently lost) | %s | %d events accepted (%d journaled offline), %d missing at the end, %v dropped by policy (journal bound, refused on replay); %s |\n",
-		mark(float64(len(s.final.eventsMissing)) <= s.final.journalDropped && !strings.Contains(strings.Join(viol, "\n"), "last statuses")),
-		len(w.events), w.local, len(s.final.eventsMissing), s.final.journalDropped, s.final.statuses)
+	dropped := s.final.journalDropped
+	p("| offline writes reach the apiserver or are dropped by policy (0 silently lost) | %s | %d events accepted (%d journaled offline), %d missing at the end; outpost dropped %v beyond the journal's bound, %v refused by the apiserver on replay; %s |\n",
+		mark(float64(len(s.final.eventsMissing)) <= dropped[0]+dropped[1] && !strings.Contains(strings.Join(viol, "\n"), "last statuses")),
+		len(w.events), w.local, len(s.final.eventsMissing), dropped[0], dropped[1], s.final.statuses)
 	p("| the store always opens | %s | %d restarts (kill -9 online/offline, corrupt file), all started |\n", mark(true), restarts)
 	if s.disk != nil {
 		p("| a full disk never breaks online proxying | %s | %d reads while the store's disk was full, %d failed, %d from the cache |\n",

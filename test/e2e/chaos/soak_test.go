@@ -131,11 +131,11 @@ type soak struct {
 	faults    []*faultRun
 	violation violations
 	// droppedBefore sums journalDrops of the outpost processes killed so
-	// far (each new one counts from zero).
-	droppedBefore float64
+	// far (each new one counts from zero): beyond the bound, refused.
+	droppedBefore [2]float64
 	final         struct {
 		eventsMissing  []string
-		journalDropped float64
+		journalDropped [2]float64
 		statuses       string
 		converged      convergence
 	}
@@ -319,22 +319,20 @@ func (s *soak) restart(ctx context.Context) {
 
 // kill ends outpost with SIGKILL; the phase says it is down until restart.
 func (s *soak) kill(name string) {
-	s.droppedBefore += s.journalDrops()
+	bound, refused := s.journalDrops()
+	s.droppedBefore[0] += bound
+	s.droppedBefore[1] += refused
 	s.phase.Store(&phase{name: name, down: true})
 	s.pid.Store(0)
 	s.o.Kill()
 }
 
 // journalDrops is how many events the running outpost dropped by policy:
-// beyond the journal's bound, or refused by the apiserver on replay.
-func (s *soak) journalDrops() float64 {
-	var n float64
-	for _, m := range []string{"outpost_journal_dropped_total", "outpost_journal_rejected_total"} {
-		if v, err := s.o.Metric(m); err == nil {
-			n += v
-		}
-	}
-	return n
+// beyond the journal's bound, and refused by the apiserver on replay.
+func (s *soak) journalDrops() (bound, refused float64) {
+	bound, _ = s.o.Metric("outpost_journal_dropped_total")
+	refused, _ = s.o.Metric("outpost_journal_rejected_total")
+	return bound, refused
 }
 
 // abort ends the soak on a broken promise it cannot go on from, with the
