@@ -27,7 +27,8 @@
 // writes whose arrival can be checked.
 //
 // The run ends with a markdown report (report.md) and a picture of outpost's
-// RSS and open files with the faults marked (resources.png). `make chaos`
+// RSS and open files with the faults marked (resources.png), beside
+// outpost's log (outpost.log). `make chaos`
 // writes them into _output/chaos (CHAOS_OUT) and runs for 10 minutes; as a
 // plain `go test` (and so in `make test`) the soak runs for 40 s and logs
 // the report. CHAOS_SEED replays a run: the report names its seed.

@@ -357,6 +357,10 @@ func (s *soak) finish() {
 	if err := s.samples.draw(filepath.Join(s.cfg.out, "resources.png"), s.faults, s.start); err != nil {
 		t.Errorf("drawing the resources: %v", err)
 	}
+	// Outpost's own log, every restart in one file, beside the report.
+	if data, err := os.ReadFile(s.o.LogPath); err == nil {
+		_ = os.WriteFile(filepath.Join(s.cfg.out, "outpost.log"), data, 0o644)
+	}
 	t.Logf("chaos report (%s, picture resources.png beside it):\n%s", path, rep)
 	for _, v := range s.violation.list() {
 		t.Error(v)
