@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0
 LDFLAGS := -s -w -X github.com/outposthq/outpost/internal/version.Version=$(VERSION)
 GO_TEST_TIMEOUT ?= 40m
 
-.PHONY: all build images k8s node-deps test unit e2e lint demo bench clean
+.PHONY: all build images k8s node-deps test unit e2e lint demo bench chaos clean
 
 all: build
 
@@ -52,6 +52,15 @@ e2e: k8s build
 ## bench: direct vs through outpost, on the real apiserver; report in _output/bench.txt
 bench: k8s build
 	go test -run '^$$' -bench . -benchtime 2s -count 1 ./test/e2e/bench/ | tee _output/bench.txt
+
+## chaos: a seeded soak of faults (link, kill -9, apiserver restart, full disk, corrupt
+## store) against outpost on a real control plane, invariants checked all along;
+## CHAOS_DURATION (default 10m), CHAOS_SEED replays a run; report, RSS/fd curve and
+## log in _output/chaos
+chaos: k8s build
+	@mkdir -p _output/chaos
+	CHAOS_DURATION=$${CHAOS_DURATION:-10m} CHAOS_OUT=$(CURDIR)/_output/chaos \
+		go test -count=1 -timeout $(GO_TEST_TIMEOUT) -v -run '^TestChaos$$' ./test/e2e/chaos/ 2>&1 | tee _output/chaos/chaos.log
 
 ## demo: a real control plane, outpost in front of it, kubectl through outpost
 demo: node-deps k8s build

@@ -83,8 +83,21 @@ func (l *Writer) Journal() (depth, max int, dropped int64) {
 // ReplayJournal posts the journaled events to the apiserver through
 // upstream (as the node), at most rate per second, deleting each one the
 // apiserver answered. It stops at the first failure to reach the
-// apiserver; the rest wait for the next reconnect.
+// apiserver; the rest wait for the next reconnect. An event that already
+// exists (409) was delivered by an earlier replay whose answer was lost
+// (the link broke again meanwhile): it counts as delivered. An event the
+// apiserver refuses otherwise (4xx) is dropped, counted
+// (outpost_journal_rejected_total) and logged once per replay: offline it
+// was answered 201, so a drop nobody counted would be an event silently
+// lost.
 func (l *Writer) ReplayJournal(ctx context.Context, rate int, upstream http.RoundTripper) (replayed int, err error) {
+	var rejected, firstCode int
+	var firstPath string
+	defer func() {
+		if rejected > 0 {
+			l.Log.Warn("journaled events refused by the apiserver on replay; dropped", "refused", rejected, "first_code", firstCode, "first_path", firstPath)
+		}
+	}()
 	type item struct {
 		key   string
 		entry journalEntry
@@ -115,8 +128,17 @@ func (l *Writer) ReplayJournal(ctx context.Context, rate int, upstream http.Roun
 			return replayed, fmt.Errorf("replaying event: apiserver answered %d", code)
 		}
 		_ = l.Store.DeleteDoc(it.key)
-		if code < 300 {
+		switch {
+		case code < 300 || code == http.StatusConflict:
 			replayed++
+		case code >= 400:
+			if rejected == 0 {
+				firstCode, firstPath = code, it.entry.Path
+			}
+			rejected++
+			if l.Metrics != nil {
+				l.Metrics.JournalRejected.Inc()
+			}
 		}
 		select {
 		case <-ctx.Done():

@@ -66,8 +66,9 @@ type Metrics struct {
 	CertRotations *prometheus.CounterVec
 	// JournalEvents counts events journaled offline; JournalDropped those
 	// dropped because the journal was full; JournalReplayed those delivered
-	// after reconnect.
-	JournalEvents, JournalDropped, JournalReplayed prometheus.Counter
+	// after reconnect; JournalRejected those the apiserver refused (4xx) on
+	// replay, dropped.
+	JournalEvents, JournalDropped, JournalReplayed, JournalRejected prometheus.Counter
 }
 
 // New creates the collectors and registers them, with the Go and process
@@ -159,7 +160,8 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.JournalEvents = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_events_total", Help: "Events journaled while offline."})
 	m.JournalDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_dropped_total", Help: "Journaled events dropped because the journal was full."})
 	m.JournalReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_replayed_total", Help: "Journaled events delivered to the apiserver after reconnect."})
-	reg.MustRegister(m.MemoryReleases, m.CertRotations, m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheUnrecorded, m.CacheErrors,
+	m.JournalRejected = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_rejected_total", Help: "Journaled events the apiserver refused (4xx) on replay, dropped."})
+	reg.MustRegister(m.MemoryReleases, m.CertRotations, m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.JournalRejected, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheUnrecorded, m.CacheErrors,
 		m.CacheSkipped, m.RecordingBytes, m.RecordingBudget,
 		m.Requests, m.ClientRequests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,
 		m.UpstreamTransitions, m.UpstreamProbes, m.Online, m.AuthFailures,

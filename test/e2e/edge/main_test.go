@@ -27,9 +27,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/cache"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
@@ -213,18 +211,7 @@ func createConfigMaps(t *testing.T, ns, prefix string, n int, set, v string) {
 // configMapsState writes it, at each call.
 func configMapInformer(t *testing.T, c kubernetes.Interface, ns, sel string) func() string {
 	t.Helper()
-	factory := informers.NewSharedInformerFactoryWithOptions(c, 0, informers.WithNamespace(ns),
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sel }))
-	informer := factory.Core().V1().ConfigMaps().Informer()
-	ctx, stop := context.WithCancel(context.Background())
-	t.Cleanup(func() {
-		stop()
-		factory.Shutdown()
-	})
-	factory.Start(ctx.Done())
-	if !cache.WaitForCacheSync(t.Context().Done(), informer.HasSynced) {
-		t.Fatal("informer through outpost never synced")
-	}
+	informer := framework.StartConfigMapInformer(t, c, ns, sel)
 	return func() string {
 		var cms []corev1.ConfigMap
 		for _, o := range informer.GetStore().List() {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/url"
 	"sync"
@@ -12,7 +13,7 @@ import (
 
 // A FaultProxy is a TCP proxy on 127.0.0.1 in front of one address, whose
 // behaviour a test switches at any moment: pass, black-hole, reset, or pass
-// with added latency. It sits between outpost and kube-apiserver so that a
+// with added latency or packet loss. It sits between outpost and kube-apiserver so that a
 // test cuts outpost's link to the cloud while the test itself keeps talking
 // to the apiserver directly.
 //
@@ -33,6 +34,7 @@ type FaultProxy struct {
 	mu      sync.Mutex // guards the fields below
 	mode    faultMode
 	latency time.Duration
+	loss    float64
 	changed chan struct{} // closed and replaced at every change of mode
 	links   map[*link]struct{}
 	closed  bool
@@ -84,24 +86,39 @@ func (p *FaultProxy) URL() string { return "https://" + p.Addr() }
 
 // Pass forwards every byte at once, on open and new connections alike;
 // bytes held by a black-hole are delivered now.
-func (p *FaultProxy) Pass() { p.set(modePass, 0) }
+func (p *FaultProxy) Pass() { p.set(modePass, 0, 0) }
 
 // Latency passes every byte d late in each direction, so a round trip takes
 // 2d longer. Bytes already on their way keep the delay they had when read,
 // now measured with d.
-func (p *FaultProxy) Latency(d time.Duration) { p.set(modePass, d) }
+func (p *FaultProxy) Latency(d time.Duration) { p.set(modePass, d, 0) }
+
+// Loss passes bytes as TCP delivers them over a link that drops packets:
+// each chunk (one read, up to 32 KiB) is lost with probability rate, and a
+// lost chunk arrives only after TCP's retransmission timeout (200 ms,
+// doubling while the retransmission is lost too, up to 3.2 s), holding up
+// everything behind it on its connection. A userspace proxy cannot drop
+// bytes from a TCP stream; the stall is what the endpoints see of a loss.
+func (p *FaultProxy) Loss(rate float64) { p.set(modePass, 0, rate) }
+
+// Retransmission timeouts of the Loss mode: Linux's minimum RTO, and the
+// backoff limit beyond which a connection this lossy is as good as dead.
+const (
+	minRTO = 200 * time.Millisecond
+	maxRTO = 3200 * time.Millisecond
+)
 
 // Blackhole forwards nothing: new connections are accepted (the kernel
 // completes the handshake) and held, open ones stall, and neither side hears
 // from the other, not even of a close, until the mode changes.
-func (p *FaultProxy) Blackhole() { p.set(modeBlackhole, 0) }
+func (p *FaultProxy) Blackhole() { p.set(modeBlackhole, 0, 0) }
 
 // Reset ends every open connection with a TCP RST on both sides and resets
 // every new one at once, as a stateful firewall dropping the flows would.
-func (p *FaultProxy) Reset() { p.set(modeReset, 0) }
+func (p *FaultProxy) Reset() { p.set(modeReset, 0, 0) }
 
 // Mode describes the current mode, for logs: "pass", "latency 2s",
-// "blackhole" or "reset".
+// "loss 5%", "blackhole" or "reset".
 func (p *FaultProxy) Mode() string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -112,6 +129,8 @@ func (p *FaultProxy) Mode() string {
 		return "reset"
 	case p.latency > 0:
 		return "latency " + p.latency.String()
+	case p.loss > 0:
+		return fmt.Sprintf("loss %g%%", p.loss*100)
 	default:
 		return "pass"
 	}
@@ -146,13 +165,13 @@ func (p *FaultProxy) Close() error {
 	return err
 }
 
-func (p *FaultProxy) set(m faultMode, latency time.Duration) {
+func (p *FaultProxy) set(m faultMode, latency time.Duration, loss float64) {
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
 		return
 	}
-	p.mode, p.latency = m, latency
+	p.mode, p.latency, p.loss = m, latency, loss
 	close(p.changed)
 	p.changed = make(chan struct{})
 	var doomed []*link
@@ -328,10 +347,37 @@ func (p *FaultProxy) pump(l *link, src, dst net.Conn) {
 		if len(c.data) == 0 {
 			continue
 		}
+		if !p.retransmit(l) {
+			l.abort(true)
+			return
+		}
 		if _, err := dst.Write(c.data); err != nil {
 			l.abort(true)
 			return
 		}
+	}
+}
+
+// retransmit holds a chunk the Loss mode drops for as long as TCP would
+// take to deliver it again. It reports false when the link ended meanwhile.
+func (p *FaultProxy) retransmit(l *link) bool {
+	p.mu.Lock()
+	loss := p.loss
+	p.mu.Unlock()
+	var wait time.Duration
+	for rto := minRTO; rto <= maxRTO && loss > 0 && rand.Float64() < loss; rto *= 2 {
+		wait += rto
+	}
+	if wait == 0 {
+		return true
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-l.done:
+		return false
 	}
 }
 

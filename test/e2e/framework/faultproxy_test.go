@@ -347,3 +347,40 @@ func TestFaultProxyClose(t *testing.T) {
 		t.Errorf("%d goroutines after Close, %d before", n, before)
 	}
 }
+
+func TestFaultProxyLoss(t *testing.T) {
+	p := startProxy(t, echoServer(t))
+	c := dial(t, p)
+	c.echo("warm")
+
+	p.Loss(0.5)
+	if p.Mode() != "loss 50%" {
+		t.Errorf("Mode = %q", p.Mode())
+	}
+	// Every line arrives, in order, but some only after a retransmission
+	// timeout: with half the chunks lost, 20 round trips (40 chunks) all
+	// on time would happen once in 10^12 runs.
+	var slow int
+	for i := range 20 {
+		line := "line " + strconv.Itoa(i)
+		start := time.Now()
+		c.send(line)
+		got, err := c.recv(15 * time.Second)
+		if err != nil || got != line {
+			t.Fatalf("echo under loss = %q, %v; want %q", got, err, line)
+		}
+		if time.Since(start) >= minRTO {
+			slow++
+		}
+	}
+	if slow == 0 {
+		t.Error("no round trip waited for a retransmission at 50% loss")
+	}
+
+	p.Pass()
+	start := time.Now()
+	c.echo("fast")
+	if rtt := time.Since(start); rtt >= minRTO {
+		t.Errorf("round trip after Pass took %v", rtt)
+	}
+}
