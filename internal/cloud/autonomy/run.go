@@ -27,6 +27,7 @@ import (
 	"github.com/outposthq/outpost/internal/cloud/autonomy/webhook"
 	"github.com/outposthq/outpost/internal/cloud/csrapproval"
 	"github.com/outposthq/outpost/internal/cloud/peerhealth"
+	"github.com/outposthq/outpost/internal/peer"
 	"github.com/outposthq/outpost/internal/server"
 )
 
@@ -100,6 +101,7 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 			Reports:   reports.Coordination().V1().Leases().Lister().Leases(cfg.Peers.Namespace),
 			SiteLabel: cfg.Peers.SiteLabel,
 			Grace:     cfg.Peers.GracePeriod,
+			Validity:  cfg.Peers.ReportValidity,
 			Interval:  cfg.Peers.Interval,
 			Candidate: peerCandidate,
 			Changed:   ctrl.enqueueNodePods,
@@ -109,6 +111,7 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 			Log:       logger.With("component", "peerhealth"),
 		}
 		ctrl.peers = tracker
+		warnPeers(cfg.Peers, logger)
 	}
 	var approver *csrapproval.Controller
 	if !cfg.CSRApproval.Disabled {
@@ -224,7 +227,7 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
 	logger.Info("outpost-controller running", "webhook", hookLn.Addr().String(), "hosts", cfg.Webhook.Hosts,
 		"metrics", cfg.MetricsAddress, "leaderElection", !cfg.LeaderElection.Disabled,
 		"approveServingCSRs", !cfg.CSRApproval.Disabled, "clusterDomain", cfg.CSRApproval.ClusterDomain,
-		"peerVerdicts", !cfg.Peers.Disabled, "peerGracePeriod", cfg.Peers.GracePeriod)
+		"peerVerdicts", !cfg.Peers.Disabled, "peerGracePeriod", cfg.Peers.GracePeriod, "peerReportValidity", cfg.Peers.ReportValidity)
 	return g.Wait()
 }
 
@@ -285,6 +288,18 @@ func watchReportErrors(reports informers.SharedInformerFactory, namespace string
 			logger.Error(msg, "namespace", namespace, "err", err)
 		})
 	})
+}
+
+// warnPeers says at startup what weakens the peers' verdicts in cfg.
+func warnPeers(cfg Peers, logger *slog.Logger) {
+	if peer.NodeMaySetLabel(cfg.SiteLabel) {
+		logger.Warn("the peer site label is one a node may set on its own Node (NodeRestriction allows it): nodes could move themselves into a site and make a quorum there; "+
+			"label sites with node-restriction.kubernetes.io/<name> and pass it as --peer-site-label here and on the outposts", "peerSiteLabel", cfg.SiteLabel)
+	}
+	if cfg.Namespace != peer.DefaultNamespace {
+		logger.Warn("the admission policy binding of deploy/peer-reports.yaml names namespace "+peer.DefaultNamespace+
+			": bind it to --peer-namespace too, or nodes may write each other's reports", "peerNamespace", cfg.Namespace)
+	}
 }
 
 // peerCandidate is whom the peers' verdicts are for: a node autonomous by
