@@ -11,6 +11,7 @@ import (
 
 	"github.com/outposthq/outpost/internal/cloud/autonomy"
 	"github.com/outposthq/outpost/internal/cloud/csrapproval"
+	"github.com/outposthq/outpost/internal/cloud/peerhealth"
 	"github.com/outposthq/outpost/internal/peer"
 )
 
@@ -93,6 +94,7 @@ func parseRun(args []string, stdout io.Writer) (options, error) {
 	fs.StringVar(&c.Peers.Namespace, "peer-namespace", peer.DefaultNamespace, "namespace of the outposts' peer reports (one Lease per node)")
 	fs.StringVar(&c.Peers.SiteLabel, "peer-site-label", peer.DefaultSiteLabel, "Node label whose value names a node's site; the outposts' --peer-site-label")
 	fs.DurationVar(&c.Peers.GracePeriod, "peer-grace-period", 5*time.Minute, "how long a quorum of a node's peers must report it unreachable before its autonomy is withdrawn and Kubernetes evicts its pods")
+	fs.DurationVar(&c.Peers.ReportValidity, "peer-report-validity", peerhealth.DefaultValidity, "how long a peer report counts after outpost-controller saw it written, on its own clock (a node's leaseDurationSeconds may only shorten it); keep it above the outposts' --peer-report-interval")
 
 	fs.StringVar(&c.MetricsAddress, "metrics-address", ":8080", "HTTP listen address of /metrics, /healthz and /readyz (empty: off)")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 5*time.Second, "how long the servers drain requests on SIGTERM")

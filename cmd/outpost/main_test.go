@@ -2,10 +2,20 @@ package main
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/pem"
 	"io"
+	"math/big"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestCommandLine: what users of a node daemon expect from its command
@@ -76,5 +86,46 @@ func TestSizeFlags(t *testing.T) {
 		if cfg.RecordingBudget != c.budget || cfg.MemoryLimit != c.memory {
 			t.Errorf("%q: budget %d, memory limit %d; want %d, %d", c.args, cfg.RecordingBudget, cfg.MemoryLimit, c.budget, c.memory)
 		}
+	}
+}
+
+// --peer-address with a kubeconfig that holds a token and no client
+// certificate: refused at startup, once, as a configuration error (exit 2),
+// since every peer would otherwise report this live node unreachable.
+func TestPeersNeedNodeCertificate(t *testing.T) {
+	dir := t.TempDir()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test-ca"}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca := base64.StdEncoding.EncodeToString(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := os.WriteFile(kubeconfig, []byte(`apiVersion: v1
+kind: Config
+clusters:
+- name: c
+  cluster: {server: "https://127.0.0.1:6443", certificate-authority-data: "`+ca+`"}
+users:
+- name: u
+  user: {token: abc}
+contexts:
+- name: x
+  context: {cluster: c, user: u}
+current-context: x
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var stdout, stderr bytes.Buffer
+	code := run([]string{"run", "--kubeconfig=" + kubeconfig, "--node-name=n", "--data-dir=" + filepath.Join(dir, "data"),
+		"--secure-address=127.0.0.1:0", "--admin-address=", "--peer-address=127.0.0.2:10269"}, &stdout, &stderr)
+	const want = "--peer-address needs a node client certificate"
+	if code != 2 || strings.Count(stderr.String(), want) != 1 {
+		t.Errorf("exit %d, want 2, and stderr saying %q once:\n%s", code, want, &stderr)
 	}
 }

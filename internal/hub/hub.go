@@ -154,6 +154,9 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := checkPeers(cfg, clientCA, upstreamTLS); err != nil {
+		return nil, err
+	}
 	h.auth = &identity.Authenticator{NodeName: cfg.NodeName, ClientCAs: clientCA, Online: h.monitor.Online,
 		Review: identity.ReviewThrough(func(token string) http.RoundTripper {
 			return pool.As(request.Identity{Kind: request.BearerToken, Token: token})

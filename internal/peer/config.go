@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -90,4 +91,30 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("--peer-fanout and --peer-failure-threshold must be at least 1"))
 	}
 	return errors.Join(errs...)
+}
+
+// NodeMaySetLabel reports whether kubelet may set the Node label key on its
+// own Node under the NodeRestriction admission plugin: any label outside
+// the kubernetes.io and k8s.io domains, and within them only kubelet's
+// well-known labels (hostname, zone, region, instance type, os, arch) and
+// those under kubelet.kubernetes.io and node.kubernetes.io. A site label a
+// node may set lets a node move itself into another site
+// (node-restriction.kubernetes.io/<name> is one it may not).
+func NodeMaySetLabel(key string) bool {
+	switch key {
+	case corev1.LabelHostname, corev1.LabelTopologyZone, corev1.LabelTopologyRegion,
+		corev1.LabelFailureDomainBetaZone, corev1.LabelFailureDomainBetaRegion,
+		corev1.LabelInstanceType, corev1.LabelInstanceTypeStable,
+		corev1.LabelOSStable, corev1.LabelArchStable, "beta.kubernetes.io/os", "beta.kubernetes.io/arch":
+		return true
+	}
+	prefix, _, ok := strings.Cut(key, "/")
+	if !ok {
+		return true // no domain: not restricted
+	}
+	under := func(domain string) bool { return prefix == domain || strings.HasSuffix(prefix, "."+domain) }
+	if under("kubelet.kubernetes.io") || under("node.kubernetes.io") {
+		return true
+	}
+	return !under("kubernetes.io") && !under("k8s.io")
 }

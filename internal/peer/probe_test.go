@@ -206,3 +206,25 @@ func TestProbeStopsWithContext(t *testing.T) {
 		t.Errorf("a probe cut short by shutdown counted as a failure: %v", u)
 	}
 }
+
+// NodeRestriction's rule for the labels a node may set on itself.
+func TestNodeMaySetLabel(t *testing.T) {
+	for key, want := range map[string]bool{
+		"topology.kubernetes.io/zone":              true,
+		"failure-domain.beta.kubernetes.io/zone":   true,
+		"example.com/site":                         true,
+		"site":                                     true,
+		"node.kubernetes.io/site":                  true,
+		"x.kubelet.kubernetes.io/site":             true,
+		"node-restriction.kubernetes.io/site":      false,
+		"kubernetes.io/site":                       false,
+		"topology.kubernetes.io/site":              false,
+		"example.k8s.io/site":                      false,
+		"node-role.kubernetes.io/edge":             false,
+		"node-restriction.kubernetes.io.example/x": true,
+	} {
+		if got := NodeMaySetLabel(key); got != want {
+			t.Errorf("NodeMaySetLabel(%q) = %v, want %v", key, got, want)
+		}
+	}
+}

@@ -42,7 +42,9 @@ type Report struct {
 	Valid   time.Duration
 }
 
-// Fresh reports whether r still holds at now.
+// Fresh reports whether r still holds at now by the times its writer set
+// (its clock). outpost-controller does not use it: it times reports on its
+// own clock from when it saw them written (package peerhealth).
 func (r Report) Fresh(now time.Time) bool {
 	return !r.Renewed.IsZero() && now.Before(r.Renewed.Add(r.Valid))
 }

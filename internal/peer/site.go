@@ -7,10 +7,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/errgroup"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -36,52 +37,113 @@ type Site struct {
 	// Online reports whether the cloud is reachable; nothing is written
 	// while it is not.
 	Online func() bool
-	// Listener, if set, replaces listening on Config.Address (tests).
+	// Listener, if set, replaces the first listening on Config.Address
+	// (tests).
 	Listener net.Listener
 	Metrics  *Metrics // may be nil
 	Log      *slog.Logger
+
+	// listen and retryFirst replace net.Listen on Config.Address and the
+	// first delay before listening again (tests).
+	listen     func() (net.Listener, error)
+	retryFirst time.Duration
 }
 
-// Run serves probes, probes the peers and reports until ctx is done.
+// Run serves probes, probes the peers and reports until ctx is done, and
+// returns nil then: the peer checks are a side feature, and nothing in them
+// stops the node's gateway. An address that cannot be bound (the site's
+// interface not up yet at boot, the port taken) is retried with backoff;
+// meanwhile the node reports no probe address, so that its peers do not
+// probe it and say nothing about it rather than "unreachable".
 func (s *Site) Run(ctx context.Context) error {
 	cfg := s.Config.WithDefaults()
-	ln := s.Listener
-	if ln == nil {
-		var err error
-		if ln, err = net.Listen("tcp", cfg.Address); err != nil {
-			return fmt.Errorf("peer checks: listening on --peer-address %s: %w", cfg.Address, err)
-		}
-	}
 	p := &prober{cert: s.Cert, ca: s.CA, timeout: cfg.ProbeTimeout, fanout: cfg.Fanout, threshold: cfg.FailureThreshold}
 	if s.Metrics != nil {
 		p.observe = s.Metrics.probed
 	}
-	srv := &server.Server{Name: "peer", Listener: ln, Handler: handler(s.Node), TLS: ServerTLS(s.Cert, s.CA),
-		ShutdownTimeout: time.Second, Log: s.Log}
 	s.Log.Info("peer checks on", "address", cfg.Address, "siteLabel", cfg.SiteLabel, "namespace", cfg.Namespace,
 		"probeInterval", cfg.ProbeInterval, "fanout", cfg.Fanout)
 
-	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return srv.Run(ctx) })
-	g.Go(func() error {
-		return every(ctx, cfg.ProbeInterval, func() { p.round(ctx) })
+	var listening atomic.Bool
+	var wg sync.WaitGroup
+	wg.Go(func() { s.serve(ctx, cfg, &listening) })
+	wg.Go(func() { every(ctx, cfg.ProbeInterval, func() { p.round(ctx) }) })
+	wg.Go(func() {
+		r := reporter{Site: s, cfg: cfg, p: p, listening: listening.Load}
+		every(ctx, cfg.ReportInterval, func() { r.report(ctx) })
 	})
-	g.Go(func() error {
-		r := reporter{Site: s, cfg: cfg, p: p}
-		return every(ctx, cfg.ReportInterval, func() { r.report(ctx) })
-	})
-	return g.Wait()
+	wg.Wait()
+	return nil
+}
+
+// Backoff of listening on --peer-address again.
+const (
+	listenRetryFirst = time.Second
+	listenRetryMax   = 30 * time.Second
+)
+
+// serve answers probes on cfg.Address until ctx is done, listening again
+// with backoff whenever listening or serving fails. listening is true
+// while probes are answered.
+func (s *Site) serve(ctx context.Context, cfg Config, listening *atomic.Bool) {
+	listen, retry := s.listen, s.retryFirst
+	if listen == nil {
+		listen = func() (net.Listener, error) { return net.Listen("tcp", cfg.Address) }
+	}
+	if retry <= 0 {
+		retry = listenRetryFirst
+	}
+	backoff := retry
+	problem := "" // the last problem logged, so that it is logged once
+	for ctx.Err() == nil {
+		ln, err := s.Listener, error(nil)
+		s.Listener = nil // a given listener is used once
+		if ln == nil {
+			ln, err = listen()
+		}
+		if err == nil {
+			if problem != "" {
+				s.Log.Info("peer checks: listening on --peer-address again; peers may probe this node", "address", cfg.Address)
+				problem = ""
+			}
+			srv := &server.Server{Name: "peer", Listener: ln, Handler: handler(s.Node), TLS: ServerTLS(s.Cert, s.CA),
+				ShutdownTimeout: time.Second, Log: s.Log}
+			listening.Store(true)
+			s.Metrics.setListening(true)
+			err = srv.Run(ctx)
+			listening.Store(false)
+			s.Metrics.setListening(false)
+			if ctx.Err() != nil {
+				return
+			}
+			if err == nil {
+				err = errors.New("the probe server stopped")
+			}
+			backoff = retry
+		}
+		err = fmt.Errorf("listening on --peer-address %s: %w", cfg.Address, err)
+		if msg := err.Error(); msg != problem {
+			s.Log.Warn("peer checks: not answering probes; retrying with backoff (the node's report carries no probe address meanwhile, so its peers leave it out)", "err", err)
+			problem = msg
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, listenRetryMax)
+	}
 }
 
 // every calls f at once and then every d until ctx is done.
-func every(ctx context.Context, d time.Duration, f func()) error {
+func every(ctx context.Context, d time.Duration, f func()) {
 	t := time.NewTicker(d)
 	defer t.Stop()
 	for {
 		f()
 		select {
 		case <-ctx.Done():
-			return nil
+			return
 		case <-t.C:
 		}
 	}
@@ -90,9 +152,11 @@ func every(ctx context.Context, d time.Duration, f func()) error {
 // reporter writes this node's report and learns its peers from theirs.
 type reporter struct {
 	*Site
-	cfg     Config
-	p       *prober
-	problem string // the last problem logged, so that it is logged once
+	cfg Config
+	p   *prober
+	// listening reports whether this node answers probes; nil means yes.
+	listening func() bool
+	problem   string // the last problem logged, so that it is logged once
 }
 
 func (r *reporter) report(ctx context.Context) {
@@ -142,7 +206,13 @@ func (r *reporter) exchange(ctx context.Context) error {
 	window := max(valid, 2*time.Duration(r.p.rounds())*r.cfg.ProbeInterval)
 	reachable, unreachable, all := r.p.seen(now.Add(-window))
 	r.Metrics.peers(all, len(reachable), len(unreachable))
-	rep := Report{Observer: r.Node, Site: site, Address: r.cfg.Address, Reachable: reachable, Unreachable: unreachable,
+	// Not answering probes: no address, so that the peers stop probing
+	// this node and report nothing about it, rather than "unreachable".
+	addr := r.cfg.Address
+	if r.listening != nil && !r.listening() {
+		addr = ""
+	}
+	rep := Report{Observer: r.Node, Site: site, Address: addr, Reachable: reachable, Unreachable: unreachable,
 		Renewed: now, Valid: valid}
 	if err := r.write(ctx, rep); err != nil {
 		return err
@@ -192,6 +262,7 @@ type Metrics struct {
 	probes  *prometheus.CounterVec
 	reports *prometheus.CounterVec
 	known   *prometheus.GaugeVec
+	serving prometheus.Gauge
 }
 
 // NewMetrics registers the peer checks' metrics with reg.
@@ -210,7 +281,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Peers at this node's site as of the last report, by state (reachable, unreachable, unknown: not probed lately or not failed often enough yet).",
 		}, []string{"state"}),
 	}
-	reg.MustRegister(m.probes, m.reports, m.known)
+	m.serving = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "outpost_peer_listening",
+		Help: "1 while this node answers its peers' probes on --peer-address; 0 while it cannot listen there and retries (its report then carries no address, so its peers leave it out).",
+	})
+	reg.MustRegister(m.probes, m.reports, m.known, m.serving)
 	for _, r := range []string{"reached", "failed"} {
 		m.probes.WithLabelValues(r)
 	}
@@ -227,6 +302,16 @@ func (m *Metrics) probed(reached bool) {
 		m.probes.WithLabelValues("reached").Inc()
 	default:
 		m.probes.WithLabelValues("failed").Inc()
+	}
+}
+
+func (m *Metrics) setListening(on bool) {
+	switch {
+	case m == nil:
+	case on:
+		m.serving.Set(1)
+	default:
+		m.serving.Set(0)
 	}
 }
 

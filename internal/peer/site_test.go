@@ -1,11 +1,17 @@
 package peer
 
 import (
+	"context"
+	"errors"
 	"io"
 	"log/slog"
+	"net"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -78,5 +84,96 @@ func TestReporterWithoutSiteLabel(t *testing.T) {
 	}
 	if _, err := client.CoordinationV1().Leases(DefaultNamespace).Get(t.Context(), "a", metav1.GetOptions{}); err == nil {
 		t.Error("a report was written without a site")
+	}
+}
+
+// An address that cannot be bound does not end Run (which would take the
+// node's gateway down with it): Run listens again with backoff, reports no
+// probe address meanwhile, answers probes once it can listen, and returns
+// only when ctx is done.
+func TestSiteRetriesListening(t *testing.T) {
+	client := fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "a", Labels: map[string]string{DefaultSiteLabel: "s1"}}})
+	var mu sync.Mutex
+	failures := 2
+	var bound net.Listener
+	listened := make(chan struct{})
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	s := &Site{
+		Config: Config{Address: "10.0.0.1:10269", ReportInterval: 20 * time.Millisecond, ProbeInterval: time.Hour},
+		Node:   "a", Client: client, Online: func() bool { return true },
+		Metrics: NewMetrics(prometheus.NewRegistry()),
+		Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
+		listen: func() (net.Listener, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			if failures > 0 {
+				failures--
+				return nil, errors.New("listen tcp 10.0.0.1:10269: bind: cannot assign requested address")
+			}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err == nil {
+				bound = ln
+				close(listened)
+			}
+			return ln, err
+		},
+		retryFirst: 50 * time.Millisecond,
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+
+	address := func() string {
+		l, err := client.CoordinationV1().Leases(DefaultNamespace).Get(t.Context(), "a", metav1.GetOptions{})
+		if err != nil {
+			return "<none>"
+		}
+		return l.Annotations[AnnotationAddress]
+	}
+	// While it cannot listen, its report carries no address.
+	deadline := time.After(10 * time.Second)
+	for address() != "" {
+		select {
+		case err := <-done:
+			t.Fatalf("Run returned %v while the address could not be bound", err)
+		case <-deadline:
+			t.Fatal("no report without an address while not listening")
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("Run returned %v while the address could not be bound", err)
+	case <-listened:
+	case <-time.After(10 * time.Second):
+		t.Fatal("never listened again")
+	}
+	mu.Lock()
+	addr := bound.Addr().String()
+	mu.Unlock()
+	conn, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		t.Fatalf("not answering once listening: %v", err)
+	}
+	conn.Close()
+	for address() != s.Config.Address {
+		select {
+		case <-deadline:
+			t.Fatalf("report address %q once listening, want %q", address(), s.Config.Address)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	var m dto.Metric
+	if err := s.Metrics.serving.Write(&m); err != nil || m.GetGauge().GetValue() != 1 {
+		t.Errorf("outpost_peer_listening = %v (%v) while listening", m.GetGauge().GetValue(), err)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after ctx was done")
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/outposthq/outpost/internal/cloud/csrapproval"
+	"github.com/outposthq/outpost/internal/cloud/peerhealth"
 	"github.com/outposthq/outpost/internal/peer"
 )
 
@@ -108,6 +109,12 @@ type Peers struct {
 	// GracePeriod is how long a quorum must report a node unreachable
 	// before its autonomy is withdrawn; zero means 5 minutes.
 	GracePeriod time.Duration
+	// ReportValidity is how long a report counts after outpost-controller
+	// saw it written, on its own clock; a node's leaseDurationSeconds only
+	// shortens it. Zero means peerhealth.DefaultValidity (30 s, three of
+	// the outposts' default --peer-report-interval); keep it above the
+	// outposts' interval.
+	ReportValidity time.Duration
 	// Interval is the time between evaluations; zero means one second.
 	Interval time.Duration
 }
@@ -158,6 +165,7 @@ func (cfg Config) withDefaults() Config {
 	set(&cfg.Peers.Namespace, peer.DefaultNamespace)
 	set(&cfg.Peers.SiteLabel, peer.DefaultSiteLabel)
 	setD(&cfg.Peers.GracePeriod, 5*time.Minute)
+	setD(&cfg.Peers.ReportValidity, peerhealth.DefaultValidity)
 	setD(&cfg.Peers.Interval, time.Second)
 	setD(&cfg.ShutdownTimeout, 5*time.Second)
 	return cfg
@@ -194,7 +202,7 @@ func (cfg Config) Validate() error {
 	if bad := validation.IsDNS1123Label(cfg.Peers.Namespace); len(bad) > 0 {
 		errs = append(errs, fmt.Errorf("peer namespace %q: %s", cfg.Peers.Namespace, strings.Join(bad, "; ")))
 	}
-	for _, d := range []time.Duration{cfg.Webhook.CAValidity, cfg.Webhook.CertValidity, cfg.Webhook.CertCheckInterval, cfg.ShutdownTimeout, cfg.Peers.GracePeriod, cfg.Peers.Interval} {
+	for _, d := range []time.Duration{cfg.Webhook.CAValidity, cfg.Webhook.CertValidity, cfg.Webhook.CertCheckInterval, cfg.ShutdownTimeout, cfg.Peers.GracePeriod, cfg.Peers.ReportValidity, cfg.Peers.Interval} {
 		if d < 0 {
 			errs = append(errs, fmt.Errorf("negative duration %v", d))
 		}

@@ -17,6 +17,8 @@
 //     Once Dead has held for the grace period without a break, autonomy is
 //     Withdrawn: the pods of B are treated as those of any node, and
 //     Kubernetes evicts them and their controllers replace them elsewhere.
+//     Withdrawn holds until B is heard from again or a peer reaches it;
+//     silence (Unknown) does not end it.
 //   - Anything else (no reports, too few, a whole site cut off and silent):
 //     Unknown, and autonomy holds as before.
 //
@@ -24,7 +26,12 @@
 // site. A node can keep a dead peer's pods by lying that it reaches it; that
 // errs on the side autonomy already took.
 //
-// The grace period is timed on this process's clock from the first time it
-// saw the quorum, so clock skew between nodes does not shorten it, and a new
-// leader starts it again rather than trusting a predecessor.
+// Fresh means on this process's clock: a report counts for Tracker.Validity
+// from when this process saw it written (its resourceVersion changed), or
+// for the node's leaseDurationSeconds if shorter; the node's renewTime is
+// not read. The grace period is timed on this process's clock too, from the
+// first time it saw the quorum, so clock skew between nodes does not shorten
+// it. Each replica keeps its own verdicts and timers in memory: one started
+// later (a restart, a new leader) starts the timer again rather than
+// trusting another, and replicas may disagree meanwhile.
 package peerhealth

@@ -43,6 +43,34 @@ type view struct {
 	sites   map[string]string      // node name → its site label ("" for none)
 	members map[string]int         // site → number of nodes there
 	reports map[string]peer.Report // observer → its valid, fresh report
+	about   map[string][]said      // node → what reports say of it (index)
+}
+
+// said is one report's word on one node.
+type said struct {
+	observer string
+	reached  bool
+}
+
+// index fills about from reports, so that judging a node reads only what
+// is said of it.
+func (v *view) index() {
+	v.about = map[string][]said{}
+	for observer, r := range v.reports {
+		// Once per observer and node, however often a report names it.
+		named := make(map[string]bool, len(r.Reachable)+len(r.Unreachable))
+		for _, list := range []struct {
+			names   []string
+			reached bool
+		}{{r.Reachable, true}, {r.Unreachable, false}} {
+			for _, n := range list.names {
+				if !named[n] {
+					named[n] = true
+					v.about[n] = append(v.about[n], said{observer, list.reached})
+				}
+			}
+		}
+	}
 }
 
 // judge returns the peers' verdict on node (Unknown, Alive or Dead) and its
@@ -54,22 +82,15 @@ func (v *view) judge(node string) (State, Evidence) {
 	}
 	ev := Evidence{Site: site, Peers: v.members[site] - 1}
 	ev.Quorum = Quorum(ev.Peers)
-	for observer, r := range v.reports {
-		if observer == node {
-			continue
-		}
-		reached, unreached := slices.Contains(r.Reachable, node), slices.Contains(r.Unreachable, node)
-		if !reached && !unreached {
-			continue
-		}
-		if v.sites[observer] != site {
-			ev.OtherSite = append(ev.OtherSite, observer)
-			continue
-		}
-		if reached {
-			ev.Reachable = append(ev.Reachable, observer)
-		} else {
-			ev.Unreachable = append(ev.Unreachable, observer)
+	for _, s := range v.about[node] {
+		switch {
+		case s.observer == node:
+		case v.sites[s.observer] != site:
+			ev.OtherSite = append(ev.OtherSite, s.observer)
+		case s.reached:
+			ev.Reachable = append(ev.Reachable, s.observer)
+		default:
+			ev.Unreachable = append(ev.Unreachable, s.observer)
 		}
 	}
 	slices.Sort(ev.Reachable)
@@ -93,7 +114,13 @@ type verdict struct {
 }
 
 // next is the verdict that follows prev, given this evaluation's judgement.
+// Withdrawn holds through Unknown (the observers fell silent, the quorum
+// shrank: no one says the node is back) until a peer reaches it; the node
+// being heard from again ends it too, as it is then no candidate.
 func next(prev verdict, judged State, ev Evidence, now time.Time, grace time.Duration) verdict {
+	if prev.state == Withdrawn && judged == Unknown {
+		return verdict{state: Withdrawn, deadSince: prev.deadSince, evidence: prev.evidence}
+	}
 	if judged != Dead {
 		return verdict{state: judged, evidence: ev}
 	}

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -46,6 +47,7 @@ func (c cluster) view() *view {
 	for _, r := range c.reports {
 		v.reports[r.Observer] = r
 	}
+	v.index()
 	return v
 }
 
@@ -75,6 +77,7 @@ func TestJudge(t *testing.T) {
 		{"a node with no site", map[string]string{"a": "s1", "b": "", "c": "s1"}, []peer.Report{report("a", nil, b), report("c", nil, b)}, Unknown},
 		{"site of five: two of four is no majority", site5, []peer.Report{report("a", nil, b), report("c", nil, b)}, Unknown},
 		{"site of five: three of four", site5, []peer.Report{report("a", nil, b), report("c", nil, b), report("d", nil, b)}, Dead},
+		{"one peer naming it twice is one peer", site3, []peer.Report{report("a", nil, []string{"b", "b"})}, Unknown},
 		{"site of two: one peer can never decide", map[string]string{"a": "s1", "b": "s1"}, []peer.Report{report("a", nil, b)}, Unknown},
 	}
 	for _, tt := range tests {
@@ -98,12 +101,15 @@ func TestNextHoldsGrace(t *testing.T) {
 	}{
 		{0, Alive, Alive},
 		{1 * time.Second, Dead, Dead},
-		{10 * time.Second, Dead, Dead},       // 9 s of quorum
-		{11 * time.Second, Dead, Withdrawn},  // 10 s
-		{12 * time.Second, Unknown, Unknown}, // a break resets the clock
-		{13 * time.Second, Dead, Dead},
-		{22 * time.Second, Dead, Dead},
-		{23 * time.Second, Dead, Withdrawn},
+		{10 * time.Second, Dead, Dead},         // 9 s of quorum
+		{11 * time.Second, Dead, Withdrawn},    // 10 s
+		{12 * time.Second, Unknown, Withdrawn}, // the observers fell silent: no one says it is back
+		{13 * time.Second, Alive, Alive},       // a peer reaches it
+		{14 * time.Second, Dead, Dead},
+		{15 * time.Second, Unknown, Unknown}, // a break before the grace period resets the clock
+		{16 * time.Second, Dead, Dead},
+		{25 * time.Second, Dead, Dead},
+		{26 * time.Second, Dead, Withdrawn},
 		{30 * time.Second, Alive, Alive},
 	}
 	for _, s := range steps {
@@ -114,83 +120,121 @@ func TestNextHoldsGrace(t *testing.T) {
 	}
 }
 
-// The Tracker over real listers: reports are checked (form, freshness, a
-// Node behind the observer), only candidates are judged, the grace period
-// runs on the evaluation clock, and Changed and Events follow.
-func TestTrackerEvaluate(t *testing.T) {
+// trackerFixture is a Tracker over real listers of four nodes (a, b, c at
+// s1, d at s2), judging b only, with a clock of its own.
+type trackerFixture struct {
+	t       *testing.T
+	tr      *Tracker
+	leases  cache.Indexer
+	t0      time.Time
+	rv      int
+	changed []string
+	events  *record.FakeRecorder
+}
+
+func newTrackerFixture(t *testing.T) *trackerFixture {
 	nodes := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{})
 	leases := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
 	for name, site := range map[string]string{"a": "s1", "b": "s1", "c": "s1", "d": "s2"} {
 		_ = nodes.Add(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{zone: site}}})
 	}
-	t0 := time.Now()
-	put := func(observer string, renewed time.Time, reachable, unreachable []string) {
-		l := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: peer.DefaultNamespace, Name: observer}}
-		peer.Report{Observer: observer, Site: "s1", Reachable: reachable, Unreachable: unreachable, Renewed: renewed, Valid: 30 * time.Second}.Apply(l)
-		_ = leases.Add(l)
-	}
-	b := []string{"b"}
-	var changed []string
-	events := record.NewFakeRecorder(10)
-	tr := &Tracker{
+	f := &trackerFixture{t: t, leases: leases, t0: time.Now(), events: record.NewFakeRecorder(10)}
+	f.tr = &Tracker{
 		Nodes:     corelisters.NewNodeLister(nodes),
 		Reports:   coordinationlisters.NewLeaseLister(leases).Leases(peer.DefaultNamespace),
 		SiteLabel: zone,
 		Grace:     10 * time.Second,
+		Validity:  5 * time.Second,
 		Candidate: func(n *corev1.Node) bool { return n.Name == "b" },
-		Changed:   func(n string) { changed = append(changed, n) },
-		Recorder:  events,
+		Changed:   func(n string) { f.changed = append(f.changed, n) },
+		Recorder:  f.events,
 		Log:       slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
-	eval := func(at time.Duration, want State) {
-		t.Helper()
-		if err := tr.Evaluate(t0.Add(at)); err != nil {
-			t.Fatal(err)
-		}
-		if got, ev := tr.Verdict("b"); got != want {
-			t.Fatalf("at %v: %s, want %s; evidence %+v", at, got, want, ev)
-		}
-	}
+	return f
+}
 
-	put("a", t0, b, nil)
-	put("c", t0, b, nil)
-	eval(0, Alive)
-	put("a", t0, nil, b)
-	put("c", t0.Add(-time.Minute), nil, b) // stale
-	eval(time.Second, Unknown)
+// put writes observer's report, as a new resourceVersion. Its node-written
+// times claim an hour of validity from an hour ahead: not to be trusted.
+func (f *trackerFixture) put(observer string, reachable, unreachable []string) *coordinationv1.Lease {
+	l := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: peer.DefaultNamespace, Name: observer}}
+	peer.Report{Observer: observer, Site: "s1", Reachable: reachable, Unreachable: unreachable, Renewed: f.t0.Add(time.Hour), Valid: time.Hour}.Apply(l)
+	f.rv++
+	l.ResourceVersion = fmt.Sprint(f.rv)
+	_ = f.leases.Update(l)
+	return l
+}
+
+func (f *trackerFixture) eval(at time.Duration, want State) {
+	f.t.Helper()
+	if err := f.tr.Evaluate(f.t0.Add(at)); err != nil {
+		f.t.Fatal(err)
+	}
+	if got, ev := f.tr.Verdict("b"); got != want {
+		f.t.Fatalf("at %v: %s, want %s; evidence %+v", at, got, want, ev)
+	}
+}
+
+// The Tracker over real listers: reports are checked (form, freshness on
+// the controller's clock, a Node behind the observer), only candidates are
+// judged, the grace period runs on the evaluation clock, withdrawn holds
+// until the node is heard from or reached, and Changed and Events follow.
+func TestTrackerEvaluate(t *testing.T) {
+	f := newTrackerFixture(t)
+	b := []string{"b"}
+	// Present before the first evaluation: written at an unknown time, so
+	// not counted until written again.
+	f.put("a", nil, b)
+	f.put("c", nil, b)
+	f.eval(0, Unknown)
+
+	f.put("a", b, nil)
+	f.put("c", b, nil)
+	f.eval(time.Second, Alive)
+	// c's report, seen written at 1 s, no longer counts at 6 s, whatever
+	// its own renewTime and leaseDurationSeconds say.
+	f.put("a", nil, b)
+	f.eval(5*time.Second, Alive)
+	f.eval(6*time.Second, Unknown)
 	// A report in the name of no Node, and one from another site.
-	put("ghost", t0, nil, b)
-	put("d", t0, nil, b)
-	eval(2*time.Second, Unknown)
+	f.put("ghost", nil, b)
+	f.put("d", nil, b)
+	f.eval(6*time.Second, Unknown)
 	// A malformed one: holderIdentity is not the Lease's name.
-	forged := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: peer.DefaultNamespace, Name: "c"}}
-	peer.Report{Observer: "c", Unreachable: b, Renewed: t0, Valid: time.Minute}.Apply(forged)
+	forged := f.put("c", nil, b)
 	forged.Spec.HolderIdentity = new("a")
-	_ = leases.Update(forged)
-	eval(3*time.Second, Unknown)
+	_ = f.leases.Update(forged)
+	f.eval(7*time.Second, Unknown)
 
-	put("c", t0.Add(4*time.Second), nil, b)
-	eval(4*time.Second, Dead)
-	eval(13*time.Second, Dead)
-	if tr.Withdrawn("b") || len(changed) != 0 {
-		t.Fatalf("withdrawn before the grace period: %v", changed)
+	f.put("a", nil, b)
+	f.put("c", nil, b)
+	f.eval(8*time.Second, Dead)
+	f.put("a", nil, b)
+	f.put("c", nil, b)
+	f.eval(12*time.Second, Dead)
+	f.put("a", nil, b)
+	f.put("c", nil, b)
+	f.eval(17*time.Second, Dead)
+	if f.tr.Withdrawn("b") || len(f.changed) != 0 {
+		t.Fatalf("withdrawn before the grace period: %v", f.changed)
 	}
-	eval(14*time.Second, Withdrawn)
-	if !tr.Withdrawn("b") || !slices.Equal(changed, []string{"b"}) {
-		t.Fatalf("Withdrawn %v, changed %v", tr.Withdrawn("b"), changed)
+	f.eval(18*time.Second, Withdrawn)
+	if !f.tr.Withdrawn("b") || !slices.Equal(f.changed, []string{"b"}) {
+		t.Fatalf("Withdrawn %v, changed %v", f.tr.Withdrawn("b"), f.changed)
 	}
-	if tr.Withdrawn("a") {
+	if f.tr.Withdrawn("a") {
 		t.Error("a is not a candidate, yet withdrawn")
 	}
+	// The observers fall silent: nobody says b is back, it stays withdrawn.
+	f.eval(30*time.Second, Withdrawn)
 	// b is heard from again: no longer a candidate.
-	tr.Candidate = func(*corev1.Node) bool { return false }
-	eval(15*time.Second, Unknown)
-	if tr.Withdrawn("b") || !slices.Equal(changed, []string{"b", "b"}) {
-		t.Fatalf("after b returned: Withdrawn %v, changed %v", tr.Withdrawn("b"), changed)
+	f.tr.Candidate = func(*corev1.Node) bool { return false }
+	f.eval(31*time.Second, Unknown)
+	if f.tr.Withdrawn("b") || !slices.Equal(f.changed, []string{"b", "b"}) {
+		t.Fatalf("after b returned: Withdrawn %v, changed %v", f.tr.Withdrawn("b"), f.changed)
 	}
-	close(events.Events)
+	close(f.events.Events)
 	var reasons []string
-	for e := range events.Events {
+	for e := range f.events.Events {
 		reasons = append(reasons, fmt.Sprint(e))
 	}
 	want := []string{"Normal " + ReasonPeersReach, "Warning " + ReasonPeersCannot, "Warning " + ReasonWithdrawn, "Normal " + ReasonAutonomyResume}
@@ -201,5 +245,44 @@ func TestTrackerEvaluate(t *testing.T) {
 		if !strings.HasPrefix(reasons[i], want[i]) {
 			t.Errorf("event %d: %q, want %q", i, reasons[i], want[i])
 		}
+	}
+}
+
+// A node's own leaseDurationSeconds shortens how long its report counts,
+// never lengthens it past the controller's Validity.
+func TestTrackerNodeValidityOnlyShortens(t *testing.T) {
+	f := newTrackerFixture(t)
+	f.eval(0, Unknown)
+	f.put("a", nil, []string{"b"})
+	short := f.put("c", nil, []string{"b"})
+	short.Spec.LeaseDurationSeconds = new(int32(2))
+	_ = f.leases.Update(short) // same resourceVersion: the same write
+	f.eval(time.Second, Dead)
+	f.eval(2500*time.Millisecond, Dead)
+	f.eval(3*time.Second, Unknown) // c's 2 s from its write at 1 s are over
+}
+
+// Withdrawn, asked by the webhooks, does not wait for an evaluation.
+func TestWithdrawnDoesNotWaitForEvaluate(t *testing.T) {
+	f := newTrackerFixture(t)
+	inside, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	f.tr.Candidate = func(*corev1.Node) bool {
+		once.Do(func() { close(inside); <-release })
+		return true
+	}
+	done := make(chan error, 1)
+	go func() { done <- f.tr.Evaluate(f.t0) }()
+	<-inside
+	answered := make(chan bool, 1)
+	go func() { answered <- f.tr.Withdrawn("b") }()
+	select {
+	case <-answered:
+	case <-time.After(5 * time.Second):
+		t.Error("Withdrawn waited for an evaluation")
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

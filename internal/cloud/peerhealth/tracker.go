@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -37,6 +38,11 @@ type Tracker struct {
 	SiteLabel string
 	// Grace is how long a quorum must say dead before autonomy is withdrawn.
 	Grace time.Duration
+	// Validity is how long a report counts after this process saw it
+	// written (its resourceVersion change), on this process's clock; the
+	// node's own leaseDurationSeconds counts only when shorter, and its
+	// renewTime not at all. Zero means DefaultValidity.
+	Validity time.Duration
 	// Interval is the time between evaluations; zero means one second.
 	Interval time.Duration
 	// Candidate reports whether a node is one the verdict is for: autonomous
@@ -52,23 +58,39 @@ type Tracker struct {
 	Metrics  *Metrics // may be nil
 	Log      *slog.Logger
 
-	mu       sync.Mutex // guards the field below
-	verdicts map[string]verdict
+	// verdicts is the latest evaluation's, replaced whole by each: readers
+	// (the webhooks) never wait for an evaluation.
+	verdicts atomic.Pointer[map[string]verdict]
+
+	mu     sync.Mutex // serializes evaluations; guards the fields below
+	seen   map[string]sighting
+	primed bool // an evaluation has run: Leases seen since are new writes
+}
+
+// DefaultValidity is Tracker.Validity's default: three of the outposts'
+// default report intervals.
+const DefaultValidity = 30 * time.Second
+
+// sighting is when this process saw a report Lease at a resourceVersion.
+type sighting struct {
+	rv string
+	at time.Time // zero: present at the first evaluation, written at an unknown time
 }
 
 // Withdrawn reports whether autonomy is withdrawn from node: a quorum of
 // its peers has reported it unreachable for longer than the grace period.
 func (t *Tracker) Withdrawn(node string) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.verdicts[node].state == Withdrawn
+	s, _ := t.Verdict(node)
+	return s == Withdrawn
 }
 
 // Verdict returns the current state of node and its evidence.
 func (t *Tracker) Verdict(node string) (State, Evidence) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	v, ok := t.verdicts[node]
+	vs := t.verdicts.Load()
+	if vs == nil {
+		return Unknown, Evidence{}
+	}
+	v, ok := (*vs)[node]
 	if !ok {
 		return Unknown, Evidence{}
 	}
@@ -82,7 +104,8 @@ func (t *Tracker) Run(ctx context.Context) error {
 	if interval <= 0 {
 		interval = time.Second
 	}
-	t.Log.Info("peer verdicts on", "siteLabel", t.SiteLabel, "grace", t.Grace, "quorum", "majority of the site's other nodes, at least 2")
+	t.Log.Info("peer verdicts on", "siteLabel", t.SiteLabel, "grace", t.Grace, "reportValidity", t.validity(),
+		"quorum", "majority of the site's other nodes, at least 2")
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
@@ -97,8 +120,18 @@ func (t *Tracker) Run(ctx context.Context) error {
 	}
 }
 
-// Evaluate brings every verdict up to date with the listers at now.
+func (t *Tracker) validity() time.Duration {
+	if t.Validity > 0 {
+		return t.Validity
+	}
+	return DefaultValidity
+}
+
+// Evaluate brings every verdict up to date with the listers at now, which
+// must not go back between calls.
 func (t *Tracker) Evaluate(now time.Time) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	nodes, err := t.Nodes.List(labels.Everything())
 	if err != nil {
 		return fmt.Errorf("listing nodes: %w", err)
@@ -116,27 +149,48 @@ func (t *Tracker) Evaluate(now time.Time) error {
 		}
 	}
 	reports := map[string]int{}
+	seen := make(map[string]sighting, len(leases))
 	for _, l := range leases {
+		// Freshness on this process's clock: from when it saw the report
+		// written. A Lease already there at the first evaluation was
+		// written at an unknown time, and counts from its next write.
+		s, known := t.seen[l.Name]
+		switch {
+		case !known && !t.primed:
+			s = sighting{rv: l.ResourceVersion}
+		case !known || s.rv != l.ResourceVersion:
+			s = sighting{rv: l.ResourceVersion, at: now}
+		}
+		seen[l.Name] = s
 		r, err := peer.ParseReport(l)
 		switch _, isNode := v.sites[l.Name]; {
 		case err != nil:
 			reports["malformed"]++
 		case !isNode:
 			reports["not_a_node"]++
-		case !r.Fresh(now):
+		case s.at.IsZero() || !now.Before(s.at.Add(min(r.Valid, t.validity()))):
 			reports["stale"]++
 		default:
 			reports["valid"]++
 			v.reports[r.Observer] = r
 		}
 	}
+	t.seen, t.primed = seen, true
+	v.index()
 
 	counts := map[State]int{}
 	otherSite, withdrawals := 0, 0
 	var changed []string
-	t.mu.Lock()
-	prev := t.verdicts
-	t.verdicts = make(map[string]verdict, len(prev))
+	var prev map[string]verdict
+	if p := t.verdicts.Load(); p != nil {
+		prev = *p
+	}
+	cur := make(map[string]verdict, len(prev))
+	type announcement struct {
+		n        *corev1.Node
+		old, cur verdict
+	}
+	var announce []announcement
 	for _, n := range nodes {
 		if !t.Candidate(n) {
 			continue
@@ -144,21 +198,25 @@ func (t *Tracker) Evaluate(now time.Time) error {
 		judged, ev := v.judge(n.Name)
 		otherSite += len(ev.OtherSite)
 		old := prev[n.Name]
-		cur := next(old, judged, ev, now, t.Grace)
-		t.verdicts[n.Name] = cur
-		counts[cur.state]++
-		if (old.state == Withdrawn) != (cur.state == Withdrawn) {
+		c := next(old, judged, ev, now, t.Grace)
+		cur[n.Name] = c
+		counts[c.state]++
+		if (old.state == Withdrawn) != (c.state == Withdrawn) {
 			changed = append(changed, n.Name)
-			if cur.state == Withdrawn {
+			if c.state == Withdrawn {
 				withdrawals++
 			}
 		}
-		if old.state != cur.state && !(old.state == "" && cur.state == Unknown) {
-			t.announce(n, old, cur)
+		if old.state != c.state && !(old.state == "" && c.state == Unknown) {
+			announce = append(announce, announcement{n, old, c})
 		}
 	}
+	t.verdicts.Store(&cur)
+	for _, a := range announce {
+		t.announce(a.n, a.old, a.cur)
+	}
 	for name, old := range prev {
-		if _, ok := t.verdicts[name]; !ok && old.state == Withdrawn {
+		if _, ok := cur[name]; !ok && old.state == Withdrawn {
 			changed = append(changed, name)
 			t.Log.Info("autonomy resumed: node reachable again, or no longer autonomous", "node", name)
 			if n, err := t.Nodes.Get(name); err == nil {
@@ -166,7 +224,6 @@ func (t *Tracker) Evaluate(now time.Time) error {
 			}
 		}
 	}
-	t.mu.Unlock()
 
 	t.Metrics.set(counts, reports, otherSite)
 	if t.Metrics != nil {
@@ -187,7 +244,11 @@ func (t *Tracker) announce(n *corev1.Node, old, cur verdict) {
 		"reachableBy", ev.Reachable, "unreachableBy", ev.Unreachable, "quorum", ev.Quorum, "peers", ev.Peers, "ignoredOtherSite", ev.OtherSite)
 	switch cur.state {
 	case Alive:
-		t.event(n, corev1.EventTypeNormal, ReasonPeersReach, fmt.Sprintf(
+		reason := ReasonPeersReach
+		if old.state == Withdrawn {
+			reason = ReasonAutonomyResume
+		}
+		t.event(n, corev1.EventTypeNormal, reason, fmt.Sprintf(
 			"Reached by its peers at site %s (%s): cut off from the cloud, not down; autonomy keeps its pods", ev.Site, strings.Join(ev.Reachable, ", ")))
 	case Dead:
 		t.event(n, corev1.EventTypeWarning, ReasonPeersCannot, fmt.Sprintf(
@@ -197,10 +258,6 @@ func (t *Tracker) announce(n *corev1.Node, old, cur verdict) {
 		t.event(n, corev1.EventTypeWarning, ReasonWithdrawn, fmt.Sprintf(
 			"Its peers at site %s (%s) have not reached it for %v: autonomy withdrawn, its pods are evicted as on any node",
 			ev.Site, strings.Join(ev.Unreachable, ", "), t.Grace))
-	case Unknown:
-		if old.state == Withdrawn {
-			t.event(n, corev1.EventTypeNormal, ReasonAutonomyResume, "No quorum of its peers says it is down any more: autonomy holds again")
-		}
 	}
 }
 

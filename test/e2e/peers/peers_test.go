@@ -44,9 +44,12 @@ const (
 	monitorGrace = 8 * time.Second
 	// peerGrace is outpost-controller's --peer-grace-period.
 	peerGrace = 8 * time.Second
-	site      = "shop-1"
-	otherSite = "shop-2"
-	ns        = "shop"
+	// reportValidity is outpost-controller's --peer-report-validity: three
+	// of the outposts' --peer-report-interval.
+	reportValidity = 3 * time.Second
+	site           = "shop-1"
+	otherSite      = "shop-2"
+	ns             = "shop"
 )
 
 var cp *framework.ControlPlane
@@ -96,7 +99,7 @@ func TestPeersTellDeadFromCut(t *testing.T) {
 	if out, err := cp.Kubectl(ctx, "", "apply", "-f", filepath.Join(root, "deploy", "peer-reports.yaml")); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
-	ctl := cp.StartControllerT(t, "--peer-grace-period="+peerGrace.String())
+	ctl := cp.StartControllerT(t, "--peer-grace-period="+peerGrace.String(), "--peer-report-validity="+reportValidity.String())
 	step("outpost-controller ready")
 
 	for _, n := range []struct{ name, zone string }{{"a", site}, {"b", site}, {"c", site}, {"d", otherSite}} {
@@ -175,6 +178,13 @@ func TestPeersTellDeadFromCut(t *testing.T) {
 	step("b stopped (outpost killed, no heartbeat); c's uplink cut")
 	forge(ctx, t)
 	step("forged reports refused or written")
+	// d's report, claiming an hour, counts (as ignored: another site) only
+	// for --peer-report-validity after the controller saw it written.
+	wctx, wcancel := context.WithTimeout(ctx, reportValidity+5*time.Second)
+	framework.WaitFor(wctx, t, "d's report seen by the controller (as of another site)", func(ctx context.Context) (bool, error) {
+		return metric(ctx, t, ctl, "outpost_controller_peer_reports_other_site") >= 1, nil
+	})
+	wcancel()
 	waitReport(ctx, t, admin, "a", func(r peer.Report) bool { return slices.Contains(r.Unreachable, "b") }, "b unreachable")
 	framework.WaitFor(ctx, t, "c's last report to go stale", func(ctx context.Context) (bool, error) {
 		return !readReport(ctx, t, admin, "c").Fresh(time.Now()), nil
@@ -185,8 +195,12 @@ func TestPeersTellDeadFromCut(t *testing.T) {
 	if hasEvent(ctx, t, admin, "b", peerhealth.ReasonPeersCannot) {
 		t.Fatalf("one peer and a node of another site were enough for %s on b", peerhealth.ReasonPeersCannot)
 	}
-	if v := metric(ctx, t, ctl, "outpost_controller_peer_reports_other_site"); v < 1 {
-		t.Errorf("outpost_controller_peer_reports_other_site = %v, want d's report counted as ignored", v)
+	if r := readReport(ctx, t, admin, "d"); !r.Fresh(time.Now()) {
+		t.Errorf("d's forged report %+v should claim to hold for an hour", r)
+	}
+	if v := metric(ctx, t, ctl, "outpost_controller_peer_reports_other_site"); v != 0 {
+		t.Errorf("outpost_controller_peer_reports_other_site = %v %v after d's one write: its hour-long leaseDurationSeconds outlasted --peer-report-validity (%v)",
+			v, time.Since(lone), reportValidity)
 	}
 	step("b's pod kept %.1fs after a alone reported it down: no quorum", time.Since(lone).Seconds())
 
