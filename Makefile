@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0
 LDFLAGS := -s -w -X github.com/outposthq/outpost/internal/version.Version=$(VERSION)
 GO_TEST_TIMEOUT ?= 40m
 
-.PHONY: all build images k8s node-deps test unit e2e lint demo bench clean
+.PHONY: all build images k8s node-deps test unit e2e lint demo bench fleet clean
 
 all: build
 
@@ -52,6 +52,12 @@ e2e: k8s build
 ## bench: direct vs through outpost, on the real apiserver; report in _output/bench.txt
 bench: k8s build
 	go test -run '^$$' -bench . -benchtime 2s -count 1 ./test/e2e/bench/ | tee _output/bench.txt
+
+## fleet: FLEET_NODES (50) outposts with realistic node clients vs the same clients direct, on one real
+## apiserver, through an outage of every link (FLEET_OUTAGE, 120s); table and picture in _output/fleet
+fleet: k8s build
+	@mkdir -p _output/fleet
+	FLEET_RUN=1 go test -count=1 -run '^TestFleet$$' -timeout 2h -v ./test/e2e/fleet/ 2>&1 | tee _output/fleet/run.log
 
 ## demo: a real control plane, outpost in front of it, kubectl through outpost
 demo: node-deps k8s build
