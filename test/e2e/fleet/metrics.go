@@ -27,6 +27,11 @@ type sample struct {
 	// the scrapes of /metrics); Lists, Watches and
 	// Gone count those with verb LIST, verb WATCH and code 410.
 	Requests, Lists, Watches, Gone float64
+	// WatchLists counts the watches that began with the state
+	// (sendInitialEvents=true, apiserver_watch_list_duration_seconds):
+	// how client-go's informers re-list since WatchListClient is on by
+	// default, so a full re-list is a LIST or a WatchList.
+	WatchLists float64
 	// Bytes is what the apiserver sent: the bodies of answers
 	// (apiserver_response_sizes) and watch events
 	// (apiserver_watch_events_sizes).
@@ -103,6 +108,9 @@ func (c *cluster) scrape(ctx context.Context) (sample, error) {
 	for _, name := range []string{"apiserver_response_sizes", "apiserver_watch_events_sizes"} {
 		each(name, func(m *dto.Metric, _ map[string]string) { s.Bytes += m.GetHistogram().GetSampleSum() })
 	}
+	each("apiserver_watch_list_duration_seconds", func(m *dto.Metric, _ map[string]string) {
+		s.WatchLists += float64(m.GetHistogram().GetSampleCount())
+	})
 	each("process_cpu_seconds_total", func(m *dto.Metric, _ map[string]string) { s.CPU += m.GetCounter().GetValue() })
 	each("apiserver_request_duration_seconds", func(m *dto.Metric, l map[string]string) {
 		if l["verb"] == "WATCH" || l["verb"] == "CONNECT" || l["verb"] == "WATCHLIST" {
@@ -123,6 +131,7 @@ func (c *cluster) scrape(ctx context.Context) (sample, error) {
 type window struct {
 	Seconds                        float64
 	Requests, Lists, Watches, Gone float64
+	WatchLists                     float64
 	Bytes, CPU                     float64
 	// Watchers is the later sample's.
 	Watchers float64
@@ -136,6 +145,7 @@ func between(a, b sample) window {
 	return window{
 		Seconds:  b.At.Sub(a.At).Seconds(),
 		Requests: b.Requests - a.Requests, Lists: b.Lists - a.Lists, Watches: b.Watches - a.Watches, Gone: b.Gone - a.Gone,
+		WatchLists: b.WatchLists - a.WatchLists,
 		Bytes: b.Bytes - a.Bytes, CPU: b.CPU - a.CPU, Watchers: b.Watchers,
 		P99: quantile(0.99, a.Latency, b.Latency),
 	}
