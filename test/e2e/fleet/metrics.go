@@ -27,6 +27,9 @@ type sample struct {
 	// the scrapes of /metrics); Lists, Watches and
 	// Gone count those with verb LIST, verb WATCH and code 410.
 	Requests, Lists, Watches, Gone float64
+	// Probes counts the health checks among Requests (/readyz, /livez,
+	// /healthz), as outpost sends one every --probe-interval.
+	Probes float64
 	// WatchLists counts the watches that began with the state
 	// (sendInitialEvents=true, apiserver_watch_list_duration_seconds):
 	// how client-go's informers re-list since WatchListClient is on by
@@ -36,8 +39,9 @@ type sample struct {
 	// (apiserver_response_sizes) and watch events
 	// (apiserver_watch_events_sizes).
 	Bytes float64
-	// CPU is the apiserver's process_cpu_seconds_total.
-	CPU float64
+	// CPU is the apiserver's process_cpu_seconds_total; RSS its
+	// process_resident_memory_bytes.
+	CPU, RSS float64
 	// Latency is apiserver_request_duration_seconds summed over every
 	// verb but WATCH and CONNECT (long-running): cumulative counts by
 	// upper bound, +Inf included.
@@ -103,6 +107,9 @@ func (c *cluster) scrape(ctx context.Context) (sample, error) {
 		if l["code"] == "410" {
 			s.Gone += v
 		}
+		if l["resource"] == "" && (l["subresource"] == "/readyz" || l["subresource"] == "/livez" || l["subresource"] == "/healthz") {
+			s.Probes += v
+		}
 	})
 	s.Requests -= own
 	for _, name := range []string{"apiserver_response_sizes", "apiserver_watch_events_sizes"} {
@@ -112,6 +119,7 @@ func (c *cluster) scrape(ctx context.Context) (sample, error) {
 		s.WatchLists += float64(m.GetHistogram().GetSampleCount())
 	})
 	each("process_cpu_seconds_total", func(m *dto.Metric, _ map[string]string) { s.CPU += m.GetCounter().GetValue() })
+	each("process_resident_memory_bytes", func(m *dto.Metric, _ map[string]string) { s.RSS += m.GetGauge().GetValue() })
 	each("apiserver_request_duration_seconds", func(m *dto.Metric, l map[string]string) {
 		if l["verb"] == "WATCH" || l["verb"] == "CONNECT" || l["verb"] == "WATCHLIST" {
 			return
@@ -131,10 +139,10 @@ func (c *cluster) scrape(ctx context.Context) (sample, error) {
 type window struct {
 	Seconds                        float64
 	Requests, Lists, Watches, Gone float64
-	WatchLists                     float64
+	Probes, WatchLists             float64
 	Bytes, CPU                     float64
-	// Watchers is the later sample's.
-	Watchers float64
+	// Watchers and RSS are the later sample's.
+	Watchers, RSS float64
 	// P99 is the 99th percentile of the requests' latency in the window
 	// (linear within a bucket, as Prometheus' histogram_quantile), NaN
 	// when there were none.
@@ -145,7 +153,7 @@ func between(a, b sample) window {
 	return window{
 		Seconds:  b.At.Sub(a.At).Seconds(),
 		Requests: b.Requests - a.Requests, Lists: b.Lists - a.Lists, Watches: b.Watches - a.Watches, Gone: b.Gone - a.Gone,
-		WatchLists: b.WatchLists - a.WatchLists,
+		WatchLists: b.WatchLists - a.WatchLists, Probes: b.Probes - a.Probes, RSS: b.RSS,
 		Bytes: b.Bytes - a.Bytes, CPU: b.CPU - a.CPU, Watchers: b.Watchers,
 		P99: quantile(0.99, a.Latency, b.Latency),
 	}

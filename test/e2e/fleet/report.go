@@ -93,10 +93,14 @@ func (rep *Report) table() string {
 	row("upstream watches per node", func(r *modeRun) string {
 		return fmt.Sprintf("%.1f", (r.Steady.Watchers-r.Baseline.Watchers)/n)
 	})
-	row("requests/s", func(r *modeRun) string { return fmt.Sprintf("%.1f", r.Steady.Requests/r.Steady.Seconds) })
+	row("API requests/s (+ health probes/s)", func(r *modeRun) string {
+		return fmt.Sprintf("%.1f (+ %.1f)", (r.Steady.Requests-r.Steady.Probes)/r.Steady.Seconds, r.Steady.Probes/r.Steady.Seconds)
+	})
 	row("bytes/s sent", func(r *modeRun) string { return kib(r.Steady.Bytes/r.Steady.Seconds) + "/s" })
 	row("apiserver CPU (cores)", func(r *modeRun) string { return fmt.Sprintf("%.3f", r.Steady.CPU/r.Steady.Seconds) })
 	row("apiserver p99 latency (non-watch)", func(r *modeRun) string { return ms(r.Steady.P99) })
+	row("apiserver RSS", func(r *modeRun) string { return fmt.Sprintf("%.0f MB", r.Steady.RSS/1e6) })
+	row("the harness's RSS (every node's clients)", func(r *modeRun) string { return fmt.Sprintf("%.0f MB", r.HarnessRSS) })
 	row("outpost RSS, median / max", func(r *modeRun) string {
 		if len(r.RSS) == 0 {
 			return "–"
@@ -104,9 +108,11 @@ func (rep *Report) table() string {
 		s := slices.Sorted(slices.Values(r.RSS))
 		return fmt.Sprintf("%.1f / %.1f MB", s[len(s)/2], s[len(s)-1])
 	})
-	row("**outage**: requests", func(r *modeRun) string { return fmt.Sprintf("%.0f", r.Outage.Requests) })
-	row("**reconnect** (first "+secs(min(time.Minute, cfg.After))+"): requests", func(r *modeRun) string {
-		return fmt.Sprintf("%.0f", r.Reconnect.Requests)
+	row("**outage**: API requests ended (of which WATCH)", func(r *modeRun) string {
+		return fmt.Sprintf("%.0f (%.0f)", r.Outage.Requests-r.Outage.Probes, r.Outage.Watches)
+	})
+	row("**reconnect** (first "+secs(min(time.Minute, cfg.After))+"): API requests (+ health probes)", func(r *modeRun) string {
+		return fmt.Sprintf("%.0f (+ %.0f)", r.Reconnect.Requests-r.Reconnect.Probes, r.Reconnect.Probes)
 	})
 	row("of which WATCH / LIST / 410 Gone", func(r *modeRun) string {
 		return fmt.Sprintf("%.0f / %.0f / %.0f", r.Reconnect.Watches, r.Reconnect.Lists, r.Reconnect.Gone)
@@ -134,8 +140,8 @@ func (rep *Report) table() string {
 	if ran := rep.ran(); len(ran) > 1 && ran[0].Mode == Direct {
 		d := ran[0]
 		for _, r := range ran[1:] {
-			fmt.Fprintf(&b, "- %s vs direct on reconnect: %.2f× the requests, %.2f× the full re-lists, %.2f× the bytes; %.2f× the upstream watches in steady state.\n",
-				r.Mode, ratio(r.Reconnect.Requests, d.Reconnect.Requests),
+			fmt.Fprintf(&b, "- %s vs direct on reconnect: %.2f× the API requests, %.2f× the full re-lists, %.2f× the bytes; %.2f× the upstream watches in steady state.\n",
+				r.Mode, ratio(r.Reconnect.Requests-r.Reconnect.Probes, d.Reconnect.Requests-d.Reconnect.Probes),
 				ratio(r.Reconnect.Lists+r.Reconnect.WatchLists, d.Reconnect.Lists+d.Reconnect.WatchLists),
 				ratio(r.Reconnect.Bytes, d.Reconnect.Bytes),
 				ratio(r.Steady.Watchers-r.Baseline.Watchers, d.Steady.Watchers-d.Baseline.Watchers))
@@ -164,7 +170,7 @@ func (rep *Report) charts() []plot.Chart {
 	if len(ran) == 0 {
 		return nil
 	}
-	reqs := plot.Chart{Title: "kube-apiserver requests/s", YLabel: "requests/s"}
+	reqs := plot.Chart{Title: "kube-apiserver API requests/s (health probes left out)", YLabel: "requests/s"}
 	bytes := plot.Chart{Title: "kube-apiserver bytes/s sent (answers and watch events)", YLabel: "KiB/s"}
 	watches := plot.Chart{Title: "kube-apiserver watches open", YLabel: "watches"}
 	for _, r := range ran {
@@ -177,7 +183,7 @@ func (rep *Report) charts() []plot.Chart {
 				continue
 			}
 			at := b.At.Sub(r.T0)
-			rs.T, rs.V = append(rs.T, at), append(rs.V, (b.Requests-a.Requests)/dt)
+			rs.T, rs.V = append(rs.T, at), append(rs.V, (b.Requests-b.Probes-a.Requests+a.Probes)/dt)
 			bs.T, bs.V = append(bs.T, at), append(bs.V, (b.Bytes-a.Bytes)/dt/1024)
 			ws.T, ws.V = append(ws.T, at), append(ws.V, b.Watchers)
 		}
@@ -197,11 +203,11 @@ func (rep *Report) charts() []plot.Chart {
 // csv is every sample of every mode, for other tools.
 func (rep *Report) csv() string {
 	var b strings.Builder
-	b.WriteString("mode,seconds,watchers,requests,lists,watches,watchlists,gone,bytes,cpu_seconds\n")
+	b.WriteString("mode,seconds,watchers,requests,probes,lists,watches,watchlists,gone,bytes,cpu_seconds,rss_bytes\n")
 	for _, r := range rep.ran() {
 		for _, s := range r.Samples {
-			fmt.Fprintf(&b, "%s,%.2f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.3f\n", r.Mode, s.At.Sub(r.T0).Seconds(),
-				s.Watchers, s.Requests, s.Lists, s.Watches, s.WatchLists, s.Gone, s.Bytes, s.CPU)
+			fmt.Fprintf(&b, "%s,%.2f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.3f,%.0f\n", r.Mode, s.At.Sub(r.T0).Seconds(),
+				s.Watchers, s.Requests, s.Probes, s.Lists, s.Watches, s.WatchLists, s.Gone, s.Bytes, s.CPU, s.RSS)
 		}
 	}
 	return b.String()

@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"fmt"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -48,8 +49,10 @@ type modeRun struct {
 	Converged      time.Duration
 	NodesConverged int
 	NotConverged   string
-	// RSS is each outpost's VmRSS (MB) at the end of the steady state.
-	RSS []float64
+	// RSS is each outpost's VmRSS (MB) at the end of the steady state;
+	// HarnessRSS the test process's (every node's clients), in MB.
+	RSS        []float64
+	HarnessRSS float64
 }
 
 // OutpostHasFlag reports whether `outpost run --help` of the binary the
@@ -199,6 +202,9 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 		if mb, err := framework.StatusMB(o.PID(), "VmRSS:"); err == nil {
 			r.RSS = append(r.RSS, mb)
 		}
+	}
+	if mb, err := framework.StatusMB(os.Getpid(), "VmRSS:"); err == nil {
+		r.HarnessRSS = mb
 	}
 	to := c.mustScrape(t)
 	r.Steady = between(from, to)
