@@ -45,6 +45,11 @@ func Run(t *testing.T, cp *framework.ControlPlane, cfg Config) *Report {
 		}
 		cfg.Out = filepath.Join(root, "_output", "fleet")
 	}
+	files, err := raiseFileLimit()
+	if err != nil {
+		t.Log(err)
+	}
+	t.Logf("open files limit of the harness: %d", files)
 	c := seed(t, cp, cfg)
 	churnCtx, stopChurn := context.WithCancel(t.Context())
 	churned := make(chan error, 1)

@@ -98,36 +98,54 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 		wg.Wait()
 	})
 
-	// Links, and behind them the outposts.
+	// Links first, then the outposts behind them: a FaultProxy listening
+	// meanwhile could take the port an outpost was just given.
+	for i := range c.nodes {
+		link, err := framework.StartFaultProxy(c.cp.URL(0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		links[i] = link
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(4)
 	for i, n := range c.nodes {
+		if mode == Direct {
+			break
+		}
 		g.Go(func() error {
-			link, err := framework.StartFaultProxy(c.cp.URL(0))
-			if err != nil {
-				return err
-			}
-			links[i] = link
-			if mode == Direct {
-				return nil
-			}
-			args := append([]string{"--server=" + link.URL(), "--log-level=warn"}, framework.LenientProbes...)
+			args := append([]string{"--server=" + links[i].URL(), "--log-level=warn"}, framework.LenientProbes...)
 			if mode == Shared {
 				args = append(args, WatchCacheFlag)
 			}
-			o, err := c.cp.StartOutpost(gctx, n.Name, args...)
+			// The framework's free ports are free when chosen, not
+			// reserved: with thousands of connections opening on the
+			// machine one may be taken before outpost binds it, which a
+			// second try with other ports survives.
+			// Only an outpost that exited is tried again: one that did
+			// not come up in time may still be running, unowned.
+			var err error
+			for try := 0; try < 3; try++ {
+				var o *framework.Outpost
+				if o, err = c.cp.StartOutpost(gctx, n.Name, args...); err == nil {
+					outposts[i] = o
+					break
+				}
+				if !strings.Contains(err.Error(), "address already in use") {
+					break
+				}
+			}
 			if err != nil {
 				return fmt.Errorf("outpost of %s: %w", n.Name, err)
 			}
-			outposts[i] = o
-			if _, err := o.WaitState(gctx, "online", time.Minute); err != nil {
-				return fmt.Errorf("%w\n%s", err, o.Log(20))
+			if _, err := outposts[i].WaitState(gctx, "online", time.Minute); err != nil {
+				return fmt.Errorf("%w\n%s", err, outposts[i].Log(20))
 			}
 			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
-		t.Fatalf("%s: starting the links: %v", mode, err)
+		t.Fatalf("%s: starting the outposts: %v", mode, err)
 	}
 	// The node's certificate: outpost's copy, or issued for the direct
 	// clients.
