@@ -30,12 +30,13 @@ func raiseFileLimit() (uint64, error) {
 		return lim.Cur, nil
 	}
 	raised := syscall.Rlimit{Cur: want, Max: max(want, lim.Max)}
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &raised); err == nil {
+	hardErr := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &raised)
+	if hardErr == nil {
 		return want, nil
 	}
 	raised = syscall.Rlimit{Cur: lim.Max, Max: lim.Max}
 	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &raised); err != nil {
 		return lim.Cur, fmt.Errorf("raising the limit of open files: %w", err)
 	}
-	return lim.Max, nil
+	return lim.Max, fmt.Errorf("the limit of open files stays at its hard limit %d (raising it to %d: %w)", lim.Max, want, hardErr)
 }

@@ -248,8 +248,11 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 	t.Logf("%s: link restored", mode)
 
 	// Convergence is awaited beside the reconnect window's scrape.
-	var conv sync.WaitGroup
-	conv.Go(func() { r.converge(ctx, sets, m, max(cfg.After, 3*time.Minute)) })
+	var (
+		conv sync.WaitGroup
+		late []int
+	)
+	conv.Go(func() { late = r.converge(ctx, sets, m, max(cfg.After, 3*time.Minute)) })
 	reconnect := min(time.Minute, cfg.After)
 	sleepUntil(ctx, r.RestoreAt.Add(reconnect))
 	r.Reconnect = between(restored, c.mustScrape(t))
@@ -258,6 +261,11 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 	r.Samples = sampler()
 	if r.NotConverged != "" {
 		t.Logf("%s: %s", mode, r.NotConverged)
+		for _, i := range late {
+			if o := outposts[i]; o != nil {
+				t.Logf("%s: outpost of %s says %q; its last lines:\n%s", mode, o.Node, o.State(ctx), o.Log(15))
+			}
+		}
 	} else {
 		t.Logf("%s: every node's clients saw the outage's marker %v after the restore", mode, r.Converged.Round(time.Millisecond))
 	}
@@ -265,8 +273,9 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 }
 
 // converge waits up to limit after the restore until every node's clients
-// hold the marker, and records when each got there.
-func (r *modeRun) converge(ctx context.Context, sets []*nodeClients, m *marker, limit time.Duration) {
+// hold the marker, records when the last got there, and returns the nodes
+// (indices) that did not.
+func (r *modeRun) converge(ctx context.Context, sets []*nodeClients, m *marker, limit time.Duration) (late []int) {
 	done := make([]bool, len(sets))
 	for {
 		all := true
@@ -279,22 +288,23 @@ func (r *modeRun) converge(ctx context.Context, sets []*nodeClients, m *marker, 
 		}
 		if all {
 			r.Converged = time.Since(r.RestoreAt)
-			return
+			return nil
 		}
 		if time.Since(r.RestoreAt) > limit || ctx.Err() != nil {
-			var late []string
+			var names []string
 			for i, s := range sets {
 				if !done[i] {
-					late = append(late, s.node+" ("+strings.Join(s.missing(m), ", ")+")")
+					late = append(late, i)
+					names = append(names, s.node+" ("+strings.Join(s.missing(m), ", ")+")")
 				}
 			}
-			slices.Sort(late)
-			if len(late) > 3 {
-				late = append(late[:3], "…")
+			slices.Sort(names)
+			if len(names) > 3 {
+				names = append(names[:3], "…")
 			}
 			r.NotConverged = fmt.Sprintf("%d of %d nodes' clients lack the outage's marker %v after the restore: %s",
-				len(sets)-r.NodesConverged, len(sets), limit, strings.Join(late, "; "))
-			return
+				len(sets)-r.NodesConverged, len(sets), limit, strings.Join(names, "; "))
+			return late
 		}
 		select {
 		case <-ctx.Done():
