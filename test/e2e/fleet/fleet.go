@@ -70,7 +70,9 @@ func Run(t *testing.T, cp *framework.ControlPlane, cfg Config) *Report {
 				continue
 			}
 		}
-		t.Run(mode, func(t *testing.T) { r = runMode(t, c, mode) })
+		if !t.Run(mode, func(t *testing.T) { r = runMode(t, c, mode) }) {
+			r.Missing = "failed (see the log)"
+		}
 		rep.Runs = append(rep.Runs, r)
 		if t.Failed() {
 			break

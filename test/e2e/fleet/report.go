@@ -111,6 +111,9 @@ func (rep *Report) table() string {
 	row("**outage**: API requests ended (of which WATCH)", func(r *modeRun) string {
 		return fmt.Sprintf("%.0f (%.0f)", r.Outage.Requests-r.Outage.Probes, r.Outage.Watches)
 	})
+	row("links' held connections / harness's open files at its end", func(r *modeRun) string {
+		return fmt.Sprintf("%d / %d", r.HeldConns, r.HarnessFiles)
+	})
 	row("**reconnect** (first "+secs(min(time.Minute, cfg.After))+"): API requests (+ health probes)", func(r *modeRun) string {
 		return fmt.Sprintf("%.0f (+ %.0f)", r.Reconnect.Requests-r.Reconnect.Probes, r.Reconnect.Probes)
 	})

@@ -53,6 +53,9 @@ type modeRun struct {
 	// HarnessRSS the test process's (every node's clients), in MB.
 	RSS        []float64
 	HarnessRSS float64
+	// HeldConns is how many connections the links held at the end of the
+	// outage; HarnessFiles the descriptors this process had open then.
+	HeldConns, HarnessFiles int
 }
 
 // OutpostHasFlag reports whether `outpost run --help` of the binary the
@@ -239,6 +242,15 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 		t.Fatalf("%s: %v", mode, err)
 	}
 	sleepUntil(ctx, r.OutageAt.Add(cfg.Outage))
+	// The black-holed links hold every connection opened meanwhile, each
+	// a descriptor of this process: past its limit they stop accepting.
+	r.HeldConns = 0
+	for _, l := range links {
+		r.HeldConns += l.Conns()
+	}
+	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
+		r.HarnessFiles = len(fds)
+	}
 	for _, l := range links {
 		l.Pass()
 	}
