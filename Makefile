@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0
 LDFLAGS := -s -w -X github.com/outposthq/outpost/internal/version.Version=$(VERSION)
 GO_TEST_TIMEOUT ?= 40m
 
-.PHONY: all build images k8s node-deps test unit e2e lint demo bench chaos clean
+.PHONY: all build images k8s node-deps test unit e2e lint demo bench chaos fleet clean
 
 all: build
 
@@ -61,6 +61,12 @@ chaos: k8s build
 	@mkdir -p _output/chaos
 	CHAOS_DURATION=$${CHAOS_DURATION:-10m} CHAOS_OUT=$(CURDIR)/_output/chaos \
 		go test -count=1 -timeout $(GO_TEST_TIMEOUT) -v -run '^TestChaos$$' ./test/e2e/chaos/ 2>&1 | tee _output/chaos/chaos.log
+
+## fleet: FLEET_NODES (50) outposts with realistic node clients vs the same clients direct, on one real
+## apiserver, through an outage of every link (FLEET_OUTAGE, 120s); table and picture in _output/fleet
+fleet: k8s build
+	@mkdir -p _output/fleet
+	FLEET_RUN=1 go test -count=1 -run '^TestFleet$$' -timeout 2h -v ./test/e2e/fleet/ 2>&1 | tee _output/fleet/run.log
 
 ## demo: a real control plane, outpost in front of it, kubectl through outpost
 demo: node-deps k8s build
