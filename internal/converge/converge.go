@@ -64,6 +64,11 @@ type Converger struct {
 	Metrics *metrics.Metrics // optional
 	Log     *slog.Logger
 
+	// relistOwed is set while a re-list after a long outage has not
+	// ended: a link that fails again cuts it short, and the next return
+	// finishes it whatever the outage (Run's goroutine only).
+	relistOwed bool
+
 	mu    sync.Mutex // guards the fields below
 	since time.Time  // when the current state began
 	last  *report.Reconnect
@@ -163,9 +168,10 @@ func (c *Converger) converge(ctx context.Context, outage time.Duration) {
 	} else if n > 0 {
 		c.Log.Info("event journal replayed", "events", n)
 	}
-	if outage < c.FlapWindow {
+	if outage < c.FlapWindow && !c.relistOwed {
 		return
 	}
+	c.relistOwed = true
 	// Clients whose watches broke re-list first (informers do within a
 	// second or two): the views they refresh need no re-list of ours.
 	select {
@@ -188,6 +194,7 @@ func (c *Converger) converge(ctx context.Context, outage time.Duration) {
 		n += m
 	}
 	c.record(func(r *report.Reconnect) { r.ViewsRelisted = n })
+	c.relistOwed = err != nil
 	if err != nil && ctx.Err() == nil {
 		failed = fmt.Errorf("re-listing views: %w", err)
 		c.Log.Warn("re-listing after reconnect stopped", "views", n, "err", err)

@@ -17,8 +17,9 @@ import (
 // local notes the steps asked of it, in order, with the identity each
 // upstream was made for.
 type local struct {
-	mu    sync.Mutex
-	steps []string
+	mu       sync.Mutex
+	steps    []string
+	failNext bool // the next re-list fails, as when the link fails again
 }
 
 func (l *local) note(s string) {
@@ -38,6 +39,12 @@ func (l *local) ReplayJournal(_ context.Context, _ int, up http.RoundTripper) (i
 }
 func (l *local) Relist(_ context.Context, identity string, _ int, up http.RoundTripper, _ time.Time) (int, error) {
 	l.note("relist " + identity + " as " + up.(as).key)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.failNext {
+		l.failNext = false
+		return 1, io.ErrUnexpectedEOF
+	}
 	return 3, nil
 }
 
@@ -114,6 +121,28 @@ func TestConvergeOnReturn(t *testing.T) {
 			"relist system:node:edge-1 as system:node:edge-1; relist system:serviceaccount:a:b as system:serviceaccount:a:b/tok"
 		if got := l.taken(); got != want {
 			t.Errorf("after an outage:\n got %s\nwant %s", got, want)
+		}
+
+		// A re-list the link cut short is finished at the next return,
+		// even after a flap; then flaps re-list nothing again.
+		l.mu.Lock()
+		l.failNext = true
+		l.mu.Unlock()
+		st.set(false)
+		time.Sleep(time.Minute)
+		st.set(true)
+		synctest.Wait()
+		if got, want := l.taken(), "status as system:node:edge-1; drop overlays; journal as system:node:edge-1; relist system:node:edge-1 as system:node:edge-1"; got != want {
+			t.Errorf("after an outage whose re-list failed:\n got %s\nwant %s", got, want)
+		}
+		for i, want := range []string{want, "status as system:node:edge-1; drop overlays; journal as system:node:edge-1"} {
+			st.set(false)
+			time.Sleep(2 * time.Second) // a flap
+			st.set(true)
+			synctest.Wait()
+			if got := l.taken(); got != want {
+				t.Errorf("flap %d after it:\n got %s\nwant %s", i+1, got, want)
+			}
 		}
 		cancel()
 		<-done
