@@ -582,20 +582,7 @@ func TestSlowAnswerHoldsNothingBack(t *testing.T) {
 	c, stop := newCache(t, func(c *Cache) { c.Now = func() time.Time { return time.Unix(0, now.Load()) } })
 	defer stop()
 	key := store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns1"}
-	list := func(rv string) []byte {
-		l := &corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: rv}}
-		for i := range 1000 {
-			item := cm(fmt.Sprintf("cm-%03d", i), "ns1", strconv.Itoa(i+1), nil)
-			item.TypeMeta = metav1.TypeMeta{}
-			item.Data["payload"] = strings.Repeat("s", 100) + rv
-			l.Items = append(l.Items, item)
-		}
-		body, err := json.Marshal(l)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return body
-	}
+	list := func(rv string) []byte { return jsonList(t, rv, 1000) }
 	at := func(rv string) func() bool {
 		return func() bool {
 			v, ok, _ := c.Store.View(key)
@@ -696,20 +683,7 @@ func TestRelistSkipsViewsClientsRelisted(t *testing.T) {
 // left behind while the link holds; a view stale from that is not held back
 // by the guard against older answers.
 func TestLostClaimRelisted(t *testing.T) {
-	list := func(rv string) []byte {
-		l := &corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: rv}}
-		for i := range 1000 {
-			item := cm(fmt.Sprintf("cm-%03d", i), "ns1", strconv.Itoa(i+1), nil)
-			item.TypeMeta = metav1.TypeMeta{}
-			item.Data["payload"] = strings.Repeat("l", 100) + rv
-			l.Items = append(l.Items, item)
-		}
-		b, err := json.Marshal(l)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
+	list := func(rv string) []byte { return jsonList(t, rv, 1000) }
 	var asked atomic.Int32
 	c, stop := newCache(t, func(c *Cache) {
 		c.UpstreamAs = func(identity string) http.RoundTripper {
@@ -760,4 +734,22 @@ func TestLostClaimRelisted(t *testing.T) {
 	if n := asked.Load(); n != 1 {
 		t.Errorf("the apiserver was asked %d times; want once", n)
 	}
+}
+
+// jsonList is the apiserver's JSON answer listing n ConfigMaps of ns1 at
+// rv, each of about 100 bytes of data that name rv.
+func jsonList(t *testing.T, rv string, n int) []byte {
+	t.Helper()
+	l := &corev1.ConfigMapList{TypeMeta: metav1.TypeMeta{Kind: "ConfigMapList", APIVersion: "v1"}, ListMeta: metav1.ListMeta{ResourceVersion: rv}}
+	for i := range n {
+		item := cm(fmt.Sprintf("cm-%03d", i), "ns1", strconv.Itoa(i+1), nil)
+		item.TypeMeta = metav1.TypeMeta{}
+		item.Data["payload"] = strings.Repeat("s", 100) + rv
+		l.Items = append(l.Items, item)
+	}
+	body, err := json.Marshal(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return body
 }

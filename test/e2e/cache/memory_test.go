@@ -52,19 +52,12 @@ func TestConcurrentOfflineListsBounded(t *testing.T) {
 	client := &http.Client{Timeout: time.Minute, Transport: &http.Transport{
 		TLSClientConfig: &tls.Config{RootCAs: framework.CertPool(t, o.ServingCAFile)}, MaxIdleConnsPerHost: clients}}
 	list := func(ctx context.Context, accept string) ([]byte, error) {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, o.URL+"/api/v1/namespaces/"+ns+"/configmaps", nil)
-		req.Header.Set("Authorization", "Bearer "+token)
-		req.Header.Set("Accept", accept)
-		resp, err := client.Do(req)
+		resp, err := getConfigMaps(ctx, client, o.URL, ns, token, accept)
 		if err != nil {
 			return nil, err
 		}
 		defer resp.Body.Close()
-		body, err := io.ReadAll(resp.Body)
-		if err == nil && resp.StatusCode != http.StatusOK {
-			err = fmt.Errorf("%s: %.200s", resp.Status, body)
-		}
-		return body, err
+		return io.ReadAll(resp.Body)
 	}
 	accepts := []string{"application/json", "application/vnd.kubernetes.protobuf"}
 	for _, a := range accepts { // recorded online, in both encodings
@@ -160,16 +153,7 @@ func TestConcurrentOnlineListsBounded(t *testing.T) {
 			ForceAttemptHTTP2: true, DisableCompression: true}}
 	}
 	get := func(ctx context.Context, c *http.Client) (*http.Response, error) {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, o.URL+"/api/v1/namespaces/"+ns+"/configmaps", nil)
-		req.Header.Set("Authorization", "Bearer "+token)
-		req.Header.Set("Accept", "application/json")
-		resp, err := c.Do(req)
-		if err == nil && resp.StatusCode != http.StatusOK {
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			err = fmt.Errorf("%s: %.200s", resp.Status, body)
-		}
-		return resp, err
+		return getConfigMaps(ctx, c, o.URL, ns, token, "application/json")
 	}
 	list := func(ctx context.Context, c *http.Client) ([]byte, error) {
 		resp, err := get(ctx, c)
@@ -302,4 +286,22 @@ func sansListVersion(list []byte) []byte {
 		return list
 	}
 	return append(slices.Clip(list[:i+len(key)]), list[i+len(key)+j:]...)
+}
+
+// getConfigMaps lists the ConfigMaps of ns at url with token, asking for
+// accept; an answer other than 200 is an error saying what it was.
+func getConfigMaps(ctx context.Context, c *http.Client, url, ns, token, accept string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url+"/api/v1/namespaces/"+ns+"/configmaps", nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Accept", accept)
+	resp, err := c.Do(req)
+	if err == nil && resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return nil, fmt.Errorf("%s: %.200s", resp.Status, body)
+	}
+	return resp, err
 }
