@@ -662,7 +662,19 @@ func TestRelistSkipsViewsClientsRelisted(t *testing.T) {
 	var asked atomic.Int32
 	upstream := roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		asked.Add(1)
-		return &http.Response{StatusCode: 200, Request: r, Header: http.Header{"Content-Type": {codec.MediaJSON}}, Body: io.NopCloser(bytes.NewReader(body("21")))}, nil
+		h := http.Header{"Content-Type": {codec.MediaJSON}}
+		b := body("21")
+		if r.Header.Get("Accept-Encoding") == "gzip" { // as the apiserver answers a re-list
+			var gz bytes.Buffer
+			zw := gzip.NewWriter(&gz)
+			_, _ = zw.Write(b)
+			_ = zw.Close()
+			b = gz.Bytes()
+			h.Set("Content-Encoding", "gzip")
+		} else {
+			t.Error("a re-list did not ask for gzip")
+		}
+		return &http.Response{StatusCode: 200, Request: r, Header: h, Body: io.NopCloser(bytes.NewReader(b))}, nil
 	})
 	// The link returned before the client's list: nothing to ask.
 	n, err := c.Relist(t.Context(), reader.Key(), 100, upstream, time.Now().Add(-time.Minute))

@@ -141,6 +141,10 @@ func relistRequest(ctx context.Context, k store.ViewKey, protobuf bool) (*http.R
 		return nil, err
 	}
 	r.Header.Set("Accept", "application/json")
+	// Gzipped, as client-go asks: after an outage every view of every node
+	// is re-listed at once, and a JSON list shrinks several times (the
+	// upstream transport passes encodings through, and adds none).
+	r.Header.Set("Accept-Encoding", "gzip")
 	if protobuf {
 		// Recorded from protobuf, of a kind outpost has no type for:
 		// re-listed the same way, so that its protobuf clients are still
