@@ -137,6 +137,11 @@ func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 	fs.Func("recording-budget", "bound on the bytes of answers held at once while they are copied for recording, e.g. 64Mi (past it copies are dropped and their views re-listed later); default 64Mi", func(s string) error {
 		return parseSize(s, 1<<20, &cfg.RecordingBudget)
 	})
+	fs.BoolVar(&cfg.WatchCache, "watch-cache", false, "answer online, from one upstream list+watch per scope shared by this node's clients, what kube-apiserver answers from its watch cache (LIST at resourceVersion 0, watches from a known resourceVersion, WatchList); each caller is served only after an access review with its own credentials")
+	fs.Func("watch-cache-size", "bound on the memory the watch cache holds, e.g. 64Mi (a scope that would pass it goes upstream); default 64Mi", func(s string) error {
+		return parseSize(s, 1<<20, &cfg.WatchCacheSize)
+	})
+	fs.DurationVar(&cfg.WatchCacheRecheck, "watch-cache-recheck", 0, "how long the apiserver's answer to a caller's access review holds before it is asked again; a revoked caller stops being served within it (default 1m)")
 	cfg.MemoryLimit = -1 // unset: --memory-limit's default, unless GOMEMLIMIT is set
 	fs.Func("memory-limit", "soft limit of outpost's Go memory, e.g. 100Mi: past it the garbage collector works harder, so bursts of answers leave less garbage resident (default 100Mi, or $GOMEMLIMIT when set; 0: none)", func(s string) error {
 		return parseSize(s, 0, &cfg.MemoryLimit)

@@ -24,6 +24,9 @@ type Event struct {
 	// InitialEventsEnd marks the bookmark that ends the initial events of a
 	// WatchList (annotation k8s.io/initial-events-end: "true").
 	InitialEventsEnd bool
+	// Code is an ERROR event's Status code (410: the resourceVersion
+	// expired), 0 when it says none.
+	Code int32
 }
 
 // eventMeta is what every watch event object says of itself.
@@ -31,6 +34,7 @@ type eventMeta struct {
 	Kind, APIVersion string
 	ResourceVersion  string
 	InitialEventsEnd bool
+	Code             int32 // of an ERROR event's Status
 }
 
 // WatchDecoder reads a watch stream of one content type.
@@ -116,6 +120,12 @@ func (d *WatchDecoder) nextProtobuf() (Event, error) {
 		}
 		m.ResourceVersion, m.InitialEventsEnd = om.ResourceVersion, om.Annotations[initialEventsEnd] == "true"
 	}
+	if typ == watch.Error {
+		var st metav1.Status
+		if unmarshalSafely(&st, msg) == nil {
+			m.Code = st.Code
+		}
+	}
 	return d.event(typ, func() (store.Object, error) {
 		msg := bytes.Clone(msg) // the object keeps it; the frame is reused
 		if !KnownKind(schema.FromAPIVersionAndKind(apiVersion, kind)) {
@@ -142,7 +152,7 @@ func watchReadError(err error) error {
 }
 
 func (d *WatchDecoder) event(typ watch.EventType, decode func() (store.Object, error), m eventMeta) (Event, error) {
-	ev := Event{Type: typ, Kind: m.Kind, APIVersion: m.APIVersion}
+	ev := Event{Type: typ, Kind: m.Kind, APIVersion: m.APIVersion, Code: m.Code}
 	switch typ {
 	case watch.Added, watch.Modified, watch.Deleted:
 		o, err := decode()
@@ -173,8 +183,9 @@ func metaOfJSON(raw []byte) eventMeta {
 			ResourceVersion string            `json:"resourceVersion"`
 			Annotations     map[string]string `json:"annotations"`
 		} `json:"metadata"`
+		Code int32 `json:"code"`
 	}
 	_ = json.Unmarshal(raw, &doc)
 	return eventMeta{Kind: doc.Kind, APIVersion: doc.APIVersion, ResourceVersion: doc.Metadata.ResourceVersion,
-		InitialEventsEnd: doc.Metadata.Annotations[initialEventsEnd] == "true"}
+		InitialEventsEnd: doc.Metadata.Annotations[initialEventsEnd] == "true", Code: doc.Code}
 }

@@ -133,6 +133,15 @@ type Hub struct {
 	// (debug.SetMemoryLimit): 0 means none, negative means
 	// DefaultMemoryLimit unless $GOMEMLIMIT is set.
 	MemoryLimit int64
+	// WatchCache turns on the node watch cache (package share): online,
+	// the reads kube-apiserver answers from its own watch cache are
+	// answered from one upstream list+watch per scope, shared by this
+	// node's clients. WatchCacheSize bounds the memory it holds (zero: its
+	// default), and WatchCacheRecheck how long an access review of a
+	// caller holds (zero: its default).
+	WatchCache        bool
+	WatchCacheSize    int64
+	WatchCacheRecheck time.Duration
 
 	// Peers configures this node's part in its site's peer checks (package
 	// peer); off unless Peers.Address is set.

@@ -40,6 +40,7 @@ import (
 	"github.com/outposthq/outpost/internal/rewrite"
 	"github.com/outposthq/outpost/internal/seal"
 	"github.com/outposthq/outpost/internal/server"
+	"github.com/outposthq/outpost/internal/share"
 	"github.com/outposthq/outpost/internal/store"
 	"github.com/outposthq/outpost/internal/upstream"
 )
@@ -333,8 +334,27 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	g.Go(func() error { return conv.Run(gctx) })
 	g.Go(func() error { return issuer.Run(gctx) })
 
+	var shared proxy.Sharer
+	if h.cfg.WatchCache {
+		wc := &share.Cache{As: h.pool.As, UpstreamAs: h.upstreamAs, Record: rec.Tee, Online: h.monitor.Online, Changed: h.monitor.Changed,
+			MaxBytes: h.cfg.WatchCacheSize, Recheck: h.cfg.WatchCacheRecheck, Metrics: h.metrics, Log: h.log,
+			Grant: func(identity string, asked, source store.ViewKey, allowed bool) {
+				var err error
+				if allowed {
+					err = reader.PutGrant(st, identity, asked, source)
+				} else {
+					err = reader.DeleteGrant(st, identity, asked)
+				}
+				if err != nil {
+					h.log.Warn("watch cache: cannot record what a caller may read offline", "identity", identity, "err", err)
+				}
+			}}
+		g.Go(func() error { return wc.Run(gctx) })
+		shared = wc
+	}
+
 	newProxy := func(auth proxy.Authenticate) http.Handler {
-		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Record: rec.Tee, Cache: cache, Local: writes, Online: h.monitor.Online,
+		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Record: rec.Tee, Cache: cache, Local: writes, Share: shared, Online: h.monitor.Online,
 			Metrics: h.metrics, Log: h.log, Stopping: gctx, Activity: mem, Rewrite: h.rewriteRules()}
 		p.Init()
 		return p

@@ -69,6 +69,16 @@ type Metrics struct {
 	// after reconnect; JournalRejected those the apiserver refused (4xx) on
 	// replay, dropped.
 	JournalEvents, JournalDropped, JournalReplayed, JournalRejected prometheus.Counter
+
+	// The node watch cache (package share): streams running, watches
+	// served from them, the bytes they hold and their bound, answers
+	// served by verb, the streams' own upstream requests by verb and code,
+	// access reviews by result, and watches answered 410 Gone.
+	WatchCacheStreams, WatchCacheWatchers, WatchCacheBytes, WatchCacheBudget prometheus.Gauge
+	WatchCacheServed                                                         *prometheus.CounterVec
+	WatchCacheUpstream                                                       *prometheus.CounterVec
+	WatchCacheReviews                                                        *prometheus.CounterVec
+	WatchCacheExpired                                                        prometheus.Counter
 }
 
 // New creates the collectors and registers them, with the Go and process
@@ -161,6 +171,15 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.JournalDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_dropped_total", Help: "Journaled events dropped because the journal was full."})
 	m.JournalReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_replayed_total", Help: "Journaled events delivered to the apiserver after reconnect."})
 	m.JournalRejected = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_journal_rejected_total", Help: "Journaled events the apiserver refused (4xx) on replay, dropped."})
+	m.WatchCacheStreams = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_watchcache_streams", Help: "Shared upstream list+watch streams of the node watch cache."})
+	m.WatchCacheWatchers = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_watchcache_watchers", Help: "Local watches served from shared streams."})
+	m.WatchCacheBytes = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_watchcache_bytes", Help: "Bytes of objects and events the shared streams hold in memory."})
+	m.WatchCacheBudget = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_watchcache_budget_bytes", Help: "Bound of outpost_watchcache_bytes (--watch-cache-size)."})
+	m.WatchCacheServed = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_watchcache_served_total", Help: "Answers served from shared streams, by verb (list, watch)."}, []string{"verb"})
+	m.WatchCacheUpstream = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_watchcache_upstream_requests_total", Help: "The shared streams' own requests to the apiserver, by verb (list, watch) and HTTP code."}, []string{"verb", "code"})
+	m.WatchCacheReviews = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_watchcache_reviews_total", Help: "Access reviews made with callers' own credentials before serving them from shared streams, by result (allowed, denied, error)."}, []string{"result"})
+	m.WatchCacheExpired = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_watchcache_expired_total", Help: "Watches answered 410 Gone: their resourceVersion was older than what the shared stream keeps."})
+	reg.MustRegister(m.WatchCacheStreams, m.WatchCacheWatchers, m.WatchCacheBytes, m.WatchCacheBudget, m.WatchCacheServed, m.WatchCacheUpstream, m.WatchCacheReviews, m.WatchCacheExpired)
 	reg.MustRegister(m.MemoryReleases, m.CertRotations, m.JournalEvents, m.JournalDropped, m.JournalReplayed, m.JournalRejected, m.CacheLists, m.CacheEvents, m.CacheDropped, m.CacheUnrecorded, m.CacheErrors,
 		m.CacheSkipped, m.RecordingBytes, m.RecordingBudget,
 		m.Requests, m.ClientRequests, m.Duration, m.InFlight, m.ResponseBytes, m.UpstreamHealthy,

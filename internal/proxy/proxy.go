@@ -41,6 +41,12 @@ type Answerer interface {
 	Serve(w http.ResponseWriter, r *http.Request, info *request.Info)
 }
 
+// Sharer answers a request from a shared stream, or reports that it did
+// not (writing nothing).
+type Sharer interface {
+	Serve(w http.ResponseWriter, r *http.Request, info *request.Info) bool
+}
+
 // Activity follows the requests being served.
 type Activity interface {
 	Begin()
@@ -63,6 +69,10 @@ type Handler struct {
 	Cache Answerer
 	// Local, if set, answers this node's own writes offline.
 	Local Answerer
+	// Share, if set, answers online what the apiserver would answer from
+	// its watch cache, from streams shared by this node's clients
+	// (share.Cache); when it does not, the request goes upstream.
+	Share Sharer
 	// Online reports whether any apiserver is healthy. Nil: always. While
 	// offline, reads the cache answers are served from it at once instead
 	// of waiting on a dead link.
@@ -125,7 +135,7 @@ func (h *Handler) Init() {
 			true:  h.Metrics.InFlight.WithLabelValues("long-running"),
 		}
 		h.responseBytes = map[string]prometheus.Counter{}
-		for _, by := range []string{servedByUpstream, servedByCache, servedByOutpost} {
+		for _, by := range []string{servedByUpstream, servedByCache, servedByOutpost, servedByWatchCache} {
 			h.responseBytes[by] = h.Metrics.ResponseBytes.WithLabelValues(by)
 		}
 	}
@@ -136,6 +146,9 @@ const (
 	servedByUpstream = "upstream"
 	servedByCache    = "cache"
 	servedByOutpost  = "outpost" // a local write or outpost's own Status
+	// servedByWatchCache: online, from a stream shared by this node's
+	// clients (share.ServedBy).
+	servedByWatchCache = "watch-cache"
 )
 
 // copyBuffers lends the reverse proxy its 32 KiB body copy buffers, which
@@ -234,6 +247,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// a TLS handshake timeout on a dead link.
 		rec.local = true
 		status.WriteError(rec, status.Unavailable(fmt.Sprintf("outpost: the cloud is unreachable; %s %s must wait until it returns", info.Verb, r.URL.Path), 5))
+	case !offline && h.Share != nil && h.Share.Serve(out, r, info):
 	default:
 		// Online, or nothing local can answer: the apiservers, which are
 		// all still tried while every one is judged unhealthy.
@@ -388,6 +402,8 @@ func (r *recorder) servedBy() string {
 	switch {
 	case r.local:
 		return servedByOutpost
+	case r.Header().Get(reader.ServedByHeader) == servedByWatchCache:
+		return servedByWatchCache
 	case r.Header().Get(reader.ServedByHeader) != "":
 		return servedByCache
 	}

@@ -152,6 +152,19 @@ func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 			return source{view: v, namespace: ns, labels: info.Labels, fields: info.Fields, filter: true, meta: strings.HasSuffix(res, "#meta")}, true, nil
 		}
 	}
+	if info.Labels != nil && info.Fields != nil && !strings.HasSuffix(want.Resource, "#meta") {
+		// Served online from another identity's stream (package share):
+		// that view, filtered to what this identity was allowed.
+		v, ok, err := rd.granted(want.Identity, want)
+		if err != nil || !ok {
+			return source{}, false, err
+		}
+		ns := ""
+		if v.Key.Namespace == "" {
+			ns = want.Namespace
+		}
+		return source{view: v, namespace: ns, labels: info.Labels, fields: info.Fields, filter: true}, true, nil
+	}
 	return source{}, false, nil
 }
 

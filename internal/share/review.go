@@ -1,0 +1,168 @@
+package share
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+
+	authorizationv1 "k8s.io/api/authorization/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// reviewKey is one question to the apiserver: may this identity use this
+// verb on this scope.
+type reviewKey struct {
+	identity string
+	verb     string
+	scope    store.ViewKey
+}
+
+// review is the apiserver's answer to one question, shared by the
+// requests that asked it at once.
+type review struct {
+	done    chan struct{} // closed once answered
+	allowed bool
+	at      time.Time
+}
+
+// reviewTimeout bounds one access review.
+const reviewTimeout = 10 * time.Second
+
+// admitted reports whether the apiserver lets info's caller do what it
+// asks (list or watch its scope, with its selectors), asking it with the
+// caller's own credentials (a SelfSubjectAccessReview) at most once per
+// Recheck for each identity, verb and scope. An answer that did not come
+// is a no: the request goes upstream, where the apiserver judges it.
+func (c *Cache) admitted(ctx context.Context, info *request.Info) bool {
+	verb := "list"
+	if info.Watch {
+		verb = "watch"
+	}
+	k := reviewKey{identity: info.Identity.Key(), verb: verb, scope: scopeOf(info)}
+	c.mu.Lock()
+	rv := c.reviews[k]
+	ask := false
+	if rv == nil || (isClosed(rv.done) && time.Since(rv.at) > c.Recheck) {
+		rv = &review{done: make(chan struct{})}
+		c.reviews[k] = rv
+		ask = true
+		c.pruneReviews()
+	}
+	base := c.ctx
+	c.mu.Unlock()
+	if ask {
+		// Not the request's own context: others wait for this answer.
+		rctx, cancel := context.WithTimeout(base, reviewTimeout)
+		allowed, err := c.review(rctx, info, verb)
+		cancel()
+		result := "allowed"
+		switch {
+		case err != nil:
+			result = "error"
+			c.Log.Warn("watch cache: access review failed; the request goes upstream", "identity", k.identity, "verb", verb, "scope", describe(k.scope), "err", err)
+			// Not kept: the next request asks again.
+			c.mu.Lock()
+			if c.reviews[k] == rv {
+				delete(c.reviews, k)
+			}
+			c.mu.Unlock()
+		case !allowed:
+			result = "denied"
+		}
+		if c.Metrics != nil {
+			c.Metrics.WatchCacheReviews.WithLabelValues(result).Inc()
+		}
+		rv.allowed, rv.at = allowed && err == nil, time.Now()
+		close(rv.done)
+	}
+	select {
+	case <-rv.done:
+		return rv.allowed
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// pruneReviews forgets answers long expired; c.mu is held.
+func (c *Cache) pruneReviews() {
+	if len(c.reviews) < 1024 {
+		return
+	}
+	for k, rv := range c.reviews {
+		if isClosed(rv.done) && time.Since(rv.at) > 2*c.Recheck {
+			delete(c.reviews, k)
+		}
+	}
+}
+
+func isClosed(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// review asks the apiserver, as info's caller, whether it may use verb on
+// the scope info asks for.
+func (c *Cache) review(ctx context.Context, info *request.Info, verb string) (bool, error) {
+	attrs := &authorizationv1.ResourceAttributes{
+		Namespace: info.Namespace,
+		Verb:      verb,
+		Group:     info.APIGroup,
+		Version:   info.APIVersion,
+		Resource:  info.Resource,
+	}
+	if info.LabelSelector != "" {
+		attrs.LabelSelector = &authorizationv1.LabelSelectorAttributes{RawSelector: info.LabelSelector}
+	}
+	if info.FieldSelector != "" {
+		attrs.FieldSelector = &authorizationv1.FieldSelectorAttributes{RawSelector: info.FieldSelector}
+		// The apiserver names the object of a list or watch selected by
+		// metadata.name to its authorizers (the Node authorizer lets a
+		// node read its pods' ConfigMaps that way): so does the review.
+		if name, ok := info.Fields.RequiresExactMatch("metadata.name"); ok {
+			attrs.Name = name
+		}
+	}
+	body, err := json.Marshal(&authorizationv1.SelfSubjectAccessReview{
+		TypeMeta: metaTypeSSAR,
+		Spec:     authorizationv1.SelfSubjectAccessReviewSpec{ResourceAttributes: attrs},
+	})
+	if err != nil {
+		return false, err
+	}
+	r, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://upstream/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", bytes.NewReader(body))
+	if err != nil {
+		return false, err
+	}
+	r.Header.Set("Content-Type", "application/json")
+	r.Header.Set("Accept", "application/json")
+	resp, err := c.As(info.Identity).RoundTrip(r)
+	if err != nil {
+		return false, err
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return false, err
+	}
+	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK {
+		return false, fmt.Errorf("SelfSubjectAccessReview: %s", resp.Status)
+	}
+	var out authorizationv1.SelfSubjectAccessReview
+	if err := json.Unmarshal(raw, &out); err != nil {
+		return false, fmt.Errorf("SelfSubjectAccessReview: %w", err)
+	}
+	return out.Status.Allowed && !out.Status.Denied, nil
+}
+
+var metaTypeSSAR = metav1.TypeMeta{APIVersion: "authorization.k8s.io/v1", Kind: "SelfSubjectAccessReview"}

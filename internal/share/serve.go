@@ -1,0 +1,251 @@
+package share
+
+import (
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sync/semaphore"
+	"k8s.io/apimachinery/pkg/watch"
+
+	"github.com/outposthq/outpost/internal/codec"
+	"github.com/outposthq/outpost/internal/reader"
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// ServedBy is the X-Outpost-Served-By value of answers from shared streams.
+const ServedBy = "watch-cache"
+
+// assembling bounds the bytes of list answers assembled at once: fifty
+// clients listing a large scope together must not hold fifty copies.
+var assembling = semaphore.NewWeighted(assembleBudget)
+
+const assembleBudget = 32 << 20
+
+// serveList answers a LIST at resourceVersion 0 (whole, whatever the
+// limit, as the apiserver's watch cache does) or NotOlderThan a version,
+// once the stream reached it.
+func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.Info, st *stream, f filter) bool {
+	defer st.release()
+	ctx := r.Context()
+	o := info.Options
+	if o.ResourceVersion != "0" && !st.waitRV(ctx, parseRV(o.ResourceVersion), waitFresh) {
+		return false // newer than the node has seen: the apiserver answers
+	}
+	objs, rv, _, kind, apiVersion := st.snapshot(f)
+	if kind == "" {
+		return false
+	}
+	var size int64
+	items := make([][]byte, len(objs))
+	protos := make([][]byte, len(objs))
+	for i, o := range objs {
+		items[i], protos[i] = o.Data, o.Proto
+		size += int64(len(o.Data))
+	}
+	weight := min(size, assembleBudget)
+	if err := assembling.Acquire(ctx, weight); err != nil {
+		return false
+	}
+	defer assembling.Release(weight)
+	rvs := strconv.FormatUint(rv, 10)
+	var body []byte
+	contentType := codec.MediaJSON
+	a := info.Accept
+	if a.Media == codec.MediaProtobuf {
+		if b, ok := codec.ProtobufList(kind+"List", apiVersion, rvs, "", items, protos); ok {
+			body, contentType = b, codec.MediaProtobuf
+		} else if !a.PlainJSON {
+			return false
+		}
+	}
+	if body == nil {
+		for _, item := range items {
+			if codec.IsProtobufOnly(item) {
+				return false
+			}
+		}
+		body = codec.JSONList(kind+"List", apiVersion, rvs, "", items)
+	}
+	h := w.Header()
+	h.Set("Content-Type", contentType)
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Set(reader.ServedByHeader, ServedBy)
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(body)
+	c.served("list")
+	return true
+}
+
+// serveWatch answers a watch: from a resourceVersion the stream still
+// covers (else an ERROR event with 410 Gone, as the apiserver sends), or
+// from the stream's objects as ADDED events first (resourceVersion "" or
+// "0", and WatchList, which ends them with the initial-events-end
+// bookmark). It follows the stream until the client's timeout, the
+// client leaves, the stream ends (the client then watches again from its
+// resourceVersion), or a new access review says no.
+func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request.Info, st *stream, f filter) bool {
+	defer st.release()
+	ctx := r.Context()
+	o := info.Options
+	initial := o.SendInitialEvents || o.ResourceVersion == "" || o.ResourceVersion == "0"
+	from := parseRV(o.ResourceVersion)
+	if from != 0 && !st.waitRV(ctx, from, waitFresh) {
+		return false
+	}
+	st.mu.Lock()
+	kind, apiVersion := st.kind, st.apiVersion
+	st.mu.Unlock()
+	if kind == "" {
+		return false
+	}
+	enc, err := codec.NewEventEncoder(w, info.Accept, kind, apiVersion, false)
+	if err != nil {
+		return false
+	}
+	var next uint64
+	var objs []store.Object
+	var rv uint64
+	tooOld := false
+	if initial {
+		objs, rv, next, _, _ = st.snapshot(f)
+	} else {
+		next, tooOld = st.since(from)
+		tooOld = !tooOld
+	}
+	timeout := 30*time.Minute + time.Duration(rand.Int64N(int64(30*time.Minute))) // the apiserver's default
+	if o.TimeoutSeconds > 0 {
+		timeout = time.Duration(o.TimeoutSeconds) * time.Second
+	}
+
+	w.Header().Set("Content-Type", enc.ContentType)
+	w.Header().Set(reader.ServedByHeader, ServedBy)
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	c.served("watch")
+	if c.Metrics != nil {
+		c.Metrics.WatchCacheWatchers.Inc()
+		defer c.Metrics.WatchCacheWatchers.Dec()
+	}
+	if tooOld {
+		st.mu.Lock()
+		oldest := st.oldest
+		st.mu.Unlock()
+		s := expired(o.ResourceVersion, oldest).Status()
+		_ = enc.Status(&s)
+		_ = rc.Flush()
+		if c.Metrics != nil {
+			c.Metrics.WatchCacheExpired.Inc()
+		}
+		return true
+	}
+	for _, o := range objs {
+		if err := enc.Object(watch.Added, o.Data, o.Proto); err != nil {
+			return true
+		}
+	}
+	if o.SendInitialEvents {
+		if err := enc.Bookmark(strconv.FormatUint(rv, 10), true); err != nil {
+			return true
+		}
+	}
+	_ = rc.Flush()
+
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(c.BookmarkInterval)
+	defer tick.Stop()
+	recheck := time.NewTicker(c.Recheck)
+	defer recheck.Stop()
+	var bookmarked uint64
+	for {
+		evs, after, at, notify, done, ok := st.events(next)
+		if !ok {
+			// Too slow to follow: the events it needed are gone. The
+			// apiserver ends such a watch too; the client resumes.
+			return true
+		}
+		sent := false
+		for _, e := range evs {
+			typ, obj, keep := f.event(e)
+			if !keep {
+				continue
+			}
+			if err := enc.Object(typ, obj.Data, obj.Proto); err != nil {
+				return true
+			}
+			sent = true
+		}
+		next = after
+		if sent {
+			_ = rc.Flush()
+		}
+		if done {
+			return true
+		}
+		select {
+		case <-notify:
+		case <-tick.C:
+			if o.AllowWatchBookmarks && at > bookmarked {
+				if err := enc.Bookmark(strconv.FormatUint(at, 10), false); err != nil {
+					return true
+				}
+				bookmarked = at
+				_ = rc.Flush()
+			}
+		case <-recheck.C:
+			if !c.admitted(ctx, info) {
+				c.forget(info)
+				c.Log.Info("watch cache: access revoked; ending the watch", "identity", info.Identity.Key(), "scope", scopeOf(info).String())
+				return true
+			}
+		case <-deadline.C:
+			return true
+		case <-ctx.Done():
+			return true
+		}
+	}
+}
+
+func (c *Cache) served(verb string) {
+	if c.Metrics != nil {
+		c.Metrics.WatchCacheServed.WithLabelValues(verb).Inc()
+	}
+}
+
+// event is what a watch filtered by f sees of e: an object entering the
+// selection is ADDED, one leaving it DELETED (with its new state, so the
+// client's resourceVersion moves on), others as they are.
+func (f filter) event(e event) (watch.EventType, store.Object, bool) {
+	if !f.on {
+		return e.typ, e.obj, true
+	}
+	cur := f.keep(e.obj)
+	prev := e.prev != nil && f.keep(*e.prev)
+	switch e.typ {
+	case watch.Added:
+		return watch.Added, e.obj, cur
+	case watch.Modified:
+		switch {
+		case cur && prev:
+			return watch.Modified, e.obj, true
+		case cur:
+			return watch.Added, e.obj, true
+		case prev:
+			return watch.Deleted, e.obj, true
+		}
+		return "", store.Object{}, false
+	case watch.Deleted:
+		return watch.Deleted, e.obj, cur || prev
+	}
+	return "", store.Object{}, false
+}
+
+// describe names a scope in logs.
+func describe(k store.ViewKey) string {
+	return strings.TrimSpace(k.String())
+}

@@ -1,0 +1,389 @@
+// Package share is outpost's node watch cache: one upstream list+watch per
+// scope (resource, namespace, label and field selector) kept in memory,
+// from which every local client the apiserver lets read that scope is
+// answered online, as kube-apiserver answers from its own watch cache:
+// LISTs at resourceVersion "0" or NotOlderThan a version the node holds,
+// watches from such a version, and WatchLists (sendInitialEvents=true).
+// Consistent reads (no resourceVersion) and everything else still go
+// upstream.
+//
+// A stream runs with the credentials of the identity that first asked for
+// its scope (the node's own, or the token that caller last used). Every
+// caller, that one included, is served from a stream only after the
+// apiserver said, to a SelfSubjectAccessReview made with the caller's own
+// credentials, that it may list or watch the scope it asked for; the
+// answer holds for Recheck, and a watch being served stops when a later
+// check says no. A narrower request (more selective, one namespace) may be
+// served from a broader stream, filtered here, since the caller was
+// authorized for exactly what it asked.
+//
+// The stream's answers are recorded into the store once, through the same
+// recorder that records clients' answers (as the view of the stream's
+// owner), so offline serving, convergence and crash safety are what they
+// were. The in-memory part is bounded by MaxBytes.
+package share
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/outposthq/outpost/internal/codec"
+	"github.com/outposthq/outpost/internal/metrics"
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// Defaults of Cache's fields.
+const (
+	DefaultMaxBytes = 64 << 20
+	DefaultRecheck  = time.Minute
+	defaultWindow   = 2048
+	defaultIdle     = 2 * time.Minute
+	defaultBookmark = 10 * time.Second
+	// waitSynced bounds how long a request waits for a new stream's first
+	// list, or for a stream to reach the resourceVersion it asks for,
+	// before it is sent upstream instead (the apiserver's watch cache
+	// waits 3 s for the latter).
+	waitSynced = 10 * time.Second
+	waitFresh  = 3 * time.Second
+	// refusedFor is how long a scope whose stream the apiserver refused,
+	// or which outgrew the budget, is left to upstream.
+	refusedFor = time.Minute
+)
+
+// Cache is the node watch cache. Set the fields, then call Run once;
+// Serve answers nothing until Run has started.
+type Cache struct {
+	// As sends requests with the credentials of a caller: the node's own
+	// for the node, its own token for a token caller. Required.
+	As func(request.Identity) http.RoundTripper
+	// UpstreamAs sends requests as the identity whose key is given, with
+	// the credentials outpost holds for it now (a token caller's latest
+	// token), or returns nil. A stream is owned only by an identity it
+	// can send as. Required.
+	UpstreamAs func(identity string) http.RoundTripper
+	// Record, if set, records a stream's answers as they stream in
+	// (recorder.Recorder.Tee).
+	Record func(*http.Response, *request.Info)
+	// Grant, if set, is told that identity may read the scope it asked
+	// from view source, another identity's (allowed), or no longer
+	// (!allowed), so that the reader answers it offline from that view
+	// (reader.PutGrant).
+	Grant func(identity string, asked, source store.ViewKey, allowed bool)
+	// Online reports whether the cloud is reachable, and Changed returns a
+	// channel closed at the next change. Nil: always online.
+	Online  func() bool
+	Changed func() <-chan struct{}
+	// MaxBytes bounds the objects and events all streams hold in memory.
+	// A stream that would pass it ends, and its scope goes upstream for a
+	// while. Default DefaultMaxBytes.
+	MaxBytes int64
+	// Recheck is how long the apiserver's answer to a caller's access
+	// review holds. Default DefaultRecheck.
+	Recheck time.Duration
+	// Window is how many events a stream keeps for watches that resume
+	// from an older resourceVersion. Default 2048.
+	Window int
+	// Idle is how long a stream with no client is kept. Default 2m.
+	Idle time.Duration
+	// BookmarkInterval is how often a caught-up watch that allows them
+	// gets a BOOKMARK. Default 10s.
+	BookmarkInterval time.Duration
+	Metrics          *metrics.Metrics
+	Log              *slog.Logger
+
+	ctx     context.Context
+	started chan struct{}
+	wg      sync.WaitGroup
+
+	mu       sync.Mutex
+	streams  map[store.ViewKey]*stream
+	refused  map[store.ViewKey]time.Time // until when a scope goes upstream
+	bytes    int64                       // held by all streams
+	reviews  map[reviewKey]*review
+	grants   map[grantKey]store.ViewKey // told to Grant
+	initOnce sync.Once
+}
+
+func (c *Cache) init() {
+	c.initOnce.Do(func() {
+		if c.MaxBytes <= 0 {
+			c.MaxBytes = DefaultMaxBytes
+		}
+		if c.Recheck <= 0 {
+			c.Recheck = DefaultRecheck
+		}
+		if c.Window <= 0 {
+			c.Window = defaultWindow
+		}
+		if c.Idle <= 0 {
+			c.Idle = defaultIdle
+		}
+		if c.BookmarkInterval <= 0 {
+			c.BookmarkInterval = defaultBookmark
+		}
+		c.started = make(chan struct{})
+		c.streams = map[store.ViewKey]*stream{}
+		c.refused = map[store.ViewKey]time.Time{}
+		c.reviews = map[reviewKey]*review{}
+		c.grants = map[grantKey]store.ViewKey{}
+		if c.Metrics != nil {
+			c.Metrics.WatchCacheBudget.Set(float64(c.MaxBytes))
+		}
+	})
+}
+
+// Run owns the streams: they run until ctx is done, and Run returns once
+// they all ended.
+func (c *Cache) Run(ctx context.Context) error {
+	c.init()
+	c.mu.Lock()
+	c.ctx = ctx
+	c.mu.Unlock()
+	close(c.started)
+	<-ctx.Done()
+	c.wg.Wait()
+	return nil
+}
+
+func (c *Cache) online() bool { return c.Online == nil || c.Online() }
+
+// Serve answers r from a shared stream when it may, and reports whether
+// it did; when it did not, nothing was written and the caller sends r
+// upstream.
+func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info) bool {
+	c.init()
+	if !c.running() || !c.online() || !shareable(info) {
+		return false
+	}
+	ctx := r.Context()
+	st, filter := c.streamFor(info)
+	if st == nil {
+		return false
+	}
+	if !st.waitSynced(ctx, waitSynced) {
+		return false
+	}
+	if !c.admitted(ctx, info) {
+		st.release()
+		c.forget(info)
+		return false
+	}
+	c.remember(info, st)
+	if info.Watch {
+		return c.serveWatch(w, r, info, st, filter)
+	}
+	return c.serveList(w, r, info, st, filter)
+}
+
+func (c *Cache) running() bool {
+	select {
+	case <-c.started:
+		return true
+	default:
+		return false
+	}
+}
+
+// shareable reports whether info is a request the apiserver answers from
+// its watch cache, in a form shared streams can answer.
+func shareable(info *request.Info) bool {
+	if info.Identity.Kind != request.NodeCert && info.Identity.Kind != request.BearerToken {
+		return false
+	}
+	if info.Subresource != "" || info.Name != "" || info.Labels == nil || info.Fields == nil {
+		return false
+	}
+	if strings.Contains(info.Path, "/watch/") {
+		return false // the legacy watch path
+	}
+	if info.Accept.As != "" || (info.Accept.Media != codec.MediaJSON && info.Accept.Media != codec.MediaProtobuf) {
+		return false
+	}
+	if strings.HasSuffix(info.View.Resource, "#meta") || info.View.Resource == "" {
+		return false
+	}
+	o := info.Options
+	if o.InvalidLimit != "" || o.InvalidTimeout != "" || o.Continue != "" {
+		return false
+	}
+	switch info.Class {
+	case request.ListObjects:
+		// rv=0 is answered whole whatever the limit, as the apiserver's
+		// watch cache does; NotOlderThan a version, without a limit.
+		switch {
+		case o.ResourceVersion == "0" && (o.ResourceVersionMatch == "" || o.ResourceVersionMatch == "NotOlderThan"):
+			return true
+		case o.ResourceVersion != "" && o.ResourceVersionMatch == "NotOlderThan" && o.Limit == 0:
+			return parseRV(o.ResourceVersion) != 0
+		}
+		return false
+	case request.WatchObjects:
+		if o.SendInitialEvents {
+			// A WatchList: NotOlderThan, with bookmarks, as the apiserver
+			// requires; it says what is wrong with anything else.
+			return o.ResourceVersionMatch == "NotOlderThan" && o.AllowWatchBookmarks &&
+				(o.ResourceVersion == "" || o.ResourceVersion == "0" || parseRV(o.ResourceVersion) != 0)
+		}
+		return o.ResourceVersionMatch == "" && (o.ResourceVersion == "" || o.ResourceVersion == "0" || parseRV(o.ResourceVersion) != 0)
+	}
+	return false
+}
+
+// scopeOf is the stream key of what info asks for.
+func scopeOf(info *request.Info) store.ViewKey {
+	k := info.View
+	k.Identity, k.Name = "", ""
+	return k
+}
+
+// streamFor finds the stream that answers info: its own scope's, else a
+// broader running one (filter then says what to keep), else a new one of
+// its scope owned by the caller. It returns nil when the scope goes
+// upstream.
+func (c *Cache) streamFor(info *request.Info) (st *stream, f filter) {
+	scope := scopeOf(info)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if until, ok := c.refused[scope]; ok {
+		if time.Now().Before(until) {
+			return nil, filter{}
+		}
+		delete(c.refused, scope)
+	}
+	if st := c.streams[scope]; st != nil && st.usable() {
+		st.use()
+		return st, filter{}
+	}
+	for k, st := range c.streams {
+		if f, ok := covers(k, scope, info); ok && st.usable() && st.isSynced() {
+			st.use()
+			return st, f
+		}
+	}
+	if c.ctx == nil || c.ctx.Err() != nil {
+		return nil, filter{}
+	}
+	if c.UpstreamAs(info.Identity.Key()) == nil {
+		return nil, filter{}
+	}
+	st = newStream(c, scope, info.Identity.Key())
+	c.streams[scope] = st
+	st.use()
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		st.run(c.ctx)
+	}()
+	if c.Metrics != nil {
+		c.Metrics.WatchCacheStreams.Set(float64(len(c.streams)))
+	}
+	return st, filter{}
+}
+
+// ended removes st, which stopped; refuse keeps its scope upstream.
+func (c *Cache) ended(st *stream, refuse bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.streams[st.scope] == st {
+		delete(c.streams, st.scope)
+	}
+	if refuse {
+		c.refused[st.scope] = time.Now().Add(refusedFor)
+	}
+	if c.Metrics != nil {
+		c.Metrics.WatchCacheStreams.Set(float64(len(c.streams)))
+	}
+}
+
+// grow accounts n more bytes (negative: fewer) held by streams, and
+// reports whether they fit the budget.
+func (c *Cache) grow(n int64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.bytes += n
+	if c.Metrics != nil {
+		c.Metrics.WatchCacheBytes.Set(float64(c.bytes))
+	}
+	return c.bytes <= c.MaxBytes
+}
+
+// covers reports whether a stream of scope k holds everything want asks
+// for, and what to filter out of it. Selectors are narrowed here only as
+// the apiserver would evaluate them: labels always, fields only by name
+// and namespace, which every object carries.
+func covers(k, want store.ViewKey, info *request.Info) (filter, bool) {
+	if k.Resource != want.Resource || k == want {
+		return filter{}, false
+	}
+	f := filter{on: true, labels: info.Labels, fields: info.Fields}
+	switch {
+	case k.Namespace == want.Namespace:
+	case k.Namespace == "":
+		f.namespace = want.Namespace
+	default:
+		return filter{}, false
+	}
+	if k.LabelSelector != "" && k.LabelSelector != want.LabelSelector {
+		return filter{}, false
+	}
+	if k.FieldSelector != "" && k.FieldSelector != want.FieldSelector {
+		return filter{}, false
+	}
+	if k.FieldSelector == "" && want.FieldSelector != "" {
+		for _, r := range info.Fields.Requirements() {
+			if r.Field != "metadata.name" && r.Field != "metadata.namespace" {
+				return filter{}, false
+			}
+		}
+	}
+	return f, true
+}
+
+type grantKey struct {
+	identity string
+	asked    store.ViewKey
+}
+
+// remember tells Grant that info's caller was served from st, when st is
+// not its own view.
+func (c *Cache) remember(info *request.Info, st *stream) {
+	if c.Grant == nil {
+		return
+	}
+	asked, id := scopeOf(info), info.Identity.Key()
+	if id == st.owner && asked == st.scope {
+		return
+	}
+	source := st.scope
+	source.Identity = st.owner
+	k := grantKey{id, asked}
+	c.mu.Lock()
+	known := c.grants[k] == source
+	if !known {
+		c.grants[k] = source
+	}
+	c.mu.Unlock()
+	if !known {
+		c.Grant(id, asked, source, true)
+	}
+}
+
+// forget tells Grant that info's caller may no longer read its scope.
+func (c *Cache) forget(info *request.Info) {
+	if c.Grant == nil {
+		return
+	}
+	k := grantKey{info.Identity.Key(), scopeOf(info)}
+	c.mu.Lock()
+	_, known := c.grants[k]
+	delete(c.grants, k)
+	c.mu.Unlock()
+	if known {
+		c.Grant(k.identity, k.asked, store.ViewKey{}, false)
+	}
+}

@@ -1,0 +1,721 @@
+package share
+
+import (
+	"cmp"
+	"compress/gzip"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/watch"
+
+	"github.com/outposthq/outpost/internal/codec"
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// event is one change a stream saw, in order.
+type event struct {
+	typ watch.EventType
+	obj store.Object
+	// prev is the object before a MODIFIED or DELETED, so that a watch
+	// filtered here sees an object leave or enter its selection.
+	prev *store.Object
+	rv   uint64
+	size int64
+}
+
+// stream is one upstream list+watch and what it holds: the scope's
+// objects now, and its latest events.
+type stream struct {
+	c     *Cache
+	scope store.ViewKey
+	owner string // the identity key whose credentials it uses
+	path  string // the scope's collection URL, with its selectors
+
+	syncedCh chan struct{} // closed at the first whole list
+
+	mu         sync.Mutex // guards the fields below
+	kind       string     // of the objects, e.g. "Pod"
+	apiVersion string
+	objs       map[string]store.Object // by store.MemberKey
+	rv         uint64                  // the latest resourceVersion seen
+	ring       []event                 // the latest events, oldest first
+	first      uint64                  // sequence number of ring[0]
+	oldest     uint64                  // every change after it is in ring
+	bytes      int64                   // of objs and ring
+	notify     chan struct{}           // closed and replaced at every change
+	done       bool                    // the stream ended; watches end
+	users      int                     // requests being served from it
+	lastUsed   time.Time
+	relists    int // lists after the first (upstream window passed)
+}
+
+func newStream(c *Cache, scope store.ViewKey, owner string) *stream {
+	path, _ := request.ViewURL(scope)
+	return &stream{c: c, scope: scope, owner: owner, path: path, syncedCh: make(chan struct{}),
+		objs: map[string]store.Object{}, notify: make(chan struct{}), lastUsed: time.Now()}
+}
+
+func (s *stream) usable() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.done
+}
+
+func (s *stream) isSynced() bool {
+	select {
+	case <-s.syncedCh:
+		return true
+	default:
+		return false
+	}
+}
+
+// use notes a request served from s; release its end.
+func (s *stream) use() {
+	s.mu.Lock()
+	s.users++
+	s.lastUsed = time.Now()
+	s.mu.Unlock()
+}
+
+func (s *stream) release() {
+	s.mu.Lock()
+	s.users--
+	s.lastUsed = time.Now()
+	s.mu.Unlock()
+}
+
+func (s *stream) idle() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.users <= 0 && time.Since(s.lastUsed) > s.c.Idle
+}
+
+// waitSynced waits for s's first list, at most d; false means it did not
+// come (or s ended), and the request was released from s.
+func (s *stream) waitSynced(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-s.syncedCh:
+		return true
+	case <-ctx.Done():
+	case <-t.C:
+	}
+	s.release()
+	return false
+}
+
+// waitRV waits until s has seen resourceVersion rv, at most d.
+func (s *stream) waitRV(ctx context.Context, rv uint64, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		s.mu.Lock()
+		have, notify, done := s.rv, s.notify, s.done
+		s.mu.Unlock()
+		if have >= rv {
+			return true
+		}
+		if done {
+			return false
+		}
+		select {
+		case <-notify:
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+			return false
+		}
+	}
+}
+
+// changed wakes the watches; s.mu is held.
+func (s *stream) changed() {
+	close(s.notify)
+	s.notify = make(chan struct{})
+}
+
+// Why a stream stopped.
+var (
+	errExpired = errors.New("resourceVersion expired upstream")
+	errRefused = errors.New("refused upstream")
+	errTooBig  = errors.New("over the watch cache's memory budget")
+	errIdle    = errors.New("idle")
+)
+
+// maxRefusals is how many refusals in a row a running stream retries
+// (with backoff, about 15 s) before it ends.
+const maxRefusals = 4
+
+// run lists and watches s's scope until ctx is done, s is idle, or the
+// apiserver refuses it. A broken watch resumes from the last
+// resourceVersion seen; one the apiserver no longer has is re-listed,
+// once, after a jittered pause.
+func (s *stream) run(ctx context.Context) {
+	log := s.c.Log.With("scope", s.scope.String(), "owner", s.owner)
+	var err error
+	defer func() {
+		s.mu.Lock()
+		s.done = true
+		freed := s.bytes
+		s.bytes, s.objs, s.ring = 0, nil, nil
+		s.changed()
+		s.mu.Unlock()
+		s.c.grow(-freed)
+		refuse := errors.Is(err, errRefused) || errors.Is(err, errTooBig)
+		s.c.ended(s, refuse)
+		if refuse {
+			log.Warn("watch cache: scope left to the apiserver", "err", err, "for", refusedFor)
+		} else {
+			log.Debug("watch cache: stream ended", "err", err)
+		}
+	}()
+	list := true
+	backoff := time.Second
+	refusals := 0
+	for {
+		if ctx.Err() != nil {
+			err = ctx.Err()
+			return
+		}
+		if s.idle() {
+			err = errIdle
+			return
+		}
+		if list {
+			err = s.list(ctx)
+		} else {
+			err = s.watch(ctx)
+		}
+		switch {
+		case err == nil:
+			if list {
+				list = false
+			}
+			backoff, refusals = time.Second, 0
+			continue
+		case errors.Is(err, errRefused) && refusals < maxRefusals && s.isSynced():
+			// An apiserver that just started refuses until its authorizer
+			// has loaded RBAC: the watches being served wait a little
+			// before the stream gives up.
+			refusals++
+		case errors.Is(err, errRefused), errors.Is(err, errTooBig), errors.Is(err, errIdle):
+			return
+		case errors.Is(err, errExpired):
+			// The apiserver no longer has the version: list again, once,
+			// at a jittered moment, so a fleet does not list at once.
+			log.Info("watch cache: re-listing", "err", err)
+			list = true
+			if !s.sleep(ctx, time.Duration(rand.Int64N(int64(2*time.Second)))) {
+				err = ctx.Err()
+				return
+			}
+			continue
+		}
+		log.Info("watch cache: upstream failed; retrying", "err", err, "in", backoff)
+		if !s.sleep(ctx, backoff) {
+			err = ctx.Err()
+			return
+		}
+		backoff = min(2*backoff, 30*time.Second)
+	}
+}
+
+// sleep waits d with jitter, or until the cloud comes back; false when
+// ctx ended.
+func (s *stream) sleep(ctx context.Context, d time.Duration) bool {
+	if d > 0 {
+		d = d/2 + time.Duration(rand.Int64N(int64(d)))
+	}
+	var back <-chan struct{}
+	if s.c.Changed != nil && !s.c.online() {
+		back = s.c.Changed()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+	case <-back:
+		// Back online: resume after a short jitter rather than the whole
+		// backoff.
+		j := time.NewTimer(time.Duration(rand.Int64N(int64(time.Second))))
+		defer j.Stop()
+		select {
+		case <-ctx.Done():
+			return false
+		case <-j.C:
+		}
+	}
+	return true
+}
+
+// upstream sends a GET of s's scope with query q as the owner, and lets
+// the recorder copy the answer.
+func (s *stream) upstream(ctx context.Context, q url.Values, accept string) (*http.Response, error) {
+	rt := s.c.UpstreamAs(s.owner)
+	if rt == nil {
+		return nil, fmt.Errorf("%w: no credentials of %s any more", errRefused, s.owner)
+	}
+	u := "https://upstream" + s.path
+	if strings.Contains(u, "?") {
+		u += "&" + q.Encode()
+	} else {
+		u += "?" + q.Encode()
+	}
+	r, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errRefused, err)
+	}
+	r.Header.Set("Accept", accept)
+	if q.Get("watch") != "true" {
+		r.Header.Set("Accept-Encoding", "gzip")
+	}
+	resp, err := rt.RoundTrip(r)
+	if err != nil {
+		return nil, err
+	}
+	if s.c.Metrics != nil {
+		verb := "list"
+		if q.Get("watch") == "true" {
+			verb = "watch"
+		}
+		s.c.Metrics.WatchCacheUpstream.WithLabelValues(verb, strconv.Itoa(resp.StatusCode)).Inc()
+	}
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+		err := fmt.Errorf("%s: %s", resp.Status, strings.TrimSpace(string(body)))
+		switch resp.StatusCode {
+		case http.StatusGone:
+			return nil, fmt.Errorf("%w: %v", errExpired, err)
+		case http.StatusUnauthorized, http.StatusForbidden, http.StatusNotFound, http.StatusBadRequest, http.StatusNotAcceptable:
+			return nil, fmt.Errorf("%w: %v", errRefused, err)
+		}
+		return nil, err
+	}
+	if s.c.Record != nil {
+		// The recorder records it as the owner's answer: the one durable
+		// record of the scope.
+		info, err := request.Parse(r, s.ownerIdentity())
+		if err == nil {
+			s.c.Record(resp, info)
+		}
+	}
+	return resp, nil
+}
+
+// ownerIdentity is what the recorder files the stream's answers under.
+func (s *stream) ownerIdentity() request.Identity {
+	return request.Identity{Kind: request.BearerToken, User: s.owner}
+}
+
+// accept asks for protobuf where outpost knows the kind (as client-go
+// does for built-in kinds), else JSON.
+func (s *stream) accept() string {
+	s.mu.Lock()
+	kind, apiVersion := s.kind, s.apiVersion
+	s.mu.Unlock()
+	if kind == "" {
+		group, version, _ := strings.Cut(strings.TrimSuffix(s.scope.Resource, "#meta"), "/")
+		version, resource, _ := strings.Cut(version, "/")
+		var listKind string
+		listKind, apiVersion = codec.GuessListKind(group, version, resource)
+		kind = strings.TrimSuffix(listKind, "List")
+	}
+	if kind != "" && codec.KnownKind(schema.FromAPIVersionAndKind(apiVersion, kind)) {
+		return codec.MediaProtobuf + ", application/json"
+	}
+	return "application/json"
+}
+
+// list replaces what s holds with a whole list from the apiserver: from
+// its watch cache (resourceVersion 0) the first time, not older than what
+// s saw afterwards. After the first, the differences reach the watches
+// as events, so local clients need not list again.
+func (s *stream) list(ctx context.Context) error {
+	q := url.Values{}
+	s.mu.Lock()
+	have := s.rv
+	s.mu.Unlock()
+	if have == 0 {
+		q.Set("resourceVersion", "0")
+	} else {
+		q.Set("resourceVersion", strconv.FormatUint(have, 10))
+		q.Set("resourceVersionMatch", "NotOlderThan")
+	}
+	resp, err := s.upstream(ctx, q, s.accept())
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var body io.Reader = resp.Body
+	if resp.Header.Get("Content-Encoding") == "gzip" {
+		zr, err := gzip.NewReader(resp.Body)
+		if err != nil {
+			return err
+		}
+		body = zr
+	}
+	raw, err := io.ReadAll(io.LimitReader(body, s.c.MaxBytes+1))
+	if err != nil {
+		return err
+	}
+	if int64(len(raw)) > s.c.MaxBytes {
+		return errTooBig
+	}
+	l, err := codec.DecodeList(resp.Header.Get("Content-Type"), raw, s.scope.Resource, s.known)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errRefused, err)
+	}
+	rv := parseRV(l.ResourceVersion)
+	if rv == 0 {
+		return fmt.Errorf("%w: list without a resourceVersion", errRefused)
+	}
+	return s.replace(l, rv)
+}
+
+// known lets the list decoder keep objects s holds unchanged.
+func (s *stream) known(ns, name, rv string) (store.Object, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o, ok := s.objs[store.MemberKey(ns, name)]
+	return o, ok && o.ResourceVersion == rv
+}
+
+// replace makes l, at rv, what s holds. After the first list the
+// differences are appended as events, deletions first, then the rest by
+// resourceVersion, all at rv in the ring.
+func (s *stream) replace(l codec.List, rv uint64) error {
+	objs := make(map[string]store.Object, len(l.Items))
+	var size int64
+	for _, o := range l.Items {
+		objs[store.MemberKey(o.Namespace, o.Name)] = o
+		size += objectSize(o)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	first := s.rv == 0
+	var evs []event
+	if !first {
+		for k, old := range s.objs {
+			if _, ok := objs[k]; !ok {
+				evs = append(evs, event{typ: watch.Deleted, obj: old, prev: &old, rv: rv, size: objectSize(old)})
+			}
+		}
+		var changed []event
+		for k, o := range objs {
+			old, ok := s.objs[k]
+			switch {
+			case !ok:
+				changed = append(changed, event{typ: watch.Added, obj: o, rv: rv, size: objectSize(o)})
+			case old.ResourceVersion != o.ResourceVersion:
+				changed = append(changed, event{typ: watch.Modified, obj: o, prev: &old, rv: rv, size: objectSize(o)})
+			}
+		}
+		slices.SortFunc(changed, func(a, b event) int {
+			return cmp.Compare(parseRV(a.obj.ResourceVersion), parseRV(b.obj.ResourceVersion))
+		})
+		evs = append(evs, changed...)
+		s.relists++
+	}
+	var evSize int64
+	for _, e := range evs {
+		evSize += e.size
+	}
+	delta := size + evSize - s.bytes
+	if !s.c.grow(delta) {
+		s.c.grow(-delta)
+		return errTooBig
+	}
+	s.bytes += delta
+	s.objs = objs
+	kind := strings.TrimSuffix(l.Kind, "List")
+	if kind != "" {
+		s.kind, s.apiVersion = kind, l.APIVersion
+	}
+	if first {
+		s.oldest = rv
+	}
+	s.rv = max(s.rv, rv)
+	s.ring = append(s.ring, evs...)
+	s.trim()
+	s.changed()
+	if first {
+		close(s.syncedCh)
+	}
+	return nil
+}
+
+// watch follows the scope from s.rv until the watch ends.
+func (s *stream) watch(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s.mu.Lock()
+	from := s.rv
+	s.mu.Unlock()
+	q := url.Values{}
+	q.Set("watch", "true")
+	q.Set("resourceVersion", strconv.FormatUint(from, 10))
+	q.Set("allowWatchBookmarks", "true")
+	// Renewed every few minutes, as informers do, so that a link that
+	// died silently is found by the renewal at worst.
+	q.Set("timeoutSeconds", strconv.Itoa(240+rand.IntN(120)))
+	resp, err := s.upstream(ctx, q, s.accept())
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	// An idle stream stops even while its watch is quiet.
+	stopIdle := make(chan struct{})
+	defer close(stopIdle)
+	go func() {
+		t := time.NewTicker(max(s.c.Idle/4, time.Second))
+		defer t.Stop()
+		for {
+			select {
+			case <-stopIdle:
+				return
+			case <-t.C:
+				if s.idle() {
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	dec, err := codec.NewWatchDecoder(resp.Header.Get("Content-Type"), resp.Body, s.scope.Resource)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errRefused, err)
+	}
+	for {
+		ev, err := dec.Next()
+		if err != nil {
+			if s.idle() {
+				return errIdle
+			}
+			if err == io.EOF {
+				return nil // ended (timeout): watch again from s.rv
+			}
+			return err
+		}
+		switch ev.Type {
+		case watch.Error:
+			// The apiserver says 410 Gone this way once the watch began;
+			// other errors (an apiserver whose cache is still starting)
+			// are retried from the same resourceVersion.
+			if ev.Code == http.StatusGone {
+				return fmt.Errorf("%w: watch from %d", errExpired, from)
+			}
+			return fmt.Errorf("watch error event, code %d", ev.Code)
+		case watch.Bookmark:
+			s.progress(parseRV(ev.Object.ResourceVersion))
+			continue
+		}
+		if err := s.apply(ev); err != nil {
+			return err
+		}
+	}
+}
+
+// progress notes that the scope is at rv (a bookmark).
+func (s *stream) progress(rv uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if rv > s.rv {
+		s.rv = rv
+		s.changed()
+	}
+}
+
+// apply adds one upstream event.
+func (s *stream) apply(ev codec.Event) error {
+	o := ev.Object
+	rv := parseRV(o.ResourceVersion)
+	key := store.MemberKey(o.Namespace, o.Name)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if rv != 0 && rv <= s.rv && ev.Type != watch.Deleted {
+		return nil // seen already (a watch resumed just before it)
+	}
+	e := event{typ: ev.Type, obj: o, rv: max(rv, s.rv), size: objectSize(o)}
+	old, had := s.objs[key]
+	if had {
+		e.prev = &old
+	}
+	delta := e.size
+	switch ev.Type {
+	case watch.Deleted:
+		if !had {
+			return nil
+		}
+		delete(s.objs, key)
+		delta -= objectSize(old)
+	default:
+		s.objs[key] = o
+		delta += e.size
+		if had {
+			delta -= objectSize(old)
+		}
+	}
+	if !s.c.grow(delta) {
+		s.c.grow(-delta)
+		return errTooBig
+	}
+	s.bytes += delta
+	if ev.Kind != "" && s.kind == "" {
+		s.kind, s.apiVersion = ev.Kind, ev.APIVersion
+	}
+	s.rv = e.rv
+	s.ring = append(s.ring, e)
+	s.trim()
+	s.changed()
+	return nil
+}
+
+// trim drops the oldest events past the window; s.mu is held.
+func (s *stream) trim() {
+	n := len(s.ring) - s.c.Window
+	if n <= 0 {
+		return
+	}
+	var freed int64
+	for _, e := range s.ring[:n] {
+		freed += e.size
+	}
+	s.oldest = s.ring[n-1].rv
+	s.ring = slices.Clone(s.ring[n:])
+	s.first += uint64(n)
+	s.bytes -= freed
+	s.c.grow(-freed)
+}
+
+// snapshot returns the objects s holds, in the apiserver's order, with the
+// resourceVersion they are at and the sequence number of the next event.
+func (s *stream) snapshot(f filter) (objs []store.Object, rv, next uint64, kind, apiVersion string) {
+	s.mu.Lock()
+	objs = make([]store.Object, 0, len(s.objs))
+	for _, o := range s.objs {
+		if f.keep(o) {
+			objs = append(objs, o)
+		}
+	}
+	rv, next, kind, apiVersion = s.rv, s.first+uint64(len(s.ring)), s.kind, s.apiVersion
+	s.mu.Unlock()
+	slices.SortFunc(objs, func(a, b store.Object) int {
+		return strings.Compare(store.MemberKey(a.Namespace, a.Name), store.MemberKey(b.Namespace, b.Name))
+	})
+	return objs, rv, next, kind, apiVersion
+}
+
+// since returns the sequence number of the first event after rv, or
+// false when s no longer holds every change after rv (410 Gone).
+func (s *stream) since(rv uint64) (next uint64, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if rv < s.oldest {
+		return 0, false
+	}
+	i, _ := slices.BinarySearchFunc(s.ring, rv, func(e event, rv uint64) int {
+		if e.rv <= rv {
+			return -1
+		}
+		return 1
+	})
+	return s.first + uint64(i), true
+}
+
+// events returns the events from sequence number next on, the number to
+// ask next, the resourceVersion s is at, a channel closed at the next
+// change, and whether s ended. ok is false when the events from next were
+// dropped already (a watch too slow to follow).
+func (s *stream) events(next uint64) (evs []event, after, rv uint64, notify <-chan struct{}, done, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if next < s.first {
+		return nil, next, s.rv, s.notify, s.done, false
+	}
+	end := s.first + uint64(len(s.ring))
+	if next < end {
+		evs = slices.Clone(s.ring[next-s.first:])
+	}
+	return evs, end, s.rv, s.notify, s.done, true
+}
+
+func objectSize(o store.Object) int64 {
+	return int64(len(o.Data)+len(o.Proto)) + 256
+}
+
+func parseRV(s string) uint64 {
+	n, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+// filter is what a request served from a broader stream keeps.
+type filter struct {
+	on        bool
+	namespace string
+	labels    labels.Selector
+	fields    fields.Selector
+}
+
+func (f filter) keep(o store.Object) bool {
+	if !f.on {
+		return true
+	}
+	if f.namespace != "" && o.Namespace != f.namespace {
+		return false
+	}
+	if !f.labels.Matches(labels.Set(o.Labels)) {
+		return false
+	}
+	return f.fields.Matches(objectFields{o})
+}
+
+// objectFields is an object's field set for selectors, with its name and
+// namespace whatever the codec filled in.
+type objectFields struct{ o store.Object }
+
+func (f objectFields) Has(field string) bool {
+	if field == "metadata.name" || field == "metadata.namespace" {
+		return true
+	}
+	_, ok := f.o.Fields[field]
+	return ok
+}
+
+func (f objectFields) Get(field string) string {
+	switch field {
+	case "metadata.name":
+		return f.o.Name
+	case "metadata.namespace":
+		return f.o.Namespace
+	}
+	return f.o.Fields[field]
+}
+
+// expired is the Status a watch gets for a resourceVersion s no longer
+// covers, worded as the apiserver's.
+func expired(rv string, oldest uint64) *apierrors.StatusError {
+	return apierrors.NewResourceExpired(fmt.Sprintf("too old resource version: %s (%d)", rv, oldest))
+}
