@@ -1,0 +1,112 @@
+package share_test
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
+)
+
+// TestAnswersAsDirect asks the same reads directly and through outpost's
+// watch cache, in JSON and protobuf, and compares: LIST at
+// resourceVersion 0 (whole, whatever the limit), LIST NotOlderThan a
+// version, with a label selector, and a WatchList, whose initial events
+// end with the initial-events-end bookmark.
+func TestAnswersAsDirect(t *testing.T) {
+	const ns = "semantics"
+	createNamespace(t, ns)
+	ctx := t.Context()
+	token := cp.ServiceAccountToken(t, ns, "agent", framework.ReaderRole)
+	for i, tier := range []string{"front", "back", "front", "back", "front"} {
+		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "cm-" + string(rune('a'+i)), Labels: map[string]string{"tier": tier}}, Data: map[string]string{"v": "1"}}
+		if _, err := cp.Client().CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	o, _ := cp.StartOutpostWithLinkT(t, "edge-semantics", "--watch-cache")
+	direct := cp.Client().CoreV1().ConfigMaps(ns)
+	for _, contentType := range []string{"application/json", "application/vnd.kubernetes.protobuf"} {
+		cfg := o.ClientConfig("", "", token)
+		cfg.ContentType = contentType
+		shared := kubernetes.NewForConfigOrDie(cfg).CoreV1().ConfigMaps(ns)
+		listed := served(t, o, "list")
+		for _, opts := range []metav1.ListOptions{
+			{ResourceVersion: "0", Limit: 2},
+			{ResourceVersion: "0", LabelSelector: "tier=front"},
+			{ResourceVersion: "0", LabelSelector: "tier=back", Limit: 1},
+		} {
+			want, err := direct.List(ctx, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := shared.List(ctx, opts)
+			if err != nil {
+				t.Fatalf("%s %+v: %v", contentType, opts, err)
+			}
+			if !slices.Equal(names(got), names(want)) || got.Continue != want.Continue {
+				t.Fatalf("%s %+v: outpost listed %v (continue %q), directly %v (continue %q)", contentType, opts, names(got), got.Continue, names(want), want.Continue)
+			}
+			// NotOlderThan the version just listed directly.
+			opts.ResourceVersion, opts.ResourceVersionMatch, opts.Limit = want.ResourceVersion, metav1.ResourceVersionMatchNotOlderThan, 0
+			got, err = shared.List(ctx, opts)
+			if err != nil {
+				t.Fatalf("%s %+v: %v", contentType, opts, err)
+			}
+			if !slices.Equal(names(got), names(want)) {
+				t.Fatalf("%s %+v: outpost listed %v, directly %v", contentType, opts, names(got), names(want))
+			}
+		}
+		if n := served(t, o, "list"); n != listed+6 {
+			t.Fatalf("%s: outpost served %v of 6 lists from the watch cache", contentType, n-listed)
+		}
+		watched := served(t, o, "watch")
+		wantNames, wantEnd := watchList(t, direct)
+		gotNames, gotEnd := watchList(t, shared)
+		if !slices.Equal(gotNames, wantNames) || !gotEnd || !wantEnd {
+			t.Fatalf("%s: WatchList through outpost sent %v (initial-events-end bookmark: %v), directly %v (%v)", contentType, gotNames, gotEnd, wantNames, wantEnd)
+		}
+		if n := served(t, o, "watch"); n != watched+1 {
+			t.Fatalf("%s: the WatchList was not served from the watch cache", contentType)
+		}
+	}
+}
+
+// watchList makes a WatchList of c and returns the names of its initial
+// events, in order, and whether they ended with the initial-events-end
+// bookmark.
+func watchList(t *testing.T, c typedcorev1.ConfigMapInterface) (names []string, end bool) {
+	t.Helper()
+	yes := true
+	w, err := c.Watch(t.Context(), metav1.ListOptions{SendInitialEvents: &yes, AllowWatchBookmarks: true, ResourceVersionMatch: metav1.ResourceVersionMatchNotOlderThan})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case ev, ok := <-w.ResultChan():
+			if !ok {
+				return names, false
+			}
+			switch ev.Type {
+			case watch.Added:
+				names = append(names, ev.Object.(*corev1.ConfigMap).Name)
+			case watch.Bookmark:
+				cm := ev.Object.(*corev1.ConfigMap)
+				return names, cm.Annotations["k8s.io/initial-events-end"] == "true"
+			default:
+				t.Fatalf("WatchList sent %s %#v", ev.Type, ev.Object)
+			}
+		case <-timeout:
+			t.Fatalf("WatchList sent %v and no bookmark within 10 s", names)
+		}
+	}
+}
