@@ -29,6 +29,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/outposthq/outpost/internal/codec"
@@ -99,11 +100,11 @@ type Cache struct {
 	ctx     context.Context
 	started chan struct{}
 	wg      sync.WaitGroup
+	bytes   atomic.Int64 // held by all streams
 
 	mu       sync.Mutex
 	streams  map[store.ViewKey]*stream
 	refused  map[store.ViewKey]time.Time // until when a scope goes upstream
-	bytes    int64                       // held by all streams
 	reviews  map[reviewKey]*review
 	grants   map[grantKey]store.ViewKey // told to Grant
 	initOnce sync.Once
@@ -302,14 +303,13 @@ func (c *Cache) ended(st *stream, refuse bool) {
 
 // grow accounts n more bytes (negative: fewer) held by streams, and
 // reports whether they fit the budget.
+// Streams call it with their own lock held, so it takes no lock.
 func (c *Cache) grow(n int64) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.bytes += n
+	now := c.bytes.Add(n)
 	if c.Metrics != nil {
-		c.Metrics.WatchCacheBytes.Set(float64(c.bytes))
+		c.Metrics.WatchCacheBytes.Set(float64(now))
 	}
-	return c.bytes <= c.MaxBytes
+	return now <= c.MaxBytes
 }
 
 // covers reports whether a stream of scope k holds everything want asks

@@ -47,6 +47,7 @@ type stream struct {
 	path  string // the scope's collection URL, with its selectors
 
 	syncedCh chan struct{} // closed at the first whole list
+	endedCh  chan struct{} // closed when run returns
 
 	mu         sync.Mutex // guards the fields below
 	kind       string     // of the objects, e.g. "Pod"
@@ -66,7 +67,7 @@ type stream struct {
 
 func newStream(c *Cache, scope store.ViewKey, owner string) *stream {
 	path, _ := request.ViewURL(scope)
-	return &stream{c: c, scope: scope, owner: owner, path: path, syncedCh: make(chan struct{}),
+	return &stream{c: c, scope: scope, owner: owner, path: path, syncedCh: make(chan struct{}), endedCh: make(chan struct{}),
 		objs: map[string]store.Object{}, notify: make(chan struct{}), lastUsed: time.Now()}
 }
 
@@ -114,6 +115,7 @@ func (s *stream) waitSynced(ctx context.Context, d time.Duration) bool {
 	select {
 	case <-s.syncedCh:
 		return true
+	case <-s.endedCh:
 	case <-ctx.Done():
 	case <-t.C:
 	}
@@ -163,6 +165,9 @@ var (
 // (with backoff, about 15 s) before it ends.
 const maxRefusals = 4
 
+// relistJitter spreads the lists of streams whose version expired.
+const relistJitter = 8 * time.Second
+
 // run lists and watches s's scope until ctx is done, s is idle, or the
 // apiserver refuses it. A broken watch resumes from the last
 // resourceVersion seen; one the apiserver no longer has is re-listed,
@@ -180,6 +185,7 @@ func (s *stream) run(ctx context.Context) {
 		s.c.grow(-freed)
 		refuse := errors.Is(err, errRefused) || errors.Is(err, errTooBig)
 		s.c.ended(s, refuse)
+		close(s.endedCh)
 		if refuse {
 			log.Warn("watch cache: scope left to the apiserver", "err", err, "for", refusedFor)
 		} else {
@@ -217,12 +223,18 @@ func (s *stream) run(ctx context.Context) {
 			refusals++
 		case errors.Is(err, errRefused), errors.Is(err, errTooBig), errors.Is(err, errIdle):
 			return
+		case !s.isSynced():
+			// The first list failed: the requests waiting for it go
+			// upstream now, and the next one starts the stream again.
+			return
 		case errors.Is(err, errExpired):
 			// The apiserver no longer has the version: list again, once,
-			// at a jittered moment, so a fleet does not list at once.
+			// at a jittered moment, so that a fleet back from an outage
+			// does not list at once. The watches served meanwhile stay
+			// open and get the differences.
 			log.Info("watch cache: re-listing", "err", err)
 			list = true
-			if !s.sleep(ctx, time.Duration(rand.Int64N(int64(2*time.Second)))) {
+			if !s.sleep(ctx, time.Duration(rand.Int64N(int64(relistJitter)))) {
 				err = ctx.Err()
 				return
 			}
@@ -552,7 +564,7 @@ func (s *stream) apply(ev codec.Event) error {
 	key := store.MemberKey(o.Namespace, o.Name)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if rv != 0 && rv <= s.rv && ev.Type != watch.Deleted {
+	if rv != 0 && rv <= s.rv {
 		return nil // seen already (a watch resumed just before it)
 	}
 	e := event{typ: ev.Type, obj: o, rv: max(rv, s.rv), size: objectSize(o)}

@@ -6,13 +6,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outposthq/outpost/test/e2e/framework"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/outposthq/outpost/test/e2e/framework"
 )
 
 func syncedNames(t *testing.T, ctx context.Context, c kubernetes.Interface, ns string) []string {
