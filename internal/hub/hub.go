@@ -351,6 +351,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 			}}
 		g.Go(func() error { return wc.Run(gctx) })
 		shared = wc
+		rec.KeptFresh = wc.KeepsFresh
 	}
 
 	newProxy := func(auth proxy.Authenticate) http.Handler {

@@ -55,6 +55,11 @@ type Recorder struct {
 	// were passed over (see claim).
 	UpstreamAs func(identity string) http.RoundTripper
 
+	// KeptFresh, if set, reports views that Relist skips because something
+	// else keeps them fresh: the streams of the node watch cache (package
+	// share), which resume or list on their own after an outage.
+	KeptFresh func(store.ViewKey) bool
+
 	// LargeAnswer, if set, is called after an answer of memory.LargeAnswer
 	// bytes or more was stored: decoding and storing one takes several
 	// times its size in short-lived memory, worth returning to the system

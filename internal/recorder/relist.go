@@ -38,7 +38,7 @@ func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstre
 	for _, v := range views {
 		// A view a client re-listed since is skipped before its turn
 		// (costing no wait) and when its turn comes.
-		if v.Key.Identity != identity || (!v.Stale && c.listedSince(v.Key, since)) {
+		if v.Key.Identity != identity || (!v.Stale && (c.listedSince(v.Key, since) || c.keptFresh(v.Key))) {
 			continue
 		}
 		jitter := time.Duration(rand.Int64N(int64(time.Second / time.Duration(rate))))
@@ -59,6 +59,12 @@ func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstre
 		}
 	}
 	return done, nil
+}
+
+// keptFresh reports whether something else keeps view k fresh (a stream
+// of the node watch cache, which resumes or lists on its own).
+func (c *Recorder) keptFresh(k store.ViewKey) bool {
+	return c.KeptFresh != nil && c.KeptFresh(k)
 }
 
 // listedSince reports whether a whole answer replaced view k after since.

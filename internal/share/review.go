@@ -45,6 +45,11 @@ func (c *Cache) admitted(ctx context.Context, info *request.Info) bool {
 	if info.Watch {
 		verb = "watch"
 	}
+	return c.admittedVerb(ctx, info, verb)
+}
+
+// admittedVerb is admitted for verb.
+func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb string) bool {
 	k := reviewKey{identity: info.Identity.Key(), verb: verb, scope: scopeOf(info)}
 	c.mu.Lock()
 	rv := c.reviews[k]

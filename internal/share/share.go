@@ -32,6 +32,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+
 	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/metrics"
 	"github.com/outposthq/outpost/internal/request"
@@ -162,7 +165,7 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 		return false
 	}
 	ctx := r.Context()
-	st, filter := c.streamFor(info)
+	st, filter := c.streamFor(ctx, info)
 	if st == nil {
 		return false
 	}
@@ -243,36 +246,71 @@ func scopeOf(info *request.Info) store.ViewKey {
 }
 
 // streamFor finds the stream that answers info: its own scope's, else a
-// broader running one (filter then says what to keep), else a new one of
-// its scope owned by the caller. It returns nil when the scope goes
-// upstream.
-func (c *Cache) streamFor(info *request.Info) (st *stream, f filter) {
+// broader running one (filter then says what to keep), else a new one
+// owned by the caller, of a broader scope when the caller may list and
+// watch it (the selector is then applied here: kube-proxy's Services and
+// coredns's share one stream), else of its own. It returns nil when the
+// scope goes upstream.
+func (c *Cache) streamFor(ctx context.Context, info *request.Info) (st *stream, f filter) {
 	scope := scopeOf(info)
+	st, f, found := c.find(scope, info)
+	if found {
+		return st, f
+	}
+	if c.UpstreamAs(info.Identity.Key()) == nil {
+		return nil, filter{}
+	}
+	if broad, ok := broaden(scope, info); ok && c.mayStream(ctx, info, broad) {
+		if f, ok := covers(broad, scope, info); ok {
+			if st := c.start(broad, info.Identity.Key()); st != nil {
+				return st, f
+			}
+		}
+	}
+	return c.start(scope, info.Identity.Key()), filter{}
+}
+
+// find returns the running stream of scope, or a broader synced one with
+// what to filter; found is also true, with no stream, when scope goes
+// upstream for now.
+func (c *Cache) find(scope store.ViewKey, info *request.Info) (st *stream, f filter, found bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if until, ok := c.refused[scope]; ok {
 		if time.Now().Before(until) {
-			return nil, filter{}
+			return nil, filter{}, true
 		}
 		delete(c.refused, scope)
 	}
 	if st := c.streams[scope]; st != nil && st.usable() {
 		st.use()
-		return st, filter{}
+		return st, filter{}, true
 	}
 	for k, st := range c.streams {
 		if f, ok := covers(k, scope, info); ok && st.usable() && st.isSynced() {
 			st.use()
-			return st, f
+			return st, f, true
 		}
 	}
+	return nil, filter{}, false
+}
+
+// start returns the stream of scope, started with owner's credentials if
+// none runs, or nil when scope goes upstream for now.
+func (c *Cache) start(scope store.ViewKey, owner string) *stream {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if until, ok := c.refused[scope]; ok && time.Now().Before(until) {
+		return nil
+	}
+	if st := c.streams[scope]; st != nil && st.usable() {
+		st.use()
+		return st
+	}
 	if c.ctx == nil || c.ctx.Err() != nil {
-		return nil, filter{}
+		return nil
 	}
-	if c.UpstreamAs(info.Identity.Key()) == nil {
-		return nil, filter{}
-	}
-	st = newStream(c, scope, info.Identity.Key())
+	st := newStream(c, scope, owner)
 	c.streams[scope] = st
 	st.use()
 	c.wg.Add(1)
@@ -283,7 +321,45 @@ func (c *Cache) streamFor(info *request.Info) (st *stream, f filter) {
 	if c.Metrics != nil {
 		c.Metrics.WatchCacheStreams.Set(float64(len(c.streams)))
 	}
-	return st, filter{}
+	return st
+}
+
+// broaden drops from scope the selectors outpost can apply itself: labels,
+// and fields on name and namespace.
+func broaden(scope store.ViewKey, info *request.Info) (store.ViewKey, bool) {
+	b := scope
+	b.LabelSelector = ""
+	if b.FieldSelector != "" {
+		for _, r := range info.Fields.Requirements() {
+			if r.Field != "metadata.name" && r.Field != "metadata.namespace" {
+				return b, b != scope
+			}
+		}
+		b.FieldSelector = ""
+	}
+	return b, b != scope
+}
+
+// mayStream reports whether info's caller may list and watch scope.
+func (c *Cache) mayStream(ctx context.Context, info *request.Info, scope store.ViewKey) bool {
+	wide := *info
+	wide.LabelSelector, wide.FieldSelector = scope.LabelSelector, scope.FieldSelector
+	wide.Labels, wide.Fields = labels.Everything(), fields.Everything()
+	wide.View.LabelSelector, wide.View.FieldSelector = scope.LabelSelector, scope.FieldSelector
+	return c.admittedVerb(ctx, &wide, "list") && c.admittedVerb(ctx, &wide, "watch")
+}
+
+// KeepsFresh reports whether a running stream records view k (its scope,
+// as its owner): such a view need not be re-listed after an outage, since
+// the stream resumes or lists on its own.
+func (c *Cache) KeepsFresh(k store.ViewKey) bool {
+	c.init()
+	scope := k
+	scope.Identity = ""
+	c.mu.Lock()
+	st := c.streams[scope]
+	c.mu.Unlock()
+	return st != nil && st.owner == k.Identity && st.usable() && st.isSynced()
 }
 
 // ended removes st, which stopped; refuse keeps its scope upstream.

@@ -66,6 +66,11 @@ func TestAnswersAsDirect(t *testing.T) {
 		if n := served(t, o, "list"); n != listed+6 {
 			t.Fatalf("%s: outpost served %v of 6 lists from the watch cache", contentType, n-listed)
 		}
+		// Label selectors are applied by outpost to one stream of the
+		// namespace: the caller may list and watch all of it.
+		if n, err := o.Metric("outpost_watchcache_streams"); err != nil || n != 1 {
+			t.Fatalf("%s: outpost runs %v streams (err %v), want 1 for every selector", contentType, n, err)
+		}
 		watched := served(t, o, "watch")
 		wantNames, wantEnd := watchList(t, direct)
 		gotNames, gotEnd := watchList(t, shared)
