@@ -35,14 +35,27 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 	if o.ResourceVersion != "0" && !st.waitRV(ctx, parseRV(o.ResourceVersion), waitFresh) {
 		return false // newer than the node has seen: the apiserver answers
 	}
-	objs, rv, _, kind, apiVersion := st.snapshot(f)
-	if kind == "" {
+	a := info.Accept
+	key := codec.MediaJSON
+	if a.Media == codec.MediaProtobuf {
+		key = codec.MediaProtobuf
+	}
+	if !f.on {
+		// Many clients listing the scope at once get the same bytes.
+		if e, ok := st.encoded(key, parseRV(o.ResourceVersion)); ok {
+			writeList(w, e.contentType, e.body)
+			c.served("list")
+			return true
+		}
+	}
+	snap := st.snapshot(f)
+	if snap.kind == "" {
 		return false
 	}
 	var size int64
-	items := make([][]byte, len(objs))
-	protos := make([][]byte, len(objs))
-	for i, o := range objs {
+	items := make([][]byte, len(snap.objs))
+	protos := make([][]byte, len(snap.objs))
+	for i, o := range snap.objs {
 		items[i], protos[i] = o.Data, o.Proto
 		size += int64(len(o.Data))
 	}
@@ -51,12 +64,11 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 		return false
 	}
 	defer assembling.Release(weight)
-	rvs := strconv.FormatUint(rv, 10)
+	rvs := strconv.FormatUint(snap.rv, 10)
 	var body []byte
 	contentType := codec.MediaJSON
-	a := info.Accept
 	if a.Media == codec.MediaProtobuf {
-		if b, ok := codec.ProtobufList(kind+"List", apiVersion, rvs, "", items, protos); ok {
+		if b, ok := codec.ProtobufList(snap.kind+"List", snap.apiVersion, rvs, "", items, protos); ok {
 			body, contentType = b, codec.MediaProtobuf
 		} else if !a.PlainJSON {
 			return false
@@ -68,16 +80,24 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 				return false
 			}
 		}
-		body = codec.JSONList(kind+"List", apiVersion, rvs, "", items)
+		body = codec.JSONList(snap.kind+"List", snap.apiVersion, rvs, "", items)
 	}
+	if !f.on {
+		st.keepEncoded(key, encodedList{gen: snap.gen, rv: snap.rv, contentType: contentType, body: body})
+	}
+	writeList(w, contentType, body)
+	c.served("list")
+	return true
+}
+
+// writeList writes a whole list answer.
+func writeList(w http.ResponseWriter, contentType string, body []byte) {
 	h := w.Header()
 	h.Set("Content-Type", contentType)
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	h.Set(reader.ServedByHeader, ServedBy)
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(body)
-	c.served("list")
-	return true
 }
 
 // serveWatch answers a watch: from a resourceVersion the stream still
@@ -111,7 +131,8 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	var rv uint64
 	tooOld := false
 	if initial {
-		objs, rv, next, _, _ = st.snapshot(f)
+		snap := st.snapshot(f)
+		objs, rv, next = snap.objs, snap.rv, snap.next
 	} else {
 		next, tooOld = st.since(from)
 		tooOld = !tooOld

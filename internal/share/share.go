@@ -199,8 +199,17 @@ func shareable(info *request.Info) bool {
 	if info.Identity.Kind != request.NodeCert && info.Identity.Kind != request.BearerToken {
 		return false
 	}
-	if info.Subresource != "" || info.Name != "" || info.Labels == nil || info.Fields == nil {
+	if info.Subresource != "" || info.Labels == nil || info.Fields == nil {
 		return false
+	}
+	if info.Name != "" {
+		// A list or watch by field selector metadata.name (the apiserver's
+		// request info names the object), as kubelet watches its pods'
+		// ConfigMaps; never a watch of a path naming one object, whose
+		// scope would be the whole collection.
+		if name, ok := info.Fields.RequiresExactMatch("metadata.name"); !ok || name != info.Name {
+			return false
+		}
 	}
 	if strings.Contains(info.Path, "/watch/") {
 		return false // the legacy watch path

@@ -47,11 +47,13 @@ func TestShareable(t *testing.T) {
 		{"/api/v1/pods?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true", node, true},
 		{"/api/v1/pods?watch=true&sendInitialEvents=true", node, false}, // the apiserver says what is wrong
 		{"/api/v1/pods?watch=true&resourceVersion=abc", node, false},
-		{"/api/v1/namespaces/a/pods/p?resourceVersion=0", node, false},     // GET
-		{"/api/v1/watch/pods?resourceVersion=12", node, false},             // the legacy path
-		{"/api/v1/pods?resourceVersion=0", request.Identity{}, false},      // anonymous
-		{"/api/v1/pods?watch=true&labelSelector=a%3D%3D%3D", node, false},  // invalid selector
-		{"/api/v1/namespaces/a/pods/p/log?resourceVersion=0", node, false}, // subresource
+		{"/api/v1/namespaces/a/pods/p?resourceVersion=0", node, false}, // GET
+		{"/api/v1/namespaces/a/configmaps?watch=true&fieldSelector=metadata.name%3Dcm&resourceVersion=5", node, true},
+		{"/api/v1/namespaces/a/configmaps/cm?watch=true&resourceVersion=5", node, false}, // one object by its path
+		{"/api/v1/watch/pods?resourceVersion=12", node, false},                           // the legacy path
+		{"/api/v1/pods?resourceVersion=0", request.Identity{}, false},                    // anonymous
+		{"/api/v1/pods?watch=true&labelSelector=a%3D%3D%3D", node, false},                // invalid selector
+		{"/api/v1/namespaces/a/pods/p/log?resourceVersion=0", node, false},               // subresource
 	} {
 		if got := shareable(parse(t, c.target, c.id)); got != c.want {
 			t.Errorf("%s: shareable %v, want %v", c.target, got, c.want)
@@ -167,9 +169,9 @@ func TestRelistSendsDifferences(t *testing.T) {
 	if _, ok := s.since(9); ok {
 		t.Fatal("a version before the first list is covered")
 	}
-	objs, rv, _, _, _ := s.snapshot(filter{})
-	if rv != 20 || len(objs) != 3 || objs[0].Name != "change" {
-		t.Fatalf("snapshot at %d: %v", rv, objs)
+	snap := s.snapshot(filter{})
+	if snap.rv != 20 || len(snap.objs) != 3 || snap.objs[0].Name != "change" || snap.objs[2].Name != "new" {
+		t.Fatalf("snapshot at %d: %v", snap.rv, snap.objs)
 	}
 }
 
@@ -206,5 +208,41 @@ func TestWindow(t *testing.T) {
 	}
 	if s.bytes <= 0 || s.c.bytes.Load() != s.bytes {
 		t.Fatalf("stream holds %d bytes, the cache counts %d", s.bytes, s.c.bytes.Load())
+	}
+}
+
+// TestEncodedListKeptUntilChange checks that a whole answer is shared by
+// the clients asking until the stream changes, and never answers one
+// asking for a newer version.
+func TestEncodedListKeptUntilChange(t *testing.T) {
+	s := newTestStream(10)
+	if err := s.replace(list("10", obj("", "a", "3", nil)), 10); err != nil {
+		t.Fatal(err)
+	}
+	snap := s.snapshot(filter{})
+	s.keepEncoded("json", encodedList{gen: snap.gen, rv: snap.rv, body: []byte("answer")})
+	if e, ok := s.encoded("json", 0); !ok || string(e.body) != "answer" {
+		t.Fatalf("kept answer: %q %v", e.body, ok)
+	}
+	if _, ok := s.encoded("json", 11); ok {
+		t.Fatal("an answer at 10 was given for NotOlderThan 11")
+	}
+	if _, ok := s.encoded("protobuf", 0); ok {
+		t.Fatal("an answer was given in another media type")
+	}
+	s.progress(12) // a bookmark changes no object
+	if _, ok := s.encoded("json", 0); !ok {
+		t.Fatal("a bookmark dropped the kept answer")
+	}
+	if err := s.apply(codec.Event{Type: watch.Modified, Object: obj("", "a", "13", nil)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := s.encoded("json", 0); ok {
+		t.Fatal("an answer was kept after the stream changed")
+	}
+	// One encoded before the change is not kept after it.
+	s.keepEncoded("json", encodedList{gen: snap.gen, rv: snap.rv, body: []byte("old")})
+	if _, ok := s.encoded("json", 0); ok {
+		t.Fatal("an answer of an older generation was kept")
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
@@ -63,7 +64,25 @@ type stream struct {
 	users      int                     // requests being served from it
 	lastUsed   time.Time
 	relists    int // lists after the first (upstream window passed)
+	// gen counts changes of objs; keys is objs' keys in the apiserver's
+	// order while keysValid (until one is added or removed), and lists the
+	// last whole answers encoded, by media type, which clients asking at
+	// once share.
+	gen       uint64
+	keys      []string
+	keysValid bool
+	lists     map[string]encodedList
 }
+
+// encodedList is a whole answer of the stream, as sent.
+type encodedList struct {
+	gen, rv     uint64
+	contentType string
+	body        []byte
+}
+
+// maxEncodedList bounds an answer kept for the next client.
+const maxEncodedList = 16 << 20
 
 func newStream(c *Cache, scope store.ViewKey, owner string) *stream {
 	path, _ := request.ViewURL(scope)
@@ -179,7 +198,7 @@ func (s *stream) run(ctx context.Context) {
 		s.mu.Lock()
 		s.done = true
 		freed := s.bytes
-		s.bytes, s.objs, s.ring = 0, nil, nil
+		s.bytes, s.objs, s.ring, s.lists, s.keys = 0, nil, nil, nil, nil
 		s.changed()
 		s.mu.Unlock()
 		s.c.grow(-freed)
@@ -459,6 +478,8 @@ func (s *stream) replace(l codec.List, rv uint64) error {
 	}
 	s.bytes += delta
 	s.objs = objs
+	s.gen++
+	s.keysValid = false
 	kind := strings.TrimSuffix(l.Kind, "List")
 	if kind != "" {
 		s.kind, s.apiVersion = kind, l.APIVersion
@@ -592,6 +613,10 @@ func (s *stream) apply(ev codec.Event) error {
 		return errTooBig
 	}
 	s.bytes += delta
+	s.gen++
+	if !had || ev.Type == watch.Deleted {
+		s.keysValid = false
+	}
 	if ev.Kind != "" && s.kind == "" {
 		s.kind, s.apiVersion = ev.Kind, ev.APIVersion
 	}
@@ -619,22 +644,62 @@ func (s *stream) trim() {
 	s.c.grow(-freed)
 }
 
-// snapshot returns the objects s holds, in the apiserver's order, with the
-// resourceVersion they are at and the sequence number of the next event.
-func (s *stream) snapshot(f filter) (objs []store.Object, rv, next uint64, kind, apiVersion string) {
+// snapshot is what s holds at one moment.
+type snapshot struct {
+	objs             []store.Object // in the apiserver's order
+	rv, next, gen    uint64         // next: the sequence number of the next event
+	kind, apiVersion string
+}
+
+// snapshot returns the objects s holds that f keeps, in the apiserver's
+// order (by "namespace/name"), the resourceVersion they are at and the
+// sequence number of the next event. The order is kept between changes.
+func (s *stream) snapshot(f filter) snapshot {
 	s.mu.Lock()
-	objs = make([]store.Object, 0, len(s.objs))
-	for _, o := range s.objs {
-		if f.keep(o) {
+	defer s.mu.Unlock()
+	if !s.keysValid {
+		s.keys = slices.Sorted(maps.Keys(s.objs))
+		s.keysValid = true
+	}
+	objs := make([]store.Object, 0, len(s.keys))
+	for _, k := range s.keys {
+		if o := s.objs[k]; f.keep(o) {
 			objs = append(objs, o)
 		}
 	}
-	rv, next, kind, apiVersion = s.rv, s.first+uint64(len(s.ring)), s.kind, s.apiVersion
-	s.mu.Unlock()
-	slices.SortFunc(objs, func(a, b store.Object) int {
-		return strings.Compare(store.MemberKey(a.Namespace, a.Name), store.MemberKey(b.Namespace, b.Name))
-	})
-	return objs, rv, next, kind, apiVersion
+	return snapshot{objs: objs, rv: s.rv, next: s.first + uint64(len(s.ring)), gen: s.gen, kind: s.kind, apiVersion: s.apiVersion}
+}
+
+// encoded returns the whole answer of media type key kept at the current
+// generation, if its resourceVersion is min or newer.
+func (s *stream) encoded(key string, min uint64) (encodedList, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.lists[key]
+	return e, ok && e.gen == s.gen && e.rv >= min
+}
+
+// keepEncoded keeps e, a whole answer of media type key, for the next
+// clients, unless s changed since its snapshot or it is too large.
+func (s *stream) keepEncoded(key string, e encodedList) {
+	if len(e.body) > maxEncodedList {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done || e.gen != s.gen {
+		return
+	}
+	if s.lists == nil {
+		s.lists = map[string]encodedList{}
+	}
+	delta := int64(len(e.body) - len(s.lists[key].body))
+	if !s.c.grow(delta) {
+		s.c.grow(-delta)
+		return
+	}
+	s.bytes += delta
+	s.lists[key] = e
 }
 
 // since returns the sequence number of the first event after rv, or
