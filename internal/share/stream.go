@@ -50,20 +50,21 @@ type stream struct {
 	syncedCh chan struct{} // closed at the first whole list
 	endedCh  chan struct{} // closed when run returns
 
-	mu         sync.Mutex // guards the fields below
-	kind       string     // of the objects, e.g. "Pod"
-	apiVersion string
-	objs       map[string]store.Object // by store.MemberKey
-	rv         uint64                  // the latest resourceVersion seen
-	ring       []event                 // the latest events, oldest first
-	first      uint64                  // sequence number of ring[0]
-	oldest     uint64                  // every change after it is in ring
-	bytes      int64                   // of objs and ring
-	notify     chan struct{}           // closed and replaced at every change
-	done       bool                    // the stream ended; watches end
-	users      int                     // requests being served from it
-	lastUsed   time.Time
-	relists    int // lists after the first (upstream window passed)
+	mu          sync.Mutex // guards the fields below
+	kind        string     // of the objects, e.g. "Pod"
+	apiVersion  string
+	objs        map[string]store.Object // by store.MemberKey
+	rv          uint64                  // the latest resourceVersion seen
+	ring        []event                 // the latest events, oldest first
+	first       uint64                  // sequence number of ring[0]
+	oldest      uint64                  // every change after it is in ring
+	bytes       int64                   // of objs and ring
+	notify      chan struct{}           // closed and replaced at every change
+	done        bool                    // the stream ended; watches end
+	users       int                     // requests being served from it
+	lastUsed    time.Time
+	relists     int  // lists after the first (upstream window passed)
+	noWatchList bool // the apiserver refused a WatchList: LIST, then WATCH
 	// gen counts changes of objs; keys is objs' keys in the apiserver's
 	// order while keysValid (until one is added or removed), and lists the
 	// last whole answers encoded, by media type, which clients asking at
@@ -184,6 +185,10 @@ var (
 // (with backoff, about 15 s) before it ends.
 const maxRefusals = 4
 
+// expectWindow is how long kube-apiserver's watch cache keeps events at
+// least (75 s): a stream away longer fetches its scope whole at once.
+const expectWindow = 75 * time.Second
+
 // relistJitter spreads the lists of streams whose version expired.
 const relistJitter = 8 * time.Second
 
@@ -211,9 +216,10 @@ func (s *stream) run(ctx context.Context) {
 			log.Debug("watch cache: stream ended", "err", err)
 		}
 	}()
-	list := true
+	list := true // the scope must be fetched whole: first, or after its version expired
 	backoff := time.Second
 	refusals := 0
+	var brokeAt time.Time // when the last watch broke, if it has not resumed since
 	for {
 		if ctx.Err() != nil {
 			err = ctx.Err()
@@ -223,16 +229,28 @@ func (s *stream) run(ctx context.Context) {
 			err = errIdle
 			return
 		}
-		if list {
+		if !list && !brokeAt.IsZero() && time.Since(brokeAt) > expectWindow {
+			// Away longer than the apiserver keeps events: fetch the
+			// scope whole at once rather than first be told 410.
+			list = true
+		}
+		var listed bool
+		if list && s.noWatchList {
 			err = s.list(ctx)
+			listed = err == nil
 		} else {
-			err = s.watch(ctx)
+			listed, err = s.watch(ctx, list)
+		}
+		if listed {
+			list = false
+		}
+		if listed || err == nil {
+			brokeAt = time.Time{}
+		} else if brokeAt.IsZero() && !errors.Is(err, errExpired) {
+			brokeAt = time.Now()
 		}
 		switch {
 		case err == nil:
-			if list {
-				list = false
-			}
 			backoff, refusals = time.Second, 0
 			continue
 		case errors.Is(err, errRefused) && refusals < maxRefusals && s.isSynced():
@@ -333,14 +351,7 @@ func (s *stream) upstream(ctx context.Context, q url.Values, accept string) (*ht
 	if resp.StatusCode != http.StatusOK {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 		resp.Body.Close()
-		err := fmt.Errorf("%s: %s", resp.Status, strings.TrimSpace(string(body)))
-		switch resp.StatusCode {
-		case http.StatusGone:
-			return nil, fmt.Errorf("%w: %v", errExpired, err)
-		case http.StatusUnauthorized, http.StatusForbidden, http.StatusNotFound, http.StatusBadRequest, http.StatusNotAcceptable:
-			return nil, fmt.Errorf("%w: %v", errRefused, err)
-		}
-		return nil, err
+		return nil, &statusError{code: resp.StatusCode, msg: resp.Status + ": " + strings.TrimSpace(string(body))}
 	}
 	if s.c.Record != nil {
 		// The recorder records it as the owner's answer: the one durable
@@ -497,8 +508,11 @@ func (s *stream) replace(l codec.List, rv uint64) error {
 	return nil
 }
 
-// watch follows the scope from s.rv until the watch ends.
-func (s *stream) watch(ctx context.Context) error {
+// watch follows the scope from s.rv until the watch ends. With initial,
+// it is a WatchList: the scope's objects first (not older than s.rv), which
+// replace what s holds at the initial-events-end bookmark (listed), in one
+// request instead of a LIST and a WATCH.
+func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	s.mu.Lock()
@@ -506,14 +520,27 @@ func (s *stream) watch(ctx context.Context) error {
 	s.mu.Unlock()
 	q := url.Values{}
 	q.Set("watch", "true")
-	q.Set("resourceVersion", strconv.FormatUint(from, 10))
 	q.Set("allowWatchBookmarks", "true")
+	if initial {
+		q.Set("sendInitialEvents", "true")
+		q.Set("resourceVersionMatch", "NotOlderThan")
+		if from != 0 {
+			q.Set("resourceVersion", strconv.FormatUint(from, 10))
+		}
+	} else {
+		q.Set("resourceVersion", strconv.FormatUint(from, 10))
+	}
 	// Renewed every few minutes, as informers do, so that a link that
 	// died silently is found by the renewal at worst.
 	q.Set("timeoutSeconds", strconv.Itoa(240+rand.IntN(120)))
 	resp, err := s.upstream(ctx, q, s.accept())
 	if err != nil {
-		return err
+		if initial && errors.Is(err, errRefused) && !isAuthError(err) {
+			// An apiserver without WatchList: LIST, then WATCH.
+			s.noWatchList = true
+			return false, fmt.Errorf("the apiserver refused a WatchList (%v): listing instead", err)
+		}
+		return false, err
 	}
 	defer resp.Body.Close()
 	// An idle stream stops even while its watch is quiet.
@@ -536,36 +563,91 @@ func (s *stream) watch(ctx context.Context) error {
 	}()
 	dec, err := codec.NewWatchDecoder(resp.Header.Get("Content-Type"), resp.Body, s.scope.Resource)
 	if err != nil {
-		return fmt.Errorf("%w: %v", errRefused, err)
+		return false, fmt.Errorf("%w: %v", errRefused, err)
 	}
+	var items []store.Object
+	var size int64
 	for {
 		ev, err := dec.Next()
 		if err != nil {
 			if s.idle() {
-				return errIdle
+				return listed, errIdle
+			}
+			if err == io.EOF && (listed || !initial) {
+				return listed, nil // ended (timeout): watch again from s.rv
 			}
 			if err == io.EOF {
-				return nil // ended (timeout): watch again from s.rv
+				err = errors.New("the watch ended before its initial events did")
 			}
-			return err
+			return listed, err
 		}
-		switch ev.Type {
-		case watch.Error:
+		inInitial := initial && !listed
+		switch {
+		case ev.Type == watch.Error:
 			// The apiserver says 410 Gone this way once the watch began;
 			// other errors (an apiserver whose cache is still starting)
 			// are retried from the same resourceVersion.
 			if ev.Code == http.StatusGone {
-				return fmt.Errorf("%w: watch from %d", errExpired, from)
+				return listed, fmt.Errorf("%w: watch from %d", errExpired, from)
 			}
-			return fmt.Errorf("watch error event, code %d", ev.Code)
-		case watch.Bookmark:
+			return listed, fmt.Errorf("watch error event, code %d", ev.Code)
+		case inInitial && ev.Type == watch.Added:
+			items = append(items, ev.Object)
+			if size += objectSize(ev.Object); size > s.c.MaxBytes {
+				return false, errTooBig
+			}
+		case inInitial && ev.Type == watch.Bookmark && ev.InitialEventsEnd:
+			l := codec.List{Kind: ev.Kind + "List", APIVersion: ev.APIVersion, ResourceVersion: ev.Object.ResourceVersion, Items: items}
+			rv := parseRV(l.ResourceVersion)
+			if rv == 0 {
+				return false, fmt.Errorf("%w: initial-events-end bookmark without a resourceVersion", errRefused)
+			}
+			if err := s.replace(l, rv); err != nil {
+				return false, err
+			}
+			items, listed = nil, true
+		case inInitial && ev.Type == watch.Bookmark:
+		case inInitial:
+			// Changes before the initial events ended: not a WatchList.
+			s.noWatchList = true
+			return false, fmt.Errorf("a %s event among the initial events: no WatchList", ev.Type)
+		case ev.Type == watch.Bookmark:
 			s.progress(parseRV(ev.Object.ResourceVersion))
-			continue
-		}
-		if err := s.apply(ev); err != nil {
-			return err
+		default:
+			if err := s.apply(ev); err != nil {
+				return listed, err
+			}
 		}
 	}
+}
+
+// statusError is the apiserver's refusal of a stream's request: 410 is
+// errExpired; 400, 401, 403, 404, 406 and 422 are errRefused.
+type statusError struct {
+	code int
+	msg  string
+}
+
+func (e *statusError) Error() string { return e.msg }
+
+func (e *statusError) Is(target error) bool {
+	switch target {
+	case errExpired:
+		return e.code == http.StatusGone
+	case errRefused:
+		switch e.code {
+		case http.StatusBadRequest, http.StatusUnauthorized, http.StatusForbidden, http.StatusNotFound, http.StatusNotAcceptable, http.StatusUnprocessableEntity:
+			return true
+		}
+	}
+	return false
+}
+
+// isAuthError reports a refusal of the caller (401, 403), not of the
+// request's form.
+func isAuthError(err error) bool {
+	var se *statusError
+	return errors.As(err, &se) && (se.code == http.StatusUnauthorized || se.code == http.StatusForbidden)
 }
 
 // progress notes that the scope is at rv (a bookmark).
