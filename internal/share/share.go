@@ -184,6 +184,12 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 	return c.serveList(w, r, info, st, filter)
 }
 
+// startedChan is closed once Run has started.
+func (c *Cache) startedChan() <-chan struct{} {
+	c.init()
+	return c.started
+}
+
 func (c *Cache) running() bool {
 	select {
 	case <-c.started:

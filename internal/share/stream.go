@@ -179,6 +179,9 @@ var (
 	errRefused = errors.New("refused upstream")
 	errTooBig  = errors.New("over the watch cache's memory budget")
 	errIdle    = errors.New("idle")
+	// errNoWatchList: the apiserver does not serve WatchList; the stream
+	// lists and watches instead, at once.
+	errNoWatchList = errors.New("the apiserver refused a WatchList")
 )
 
 // maxRefusals is how many refusals in a row a running stream retries
@@ -252,6 +255,9 @@ func (s *stream) run(ctx context.Context) {
 		switch {
 		case err == nil:
 			backoff, refusals = time.Second, 0
+			continue
+		case errors.Is(err, errNoWatchList):
+			log.Info("watch cache: listing and watching instead", "err", err)
 			continue
 		case errors.Is(err, errRefused) && refusals < maxRefusals && s.isSynced():
 			// An apiserver that just started refuses until its authorizer
@@ -538,7 +544,7 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 		if initial && errors.Is(err, errRefused) && !isAuthError(err) {
 			// An apiserver without WatchList: LIST, then WATCH.
 			s.noWatchList = true
-			return false, fmt.Errorf("the apiserver refused a WatchList (%v): listing instead", err)
+			return false, fmt.Errorf("%w (%v): listing instead", errNoWatchList, err)
 		}
 		return false, err
 	}
@@ -610,7 +616,7 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 		case inInitial:
 			// Changes before the initial events ended: not a WatchList.
 			s.noWatchList = true
-			return false, fmt.Errorf("a %s event among the initial events: no WatchList", ev.Type)
+			return false, fmt.Errorf("%w: a %s event among the initial events", errNoWatchList, ev.Type)
 		case ev.Type == watch.Bookmark:
 			s.progress(parseRV(ev.Object.ResourceVersion))
 		default:
