@@ -33,7 +33,8 @@
 // plain `go test` (and so in `make test`) the soak runs for 40 s and logs
 // the report. CHAOS_SEED replays a run: the report names its seed.
 // CHAOS_FAULTS (comma-separated kinds, as the report names them) keeps to
-// some faults, to chase one.
+// some faults, to chase one. CHAOS_OUTPOST_ARGS gives outpost more flags
+// (space-separated), e.g. --watch-cache to soak the node watch cache.
 package chaos
 
 import (

@@ -62,6 +62,7 @@ type config struct {
 	out      string        // CHAOS_OUT: where the report goes ("": the test's temp dir)
 	long     bool          // CHAOS_DURATION was given: longer faults
 	only     []string      // CHAOS_FAULTS: only these kinds (comma-separated), to chase one
+	args     []string      // CHAOS_OUTPOST_ARGS: more flags of outpost (space-separated), e.g. --watch-cache
 }
 
 func loadConfig(t *testing.T) config {
@@ -84,6 +85,7 @@ func loadConfig(t *testing.T) config {
 	if v := os.Getenv("CHAOS_FAULTS"); v != "" {
 		c.only = strings.Split(v, ",")
 	}
+	c.args = strings.Fields(os.Getenv("CHAOS_OUTPOST_ARGS"))
 	if deadline, ok := t.Deadline(); ok && time.Until(deadline) < c.duration+5*time.Minute {
 		t.Fatalf("CHAOS_DURATION=%v does not fit in go test's -timeout (%v left); raise it (make chaos: GO_TEST_TIMEOUT)",
 			c.duration, time.Until(deadline).Round(time.Second))
@@ -173,7 +175,7 @@ func newSoak(t *testing.T, cfg config) *soak {
 	}
 	token := cp.ServiceAccountToken(t, "default", "chaos-reader", framework.ReaderRole)
 
-	s.o, s.link = cp.StartOutpostWithLinkT(t, node)
+	s.o, s.link = cp.StartOutpostWithLinkT(t, node, cfg.args...)
 	s.disk = mountStore(t, s.o)
 	s.pid.Store(int64(s.o.PID()))
 	s.reader = newClient(t, s.o, "", "", token)
