@@ -173,11 +173,19 @@ func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 // grantedSource reads view v, another identity's, for want: filtered to
 // what want's identity was allowed.
 func grantedSource(v store.View, want store.ViewKey, info *request.Info) source {
-	ns := ""
+	src := source{view: v, labels: info.Labels, fields: info.Fields, filter: true}
 	if v.Key.Namespace == "" {
-		ns = want.Namespace
+		src.namespace = want.Namespace
 	}
-	return source{view: v, namespace: ns, labels: info.Labels, fields: info.Fields, filter: true}
+	// A selector the view shares was applied by the apiserver: not again
+	// here, where fields of custom resources are not known.
+	if v.Key.LabelSelector == want.LabelSelector {
+		src.labels = labels.Everything()
+	}
+	if v.Key.FieldSelector == want.FieldSelector {
+		src.fields = fields.Everything()
+	}
+	return src
 }
 
 func describe(info *request.Info) string {

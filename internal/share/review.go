@@ -28,34 +28,47 @@ type reviewKey struct {
 // requests that asked it at once.
 type review struct {
 	done    chan struct{} // closed once answered
-	allowed bool
-	at      time.Time
+	verdict verdict
+	at      time.Time // when it was asked
 }
 
 // reviewTimeout bounds one access review.
 const reviewTimeout = 10 * time.Second
 
-// admitted reports whether the apiserver lets info's caller do what it
-// asks (list or watch its scope, with its selectors), asking it with the
+// A verdict is the apiserver's answer to an access review, or that none
+// came (the link is down, the review failed, the caller left).
+type verdict int
+
+const (
+	unknown verdict = iota
+	allowed
+	denied
+)
+
+// admitted asks whether the apiserver lets info's caller do what it asks
+// (list or watch its scope, with its selectors), asking it with the
 // caller's own credentials (a SelfSubjectAccessReview) at most once per
-// Recheck for each identity, verb and scope. An answer that did not come
-// is a no: the request goes upstream, where the apiserver judges it.
-func (c *Cache) admitted(ctx context.Context, info *request.Info) bool {
+// Recheck for each token (or certificate), verb and scope. Only allowed
+// serves a request; only denied takes back what was allowed (grants, a
+// watch being served): an answer that did not come says nothing.
+func (c *Cache) admitted(ctx context.Context, info *request.Info, maxAge time.Duration) verdict {
 	verb := "list"
 	if info.Watch {
 		verb = "watch"
 	}
-	return c.admittedVerb(ctx, info, verb)
+	return c.admittedVerb(ctx, info, verb, maxAge)
 }
 
-// admittedVerb is admitted for verb.
-func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb string) bool {
-	k := reviewKey{identity: info.Identity.Key(), verb: verb, scope: scopeOf(info)}
+// admittedVerb is admitted for verb, with an answer at most maxAge old.
+func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb string, maxAge time.Duration) verdict {
+	// A token's own answer: a token the apiserver no longer accepts must
+	// not live on through another token of the same user.
+	k := reviewKey{identity: info.Identity.Key() + "\x00" + info.Identity.TokenHash, verb: verb, scope: scopeOf(info)}
 	c.mu.Lock()
 	rv := c.reviews[k]
 	ask := false
-	if rv == nil || (isClosed(rv.done) && time.Since(rv.at) > c.Recheck) {
-		rv = &review{done: make(chan struct{})}
+	if rv == nil || (isClosed(rv.done) && time.Since(rv.at) > maxAge) {
+		rv = &review{done: make(chan struct{}), at: time.Now()}
 		c.reviews[k] = rv
 		ask = true
 		c.pruneReviews()
@@ -64,34 +77,39 @@ func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb strin
 	c.mu.Unlock()
 	if ask {
 		// Not the request's own context: others wait for this answer.
+		// Its age counts from when it was asked, so a revoke is seen
+		// within maxAge of it.
 		rctx, cancel := context.WithTimeout(base, reviewTimeout)
-		allowed, err := c.review(rctx, info, verb)
+		ok, err := c.review(rctx, info, verb)
 		cancel()
 		result := "allowed"
 		switch {
 		case err != nil:
 			result = "error"
-			c.Log.Warn("watch cache: access review failed; the request goes upstream", "identity", k.identity, "verb", verb, "scope", describe(k.scope), "err", err)
+			c.Log.Debug("watch cache: access review failed", "identity", info.Identity.Key(), "verb", verb, "scope", describe(k.scope), "err", err)
 			// Not kept: the next request asks again.
 			c.mu.Lock()
 			if c.reviews[k] == rv {
 				delete(c.reviews, k)
 			}
 			c.mu.Unlock()
-		case !allowed:
+			rv.verdict = unknown
+		case ok:
+			rv.verdict = allowed
+		default:
 			result = "denied"
+			rv.verdict = denied
 		}
 		if c.Metrics != nil {
 			c.Metrics.WatchCacheReviews.WithLabelValues(result).Inc()
 		}
-		rv.allowed, rv.at = allowed && err == nil, time.Now()
 		close(rv.done)
 	}
 	select {
 	case <-rv.done:
-		return rv.allowed
+		return rv.verdict
 	case <-ctx.Done():
-		return false
+		return unknown
 	}
 }
 

@@ -25,6 +25,9 @@ var assembling = semaphore.NewWeighted(assembleBudget)
 
 const assembleBudget = 32 << 20
 
+// writeTimeout is how long a watch waits for its client to take events.
+const writeTimeout = 30 * time.Second
+
 // serveList answers a LIST at resourceVersion 0 (whole, whatever the
 // limit, as the apiserver's watch cache does) or NotOlderThan a version,
 // once the stream reached it.
@@ -49,8 +52,8 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 		}
 	}
 	snap := st.snapshot(f)
-	if snap.kind == "" {
-		return false
+	if snap.kind == "" || snap.done {
+		return false // the stream ended: what it held is gone
 	}
 	var size int64
 	items := make([][]byte, len(snap.objs))
@@ -132,6 +135,9 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	tooOld := false
 	if initial {
 		snap := st.snapshot(f)
+		if snap.done {
+			return false
+		}
 		objs, rv, next = snap.objs, snap.rv, snap.next
 	} else {
 		next, tooOld = st.since(from)
@@ -180,7 +186,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	defer deadline.Stop()
 	tick := time.NewTicker(c.BookmarkInterval)
 	defer tick.Stop()
-	recheck := time.NewTicker(c.Recheck)
+	recheck := time.NewTicker(c.Recheck / 2)
 	defer recheck.Stop()
 	var bookmarked uint64
 	for {
@@ -191,7 +197,23 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			return true
 		}
 		sent := false
+		if len(evs) > 0 {
+			// A client that stops reading is let go rather than holding
+			// its events and its stream.
+			_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+		}
 		for _, e := range evs {
+			if e.typ == watch.Bookmark {
+				// After a re-list's differences: the version they bring
+				// the client to (their objects carry older ones).
+				if o.AllowWatchBookmarks {
+					if err := enc.Bookmark(strconv.FormatUint(e.rv, 10), false); err != nil {
+						return true
+					}
+					bookmarked, sent = e.rv, true
+				}
+				continue
+			}
 			typ, obj, keep := f.event(e)
 			if !keep {
 				continue
@@ -203,7 +225,12 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 		}
 		next = after
 		if sent {
-			_ = rc.Flush()
+			if rc.Flush() != nil {
+				return true
+			}
+		}
+		if len(evs) > 0 {
+			_ = rc.SetWriteDeadline(time.Time{})
 		}
 		if done {
 			return true
@@ -212,16 +239,21 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 		case <-notify:
 		case <-tick.C:
 			if o.AllowWatchBookmarks && at > bookmarked {
-				if err := enc.Bookmark(strconv.FormatUint(at, 10), false); err != nil {
+				_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+				if err := enc.Bookmark(strconv.FormatUint(at, 10), false); err != nil || rc.Flush() != nil {
 					return true
 				}
+				_ = rc.SetWriteDeadline(time.Time{})
 				bookmarked = at
-				_ = rc.Flush()
 			}
 		case <-recheck.C:
-			if !c.admitted(ctx, info) {
+			// Asked again at least every Recheck (ticks at half of it,
+			// answers kept half of it), so a revoke ends the watch within
+			// Recheck. Offline, or when no answer comes, the watch goes on
+			// on the last one.
+			if c.online() && c.admitted(ctx, info, c.Recheck/2) == denied {
 				c.forget(info)
-				c.Log.Info("watch cache: access revoked; ending the watch", "identity", info.Identity.Key(), "scope", scopeOf(info).String())
+				c.Log.Info("watch cache: access revoked; ending the watch", "identity", info.Identity.Key(), "scope", describe(scopeOf(info)))
 				return true
 			}
 		case <-deadline.C:

@@ -107,9 +107,10 @@ type Cache struct {
 
 	mu       sync.Mutex
 	streams  map[store.ViewKey]*stream
-	refused  map[store.ViewKey]time.Time // until when a scope goes upstream
+	refused  map[store.ViewKey]refusal // scopes left upstream for a while
 	reviews  map[reviewKey]*review
 	grants   map[grantKey]store.ViewKey // told to Grant
+	stopping bool
 	initOnce sync.Once
 }
 
@@ -132,7 +133,7 @@ func (c *Cache) init() {
 		}
 		c.started = make(chan struct{})
 		c.streams = map[store.ViewKey]*stream{}
-		c.refused = map[store.ViewKey]time.Time{}
+		c.refused = map[store.ViewKey]refusal{}
 		c.reviews = map[reviewKey]*review{}
 		c.grants = map[grantKey]store.ViewKey{}
 		if c.Metrics != nil {
@@ -150,6 +151,9 @@ func (c *Cache) Run(ctx context.Context) error {
 	c.mu.Unlock()
 	close(c.started)
 	<-ctx.Done()
+	c.mu.Lock()
+	c.stopping = true // no stream starts once Run waits for them
+	c.mu.Unlock()
 	c.wg.Wait()
 	return nil
 }
@@ -172,9 +176,11 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 	if !st.waitSynced(ctx, waitSynced) {
 		return false
 	}
-	if !c.admitted(ctx, info) {
+	if v := c.admitted(ctx, info, c.Recheck); v != allowed {
 		st.release()
-		c.forget(info)
+		if v == denied {
+			c.forget(info)
+		}
 		return false
 	}
 	c.remember(info, st)
@@ -291,11 +297,8 @@ func (c *Cache) streamFor(ctx context.Context, info *request.Info) (st *stream, 
 func (c *Cache) find(scope store.ViewKey, info *request.Info) (st *stream, f filter, found bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if until, ok := c.refused[scope]; ok {
-		if time.Now().Before(until) {
-			return nil, filter{}, true
-		}
-		delete(c.refused, scope)
+	if r, ok := c.refused[scope]; ok && time.Now().Before(r.until) {
+		return nil, filter{}, true
 	}
 	if st := c.streams[scope]; st != nil && st.usable() {
 		st.use()
@@ -315,14 +318,14 @@ func (c *Cache) find(scope store.ViewKey, info *request.Info) (st *stream, f fil
 func (c *Cache) start(scope store.ViewKey, owner string) *stream {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if until, ok := c.refused[scope]; ok && time.Now().Before(until) {
+	if r, ok := c.refused[scope]; ok && time.Now().Before(r.until) {
 		return nil
 	}
 	if st := c.streams[scope]; st != nil && st.usable() {
 		st.use()
 		return st
 	}
-	if c.ctx == nil || c.ctx.Err() != nil {
+	if c.ctx == nil || c.stopping {
 		return nil
 	}
 	st := newStream(c, scope, owner)
@@ -361,7 +364,7 @@ func (c *Cache) mayStream(ctx context.Context, info *request.Info, scope store.V
 	wide.LabelSelector, wide.FieldSelector = scope.LabelSelector, scope.FieldSelector
 	wide.Labels, wide.Fields = labels.Everything(), fields.Everything()
 	wide.View.LabelSelector, wide.View.FieldSelector = scope.LabelSelector, scope.FieldSelector
-	return c.admittedVerb(ctx, &wide, "list") && c.admittedVerb(ctx, &wide, "watch")
+	return c.admittedVerb(ctx, &wide, "list", c.Recheck) == allowed && c.admittedVerb(ctx, &wide, "watch", c.Recheck) == allowed
 }
 
 // KeepsFresh reports whether a running stream records view k (its scope,
@@ -385,7 +388,14 @@ func (c *Cache) ended(st *stream, refuse bool) {
 		delete(c.streams, st.scope)
 	}
 	if refuse {
-		c.refused[st.scope] = time.Now().Add(refusedFor)
+		// Longer each time, up to an hour: a scope over the budget would
+		// otherwise be fetched whole again and again.
+		r := c.refused[st.scope]
+		r.n++
+		r.until = time.Now().Add(min(refusedFor<<(r.n-1), time.Hour))
+		c.refused[st.scope] = r
+	} else if st.isSynced() {
+		delete(c.refused, st.scope)
 	}
 	if c.Metrics != nil {
 		c.Metrics.WatchCacheStreams.Set(float64(len(c.streams)))
@@ -412,6 +422,14 @@ func covers(k, want store.ViewKey, info *request.Info) (filter, bool) {
 		return filter{}, false
 	}
 	f := filter{on: true, labels: info.Labels, fields: info.Fields}
+	// A selector the stream shares was applied by the apiserver: not
+	// again here, where fields of custom resources are not known.
+	if k.LabelSelector == want.LabelSelector {
+		f.labels = labels.Everything()
+	}
+	if k.FieldSelector == want.FieldSelector {
+		f.fields = fields.Everything()
+	}
 	switch {
 	case k.Namespace == want.Namespace:
 	case k.Namespace == "":
@@ -433,6 +451,12 @@ func covers(k, want store.ViewKey, info *request.Info) (filter, bool) {
 		}
 	}
 	return f, true
+}
+
+// refusal is a scope left upstream until a time, for the n-th time in a row.
+type refusal struct {
+	until time.Time
+	n     int
 }
 
 type grantKey struct {
@@ -471,10 +495,9 @@ func (c *Cache) forget(info *request.Info) {
 	}
 	k := grantKey{info.Identity.Key(), scopeOf(info)}
 	c.mu.Lock()
-	_, known := c.grants[k]
 	delete(c.grants, k)
 	c.mu.Unlock()
-	if known {
-		c.Grant(k.identity, k.asked, store.ViewKey{}, false)
-	}
+	// Also when this process never granted it: the store keeps grants of
+	// earlier runs.
+	c.Grant(k.identity, k.asked, store.ViewKey{}, false)
 }

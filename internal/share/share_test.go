@@ -162,9 +162,13 @@ func TestRelistSendsDifferences(t *testing.T) {
 	if err := s.replace(list("20", obj("", "keep", "3", nil), obj("", "change", "15", nil), obj("", "new", "12", nil)), 20); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"DELETED gone 5", "ADDED new 12", "MODIFIED change 15"}
+	want := []string{"DELETED gone 5", "ADDED new 12", "MODIFIED change 15", "BOOKMARK  "}
 	if got := logOf(s, next); !slices.Equal(got, want) {
 		t.Fatalf("differences %v, want %v", got, want)
+	}
+	// A watch that got the bookmark resumes from it, and gets nothing again.
+	if again, ok := s.since(20); !ok || len(logOf(s, again)) != 0 {
+		t.Fatalf("resuming from the bookmark's version: %v %v", ok, logOf(s, again))
 	}
 	if _, ok := s.since(9); ok {
 		t.Fatal("a version before the first list is covered")

@@ -50,21 +50,24 @@ type stream struct {
 	syncedCh chan struct{} // closed at the first whole list
 	endedCh  chan struct{} // closed when run returns
 
-	mu          sync.Mutex // guards the fields below
-	kind        string     // of the objects, e.g. "Pod"
-	apiVersion  string
-	objs        map[string]store.Object // by store.MemberKey
-	rv          uint64                  // the latest resourceVersion seen
-	ring        []event                 // the latest events, oldest first
-	first       uint64                  // sequence number of ring[0]
-	oldest      uint64                  // every change after it is in ring
-	bytes       int64                   // of objs and ring
-	notify      chan struct{}           // closed and replaced at every change
-	done        bool                    // the stream ended; watches end
-	users       int                     // requests being served from it
-	lastUsed    time.Time
-	relists     int  // lists after the first (upstream window passed)
-	noWatchList bool // the apiserver refused a WatchList: LIST, then WATCH
+	mu         sync.Mutex // guards the fields below
+	kind       string     // of the objects, e.g. "Pod"
+	apiVersion string
+	objs       map[string]store.Object // by store.MemberKey
+	rv         uint64                  // the latest resourceVersion seen
+	ring       []event                 // the latest events, oldest first
+	first      uint64                  // sequence number of ring[0]
+	oldest     uint64                  // every change after it is in ring
+	// bytes counts what s holds against the budget: objects, events
+	// (each counted whole, though an object and its latest event share
+	// their bytes: a conservative count) and encoded lists.
+	bytes, objBytes, ringBytes, listBytes int64
+	notify                                chan struct{} // closed and replaced at every change
+	done                                  bool          // the stream ended; watches end
+	users                                 int           // requests being served from it
+	lastUsed                              time.Time
+	relists                               int  // lists after the first (upstream window passed)
+	noWatchList                           bool // the apiserver refused a WatchList: LIST, then WATCH
 	// gen counts changes of objs; keys is objs' keys in the apiserver's
 	// order while keysValid (until one is added or removed), and lists the
 	// last whole answers encoded, by media type, which clients asking at
@@ -206,7 +209,8 @@ func (s *stream) run(ctx context.Context) {
 		s.mu.Lock()
 		s.done = true
 		freed := s.bytes
-		s.bytes, s.objs, s.ring, s.lists, s.keys = 0, nil, nil, nil, nil
+		s.bytes, s.objBytes, s.ringBytes, s.listBytes = 0, 0, 0, 0
+		s.objs, s.ring, s.lists, s.keys = nil, nil, nil, nil
 		s.changed()
 		s.mu.Unlock()
 		s.c.grow(-freed)
@@ -234,8 +238,13 @@ func (s *stream) run(ctx context.Context) {
 		}
 		if !list && !brokeAt.IsZero() && time.Since(brokeAt) > expectWindow {
 			// Away longer than the apiserver keeps events: fetch the
-			// scope whole at once rather than first be told 410.
+			// scope whole rather than first be told 410, at a jittered
+			// moment, as a fleet back from an outage would all at once.
 			list = true
+			if !s.sleep(ctx, time.Duration(rand.Int64N(int64(relistJitter)))) {
+				err = ctx.Err()
+				return
+			}
 		}
 		var listed bool
 		if list && s.noWatchList {
@@ -283,7 +292,11 @@ func (s *stream) run(ctx context.Context) {
 			}
 			continue
 		}
-		log.Info("watch cache: upstream failed; retrying", "err", err, "in", backoff)
+		if s.c.online() {
+			log.Info("watch cache: upstream failed; retrying", "err", err, "in", backoff)
+		} else {
+			log.Debug("watch cache: upstream failed while offline; retrying", "err", err, "in", backoff)
+		}
 		if !s.sleep(ctx, backoff) {
 			err = ctx.Err()
 			return
@@ -429,6 +442,11 @@ func (s *stream) list(ctx context.Context) error {
 	if int64(len(raw)) > s.c.MaxBytes {
 		return errTooBig
 	}
+	// The answer is held while it is decoded: counted too.
+	defer s.c.grow(-int64(len(raw)))
+	if !s.c.grow(int64(len(raw))) {
+		return errTooBig
+	}
 	l, err := codec.DecodeList(resp.Header.Get("Content-Type"), raw, s.scope.Resource, s.known)
 	if err != nil {
 		return fmt.Errorf("%w: %v", errRefused, err)
@@ -482,18 +500,20 @@ func (s *stream) replace(l codec.List, rv uint64) error {
 			return cmp.Compare(parseRV(a.obj.ResourceVersion), parseRV(b.obj.ResourceVersion))
 		})
 		evs = append(evs, changed...)
+		// Then the version they bring a watch to: their objects carry
+		// older ones, from which a resumed watch would get them again.
+		evs = append(evs, event{typ: watch.Bookmark, rv: rv, size: bookmarkSize})
 		s.relists++
 	}
 	var evSize int64
 	for _, e := range evs {
 		evSize += e.size
 	}
-	delta := size + evSize - s.bytes
-	if !s.c.grow(delta) {
-		s.c.grow(-delta)
+	// The answers encoded before go: they are of the objects replaced.
+	if !s.account(size, s.ringBytes+evSize, 0) {
 		return errTooBig
 	}
-	s.bytes += delta
+	s.lists = nil
 	s.objs = objs
 	s.gen++
 	s.keysValid = false
@@ -572,7 +592,8 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 		return false, fmt.Errorf("%w: %v", errRefused, err)
 	}
 	var items []store.Object
-	var size int64
+	var reserved int64 // initial events held, counted against the budget
+	defer func() { s.c.grow(-reserved) }()
 	for {
 		ev, err := dec.Next()
 		if err != nil {
@@ -599,7 +620,9 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 			return listed, fmt.Errorf("watch error event, code %d", ev.Code)
 		case inInitial && ev.Type == watch.Added:
 			items = append(items, ev.Object)
-			if size += objectSize(ev.Object); size > s.c.MaxBytes {
+			n := objectSize(ev.Object)
+			reserved += n
+			if !s.c.grow(n) {
 				return false, errTooBig
 			}
 		case inInitial && ev.Type == watch.Bookmark && ev.InitialEventsEnd:
@@ -608,6 +631,8 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 			if rv == 0 {
 				return false, fmt.Errorf("%w: initial-events-end bookmark without a resourceVersion", errRefused)
 			}
+			s.c.grow(-reserved)
+			reserved = 0
 			if err := s.replace(l, rv); err != nil {
 				return false, err
 			}
@@ -681,26 +706,24 @@ func (s *stream) apply(ev codec.Event) error {
 	if had {
 		e.prev = &old
 	}
-	delta := e.size
-	switch ev.Type {
-	case watch.Deleted:
-		if !had {
-			return nil
-		}
-		delete(s.objs, key)
-		delta -= objectSize(old)
-	default:
-		s.objs[key] = o
-		delta += e.size
-		if had {
-			delta -= objectSize(old)
-		}
+	if ev.Type == watch.Deleted && !had {
+		return nil
 	}
-	if !s.c.grow(delta) {
-		s.c.grow(-delta)
+	objBytes := s.objBytes
+	if had {
+		objBytes -= objectSize(old)
+	}
+	if ev.Type != watch.Deleted {
+		objBytes += e.size
+	}
+	if !s.account(objBytes, s.ringBytes+e.size, s.listBytes) {
 		return errTooBig
 	}
-	s.bytes += delta
+	if ev.Type == watch.Deleted {
+		delete(s.objs, key)
+	} else {
+		s.objs[key] = o
+	}
 	s.gen++
 	if !had || ev.Type == watch.Deleted {
 		s.keysValid = false
@@ -728,8 +751,23 @@ func (s *stream) trim() {
 	s.oldest = s.ring[n-1].rv
 	s.ring = slices.Clone(s.ring[n:])
 	s.first += uint64(n)
-	s.bytes -= freed
-	s.c.grow(-freed)
+	s.account(s.objBytes, s.ringBytes-freed, s.listBytes)
+}
+
+// bookmarkSize is what a bookmark event in the ring is counted.
+const bookmarkSize = 64
+
+// account makes s's counted bytes objBytes+ringBytes+listBytes, and
+// reports false, changing nothing, when growing would pass the budget;
+// s.mu is held.
+func (s *stream) account(objBytes, ringBytes, listBytes int64) bool {
+	delta := objBytes + ringBytes + listBytes - s.bytes
+	if !s.c.grow(delta) && delta > 0 {
+		s.c.grow(-delta)
+		return false
+	}
+	s.objBytes, s.ringBytes, s.listBytes, s.bytes = objBytes, ringBytes, listBytes, objBytes+ringBytes+listBytes
+	return true
 }
 
 // snapshot is what s holds at one moment.
@@ -737,6 +775,7 @@ type snapshot struct {
 	objs             []store.Object // in the apiserver's order
 	rv, next, gen    uint64         // next: the sequence number of the next event
 	kind, apiVersion string
+	done             bool // the stream ended: it holds nothing any more
 }
 
 // snapshot returns the objects s holds that f keeps, in the apiserver's
@@ -745,6 +784,9 @@ type snapshot struct {
 func (s *stream) snapshot(f filter) snapshot {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.done {
+		return snapshot{done: true}
+	}
 	if !s.keysValid {
 		s.keys = slices.Sorted(maps.Keys(s.objs))
 		s.keysValid = true
@@ -781,12 +823,9 @@ func (s *stream) keepEncoded(key string, e encodedList) {
 	if s.lists == nil {
 		s.lists = map[string]encodedList{}
 	}
-	delta := int64(len(e.body) - len(s.lists[key].body))
-	if !s.c.grow(delta) {
-		s.c.grow(-delta)
+	if !s.account(s.objBytes, s.ringBytes, s.listBytes+int64(len(e.body)-len(s.lists[key].body))) {
 		return
 	}
-	s.bytes += delta
 	s.lists[key] = e
 }
 

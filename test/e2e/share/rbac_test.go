@@ -259,6 +259,9 @@ func TestIdentitiesKeptApart(t *testing.T) {
 			t.Fatalf("%s: wide's list: %v", when, got)
 		}
 	}
+	// Longer offline than the recheck time: reviews that cannot be made
+	// take nothing back.
+	time.Sleep(7 * time.Second)
 	checkOffline("offline")
 	o.Stop()
 	if err := o.Start(ctx); err != nil {
