@@ -103,6 +103,9 @@ func (c *ControlPlane) startOutpost(ctx context.Context, node string, bootstrap 
 		"--admin-address=127.0.0.1:" + strconv.Itoa(adminPort),
 		"--shutdown-timeout=5s",
 	}, extraArgs...)
+	// OUTPOST_E2E_ARGS runs every suite's outposts with more flags (space-
+	// separated), e.g. --watch-cache to prove a feature against them all.
+	o.args = append(o.args, strings.Fields(os.Getenv("OUTPOST_E2E_ARGS"))...)
 	if err := o.Start(ctx); err != nil {
 		return nil, err
 	}
