@@ -491,7 +491,7 @@ func BenchmarkProfile(b *testing.B) {
 		for _, path := range w.paths() {
 			b.Run(w.name+"/"+path, func(b *testing.B) {
 				procs := pathProcesses(b)
-				before := cpuTimes(procs)
+				before, busyBefore := cpuTimes(procs), machineBusy(b)
 				var wg sync.WaitGroup
 				if o := outpostOf(path); o != nil {
 					prefix := w.name
@@ -512,12 +512,17 @@ func BenchmarkProfile(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				after := cpuTimes(procs)
+				after, busyAfter := cpuTimes(procs), machineBusy(b)
 				n := float64(len(lat))
 				b.ReportMetric(n/elapsed.Seconds(), "req/s")
+				var ours time.Duration
 				for name, t := range after {
 					b.ReportMetric(float64((t-before[name]).Microseconds())/n, name+"-cpu-us/req")
+					ours += t - before[name]
 				}
+				// Whether the path used the cores, and whether others did.
+				b.ReportMetric(ours.Seconds()/elapsed.Seconds(), "paths-cores")
+				b.ReportMetric((busyAfter-busyBefore).Seconds()/elapsed.Seconds(), "machine-busy-cores")
 				for range b.N {
 				}
 			})
@@ -599,6 +604,28 @@ func cpuTimes(procs map[string]int) map[string]time.Duration {
 		out[name] = time.Duration(utime+stime) * 10 * time.Millisecond
 	}
 	return out
+}
+
+// machineBusy returns the CPU time all cores of the machine spent busy so
+// far (every field of /proc/stat's "cpu" line but idle and iowait).
+func machineBusy(b *testing.B) time.Duration {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	f := strings.Fields(line)
+	var ticks int64
+	for i, v := range f[1:] {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			b.Fatalf("/proc/stat: %q", line)
+		}
+		if i != 3 && i != 4 && i < 8 { // idle, iowait; guest time is in user already
+			ticks += n
+		}
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond
 }
 
 // savePprof saves the profile outpost's /debug/pprof answers at url.
