@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	goruntime "runtime"
 	"slices"
 	"sort"
@@ -32,8 +33,9 @@ import (
 var (
 	cp      *framework.ControlPlane
 	hub     *framework.Outpost
+	shared  *framework.Outpost                   // a second outpost, with --watch-cache
 	floor   *exec.Cmd                            // floorproxy, see startFloor
-	clients = map[string]*kubernetes.Clientset{} // "direct", "floor", "outpost"
+	clients = map[string]*kubernetes.Clientset{} // "direct", "floor", "outpost", "shared"
 	// jsonClients are the same speaking JSON, as kubectl and scripts do.
 	jsonClients = map[string]*kubernetes.Clientset{}
 	token       string // the bench service account's
@@ -52,13 +54,16 @@ func TestMain(m *testing.M) {
 	if hub != nil {
 		hub.Stop()
 	}
+	if shared != nil {
+		shared.Stop()
+	}
 	stopFloor()
 	os.Exit(code)
 }
 
 var setupOnce sync.Once
 
-// setup starts outpost and seeds objects once for all benchmarks.
+// setup starts the outposts and seeds objects once for all benchmarks.
 func setup(b *testing.B) {
 	setupOnce.Do(func() {
 		ctx := context.Background()
@@ -67,15 +72,26 @@ func setup(b *testing.B) {
 		if err != nil {
 			b.Fatalf("starting outpost: %v", err)
 		}
+		shared, err = cp.StartOutpost(ctx, "edge-bench-shared", "--log-level=warn", "--watch-cache")
+		if err != nil {
+			b.Fatalf("starting outpost --watch-cache: %v", err)
+		}
 		floorURL = startFloor(b)
 		pinCores(b)
+		// A service account's token: outpost shares answers with token
+		// callers (after an access review made with the token).
 		token = cp.ServiceAccountToken(b, "default", "bench", "cluster-admin")
-		for name, host := range map[string]string{"direct": cp.URL(0), "floor": floorURL, "outpost": hub.URL} {
+		for name, host := range map[string]string{"direct": cp.URL(0), "floor": floorURL, "outpost": hub.URL, "shared": shared.URL} {
 			ca := cp.CAFile
-			if name != "direct" {
+			switch name {
+			case "floor", "outpost":
 				ca = hub.ServingCAFile // floorproxy serves with outpost's certificate
+			case "shared":
+				ca = shared.ServingCAFile
 			}
 			cfg := &rest.Config{Host: host, BearerToken: token, QPS: -1, TLSClientConfig: rest.TLSClientConfig{CAFile: ca}}
+			// Every answer is counted, with those the watch cache served.
+			cfg.WrapTransport = answers.wrap(name)
 			clients[name] = kubernetes.NewForConfigOrDie(cfg)
 			cfg = rest.CopyConfig(cfg)
 			cfg.ContentType, cfg.AcceptContentTypes = "application/json", "application/json"
@@ -157,27 +173,45 @@ func measure(b *testing.B, concurrency int, op func(ctx context.Context) error) 
 	b.ReportMetric(float64(len(all))/elapsed.Seconds(), "req/s")
 }
 
-// reportFromCache, deferred around an online benchmark through outpost,
-// reports how many of its answers outpost served from its cache: when a
-// health probe fails under load, outpost answers reads from the cache, and
-// then the benchmark no longer measures the proxy. It must be 0.
+// reportFromCache, deferred around an online benchmark through an outpost
+// (path "outpost" or "shared"), reports how many of its answers that
+// outpost served from its cache: when a health probe fails under load,
+// outpost answers reads from the cache, and then the benchmark no longer
+// measures the online path. It must be 0. The metric is named from-cache
+// for "outpost", shared-from-cache for "shared".
 func reportFromCache(b *testing.B, path string) func() {
-	if path != "outpost" {
+	o := outpostOf(path)
+	if o == nil {
 		return func() {}
 	}
-	before := servedFromCache(b)
+	before := servedFromCache(b, o)
 	return func() {
-		n := servedFromCache(b) - before
-		b.ReportMetric(n, "from-cache")
+		n := servedFromCache(b, o) - before
+		name := "from-cache"
+		if path != "outpost" {
+			name = path + "-" + name
+		}
+		b.ReportMetric(n, name)
 		if n > 0 {
-			b.Logf("outpost served %v answers from its cache; its log:\n%s", n, hub.Log(15))
+			b.Logf("%s: outpost served %v answers from its cache; its log:\n%s", path, n, o.Log(15))
 		}
 	}
 }
 
-// servedFromCache sums outpost_requests_total{served_by="cache"}.
-func servedFromCache(b *testing.B) float64 {
-	return metric(b, hub, "outpost_requests_total", `served_by="cache"`)
+// outpostOf is the outpost on a path, or nil.
+func outpostOf(path string) *framework.Outpost {
+	switch path {
+	case "outpost":
+		return hub
+	case "shared":
+		return shared
+	}
+	return nil
+}
+
+// servedFromCache sums o's outpost_requests_total{served_by="cache"}.
+func servedFromCache(b *testing.B, o *framework.Outpost) float64 {
+	return metric(b, o, "outpost_requests_total", `served_by="cache"`)
 }
 
 // getTarget is the GET workload: one small ConfigMap.
@@ -250,12 +284,26 @@ func directAndOutpost(b *testing.B, workload func(*kubernetes.Clientset) func(co
 // and their ratio moves by ±20% from run to run; interleaved, all see the
 // same moments. floorproxy is the bare cost of a Go TLS HTTP/2 proxy hop on
 // this machine: what outpost adds beyond it is outpost's own.
+//
+// The LISTs at resourceVersion 0 (list-rv0-*, issue 16) run a fourth path,
+// "shared": a second outpost started with --watch-cache, which answers
+// them from its node watch cache; shared-p50-ratio and
+// shared-throughput-ratio are its ratios to direct. Each such workload
+// checks that the shared outpost's answers are the objects direct answers
+// (before and after its windows) and that every answer in its windows came
+// from the watch cache (see checkShared and sharedServed); it fails if not.
 func BenchmarkInterleaved(b *testing.B) {
 	setup(b)
-	paths := []string{"direct", "floor", "outpost"}
 	for _, w := range workloads {
 		b.Run(w.name, func(b *testing.B) {
+			paths := w.paths()
 			defer reportFromCache(b, "outpost")()
+			var served func(calls int)
+			if w.shared {
+				defer reportFromCache(b, "shared")()
+				checkShared(b)
+				served = sharedServed(b)
+			}
 			lat := map[string][]time.Duration{}
 			busy := map[string]time.Duration{}
 			for r := range w.rounds {
@@ -287,28 +335,52 @@ func BenchmarkInterleaved(b *testing.B) {
 			b.ReportMetric(rate["outpost"]/rate["direct"], "throughput-ratio")
 			b.ReportMetric(p50["floor"]/p50["direct"], "floor-p50-ratio")
 			b.ReportMetric(rate["floor"]/rate["direct"], "floor-throughput-ratio")
+			if w.shared {
+				b.ReportMetric(p50["shared"]/p50["direct"], "shared-p50-ratio")
+				b.ReportMetric(rate["shared"]/rate["direct"], "shared-throughput-ratio")
+				served(len(lat["shared"]))
+				checkShared(b)
+			}
 		})
 	}
 }
 
-// workloads are the online workloads of BenchmarkInterleaved and
+// workload is an online workload of BenchmarkInterleaved and
 // BenchmarkProfile, with the window and rounds of BenchmarkInterleaved.
-var workloads = []struct {
+type workload struct {
 	name        string
 	concurrency int
 	op          func(path string) func(context.Context) error
 	window      time.Duration
 	rounds      int
-}{
-	{"get-c1", 1, inProtobuf(getTarget), 250 * time.Millisecond, 12},
-	{"get-c64", 64, inProtobuf(getTarget), 250 * time.Millisecond, 12},
-	{"list-c1", 1, inProtobuf(list1000), 500 * time.Millisecond, 8},
-	{"list-c64", 64, inProtobuf(list1000), 2 * time.Second, 6},
+	// shared adds the path through outpost --watch-cache.
+	shared bool
+}
+
+// paths are the paths w runs on.
+func (w workload) paths() []string {
+	if w.shared {
+		return []string{"direct", "floor", "outpost", "shared"}
+	}
+	return []string{"direct", "floor", "outpost"}
+}
+
+var workloads = []workload{
+	{"get-c1", 1, inProtobuf(getTarget), 250 * time.Millisecond, 12, false},
+	{"get-c64", 64, inProtobuf(getTarget), 250 * time.Millisecond, 12, false},
+	{"list-c1", 1, inProtobuf(list1000), 500 * time.Millisecond, 8, false},
+	{"list-c64", 64, inProtobuf(list1000), 2 * time.Second, 6, false},
 	// Issue 20: JSON lists, as kubectl and scripts ask, against the floor.
-	{"list-json-c1", 1, inJSON(list1000), 500 * time.Millisecond, 8},
-	{"list-json-c16", 16, inJSON(list1000), 2 * time.Second, 6},
-	{"list10k-json-c1", 1, inJSON(list10k), 3 * time.Second, 4},
-	{"list10k-json-c16", 16, inJSON(list10k), 6 * time.Second, 3},
+	{"list-json-c1", 1, inJSON(list1000), 500 * time.Millisecond, 8, false},
+	{"list-json-c16", 16, inJSON(list1000), 2 * time.Second, 6, false},
+	{"list10k-json-c1", 1, inJSON(list10k), 3 * time.Second, 4, false},
+	{"list10k-json-c16", 16, inJSON(list10k), 6 * time.Second, 3, false},
+	// Issue 16: LISTs the apiserver answers from its watch cache, and
+	// outpost --watch-cache from its own.
+	{"list-rv0-c1", 1, inProtobuf(list1000rv0), 500 * time.Millisecond, 8, true},
+	{"list-rv0-c64", 64, inProtobuf(list1000rv0), 2 * time.Second, 6, true},
+	{"list-rv0-json-c1", 1, inJSON(list1000rv0), 500 * time.Millisecond, 8, true},
+	{"list-rv0-json-c64", 64, inJSON(list1000rv0), 2 * time.Second, 6, true},
 }
 
 // runWindow runs op from `concurrency` goroutines for d (each finishes the
@@ -396,25 +468,40 @@ func BenchmarkWatchDelivery(b *testing.B) {
 // outpost's CPU per request is what its throughput costs. Through outpost it
 // also saves outpost's CPU profile and the allocations made meanwhile (from
 // its admin /debug/pprof) as <workload>.cpu.pprof and
-// <workload>.allocs.pprof; read them with `go tool pprof -top <file>`.
+// <workload>.allocs.pprof; read them with `go tool pprof -top <file>`. The
+// list-rv0 workloads also run through outpost --watch-cache ("shared"),
+// whose profiles are <workload>.shared.cpu.pprof and
+// <workload>.shared.allocs.pprof. OUTPOST_BENCH_PROFILE_ONLY, a regular
+// expression, limits the workloads to those whose names it matches.
 func BenchmarkProfile(b *testing.B) {
 	dir := os.Getenv("OUTPOST_BENCH_PROFILE")
 	if dir == "" {
 		b.Skip("set OUTPOST_BENCH_PROFILE=dir to profile outpost under load")
 	}
+	only, err := regexp.Compile(os.Getenv("OUTPOST_BENCH_PROFILE_ONLY"))
+	if err != nil {
+		b.Fatalf("OUTPOST_BENCH_PROFILE_ONLY: %v", err)
+	}
 	setup(b)
 	const seconds = 10
 	for _, w := range workloads {
-		for _, path := range []string{"direct", "floor", "outpost"} {
+		if !only.MatchString(w.name) {
+			continue
+		}
+		for _, path := range w.paths() {
 			b.Run(w.name+"/"+path, func(b *testing.B) {
 				procs := pathProcesses(b)
-				before := cpuTimes(procs)
+				before, busyBefore := cpuTimes(procs), machineBusy(b)
 				var wg sync.WaitGroup
-				if path == "outpost" {
+				if o := outpostOf(path); o != nil {
+					prefix := w.name
+					if path != "outpost" {
+						prefix += "." + path
+					}
 					for _, kind := range []string{"profile", "allocs"} {
 						wg.Go(func() {
-							name := fmt.Sprintf("%s/%s.%s.pprof", dir, w.name, strings.Replace(kind, "profile", "cpu", 1))
-							if err := savePprof(hub.AdminURL+"/debug/pprof/"+kind+"?seconds="+strconv.Itoa(seconds), name); err != nil {
+							name := fmt.Sprintf("%s/%s.%s.pprof", dir, prefix, strings.Replace(kind, "profile", "cpu", 1))
+							if err := savePprof(o.AdminURL+"/debug/pprof/"+kind+"?seconds="+strconv.Itoa(seconds), name); err != nil {
 								b.Error(err)
 							}
 						})
@@ -425,12 +512,17 @@ func BenchmarkProfile(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				after := cpuTimes(procs)
+				after, busyAfter := cpuTimes(procs), machineBusy(b)
 				n := float64(len(lat))
 				b.ReportMetric(n/elapsed.Seconds(), "req/s")
+				var ours time.Duration
 				for name, t := range after {
 					b.ReportMetric(float64((t-before[name]).Microseconds())/n, name+"-cpu-us/req")
+					ours += t - before[name]
 				}
+				// Whether the path used the cores, and whether others did.
+				b.ReportMetric(ours.Seconds()/elapsed.Seconds(), "paths-cores")
+				b.ReportMetric((busyAfter-busyBefore).Seconds()/elapsed.Seconds(), "machine-busy-cores")
 				for range b.N {
 				}
 			})
@@ -467,9 +559,10 @@ func pinCores(b *testing.B) {
 
 // pathProcesses finds the processes on the request paths by pid: this test
 // binary, the control plane's etcd and apiserver (their command lines name
-// its directory), and outpost.
+// its directory), floorproxy, outpost, and the outpost with --watch-cache
+// ("shared").
 func pathProcesses(b *testing.B) map[string]int {
-	procs := map[string]int{"client": os.Getpid(), "outpost": hub.PID()}
+	procs := map[string]int{"client": os.Getpid(), "outpost": hub.PID(), "shared": shared.PID()}
 	if floor != nil {
 		procs["floor"] = floor.Process.Pid
 	}
@@ -511,6 +604,28 @@ func cpuTimes(procs map[string]int) map[string]time.Duration {
 		out[name] = time.Duration(utime+stime) * 10 * time.Millisecond
 	}
 	return out
+}
+
+// machineBusy returns the CPU time all cores of the machine spent busy so
+// far (every field of /proc/stat's "cpu" line but idle and iowait).
+func machineBusy(b *testing.B) time.Duration {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	f := strings.Fields(line)
+	var ticks int64
+	for i, v := range f[1:] {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			b.Fatalf("/proc/stat: %q", line)
+		}
+		if i != 3 && i != 4 && i < 8 { // idle, iowait; guest time is in user already
+			ticks += n
+		}
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond
 }
 
 // savePprof saves the profile outpost's /debug/pprof answers at url.
@@ -696,14 +811,47 @@ var (
 
 // BenchmarkZIdleRSS reports the resident memory of outpost idle: a fresh
 // one that has only proxied a few requests, and the one that served the
-// benchmarks above (named to run last).
+// benchmarks above (named to run last). The same for outpost
+// --watch-cache: a fresh one whose watch cache holds one scope, the 1,000
+// ConfigMaps of listNS, after one LIST at resourceVersion 0
+// (fresh-shared-RSS-MB, with the bytes the watch cache counts,
+// fresh-shared-watchcache-MB), and the one that served the benchmarks.
+// BenchmarkYOfflineList10k stops the apiserver: it is started again first,
+// so that both fresh outposts are measured online.
 func BenchmarkZIdleRSS(b *testing.B) {
 	setup(b)
-	fresh, err := cp.StartOutpost(context.Background(), "edge-idle", "--log-level=warn")
+	ctx := context.Background()
+	if apiserverStopped {
+		if err := cp.StartAPIServer(0); err != nil {
+			b.Fatal(err)
+		}
+		apiserverStopped = false
+	}
+	fresh, err := cp.StartOutpost(ctx, "edge-idle", "--log-level=warn")
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer fresh.Stop()
+	freshShared, err := cp.StartOutpost(ctx, "edge-idle-shared", "--log-level=warn", "--watch-cache")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer freshShared.Stop()
+	fromWatchCache := func() float64 {
+		return metric(b, freshShared, "outpost_watchcache_served_total", `verb="list"`)
+	}
+	c := kubernetes.NewForConfigOrDie(freshShared.ClientConfig("", "", token))
+	// The first LIST may go upstream while the stream starts: list until
+	// one is served from the watch cache.
+	_, err = framework.Poll(ctx, 100*time.Millisecond, 30*time.Second, func(ctx context.Context) (bool, string) {
+		if err := list1000rv0(c)(ctx); err != nil {
+			return false, err.Error()
+		}
+		return fromWatchCache() > 0, "not served from the watch cache yet"
+	})
+	if err != nil {
+		b.Fatalf("outpost --watch-cache: %v", err)
+	}
 	time.Sleep(3 * time.Second) // a few probes, then idle
 	for range b.N {
 	}
@@ -711,6 +859,10 @@ func BenchmarkZIdleRSS(b *testing.B) {
 	b.ReportMetric(rssMB(b, hub.PID()), "after-load-RSS-MB")
 	b.ReportMetric(statusMB(b, hub.PID(), "RssAnon:"), "after-load-anon-MB")
 	b.ReportMetric(statusMB(b, hub.PID(), "RssFile:"), "after-load-file-MB")
+	b.ReportMetric(rssMB(b, freshShared.PID()), "fresh-shared-RSS-MB")
+	b.ReportMetric(metric(b, freshShared, "outpost_watchcache_bytes")/(1<<20), "fresh-shared-watchcache-MB")
+	b.ReportMetric(rssMB(b, shared.PID()), "shared-after-load-RSS-MB")
+	b.ReportMetric(statusMB(b, shared.PID(), "RssAnon:"), "shared-after-load-anon-MB")
 }
 
 func rssMB(b *testing.B, pid int) float64 { return statusMB(b, pid, "VmRSS:") }
