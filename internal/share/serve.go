@@ -251,7 +251,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			// answers kept half of it), so a revoke ends the watch within
 			// Recheck. Offline, or when no answer comes, the watch goes on
 			// on the last one.
-			if c.online() && c.admitted(ctx, info, c.Recheck/2) == denied {
+			if c.online() && c.admit(ctx, info, st, f, c.Recheck/2) == denied {
 				c.forget(info)
 				c.Log.Info("watch cache: access revoked; ending the watch", "identity", info.Identity.Key(), "scope", describe(scopeOf(info)))
 				return true

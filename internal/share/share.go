@@ -44,7 +44,9 @@ import (
 // Defaults of Cache's fields.
 const (
 	DefaultMaxBytes = 64 << 20
-	DefaultRecheck  = time.Minute
+	// DefaultRecheck is as long as kube-apiserver's webhook authorizer
+	// keeps an allowed answer by default.
+	DefaultRecheck  = 5 * time.Minute
 	defaultWindow   = 2048
 	defaultIdle     = 2 * time.Minute
 	defaultBookmark = 10 * time.Second
@@ -176,7 +178,7 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 	if !st.waitSynced(ctx, waitSynced) {
 		return false
 	}
-	if v := c.admitted(ctx, info, c.Recheck); v != allowed {
+	if v := c.admit(ctx, info, st, filter, c.Recheck); v != allowed {
 		st.release()
 		if v == denied {
 			c.forget(info)
@@ -194,6 +196,17 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 func (c *Cache) startedChan() <-chan struct{} {
 	c.init()
 	return c.started
+}
+
+// admit is admitted, except for the stream's owner reading exactly the
+// stream's scope: the stream itself is authorized by the apiserver, with
+// the owner's credentials, each time it is renewed (every few minutes),
+// and ends when refused, so no review is needed to know it.
+func (c *Cache) admit(ctx context.Context, info *request.Info, st *stream, f filter, maxAge time.Duration) verdict {
+	if !f.on && st.owner == info.Identity.Key() && scopeOf(info) == st.scope {
+		return allowed
+	}
+	return c.admitted(ctx, info, maxAge)
 }
 
 func (c *Cache) running() bool {
