@@ -64,8 +64,11 @@ type Config struct {
 	// name.
 	Namespaces, Services, PodsPerNode int
 	// Out is the directory of the report (FLEET_OUT, default
-	// <repo>/_output/fleet).
+	// <repo>/_output/fleet); the outposts' logs go to Out/logs/<mode>/.
 	Out string
+	// LogLevel is the outposts' --log-level (FLEET_LOG_LEVEL, default
+	// warn: at info a fleet of outposts logs every stream's re-list).
+	LogLevel string
 }
 
 // withDefaults fills the zero fields.
@@ -94,6 +97,9 @@ func (c Config) withDefaults() Config {
 	seti(&c.Namespaces, 10)
 	seti(&c.Services, 100)
 	seti(&c.PodsPerNode, 3)
+	if c.LogLevel == "" {
+		c.LogLevel = "warn"
+	}
 	return c
 }
 
@@ -109,6 +115,11 @@ func (c Config) validate() error {
 		return fmt.Errorf("FLEET_NAMESPACES, FLEET_SERVICES and FLEET_PODS_PER_NODE must be at least 1")
 	case c.Sample <= 0 || c.Steady <= 0 || c.Outage <= 0 || c.After <= 0:
 		return fmt.Errorf("FLEET_SAMPLE, FLEET_STEADY, FLEET_OUTAGE and FLEET_AFTER must be positive")
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("FLEET_LOG_LEVEL %q: want debug, info, warn or error", c.LogLevel)
 	}
 	for _, m := range c.Modes {
 		switch m {
@@ -165,6 +176,7 @@ func ConfigFromEnv() (Config, error) {
 		}
 	}
 	c.Out = os.Getenv("FLEET_OUT")
+	c.LogLevel = os.Getenv("FLEET_LOG_LEVEL")
 	if len(errs) > 0 {
 		return c, fmt.Errorf("%s", strings.Join(errs, "; "))
 	}
