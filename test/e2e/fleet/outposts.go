@@ -3,7 +3,6 @@ package fleet
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -26,6 +25,8 @@ type outpostSample struct {
 	// outpost_watchcache_watchers); Bytes what the streams hold
 	// (outpost_watchcache_bytes).
 	Streams, Watchers, Bytes float64
+	// Heap is the Go heap in use (go_memstats_heap_inuse_bytes).
+	Heap float64
 	// StreamLists and StreamWatches are the streams' own upstream requests
 	// (outpost_watchcache_upstream_requests_total).
 	StreamLists, StreamWatches float64
@@ -63,6 +64,7 @@ func scrapeOutpost(ctx context.Context, o *framework.Outpost) (outpostSample, er
 	sum(&s.Streams, "outpost_watchcache_streams")
 	sum(&s.Watchers, "outpost_watchcache_watchers")
 	sum(&s.Bytes, "outpost_watchcache_bytes")
+	sum(&s.Heap, "go_memstats_heap_inuse_bytes")
 	sum(&s.StreamLists, "outpost_watchcache_upstream_requests_total", "verb=list")
 	sum(&s.StreamWatches, "outpost_watchcache_upstream_requests_total", "verb=watch")
 	for _, res := range []string{"allowed", "denied", "error"} {
@@ -114,16 +116,16 @@ type outpostWindow struct {
 	Answered                   map[string]float64
 	StreamLists, StreamWatches float64
 	Reviews                    map[string]float64
-	// Streams, Watchers and Bytes are per node at the later scrape:
-	// median and maximum.
-	Streams, Watchers, Bytes [2]float64
+	// Streams, Watchers, Bytes and Heap are per node at the later
+	// scrape: median and maximum.
+	Streams, Watchers, Bytes, Heap [2]float64
 }
 
 // outpostsBetween sums the outposts' counters between a and b (the nodes
 // read both times) and summarizes b's gauges.
 func outpostsBetween(a, b []*outpostSample) outpostWindow {
 	w := outpostWindow{Answered: map[string]float64{}, Reviews: map[string]float64{}}
-	var streams, watchers, bytes []float64
+	var streams, watchers, bytes, heap []float64
 	for i := range b {
 		if b[i] == nil {
 			continue
@@ -131,6 +133,7 @@ func outpostsBetween(a, b []*outpostSample) outpostWindow {
 		streams = append(streams, b[i].Streams)
 		watchers = append(watchers, b[i].Watchers)
 		bytes = append(bytes, b[i].Bytes)
+		heap = append(heap, b[i].Heap)
 		if i >= len(a) || a[i] == nil {
 			continue
 		}
@@ -144,7 +147,7 @@ func outpostsBetween(a, b []*outpostSample) outpostWindow {
 		w.StreamLists += b[i].StreamLists - a[i].StreamLists
 		w.StreamWatches += b[i].StreamWatches - a[i].StreamWatches
 	}
-	w.Streams, w.Watchers, w.Bytes = medianMax(streams), medianMax(watchers), medianMax(bytes)
+	w.Streams, w.Watchers, w.Bytes, w.Heap = medianMax(streams), medianMax(watchers), medianMax(bytes), medianMax(heap)
 	return w
 }
 
@@ -168,26 +171,13 @@ func keepLogs(dir, mode string, outposts []*framework.Outpost) error {
 		if o == nil {
 			continue
 		}
-		if err := copyFile(o.LogPath, filepath.Join(into, o.Node+".log")); err != nil {
+		data, err := os.ReadFile(o.LogPath)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(into, o.Node+".log"), data, 0o644); err != nil {
 			return err
 		}
 	}
 	return nil
-}
-
-func copyFile(from, to string) error {
-	src, err := os.Open(from)
-	if err != nil {
-		return err
-	}
-	defer src.Close()
-	dst, err := os.Create(to)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(dst, src); err != nil {
-		dst.Close()
-		return err
-	}
-	return dst.Close()
 }

@@ -121,6 +121,12 @@ func (rep *Report) table() string {
 		s := slices.Sorted(slices.Values(r.RSS))
 		return fmt.Sprintf("%.1f / %.1f MB", s[len(s)/2], s[len(s)-1])
 	})
+	row("outpost RSS anonymous / file-backed, median", func(r *modeRun) string {
+		if len(r.RSSAnon) == 0 {
+			return "–"
+		}
+		return fmt.Sprintf("%.1f / %.1f MB", medianMax(r.RSSAnon)[0], medianMax(r.RSSFile)[0])
+	})
 	outposts(row, "steady", func(r *modeRun) outpostWindow { return r.OutpostSteady })
 	row("**outage**: API requests ended (of which WATCH)", func(r *modeRun) string {
 		return fmt.Sprintf("%.0f (%.0f)", r.Outage.Requests-r.Outage.Probes, r.Outage.Watches)
@@ -203,6 +209,9 @@ func outposts(row func(string, func(*modeRun) string), name string, of func(*mod
 	}))
 	row("outposts, end of "+name+": watch cache memory per node, median / max", cell(func(w outpostWindow) string {
 		return fmt.Sprintf("%s / %s", kib(w.Bytes[0]), kib(w.Bytes[1]))
+	}))
+	row("outposts, end of "+name+": Go heap in use per node, median / max", cell(func(w outpostWindow) string {
+		return fmt.Sprintf("%.1f / %.1f MB", w.Heap[0]/1e6, w.Heap[1]/1e6)
 	}))
 }
 

@@ -57,6 +57,10 @@ type modeRun struct {
 	// HarnessRSS the test process's (every node's clients), in MB.
 	RSS        []float64
 	HarnessRSS float64
+	// RSSAnon and RSSFile split each outpost's RSS: anonymous memory (the
+	// Go heap and stacks) and file-backed pages (the binary's text, the
+	// store's mapped file).
+	RSSAnon, RSSFile []float64
 	// HeldConns is how many connections the links held at the end of the
 	// outage; HarnessFiles the descriptors this process had open then.
 	HeldConns, HarnessFiles int
@@ -237,6 +241,11 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 		}
 		if mb, err := framework.StatusMB(o.PID(), "VmRSS:"); err == nil {
 			r.RSS = append(r.RSS, mb)
+		}
+		anon, err1 := framework.StatusMB(o.PID(), "RssAnon:")
+		file, err2 := framework.StatusMB(o.PID(), "RssFile:")
+		if err1 == nil && err2 == nil {
+			r.RSSAnon, r.RSSFile = append(r.RSSAnon, anon), append(r.RSSFile, file)
 		}
 	}
 	if mb, err := framework.StatusMB(os.Getpid(), "VmRSS:"); err == nil {
