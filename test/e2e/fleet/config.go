@@ -69,6 +69,10 @@ type Config struct {
 	// LogLevel is the outposts' --log-level (FLEET_LOG_LEVEL, default
 	// warn: at info a fleet of outposts logs every stream's re-list).
 	LogLevel string
+	// OutpostFlags are added to every outpost's flags, in the outpost and
+	// shared modes (FLEET_OUTPOST_FLAGS, separated by spaces), such as
+	// --watch-cache-recheck=5m to see what a setting costs.
+	OutpostFlags []string
 }
 
 // withDefaults fills the zero fields.
@@ -120,6 +124,11 @@ func (c Config) validate() error {
 	case "debug", "info", "warn", "error":
 	default:
 		return fmt.Errorf("FLEET_LOG_LEVEL %q: want debug, info, warn or error", c.LogLevel)
+	}
+	for _, f := range c.OutpostFlags {
+		if !strings.HasPrefix(f, "-") {
+			return fmt.Errorf("FLEET_OUTPOST_FLAGS: %q is not a flag such as --watch-cache-recheck=5m", f)
+		}
 	}
 	for _, m := range c.Modes {
 		switch m {
@@ -177,6 +186,7 @@ func ConfigFromEnv() (Config, error) {
 	}
 	c.Out = os.Getenv("FLEET_OUT")
 	c.LogLevel = os.Getenv("FLEET_LOG_LEVEL")
+	c.OutpostFlags = strings.Fields(os.Getenv("FLEET_OUTPOST_FLAGS"))
 	if len(errs) > 0 {
 		return c, fmt.Errorf("%s", strings.Join(errs, "; "))
 	}

@@ -73,6 +73,9 @@ func (rep *Report) table() string {
 		"pods, nodes, services, endpointslices, configmaps, secrets; %d namespaces, %d services, %d pods per node. "+
 		"Figures from kube-apiserver's own /metrics; requests exclude the harness's own (churn, marker); open watches are %s.\n\n",
 		cfg.Steady, cfg.Outage, cfg.After, cfg.Churn, cfg.Namespaces, cfg.Services, cfg.PodsPerNode, rep.watchMetric())
+	if len(cfg.OutpostFlags) > 0 {
+		fmt.Fprintf(&b, "Every outpost also ran with `%s`.\n\n", strings.Join(cfg.OutpostFlags, " "))
+	}
 	fmt.Fprintf(&b, "| | %s |\n|---|%s\n", strings.Join(modes(rep.Runs), " | "), strings.Repeat("---|", len(rep.Runs)))
 	row := func(name string, f func(r *modeRun) string) {
 		cells := make([]string, len(rep.Runs))

@@ -140,6 +140,7 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 			if mode == Shared {
 				args = append(args, WatchCacheFlag)
 			}
+			args = append(args, cfg.OutpostFlags...)
 			// The framework's free ports are free when chosen, not
 			// reserved: with thousands of connections opening on the
 			// machine one may be taken before outpost binds it, which a
