@@ -64,8 +64,15 @@ type Config struct {
 	// name.
 	Namespaces, Services, PodsPerNode int
 	// Out is the directory of the report (FLEET_OUT, default
-	// <repo>/_output/fleet).
+	// <repo>/_output/fleet); the outposts' logs go to Out/logs/<mode>/.
 	Out string
+	// LogLevel is the outposts' --log-level (FLEET_LOG_LEVEL, default
+	// warn: at info a fleet of outposts logs every stream's re-list).
+	LogLevel string
+	// OutpostFlags are added to every outpost's flags, in the outpost and
+	// shared modes (FLEET_OUTPOST_FLAGS, separated by spaces), such as
+	// --watch-cache-recheck=5m to see what a setting costs.
+	OutpostFlags []string
 }
 
 // withDefaults fills the zero fields.
@@ -94,6 +101,9 @@ func (c Config) withDefaults() Config {
 	seti(&c.Namespaces, 10)
 	seti(&c.Services, 100)
 	seti(&c.PodsPerNode, 3)
+	if c.LogLevel == "" {
+		c.LogLevel = "warn"
+	}
 	return c
 }
 
@@ -109,6 +119,16 @@ func (c Config) validate() error {
 		return fmt.Errorf("FLEET_NAMESPACES, FLEET_SERVICES and FLEET_PODS_PER_NODE must be at least 1")
 	case c.Sample <= 0 || c.Steady <= 0 || c.Outage <= 0 || c.After <= 0:
 		return fmt.Errorf("FLEET_SAMPLE, FLEET_STEADY, FLEET_OUTAGE and FLEET_AFTER must be positive")
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("FLEET_LOG_LEVEL %q: want debug, info, warn or error", c.LogLevel)
+	}
+	for _, f := range c.OutpostFlags {
+		if !strings.HasPrefix(f, "-") {
+			return fmt.Errorf("FLEET_OUTPOST_FLAGS: %q is not a flag such as --watch-cache-recheck=5m", f)
+		}
 	}
 	for _, m := range c.Modes {
 		switch m {
@@ -165,6 +185,8 @@ func ConfigFromEnv() (Config, error) {
 		}
 	}
 	c.Out = os.Getenv("FLEET_OUT")
+	c.LogLevel = os.Getenv("FLEET_LOG_LEVEL")
+	c.OutpostFlags = strings.Fields(os.Getenv("FLEET_OUTPOST_FLAGS"))
 	if len(errs) > 0 {
 		return c, fmt.Errorf("%s", strings.Join(errs, "; "))
 	}

@@ -30,6 +30,10 @@ type sample struct {
 	// Probes counts the health checks among Requests (/readyz, /livez,
 	// /healthz), as outpost sends one every --probe-interval.
 	Probes float64
+	// Reviews counts the SelfSubjectAccessReviews among Requests: the
+	// watch cache asks one with a caller's own credentials per identity,
+	// verb and scope every --watch-cache-recheck.
+	Reviews float64
 	// WatchLists counts the watches that began with the state
 	// (sendInitialEvents=true, apiserver_watch_list_duration_seconds):
 	// how client-go's informers re-list since WatchListClient is on by
@@ -107,6 +111,9 @@ func (c *cluster) scrape(ctx context.Context) (sample, error) {
 		if l["code"] == "410" {
 			s.Gone += v
 		}
+		if l["resource"] == "selfsubjectaccessreviews" {
+			s.Reviews += v
+		}
 		if l["resource"] == "" && (l["subresource"] == "/readyz" || l["subresource"] == "/livez" || l["subresource"] == "/healthz") {
 			s.Probes += v
 		}
@@ -139,7 +146,7 @@ func (c *cluster) scrape(ctx context.Context) (sample, error) {
 type window struct {
 	Seconds                        float64
 	Requests, Lists, Watches, Gone float64
-	Probes, WatchLists             float64
+	Probes, WatchLists, Reviews    float64
 	Bytes, CPU                     float64
 	// Watchers and RSS are the later sample's.
 	Watchers, RSS float64
@@ -153,7 +160,7 @@ func between(a, b sample) window {
 	return window{
 		Seconds:  b.At.Sub(a.At).Seconds(),
 		Requests: b.Requests - a.Requests, Lists: b.Lists - a.Lists, Watches: b.Watches - a.Watches, Gone: b.Gone - a.Gone,
-		WatchLists: b.WatchLists - a.WatchLists, Probes: b.Probes - a.Probes, RSS: b.RSS,
+		WatchLists: b.WatchLists - a.WatchLists, Probes: b.Probes - a.Probes, Reviews: b.Reviews - a.Reviews, RSS: b.RSS,
 		Bytes: b.Bytes - a.Bytes, CPU: b.CPU - a.CPU, Watchers: b.Watchers,
 		P99: quantile(0.99, a.Latency, b.Latency),
 	}

@@ -73,6 +73,9 @@ func (rep *Report) table() string {
 		"pods, nodes, services, endpointslices, configmaps, secrets; %d namespaces, %d services, %d pods per node. "+
 		"Figures from kube-apiserver's own /metrics; requests exclude the harness's own (churn, marker); open watches are %s.\n\n",
 		cfg.Steady, cfg.Outage, cfg.After, cfg.Churn, cfg.Namespaces, cfg.Services, cfg.PodsPerNode, rep.watchMetric())
+	if len(cfg.OutpostFlags) > 0 {
+		fmt.Fprintf(&b, "Every outpost also ran with `%s`.\n\n", strings.Join(cfg.OutpostFlags, " "))
+	}
 	fmt.Fprintf(&b, "| | %s |\n|---|%s\n", strings.Join(modes(rep.Runs), " | "), strings.Repeat("---|", len(rep.Runs)))
 	row := func(name string, f func(r *modeRun) string) {
 		cells := make([]string, len(rep.Runs))
@@ -87,6 +90,16 @@ func (rep *Report) table() string {
 	}
 	n := float64(cfg.Nodes)
 	row("clients synced after start", func(r *modeRun) string { return secs(r.Synced) })
+	row("**start** (to mid-steady): API requests / full lists (LIST + WatchList) / SelfSubjectAccessReviews", func(r *modeRun) string {
+		return fmt.Sprintf("%.0f / %.0f + %.0f / %.0f", r.Start.Requests-r.Start.Probes, r.Start.Lists, r.Start.WatchLists, r.Start.Reviews)
+	})
+	row("outposts, start: clients' answers from upstream / watch cache / offline cache / outpost", func(r *modeRun) string {
+		w := r.OutpostStart
+		if w.Nodes == 0 {
+			return "–"
+		}
+		return fmt.Sprintf("%.0f / %.0f / %.0f / %.0f", w.Answered["upstream"], w.Answered["watch-cache"], w.Answered["cache"], w.Answered["outpost"])
+	})
 	row("**steady**: upstream watches open (fleet's)", func(r *modeRun) string {
 		return fmt.Sprintf("%.0f", r.Steady.Watchers-r.Baseline.Watchers)
 	})
@@ -95,6 +108,9 @@ func (rep *Report) table() string {
 	})
 	row("API requests/s (+ health probes/s)", func(r *modeRun) string {
 		return fmt.Sprintf("%.1f (+ %.1f)", (r.Steady.Requests-r.Steady.Probes)/r.Steady.Seconds, r.Steady.Probes/r.Steady.Seconds)
+	})
+	row("of which SelfSubjectAccessReviews/s", func(r *modeRun) string {
+		return fmt.Sprintf("%.2f", r.Steady.Reviews/r.Steady.Seconds)
 	})
 	row("bytes/s sent", func(r *modeRun) string { return kib(r.Steady.Bytes/r.Steady.Seconds) + "/s" })
 	row("apiserver CPU (cores)", func(r *modeRun) string { return fmt.Sprintf("%.3f", r.Steady.CPU/r.Steady.Seconds) })
@@ -108,6 +124,13 @@ func (rep *Report) table() string {
 		s := slices.Sorted(slices.Values(r.RSS))
 		return fmt.Sprintf("%.1f / %.1f MB", s[len(s)/2], s[len(s)-1])
 	})
+	row("outpost RSS anonymous / file-backed, median", func(r *modeRun) string {
+		if len(r.RSSAnon) == 0 {
+			return "–"
+		}
+		return fmt.Sprintf("%.1f / %.1f MB", medianMax(r.RSSAnon)[0], medianMax(r.RSSFile)[0])
+	})
+	outposts(row, "steady", func(r *modeRun) outpostWindow { return r.OutpostSteady })
 	row("**outage**: API requests ended (of which WATCH)", func(r *modeRun) string {
 		return fmt.Sprintf("%.0f (%.0f)", r.Outage.Requests-r.Outage.Probes, r.Outage.Watches)
 	})
@@ -123,6 +146,7 @@ func (rep *Report) table() string {
 	row("full re-lists (LIST + WatchList)", func(r *modeRun) string {
 		return fmt.Sprintf("%.0f + %.0f", r.Reconnect.Lists, r.Reconnect.WatchLists)
 	})
+	row("of which SelfSubjectAccessReviews", func(r *modeRun) string { return fmt.Sprintf("%.0f", r.Reconnect.Reviews) })
 	row("bytes sent", func(r *modeRun) string { return kib(r.Reconnect.Bytes) })
 	row("apiserver CPU (cores, average)", func(r *modeRun) string {
 		return fmt.Sprintf("%.3f", r.Reconnect.CPU/r.Reconnect.Seconds)
@@ -139,6 +163,7 @@ func (rep *Report) table() string {
 		}
 		return secs(r.Converged) + " after restore"
 	})
+	outposts(row, "reconnect", func(r *modeRun) outpostWindow { return r.OutpostReconnect })
 	b.WriteString("\n")
 	if ran := rep.ran(); len(ran) > 1 && ran[0].Mode == Direct {
 		d := ran[0]
@@ -156,6 +181,41 @@ func (rep *Report) table() string {
 		}
 	}
 	return b.String()
+}
+
+// outposts adds the rows of the outposts' own figures over a window (from
+// their /metrics; "–" in direct mode).
+func outposts(row func(string, func(*modeRun) string), name string, of func(*modeRun) outpostWindow) {
+	cell := func(f func(w outpostWindow) string) func(*modeRun) string {
+		return func(r *modeRun) string {
+			w := of(r)
+			if w.Nodes == 0 {
+				return "–"
+			}
+			return f(w)
+		}
+	}
+	row("outposts, "+name+": clients' answers from upstream / watch cache / offline cache / outpost", cell(func(w outpostWindow) string {
+		return fmt.Sprintf("%.0f / %.0f / %.0f / %.0f", w.Answered["upstream"], w.Answered["watch-cache"], w.Answered["cache"], w.Answered["outpost"])
+	}))
+	row("outposts, "+name+": shared streams' upstream LISTs / WATCHes", cell(func(w outpostWindow) string {
+		return fmt.Sprintf("%.0f / %.0f", w.StreamLists, w.StreamWatches)
+	}))
+	row("outposts, "+name+": access reviews allowed / denied / failed", cell(func(w outpostWindow) string {
+		return fmt.Sprintf("%.0f / %.0f / %.0f", w.Reviews["allowed"], w.Reviews["denied"], w.Reviews["error"])
+	}))
+	row("outposts, end of "+name+": shared streams per node, median / max", cell(func(w outpostWindow) string {
+		return fmt.Sprintf("%.0f / %.0f", w.Streams[0], w.Streams[1])
+	}))
+	row("outposts, end of "+name+": local watches served from them per node, median / max", cell(func(w outpostWindow) string {
+		return fmt.Sprintf("%.0f / %.0f", w.Watchers[0], w.Watchers[1])
+	}))
+	row("outposts, end of "+name+": watch cache memory per node, median / max", cell(func(w outpostWindow) string {
+		return fmt.Sprintf("%s / %s", kib(w.Bytes[0]), kib(w.Bytes[1]))
+	}))
+	row("outposts, end of "+name+": Go heap in use per node, median / max", cell(func(w outpostWindow) string {
+		return fmt.Sprintf("%.1f / %.1f MB", w.Heap[0]/1e6, w.Heap[1]/1e6)
+	}))
 }
 
 // watchMetric names where the open watches were read.
@@ -206,11 +266,11 @@ func (rep *Report) charts() []plot.Chart {
 // csv is every sample of every mode, for other tools.
 func (rep *Report) csv() string {
 	var b strings.Builder
-	b.WriteString("mode,seconds,watchers,requests,probes,lists,watches,watchlists,gone,bytes,cpu_seconds,rss_bytes\n")
+	b.WriteString("mode,seconds,watchers,requests,probes,reviews,lists,watches,watchlists,gone,bytes,cpu_seconds,rss_bytes\n")
 	for _, r := range rep.ran() {
 		for _, s := range r.Samples {
-			fmt.Fprintf(&b, "%s,%.2f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.3f,%.0f\n", r.Mode, s.At.Sub(r.T0).Seconds(),
-				s.Watchers, s.Requests, s.Probes, s.Lists, s.Watches, s.WatchLists, s.Gone, s.Bytes, s.CPU, s.RSS)
+			fmt.Fprintf(&b, "%s,%.2f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.3f,%.0f\n", r.Mode, s.At.Sub(r.T0).Seconds(),
+				s.Watchers, s.Requests, s.Probes, s.Reviews, s.Lists, s.Watches, s.WatchLists, s.Gone, s.Bytes, s.CPU, s.RSS)
 		}
 	}
 	return b.String()

@@ -41,8 +41,12 @@ type modeRun struct {
 	// Outage the outage.
 	Baseline          sample
 	Steady, Reconnect window
-	Outage            window
-	ReconnectSeconds  float64
+	// Start is from Baseline to the steady state's second half: the
+	// clients' first lists and watches, and outpost's first access
+	// reviews.
+	Start            window
+	Outage           window
+	ReconnectSeconds float64
 	// Converged is how long after the restore the last node's clients all
 	// held the outage's marker; NodesConverged how many nodes got there
 	// within the wait; NotConverged why not all did.
@@ -53,9 +57,17 @@ type modeRun struct {
 	// HarnessRSS the test process's (every node's clients), in MB.
 	RSS        []float64
 	HarnessRSS float64
+	// RSSAnon and RSSFile split each outpost's RSS: anonymous memory (the
+	// Go heap and stacks) and file-backed pages (the binary's text, the
+	// store's mapped file).
+	RSSAnon, RSSFile []float64
 	// HeldConns is how many connections the links held at the end of the
 	// outage; HarnessFiles the descriptors this process had open then.
 	HeldConns, HarnessFiles int
+	// OutpostStart, OutpostSteady and OutpostReconnect are the outposts'
+	// own figures over the same windows as Start, Steady and Reconnect
+	// (none in direct mode).
+	OutpostStart, OutpostSteady, OutpostReconnect outpostWindow
 }
 
 // OutpostHasFlag reports whether `outpost run --help` of the binary the
@@ -86,6 +98,13 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 	r := &modeRun{Mode: mode}
 	links := make([]*framework.FaultProxy, len(c.nodes))
 	outposts := make([]*framework.Outpost, len(c.nodes))
+	// Registered first, so run last: the logs are whole once the outposts
+	// stopped.
+	t.Cleanup(func() {
+		if err := keepLogs(cfg.Out, mode, outposts); err != nil {
+			t.Logf("%s: keeping the outposts' logs: %v", mode, err)
+		}
+	})
 	t.Cleanup(func() {
 		var wg sync.WaitGroup
 		for i := range c.nodes {
@@ -117,10 +136,11 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 			break
 		}
 		g.Go(func() error {
-			args := append([]string{"--server=" + links[i].URL(), "--log-level=warn"}, framework.LenientProbes...)
+			args := append([]string{"--server=" + links[i].URL(), "--log-level=" + cfg.LogLevel}, framework.LenientProbes...)
 			if mode == Shared {
 				args = append(args, WatchCacheFlag)
 			}
+			args = append(args, cfg.OutpostFlags...)
 			// The framework's free ports are free when chosen, not
 			// reserved: with thousands of connections opening on the
 			// machine one may be taken before outpost binds it, which a
@@ -179,10 +199,8 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 		}
 	}
 
-	var err error
-	if r.Baseline, err = c.scrape(ctx); err != nil {
-		t.Fatal(err)
-	}
+	var obaseline []*outpostSample
+	r.Baseline, obaseline = c.scrapeBoth(t, mode, outposts)
 	sampler := c.sample(ctx, cfg.Sample)
 
 	// The clients, all at once as after a fleet-wide restart.
@@ -214,7 +232,9 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 
 	// Steady state: its second half is measured.
 	sleepUntil(ctx, r.T0.Add(cfg.Steady/2))
-	from := c.mustScrape(t)
+	from, ofrom := c.scrapeBoth(t, mode, outposts)
+	r.Start = between(r.Baseline, from)
+	r.OutpostStart = outpostsBetween(obaseline, ofrom)
 	sleepUntil(ctx, r.T0.Add(cfg.Steady))
 	for _, o := range outposts {
 		if o == nil {
@@ -223,12 +243,18 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 		if mb, err := framework.StatusMB(o.PID(), "VmRSS:"); err == nil {
 			r.RSS = append(r.RSS, mb)
 		}
+		anon, err1 := framework.StatusMB(o.PID(), "RssAnon:")
+		file, err2 := framework.StatusMB(o.PID(), "RssFile:")
+		if err1 == nil && err2 == nil {
+			r.RSSAnon, r.RSSFile = append(r.RSSAnon, anon), append(r.RSSFile, file)
+		}
 	}
 	if mb, err := framework.StatusMB(os.Getpid(), "VmRSS:"); err == nil {
 		r.HarnessRSS = mb
 	}
-	to := c.mustScrape(t)
+	to, oto := c.scrapeBoth(t, mode, outposts)
 	r.Steady = between(from, to)
+	r.OutpostSteady = outpostsBetween(ofrom, oto)
 
 	// The outage: every link black-holed, the marker written meanwhile.
 	for _, l := range links {
@@ -255,7 +281,7 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 		l.Pass()
 	}
 	r.RestoreAt = time.Now()
-	restored := c.mustScrape(t)
+	restored, orestored := c.scrapeBoth(t, mode, outposts)
 	r.Outage = between(to, restored)
 	t.Logf("%s: link restored", mode)
 
@@ -267,7 +293,9 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 	conv.Go(func() { late = r.converge(ctx, sets, m, max(cfg.After, 3*time.Minute)) })
 	reconnect := min(time.Minute, cfg.After)
 	sleepUntil(ctx, r.RestoreAt.Add(reconnect))
-	r.Reconnect = between(restored, c.mustScrape(t))
+	reconnected, oreconnected := c.scrapeBoth(t, mode, outposts)
+	r.Reconnect = between(restored, reconnected)
+	r.OutpostReconnect = outpostsBetween(orestored, oreconnected)
 	sleepUntil(ctx, r.RestoreAt.Add(cfg.After))
 	conv.Wait()
 	r.Samples = sampler()
@@ -363,6 +391,28 @@ func (c *cluster) sample(ctx context.Context, period time.Duration) func() []sam
 		wg.Wait()
 		return samples
 	}
+}
+
+// scrapeBoth reads the apiserver's figures and, at the same time, the
+// outposts' (none in direct mode), so that both describe the same window;
+// an outpost that does not answer is left out, and said.
+func (c *cluster) scrapeBoth(t *testing.T, mode string, outposts []*framework.Outpost) (sample, []*outpostSample) {
+	t.Helper()
+	var (
+		outs []*outpostSample
+		err  error
+	)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		outs, err = scrapeOutposts(t.Context(), outposts)
+	}()
+	s := c.mustScrape(t)
+	<-done
+	if err != nil {
+		t.Logf("%s: %v", mode, err)
+	}
+	return s, outs
 }
 
 func (c *cluster) mustScrape(t *testing.T) sample {
