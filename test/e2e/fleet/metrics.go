@@ -22,7 +22,9 @@ type sample struct {
 	// it apiserver_longrunning_requests{verb="WATCH"}.
 	Watchers    float64
 	WatchMetric string
-	// Requests is apiserver_request_total summed, less the requests the
+	// Requests is apiserver_request_total summed (which counts a request
+	// as it ends: a WATCH when it closes, so a window after an outage
+	// counts the outage's dead watches closing, not the new ones), less the requests the
 	// harness made itself (writes and churn; kube-apiserver does not count
 	// the scrapes of /metrics); Lists, Watches and
 	// Gone count those with verb LIST, verb WATCH and code 410.

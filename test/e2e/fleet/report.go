@@ -140,6 +140,13 @@ func (rep *Report) table() string {
 	row("**reconnect** (first "+secs(min(time.Minute, cfg.After))+"): API requests (+ health probes)", func(r *modeRun) string {
 		return fmt.Sprintf("%.0f (+ %.0f)", r.Reconnect.Requests-r.Reconnect.Probes, r.Reconnect.Probes)
 	})
+	row("requests begun: non-WATCH + WatchLists (+ shared streams' resumed watches)", func(r *modeRun) string {
+		begun := r.Reconnect.Requests - r.Reconnect.Probes - r.Reconnect.Watches + r.Reconnect.WatchLists
+		if r.OutpostReconnect.StreamWatches > 0 {
+			return fmt.Sprintf("%.0f (+ %.0f)", begun, r.OutpostReconnect.StreamWatches)
+		}
+		return fmt.Sprintf("%.0f", begun)
+	})
 	row("of which WATCH / LIST / 410 Gone", func(r *modeRun) string {
 		return fmt.Sprintf("%.0f / %.0f / %.0f", r.Reconnect.Watches, r.Reconnect.Lists, r.Reconnect.Gone)
 	})
