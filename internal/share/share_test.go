@@ -6,6 +6,7 @@ import (
 	"net/http/httptest"
 	"slices"
 	"testing"
+	"time"
 
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
@@ -248,5 +249,35 @@ func TestEncodedListKeptUntilChange(t *testing.T) {
 	s.keepEncoded("json", encodedList{gen: snap.gen, rv: snap.rv, body: []byte("old")})
 	if _, ok := s.encoded("json", 0); ok {
 		t.Fatal("an answer of an older generation was kept")
+	}
+}
+
+// TestOldEventsDropped checks that events older than ringAge go, even
+// below the window, and that a watch from before them gets 410.
+func TestOldEventsDropped(t *testing.T) {
+	s := newTestStream(100)
+	if err := s.replace(list("10"), 10); err != nil {
+		t.Fatal(err)
+	}
+	for _, rv := range []string{"11", "12"} {
+		if err := s.apply(codec.Event{Type: watch.Added, Object: obj("", "o"+rv, rv, nil)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.mu.Lock()
+	s.ring[0].at = time.Now().Add(-ringAge - time.Second)
+	s.mu.Unlock()
+	if err := s.apply(codec.Event{Type: watch.Added, Object: obj("", "o13", "13", nil)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := s.since(10); ok {
+		t.Fatal("version 10 is covered after its next event aged out")
+	}
+	next, ok := s.since(11)
+	if got := logOf(s, next); !ok || len(got) != 2 {
+		t.Fatalf("events after 11: %v %v", got, ok)
+	}
+	if s.bytes != heldBytes(s) {
+		t.Fatalf("counts %d bytes, holds %d", s.bytes, heldBytes(s))
 	}
 }

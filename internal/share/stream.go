@@ -37,6 +37,7 @@ type event struct {
 	prev *store.Object
 	rv   uint64
 	size int64
+	at   time.Time // when it came
 }
 
 // stream is one upstream list+watch and what it holds: the scope's
@@ -525,6 +526,10 @@ func (s *stream) replace(l codec.List, rv uint64) error {
 		s.oldest = rv
 	}
 	s.rv = max(s.rv, rv)
+	now := time.Now()
+	for i := range evs {
+		evs[i].at = now
+	}
 	s.ring = append(s.ring, evs...)
 	s.trim()
 	s.changed()
@@ -701,7 +706,7 @@ func (s *stream) apply(ev codec.Event) error {
 	if rv != 0 && rv <= s.rv {
 		return nil // seen already (a watch resumed just before it)
 	}
-	e := event{typ: ev.Type, obj: o, rv: max(rv, s.rv), size: objectSize(o)}
+	e := event{typ: ev.Type, obj: o, rv: max(rv, s.rv), size: objectSize(o), at: time.Now()}
 	old, had := s.objs[key]
 	if had {
 		e.prev = &old
@@ -738,10 +743,15 @@ func (s *stream) apply(ev codec.Event) error {
 	return nil
 }
 
-// trim drops the oldest events past the window; s.mu is held.
+// trim drops the oldest events past the window: more than Window of
+// them, or older than ringAge; s.mu is held.
 func (s *stream) trim() {
-	n := len(s.ring) - s.c.Window
-	if n <= 0 {
+	n := max(len(s.ring)-s.c.Window, 0)
+	old := time.Now().Add(-ringAge)
+	for n < len(s.ring) && s.ring[n].at.Before(old) {
+		n++
+	}
+	if n == 0 {
 		return
 	}
 	var freed int64
@@ -753,6 +763,13 @@ func (s *stream) trim() {
 	s.first += uint64(n)
 	s.account(s.objBytes, s.ringBytes-freed, s.listBytes)
 }
+
+// ringAge bounds how long an event is kept: local watches resume within
+// seconds (their link is the node's loopback), and a busy scope would
+// otherwise keep Window events, and their memory, for as long as it is
+// watched. A watch from an older version gets 410 and lists, from the
+// stream.
+const ringAge = 150 * time.Second
 
 // bookmarkSize is what a bookmark event in the ring is counted.
 const bookmarkSize = 64
