@@ -52,6 +52,10 @@ type sample struct {
 	// verb but WATCH and CONNECT (long-running): cumulative counts by
 	// upper bound, +Inf included.
 	Latency map[float64]float64
+	// ResourceLatency is the same without non-resource requests (health
+	// probes of /readyz, which outposts send and direct clients do not):
+	// like for like between the modes.
+	ResourceLatency map[float64]float64
 }
 
 const (
@@ -73,7 +77,7 @@ func (c *cluster) scrape(ctx context.Context) (sample, error) {
 	if err != nil {
 		return sample{}, fmt.Errorf("parsing the apiserver's metrics: %w", err)
 	}
-	s := sample{At: at, Latency: map[float64]float64{}}
+	s := sample{At: at, Latency: map[float64]float64{}, ResourceLatency: map[float64]float64{}}
 	each := func(name string, f func(m *dto.Metric, labels map[string]string)) {
 		fam := fams[name]
 		if fam == nil {
@@ -136,6 +140,9 @@ func (c *cluster) scrape(ctx context.Context) (sample, error) {
 		// The buckets end with +Inf, as the text format has it.
 		for _, b := range m.GetHistogram().GetBucket() {
 			s.Latency[b.GetUpperBound()] += float64(b.GetCumulativeCount())
+			if l["resource"] != "" {
+				s.ResourceLatency[b.GetUpperBound()] += float64(b.GetCumulativeCount())
+			}
 		}
 	})
 	if fams["apiserver_request_total"] == nil || fams["process_cpu_seconds_total"] == nil {
@@ -156,6 +163,8 @@ type window struct {
 	// (linear within a bucket, as Prometheus' histogram_quantile), NaN
 	// when there were none.
 	P99 time.Duration
+	// ResourceP99 is P99 of resource requests only (no health probes).
+	ResourceP99 time.Duration
 }
 
 func between(a, b sample) window {
@@ -164,7 +173,7 @@ func between(a, b sample) window {
 		Requests: b.Requests - a.Requests, Lists: b.Lists - a.Lists, Watches: b.Watches - a.Watches, Gone: b.Gone - a.Gone,
 		WatchLists: b.WatchLists - a.WatchLists, Probes: b.Probes - a.Probes, Reviews: b.Reviews - a.Reviews, RSS: b.RSS,
 		Bytes: b.Bytes - a.Bytes, CPU: b.CPU - a.CPU, Watchers: b.Watchers,
-		P99: quantile(0.99, a.Latency, b.Latency),
+		P99: quantile(0.99, a.Latency, b.Latency), ResourceP99: quantile(0.99, a.ResourceLatency, b.ResourceLatency),
 	}
 }
 

@@ -115,6 +115,7 @@ func (rep *Report) table() string {
 	row("bytes/s sent", func(r *modeRun) string { return kib(r.Steady.Bytes/r.Steady.Seconds) + "/s" })
 	row("apiserver CPU (cores)", func(r *modeRun) string { return fmt.Sprintf("%.3f", r.Steady.CPU/r.Steady.Seconds) })
 	row("apiserver p99 latency (non-watch)", func(r *modeRun) string { return ms(r.Steady.P99) })
+	row("apiserver p99 latency (non-watch resource requests: no health probes)", func(r *modeRun) string { return ms(r.Steady.ResourceP99) })
 	row("apiserver RSS", func(r *modeRun) string { return fmt.Sprintf("%.0f MB", r.Steady.RSS/1e6) })
 	row("the harness's RSS (every node's clients)", func(r *modeRun) string { return fmt.Sprintf("%.0f MB", r.HarnessRSS) })
 	row("outpost RSS, median / max", func(r *modeRun) string {
@@ -163,6 +164,12 @@ func (rep *Report) table() string {
 			return ms(r.Reconnect.P99)
 		}
 		return fmt.Sprintf("%s (%.1f×)", ms(r.Reconnect.P99), float64(r.Reconnect.P99)/float64(r.Steady.P99))
+	})
+	row("apiserver p99 latency, no health probes (× steady)", func(r *modeRun) string {
+		if r.Steady.ResourceP99 <= 0 || r.Reconnect.ResourceP99 < 0 {
+			return ms(r.Reconnect.ResourceP99)
+		}
+		return fmt.Sprintf("%s (%.1f×)", ms(r.Reconnect.ResourceP99), float64(r.Reconnect.ResourceP99)/float64(r.Steady.ResourceP99))
 	})
 	row("every node's clients saw the outage's objects", func(r *modeRun) string {
 		if r.NotConverged != "" {
