@@ -209,14 +209,7 @@ func (c *Cache) admit(ctx context.Context, info *request.Info, st *stream, f fil
 	return c.admitted(ctx, info, maxAge)
 }
 
-func (c *Cache) running() bool {
-	select {
-	case <-c.started:
-		return true
-	default:
-		return false
-	}
-}
+func (c *Cache) running() bool { return isClosed(c.started) }
 
 // shareable reports whether info is a request the apiserver answers from
 // its watch cache, in a form shared streams can answer.

@@ -101,14 +101,7 @@ func (s *stream) usable() bool {
 	return !s.done
 }
 
-func (s *stream) isSynced() bool {
-	select {
-	case <-s.syncedCh:
-		return true
-	default:
-		return false
-	}
-}
+func (s *stream) isSynced() bool { return isClosed(s.syncedCh) }
 
 // use notes a request served from s; release its end.
 func (s *stream) use() {
