@@ -356,7 +356,10 @@ func (s *stream) upstream(ctx context.Context, q url.Values, accept string) (*ht
 	}
 	if s.c.Metrics != nil {
 		verb := "list"
-		if q.Get("watch") == "true" {
+		switch {
+		case q.Get("sendInitialEvents") == "true":
+			verb = "watchlist"
+		case q.Get("watch") == "true":
 			verb = "watch"
 		}
 		s.c.Metrics.WatchCacheUpstream.WithLabelValues(verb, strconv.Itoa(resp.StatusCode)).Inc()

@@ -28,7 +28,9 @@ type outpostSample struct {
 	// Heap is the Go heap in use (go_memstats_heap_inuse_bytes).
 	Heap float64
 	// StreamLists and StreamWatches are the streams' own upstream requests
-	// (outpost_watchcache_upstream_requests_total).
+	// (outpost_watchcache_upstream_requests_total): whole fetches (LIST and
+	// WatchList, which the apiserver's counters see as lists), and plain
+	// watches (resumed from a resourceVersion).
 	StreamLists, StreamWatches float64
 	// Reviews are the access reviews made with callers' own credentials,
 	// by result (outpost_watchcache_reviews_total): allowed, denied, error.
@@ -66,6 +68,9 @@ func scrapeOutpost(ctx context.Context, o *framework.Outpost) (outpostSample, er
 	sum(&s.Bytes, "outpost_watchcache_bytes")
 	sum(&s.Heap, "go_memstats_heap_inuse_bytes")
 	sum(&s.StreamLists, "outpost_watchcache_upstream_requests_total", "verb=list")
+	var watchLists float64
+	sum(&watchLists, "outpost_watchcache_upstream_requests_total", "verb=watchlist")
+	s.StreamLists += watchLists
 	sum(&s.StreamWatches, "outpost_watchcache_upstream_requests_total", "verb=watch")
 	for _, res := range []string{"allowed", "denied", "error"} {
 		var v float64

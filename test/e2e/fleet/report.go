@@ -212,7 +212,7 @@ func outposts(row func(string, func(*modeRun) string), name string, of func(*mod
 	row("outposts, "+name+": clients' answers from upstream / watch cache / offline cache / outpost", cell(func(w outpostWindow) string {
 		return fmt.Sprintf("%.0f / %.0f / %.0f / %.0f", w.Answered["upstream"], w.Answered["watch-cache"], w.Answered["cache"], w.Answered["outpost"])
 	}))
-	row("outposts, "+name+": shared streams' upstream LISTs / WATCHes", cell(func(w outpostWindow) string {
+	row("outposts, "+name+": shared streams' upstream whole fetches (LIST, WatchList) / resumed WATCHes", cell(func(w outpostWindow) string {
 		return fmt.Sprintf("%.0f / %.0f", w.StreamLists, w.StreamWatches)
 	}))
 	row("outposts, "+name+": access reviews allowed / denied / failed", cell(func(w outpostWindow) string {
