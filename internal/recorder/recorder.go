@@ -386,10 +386,11 @@ func (c *Recorder) markStale(k store.ViewKey) {
 	cl := c.claims[k]
 	delete(c.claims, k) // a later answer at the claimed version must be recorded
 	c.mu.Unlock()
-	if cl != nil && cl.skipped.Load() > 0 {
+	if (cl != nil && cl.skipped.Load() > 0) || c.keptFresh(k) {
 		// Copies of the same answer were not taken because this one
-		// was: with it lost, nothing would bring the view up to date
-		// while the link holds.
+		// was, or the view is a stream's of the node watch cache, whose
+		// clients never list: with the recording lost, nothing would
+		// bring the view up to date while the link holds.
 		c.refresh(k)
 	}
 	// Marked in the store in order with the answers queued before and
