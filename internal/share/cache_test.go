@@ -113,7 +113,7 @@ func TestServeWithoutWatchList(t *testing.T) {
 	}
 	body := w.Body.String()
 	if w.Code != http.StatusOK || w.Header().Get("X-Outpost-Served-By") != ServedBy || !strings.Contains(body, `"resourceVersion":"10"`) ||
-		strings.Index(body, `"name":"a"`) > strings.Index(body, `"name":"b"`) || strings.Index(body, `"name":"a"`) < 0 {
+		!strings.Contains(body, `"name":"a"`) || strings.Index(body, `"name":"a"`) > strings.Index(body, `"name":"b"`) {
 		t.Fatalf("answer %d %v: %s", w.Code, w.Header(), body)
 	}
 
