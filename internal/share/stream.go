@@ -558,8 +558,11 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 		q.Set("resourceVersion", strconv.FormatUint(from, 10))
 	}
 	// Renewed every few minutes, as informers do, so that a link that
-	// died silently is found by the renewal at worst.
-	q.Set("timeoutSeconds", strconv.Itoa(240+rand.IntN(120)))
+	// died silently is found by the renewal at worst; and at least every
+	// Recheck, since each renewal is the apiserver authorizing the owner,
+	// whose own reads of the scope are not reviewed otherwise.
+	renew := min(240+rand.IntN(120), max(int(s.c.Recheck/time.Second), 1))
+	q.Set("timeoutSeconds", strconv.Itoa(renew))
 	resp, err := s.upstream(ctx, q, s.accept())
 	if err != nil {
 		if initial && errors.Is(err, errRefused) && !isAuthError(err) {
