@@ -41,6 +41,8 @@ func TestCommandLine(t *testing.T) {
 		{name: "bad peer address", args: []string{"run", "--kubeconfig=x", "--peer-address=0.0.0.0:10269"}, code: 2, errOnceOf: `--peer-address "0.0.0.0:10269"`},
 		{name: "negative peer interval", args: []string{"run", "--kubeconfig=x", "--peer-address=127.0.0.2:10269", "--peer-probe-interval=-1s"}, code: 2, errOnceOf: "--peer-probe-interval"},
 		{name: "bad recording budget", args: []string{"run", "--kubeconfig=x", "--recording-budget=12k"}, code: 2, errOnceOf: "at least 1Mi"},
+		{name: "bad watch cache size", args: []string{"run", "--kubeconfig=x", "--watch-cache-size=lots"}, code: 2, errOnceOf: "want a size such as 128Mi"},
+		{name: "negative watch cache recheck", args: []string{"run", "--kubeconfig=x", "--watch-cache-recheck=-1s"}, code: 2, errOnceOf: "--watch-cache-recheck must not be negative"},
 		{name: "bad memory limit", args: []string{"run", "--kubeconfig=x", "--memory-limit=lots"}, code: 2, errOnceOf: "want a size such as 128Mi"},
 		{name: "missing kubeconfig file", args: []string{"run", "--kubeconfig=" + filepath.Join(dir, "none"), "--data-dir=" + filepath.Join(dir, "data"),
 			"--secure-address=127.0.0.1:0", "--admin-address="}, code: 2, err: "none"},

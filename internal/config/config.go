@@ -247,6 +247,9 @@ func (c *Hub) Validate() error {
 	if c.FlapWindow < 0 || c.RelistRate < 1 {
 		errs = append(errs, errors.New("--flap-window must not be negative and --relist-rate must be at least 1"))
 	}
+	if c.WatchCacheRecheck < 0 {
+		errs = append(errs, errors.New("--watch-cache-recheck must not be negative"))
+	}
 	if c.ShutdownTimeout < 0 {
 		errs = append(errs, errors.New("--shutdown-timeout must not be negative"))
 	}
