@@ -281,3 +281,47 @@ func TestOldEventsDropped(t *testing.T) {
 		t.Fatalf("counts %d bytes, holds %d", s.bytes, heldBytes(s))
 	}
 }
+
+// TestResumable checks the guess whether the apiserver still has a broken
+// stream's version: always within its 75 s; later only for a whole
+// resource seen quiet enough that fewer than half of the 100 events the
+// apiserver keeps at least came meanwhile.
+func TestResumable(t *testing.T) {
+	now := time.Now()
+	brokeAt := now.Add(-2 * time.Minute)
+	quiet := newTestStream(4096)
+	quiet.syncedAt = now.Add(-4 * time.Hour)
+	busy := newTestStream(4096)
+	busy.syncedAt = quiet.syncedAt
+	for i := range 300 { // 2 a second in the 150 s before the break
+		busy.ring = append(busy.ring, event{typ: watch.Modified, at: brokeAt.Add(-time.Duration(i) * 500 * time.Millisecond)})
+	}
+	// Events long before the break, and bookmarks, say nothing of the rate.
+	for i := range 300 {
+		quiet.ring = append(quiet.ring, event{typ: watch.Modified, at: brokeAt.Add(-5*time.Minute - time.Duration(i)*time.Second)})
+		quiet.ring = append(quiet.ring, event{typ: watch.Bookmark, at: brokeAt.Add(-time.Duration(i) * 100 * time.Millisecond)})
+	}
+	young := newTestStream(4096)
+	young.syncedAt = brokeAt.Add(-2 * time.Second)
+	narrow := newTestStream(4096)
+	narrow.scope.Namespace = "ns"
+	narrow.syncedAt = quiet.syncedAt
+	for _, tc := range []struct {
+		name    string
+		s       *stream
+		brokeAt time.Time
+		want    bool
+	}{
+		{"busy, away 60s", busy, now.Add(-60 * time.Second), true},
+		{"narrow, away 60s", narrow, now.Add(-60 * time.Second), true},
+		{"quiet, away 2m", quiet, brokeAt, true},
+		{"quiet, away 3h", quiet, now.Add(-3 * time.Hour), false},
+		{"busy, away 2m", busy, brokeAt, false},
+		{"synced 2s before, away 2m", young, brokeAt, false},
+		{"one namespace, quiet, away 2m", narrow, brokeAt, false},
+	} {
+		if got := tc.s.resumable(tc.brokeAt, now); got != tc.want {
+			t.Errorf("%s: resumable %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

@@ -67,8 +67,9 @@ type stream struct {
 	done                                  bool          // the stream ended; watches end
 	users                                 int           // requests being served from it
 	lastUsed                              time.Time
-	relists                               int  // lists after the first (upstream window passed)
-	noWatchList                           bool // the apiserver refused a WatchList: LIST, then WATCH
+	syncedAt                              time.Time // of the first whole list
+	relists                               int       // lists after the first (upstream window passed)
+	noWatchList                           bool      // the apiserver refused a WatchList: LIST, then WATCH
 	// gen counts changes of objs; keys is objs' keys in the apiserver's
 	// order while keysValid (until one is added or removed), and lists the
 	// last whole answers encoded, by media type, which clients asking at
@@ -185,9 +186,13 @@ var (
 // (with backoff, about 15 s) before it ends.
 const maxRefusals = 4
 
-// expectWindow is how long kube-apiserver's watch cache keeps events at
-// least (75 s): a stream away longer fetches its scope whole at once.
-const expectWindow = 75 * time.Second
+// What kube-apiserver's watch cache keeps of a resource's events: at
+// least the last expectEvents of them (its smallest capacity), and while
+// it grows, those of the last expectWindow (its eventFreshDuration).
+const (
+	expectWindow = 75 * time.Second
+	expectEvents = 100
+)
 
 // relistJitter spreads the lists of streams whose version expired.
 const relistJitter = 8 * time.Second
@@ -230,10 +235,11 @@ func (s *stream) run(ctx context.Context) {
 			err = errIdle
 			return
 		}
-		if !list && !brokeAt.IsZero() && time.Since(brokeAt) > expectWindow {
-			// Away longer than the apiserver keeps events: fetch the
-			// scope whole rather than first be told 410, at a jittered
-			// moment, as a fleet back from an outage would all at once.
+		if !list && !brokeAt.IsZero() && !s.resumable(brokeAt, time.Now()) {
+			// Away longer than the apiserver likely kept its events:
+			// fetch the scope whole rather than first be told 410, at a
+			// jittered moment, as a fleet back from an outage would all
+			// at once.
 			list = true
 			if !s.sleep(ctx, time.Duration(rand.Int64N(int64(relistJitter)))) {
 				err = ctx.Err()
@@ -297,6 +303,42 @@ func (s *stream) run(ctx context.Context) {
 		}
 		backoff = min(2*backoff, 30*time.Second)
 	}
+}
+
+// resumable guesses whether the apiserver still has the events since
+// s.rv, after s's watch broke at brokeAt, so that a watch from s.rv would
+// not be answered 410. Within expectWindow it has. Later, it has when
+// fewer than expectEvents of the resource changed since; s knows how busy
+// the resource was only when its scope is the whole resource, every
+// namespace and no selector, from its events before brokeAt; it then
+// guesses the absence brought half as many as the apiserver keeps at
+// worst. A scope narrower than that, whose list costs little, is fetched
+// whole; so is a busy one, whose version a fleet asking first would find
+// gone.
+func (s *stream) resumable(brokeAt, now time.Time) bool {
+	away := now.Sub(brokeAt)
+	if away <= expectWindow {
+		return true
+	}
+	if s.scope.Namespace != "" || s.scope.Name != "" || s.scope.LabelSelector != "" || s.scope.FieldSelector != "" {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	since := max(brokeAt.Sub(s.syncedAt), 0)
+	seen := min(since, ringAge)
+	if s.syncedAt.IsZero() || seen < 10*time.Second {
+		return false // too short a look to tell
+	}
+	n := 0
+	for _, e := range s.ring {
+		if e.typ != watch.Bookmark && !e.at.Before(brokeAt.Add(-seen)) && !e.at.After(brokeAt) {
+			n++
+		}
+	}
+	// One more than seen, so that a quiet look does not say "never".
+	expect := float64(n+1) * away.Seconds() / seen.Seconds()
+	return expect < expectEvents/2
 }
 
 // sleep waits d with jitter, or until the cloud comes back; false when
@@ -520,6 +562,7 @@ func (s *stream) replace(l codec.List, rv uint64) error {
 	}
 	if first {
 		s.oldest = rv
+		s.syncedAt = time.Now()
 	}
 	s.rv = max(s.rv, rv)
 	now := time.Now()
