@@ -79,6 +79,7 @@ func (d *demo) kubectl(ctx context.Context, kubeconfig string, args ...string) (
 }
 
 func run(ctx context.Context) (err error) {
+	defer framework.RemoveBuiltBinaries()
 	defer func() {
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "\ndemo FAILED: %v\n", err)

@@ -289,6 +289,14 @@ func OutpostBinary() (string, error) {
 	return b.path, b.err
 }
 
+// RemoveBuiltBinaries deletes the binaries OutpostBinary and
+// ControllerBinary built, for programs outside Run (the demo) to call
+// when they end.
+func RemoveBuiltBinaries() {
+	removeOutpostBinary()
+	removeControllerBinary()
+}
+
 // removeOutpostBinary deletes the binary OutpostBinary built, once the
 // tests that ran it are done.
 func removeOutpostBinary() {
