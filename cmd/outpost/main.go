@@ -141,7 +141,7 @@ func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 	fs.Func("watch-cache-size", "bound on the memory the watch cache holds, e.g. 64Mi (a scope that would pass it goes upstream); default 64Mi", func(s string) error {
 		return parseSize(s, 1<<20, &cfg.WatchCacheSize)
 	})
-	fs.DurationVar(&cfg.WatchCacheRecheck, "watch-cache-recheck", 0, "how long the apiserver's answer to a caller's access review holds before it is asked again; a revoked caller stops being served within it (default 5m, as long as kube-apiserver's webhook authorizer keeps an allowed answer)")
+	fs.DurationVar(&cfg.WatchCacheRecheck, "watch-cache-recheck", 0, "how long the apiserver's answer to a caller's access review holds before it is asked again, at least 1s; a revoked caller stops being served within it (default 5m, as long as kube-apiserver's webhook authorizer keeps an allowed answer)")
 	cfg.MemoryLimit = -1 // unset: --memory-limit's default, unless GOMEMLIMIT is set
 	fs.Func("memory-limit", "soft limit of outpost's Go memory, e.g. 100Mi: past it the garbage collector works harder, so bursts of answers leave less garbage resident (default 100Mi, or $GOMEMLIMIT when set; 0: none)", func(s string) error {
 		return parseSize(s, 0, &cfg.MemoryLimit)

@@ -43,6 +43,7 @@ func TestCommandLine(t *testing.T) {
 		{name: "bad recording budget", args: []string{"run", "--kubeconfig=x", "--recording-budget=12k"}, code: 2, errOnceOf: "at least 1Mi"},
 		{name: "bad watch cache size", args: []string{"run", "--kubeconfig=x", "--watch-cache-size=lots"}, code: 2, errOnceOf: "want a size such as 128Mi"},
 		{name: "negative watch cache recheck", args: []string{"run", "--kubeconfig=x", "--watch-cache-recheck=-1s"}, code: 2, errOnceOf: "--watch-cache-recheck must not be negative"},
+		{name: "sub-second watch cache recheck", args: []string{"run", "--kubeconfig=x", "--watch-cache-recheck=1ns"}, code: 2, errOnceOf: "--watch-cache-recheck 1ns: want at least 1s"},
 		{name: "bad memory limit", args: []string{"run", "--kubeconfig=x", "--memory-limit=lots"}, code: 2, errOnceOf: "want a size such as 128Mi"},
 		{name: "missing kubeconfig file", args: []string{"run", "--kubeconfig=" + filepath.Join(dir, "none"), "--data-dir=" + filepath.Join(dir, "data"),
 			"--secure-address=127.0.0.1:0", "--admin-address="}, code: 2, err: "none"},

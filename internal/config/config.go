@@ -247,8 +247,13 @@ func (c *Hub) Validate() error {
 	if c.FlapWindow < 0 || c.RelistRate < 1 {
 		errs = append(errs, errors.New("--flap-window must not be negative and --relist-rate must be at least 1"))
 	}
-	if c.WatchCacheRecheck < 0 {
+	switch {
+	case c.WatchCacheRecheck < 0:
 		errs = append(errs, errors.New("--watch-cache-recheck must not be negative"))
+	case c.WatchCacheRecheck > 0 && c.WatchCacheRecheck < time.Second:
+		// Shorter, every stream would be renewed and every request
+		// reviewed each second: polling, not a cache.
+		errs = append(errs, fmt.Errorf("--watch-cache-recheck %v: want at least 1s (0 for the default, 5m)", c.WatchCacheRecheck))
 	}
 	if c.ShutdownTimeout < 0 {
 		errs = append(errs, errors.New("--shutdown-timeout must not be negative"))

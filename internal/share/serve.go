@@ -1,8 +1,12 @@
 package share
 
 import (
+	"context"
+	"errors"
+	"io"
 	"math/rand/v2"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -25,8 +29,14 @@ var assembling = semaphore.NewWeighted(assembleBudget)
 
 const assembleBudget = 32 << 20
 
-// writeTimeout is how long a watch waits for its client to take events.
-const writeTimeout = 30 * time.Second
+// writeTimeout is how long a client may take to read a list answer, a
+// watch's batch of initial events, or its next events, before it is let
+// go. A variable for tests.
+var writeTimeout = 30 * time.Second
+
+// initialBatch is how many initial events of a watch are written within
+// one writeTimeout.
+const initialBatch = 64
 
 // serveList answers a LIST at resourceVersion 0 (whole, whatever the
 // limit, as the apiserver's watch cache does) or NotOlderThan a version,
@@ -39,13 +49,10 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 		return false // newer than the node has seen: the apiserver answers
 	}
 	a := info.Accept
-	key := codec.MediaJSON
-	if a.Media == codec.MediaProtobuf {
-		key = codec.MediaProtobuf
-	}
 	if !f.on {
-		// Many clients listing the scope at once get the same bytes.
-		if e, ok := st.encoded(key, parseRV(o.ResourceVersion)); ok {
+		// Many clients listing the scope at once get the same bytes, in
+		// the media type they prefer.
+		if e, ok := st.encoded(a.Media, parseRV(o.ResourceVersion)); ok {
 			writeList(w, e.contentType, e.body)
 			c.served("list")
 			return true
@@ -55,6 +62,26 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 	if snap.kind == "" || snap.done {
 		return false // the stream ended: what it held is gone
 	}
+	body, contentType, ok := assemble(ctx, snap, a)
+	if !ok {
+		return false
+	}
+	if !f.on {
+		// Kept as what it is: a JSON answer to a client that prefers
+		// protobuf is no answer to one that takes only protobuf.
+		st.keepEncoded(contentType, encodedList{gen: snap.gen, rv: snap.rv, contentType: contentType, body: body})
+	}
+	writeList(w, contentType, body)
+	c.served("list")
+	return true
+}
+
+// assemble encodes snap as a list answer in the media type a prefers (or
+// JSON, when it also takes that and protobuf fails), holding its bytes
+// of the assembling budget only while it encodes: a client that then
+// reads slowly holds nobody else's turn. ok is false when it cannot be
+// answered here, or ctx ended while it waited for its turn.
+func assemble(ctx context.Context, snap snapshot, a codec.Accept) (body []byte, contentType string, ok bool) {
 	var size int64
 	items := make([][]byte, len(snap.objs))
 	protos := make([][]byte, len(snap.objs))
@@ -64,43 +91,40 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 	}
 	weight := min(size, assembleBudget)
 	if err := assembling.Acquire(ctx, weight); err != nil {
-		return false
+		return nil, "", false
 	}
 	defer assembling.Release(weight)
 	rvs := strconv.FormatUint(snap.rv, 10)
-	var body []byte
-	contentType := codec.MediaJSON
 	if a.Media == codec.MediaProtobuf {
 		if b, ok := codec.ProtobufList(snap.kind+"List", snap.apiVersion, rvs, "", items, protos); ok {
-			body, contentType = b, codec.MediaProtobuf
-		} else if !a.PlainJSON {
-			return false
+			return b, codec.MediaProtobuf, true
+		}
+		if !a.PlainJSON {
+			return nil, "", false
 		}
 	}
-	if body == nil {
-		for _, item := range items {
-			if codec.IsProtobufOnly(item) {
-				return false
-			}
+	for _, item := range items {
+		if codec.IsProtobufOnly(item) {
+			return nil, "", false
 		}
-		body = codec.JSONList(snap.kind+"List", snap.apiVersion, rvs, "", items)
 	}
-	if !f.on {
-		st.keepEncoded(key, encodedList{gen: snap.gen, rv: snap.rv, contentType: contentType, body: body})
-	}
-	writeList(w, contentType, body)
-	c.served("list")
-	return true
+	return codec.JSONList(snap.kind+"List", snap.apiVersion, rvs, "", items), codec.MediaJSON, true
 }
 
-// writeList writes a whole list answer.
+// writeList writes a whole list answer, within writeTimeout.
 func writeList(w http.ResponseWriter, contentType string, body []byte) {
 	h := w.Header()
 	h.Set("Content-Type", contentType)
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	h.Set(reader.ServedByHeader, ServedBy)
+	rc := http.NewResponseController(w)
+	_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
 	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write(body)
+	if _, err := w.Write(body); err == nil {
+		_ = rc.Flush()
+	}
+	// Not left on the connection for its next request.
+	_ = rc.SetWriteDeadline(time.Time{})
 }
 
 // serveWatch answers a watch: from a resourceVersion the stream still
@@ -117,6 +141,9 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	initial := o.SendInitialEvents || o.ResourceVersion == "" || o.ResourceVersion == "0"
 	from := parseRV(o.ResourceVersion)
 	if from != 0 && !st.waitRV(ctx, from, waitFresh) {
+		return false
+	}
+	if o.SendInitialEvents && o.ResourceVersion == "" && !c.fresh(ctx, r, info, st) {
 		return false
 	}
 	st.mu.Lock()
@@ -150,8 +177,12 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 
 	w.Header().Set("Content-Type", enc.ContentType)
 	w.Header().Set(reader.ServedByHeader, ServedBy)
-	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
+	// A client that takes no batch of its initial events within
+	// writeTimeout is let go, as later: it would hold a snapshot of the
+	// scope and keep the stream from idling.
+	_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	w.WriteHeader(http.StatusOK)
 	_ = rc.Flush()
 	c.served("watch")
 	if c.Metrics != nil {
@@ -165,28 +196,36 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 		s := expired(o.ResourceVersion, oldest).Status()
 		_ = enc.Status(&s)
 		_ = rc.Flush()
+		_ = rc.SetWriteDeadline(time.Time{})
 		if c.Metrics != nil {
 			c.Metrics.WatchCacheExpired.Inc()
 		}
 		return true
 	}
-	for _, o := range objs {
+	for i, o := range objs {
+		if i > 0 && i%initialBatch == 0 {
+			_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+		}
 		if err := enc.Object(watch.Added, o.Data, o.Proto); err != nil {
 			return true
 		}
 	}
 	if o.SendInitialEvents {
+		_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
 		if err := enc.Bookmark(strconv.FormatUint(rv, 10), true); err != nil {
 			return true
 		}
 	}
-	_ = rc.Flush()
+	if rc.Flush() != nil {
+		return true
+	}
+	_ = rc.SetWriteDeadline(time.Time{})
 
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	tick := time.NewTicker(c.BookmarkInterval)
 	defer tick.Stop()
-	recheck := time.NewTicker(c.Recheck / 2)
+	recheck := time.NewTicker(max(c.Recheck/2, time.Millisecond)) // config asks at least 1s
 	defer recheck.Stop()
 	var bookmarked uint64
 	for {
@@ -262,6 +301,61 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			return true
 		}
 	}
+}
+
+// fresh reports whether st has reached what the apiserver holds now,
+// for a consistent WatchList (resourceVersion ""): as kube-apiserver
+// waits for its watch cache to reach etcd's current revision, st gets
+// waitFresh to reach the resourceVersion of a consistent LIST of the
+// caller's scope (limit 1, metadata only, with the caller's credentials,
+// so that it costs the apiserver little). When that read fails, or st
+// does not reach it, the WatchList is left to the apiserver.
+func (c *Cache) fresh(ctx context.Context, r *http.Request, info *request.Info, st *stream) bool {
+	rv, err := c.currentRV(ctx, r, info)
+	if err != nil {
+		c.Log.Debug("watch cache: no current resourceVersion for a consistent WatchList; upstream", "identity", info.Identity.Key(), "scope", describe(scopeOf(info)), "err", err)
+		return false
+	}
+	return st.waitRV(ctx, rv, waitFresh)
+}
+
+// currentRV asks the apiserver, as info's caller, for the resourceVersion
+// of a consistent read of info's scope.
+func (c *Cache) currentRV(ctx context.Context, r *http.Request, info *request.Info) (uint64, error) {
+	ctx, cancel := context.WithTimeout(ctx, reviewTimeout)
+	defer cancel()
+	q := url.Values{"limit": {"1"}}
+	if info.LabelSelector != "" {
+		q.Set("labelSelector", info.LabelSelector)
+	}
+	if info.FieldSelector != "" {
+		q.Set("fieldSelector", info.FieldSelector)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://upstream"+r.URL.EscapedPath()+"?"+q.Encode(), nil)
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Accept", "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json")
+	resp, err := c.As(info.Identity).RoundTrip(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if c.Metrics != nil {
+		c.Metrics.WatchCacheUpstream.WithLabelValues("list", strconv.Itoa(resp.StatusCode)).Inc()
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return 0, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return 0, errors.New(statusMessage(resp.Status, body))
+	}
+	rvs, _, ok := codec.PeekMeta(resp.Header.Get("Content-Type"), body, true)
+	if rv := parseRV(rvs); ok && rv != 0 {
+		return rv, nil
+	}
+	return 0, errors.New("a consistent list without a resourceVersion")
 }
 
 func (c *Cache) served(verb string) {

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -409,7 +410,7 @@ func (s *stream) upstream(ctx context.Context, q url.Values, accept string) (*ht
 	if resp.StatusCode != http.StatusOK {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 		resp.Body.Close()
-		return nil, &statusError{code: resp.StatusCode, msg: resp.Status + ": " + strings.TrimSpace(string(body))}
+		return nil, &statusError{code: resp.StatusCode, msg: statusMessage(resp.Status, body)}
 	}
 	if s.c.Record != nil {
 		// The recorder records it as the owner's answer: the one durable
@@ -721,6 +722,17 @@ func (e *statusError) Is(target error) bool {
 	return false
 }
 
+// statusMessage is an apiserver's refusal in one readable line: the HTTP
+// status and the message of the Status it sent, JSON or protobuf; only the
+// HTTP status when the body is no Status (never raw protobuf bytes).
+func statusMessage(httpStatus string, body []byte) string {
+	obj, err := codec.Decode(body, nil)
+	if st, ok := obj.(*metav1.Status); err == nil && ok && st.Message != "" {
+		return httpStatus + ": " + strings.Join(strings.Fields(st.Message), " ")
+	}
+	return httpStatus
+}
+
 // isAuthError reports a refusal of the caller (401, 403), not of the
 // request's form.
 func isAuthError(err error) bool {
@@ -754,6 +766,10 @@ func (s *stream) apply(ev codec.Event) error {
 		e.prev = &old
 	}
 	if ev.Type == watch.Deleted && !had {
+		// Nothing to delete (it was never in the scope s holds), but s
+		// has seen rv: a request NotOlderThan it is answered now.
+		s.rv = e.rv
+		s.changed()
 		return nil
 	}
 	objBytes := s.objBytes
