@@ -308,15 +308,16 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 // waits for its watch cache to reach etcd's current revision, st gets
 // waitFresh to reach the resourceVersion of a consistent LIST of the
 // caller's scope (limit 1, metadata only, with the caller's credentials,
-// so that it costs the apiserver little). When that read fails, or st
-// does not reach it, the WatchList is left to the apiserver.
+// so that it costs the apiserver little), with catchUp's help. When that
+// read fails, or st does not reach it, the WatchList is left to the
+// apiserver.
 func (c *Cache) fresh(ctx context.Context, r *http.Request, info *request.Info, st *stream) bool {
 	rv, err := c.currentRV(ctx, r, info)
 	if err != nil {
 		c.Log.Debug("watch cache: no current resourceVersion for a consistent WatchList; upstream", "identity", info.Identity.Key(), "scope", describe(scopeOf(info)), "err", err)
 		return false
 	}
-	return st.waitRV(ctx, rv, waitFresh)
+	return st.catchUp(ctx, rv, waitFresh)
 }
 
 // currentRV asks the apiserver, as info's caller, for the resourceVersion

@@ -159,22 +159,40 @@ func TestInitialEventsWriteDeadline(t *testing.T) {
 }
 
 // consistentAPI answers the consistent read of a consistent WatchList
-// (LIST limit=1) at resourceVersion rv, or with code when it is set.
+// (LIST limit=1) at resourceVersion rv, or with code when it is set; and
+// catchUp's metadata WatchList as the stream's owner with the lines of
+// probe, then nothing until it ends.
 type consistentAPI struct {
 	mu     sync.Mutex
 	rv     string
 	code   int
+	probe  []string
 	asked  []string // "identity URL"
 	accept []string
 }
 
 func (a *consistentAPI) as(id request.Identity) http.RoundTripper {
+	return a.answer(id.Key())
+}
+
+func (a *consistentAPI) answer(who string) http.RoundTripper {
 	return roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		a.mu.Lock()
 		defer a.mu.Unlock()
-		a.asked = append(a.asked, id.Key()+" "+r.URL.RequestURI())
+		a.asked = append(a.asked, who+" "+r.URL.RequestURI())
 		a.accept = append(a.accept, r.Header.Get("Accept"))
 		h := http.Header{"Content-Type": {"application/json"}}
+		if r.URL.Query().Get("watch") == "true" {
+			pr, pw := io.Pipe()
+			go func() {
+				for _, line := range a.probe {
+					_, _ = pw.Write([]byte(line + "\n"))
+				}
+				<-r.Context().Done()
+				pw.Close()
+			}()
+			return &http.Response{StatusCode: http.StatusOK, Header: h, Body: pr, Request: r}, nil
+		}
 		if a.code != 0 {
 			body := `{"kind":"Status","apiVersion":"v1","status":"Failure","message":"configmaps is forbidden","code":403}`
 			return &http.Response{StatusCode: a.code, Status: strconv.Itoa(a.code) + " Forbidden", Header: h, Body: io.NopCloser(strings.NewReader(body)), Request: r}, nil
@@ -182,6 +200,12 @@ func (a *consistentAPI) as(id request.Identity) http.RoundTripper {
 		body := `{"kind":"PartialObjectMetadataList","apiVersion":"meta.k8s.io/v1","metadata":{"resourceVersion":"` + a.rv + `","continue":"x"},"items":[]}`
 		return &http.Response{StatusCode: http.StatusOK, Header: h, Body: io.NopCloser(strings.NewReader(body)), Request: r}, nil
 	})
+}
+
+func (a *consistentAPI) seen() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]string(nil), a.asked...)
 }
 
 type roundTripFunc func(*http.Request) (*http.Response, error)
@@ -214,16 +238,26 @@ func upstreamCount(t *testing.T, reg *prometheus.Registry, verb, code string) fl
 
 // TestConsistentWatchListIsFresh: a WatchList with resourceVersion ""
 // was answered from the stream as it was, however far behind the
-// apiserver it had fallen; it must reach the resourceVersion of a
-// consistent read made as the caller, within waitFresh, or be left to
-// the apiserver, unwritten.
+// apiserver it had fallen. It must reach the resourceVersion of a
+// consistent read made as the caller within waitFresh, by itself or with
+// catchUp (a quiet scope's stream hears of the cluster's newer versions
+// only from the apiserver's bookmarks, once a minute: it compares what it
+// holds with a metadata WatchList), or be left to the apiserver,
+// unwritten.
 func TestConsistentWatchListIsFresh(t *testing.T) {
 	const target = "/api/v1/namespaces/ns/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&labelSelector=a%3Db"
+	meta := func(name, rv string) string {
+		return `{"type":"ADDED","object":{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1","metadata":{"name":"` + name + `","namespace":"ns","resourceVersion":"` + rv + `"}}}`
+	}
+	const end12 = `{"type":"BOOKMARK","object":{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1","metadata":{"resourceVersion":"12","annotations":{"k8s.io/initial-events-end":"true"}}}}`
 	setup := func(api *consistentAPI) (*stream, *prometheus.Registry) {
 		s := newTestStream(100)
+		s.scope = store.ViewKey{Resource: "/v1/configmaps", Namespace: "ns"}
+		s.path = "/api/v1/namespaces/ns/configmaps"
 		reg := prometheus.NewRegistry()
 		s.c.Metrics = metrics.New(reg)
 		s.c.As = api.as
+		s.c.UpstreamAs = func(owner string) http.RoundTripper { return api.answer("owner " + owner) }
 		if err := s.replace(list("10", obj("ns", "a", "3", map[string]string{"a": "b"})), 10); err != nil {
 			t.Fatal(err)
 		}
@@ -235,46 +269,61 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 		info := parse(t, target, token)
 		info.Accept = codec.ParseAccept("application/json")
 		w := httptest.NewRecorder()
-		// Served until the stream ends, as when it goes idle.
 		s.use()
 		start := time.Now()
 		ok := s.c.serveWatch(w, httptest.NewRequest("GET", target, nil).WithContext(ctx), info, s, filter{})
 		return w, ok, time.Since(start)
 	}
-	end := func(s *stream) {
-		s.mu.Lock()
-		s.done = true
-		s.changed()
-		s.mu.Unlock()
-	}
-
-	t.Run("reaches the apiserver's version", func(t *testing.T) {
-		api := &consistentAPI{rv: "12"}
-		s, reg := setup(api)
+	// endSoon ends s after d, as when it goes idle: its watches end.
+	endSoon := func(s *stream, d time.Duration) {
 		go func() {
-			time.Sleep(200 * time.Millisecond)
-			_ = s.apply(codec.Event{Type: watch.Added, Object: obj("ns", "b", "12", map[string]string{"a": "b"})})
-			time.Sleep(100 * time.Millisecond)
-			end(s)
+			time.Sleep(d)
+			s.mu.Lock()
+			s.done = true
+			s.changed()
+			s.mu.Unlock()
 		}()
+	}
+	initialEnd := `{"type":"BOOKMARK","object":{"kind":"ConfigMap","apiVersion":"v1","metadata":{"annotations":{"k8s.io/initial-events-end":"true"},"resourceVersion":"12"}}}`
+
+	t.Run("quiet scope", func(t *testing.T) {
+		api := &consistentAPI{rv: "12", probe: []string{meta("a", "3"), end12}}
+		s, reg := setup(api)
+		endSoon(s, time.Second)
 		w, ok, took := serve(s, target)
-		body := w.Body.String()
-		if !ok || !strings.Contains(body, `"name":"b"`) || !strings.Contains(body, `"resourceVersion":"12"`) {
-			t.Fatalf("served %v after %v: %s", ok, took, body)
+		if !ok || !strings.Contains(w.Body.String(), initialEnd) {
+			t.Fatalf("served %v after %v: %s", ok, took, w.Body.String())
 		}
-		if took < 200*time.Millisecond {
-			t.Fatalf("answered after %v, before the stream reached the apiserver's version", took)
-		}
-		if len(api.asked) != 1 || api.asked[0] != token.Key()+" /api/v1/namespaces/ns/configmaps?labelSelector=a%3Db&limit=1" ||
-			!strings.HasPrefix(api.accept[0], "application/json;as=PartialObjectMetadataList") {
-			t.Fatalf("consistent reads %v, Accept %v", api.asked, api.accept)
+		seen := api.seen()
+		if len(seen) != 2 || seen[0] != token.Key()+" /api/v1/namespaces/ns/configmaps?labelSelector=a%3Db&limit=1" ||
+			!strings.HasPrefix(api.accept[0], "application/json;as=PartialObjectMetadataList") ||
+			seen[1] != "owner u /api/v1/namespaces/ns/configmaps?allowWatchBookmarks=true&resourceVersion=12&resourceVersionMatch=NotOlderThan&sendInitialEvents=true&watch=true" ||
+			api.accept[1] != metaAccept {
+			t.Fatalf("upstream saw %v, Accept %v", seen, api.accept)
 		}
 		if n := upstreamCount(t, reg, "list", "200"); n != 1 {
 			t.Fatalf("counted %v consistent reads upstream, want 1", n)
 		}
+		if next, ok := s.since(12); !ok || len(logOf(s, next)) != 0 || s.rv != 12 {
+			t.Fatalf("the stream is at %d, want 12 for every client", s.rv)
+		}
 	})
-	t.Run("stays behind", func(t *testing.T) {
-		api := &consistentAPI{rv: "12"}
+	t.Run("changed, the stream gets it", func(t *testing.T) {
+		api := &consistentAPI{rv: "12", probe: []string{meta("a", "3"), meta("b", "11"), end12}}
+		s, _ := setup(api)
+		go func() {
+			time.Sleep(300 * time.Millisecond)
+			_ = s.apply(codec.Event{Type: watch.Added, Object: obj("ns", "b", "11", map[string]string{"a": "b"})})
+		}()
+		endSoon(s, time.Second)
+		w, ok, took := serve(s, target)
+		body := w.Body.String()
+		if !ok || !strings.Contains(body, `"name":"b"`) || !strings.Contains(body, initialEnd) || strings.Index(body, `"name":"b"`) > strings.Index(body, initialEnd) {
+			t.Fatalf("served %v after %v: %s", ok, took, body)
+		}
+	})
+	t.Run("changed, the stream stays behind", func(t *testing.T) {
+		api := &consistentAPI{rv: "12", probe: []string{meta("a", "3"), meta("b", "11"), end12}}
 		s, _ := setup(api)
 		w, ok, took := serve(s, target)
 		if ok || w.Body.Len() != 0 || len(w.Header()) != 0 {
@@ -282,6 +331,14 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 		}
 		if took < waitFresh {
 			t.Fatalf("declined after %v, before waitFresh", took)
+		}
+	})
+	t.Run("no answer", func(t *testing.T) {
+		api := &consistentAPI{rv: "12"}
+		s, _ := setup(api)
+		w, ok, took := serve(s, target)
+		if ok || w.Body.Len() != 0 {
+			t.Fatalf("served %v after %v: %s", ok, took, w.Body.String())
 		}
 	})
 	t.Run("consistent read refused", func(t *testing.T) {
@@ -299,10 +356,10 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 		// The apiserver's cacher answers these from what it holds.
 		api := &consistentAPI{rv: "12"}
 		s, _ := setup(api)
-		go func() { time.Sleep(100 * time.Millisecond); end(s) }()
+		endSoon(s, 100*time.Millisecond)
 		w, ok, _ := serve(s, "/api/v1/namespaces/ns/configmaps?watch=true")
-		if !ok || !strings.Contains(w.Body.String(), `"name":"a"`) || len(api.asked) != 0 {
-			t.Fatalf("served %v, consistent reads %v: %s", ok, api.asked, w.Body.String())
+		if !ok || !strings.Contains(w.Body.String(), `"name":"a"`) || len(api.seen()) != 0 {
+			t.Fatalf("served %v, upstream saw %v: %s", ok, api.seen(), w.Body.String())
 		}
 	})
 }

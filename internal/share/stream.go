@@ -375,6 +375,12 @@ func (s *stream) sleep(ctx context.Context, d time.Duration) bool {
 // upstream sends a GET of s's scope with query q as the owner, and lets
 // the recorder copy the answer.
 func (s *stream) upstream(ctx context.Context, q url.Values, accept string) (*http.Response, error) {
+	return s.send(ctx, q, accept, true)
+}
+
+// send sends a GET of s's scope with query q as the owner; record lets
+// the recorder copy the answer.
+func (s *stream) send(ctx context.Context, q url.Values, accept string, record bool) (*http.Response, error) {
 	rt := s.c.UpstreamAs(s.owner)
 	if rt == nil {
 		return nil, fmt.Errorf("%w: no credentials of %s any more", errRefused, s.owner)
@@ -412,7 +418,7 @@ func (s *stream) upstream(ctx context.Context, q url.Values, accept string) (*ht
 		resp.Body.Close()
 		return nil, &statusError{code: resp.StatusCode, msg: statusMessage(resp.Status, body)}
 	}
-	if s.c.Record != nil {
+	if record && s.c.Record != nil {
 		// The recorder records it as the owner's answer: the one durable
 		// record of the scope.
 		info, err := request.Parse(r, s.ownerIdentity())
@@ -698,6 +704,101 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 			}
 		}
 	}
+}
+
+// metaAccept asks for objects' metadata only.
+const metaAccept = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+
+// catchUp brings s to rv, the apiserver's current resourceVersion, or
+// reports that it could not within d. A quiet scope's stream hears that
+// the cluster moved on only from the apiserver's bookmarks, about once a
+// minute; so catchUp asks: a WatchList of s's scope NotOlderThan rv, as
+// its owner, metadata only, whose initial events are the scope's objects
+// at a version at or after rv. When s holds the same objects at the same
+// resourceVersions (now, or once its own watch brought the changes),
+// nothing in the scope changed in between, and s is at that version too.
+// The answer is not recorded; it costs the apiserver less than the full
+// WatchList it saves.
+func (s *stream) catchUp(ctx context.Context, rv uint64, d time.Duration) bool {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	s.mu.Lock()
+	have, done := s.rv, s.done
+	s.mu.Unlock()
+	if have >= rv || done {
+		return !done
+	}
+	q := url.Values{}
+	q.Set("watch", "true")
+	q.Set("sendInitialEvents", "true")
+	q.Set("resourceVersionMatch", "NotOlderThan")
+	q.Set("resourceVersion", strconv.FormatUint(rv, 10))
+	q.Set("allowWatchBookmarks", "true")
+	resp, err := s.send(ctx, q, metaAccept, false)
+	if err != nil {
+		return s.waitRV(ctx, rv, d)
+	}
+	defer resp.Body.Close()
+	dec, err := codec.NewWatchDecoder(resp.Header.Get("Content-Type"), resp.Body, s.scope.Resource+"#meta")
+	if err != nil {
+		return s.waitRV(ctx, rv, d)
+	}
+	upstream := map[string]string{} // the scope's objects' versions at at
+	var at uint64
+	for at == 0 {
+		ev, err := dec.Next()
+		switch {
+		case err != nil:
+			return s.waitRV(ctx, rv, d)
+		case ev.Type == watch.Added:
+			upstream[store.MemberKey(ev.Object.Namespace, ev.Object.Name)] = ev.Object.ResourceVersion
+		case ev.Type == watch.Bookmark && ev.InitialEventsEnd:
+			at = parseRV(ev.Object.ResourceVersion)
+			if at < rv {
+				return s.waitRV(ctx, rv, d)
+			}
+		case ev.Type != watch.Bookmark:
+			// Not a WatchList (an apiserver without it).
+			return s.waitRV(ctx, rv, d)
+		}
+	}
+	resp.Body.Close()
+	for {
+		s.mu.Lock()
+		if s.done {
+			s.mu.Unlock()
+			return false
+		}
+		if s.rv >= at || s.holds(upstream) {
+			if at > s.rv {
+				s.rv = at
+				s.changed()
+			}
+			s.mu.Unlock()
+			return true
+		}
+		notify := s.notify
+		s.mu.Unlock()
+		select {
+		case <-notify:
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+// holds reports whether s holds exactly the objects of versions, at those
+// resourceVersions; s.mu is held.
+func (s *stream) holds(versions map[string]string) bool {
+	if len(s.objs) != len(versions) {
+		return false
+	}
+	for k, o := range s.objs {
+		if versions[k] != o.ResourceVersion {
+			return false
+		}
+	}
+	return true
 }
 
 // statusError is the apiserver's refusal of a stream's request: 410 is
