@@ -7,9 +7,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
-	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 
 	"github.com/outposthq/outpost/test/e2e/framework"
 )
@@ -40,7 +38,7 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 	// Written directly while the link delays what the stream hears.
 	link.Latency(200 * time.Millisecond)
 	createConfigMap(t, ns, "c")
-	names, _, took := consistentWatchList(t, shared)
+	names, _, took := watchList(t, shared)
 	link.Pass()
 	if len(names) != 3 || names[2] != "c" {
 		t.Fatalf("a consistent WatchList just after a write listed %v (in %v), want a, b and c", names, took)
@@ -68,7 +66,7 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 			rv = s.ResourceVersion
 		}
 		written, _ := strconv.ParseUint(rv, 10, 64)
-		names, end, took := consistentWatchList(t, shared)
+		names, end, took := watchList(t, shared)
 		if len(names) != 3 || end < written {
 			t.Fatalf("a consistent WatchList of a quiet scope listed %v up to version %d, older than a write before it (%d)", names, end, written)
 		}
@@ -76,42 +74,5 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 			t.Fatalf("a consistent WatchList of a quiet scope was not served from the watch cache (in %v)", took)
 		}
 		t.Logf("a quiet scope's consistent WatchList, after a write elsewhere at %d: at %d in %v", written, end, took.Round(time.Millisecond))
-	}
-}
-
-// consistentWatchList makes a WatchList with resourceVersion "" of c and
-// returns the names of its initial events and the version of its
-// initial-events-end bookmark.
-func consistentWatchList(t *testing.T, c typedcorev1.ConfigMapInterface) (names []string, end uint64, took time.Duration) {
-	t.Helper()
-	yes := true
-	start := time.Now()
-	w, err := c.Watch(t.Context(), metav1.ListOptions{SendInitialEvents: &yes, AllowWatchBookmarks: true, ResourceVersionMatch: metav1.ResourceVersionMatchNotOlderThan})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Stop()
-	timeout := time.After(10 * time.Second)
-	for {
-		select {
-		case ev, ok := <-w.ResultChan():
-			if !ok {
-				t.Fatalf("the WatchList ended after %v", names)
-			}
-			cm, isCM := ev.Object.(*corev1.ConfigMap)
-			switch {
-			case !isCM:
-				t.Fatalf("WatchList sent %s %#v", ev.Type, ev.Object)
-			case ev.Type == watch.Added:
-				names = append(names, cm.Name)
-			case ev.Type == watch.Bookmark && cm.Annotations["k8s.io/initial-events-end"] == "true":
-				end, _ = strconv.ParseUint(cm.ResourceVersion, 10, 64)
-				return names, end, time.Since(start)
-			case ev.Type != watch.Bookmark:
-				t.Fatalf("WatchList sent %s among its initial events", ev.Type)
-			}
-		case <-timeout:
-			t.Fatalf("WatchList sent %v and no initial-events-end bookmark within 10 s", names)
-		}
 	}
 }

@@ -2,6 +2,7 @@ package share_test
 
 import (
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -72,9 +73,9 @@ func TestAnswersAsDirect(t *testing.T) {
 			t.Fatalf("%s: outpost runs %v streams (err %v), want 1 for every selector", contentType, n, err)
 		}
 		watched := served(t, o, "watch")
-		wantNames, wantEnd := watchList(t, direct)
-		gotNames, gotEnd := watchList(t, shared)
-		if !slices.Equal(gotNames, wantNames) || !gotEnd || !wantEnd {
+		wantNames, wantEnd, _ := watchList(t, direct)
+		gotNames, gotEnd, _ := watchList(t, shared)
+		if !slices.Equal(gotNames, wantNames) || gotEnd == 0 || wantEnd == 0 {
 			t.Fatalf("%s: WatchList through outpost sent %v (initial-events-end bookmark: %v), directly %v (%v)", contentType, gotNames, gotEnd, wantNames, wantEnd)
 		}
 		if n := served(t, o, "watch"); n != watched+1 {
@@ -83,12 +84,13 @@ func TestAnswersAsDirect(t *testing.T) {
 	}
 }
 
-// watchList makes a WatchList of c and returns the names of its initial
-// events, in order, and whether they ended with the initial-events-end
-// bookmark.
-func watchList(t *testing.T, c typedcorev1.ConfigMapInterface) (names []string, end bool) {
+// watchList makes a WatchList of c (resourceVersion "": consistent) and
+// returns the names of its initial events, in order, the version of the
+// initial-events-end bookmark that ended them, and how long they took.
+func watchList(t *testing.T, c typedcorev1.ConfigMapInterface) (names []string, end uint64, took time.Duration) {
 	t.Helper()
 	yes := true
+	start := time.Now()
 	w, err := c.Watch(t.Context(), metav1.ListOptions{SendInitialEvents: &yes, AllowWatchBookmarks: true, ResourceVersionMatch: metav1.ResourceVersionMatchNotOlderThan})
 	if err != nil {
 		t.Fatal(err)
@@ -99,19 +101,22 @@ func watchList(t *testing.T, c typedcorev1.ConfigMapInterface) (names []string, 
 		select {
 		case ev, ok := <-w.ResultChan():
 			if !ok {
-				return names, false
+				t.Fatalf("the WatchList ended after %v", names)
 			}
-			switch ev.Type {
-			case watch.Added:
-				names = append(names, ev.Object.(*corev1.ConfigMap).Name)
-			case watch.Bookmark:
-				cm := ev.Object.(*corev1.ConfigMap)
-				return names, cm.Annotations["k8s.io/initial-events-end"] == "true"
-			default:
+			cm, isCM := ev.Object.(*corev1.ConfigMap)
+			switch {
+			case !isCM:
 				t.Fatalf("WatchList sent %s %#v", ev.Type, ev.Object)
+			case ev.Type == watch.Added:
+				names = append(names, cm.Name)
+			case ev.Type == watch.Bookmark && cm.Annotations["k8s.io/initial-events-end"] == "true":
+				end, _ = strconv.ParseUint(cm.ResourceVersion, 10, 64)
+				return names, end, time.Since(start)
+			case ev.Type != watch.Bookmark:
+				t.Fatalf("WatchList sent %s among its initial events", ev.Type)
 			}
 		case <-timeout:
-			t.Fatalf("WatchList sent %v and no bookmark within 10 s", names)
+			t.Fatalf("WatchList sent %v and no initial-events-end bookmark within 10 s", names)
 		}
 	}
 }
