@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -115,9 +116,9 @@ func (denying) RoundTrip(*http.Request) (*http.Response, error) {
 // grantCalls records what Grant is told.
 type grantCalls struct{ calls []string }
 
-func (g *grantCalls) grant(id string, _, _ store.ViewKey, allowed bool) {
+func (g *grantCalls) grant(id string, _, _ store.ViewKey, rv uint64, allowed bool) {
 	if allowed {
-		g.calls = append(g.calls, id+" allowed")
+		g.calls = append(g.calls, id+" allowed at "+strconv.FormatUint(rv, 10))
 	} else {
 		g.calls = append(g.calls, id+" taken back")
 	}
@@ -138,7 +139,7 @@ func TestUnansweredRecheckTakesNothingBack(t *testing.T) {
 	}
 	b := request.Identity{Kind: request.BearerToken, User: "b", Token: "t"}
 	info := parse(t, "/api/v1/configmaps?watch=true&resourceVersion=10", b)
-	c.grants[grantKey{"b", scopeOf(info)}] = store.ViewKey{Resource: s.scope.Resource, Identity: "u"}
+	c.grants[grantKey{"b", scopeOf(info)}] = &grantState{source: store.ViewKey{Resource: s.scope.Resource, Identity: "u"}, st: s}
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
 	s.use()
