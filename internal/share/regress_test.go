@@ -173,3 +173,29 @@ func TestDenialTakesBackStoredGrant(t *testing.T) {
 		t.Fatalf("Grant was told %v, want the grant taken back", g.calls)
 	}
 }
+
+// TestFetchLeavesRoomForRunningStreams: a new scope's fetch took the
+// budget up to its end, so the running streams' next events did not fit
+// and they ended, their scopes refused, rather than the newcomer.
+func TestFetchLeavesRoomForRunningStreams(t *testing.T) {
+	running := newTestStream(100)
+	running.c.MaxBytes = 100_000
+	if err := running.replace(list("10", obj("", "a", "3", nil)), 10); err != nil {
+		t.Fatal(err)
+	}
+	held := running.c.bytes.Load()
+	// A fetch that would leave less than an eighth of the budget is refused...
+	big := running.c.MaxBytes - running.c.MaxBytes/8 - held + 1
+	if running.c.reserve(big) {
+		t.Fatalf("a fetch of %d bytes beside %d held fit a budget of %d", big, held, running.c.MaxBytes)
+	}
+	running.c.grow(-big)
+	// ...one that leaves it is not, and the running stream's next event
+	// still fits while the fetch holds its bytes.
+	if !running.c.reserve(big - 1) {
+		t.Fatal("a fetch leaving an eighth of the budget was refused")
+	}
+	if err := running.apply(codec.Event{Type: watch.Modified, Object: obj("", "a", "11", nil)}); err != nil {
+		t.Fatalf("the running stream's event beside the fetch: %v", err)
+	}
+}

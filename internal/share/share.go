@@ -483,6 +483,19 @@ func (c *Cache) grow(n int64) bool {
 	return now <= c.MaxBytes
 }
 
+// reserve accounts n more bytes of a fetch in progress (a list's body, a
+// WatchList's initial events) and reports whether they fit the budget
+// less its last eighth, which is left to the streams already running: a
+// large new scope is refused itself rather than make kubelet's or
+// kube-proxy's streams, whose next events would not fit, end.
+func (c *Cache) reserve(n int64) bool {
+	now := c.bytes.Add(n)
+	if c.Metrics != nil {
+		c.Metrics.WatchCacheBytes.Set(float64(now))
+	}
+	return now <= c.MaxBytes-c.MaxBytes/8
+}
+
 // covers reports whether a stream of scope k holds everything want asks
 // for, and what to filter out of it. Selectors are narrowed here only as
 // the apiserver would evaluate them: labels always, fields only by name

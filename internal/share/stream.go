@@ -512,7 +512,7 @@ func (s *stream) list(ctx context.Context) error {
 	}
 	// The answer is held while it is decoded: counted too.
 	defer s.c.grow(-int64(len(raw)))
-	if !s.c.grow(int64(len(raw))) {
+	if !s.c.reserve(int64(len(raw))) {
 		return errTooBig
 	}
 	l, err := codec.DecodeList(resp.Header.Get("Content-Type"), raw, s.scope.Resource, s.known)
@@ -698,7 +698,7 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 			items = append(items, ev.Object)
 			n := objectSize(ev.Object)
 			reserved += n
-			if !s.c.grow(n) {
+			if !s.c.reserve(n) {
 				return false, errTooBig
 			}
 		case inInitial && ev.Type == watch.Bookmark && ev.InitialEventsEnd:
