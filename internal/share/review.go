@@ -129,11 +129,13 @@ func (c *Cache) denyOthers(k reviewKey) {
 	}
 }
 
-// pruneReviews forgets answers long expired; c.mu is held.
+// pruneReviews forgets answers long expired, at most once a Recheck (a
+// scan of every answer); c.mu is held.
 func (c *Cache) pruneReviews() {
-	if len(c.reviews) < 1024 {
+	if len(c.reviews) < 1024 || time.Since(c.pruned) < c.Recheck {
 		return
 	}
+	c.pruned = time.Now()
 	for k, rv := range c.reviews {
 		if isClosed(rv.done) && time.Since(rv.at) > 2*c.Recheck {
 			delete(c.reviews, k)

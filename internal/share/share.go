@@ -123,6 +123,7 @@ type Cache struct {
 	streams  map[store.ViewKey]*stream
 	refused  map[store.ViewKey]refusal // scopes left upstream for a while
 	reviews  map[reviewKey]*review
+	pruned   time.Time                // when reviews were last pruned
 	grants   map[grantKey]*grantState // told to Grant
 	grantMu  sync.Mutex               // orders the calls of Grant
 	stopping bool
