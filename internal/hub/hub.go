@@ -328,20 +328,16 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 	if h.serving != nil {
 		g.Go(func() error { return h.serving.Run(gctx) })
 	}
-	g.Go(func() error { return h.monitor.Run(gctx) })
-	g.Go(func() error { return rec.Run(gctx) })
-	g.Go(func() error { return mem.Run(gctx) })
-	g.Go(func() error { return conv.Run(gctx) })
-	g.Go(func() error { return issuer.Run(gctx) })
-
 	var shared proxy.Sharer
 	if h.cfg.WatchCache {
-		wc := &share.Cache{As: h.pool.As, UpstreamAs: h.upstreamAs, Record: rec.Tee, Online: h.monitor.Online, Changed: h.monitor.Changed,
+		records := recordFilter(h.cfg.RecordIdentities)
+		wc := &share.Cache{As: h.pool.As, UpstreamAs: h.upstreamAs, Credential: h.credential, Record: rec.Tee,
+			Recorded: func(id string) bool { return records(request.Identity{User: id}) }, Online: h.monitor.Online, Changed: h.monitor.Changed,
 			MaxBytes: h.cfg.WatchCacheSize, Recheck: h.cfg.WatchCacheRecheck, Metrics: h.metrics, Log: h.log,
-			Grant: func(identity string, asked, source store.ViewKey, allowed bool) {
+			Grant: func(identity string, asked, source store.ViewKey, rv uint64, allowed bool) {
 				var err error
 				if allowed {
-					err = reader.PutGrant(st, identity, asked, source)
+					err = reader.PutGrant(st, identity, asked, source, rv)
 				} else {
 					err = reader.DeleteGrant(st, identity, asked)
 				}
@@ -351,8 +347,14 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 			}}
 		g.Go(func() error { return wc.Run(gctx) })
 		shared = wc
+		// Before the recorder and the converger run: both read it.
 		rec.KeptFresh = wc.KeepsFresh
 	}
+	g.Go(func() error { return h.monitor.Run(gctx) })
+	g.Go(func() error { return rec.Run(gctx) })
+	g.Go(func() error { return mem.Run(gctx) })
+	g.Go(func() error { return conv.Run(gctx) })
+	g.Go(func() error { return issuer.Run(gctx) })
 
 	newProxy := func(auth proxy.Authenticate) http.Handler {
 		p := &proxy.Handler{Authenticate: auth, Upstream: h.pool, Record: rec.Tee, Cache: cache, Local: writes, Share: shared, Online: h.monitor.Online,
@@ -412,6 +414,18 @@ func recordFilter(patterns []string) func(request.Identity) bool {
 		}
 		return false
 	}
+}
+
+// credential names the credentials upstreamAs sends as identity now:
+// "cert" for the node's certificate, the hash of its latest token, or "".
+func (h *Hub) credential(id string) string {
+	if id == h.auth.Node().Key() {
+		return share.NodeCredential
+	}
+	if token, ok := h.tokens.All()[id]; ok {
+		return identity.TokenHash(token)
+	}
+	return ""
 }
 
 // upstreamAs sends requests as the identity whose key is identity: the node

@@ -226,7 +226,10 @@ func (a *Authenticator) verify(chain []*x509.Certificate, now time.Time) certEnt
 	return certEntry{id: a.Node(), expires: expires}
 }
 
-// tokenHash is how a token is known without keeping it: hex SHA-256.
+// TokenHash is how a token is known without keeping it (as
+// request.Identity.TokenHash): hex SHA-256.
+func TokenHash(token string) string { return tokenHash(token) }
+
 func tokenHash(token string) string {
 	sum := sha256.Sum256([]byte(token))
 	return hex.EncodeToString(sum[:])

@@ -113,7 +113,7 @@ func (h *Handler) Init() {
 			if info == nil {
 				return nil
 			}
-			if h.Record != nil {
+			if h.Record != nil && !info.Impersonating {
 				h.Record(resp, info)
 			}
 			if info.Watch {
@@ -237,6 +237,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	offline := h.Cache != nil && h.Online != nil && !h.Online()
 	switch {
+	case offline && info.Impersonating:
+		// Answered as a user outpost does not know: by the apiserver only.
+		rec.local = true
+		status.WriteError(rec, status.Unavailable("outpost: the cloud is unreachable; a request with Impersonate-* headers is answered by the apiserver only", 5))
 	case offline && h.Cache.Answers(r, info):
 		h.Cache.Serve(out, r, info)
 	case offline && h.Local != nil && h.Local.Answers(r, info):
@@ -348,7 +352,7 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 		}
 		return
 	}
-	if info := request.From(r.Context()); info != nil && h.Cache != nil && h.Cache.Answers(r, info) {
+	if info := request.From(r.Context()); info != nil && !info.Impersonating && h.Cache != nil && h.Cache.Answers(r, info) {
 		// Answer at once from the cache rather than waiting for a probe to
 		// declare the cloud gone.
 		h.Log.Debug("no apiserver answered; serving from cache", "path", r.URL.Path, "err", err)

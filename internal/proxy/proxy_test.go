@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -261,5 +262,64 @@ func waitCount(t *testing.T, cond func() bool, what string) {
 		if time.Now().After(deadline) {
 			t.Fatalf("not seen: %s", what)
 		}
+	}
+}
+
+// answerAll is a cache that would answer anything offline.
+type answerAll struct{ served atomic.Int32 }
+
+func (a *answerAll) Answers(*http.Request, *request.Info) bool { return true }
+func (a *answerAll) Serve(w http.ResponseWriter, _ *http.Request, _ *request.Info) {
+	a.served.Add(1)
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write([]byte(`{"kind":"ConfigMapList","apiVersion":"v1","items":[]}`))
+}
+
+// TestImpersonatedRequestsOnlyUpstream: a request with Impersonate-*
+// headers is answered by the apiserver as another user, whom outpost does
+// not know: it was recorded as its caller's own answer, and offline
+// answered from the caller's own views, without the narrowing it asked for.
+func TestImpersonatedRequestsOnlyUpstream(t *testing.T) {
+	up := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"kind":"ConfigMapList","apiVersion":"v1","items":[]}`))
+	}))
+	defer up.Close()
+	var online atomic.Bool
+	var recorded atomic.Int32
+	online.Store(true)
+	cache := &answerAll{}
+	p := newHandler(t, up, func(h *Handler) {
+		h.Record = func(*http.Response, *request.Info) { recorded.Add(1) }
+		h.Cache = cache
+		h.Online = online.Load
+	})
+	get := func(impersonate bool) *http.Response {
+		r, _ := http.NewRequest("GET", p.URL+"/api/v1/configmaps", nil)
+		if impersonate {
+			r.Header.Set("Impersonate-User", "system:serviceaccount:tenant:restricted")
+		}
+		resp, err := http.DefaultClient.Do(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp
+	}
+	if resp := get(true); resp.StatusCode != 200 || recorded.Load() != 0 {
+		t.Errorf("online, impersonated: %s, recorded %d times", resp.Status, recorded.Load())
+	}
+	if get(false); recorded.Load() != 1 {
+		t.Errorf("online, the caller itself: recorded %d times, want 1", recorded.Load())
+	}
+	online.Store(false)
+	if resp := get(true); resp.StatusCode != http.StatusServiceUnavailable || cache.served.Load() != 0 {
+		t.Errorf("offline, impersonated: %s, answered from the cache %d times", resp.Status, cache.served.Load())
+	}
+	up.Close()
+	online.Store(true) // judged online, but no apiserver answers
+	if resp := get(true); resp.StatusCode != http.StatusServiceUnavailable || cache.served.Load() != 0 {
+		t.Errorf("no apiserver answered, impersonated: %s, answered from the cache %d times", resp.Status, cache.served.Load())
 	}
 }

@@ -18,6 +18,10 @@ const grantPrefix = "grant\x00"
 
 type grant struct {
 	Source store.ViewKey `json:"source"`
+	// RV is the version of the source up to which the caller was served:
+	// objects changed after it are not answered from the grant. A grant
+	// without one (written before pins were) answers nothing newer than 0.
+	RV uint64 `json:"rv,omitempty"`
 }
 
 // grantKey names the grant of identity for the scope asked (a view key
@@ -28,29 +32,38 @@ func grantKey(identity string, asked store.ViewKey) string {
 	return grantPrefix + identity + "\x00" + string(b)
 }
 
-// PutGrant records that identity may read asked from view source.
-func PutGrant(st *store.Store, identity string, asked, source store.ViewKey) error {
-	b, err := json.Marshal(grant{Source: source})
+// PutGrant records that identity may read asked from view source, as
+// served to it up to resourceVersion rv.
+func PutGrant(st *store.Store, identity string, asked, source store.ViewKey, rv uint64) error {
+	b, err := json.Marshal(grant{Source: source, RV: rv})
 	if err != nil {
 		return err
 	}
 	return st.PutDoc(grantKey(identity, asked), "application/json", b)
 }
 
-// DeleteGrant forgets a grant: the apiserver said no.
+// DeleteGrant forgets a grant: the apiserver said no. Looked up first, so
+// that a caller denied again and again, which mostly has none, costs no
+// write each time.
 func DeleteGrant(st *store.Store, identity string, asked store.ViewKey) error {
-	return st.DeleteDoc(grantKey(identity, asked))
+	key := grantKey(identity, asked)
+	if _, _, ok, err := st.Doc(key); err == nil && !ok {
+		return nil
+	}
+	return st.DeleteDoc(key)
 }
 
-// granted returns the view identity may read for want, if a grant says so.
-func (rd *Reader) granted(identity string, want store.ViewKey) (store.View, bool, error) {
+// granted returns the view identity may read for want, and the version
+// up to which it may, if a grant says so.
+func (rd *Reader) granted(identity string, want store.ViewKey) (store.View, uint64, bool, error) {
 	_, body, ok, err := rd.Store.Doc(grantKey(identity, want))
 	if err != nil || !ok {
-		return store.View{}, false, err
+		return store.View{}, 0, false, err
 	}
 	var g grant
 	if err := json.Unmarshal(body, &g); err != nil {
-		return store.View{}, false, fmt.Errorf("grant of %s: %w", identity, err)
+		return store.View{}, 0, false, fmt.Errorf("grant of %s: %w", identity, err)
 	}
-	return rd.Store.View(g.Source)
+	v, ok, err := rd.Store.View(g.Source)
+	return v, g.RV, ok, err
 }

@@ -102,6 +102,9 @@ type source struct {
 	fields    fields.Selector
 	filter    bool
 	meta      bool // the view holds metadata-only copies
+	// pinned: only objects at resourceVersion upTo or older (a grant's).
+	pinned bool
+	upTo   uint64
 }
 
 func (s source) keep(o store.Object) bool {
@@ -110,6 +113,11 @@ func (s source) keep(o store.Object) bool {
 	}
 	if s.namespace != "" && o.Namespace != s.namespace {
 		return false
+	}
+	if s.pinned {
+		if rv, err := strconv.ParseUint(o.ResourceVersion, 10, 64); err != nil || rv > s.upTo {
+			return false
+		}
 	}
 	return s.labels.Matches(labels.Set(o.Labels)) && s.fields.Matches(fields.Set(o.Fields))
 }
@@ -131,11 +139,11 @@ func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 		if v, ok, err := rd.Store.View(key); err != nil {
 			return source{}, false, err
 		} else if ok {
-			if g, ok, err := rd.granted(want.Identity, key); err == nil && ok && info.Labels != nil && info.Fields != nil &&
+			if g, upTo, ok, err := rd.granted(want.Identity, key); err == nil && ok && info.Labels != nil && info.Fields != nil &&
 				!strings.HasSuffix(res, "#meta") && store.NewerRV(g.ResourceVersion, v.ResourceVersion) {
 				// The node watch cache answered this identity since its own
 				// view was recorded: the fresher of the two.
-				return grantedSource(g, want, info), true, nil
+				return grantedSource(g, upTo, want, info), true, nil
 			}
 			return source{view: v, meta: strings.HasSuffix(res, "#meta")}, true, nil
 		}
@@ -161,19 +169,19 @@ func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 	if info.Labels != nil && info.Fields != nil && !strings.HasSuffix(want.Resource, "#meta") {
 		// Served online from another identity's stream (package share):
 		// that view, filtered to what this identity was allowed.
-		v, ok, err := rd.granted(want.Identity, want)
+		v, upTo, ok, err := rd.granted(want.Identity, want)
 		if err != nil || !ok {
 			return source{}, false, err
 		}
-		return grantedSource(v, want, info), true, nil
+		return grantedSource(v, upTo, want, info), true, nil
 	}
 	return source{}, false, nil
 }
 
 // grantedSource reads view v, another identity's, for want: filtered to
-// what want's identity was allowed.
-func grantedSource(v store.View, want store.ViewKey, info *request.Info) source {
-	src := source{view: v, labels: info.Labels, fields: info.Fields, filter: true}
+// what want's identity was allowed, no newer than it was served (upTo).
+func grantedSource(v store.View, upTo uint64, want store.ViewKey, info *request.Info) source {
+	src := source{view: v, labels: info.Labels, fields: info.Fields, filter: true, pinned: true, upTo: upTo}
 	if v.Key.Namespace == "" {
 		src.namespace = want.Namespace
 	}

@@ -30,6 +30,13 @@ import (
 // recorded from a protobuf answer; nil: none does).
 func seedList(t testing.TB, c *Cache, ns string, n int, proto func(int) bool) {
 	t.Helper()
+	seedListAs(t, c, reader.Key(), ns, n, proto)
+}
+
+// seedListAs is seedList as identity's view; item i is at resourceVersion
+// 100+i.
+func seedListAs(t testing.TB, c *Cache, identity, ns string, n int, proto func(int) bool) {
+	t.Helper()
 	objs := make([]store.Object, 0, n)
 	for i := range n {
 		item := corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%05d", i), Namespace: ns, ResourceVersion: strconv.Itoa(100 + i),
@@ -50,7 +57,7 @@ func seedList(t testing.TB, c *Cache, ns string, n int, proto func(int) bool) {
 		}
 		objs = append(objs, o)
 	}
-	v := store.View{Key: store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: ns},
+	v := store.View{Key: store.ViewKey{Identity: identity, Resource: "/v1/configmaps", Namespace: ns},
 		ResourceVersion: "20000", Kind: "ConfigMapList", APIVersion: "v1"}
 	if err := c.Store.ReplaceView(v, objs); err != nil {
 		t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 	"context"
 	"net/http"
 	"net/url"
+	"strings"
 
 	"golang.org/x/net/http/httpguts"
 
@@ -119,6 +120,10 @@ type Info struct {
 	// Upgrade is true for requests asking for a protocol upgrade (SPDY,
 	// WebSocket).
 	Upgrade bool
+	// Impersonating is true when the request carries Impersonate-*
+	// headers: the apiserver answers it as another user, whom outpost does
+	// not know, so only the apiserver answers it, and it is not recorded.
+	Impersonating bool
 }
 
 var resolver = &apirequest.RequestInfoFactory{
@@ -148,6 +153,7 @@ func Parse(r *http.Request, id Identity) (*Info, error) {
 		Subresource:       ri.Subresource,
 		Name:              ri.Name,
 		Upgrade:           isUpgrade(r),
+		Impersonating:     impersonating(r.Header),
 	}
 	q := r.URL.Query()
 	info.LabelSelector = q.Get("labelSelector")
@@ -182,4 +188,14 @@ func WithInfo(ctx context.Context, info *Info) context.Context {
 func From(ctx context.Context) *Info {
 	info, _ := ctx.Value(infoKey{}).(*Info)
 	return info
+}
+
+// impersonating reports Impersonate-User, -Group, -Uid or -Extra-* headers.
+func impersonating(h http.Header) bool {
+	for k := range h {
+		if strings.HasPrefix(http.CanonicalHeaderKey(k), "Impersonate-") {
+			return true
+		}
+	}
+	return false
 }

@@ -22,6 +22,9 @@ type fakeAPIServer struct {
 	requests []string
 	allowed  bool
 	events   chan string // watch events to send, as JSON lines
+	// refuse, when set, answers whom it names (by bearer token) with 401
+	// (reviews) or 403 (everything else).
+	refuse func(token string) bool
 }
 
 func (f *fakeAPIServer) RoundTrip(r *http.Request) (*http.Response, error) {
@@ -33,7 +36,12 @@ func (f *fakeAPIServer) RoundTrip(r *http.Request) (*http.Response, error) {
 	answer := func(code int, body io.ReadCloser) *http.Response {
 		return &http.Response{StatusCode: code, Header: http.Header{"Content-Type": {"application/json"}}, Body: body, Request: r}
 	}
+	bearer := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
 	switch {
+	case f.refuse != nil && f.refuse(bearer) && r.Method == http.MethodPost:
+		return answer(http.StatusUnauthorized, io.NopCloser(strings.NewReader(`{"kind":"Status","code":401}`))), nil
+	case f.refuse != nil && f.refuse(bearer):
+		return answer(http.StatusForbidden, io.NopCloser(strings.NewReader(`{"kind":"Status","code":403}`))), nil
 	case r.Method == http.MethodPost:
 		b, _ := json.Marshal(map[string]any{"status": map[string]any{"allowed": allowed}})
 		return answer(http.StatusCreated, io.NopCloser(strings.NewReader(string(b)))), nil

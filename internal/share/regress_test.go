@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -115,9 +116,9 @@ func (denying) RoundTrip(*http.Request) (*http.Response, error) {
 // grantCalls records what Grant is told.
 type grantCalls struct{ calls []string }
 
-func (g *grantCalls) grant(id string, _, _ store.ViewKey, allowed bool) {
+func (g *grantCalls) grant(id string, _, _ store.ViewKey, rv uint64, allowed bool) {
 	if allowed {
-		g.calls = append(g.calls, id+" allowed")
+		g.calls = append(g.calls, id+" allowed at "+strconv.FormatUint(rv, 10))
 	} else {
 		g.calls = append(g.calls, id+" taken back")
 	}
@@ -138,7 +139,7 @@ func TestUnansweredRecheckTakesNothingBack(t *testing.T) {
 	}
 	b := request.Identity{Kind: request.BearerToken, User: "b", Token: "t"}
 	info := parse(t, "/api/v1/configmaps?watch=true&resourceVersion=10", b)
-	c.grants[grantKey{"b", scopeOf(info)}] = store.ViewKey{Resource: s.scope.Resource, Identity: "u"}
+	c.grants[grantKey{"b", scopeOf(info)}] = &grantState{source: store.ViewKey{Resource: s.scope.Resource, Identity: "u"}, st: s}
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
 	s.use()
@@ -170,5 +171,31 @@ func TestDenialTakesBackStoredGrant(t *testing.T) {
 	}
 	if len(g.calls) != 1 || g.calls[0] != "b taken back" {
 		t.Fatalf("Grant was told %v, want the grant taken back", g.calls)
+	}
+}
+
+// TestFetchLeavesRoomForRunningStreams: a new scope's fetch took the
+// budget up to its end, so the running streams' next events did not fit
+// and they ended, their scopes refused, rather than the newcomer.
+func TestFetchLeavesRoomForRunningStreams(t *testing.T) {
+	running := newTestStream(100)
+	running.c.MaxBytes = 100_000
+	if err := running.replace(list("10", obj("", "a", "3", nil)), 10); err != nil {
+		t.Fatal(err)
+	}
+	held := running.c.bytes.Load()
+	// A fetch that would leave less than an eighth of the budget is refused...
+	big := running.c.MaxBytes - running.c.MaxBytes/8 - held + 1
+	if running.c.reserve(big) {
+		t.Fatalf("a fetch of %d bytes beside %d held fit a budget of %d", big, held, running.c.MaxBytes)
+	}
+	running.c.grow(-big)
+	// ...one that leaves it is not, and the running stream's next event
+	// still fits while the fetch holds its bytes.
+	if !running.c.reserve(big - 1) {
+		t.Fatal("a fetch leaving an eighth of the budget was refused")
+	}
+	if err := running.apply(codec.Event{Type: watch.Modified, Object: obj("", "a", "11", nil)}); err != nil {
+		t.Fatalf("the running stream's event beside the fetch: %v", err)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"time"
 
 	authorizationv1 "k8s.io/api/authorization/v1"
@@ -99,6 +100,7 @@ func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb strin
 		default:
 			result = "denied"
 			rv.verdict = denied
+			c.denyOthers(k)
 		}
 		if c.Metrics != nil {
 			c.Metrics.WatchCacheReviews.WithLabelValues(result).Inc()
@@ -113,11 +115,27 @@ func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb strin
 	}
 }
 
-// pruneReviews forgets answers long expired; c.mu is held.
+// denyOthers forgets the answers kept for k's user and scope but for other
+// verbs or tokens: after a no, a yes asked before it must not serve (and
+// grant) again until asked again.
+func (c *Cache) denyOthers(k reviewKey) {
+	user, _, _ := strings.Cut(k.identity, "\x00")
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for o, rv := range c.reviews {
+		if o != k && o.scope == k.scope && strings.HasPrefix(o.identity, user+"\x00") && isClosed(rv.done) {
+			delete(c.reviews, o)
+		}
+	}
+}
+
+// pruneReviews forgets answers long expired, at most once a Recheck (a
+// scan of every answer); c.mu is held.
 func (c *Cache) pruneReviews() {
-	if len(c.reviews) < 1024 {
+	if len(c.reviews) < 1024 || time.Since(c.pruned) < c.Recheck {
 		return
 	}
+	c.pruned = time.Now()
 	for k, rv := range c.reviews {
 		if isClosed(rv.done) && time.Since(rv.at) > 2*c.Recheck {
 			delete(c.reviews, k)
@@ -177,6 +195,11 @@ func (c *Cache) review(ctx context.Context, info *request.Info, verb string) (bo
 	raw, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if err != nil {
 		return false, err
+	}
+	if resp.StatusCode == http.StatusUnauthorized {
+		// The apiserver no longer accepts these credentials (an expired
+		// or revoked token): they may read nothing.
+		return false, nil
 	}
 	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK {
 		return false, fmt.Errorf("SelfSubjectAccessReview: %s", resp.Status)

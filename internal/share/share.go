@@ -72,14 +72,26 @@ type Cache struct {
 	// token), or returns nil. A stream is owned only by an identity it
 	// can send as. Required.
 	UpstreamAs func(identity string) http.RoundTripper
+	// Credential names the credentials UpstreamAs sends as identity now:
+	// NodeCredential, a token's hash (request.Identity.TokenHash), or "".
+	// A stream's owner is served without a review only with the
+	// credential the apiserver last accepted for the stream. Nil: the
+	// owner is reviewed like everyone.
+	Credential func(identity string) string
 	// Record, if set, records a stream's answers as they stream in
 	// (recorder.Recorder.Tee).
 	Record func(*http.Response, *request.Info)
+	// Recorded, if set, reports whether Record records an identity's
+	// answers (--record-identities). A caller recorded is not served from
+	// the stream of an owner that is not, which leaves nothing to answer
+	// it offline: its requests go upstream and are recorded as its own.
+	Recorded func(identity string) bool
 	// Grant, if set, is told that identity may read the scope it asked
-	// from view source, another identity's (allowed), or no longer
-	// (!allowed), so that the reader answers it offline from that view
+	// from view source, another identity's, as it was served up to
+	// resourceVersion rv (allowed), or no longer (!allowed), so that the
+	// reader answers it offline from that view, no newer than rv
 	// (reader.PutGrant).
-	Grant func(identity string, asked, source store.ViewKey, allowed bool)
+	Grant func(identity string, asked, source store.ViewKey, rv uint64, allowed bool)
 	// Online reports whether the cloud is reachable, and Changed returns a
 	// channel closed at the next change. Nil: always online.
 	Online  func() bool
@@ -111,7 +123,9 @@ type Cache struct {
 	streams  map[store.ViewKey]*stream
 	refused  map[store.ViewKey]refusal // scopes left upstream for a while
 	reviews  map[reviewKey]*review
-	grants   map[grantKey]store.ViewKey // told to Grant
+	pruned   time.Time                // when reviews were last pruned
+	grants   map[grantKey]*grantState // told to Grant
+	grantMu  sync.Mutex               // orders the calls of Grant
 	stopping bool
 	initOnce sync.Once
 }
@@ -137,7 +151,7 @@ func (c *Cache) init() {
 		c.streams = map[store.ViewKey]*stream{}
 		c.refused = map[store.ViewKey]refusal{}
 		c.reviews = map[reviewKey]*review{}
-		c.grants = map[grantKey]store.ViewKey{}
+		c.grants = map[grantKey]*grantState{}
 		if c.Metrics != nil {
 			c.Metrics.WatchCacheBudget.Set(float64(c.MaxBytes))
 		}
@@ -152,7 +166,7 @@ func (c *Cache) Run(ctx context.Context) error {
 	c.ctx = ctx
 	c.mu.Unlock()
 	close(c.started)
-	<-ctx.Done()
+	c.keepPins(ctx)
 	c.mu.Lock()
 	c.stopping = true // no stream starts once Run waits for them
 	c.mu.Unlock()
@@ -178,6 +192,10 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 	if !st.waitSynced(ctx, waitSynced) {
 		return false
 	}
+	if c.Recorded != nil && st.owner != info.Identity.Key() && c.Recorded(info.Identity.Key()) && !c.Recorded(st.owner) {
+		st.release()
+		return false
+	}
 	if v := c.admit(ctx, info, st, filter, c.Recheck); v != allowed {
 		st.release()
 		if v == denied {
@@ -185,8 +203,12 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 		}
 		return false
 	}
-	c.remember(info, st)
+	k, granted := c.remember(info, st)
 	if info.Watch {
+		if granted {
+			c.watching(k, 1)
+			defer c.watching(k, -1)
+		}
 		return c.serveWatch(w, r, info, st, filter)
 	}
 	return c.serveList(w, r, info, st, filter)
@@ -199,14 +221,29 @@ func (c *Cache) startedChan() <-chan struct{} {
 }
 
 // admit is admitted, except for the stream's owner reading exactly the
-// stream's scope: the stream itself is authorized by the apiserver, with
-// the owner's credentials, each time it is renewed (every few minutes),
-// and ends when refused, so no review is needed to know it.
+// stream's scope with the very credential the stream last used: the
+// stream itself is authorized by the apiserver, with it, each time it is
+// renewed (at least every Recheck), and ends when refused, so no review
+// is needed to know it.
 func (c *Cache) admit(ctx context.Context, info *request.Info, st *stream, f filter, maxAge time.Duration) verdict {
-	if !f.on && st.owner == info.Identity.Key() && scopeOf(info) == st.scope {
+	if !f.on && st.owner == info.Identity.Key() && scopeOf(info) == st.scope && st.acceptedAs(credentialOf(info.Identity)) {
 		return allowed
 	}
 	return c.admitted(ctx, info, maxAge)
+}
+
+// NodeCredential is Credential's name of the node's client certificate.
+const NodeCredential = "cert"
+
+// credentialOf names the credential id presented, as Credential does.
+func credentialOf(id request.Identity) string {
+	switch id.Kind {
+	case request.NodeCert:
+		return NodeCredential
+	case request.BearerToken:
+		return id.TokenHash
+	}
+	return ""
 }
 
 func (c *Cache) running() bool { return isClosed(c.started) }
@@ -214,7 +251,7 @@ func (c *Cache) running() bool { return isClosed(c.started) }
 // shareable reports whether info is a request the apiserver answers from
 // its watch cache, in a form shared streams can answer.
 func shareable(info *request.Info) bool {
-	if info.Identity.Kind != request.NodeCert && info.Identity.Kind != request.BearerToken {
+	if info.Identity.Kind != request.NodeCert && info.Identity.Kind != request.BearerToken || info.Impersonating {
 		return false
 	}
 	if info.Subresource != "" || info.Labels == nil || info.Fields == nil {
@@ -294,6 +331,17 @@ func (c *Cache) streamFor(ctx context.Context, info *request.Info) (st *stream, 
 			}
 		}
 	}
+	// Reviewed before a stream runs as the caller: one the apiserver
+	// refuses must not start one (and, refused, leave the scope upstream
+	// for everyone).
+	switch c.admitted(ctx, info, c.Recheck) {
+	case allowed:
+	case denied:
+		c.forget(info)
+		return nil, filter{}
+	default:
+		return nil, filter{}
+	}
 	return c.start(scope, info.Identity.Key()), filter{}
 }
 
@@ -368,7 +416,20 @@ func broaden(scope store.ViewKey, info *request.Info) (store.ViewKey, bool) {
 func (c *Cache) mayStream(ctx context.Context, info *request.Info, scope store.ViewKey) bool {
 	wide := *info
 	wide.LabelSelector, wide.FieldSelector = scope.LabelSelector, scope.FieldSelector
+	// Its selectors as parsed: the review names the object of a
+	// metadata.name field the broad scope kept, as a request of that
+	// scope would, since both answers are kept under the same key.
 	wide.Labels, wide.Fields = labels.Everything(), fields.Everything()
+	if scope.LabelSelector != "" {
+		if l, err := labels.Parse(scope.LabelSelector); err == nil {
+			wide.Labels = l
+		}
+	}
+	if scope.FieldSelector != "" {
+		if f, err := fields.ParseSelector(scope.FieldSelector); err == nil {
+			wide.Fields = f
+		}
+	}
 	wide.View.LabelSelector, wide.View.FieldSelector = scope.LabelSelector, scope.FieldSelector
 	return c.admittedVerb(ctx, &wide, "list", c.Recheck) == allowed && c.admittedVerb(ctx, &wide, "watch", c.Recheck) == allowed
 }
@@ -395,8 +456,12 @@ func (c *Cache) ended(st *stream, refuse bool) {
 	}
 	if refuse {
 		// Longer each time, up to an hour: a scope over the budget would
-		// otherwise be fetched whole again and again.
+		// otherwise be fetched whole again and again. A stream that had
+		// synced counts as a new start.
 		r := c.refused[st.scope]
+		if st.isSynced() {
+			r.n = 0
+		}
 		r.n++
 		r.until = time.Now().Add(min(refusedFor<<(r.n-1), time.Hour))
 		c.refused[st.scope] = r
@@ -417,6 +482,19 @@ func (c *Cache) grow(n int64) bool {
 		c.Metrics.WatchCacheBytes.Set(float64(now))
 	}
 	return now <= c.MaxBytes
+}
+
+// reserve accounts n more bytes of a fetch in progress (a list's body, a
+// WatchList's initial events) and reports whether they fit the budget
+// less its last eighth, which is left to the streams already running: a
+// large new scope is refused itself rather than make kubelet's or
+// kube-proxy's streams, whose next events would not fit, end.
+func (c *Cache) reserve(n int64) bool {
+	now := c.bytes.Add(n)
+	if c.Metrics != nil {
+		c.Metrics.WatchCacheBytes.Set(float64(now))
+	}
+	return now <= c.MaxBytes-c.MaxBytes/8
 }
 
 // covers reports whether a stream of scope k holds everything want asks
@@ -463,47 +541,4 @@ func covers(k, want store.ViewKey, info *request.Info) (filter, bool) {
 type refusal struct {
 	until time.Time
 	n     int
-}
-
-type grantKey struct {
-	identity string
-	asked    store.ViewKey
-}
-
-// remember tells Grant that info's caller was served from st, when st is
-// not its own view.
-func (c *Cache) remember(info *request.Info, st *stream) {
-	if c.Grant == nil {
-		return
-	}
-	asked, id := scopeOf(info), info.Identity.Key()
-	if id == st.owner && asked == st.scope {
-		return
-	}
-	source := st.scope
-	source.Identity = st.owner
-	k := grantKey{id, asked}
-	c.mu.Lock()
-	known := c.grants[k] == source
-	if !known {
-		c.grants[k] = source
-	}
-	c.mu.Unlock()
-	if !known {
-		c.Grant(id, asked, source, true)
-	}
-}
-
-// forget tells Grant that info's caller may no longer read its scope.
-func (c *Cache) forget(info *request.Info) {
-	if c.Grant == nil {
-		return
-	}
-	k := grantKey{info.Identity.Key(), scopeOf(info)}
-	c.mu.Lock()
-	delete(c.grants, k)
-	c.mu.Unlock()
-	// Also when this process never granted it: the store keeps grants of
-	// earlier runs.
-	c.Grant(k.identity, k.asked, store.ViewKey{}, false)
 }

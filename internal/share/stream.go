@@ -69,6 +69,7 @@ type stream struct {
 	users                                 int           // requests being served from it
 	lastUsed                              time.Time
 	syncedAt                              time.Time // of the first whole list
+	accepted                              string    // the credential of the last request the apiserver answered (Cache.Credential)
 	relists                               int       // lists after the first (upstream window passed)
 	noWatchList                           bool      // the apiserver refused a WatchList: LIST, then WATCH
 	// gen counts changes of objs; keys is objs' keys in the apiserver's
@@ -104,6 +105,21 @@ func (s *stream) usable() bool {
 }
 
 func (s *stream) isSynced() bool { return isClosed(s.syncedCh) }
+
+// version is the resourceVersion s is at.
+func (s *stream) version() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.rv
+}
+
+// acceptedAs reports whether cred is the credential the apiserver last
+// accepted for s's requests.
+func (s *stream) acceptedAs(cred string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return cred != "" && s.accepted == cred
+}
 
 // use notes a request served from s; release its end.
 func (s *stream) use() {
@@ -177,7 +193,9 @@ var (
 	errExpired = errors.New("resourceVersion expired upstream")
 	errRefused = errors.New("refused upstream")
 	errTooBig  = errors.New("over the watch cache's memory budget")
-	errIdle    = errors.New("idle")
+	// errNoCredentials: outpost holds no credentials of the owner any more.
+	errNoCredentials = fmt.Errorf("%w: no credentials of the owner any more", errRefused)
+	errIdle          = errors.New("idle")
 	// errNoWatchList: the apiserver does not serve WatchList; the stream
 	// lists and watches instead, at once.
 	errNoWatchList = errors.New("the apiserver refused a WatchList")
@@ -214,11 +232,15 @@ func (s *stream) run(ctx context.Context) {
 		s.changed()
 		s.mu.Unlock()
 		s.c.grow(-freed)
-		refuse := errors.Is(err, errRefused) || errors.Is(err, errTooBig)
+		// The owner's refusal (its credentials gone, 401, 403) is not the
+		// scope's: the next caller starts the stream as itself.
+		refuse := errors.Is(err, errRefused) && !isAuthError(err) && !errors.Is(err, errNoCredentials) || errors.Is(err, errTooBig)
 		s.c.ended(s, refuse)
 		close(s.endedCh)
 		if refuse {
-			log.Warn("watch cache: scope left to the apiserver", "err", err, "for", refusedFor)
+			log.Warn("watch cache: scope left to the apiserver for a while", "err", err)
+		} else if errors.Is(err, errRefused) {
+			log.Info("watch cache: the owner's stream was refused; the next caller starts it as itself", "err", err)
 		} else {
 			log.Debug("watch cache: stream ended", "err", err)
 		}
@@ -383,7 +405,11 @@ func (s *stream) upstream(ctx context.Context, q url.Values, accept string) (*ht
 func (s *stream) send(ctx context.Context, q url.Values, accept string, record bool) (*http.Response, error) {
 	rt := s.c.UpstreamAs(s.owner)
 	if rt == nil {
-		return nil, fmt.Errorf("%w: no credentials of %s any more", errRefused, s.owner)
+		return nil, errNoCredentials
+	}
+	var cred string
+	if s.c.Credential != nil {
+		cred = s.c.Credential(s.owner)
 	}
 	u := "https://upstream" + s.path
 	if strings.Contains(u, "?") {
@@ -418,6 +444,9 @@ func (s *stream) send(ctx context.Context, q url.Values, accept string, record b
 		resp.Body.Close()
 		return nil, &statusError{code: resp.StatusCode, msg: statusMessage(resp.Status, body)}
 	}
+	s.mu.Lock()
+	s.accepted = cred
+	s.mu.Unlock()
 	if record && s.c.Record != nil {
 		// The recorder records it as the owner's answer: the one durable
 		// record of the scope.
@@ -490,7 +519,7 @@ func (s *stream) list(ctx context.Context) error {
 	}
 	// The answer is held while it is decoded: counted too.
 	defer s.c.grow(-int64(len(raw)))
-	if !s.c.grow(int64(len(raw))) {
+	if !s.c.reserve(int64(len(raw))) {
 		return errTooBig
 	}
 	l, err := codec.DecodeList(resp.Header.Get("Content-Type"), raw, s.scope.Resource, s.known)
@@ -676,7 +705,7 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 			items = append(items, ev.Object)
 			n := objectSize(ev.Object)
 			reserved += n
-			if !s.c.grow(n) {
+			if !s.c.reserve(n) {
 				return false, errTooBig
 			}
 		case inInitial && ev.Type == watch.Bookmark && ev.InitialEventsEnd:

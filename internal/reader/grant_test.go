@@ -1,0 +1,65 @@
+package reader
+
+import (
+	"encoding/json"
+	"testing"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// TestGrantAnswersUpToItsPin: a caller served online from another
+// identity's stream is answered offline from that view, but only the
+// objects at or before the version it was last served: what changed after
+// it may have lost the right to read (a pod deleted, its node no longer
+// allowed its ConfigMaps) and never saw.
+func TestGrantAnswersUpToItsPin(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	seedListAs(t, c, "system:serviceaccount:default:wide", "ns", 5, nil) // at 100..104
+	asked := store.ViewKey{Resource: "/v1/configmaps", Namespace: "ns"}
+	source := store.ViewKey{Identity: "system:serviceaccount:default:wide", Resource: "/v1/configmaps", Namespace: "ns"}
+	for _, tc := range []struct {
+		pin  uint64
+		want []string
+	}{
+		{102, []string{"cm-00000", "cm-00001", "cm-00002"}},
+		{104, []string{"cm-00000", "cm-00001", "cm-00002", "cm-00003", "cm-00004"}},
+		{0, nil},
+	} {
+		if err := PutGrant(c.Reader.Store, reader.Key(), asked, source, tc.pin); err != nil {
+			t.Fatal(err)
+		}
+		w := serve(t, c, "/api/v1/namespaces/ns/configmaps", "application/json")
+		if w.Code != 200 {
+			t.Fatalf("pin %d: status %d: %s", tc.pin, w.Code, w.Body)
+		}
+		var l struct {
+			Items []struct {
+				Metadata metav1.ObjectMeta `json:"metadata"`
+			} `json:"items"`
+		}
+		if err := json.Unmarshal(w.Body.Bytes(), &l); err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, it := range l.Items {
+			got = append(got, it.Metadata.Name)
+		}
+		if len(got) != len(tc.want) || (len(got) > 0 && got[len(got)-1] != tc.want[len(tc.want)-1]) {
+			t.Errorf("pinned at %d: answered %v, want %v", tc.pin, got, tc.want)
+		}
+	}
+	// A denied caller's grant goes, and then nothing answers it.
+	if err := DeleteGrant(c.Reader.Store, reader.Key(), asked); err != nil {
+		t.Fatal(err)
+	}
+	if w := serve(t, c, "/api/v1/namespaces/ns/configmaps", "application/json"); w.Code == 200 {
+		t.Errorf("after the grant was deleted: status %d", w.Code)
+	}
+	// Deleting one that is not there writes nothing and says nothing.
+	if err := DeleteGrant(c.Reader.Store, reader.Key(), asked); err != nil {
+		t.Fatal(err)
+	}
+}

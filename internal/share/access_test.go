@@ -1,0 +1,273 @@
+package share
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// withToken sends as the identity's own token, as the pool does.
+type withToken struct {
+	rt    http.RoundTripper
+	token string
+}
+
+func (w withToken) RoundTrip(r *http.Request) (*http.Response, error) {
+	r = r.Clone(r.Context())
+	r.Header.Set("Authorization", "Bearer "+w.token)
+	return w.rt.RoundTrip(r)
+}
+
+// newTokenCache is newTestCache sending each identity's own token: tokens
+// maps an identity's key to the token outpost holds for it now.
+func newTokenCache(t *testing.T, api *fakeAPIServer, tokens map[string]string) *Cache {
+	t.Helper()
+	var mu sync.Mutex
+	c := newTestCache(t, api)
+	c.As = func(id request.Identity) http.RoundTripper { return withToken{api, id.Token} }
+	c.UpstreamAs = func(key string) http.RoundTripper {
+		mu.Lock()
+		defer mu.Unlock()
+		return withToken{api, tokens[key]}
+	}
+	c.Credential = func(key string) string {
+		mu.Lock()
+		defer mu.Unlock()
+		return "hash-" + tokens[key]
+	}
+	return c
+}
+
+func caller(user, token string) request.Identity {
+	return request.Identity{Kind: request.BearerToken, User: user, Token: token, TokenHash: "hash-" + token}
+}
+
+// ask sends target to c as id, within d, and reports whether the watch
+// cache answered it.
+func ask(t *testing.T, c *Cache, id request.Identity, target string, header http.Header) bool {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	r := httptest.NewRequest("GET", target, nil).WithContext(ctx)
+	r.Header.Set("Accept", "application/json")
+	for k, v := range header {
+		r.Header[k] = v
+	}
+	info, err := request.Parse(r, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.Serve(httptest.NewRecorder(), r, info)
+}
+
+const listRV0 = "/api/v1/namespaces/ns/configmaps?resourceVersion=0"
+
+// TestRefusedCallerStartsNoStream: a caller the apiserver lets read
+// nothing asked first for a scope; its stream, started before any review,
+// was refused, and the scope was then left upstream for every caller.
+func TestRefusedCallerStartsNoStream(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10), refuse: func(tok string) bool { return tok == "nosy" }}
+	nosy, good := caller("system:serviceaccount:ns:nosy", "nosy"), caller("system:serviceaccount:ns:good", "good")
+	c := newTokenCache(t, api, map[string]string{nosy.User: "nosy", good.User: "good"})
+	if ask(t, c, nosy, listRV0, nil) {
+		t.Fatal("a caller without rights was served")
+	}
+	for _, s := range api.seen() {
+		if strings.HasPrefix(s, "GET") {
+			t.Errorf("a stream ran as the refused caller: %s", s)
+		}
+	}
+	if !ask(t, c, good, listRV0, nil) {
+		t.Errorf("an allowed caller was not served after a refused one asked for the same scope (refused scopes: %v)", c.refused)
+	}
+}
+
+// TestImpersonationGoesUpstream: a request made as another user
+// (Impersonate-User) was answered from the stream as its caller itself.
+func TestImpersonationGoesUpstream(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
+	c := newTestCache(t, api)
+	if !ask(t, c, token, listRV0, nil) {
+		t.Fatal("the caller itself was not served")
+	}
+	if ask(t, c, token, listRV0, http.Header{"Impersonate-User": {"system:serviceaccount:tenant:restricted"}}) {
+		t.Error("a request impersonating another user was answered from the watch cache")
+	}
+}
+
+// TestOwnerWithAnotherTokenIsReviewed: the stream's owner was served with
+// no review whatever token it presented, so a token the apiserver no
+// longer accepts (a deleted pod's) was still served.
+func TestOwnerWithAnotherTokenIsReviewed(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10), refuse: func(tok string) bool { return tok == "old" }}
+	agent := caller("system:serviceaccount:ns:agent", "new")
+	tokens := map[string]string{agent.User: "new"}
+	c := newTokenCache(t, api, tokens)
+	if !ask(t, c, agent, listRV0, nil) {
+		t.Fatal("the owner was not served")
+	}
+	reviews := func() int {
+		n := 0
+		for _, s := range api.seen() {
+			if strings.HasPrefix(s, "POST") {
+				n++
+			}
+		}
+		return n
+	}
+	before := reviews()
+	if !ask(t, c, agent, listRV0, nil) || reviews() != before {
+		t.Fatalf("the owner with the stream's token: reviews %d → %d", before, reviews())
+	}
+	if ask(t, c, caller(agent.User, "old"), listRV0, nil) {
+		t.Error("the owner's user with a token the apiserver refuses was served")
+	}
+}
+
+// TestDenialOfOneVerbTakesBackTheOther: after the apiserver denied a
+// caller's watch, which took its grant back, its list was served from an
+// answer to a review asked before the revoke, and granted again.
+func TestDenialOfOneVerbTakesBackTheOther(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
+	c := newTestCache(t, api)
+	var mu sync.Mutex
+	var calls []string
+	c.Grant = func(_ string, _, _ store.ViewKey, _ uint64, allowed bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		calls = append(calls, map[bool]string{true: "put", false: "delete"}[allowed])
+	}
+	other := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
+	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
+		t.Fatal("not served")
+	}
+	api.mu.Lock()
+	api.allowed = false // revoked
+	api.mu.Unlock()
+	if ask(t, c, other, "/api/v1/namespaces/ns/configmaps?watch=true&resourceVersion=10", nil) {
+		t.Fatal("a denied watch was served")
+	}
+	if ask(t, c, other, listRV0, nil) {
+		t.Error("after its watch was denied, the caller's list was served from an answer asked before")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if calls[len(calls)-1] != "delete" {
+		t.Errorf("grants %v: the last word was not the denial", calls)
+	}
+}
+
+// TestUnauthorizedReviewIsDenial: a review the apiserver answers 401 (the
+// caller's token expired or was revoked) said nothing, so a watch served
+// with that token went on.
+func TestUnauthorizedReviewIsDenial(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10), refuse: func(tok string) bool { return tok == "gone" }}
+	c := newTokenCache(t, api, map[string]string{"system:serviceaccount:ns:owner": "owner"})
+	owner := caller("system:serviceaccount:ns:owner", "owner")
+	if !ask(t, c, owner, listRV0, nil) {
+		t.Fatal("the owner was not served")
+	}
+	info := parse(t, listRV0, caller("system:serviceaccount:ns:other", "gone"))
+	if v := c.admitted(context.Background(), info, time.Minute); v != denied {
+		t.Errorf("a review answered 401: verdict %v, want denied", v)
+	}
+}
+
+// TestRecordedCallerNotServedFromUnrecordedOwner: with --record-identities
+// naming some callers only, one recorded was served from the stream of an
+// owner that is not, so nothing of it was recorded to answer offline.
+func TestRecordedCallerNotServedFromUnrecordedOwner(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
+	c := newTestCache(t, api)
+	recorded := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:rb:narrow", Token: "n", TokenHash: "n"}
+	c.Recorded = func(id string) bool { return id == recorded.User }
+	if !ask(t, c, token, listRV0, nil) {
+		t.Fatal("the owner was not served")
+	}
+	if ask(t, c, recorded, listRV0, nil) {
+		t.Error("a recorded caller was served from an unrecorded owner's stream")
+	}
+}
+
+// TestPinsFollowWhatWasServed: a grant is written at once with the
+// version its caller was served, moves with the caller's watch, and a
+// denial is never undone by a pin written after it.
+func TestPinsFollowWhatWasServed(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
+	c := newTestCache(t, api)
+	var mu sync.Mutex
+	var calls []string
+	c.Grant = func(_ string, _, _ store.ViewKey, rv uint64, allowed bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if allowed {
+			calls = append(calls, "put "+itoa(rv))
+		} else {
+			calls = append(calls, "delete")
+		}
+	}
+	got := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(calls)
+	}
+	other := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
+	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
+		t.Fatal("not served")
+	}
+	if want := []string{"put 10"}; !slices.Equal(got(), want) {
+		t.Fatalf("after the first list: %v, want %v", got(), want)
+	}
+	// A watch being served: the stream moves on, the pin follows.
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan bool)
+	go func() {
+		r := httptest.NewRequest("GET", "/api/v1/namespaces/ns/configmaps?watch=true&resourceVersion=10", nil).WithContext(ctx)
+		r.Header.Set("Accept", "application/json")
+		info, _ := request.Parse(r, other)
+		served <- c.Serve(httptest.NewRecorder(), r, info)
+	}()
+	k := grantKey{other.Key(), scopeOf(parse(t, listRV0, other))}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c.mu.Lock()
+		n := c.grants[k].watches
+		c.mu.Unlock()
+		if n == 1 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	api.events <- `{"type":"MODIFIED","object":` + cm("a", "12") + `}`
+	c.mu.Lock()
+	st := c.streams[scopeOf(parse(t, listRV0, other))]
+	c.mu.Unlock()
+	for st.version() < 12 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	c.writePins()
+	if want := []string{"put 10", "put 12"}; !slices.Equal(got(), want) {
+		t.Errorf("with a watch open at 12: %v, want %v", got(), want)
+	}
+	cancel()
+	if !<-served {
+		t.Fatal("the watch was not served")
+	}
+	// Denied: the grant goes, and no later pin brings it back.
+	c.forget(parse(t, listRV0, other))
+	c.writePins()
+	if want := []string{"put 10", "put 12", "delete"}; !slices.Equal(got(), want) {
+		t.Errorf("after the denial: %v, want %v", got(), want)
+	}
+}
+
+func itoa(n uint64) string { return strconv.FormatUint(n, 10) }

@@ -1,0 +1,156 @@
+package share
+
+import (
+	"context"
+	"time"
+
+	"github.com/outposthq/outpost/internal/request"
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// A grant is what the reader is told of a caller served from another
+// identity's stream: the scope it was allowed, the view that answered it,
+// and the resourceVersion up to which it was served. Offline the reader
+// answers it that view no newer than that version (the pin), so that a
+// caller that lost its access online (a pod deleted, its node no longer
+// allowed its Secrets) is not answered, offline, what changed after: as
+// with its own view, which would hold what it was last served.
+//
+// A pin moves as the caller is served: at each list, and while its
+// watches are open, to the stream's version (everything up to it is sent
+// or being sent to them). It is written at once for a new grant, and
+// otherwise every pinEvery, when the link goes down, when a watch ends
+// and when outpost stops; a crash loses at most pinEvery, and offline the
+// objects changed in it are left out for that caller rather than shown.
+type grantKey struct {
+	identity string
+	asked    store.ViewKey
+}
+
+type grantState struct {
+	source  store.ViewKey
+	st      *stream
+	rv      uint64 // the pin the reader has
+	pending uint64 // the pin to write
+	watches int    // the caller's watches being served from st
+}
+
+// pinEvery is how often moved pins are written.
+const pinEvery = 10 * time.Second
+
+// remember notes that info's caller is served from st, when st is not its
+// own view, and reports its grant.
+func (c *Cache) remember(info *request.Info, st *stream) (grantKey, bool) {
+	asked, id := scopeOf(info), info.Identity.Key()
+	if c.Grant == nil || (id == st.owner && asked == st.scope) {
+		return grantKey{}, false
+	}
+	source := st.scope
+	source.Identity = st.owner
+	k := grantKey{id, asked}
+	rv := st.version()
+	c.mu.Lock()
+	g := c.grants[k]
+	if g != nil && g.source == source {
+		g.st = st // the scope's stream now, if it started again
+		g.pending = max(g.pending, rv)
+		c.mu.Unlock()
+		return k, true
+	}
+	c.mu.Unlock()
+	// New, or from another stream now: written before it serves, so that
+	// the caller has it offline at once.
+	c.grantMu.Lock()
+	defer c.grantMu.Unlock()
+	c.mu.Lock()
+	g = c.grants[k]
+	if g == nil {
+		g = &grantState{}
+		c.grants[k] = g
+	}
+	g.source, g.st, g.rv, g.pending = source, st, rv, rv
+	c.mu.Unlock()
+	c.Grant(id, asked, source, rv, true)
+	return k, true
+}
+
+// watching counts a watch of grant k's caller that begins (1) or ends
+// (-1); at its end the pin moves to what the stream has sent.
+func (c *Cache) watching(k grantKey, n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if g := c.grants[k]; g != nil {
+		g.watches += n
+		if n < 0 {
+			g.pending = max(g.pending, g.st.version())
+		}
+	}
+}
+
+// forget tells Grant that info's caller may no longer read its scope.
+func (c *Cache) forget(info *request.Info) {
+	if c.Grant == nil {
+		return
+	}
+	k := grantKey{info.Identity.Key(), scopeOf(info)}
+	c.grantMu.Lock()
+	defer c.grantMu.Unlock()
+	c.mu.Lock()
+	delete(c.grants, k)
+	c.mu.Unlock()
+	// Also when this process never granted it: the store keeps grants of
+	// earlier runs.
+	c.Grant(k.identity, k.asked, store.ViewKey{}, 0, false)
+}
+
+// keepPins writes moved pins every pinEvery and when the link goes down,
+// until ctx ends, and once more then.
+func (c *Cache) keepPins(ctx context.Context) {
+	t := time.NewTicker(pinEvery)
+	defer t.Stop()
+	for {
+		var changed <-chan struct{}
+		if c.Changed != nil {
+			changed = c.Changed()
+		}
+		select {
+		case <-ctx.Done():
+			c.writePins()
+			return
+		case <-t.C:
+		case <-changed:
+		}
+		c.writePins()
+	}
+}
+
+// writePins writes the pins that moved: to the stream's version for the
+// grants whose caller watches.
+func (c *Cache) writePins() {
+	if c.Grant == nil {
+		return
+	}
+	c.grantMu.Lock()
+	defer c.grantMu.Unlock()
+	type put struct {
+		k      grantKey
+		source store.ViewKey
+		rv     uint64
+	}
+	var puts []put
+	c.mu.Lock()
+	for k, g := range c.grants {
+		if g.watches > 0 {
+			g.pending = max(g.pending, g.st.version())
+		}
+		if g.pending > g.rv {
+			g.rv = g.pending
+			puts = append(puts, put{k, g.source, g.rv})
+		}
+	}
+	c.mu.Unlock()
+	// Under grantMu: a forget cannot come between the copy and the write.
+	for _, p := range puts {
+		c.Grant(p.k.identity, p.k.asked, p.source, p.rv, true)
+	}
+}
