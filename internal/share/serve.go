@@ -225,7 +225,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	defer deadline.Stop()
 	tick := time.NewTicker(c.BookmarkInterval)
 	defer tick.Stop()
-	recheck := time.NewTicker(max(c.Recheck/2, time.Millisecond)) // config asks at least 1s
+	recheck := time.NewTimer(recheckPeriod(c.Recheck))
 	defer recheck.Stop()
 	var bookmarked uint64
 	for {
@@ -286,15 +286,16 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 				bookmarked = at
 			}
 		case <-recheck.C:
-			// Asked again at least every Recheck (ticks at half of it,
-			// answers kept half of it), so a revoke ends the watch within
-			// Recheck. Offline, or when no answer comes, the watch goes on
+			// Asked again at least every Recheck (at most half of it
+			// apart, answers kept half of it), so a revoke ends the watch
+			// within Recheck. Offline, or when no answer comes, the watch goes on
 			// on the last one.
 			if c.online() && c.admit(ctx, info, st, f, c.Recheck/2) == denied {
 				c.forget(info)
 				c.Log.Info("watch cache: access revoked; ending the watch", "identity", info.Identity.Key(), "scope", describe(scopeOf(info)))
 				return true
 			}
+			recheck.Reset(recheckPeriod(c.Recheck))
 		case <-deadline.C:
 			return true
 		case <-ctx.Done():
@@ -396,4 +397,13 @@ func (f filter) event(e event) (watch.EventType, store.Object, bool) {
 // describe names a scope in logs.
 func describe(k store.ViewKey) string {
 	return strings.TrimSpace(k.String())
+}
+
+// recheckPeriod is how long a watch being served waits before its caller
+// is asked again: 40–50% of recheck, so that watches begun together (a
+// fleet started, or back from an outage, at once) are not all asked again
+// in the same second, and at least a millisecond (config asks 1 s).
+func recheckPeriod(recheck time.Duration) time.Duration {
+	d := recheck / 2
+	return max(d-time.Duration(rand.Int64N(int64(d/5)+1)), time.Millisecond)
 }

@@ -325,3 +325,22 @@ func TestResumable(t *testing.T) {
 		}
 	}
 }
+
+// TestRecheckPeriodSpread: watches begun together were asked again in the
+// same second, every half recheck period; the period is now 40–50% of it.
+func TestRecheckPeriodSpread(t *testing.T) {
+	seen := map[time.Duration]bool{}
+	for range 100 {
+		d := recheckPeriod(5 * time.Minute)
+		if d < 2*time.Minute || d > 150*time.Second {
+			t.Fatalf("period %v, want 2m–2m30s", d)
+		}
+		seen[d.Round(time.Second)] = true
+	}
+	if len(seen) < 10 {
+		t.Errorf("100 periods took %d values", len(seen))
+	}
+	if d := recheckPeriod(time.Nanosecond); d <= 0 {
+		t.Errorf("a recheck of 1ns: period %v", d)
+	}
+}
