@@ -344,7 +344,7 @@ func (c *Cache) currentRV(ctx context.Context, r *http.Request, info *request.In
 	}
 	defer resp.Body.Close()
 	if c.Metrics != nil {
-		c.Metrics.WatchCacheUpstream.WithLabelValues("list", strconv.Itoa(resp.StatusCode)).Inc()
+		c.Metrics.WatchCacheUpstream.WithLabelValues("current", strconv.Itoa(resp.StatusCode)).Inc()
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
 	if err != nil {

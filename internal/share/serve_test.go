@@ -301,7 +301,7 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 			api.accept[1] != metaAccept {
 			t.Fatalf("upstream saw %v, Accept %v", seen, api.accept)
 		}
-		if n := upstreamCount(t, reg, "list", "200"); n != 1 {
+		if n := upstreamCount(t, reg, "current", "200"); n != 1 {
 			t.Fatalf("counted %v consistent reads upstream, want 1", n)
 		}
 		if next, ok := s.since(12); !ok || len(logOf(s, next)) != 0 || s.rv != 12 {
@@ -348,7 +348,7 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 		if ok || w.Body.Len() != 0 || took > time.Second {
 			t.Fatalf("served %v after %v: %s", ok, took, w.Body.String())
 		}
-		if n := upstreamCount(t, reg, "list", "403"); n != 1 {
+		if n := upstreamCount(t, reg, "current", "403"); n != 1 {
 			t.Fatalf("counted %v refused consistent reads, want 1", n)
 		}
 	})

@@ -432,6 +432,8 @@ func (s *stream) send(ctx context.Context, q url.Values, accept string, record b
 	if s.c.Metrics != nil {
 		verb := "list"
 		switch {
+		case !record:
+			verb = "catchup"
 		case q.Get("sendInitialEvents") == "true":
 			verb = "watchlist"
 		case q.Get("watch") == "true":

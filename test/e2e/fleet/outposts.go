@@ -32,6 +32,9 @@ type outpostSample struct {
 	// WatchList, which the apiserver's counters see as lists), and plain
 	// watches (resumed from a resourceVersion).
 	StreamLists, StreamWatches float64
+	// FreshReads and CatchUps are what consistent WatchLists served from
+	// streams cost upstream (verb current and catchup).
+	FreshReads, CatchUps float64
 	// Reviews are the access reviews made with callers' own credentials,
 	// by result (outpost_watchcache_reviews_total): allowed, denied, error.
 	Reviews map[string]float64
@@ -72,6 +75,8 @@ func scrapeOutpost(ctx context.Context, o *framework.Outpost) (outpostSample, er
 	sum(&watchLists, "outpost_watchcache_upstream_requests_total", "verb=watchlist")
 	s.StreamLists += watchLists
 	sum(&s.StreamWatches, "outpost_watchcache_upstream_requests_total", "verb=watch")
+	sum(&s.FreshReads, "outpost_watchcache_upstream_requests_total", "verb=current")
+	sum(&s.CatchUps, "outpost_watchcache_upstream_requests_total", "verb=catchup")
 	for _, res := range []string{"allowed", "denied", "error"} {
 		var v float64
 		sum(&v, "outpost_watchcache_reviews_total", "result="+res)
@@ -120,7 +125,11 @@ type outpostWindow struct {
 	Nodes                      int
 	Answered                   map[string]float64
 	StreamLists, StreamWatches float64
-	Reviews                    map[string]float64
+	// FreshReads and CatchUps are what consistent WatchLists served
+	// from streams cost upstream: the read of the current version, and
+	// the metadata-only WatchLists that brought quiet streams to it.
+	FreshReads, CatchUps float64
+	Reviews              map[string]float64
 	// Streams, Watchers, Bytes and Heap are per node at the later
 	// scrape: median and maximum.
 	Streams, Watchers, Bytes, Heap [2]float64
@@ -151,6 +160,8 @@ func outpostsBetween(a, b []*outpostSample) outpostWindow {
 		}
 		w.StreamLists += b[i].StreamLists - a[i].StreamLists
 		w.StreamWatches += b[i].StreamWatches - a[i].StreamWatches
+		w.FreshReads += b[i].FreshReads - a[i].FreshReads
+		w.CatchUps += b[i].CatchUps - a[i].CatchUps
 	}
 	w.Streams, w.Watchers, w.Bytes, w.Heap = medianMax(streams), medianMax(watchers), medianMax(bytes), medianMax(heap)
 	return w

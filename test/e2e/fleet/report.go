@@ -215,6 +215,9 @@ func outposts(row func(string, func(*modeRun) string), name string, of func(*mod
 	row("outposts, "+name+": shared streams' upstream whole fetches (LIST, WatchList) / resumed WATCHes", cell(func(w outpostWindow) string {
 		return fmt.Sprintf("%.0f / %.0f", w.StreamLists, w.StreamWatches)
 	}))
+	row("outposts, "+name+": consistent WatchLists' freshness reads / catch-up metadata WatchLists", cell(func(w outpostWindow) string {
+		return fmt.Sprintf("%.0f / %.0f", w.FreshReads, w.CatchUps)
+	}))
 	row("outposts, "+name+": access reviews allowed / denied / failed", cell(func(w outpostWindow) string {
 		return fmt.Sprintf("%.0f / %.0f / %.0f", w.Reviews["allowed"], w.Reviews["denied"], w.Reviews["error"])
 	}))
