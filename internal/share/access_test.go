@@ -71,6 +71,27 @@ func ask(t *testing.T, c *Cache, id request.Identity, target string, header http
 
 const listRV0 = "/api/v1/namespaces/ns/configmaps?resourceVersion=0"
 
+// logGrants makes c's Grant log what it is told ("put RV", "delete"),
+// and returns a copy of the log so far.
+func logGrants(c *Cache) func() []string {
+	var mu sync.Mutex
+	var calls []string
+	c.Grant = func(_ string, _, _ store.ViewKey, rv uint64, allowed bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if allowed {
+			calls = append(calls, "put "+itoa(rv))
+		} else {
+			calls = append(calls, "delete")
+		}
+	}
+	return func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(calls)
+	}
+}
+
 // TestRefusedCallerStartsNoStream: a caller the apiserver lets read
 // nothing asked first for a scope; its stream, started before any review,
 // was refused, and the scope was then left upstream for every caller.
@@ -139,13 +160,7 @@ func TestOwnerWithAnotherTokenIsReviewed(t *testing.T) {
 func TestDenialOfOneVerbTakesBackTheOther(t *testing.T) {
 	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
 	c := newTestCache(t, api)
-	var mu sync.Mutex
-	var calls []string
-	c.Grant = func(_ string, _, _ store.ViewKey, _ uint64, allowed bool) {
-		mu.Lock()
-		defer mu.Unlock()
-		calls = append(calls, map[bool]string{true: "put", false: "delete"}[allowed])
-	}
+	grants := logGrants(c)
 	other := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
 	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
 		t.Fatal("not served")
@@ -159,9 +174,7 @@ func TestDenialOfOneVerbTakesBackTheOther(t *testing.T) {
 	if ask(t, c, other, listRV0, nil) {
 		t.Error("after its watch was denied, the caller's list was served from an answer asked before")
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if calls[len(calls)-1] != "delete" {
+	if calls := grants(); calls[len(calls)-1] != "delete" {
 		t.Errorf("grants %v: the last word was not the denial", calls)
 	}
 }
@@ -204,22 +217,7 @@ func TestRecordedCallerNotServedFromUnrecordedOwner(t *testing.T) {
 func TestPinsFollowWhatWasServed(t *testing.T) {
 	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
 	c := newTestCache(t, api)
-	var mu sync.Mutex
-	var calls []string
-	c.Grant = func(_ string, _, _ store.ViewKey, rv uint64, allowed bool) {
-		mu.Lock()
-		defer mu.Unlock()
-		if allowed {
-			calls = append(calls, "put "+itoa(rv))
-		} else {
-			calls = append(calls, "delete")
-		}
-	}
-	got := func() []string {
-		mu.Lock()
-		defer mu.Unlock()
-		return slices.Clone(calls)
-	}
+	got := logGrants(c)
 	other := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
 	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
 		t.Fatal("not served")
