@@ -31,25 +31,25 @@ func TestGrantAnswersUpToItsPin(t *testing.T) {
 		if err := PutGrant(c.Reader.Store, reader.Key(), asked, source, tc.pin); err != nil {
 			t.Fatal(err)
 		}
-		w := serve(t, c, "/api/v1/namespaces/ns/configmaps", "application/json")
-		if w.Code != 200 {
-			t.Fatalf("pin %d: status %d: %s", tc.pin, w.Code, w.Body)
-		}
-		var l struct {
-			Items []struct {
-				Metadata metav1.ObjectMeta `json:"metadata"`
-			} `json:"items"`
-		}
-		if err := json.Unmarshal(w.Body.Bytes(), &l); err != nil {
-			t.Fatal(err)
-		}
-		var got []string
-		for _, it := range l.Items {
-			got = append(got, it.Metadata.Name)
-		}
+		got := listed(t, c)
 		if len(got) != len(tc.want) || (len(got) > 0 && got[len(got)-1] != tc.want[len(tc.want)-1]) {
 			t.Errorf("pinned at %d: answered %v, want %v", tc.pin, got, tc.want)
 		}
+	}
+	// With a view of its own (at 20000), the caller is answered the fresher
+	// of the two as far as it was served: its own over a grant pinned
+	// before it, the grant when pinned after.
+	seedListAs(t, c, reader.Key(), "ns", 2, nil)
+	for pin, want := range map[uint64]int{102: 2, 30000: 5} {
+		if err := PutGrant(c.Reader.Store, reader.Key(), asked, source, pin); err != nil {
+			t.Fatal(err)
+		}
+		if got := listed(t, c); len(got) != want {
+			t.Errorf("own view at 20000, grant pinned at %d: answered %v, want %d items", pin, got, want)
+		}
+	}
+	if err := c.Reader.Store.DeleteView(store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns"}); err != nil {
+		t.Fatal(err)
 	}
 	// A denied caller's grant goes, and then nothing answers it.
 	if err := DeleteGrant(c.Reader.Store, reader.Key(), asked); err != nil {
@@ -62,4 +62,26 @@ func TestGrantAnswersUpToItsPin(t *testing.T) {
 	if err := DeleteGrant(c.Reader.Store, reader.Key(), asked); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// listed is the names an offline list of namespace ns answers the reader.
+func listed(t *testing.T, c *Cache) []string {
+	t.Helper()
+	w := serve(t, c, "/api/v1/namespaces/ns/configmaps", "application/json")
+	if w.Code != 200 {
+		t.Fatalf("status %d: %s", w.Code, w.Body)
+	}
+	var l struct {
+		Items []struct {
+			Metadata metav1.ObjectMeta `json:"metadata"`
+		} `json:"items"`
+	}
+	if err := json.Unmarshal(w.Body.Bytes(), &l); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, it := range l.Items {
+		got = append(got, it.Metadata.Name)
+	}
+	return got
 }

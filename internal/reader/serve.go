@@ -140,9 +140,10 @@ func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 			return source{}, false, err
 		} else if ok {
 			if g, upTo, ok, err := rd.granted(want.Identity, key); err == nil && ok && info.Labels != nil && info.Fields != nil &&
-				!strings.HasSuffix(res, "#meta") && store.NewerRV(g.ResourceVersion, v.ResourceVersion) {
+				!strings.HasSuffix(res, "#meta") && store.NewerRV(strconv.FormatUint(upTo, 10), v.ResourceVersion) {
 				// The node watch cache answered this identity since its own
-				// view was recorded: the fresher of the two.
+				// view was recorded: the fresher of the two, as far as it
+				// was served (its pin).
 				return grantedSource(g, upTo, want, info), true, nil
 			}
 			return source{view: v, meta: strings.HasSuffix(res, "#meta")}, true, nil
