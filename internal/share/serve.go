@@ -143,7 +143,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	if from != 0 && !st.waitRV(ctx, from, waitFresh) {
 		return false
 	}
-	if o.SendInitialEvents && o.ResourceVersion == "" && !c.fresh(ctx, r, info, st) {
+	if o.SendInitialEvents && o.ResourceVersion == "" && !st.consistentAfter(arrival(ctx)) && !c.fresh(ctx, r, info, st) {
 		return false
 	}
 	st.mu.Lock()
@@ -302,6 +302,15 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			return true
 		}
 	}
+}
+
+// arrivalKey keys the time a request reached Serve in its context.
+type arrivalKey struct{}
+
+// arrival is when the request of ctx reached Serve (zero: unknown).
+func arrival(ctx context.Context) time.Time {
+	t, _ := ctx.Value(arrivalKey{}).(time.Time)
+	return t
 }
 
 // fresh reports whether st has reached what the apiserver holds now,

@@ -286,6 +286,40 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 	}
 	initialEnd := `{"type":"BOOKMARK","object":{"kind":"ConfigMap","apiVersion":"v1","metadata":{"annotations":{"k8s.io/initial-events-end":"true"},"resourceVersion":"12"}}}`
 
+	t.Run("first clients of a stream fetched consistently after they came", func(t *testing.T) {
+		// As at a node's start: the WatchList waited for the stream's
+		// first fetch, a consistent read sent after it arrived, so it
+		// needs no read of the current version.
+		for _, tc := range []struct {
+			name       string
+			sentBefore bool
+			reads      int
+		}{{"sent after", false, 0}, {"sent before", true, 1}} {
+			api := &consistentAPI{rv: "10", probe: []string{meta("a", "3"), end12}}
+			s, _ := setup(api)
+			arrived := time.Now()
+			s.consistentSent = arrived.Add(time.Millisecond)
+			if tc.sentBefore {
+				s.consistentSent = arrived.Add(-time.Millisecond)
+			}
+			endSoon(s, 500*time.Millisecond)
+			ctx, cancel := context.WithTimeout(context.WithValue(context.Background(), arrivalKey{}, arrived), 10*time.Second)
+			info := parse(t, target, token)
+			info.Accept = codec.ParseAccept("application/json")
+			s.use()
+			ok := s.c.serveWatch(httptest.NewRecorder(), httptest.NewRequest("GET", target, nil).WithContext(ctx), info, s, filter{})
+			cancel()
+			reads := 0
+			for _, r := range api.seen() {
+				if strings.Contains(r, "limit=1") {
+					reads++
+				}
+			}
+			if !ok || reads != tc.reads {
+				t.Errorf("%s: served %v, %d reads of the current version (want %d): %v", tc.name, ok, reads, tc.reads, api.seen())
+			}
+		}
+	})
 	t.Run("quiet scope", func(t *testing.T) {
 		api := &consistentAPI{rv: "12", probe: []string{meta("a", "3"), end12}}
 		s, reg := setup(api)

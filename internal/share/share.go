@@ -184,6 +184,7 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 	if !c.running() || !c.online() || !shareable(info) {
 		return false
 	}
+	r = r.WithContext(context.WithValue(r.Context(), arrivalKey{}, time.Now()))
 	ctx := r.Context()
 	st, filter := c.streamFor(ctx, info)
 	if st == nil {

@@ -70,6 +70,7 @@ type stream struct {
 	lastUsed                              time.Time
 	syncedAt                              time.Time // of the first whole list
 	accepted                              string    // the credential of the last request the apiserver answered (Cache.Credential)
+	consistentSent                        time.Time // when the first fetch, a consistent WatchList, was sent
 	relists                               int       // lists after the first (upstream window passed)
 	noWatchList                           bool      // the apiserver refused a WatchList: LIST, then WATCH
 	// gen counts changes of objs; keys is objs' keys in the apiserver's
@@ -105,6 +106,19 @@ func (s *stream) usable() bool {
 }
 
 func (s *stream) isSynced() bool { return isClosed(s.syncedCh) }
+
+// consistentAfter reports whether s's first fetch was a consistent read
+// sent after t, once s is synced: a consistent WatchList that arrived at t
+// (as every client's first, at a node's start) then needs no read of the
+// apiserver's current version, since s holds at least that already.
+func (s *stream) consistentAfter(t time.Time) bool {
+	if t.IsZero() || !s.isSynced() {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.consistentSent.IsZero() && !s.consistentSent.Before(t)
+}
 
 // version is the resourceVersion s is at.
 func (s *stream) version() uint64 {
@@ -621,6 +635,7 @@ func (s *stream) replace(l codec.List, rv uint64) error {
 // replace what s holds at the initial-events-end bookmark (listed), in one
 // request instead of a LIST and a WATCH.
 func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err error) {
+	var consistentSent time.Time
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	s.mu.Lock()
@@ -634,6 +649,10 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 		q.Set("resourceVersionMatch", "NotOlderThan")
 		if from != 0 {
 			q.Set("resourceVersion", strconv.FormatUint(from, 10))
+		} else {
+			// The first fetch, a consistent read: what s holds once it
+			// is done is as fresh as the apiserver was when it was sent.
+			consistentSent = time.Now()
 		}
 	} else {
 		q.Set("resourceVersion", strconv.FormatUint(from, 10))
@@ -718,6 +737,12 @@ func (s *stream) watch(ctx context.Context, initial bool) (listed bool, err erro
 			}
 			s.c.grow(-reserved)
 			reserved = 0
+			if !consistentSent.IsZero() {
+				// Before the list closes syncedCh: its waiters read it.
+				s.mu.Lock()
+				s.consistentSent = consistentSent
+				s.mu.Unlock()
+			}
 			if err := s.replace(l, rv); err != nil {
 				return false, err
 			}
