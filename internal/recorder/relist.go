@@ -84,6 +84,14 @@ func (c *Recorder) relistOne(ctx context.Context, k store.ViewKey, upstream http
 	if err != nil {
 		return false, nil
 	}
+	// A watch may be recording into k meanwhile (a stream of the node
+	// watch cache keeps its view fresh while the refresher re-lists it):
+	// its events, from the moment the list is asked, are applied after the
+	// answer, which would otherwise set the view back to the list's
+	// version and undo the changes they brought (an object deleted since
+	// coming back). Those the answer already holds change nothing again.
+	c.hold(k)
+	defer c.holdUntilWritten(k)
 	resp, err := upstream.RoundTrip(r)
 	if err != nil {
 		return false, err

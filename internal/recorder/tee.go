@@ -202,6 +202,18 @@ func (c *Recorder) unhold(view store.ViewKey) (left int) {
 	return left
 }
 
+// holdUntilWritten ends a hold once what was queued for view before it is
+// written: the writer then applies the events it held. When the queue is
+// full the hold ends at once; the events held are applied at the writer's
+// next flush.
+func (c *Recorder) holdUntilWritten(view store.ViewKey) {
+	select {
+	case c.writes <- write{release: &view}:
+	default:
+		c.unhold(view)
+	}
+}
+
 func (c *Recorder) held(view store.ViewKey) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()

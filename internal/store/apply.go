@@ -102,7 +102,7 @@ func (tx *Tx) apply(ev *Event) error {
 	}
 	mk := memberKey(o.Namespace, o.Name)
 	if ev.Type != Deleted {
-		return tx.upsert(rs, vs, tx.isMember(vs, mk), resource, mk, o)
+		return tx.upsert(rs, vs, tx.isMember(vs, mk), resource, mk, o, o.ResourceVersion)
 	}
 	return tx.delete(rs, vs, resource, mk, o)
 }

@@ -16,8 +16,11 @@
 // batch (Apply), and move objects in and out of every view of the resource
 // whose namespace, name and selectors they now match, so that one
 // component's watch keeps another's views current. An older
-// resourceVersion never overwrites a newer one. Each object counts the
-// views holding it and is deleted when the last lets it go.
+// resourceVersion never overwrites a newer one, and an object not stored
+// that comes in an answer older than a whole view does not join that view:
+// the view saw it deleted (answers arrive out of order over different
+// connections). Each object counts the views holding it and is deleted
+// when the last lets it go.
 //
 // Non-resource answers (discovery, /version, OpenAPI) are Docs, stored by
 // key.

@@ -231,6 +231,43 @@ func TestStore(t *testing.T) {
 		views:   map[ViewKey][]string{all: {"a/p1@1", "a/p2@2"}, web: {"a/p2@2"}, other: {"a/p1@1", "a/p2@2"}},
 		objects: []string{"a/p1@1", "a/p2@2"},
 	}, {
+		// A list read slowly (a lossy link) arrives after the watch of
+		// another view delivered a deletion: the object it brings back
+		// must not join the view that saw it go, which no event would
+		// ever clear again (chaos soak, --watch-cache, packet loss).
+		name: "an older list does not bring a deleted object back into a view past its deletion",
+		steps: []func(*Store) error{
+			replace(all, "10", pod("a", "p1", "1", "app", "web"), pod("a", "p2", "2")),
+			replace(web, "10", pod("a", "p1", "1", "app", "web")),
+			apply(ev(Deleted, all, pod("a", "p1", "20", "app", "web"))),
+			replace(web, "15", pod("a", "p1", "1", "app", "web")), // asked before the deletion
+			replace(web, "25"), // web lists again; all does not
+		},
+		views:   map[ViewKey][]string{all: {"a/p2@2"}, web: {}},
+		objects: []string{"a/p2@2"},
+	}, {
+		name: "a late event does not bring a deleted object back into a view past its deletion",
+		steps: []func(*Store) error{
+			replace(all, "10"),
+			replace(web, "10"),
+			apply(ev(Added, all, pod("a", "p1", "12", "app", "web")), ev(Deleted, all, pod("a", "p1", "20", "app", "web"))),
+			// web's watch lags behind all's
+			apply(ev(Added, web, pod("a", "p1", "12", "app", "web"))),
+			apply(ev(Deleted, web, pod("a", "p1", "20", "app", "web"))),
+		},
+		views: map[ViewKey][]string{all: {}, web: {}},
+	}, {
+		name: "an older list still fills a stale view, and views behind it",
+		steps: []func(*Store) error{
+			replace(all, "10"),
+			replace(nsA, "8"),
+			func(s *Store) error { return s.MarkStale(all) },
+			apply(ev(Bookmark, all, Object{ResourceVersion: "30"})),
+			replace(web, "15", pod("a", "p1", "1", "app", "web")),
+		},
+		views:   map[ViewKey][]string{all: {"a/p1@1"}, nsA: {"a/p1@1"}, web: {"a/p1@1"}},
+		objects: []string{"a/p1@1"},
+	}, {
 		name: "unsorted and duplicate list items: newer wins",
 		steps: []func(*Store) error{
 			replace(all, "10", pod("b", "p", "3"), pod("a", "p", "2"), pod("b", "p", "7"), pod("b", "p", "5")),
@@ -346,11 +383,11 @@ func TestStore(t *testing.T) {
 		steps: []func(*Store) error{
 			replace(all, "10", pod("a", "p1", "1")),
 			replace(other, "10", pod("a", "p1", "1")),
-			apply(ev(Deleted, all, pod("a", "p1", "5")), ev(Added, all, pod("a", "p1", "7"))),
-			apply(ev(Deleted, other, pod("a", "p1", "5"))),
+			apply(ev(Deleted, all, pod("a", "p1", "15")), ev(Added, all, pod("a", "p1", "17"))),
+			apply(ev(Deleted, other, pod("a", "p1", "15"))),
 		},
-		views:   map[ViewKey][]string{all: {"a/p1@7"}, other: {"a/p1@7"}},
-		objects: []string{"a/p1@7"},
+		views:   map[ViewKey][]string{all: {"a/p1@17"}, other: {"a/p1@17"}},
+		objects: []string{"a/p1@17"},
 	}, {
 		name: "namespace-scoped views ignore other namespaces",
 		steps: []func(*Store) error{

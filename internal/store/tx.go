@@ -353,7 +353,9 @@ func (tx *Tx) setMember(vs *viewState, mk string, on bool) error {
 // ownMember says it is in already), and when o is stored every other view
 // that may hold it re-evaluates it. The reference count in the record
 // follows every membership change, and an object no view holds is deleted.
-func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource, mk string, o *Object) error {
+// at is the resourceVersion of the answer o came in (a list's, or the
+// event's own): see reevaluate.
+func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource, mk string, o *Object, at string) error {
 	tx.okey = objectKey(tx.okey, resource, mk)
 	cur := tx.objects.Get(tx.okey)
 	var refs uint64
@@ -390,7 +392,7 @@ func (tx *Tx) upsert(rs *resourceViews, own *viewState, ownMember bool, resource
 		}
 	}
 	if changed {
-		if err := tx.reevaluate(rs, own, mk, o, cur, &newRefs); err != nil {
+		if err := tx.reevaluate(rs, own, mk, o, cur, at, &newRefs); err != nil {
 			return fmt.Errorf("%s %s: %w", resource, mk, err)
 		}
 	}
@@ -511,7 +513,16 @@ func (tx *Tx) sealRecord(cur []byte, dataStart int) (changed bool) {
 // one that o matched before and still matches keeps what it has, and an
 // object not stored before is in no view. So a watch event that changes
 // neither labels nor fields, the common case, costs no membership lookups.
-func (tx *Tx) reevaluate(rs *resourceViews, own *viewState, mk string, o *Object, cur []byte, refs *uint64) error {
+//
+// An object not stored (cur nil) came in an answer at resourceVersion at.
+// A view that is whole (not stale) at a newer version does not take it in:
+// had the object still existed then, that view would hold it, so it was
+// deleted since, and the view saw it go. Taking it in would leave it there
+// for good, since no event of that view will delete it again. It happens
+// when answers arrive out of order over different connections, as a list
+// read slowly through a lossy link behind the watch of a node watch cache
+// stream (share), whose view no client ever lists again.
+func (tx *Tx) reevaluate(rs *resourceViews, own *viewState, mk string, o *Object, cur []byte, at string, refs *uint64) error {
 	// As interfaces once, not at every call.
 	var oldLabels labels.Labels
 	var oldFields fields.Fields
@@ -535,7 +546,7 @@ func (tx *Tx) reevaluate(rs *resourceViews, own *viewState, mk string, o *Object
 				continue
 			}
 			if cur == nil {
-				if !want {
+				if !want || (!vs.rec.stale && newerRV([]byte(vs.rec.rv), []byte(at))) {
 					continue
 				}
 			} else {

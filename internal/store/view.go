@@ -122,19 +122,19 @@ func (tx *Tx) ReplaceView(v View, objs []Object) error {
 	for i < len(items) || j < len(old) {
 		switch {
 		case j == len(old) || (i < len(items) && items[i].mk < old[j]):
-			err = tx.upsert(rs, vs, false, k.Resource, items[i].mk, items[i].o)
+			err = tx.upsert(rs, vs, false, k.Resource, items[i].mk, items[i].o, v.ResourceVersion)
 			i++
 		case i == len(items) || old[j] < items[i].mk:
 			err = tx.release(vs, k.Resource, old[j])
 			j++
 		default:
-			err = tx.upsert(rs, vs, true, k.Resource, items[i].mk, items[i].o)
+			err = tx.upsert(rs, vs, true, k.Resource, items[i].mk, items[i].o, v.ResourceVersion)
 			i++
 			j++
 		}
 		// The same object twice in one list: the newer copy wins.
 		for ; err == nil && i > 0 && i < len(items) && items[i].mk == items[i-1].mk; i++ {
-			err = tx.upsert(rs, vs, true, k.Resource, items[i].mk, items[i].o)
+			err = tx.upsert(rs, vs, true, k.Resource, items[i].mk, items[i].o, v.ResourceVersion)
 		}
 		if err != nil {
 			return fmt.Errorf("replacing view %s: %w", k, err)

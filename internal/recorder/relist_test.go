@@ -1,0 +1,120 @@
+package recorder
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/outposthq/outpost/internal/store"
+)
+
+// roundTripFunc answers requests with a function.
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+func configMapList(rv string, names ...string) *http.Response {
+	var items []string
+	for i, n := range names {
+		items = append(items, fmt.Sprintf(`{"metadata":{"name":%q,"namespace":"chaos","resourceVersion":"%d"}}`, n, i+1))
+	}
+	body := fmt.Sprintf(`{"kind":"ConfigMapList","apiVersion":"v1","metadata":{"resourceVersion":%q},"items":[%s]}`, rv, strings.Join(items, ","))
+	return &http.Response{StatusCode: http.StatusOK, Header: http.Header{"Content-Type": {"application/json"}}, Body: io.NopCloser(strings.NewReader(body))}
+}
+
+// members is what view k holds, by name, and its resourceVersion.
+func members(t *testing.T, st *store.Store, k store.ViewKey) (names []string, rv string) {
+	t.Helper()
+	v, _, err := st.View(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.List(k, "", 0, func(o store.Object) error {
+		names = append(names, o.Name)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return names, v.ResourceVersion
+}
+
+// TestRelistKeepsWatchEvents: the refresher re-lists a view a watch keeps
+// recording into (a stream of the node watch cache). An event the watch
+// delivers while the list is on its way, newer than the list, must not be
+// undone by the list: the object deleted stays deleted.
+func TestRelistKeepsWatchEvents(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "store.db"), store.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c := &Recorder{Store: st, Log: slog.New(slog.DiscardHandler), BatchDelay: time.Millisecond}
+	c.init()
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = c.Run(ctx)
+	}()
+	defer func() { cancel(); <-done }()
+	k := store.ViewKey{Identity: "reader", Resource: "/v1/configmaps", Namespace: "chaos"}
+	waitFor := func(d time.Duration, ok func() bool) bool {
+		t.Helper()
+		for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+			if ok() {
+				return true
+			}
+		}
+		return false
+	}
+
+	// The view, listed at 10.
+	if _, err := c.relistOne(t.Context(), k, roundTripFunc(func(*http.Request) (*http.Response, error) {
+		return configMapList("10", "a", "b"), nil
+	})); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(5*time.Second, func() bool { _, rv := members(t, st, k); return rv == "10" }) {
+		t.Fatal("the first list was not recorded")
+	}
+
+	// A watch recording into it, read by its client as it comes.
+	src, feed := io.Pipe()
+	resp := &http.Response{StatusCode: http.StatusOK, Body: src}
+	c.teeWatch(resp, k, "application/json", false)
+	go func() { _, _ = io.Copy(io.Discard, resp.Body) }()
+	defer feed.Close()
+	send := func(typ, name, rv string) {
+		t.Helper()
+		if _, err := fmt.Fprintf(feed, `{"type":%q,"object":{"kind":"ConfigMap","apiVersion":"v1","metadata":{"name":%q,"namespace":"chaos","resourceVersion":%q}}}`+"\n", typ, name, rv); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// The re-list, asked at 15; before its answer comes, the watch says b
+	// was deleted at 20.
+	if _, err := c.relistOne(t.Context(), k, roundTripFunc(func(*http.Request) (*http.Response, error) {
+		send("DELETED", "b", "20")
+		// Recorded at once unless held for the list (then this waits
+		// in vain, briefly).
+		waitFor(time.Second, func() bool { names, _ := members(t, st, k); return !slices.Contains(names, "b") })
+		return configMapList("15", "a", "b"), nil
+	})); err != nil {
+		t.Fatal(err)
+	}
+	send("BOOKMARK", "", "21")
+	if !waitFor(5*time.Second, func() bool { _, rv := members(t, st, k); return rv == "21" }) {
+		names, rv := members(t, st, k)
+		t.Fatalf("the watch's events after the re-list were not recorded: view at %s holds %v", rv, names)
+	}
+	if names, rv := members(t, st, k); !slices.Equal(names, []string{"a"}) {
+		t.Errorf("view at %s holds %v, want [a]: the re-list undid the deletion its watch recorded", rv, names)
+	}
+}
