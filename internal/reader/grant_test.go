@@ -36,6 +36,18 @@ func TestGrantAnswersUpToItsPin(t *testing.T) {
 			t.Errorf("pinned at %d: answered %v, want %v", tc.pin, got, tc.want)
 		}
 	}
+	// Pinned before its view's version, the answer says it is at the pin:
+	// a client resuming its watch online from there gets what was left
+	// out.
+	if err := PutGrant(c.Reader.Store, reader.Key(), asked, source, 102); err != nil {
+		t.Fatal(err)
+	}
+	var l struct {
+		Metadata metav1.ListMeta `json:"metadata"`
+	}
+	if err := json.Unmarshal(serve(t, c, "/api/v1/namespaces/ns/configmaps", "application/json").Body.Bytes(), &l); err != nil || l.Metadata.ResourceVersion != "102" {
+		t.Errorf("pinned at 102: the list says it is at %q (%v)", l.Metadata.ResourceVersion, err)
+	}
 	// With a view of its own (at 20000), the caller is answered the fresher
 	// of the two as far as it was served: its own over a grant pinned
 	// before it, the grant when pinned after.

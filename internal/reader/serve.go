@@ -183,6 +183,11 @@ func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 // what want's identity was allowed, no newer than it was served (upTo).
 func grantedSource(v store.View, upTo uint64, want store.ViewKey, info *request.Info) source {
 	src := source{view: v, labels: info.Labels, fields: info.Fields, filter: true, pinned: true, upTo: upTo}
+	if store.NewerRV(v.ResourceVersion, strconv.FormatUint(upTo, 10)) {
+		// Answered as of the pin: a client resuming its watch from the
+		// version it was told online gets what the pin left out.
+		src.view.ResourceVersion = strconv.FormatUint(upTo, 10)
+	}
 	if v.Key.Namespace == "" {
 		src.namespace = want.Namespace
 	}

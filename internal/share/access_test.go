@@ -1,7 +1,9 @@
 package share
 
 import (
+	"bytes"
 	"context"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -179,19 +181,34 @@ func TestDenialOfOneVerbTakesBackTheOther(t *testing.T) {
 	}
 }
 
-// TestUnauthorizedReviewIsDenial: a review the apiserver answers 401 (the
-// caller's token expired or was revoked) said nothing, so a watch served
-// with that token went on.
-func TestUnauthorizedReviewIsDenial(t *testing.T) {
-	api := &fakeAPIServer{allowed: true, events: make(chan string, 10), refuse: func(tok string) bool { return tok == "gone" }}
-	c := newTokenCache(t, api, map[string]string{"system:serviceaccount:ns:owner": "owner"})
+// TestRejectedTokenReadsNothing: a review the apiserver answers 401 (a
+// token expired, or its pod deleted) said nothing, so a watch served with
+// that token went on; then it was taken as a denial of the user, which
+// deleted the grant its other pods, whose tokens work, are answered from
+// offline.
+func TestRejectedTokenReadsNothing(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10), refuse: func(tok string) bool { return tok == "podA" }}
 	owner := caller("system:serviceaccount:ns:owner", "owner")
+	c := newTokenCache(t, api, map[string]string{owner.User: "owner"})
+	grants := logGrants(c)
 	if !ask(t, c, owner, listRV0, nil) {
 		t.Fatal("the owner was not served")
 	}
-	info := parse(t, listRV0, caller("system:serviceaccount:ns:other", "gone"))
-	if v := c.admitted(context.Background(), info, time.Minute); v != denied {
-		t.Errorf("a review answered 401: verdict %v, want denied", v)
+	podB, podA := caller("system:serviceaccount:ns:app", "podB"), caller("system:serviceaccount:ns:app", "podA")
+	if !ask(t, c, podB, listRV0, nil) {
+		t.Fatal("pod B was not served")
+	}
+	if v := c.admitted(context.Background(), parse(t, listRV0, podA), time.Minute); v != rejected {
+		t.Errorf("a review answered 401: verdict %v, want rejected", v)
+	}
+	if ask(t, c, podA, listRV0, nil) {
+		t.Error("a token the apiserver refuses was served")
+	}
+	if g := grants(); len(g) == 0 || g[len(g)-1] == "delete" {
+		t.Errorf("grants of user app %v: one dead token took back what its other pods are answered from", g)
+	}
+	if !ask(t, c, podB, listRV0, nil) {
+		t.Error("pod B, whose token works, was no longer served")
 	}
 }
 
@@ -269,3 +286,100 @@ func TestPinsFollowWhatWasServed(t *testing.T) {
 }
 
 func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
+
+// listOnly refuses the watches of token "lo", which may list but not
+// watch (a common read-only role), as the apiserver would.
+type listOnly struct{ *fakeAPIServer }
+
+func (l listOnly) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.Header.Get("Authorization") == "Bearer lo" && (r.URL.Query().Get("watch") == "true" || r.Method == http.MethodPost && strings.Contains(readBody(r), `"verb":"watch"`)) {
+		l.mu.Lock()
+		l.requests = append(l.requests, r.Method+" "+r.URL.RequestURI())
+		l.mu.Unlock()
+		if r.Method == http.MethodPost {
+			return &http.Response{StatusCode: http.StatusCreated, Header: http.Header{"Content-Type": {"application/json"}},
+				Body: io.NopCloser(strings.NewReader(`{"status":{"allowed":false}}`)), Request: r}, nil
+		}
+		return &http.Response{StatusCode: http.StatusForbidden, Header: http.Header{"Content-Type": {"application/json"}}, Body: http.NoBody, Request: r}, nil
+	}
+	return l.fakeAPIServer.RoundTrip(r)
+}
+
+func readBody(r *http.Request) string {
+	if r.Body == nil {
+		return ""
+	}
+	b, _ := io.ReadAll(r.Body)
+	r.Body = io.NopCloser(bytes.NewReader(b))
+	return string(b)
+}
+
+// TestListOnlyCallerStartsNoStream: a caller allowed to list but not to
+// watch started a stream as itself at every list, which the apiserver
+// refused each time.
+func TestListOnlyCallerStartsNoStream(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
+	lo := caller("system:serviceaccount:ns:reader", "lo")
+	c := newTokenCache(t, api, map[string]string{lo.User: "lo"})
+	wrapped := listOnly{api}
+	c.As = func(id request.Identity) http.RoundTripper { return withToken{wrapped, id.Token} }
+	c.UpstreamAs = func(string) http.RoundTripper { return withToken{wrapped, "lo"} }
+	for range 5 {
+		if ask(t, c, lo, listRV0, nil) {
+			t.Fatal("served from a stream it may not watch")
+		}
+	}
+	for _, s := range api.seen() {
+		if strings.HasPrefix(s, "GET") {
+			t.Errorf("a stream ran as a caller that may not watch: %s", s)
+		}
+	}
+}
+
+// TestTooBigAfterSyncBacksOff: a scope whose stream synced and then
+// outgrew the budget was refused for a minute each time, and fetched
+// whole again every minute.
+func TestTooBigAfterSyncBacksOff(t *testing.T) {
+	c := &Cache{Log: newTestStream(1).c.Log}
+	c.init()
+	scope := store.ViewKey{Resource: "/v1/configmaps"}
+	var got []time.Duration
+	for range 3 {
+		st := newStream(c, scope, "u")
+		close(st.syncedCh) // it fit at its fetch, then grew past the budget
+		c.ended(st, true)
+		got = append(got, time.Until(c.refused[scope].until).Round(time.Minute))
+	}
+	if want := []time.Duration{time.Minute, 2 * time.Minute, 4 * time.Minute}; !slices.Equal(got, want) {
+		t.Errorf("refused for %v, want %v", got, want)
+	}
+}
+
+// TestWatchCountAfterRegrant: a watch that began under a grant taken back
+// and given again meanwhile decremented the new grant's count when it
+// ended, so the pin stopped following a watch still open.
+func TestWatchCountAfterRegrant(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
+	c := newTestCache(t, api)
+	logGrants(c)
+	other := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
+	if !ask(t, c, token, listRV0, nil) {
+		t.Fatal("not served")
+	}
+	info := parse(t, listRV0, other)
+	c.mu.Lock()
+	st := c.streams[scopeOf(info)]
+	c.mu.Unlock()
+	k, _ := c.remember(info, st)
+	endOld := c.watching(k)
+	c.forget(info) // taken back
+	k, _ = c.remember(info, st)
+	c.watching(k) // a new watch, still open
+	endOld()
+	c.mu.Lock()
+	n := c.grants[k].watches
+	c.mu.Unlock()
+	if n != 1 {
+		t.Errorf("one watch open under the grant, its count says %d", n)
+	}
+}

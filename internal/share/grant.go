@@ -74,14 +74,23 @@ func (c *Cache) remember(info *request.Info, st *stream) (grantKey, bool) {
 	return k, true
 }
 
-// watching counts a watch of grant k's caller that begins (1) or ends
-// (-1); at its end the pin moves to what the stream has sent.
-func (c *Cache) watching(k grantKey, n int) {
+// watching counts a watch of grant k's caller that begins, and returns
+// what to call when it ends: the pin then moves to what the stream has
+// sent. A grant taken back and given again meanwhile is a new one, which
+// the watch's end leaves alone.
+func (c *Cache) watching(k grantKey) (end func()) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if g := c.grants[k]; g != nil {
-		g.watches += n
-		if n < 0 {
+	g := c.grants[k]
+	if g == nil {
+		return func() {}
+	}
+	g.watches++
+	return func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		g.watches--
+		if c.grants[k] == g {
 			g.pending = max(g.pending, g.st.version())
 		}
 	}

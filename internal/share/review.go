@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -33,6 +34,9 @@ type review struct {
 	at      time.Time // when it was asked
 }
 
+// errUnauthenticated: the apiserver answered a review 401.
+var errUnauthenticated = errors.New("credentials not accepted (401)")
+
 // reviewTimeout bounds one access review.
 const reviewTimeout = 10 * time.Second
 
@@ -44,6 +48,10 @@ const (
 	unknown verdict = iota
 	allowed
 	denied
+	// rejected: the apiserver no longer accepts this credential (401).
+	// It reads nothing, but the user's other credentials may: its grants
+	// and others' answers stand.
+	rejected
 )
 
 // admitted asks whether the apiserver lets info's caller do what it asks
@@ -85,6 +93,9 @@ func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb strin
 		cancel()
 		result := "allowed"
 		switch {
+		case errors.Is(err, errUnauthenticated):
+			result = "denied"
+			rv.verdict = rejected
 		case err != nil:
 			result = "error"
 			c.Log.Debug("watch cache: access review failed", "identity", info.Identity.Key(), "verb", verb, "scope", describe(k.scope), "err", err)
@@ -199,7 +210,7 @@ func (c *Cache) review(ctx context.Context, info *request.Info, verb string) (bo
 	if resp.StatusCode == http.StatusUnauthorized {
 		// The apiserver no longer accepts these credentials (an expired
 		// or revoked token): they may read nothing.
-		return false, nil
+		return false, errUnauthenticated
 	}
 	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK {
 		return false, fmt.Errorf("SelfSubjectAccessReview: %s", resp.Status)

@@ -290,8 +290,10 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			// apart, answers kept half of it), so a revoke ends the watch
 			// within Recheck. Offline, or when no answer comes, the watch goes on
 			// on the last one.
-			if c.online() && c.admit(ctx, info, st, f, c.Recheck/2) == denied {
-				c.forget(info)
+			if v := c.recheck(ctx, info, st, f); v == denied || v == rejected {
+				if v == denied {
+					c.forget(info)
+				}
 				c.Log.Info("watch cache: access revoked; ending the watch", "identity", info.Identity.Key(), "scope", describe(scopeOf(info)))
 				return true
 			}
@@ -415,4 +417,13 @@ func describe(k store.ViewKey) string {
 func recheckPeriod(recheck time.Duration) time.Duration {
 	d := recheck / 2
 	return max(d-time.Duration(rand.Int64N(int64(d/5)+1)), time.Millisecond)
+}
+
+// recheck asks again whether a watch being served may go on; offline it
+// is not asked (unknown: the watch goes on).
+func (c *Cache) recheck(ctx context.Context, info *request.Info, st *stream, f filter) verdict {
+	if !c.online() {
+		return unknown
+	}
+	return c.admit(ctx, info, st, f, c.Recheck/2)
 }

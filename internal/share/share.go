@@ -207,8 +207,7 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 	k, granted := c.remember(info, st)
 	if info.Watch {
 		if granted {
-			c.watching(k, 1)
-			defer c.watching(k, -1)
+			defer c.watching(k)()
 		}
 		return c.serveWatch(w, r, info, st, filter)
 	}
@@ -332,15 +331,18 @@ func (c *Cache) streamFor(ctx context.Context, info *request.Info) (st *stream, 
 			}
 		}
 	}
-	// Reviewed before a stream runs as the caller: one the apiserver
-	// refuses must not start one (and, refused, leave the scope upstream
-	// for everyone).
-	switch c.admitted(ctx, info, c.Recheck) {
-	case allowed:
-	case denied:
-		c.forget(info)
-		return nil, filter{}
-	default:
+	// Reviewed before a stream runs as the caller, for both verbs the
+	// stream uses: one the apiserver refuses must not start one, again at
+	// each request (nor, refused, leave the scope upstream for everyone).
+	for _, verb := range []string{"list", "watch"} {
+		switch c.admittedVerb(ctx, info, verb, c.Recheck) {
+		case allowed:
+			continue
+		case denied:
+			if verb == "list" || info.Watch {
+				c.forget(info)
+			}
+		}
 		return nil, filter{}
 	}
 	return c.start(scope, info.Identity.Key()), filter{}
@@ -457,12 +459,8 @@ func (c *Cache) ended(st *stream, refuse bool) {
 	}
 	if refuse {
 		// Longer each time, up to an hour: a scope over the budget would
-		// otherwise be fetched whole again and again. A stream that had
-		// synced counts as a new start.
+		// otherwise be fetched whole again and again.
 		r := c.refused[st.scope]
-		if st.isSynced() {
-			r.n = 0
-		}
 		r.n++
 		r.until = time.Now().Add(min(refusedFor<<(r.n-1), time.Hour))
 		c.refused[st.scope] = r

@@ -417,13 +417,18 @@ func (s *stream) upstream(ctx context.Context, q url.Values, accept string) (*ht
 // send sends a GET of s's scope with query q as the owner; record lets
 // the recorder copy the answer.
 func (s *stream) send(ctx context.Context, q url.Values, accept string, record bool) (*http.Response, error) {
+	var cred string
+	if s.c.Credential != nil {
+		cred = s.c.Credential(s.owner)
+	}
 	rt := s.c.UpstreamAs(s.owner)
 	if rt == nil {
 		return nil, errNoCredentials
 	}
-	var cred string
-	if s.c.Credential != nil {
-		cred = s.c.Credential(s.owner)
+	if s.c.Credential != nil && s.c.Credential(s.owner) != cred {
+		// The owner's token changed between the two: which one rt sends
+		// is not known, so neither is taken as accepted.
+		cred = ""
 	}
 	u := "https://upstream" + s.path
 	if strings.Contains(u, "?") {
@@ -458,7 +463,15 @@ func (s *stream) send(ctx context.Context, q url.Values, accept string, record b
 	if resp.StatusCode != http.StatusOK {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 		resp.Body.Close()
-		return nil, &statusError{code: resp.StatusCode, msg: statusMessage(resp.Status, body)}
+		err := &statusError{code: resp.StatusCode, msg: statusMessage(resp.Status, body)}
+		if isAuthError(err) {
+			// Refused: while the stream retries, its owner is reviewed
+			// like everyone.
+			s.mu.Lock()
+			s.accepted = ""
+			s.mu.Unlock()
+		}
+		return nil, err
 	}
 	s.mu.Lock()
 	s.accepted = cred
