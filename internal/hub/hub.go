@@ -344,7 +344,8 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 				if err != nil {
 					h.log.Warn("watch cache: cannot record what a caller may read offline", "identity", identity, "err", err)
 				}
-			}}
+			},
+			Grants: func(fn func(string, store.ViewKey) error) error { return reader.Grants(st, fn) }}
 		g.Go(func() error { return wc.Run(gctx) })
 		shared = wc
 		// Before the recorder and the converger run: both read it.

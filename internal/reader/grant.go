@@ -3,6 +3,7 @@ package reader
 import (
 	"encoding/json"
 	"fmt"
+	"strings"
 
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -51,6 +52,22 @@ func DeleteGrant(st *store.Store, identity string, asked store.ViewKey) error {
 		return nil
 	}
 	return st.DeleteDoc(key)
+}
+
+// Grants calls fn with each grant the store holds: whose it is and the
+// scope it was allowed.
+func Grants(st *store.Store, fn func(identity string, asked store.ViewKey) error) error {
+	return st.Docs(grantPrefix, func(key, _ string, _ []byte) error {
+		identity, scope, ok := strings.Cut(strings.TrimPrefix(key, grantPrefix), "\x00")
+		if !ok {
+			return nil
+		}
+		var asked store.ViewKey
+		if err := json.Unmarshal([]byte(scope), &asked); err != nil {
+			return nil // not one of ours: left alone
+		}
+		return fn(identity, asked)
+	})
 }
 
 // granted returns the view identity may read for want, and the version

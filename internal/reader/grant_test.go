@@ -63,6 +63,14 @@ func TestGrantAnswersUpToItsPin(t *testing.T) {
 	if err := c.Reader.Store.DeleteView(store.ViewKey{Identity: reader.Key(), Resource: "/v1/configmaps", Namespace: "ns"}); err != nil {
 		t.Fatal(err)
 	}
+	// The stored grants can be listed, for a review after a reconnect.
+	var all []string
+	if err := Grants(c.Reader.Store, func(identity string, a store.ViewKey) error {
+		all = append(all, identity+" "+a.String())
+		return nil
+	}); err != nil || len(all) != 1 || all[0] != reader.Key()+" "+asked.String() {
+		t.Errorf("stored grants %v (%v), want the reader's of %v", all, err, asked)
+	}
 	// A denied caller's grant goes, and then nothing answers it.
 	if err := DeleteGrant(c.Reader.Store, reader.Key(), asked); err != nil {
 		t.Fatal(err)

@@ -383,3 +383,59 @@ func TestWatchCountAfterRegrant(t *testing.T) {
 		t.Errorf("one watch open under the grant, its count says %d", n)
 	}
 }
+
+// verdicts answers access reviews by token: allowed unless it is "no".
+type verdicts struct {
+	mu      sync.Mutex
+	reviews []string // the tokens asked with
+}
+
+func (v *verdicts) RoundTrip(r *http.Request) (*http.Response, error) {
+	tok := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+	v.mu.Lock()
+	v.reviews = append(v.reviews, tok)
+	v.mu.Unlock()
+	body := `{"status":{"allowed":` + strconv.FormatBool(tok != "no") + `}}`
+	return &http.Response{StatusCode: http.StatusCreated, Header: http.Header{"Content-Type": {"application/json"}},
+		Body: io.NopCloser(strings.NewReader(body)), Request: r}, nil
+}
+
+// TestStoredGrantsReviewedAfterReconnect: a grant was taken back only
+// when its caller asked the same scope again online and was denied; one
+// that never asked again (kubelet, once its pod was deleted) kept it, and
+// was answered from it offline, across restarts.
+func TestStoredGrantsReviewedAfterReconnect(t *testing.T) {
+	api := &verdicts{}
+	tokens := map[string]string{"system:serviceaccount:ns:revoked": "no", "system:serviceaccount:ns:still": "yes", "system:serviceaccount:ns:active": "yes"}
+	c := &Cache{Log: newTestStream(1).c.Log,
+		UpstreamAs: func(id string) http.RoundTripper {
+			if tok, ok := tokens[id]; ok {
+				return withToken{api, tok}
+			}
+			return nil
+		}}
+	c.init()
+	grants := logGrants(c)
+	asked := store.ViewKey{Resource: "/v1/configmaps", Namespace: "ns", FieldSelector: "metadata.name=pod-config"}
+	stored := []string{"system:serviceaccount:ns:revoked", "system:serviceaccount:ns:still", "system:serviceaccount:ns:active", "system:serviceaccount:ns:unknown"}
+	c.Grants = func(fn func(string, store.ViewKey) error) error {
+		for _, id := range stored {
+			if err := fn(id, asked); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	back := time.Now()
+	// "active" was served, and so reviewed, since the link came back.
+	done := make(chan struct{})
+	close(done)
+	c.reviews[reviewKey{identity: "system:serviceaccount:ns:active\x00h", verb: "watch", scope: asked}] = &review{done: done, verdict: allowed, at: back.Add(time.Second)}
+	c.reviewGrants(context.Background(), back)
+	if want := []string{"delete"}; !slices.Equal(grants(), want) {
+		t.Errorf("grants told %v, want %v (only the revoked caller's taken back)", grants(), want)
+	}
+	if want := []string{"no", "yes"}; !slices.Equal(api.reviews, want) {
+		t.Errorf("reviews asked with tokens %v, want %v (none for the caller reviewed since, nor for one outpost holds no credentials of)", api.reviews, want)
+	}
+}

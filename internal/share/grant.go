@@ -2,7 +2,11 @@ package share
 
 import (
 	"context"
+	"math/rand/v2"
+	"strings"
 	"time"
+
+	"k8s.io/apimachinery/pkg/fields"
 
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
@@ -113,10 +117,17 @@ func (c *Cache) forget(info *request.Info) {
 }
 
 // keepPins writes moved pins every pinEvery and when the link goes down,
-// until ctx ends, and once more then.
+// until ctx ends, and once more then; and reviews the stored grants
+// again a while after the link comes back (regrantDelay).
 func (c *Cache) keepPins(ctx context.Context) {
 	t := time.NewTicker(pinEvery)
 	defer t.Stop()
+	var recheck <-chan time.Time
+	var back time.Time // when the link last came back
+	if c.online() {
+		back = time.Now()
+		recheck = time.After(regrantDelay(c.Recheck))
+	}
 	for {
 		var changed <-chan struct{}
 		if c.Changed != nil {
@@ -128,9 +139,117 @@ func (c *Cache) keepPins(ctx context.Context) {
 			return
 		case <-t.C:
 		case <-changed:
+			if c.online() {
+				back = time.Now()
+				recheck = time.After(regrantDelay(c.Recheck))
+			}
+		case <-recheck:
+			recheck = nil
+			if c.online() {
+				c.reviewGrants(ctx, back)
+			}
 		}
 		c.writePins()
 	}
+}
+
+// regrantDelay is how long after the link comes back the stored grants are
+// reviewed: callers served meanwhile are reviewed anyway (and so skipped),
+// and a fleet back at once does not ask all at once.
+func regrantDelay(recheck time.Duration) time.Duration {
+	d := recheck / 4
+	return d + time.Duration(rand.Int64N(int64(d)+1))
+}
+
+// reviewGrants asks the apiserver again, with the credentials outpost
+// holds for each grant's caller, whether it may still list the scope it
+// was granted, unless an answer since the link came back (at back) said
+// so; a no takes the grant back. A caller whose credentials
+// outpost does not hold (it has not asked since outpost started) keeps its
+// grant until it asks.
+func (c *Cache) reviewGrants(ctx context.Context, back time.Time) {
+	if c.Grants == nil || c.Grant == nil {
+		return
+	}
+	var all []grantKey
+	if err := c.Grants(func(identity string, asked store.ViewKey) error {
+		all = append(all, grantKey{identity, asked})
+		return nil
+	}); err != nil {
+		c.Log.Warn("watch cache: cannot read the stored grants to review them", "err", err)
+		return
+	}
+	for _, g := range all {
+		if ctx.Err() != nil || !c.online() {
+			return
+		}
+		if c.reviewedSince(g.identity, g.asked, back) {
+			continue
+		}
+		rt := c.UpstreamAs(g.identity)
+		if rt == nil {
+			continue
+		}
+		info, ok := infoOf(g.asked)
+		if !ok {
+			continue
+		}
+		rctx, cancel := context.WithTimeout(ctx, reviewTimeout)
+		allowed, err := c.reviewAs(rctx, rt, info, "list")
+		cancel()
+		if err != nil {
+			// No answer says nothing; nor does a 401 (the token outpost
+			// holds is dead, and the user's others may not be).
+			continue
+		}
+		if c.Metrics != nil {
+			c.Metrics.WatchCacheReviews.WithLabelValues(map[bool]string{true: "allowed", false: "denied"}[allowed]).Inc()
+		}
+		if !allowed {
+			c.Log.Info("watch cache: a stored grant is taken back", "identity", g.identity, "scope", describe(g.asked))
+			c.grantMu.Lock()
+			c.mu.Lock()
+			delete(c.grants, g)
+			c.mu.Unlock()
+			c.Grant(g.identity, g.asked, store.ViewKey{}, 0, false)
+			c.grantMu.Unlock()
+		}
+	}
+}
+
+// reviewedSince reports whether the apiserver allowed identity to read
+// asked, with any of its credentials and verbs, since t.
+func (c *Cache) reviewedSince(identity string, asked store.ViewKey, t time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k, rv := range c.reviews {
+		if k.scope == asked && strings.HasPrefix(k.identity, identity+"\x00") && isClosed(rv.done) && rv.verdict == allowed && !rv.at.Before(t) {
+			return true
+		}
+	}
+	return false
+}
+
+// infoOf is what a review of asked needs of a request.
+func infoOf(asked store.ViewKey) (*request.Info, bool) {
+	group, rest, ok := strings.Cut(asked.Resource, "/")
+	if !ok {
+		return nil, false
+	}
+	version, resource, ok := strings.Cut(rest, "/")
+	if !ok || strings.Contains(resource, "#") {
+		return nil, false
+	}
+	info := &request.Info{Namespace: asked.Namespace, APIGroup: group, APIVersion: version, Resource: resource,
+		LabelSelector: asked.LabelSelector, FieldSelector: asked.FieldSelector, Fields: fields.Everything()}
+	if asked.FieldSelector != "" {
+		f, err := fields.ParseSelector(asked.FieldSelector)
+		if err != nil {
+			return nil, false
+		}
+		info.Fields = f
+	}
+	return info, true
 }
 
 // writePins writes the pins that moved: to the stream's version for the

@@ -166,6 +166,11 @@ func isClosed(ch chan struct{}) bool {
 // review asks the apiserver, as info's caller, whether it may use verb on
 // the scope info asks for.
 func (c *Cache) review(ctx context.Context, info *request.Info, verb string) (bool, error) {
+	return c.reviewAs(ctx, c.As(info.Identity), info, verb)
+}
+
+// reviewAs is review, sending with rt.
+func (c *Cache) reviewAs(ctx context.Context, rt http.RoundTripper, info *request.Info, verb string) (bool, error) {
 	attrs := &authorizationv1.ResourceAttributes{
 		Namespace: info.Namespace,
 		Verb:      verb,
@@ -198,7 +203,7 @@ func (c *Cache) review(ctx context.Context, info *request.Info, verb string) (bo
 	}
 	r.Header.Set("Content-Type", "application/json")
 	r.Header.Set("Accept", "application/json")
-	resp, err := c.As(info.Identity).RoundTrip(r)
+	resp, err := rt.RoundTrip(r)
 	if err != nil {
 		return false, err
 	}

@@ -92,6 +92,12 @@ type Cache struct {
 	// reader answers it offline from that view, no newer than rv
 	// (reader.PutGrant).
 	Grant func(identity string, asked, source store.ViewKey, rv uint64, allowed bool)
+	// Grants, if set, calls fn with each grant the store holds
+	// (reader.Grants). After a reconnect, those whose callers were not
+	// reviewed again meanwhile are, with the credentials outpost holds
+	// for them, and taken back when the apiserver says no: as the
+	// recorder's re-list deletes a view its identity may no longer read.
+	Grants func(fn func(identity string, asked store.ViewKey) error) error
 	// Online reports whether the cloud is reachable, and Changed returns a
 	// channel closed at the next change. Nil: always online.
 	Online  func() bool

@@ -153,7 +153,8 @@ func TestGrantPinnedAtLossOfAccess(t *testing.T) {
 		t.Fatal(err)
 	}
 	wideToken := cp.ServiceAccountToken(t, ns, "wide", framework.ReaderRole)
-	o, link := cp.StartOutpostWithLinkT(t, node, "--watch-cache", "--probe-interval=500ms")
+	// A short recheck: stored grants are reviewed 1–2 s after a reconnect.
+	o, link := cp.StartOutpostWithLinkT(t, node, "--watch-cache", "--probe-interval=500ms", "--watch-cache-recheck=4s")
 	wide := kubernetes.NewForConfigOrDie(o.ClientConfig("", "", wideToken)).CoreV1()
 	// Wide's stream of the namespace, kept open by its watch.
 	l, err := wide.ConfigMaps(ns).List(ctx, metav1.ListOptions{ResourceVersion: "0"})
@@ -240,4 +241,23 @@ func TestGrantPinnedAtLossOfAccess(t *testing.T) {
 		}
 	}
 	t.Logf("offline, the node's list by name: %d items", len(off.Items))
+
+	// Back online, the stored grant is reviewed again with the node's
+	// credentials, the apiserver says no, and it goes: offline again, the
+	// node is answered nothing from it.
+	link.Pass()
+	if _, err := o.WaitState(ctx, "online", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(4 * time.Second)
+	link.Blackhole()
+	if _, err := o.WaitState(ctx, "offline", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := kubelet.ConfigMaps(ns).List(ctx, metav1.ListOptions{FieldSelector: "metadata.name=pod-config"}); err == nil {
+		t.Errorf("offline after a reconnect, the node was still answered from a grant the apiserver no longer allows: %d items", len(l.Items))
+	}
+	if l, err := wide.ConfigMaps(ns).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != 1 {
+		t.Errorf("offline after a reconnect, wide's own list: %v %v", l, err)
+	}
 }
