@@ -724,7 +724,8 @@ func TestLostClaimRelisted(t *testing.T) {
 	}
 	// The first copy claims 20, the second is passed over and ends.
 	pw1, resp1 := start()
-	go func() { _, _ = io.CopyN(io.Discard, resp1.Body, 64<<10) }()
+	copied := make(chan struct{})
+	go func() { _, _ = io.CopyN(io.Discard, resp1.Body, 64<<10); close(copied) }()
 	if _, err := pw1.Write(body[:64<<10]); err != nil {
 		t.Fatal(err)
 	}
@@ -736,7 +737,9 @@ func TestLostClaimRelisted(t *testing.T) {
 	}
 	_ = pw2.Close()
 	<-done
-	// The first one's client goes away.
+	// The first one's client goes away (once done reading: a body is not
+	// read and closed at once).
+	<-copied
 	_ = resp1.Body.Close()
 	_ = pw1.Close()
 	waitFor(t, "the view re-listed on its own", func() bool {

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -90,7 +91,7 @@ func TestCrash(t *testing.T) {
 	for run := 0; run < runs && time.Now().Before(deadline); run++ {
 		// The writer says "ready" once it has opened the store; the kill
 		// comes at a random moment after that.
-		var out bytes.Buffer
+		var out lockedBuffer // the child's stderr and stdout, written from two goroutines
 		cmd := exec.Command(os.Args[0], "-test.run=^TestCrash$", "-test.count=1")
 		cmd.Env = append(os.Environ(), crashChildEnv+"="+path)
 		cmd.Stderr = &out
@@ -112,17 +113,17 @@ func TestCrash(t *testing.T) {
 			if !ok {
 				_ = cmd.Process.Kill()
 				_ = cmd.Wait()
-				t.Fatalf("run %d: the writer did not start:\n%s", run, out.Bytes())
+				t.Fatalf("run %d: the writer did not start:\n%s", run, out.String())
 			}
 		case <-time.After(20 * time.Second):
 			t.Fatalf("run %d: the writer did not start in 20 s", run)
 		}
 		time.Sleep(50*time.Millisecond + rand.N(maxDelay-50*time.Millisecond))
 		if err := cmd.Process.Kill(); err != nil {
-			t.Fatalf("run %d: killing the writer: %v\n%s", run, err, out.Bytes())
+			t.Fatalf("run %d: killing the writer: %v\n%s", run, err, out.String())
 		}
 		if err := cmd.Wait(); err == nil || cmd.ProcessState.Exited() {
-			t.Fatalf("run %d: the writer stopped by itself: %v\n%s", run, err, out.Bytes())
+			t.Fatalf("run %d: the writer stopped by itself: %v\n%s", run, err, out.String())
 		}
 
 		s, err := Open(path, Options{})
@@ -256,4 +257,22 @@ func crashChild(t *testing.T, path string) {
 			}
 		}
 	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for concurrent writers.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
