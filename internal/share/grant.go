@@ -46,7 +46,9 @@ const pinEvery = 10 * time.Second
 // own view, and reports its grant.
 func (c *Cache) remember(info *request.Info, st *stream) (grantKey, bool) {
 	asked, id := scopeOf(info), info.Identity.Key()
-	if c.Grant == nil || (id == st.owner && asked == st.scope) {
+	if c.Grant == nil || (id == st.owner && asked == st.scope) || (c.Recorded != nil && !c.Recorded(id)) {
+		// Its own view, or a caller --record-identities leaves out,
+		// which nothing answers offline.
 		return grantKey{}, false
 	}
 	source := st.scope
@@ -124,6 +126,7 @@ func (c *Cache) keepPins(ctx context.Context) {
 	defer t.Stop()
 	var recheck <-chan time.Time
 	var back time.Time // when the link last came back
+	due := false       // a review came due while the link was down
 	if c.online() {
 		back = time.Now()
 		recheck = time.After(regrantDelay(c.Recheck))
@@ -139,7 +142,15 @@ func (c *Cache) keepPins(ctx context.Context) {
 			return
 		case <-t.C:
 		case <-changed:
-			if c.online() {
+			switch {
+			case !c.online():
+			case due:
+				// It came due while the link was down: soon, not a
+				// whole delay later (a link that keeps dropping would
+				// never see it).
+				back, due = time.Now(), false
+				recheck = time.After(regrantDelay(c.Recheck) / 4)
+			case recheck == nil:
 				back = time.Now()
 				recheck = time.After(regrantDelay(c.Recheck))
 			}
@@ -147,6 +158,8 @@ func (c *Cache) keepPins(ctx context.Context) {
 			recheck = nil
 			if c.online() {
 				c.reviewGrants(ctx, back)
+			} else {
+				due = true
 			}
 		}
 		c.writePins()
@@ -210,6 +223,12 @@ func (c *Cache) reviewGrants(ctx context.Context, back time.Time) {
 			c.grantMu.Lock()
 			c.mu.Lock()
 			delete(c.grants, g)
+			for k := range c.reviews {
+				// Its kept yeses go too: the next request asks.
+				if k.scope == g.asked && strings.HasPrefix(k.identity, g.identity+"\x00") {
+					delete(c.reviews, k)
+				}
+			}
 			c.mu.Unlock()
 			c.Grant(g.identity, g.asked, store.ViewKey{}, 0, false)
 			c.grantMu.Unlock()

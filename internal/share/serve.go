@@ -227,6 +227,7 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 	defer tick.Stop()
 	recheck := time.NewTimer(recheckPeriod(c.Recheck))
 	defer recheck.Stop()
+	allowedAt := time.Now() // the last yes, at most Recheck old
 	var bookmarked uint64
 	for {
 		evs, after, at, notify, done, ok := st.events(next)
@@ -235,6 +236,21 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			// apiserver ends such a watch too; the client resumes.
 			return true
 		}
+		if len(evs) > 0 && time.Since(allowedAt) > c.Recheck {
+			// Its rechecks were skipped (offline): asked before it gets
+			// what came since, which a caller revoked meanwhile must not.
+			// No answer ends it too; the client watches again, asked.
+			switch v := c.admit(ctx, info, st, f, c.Recheck/2); v {
+			case allowed:
+				allowedAt = time.Now()
+			case denied:
+				c.forget(info)
+				return true
+			default:
+				return true
+			}
+		}
+		var left uint64
 		sent := false
 		if len(evs) > 0 {
 			// A client that stops reading is let go rather than holding
@@ -261,6 +277,17 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 				return true
 			}
 			sent = true
+			if typ == watch.Deleted && e.typ == watch.Modified {
+				left = max(left, e.rv) // sent at its previous version
+			}
+		}
+		if left > bookmarked && o.AllowWatchBookmarks {
+			// The version a leaving object's DELETED did not bring the
+			// client to.
+			if err := enc.Bookmark(strconv.FormatUint(left, 10), false); err != nil {
+				return true
+			}
+			bookmarked = left
 		}
 		next = after
 		if sent {
@@ -290,12 +317,16 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 			// apart, answers kept half of it), so a revoke ends the watch
 			// within Recheck. Offline, or when no answer comes, the watch goes on
 			// on the last one.
-			if v := c.recheck(ctx, info, st, f); v == denied || v == rejected {
+			v := c.recheck(ctx, info, st, f)
+			if v == denied || v == rejected {
 				if v == denied {
 					c.forget(info)
 				}
 				c.Log.Info("watch cache: access revoked; ending the watch", "identity", info.Identity.Key(), "scope", describe(scopeOf(info)))
 				return true
+			}
+			if v == allowed {
+				allowedAt = time.Now()
 			}
 			recheck.Reset(recheckPeriod(c.Recheck))
 		case <-deadline.C:
@@ -378,8 +409,8 @@ func (c *Cache) served(verb string) {
 }
 
 // event is what a watch filtered by f sees of e: an object entering the
-// selection is ADDED, one leaving it DELETED (with its new state, so the
-// client's resourceVersion moves on), others as they are.
+// selection is ADDED, one leaving it DELETED (with its previous state, as
+// the apiserver sends it), others as they are.
 func (f filter) event(e event) (watch.EventType, store.Object, bool) {
 	if !f.on {
 		return e.typ, e.obj, true
@@ -396,7 +427,10 @@ func (f filter) event(e event) (watch.EventType, store.Object, bool) {
 		case cur:
 			return watch.Added, e.obj, true
 		case prev:
-			return watch.Deleted, e.obj, true
+			// As kube-apiserver's watch cache: the object as the watch
+			// last saw it (its new content may be what the caller may not
+			// read); the watch then gets a BOOKMARK at the new version.
+			return watch.Deleted, *e.prev, true
 		}
 		return "", store.Object{}, false
 	case watch.Deleted:
