@@ -73,6 +73,9 @@ func ask(t *testing.T, c *Cache, id request.Identity, target string, header http
 
 const listRV0 = "/api/v1/namespaces/ns/configmaps?resourceVersion=0"
 
+// other is a second caller, served from token's streams.
+var other = request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
+
 // logGrants makes c's Grant log what it is told ("put RV", "delete"),
 // and returns a copy of the log so far.
 func logGrants(c *Cache) func() []string {
@@ -163,7 +166,6 @@ func TestDenialOfOneVerbTakesBackTheOther(t *testing.T) {
 	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
 	c := newTestCache(t, api)
 	grants := logGrants(c)
-	other := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
 	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
 		t.Fatal("not served")
 	}
@@ -235,7 +237,6 @@ func TestPinsFollowWhatWasServed(t *testing.T) {
 	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
 	c := newTestCache(t, api)
 	got := logGrants(c)
-	other := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
 	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
 		t.Fatal("not served")
 	}
@@ -362,7 +363,6 @@ func TestWatchCountAfterRegrant(t *testing.T) {
 	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
 	c := newTestCache(t, api)
 	logGrants(c)
-	other := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
 	if !ask(t, c, token, listRV0, nil) {
 		t.Fatal("not served")
 	}

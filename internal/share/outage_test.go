@@ -50,7 +50,6 @@ func TestWatchAskedAgainAfterOutage(t *testing.T) {
 	go func() { _ = c.Run(runCtx); close(ran) }()
 	defer func() { stop(); <-ran }()
 	<-c.startedChan()
-	other := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
 	if !ask(t, c, token, listRV0, nil) {
 		t.Fatal("the owner was not served")
 	}
@@ -141,7 +140,6 @@ func TestUnrecordedCallerGetsNoGrant(t *testing.T) {
 	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
 	c := newTestCache(t, api)
 	grants := logGrants(c)
-	other := request.Identity{Kind: request.BearerToken, User: "system:serviceaccount:ns:other", Token: "o", TokenHash: "o"}
 	c.Recorded = func(id string) bool { return id == token.User }
 	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
 		t.Fatal("not served")
