@@ -430,7 +430,7 @@ func TestStoredGrantsReviewedAfterReconnect(t *testing.T) {
 	// "active" was served, and so reviewed, since the link came back.
 	done := make(chan struct{})
 	close(done)
-	c.reviews[reviewKey{identity: "system:serviceaccount:ns:active\x00h", verb: "watch", scope: asked}] = &review{done: done, verdict: allowed, at: back.Add(time.Second)}
+	c.reviews[reviewKey{user: "system:serviceaccount:ns:active", token: "h", verb: "watch", scope: asked}] = &review{done: done, verdict: allowed, at: back.Add(time.Second)}
 	c.reviewGrants(context.Background(), back)
 	if want := []string{"delete"}; !slices.Equal(grants(), want) {
 		t.Errorf("grants told %v, want %v (only the revoked caller's taken back)", grants(), want)

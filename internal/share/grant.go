@@ -223,12 +223,8 @@ func (c *Cache) reviewGrants(ctx context.Context, back time.Time) {
 			c.grantMu.Lock()
 			c.mu.Lock()
 			delete(c.grants, g)
-			for k := range c.reviews {
-				// Its kept yeses go too: the next request asks.
-				if k.scope == g.asked && strings.HasPrefix(k.identity, g.identity+"\x00") {
-					delete(c.reviews, k)
-				}
-			}
+			// Its kept yeses go too: the next request asks.
+			c.dropAnswers(g.identity, g.asked, reviewKey{})
 			c.mu.Unlock()
 			c.Grant(g.identity, g.asked, store.ViewKey{}, 0, false)
 			c.grantMu.Unlock()
@@ -242,7 +238,7 @@ func (c *Cache) reviewedSince(identity string, asked store.ViewKey, t time.Time)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for k, rv := range c.reviews {
-		if k.scope == asked && strings.HasPrefix(k.identity, identity+"\x00") && isClosed(rv.done) && rv.verdict == allowed && !rv.at.Before(t) {
+		if k.user == identity && k.scope == asked && isClosed(rv.done) && rv.verdict == allowed && !rv.at.Before(t) {
 			return true
 		}
 	}

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"strings"
 	"time"
 
 	authorizationv1 "k8s.io/api/authorization/v1"
@@ -18,12 +17,14 @@ import (
 	"github.com/outposthq/outpost/internal/store"
 )
 
-// reviewKey is one question to the apiserver: may this identity use this
-// verb on this scope.
+// reviewKey is one question to the apiserver: may this user, with this
+// token (or certificate), use this verb on this scope. A token's own
+// answer: a token the apiserver no longer accepts must not live on
+// through another token of the same user.
 type reviewKey struct {
-	identity string
-	verb     string
-	scope    store.ViewKey
+	user, token string
+	verb        string
+	scope       store.ViewKey
 }
 
 // review is the apiserver's answer to one question, shared by the
@@ -70,9 +71,7 @@ func (c *Cache) admitted(ctx context.Context, info *request.Info, maxAge time.Du
 
 // admittedVerb is admitted for verb, with an answer at most maxAge old.
 func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb string, maxAge time.Duration) verdict {
-	// A token's own answer: a token the apiserver no longer accepts must
-	// not live on through another token of the same user.
-	k := reviewKey{identity: info.Identity.Key() + "\x00" + info.Identity.TokenHash, verb: verb, scope: scopeOf(info)}
+	k := reviewKey{user: info.Identity.Key(), token: info.Identity.TokenHash, verb: verb, scope: scopeOf(info)}
 	c.mu.Lock()
 	rv := c.reviews[k]
 	ask := false
@@ -130,12 +129,17 @@ func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb strin
 // verbs or tokens: after a no, a yes asked before it must not serve (and
 // grant) again until asked again.
 func (c *Cache) denyOthers(k reviewKey) {
-	user, _, _ := strings.Cut(k.identity, "\x00")
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for o, rv := range c.reviews {
-		if o != k && o.scope == k.scope && strings.HasPrefix(o.identity, user+"\x00") && isClosed(rv.done) {
-			delete(c.reviews, o)
+	c.dropAnswers(k.user, k.scope, k)
+}
+
+// dropAnswers forgets the answers kept for user and scope, but except's;
+// one still being asked is asked now, and stays. c.mu is held.
+func (c *Cache) dropAnswers(user string, scope store.ViewKey, except reviewKey) {
+	for k, rv := range c.reviews {
+		if k != except && k.user == user && k.scope == scope && isClosed(rv.done) {
+			delete(c.reviews, k)
 		}
 	}
 }
