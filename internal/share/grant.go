@@ -3,10 +3,9 @@ package share
 import (
 	"context"
 	"math/rand/v2"
+	"net/http"
 	"strings"
 	"time"
-
-	"k8s.io/apimachinery/pkg/fields"
 
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
@@ -245,26 +244,22 @@ func (c *Cache) reviewedSince(identity string, asked store.ViewKey, t time.Time)
 	return false
 }
 
-// infoOf is what a review of asked needs of a request.
+// infoOf is a request of asked, as a review of it needs, parsed as any
+// request is.
 func infoOf(asked store.ViewKey) (*request.Info, bool) {
-	group, rest, ok := strings.Cut(asked.Resource, "/")
-	if !ok {
+	if strings.HasSuffix(asked.Resource, "#meta") {
 		return nil, false
 	}
-	version, resource, ok := strings.Cut(rest, "/")
-	if !ok || strings.Contains(resource, "#") {
+	path, err := request.ViewURL(asked)
+	if err != nil {
 		return nil, false
 	}
-	info := &request.Info{Namespace: asked.Namespace, APIGroup: group, APIVersion: version, Resource: resource,
-		LabelSelector: asked.LabelSelector, FieldSelector: asked.FieldSelector, Fields: fields.Everything()}
-	if asked.FieldSelector != "" {
-		f, err := fields.ParseSelector(asked.FieldSelector)
-		if err != nil {
-			return nil, false
-		}
-		info.Fields = f
+	r, err := http.NewRequest(http.MethodGet, "https://upstream"+path, nil)
+	if err != nil {
+		return nil, false
 	}
-	return info, true
+	info, err := request.Parse(r, request.Identity{})
+	return info, err == nil && info.Fields != nil
 }
 
 // writePins writes the pins that moved: to the stream's version for the
