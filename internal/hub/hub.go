@@ -352,6 +352,9 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 		rec.KeptFresh = wc.KeepsFresh
 	}
 	g.Go(func() error { return h.monitor.Run(gctx) })
+	// A page of the file damaged at runtime is healed by a rebuild; the
+	// views it cost are fetched again through the recorder.
+	g.Go(func() error { return st.Run(gctx, rec.Lost) })
 	g.Go(func() error { return rec.Run(gctx) })
 	g.Go(func() error { return mem.Run(gctx) })
 	g.Go(func() error { return conv.Run(gctx) })

@@ -78,6 +78,7 @@ type Recorder struct {
 	pending    map[store.ViewKey]int // answers being decoded, per view
 	claims     map[store.ViewKey]*claim
 	listed     map[store.ViewKey]time.Time // when a whole answer last replaced each view
+	lost       map[store.ViewKey]bool      // dropped by a rebuild of the store, not listed since (see Lost)
 	refreshing map[store.ViewKey]bool      // queued in refreshes
 	refreshes  chan store.ViewKey
 	unrecorded map[string]*Unrecorded // by resource, without "#meta"
@@ -128,6 +129,7 @@ func (c *Recorder) init() {
 		c.pending = map[store.ViewKey]int{}
 		c.claims = map[store.ViewKey]*claim{}
 		c.listed = map[store.ViewKey]time.Time{}
+		c.lost = map[store.ViewKey]bool{}
 		c.refreshing = map[store.ViewKey]bool{}
 		c.refreshes = make(chan store.ViewKey, 256)
 		c.unrecorded = map[string]*Unrecorded{}
@@ -208,6 +210,7 @@ func (c *Recorder) writer(stop <-chan struct{}) {
 				c.mu.Lock()
 				c.listed[w.replace.view.Key] = c.Now()
 				delete(c.stale, w.replace.view.Key) // a whole answer made it whole
+				delete(c.lost, w.replace.view.Key)
 				c.mu.Unlock()
 			}
 		}
@@ -398,6 +401,23 @@ func (c *Recorder) markStale(k store.ViewKey) {
 	select {
 	case c.writes <- write{stale: &k}:
 	default:
+	}
+}
+
+// Lost takes the views a rebuild of the damaged store file dropped (see
+// store.Store.Run): each is fetched again at once by the refresher, and
+// until one is listed whole, by every re-list of its identity after a
+// reconnect (Relist), whatever else keeps it fresh.
+func (c *Recorder) Lost(keys []store.ViewKey) {
+	c.init()
+	c.mu.Lock()
+	for _, k := range keys {
+		c.lost[k] = true
+		delete(c.listed, k)
+	}
+	c.mu.Unlock()
+	for _, k := range keys {
+		c.refresh(k)
 	}
 }
 

@@ -35,22 +35,28 @@ func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstre
 	if rate <= 0 {
 		rate = 5
 	}
+	// The views a rebuild of the store dropped come first, and whatever
+	// keeps them fresh: the store no longer has them.
+	keys := c.lostOf(identity)
 	for _, v := range views {
 		// A view a client re-listed since is skipped before its turn
 		// (costing no wait) and when its turn comes.
 		if v.Key.Identity != identity || (!v.Stale && (c.listedSince(v.Key, since) || c.keptFresh(v.Key))) {
 			continue
 		}
+		keys = append(keys, v.Key)
+	}
+	for _, k := range keys {
 		jitter := time.Duration(rand.Int64N(int64(time.Second / time.Duration(rate))))
 		select {
 		case <-ctx.Done():
 			return done, ctx.Err()
 		case <-time.After(time.Second/time.Duration(rate) + jitter/2):
 		}
-		if !v.Stale && c.listedSince(v.Key, since) {
+		if c.listedSince(k, since) {
 			continue
 		}
-		ok, err := c.relistOne(ctx, v.Key, upstream)
+		ok, err := c.relistOne(ctx, k, upstream)
 		if err != nil {
 			return done, err
 		}
@@ -59,6 +65,20 @@ func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstre
 		}
 	}
 	return done, nil
+}
+
+// lostOf returns identity's views a rebuild of the store dropped and no
+// whole answer replaced since (see Lost).
+func (c *Recorder) lostOf(identity string) []store.ViewKey {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var keys []store.ViewKey
+	for k := range c.lost {
+		if k.Identity == identity {
+			keys = append(keys, k)
+		}
+	}
+	return keys
 }
 
 // keptFresh reports whether something else keeps view k fresh (a stream

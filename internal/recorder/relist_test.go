@@ -118,3 +118,86 @@ func TestRelistKeepsWatchEvents(t *testing.T) {
 		t.Errorf("view at %s holds %v, want [a]: the re-list undid the deletion its watch recorded", rv, names)
 	}
 }
+
+// TestLostViewsFetchedAgain: views a rebuild of the store dropped are
+// fetched again at once when the link is up; when it is not, by the next
+// re-list of their identity, even when something else keeps them fresh
+// (a stream of the node watch cache, which would not list them again).
+func TestLostViewsFetchedAgain(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "store.db"), store.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	up := make(chan bool, 1)
+	up <- true
+	asked := make(chan string, 16)
+	link := roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		online := <-up
+		up <- online
+		if !online {
+			return nil, fmt.Errorf("link down")
+		}
+		asked <- r.URL.Path
+		return configMapList("30", "a", "b"), nil
+	})
+	c := &Recorder{Store: st, Log: slog.New(slog.DiscardHandler), BatchDelay: time.Millisecond,
+		UpstreamAs: func(string) http.RoundTripper { return link },
+		KeptFresh:  func(store.ViewKey) bool { return true }}
+	c.init()
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = c.Run(ctx)
+	}()
+	defer func() { cancel(); <-done }()
+	waitFor := func(k store.ViewKey) {
+		t.Helper()
+		for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+			if names, rv := members(t, st, k); rv == "30" && slices.Equal(names, []string{"a", "b"}) {
+				return
+			}
+		}
+		t.Fatalf("view %s was not fetched again", k)
+	}
+
+	online := store.ViewKey{Identity: "node", Resource: "/v1/configmaps", Namespace: "chaos"}
+	c.Lost([]store.ViewKey{online})
+	waitFor(online)
+
+	<-up
+	up <- false
+	offline := store.ViewKey{Identity: "node", Resource: "/v1/configmaps", Namespace: "other"}
+	c.Lost([]store.ViewKey{offline})
+	// The refresher's attempt fails; the view waits for the reconnect.
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		c.mu.Lock()
+		queued := c.refreshing[offline]
+		c.mu.Unlock()
+		if !queued {
+			break
+		}
+	}
+	if _, ok, _ := st.View(offline); ok {
+		t.Fatal("fetched while the link was down")
+	}
+	<-up
+	up <- true
+	for len(asked) > 0 {
+		<-asked
+	}
+	// The reconnect's re-list: the online view was listed after since and
+	// is kept fresh, so only the lost one is asked.
+	n, err := c.Relist(t.Context(), "node", 100, link, time.Now().Add(-time.Hour))
+	if err != nil || n != 1 {
+		t.Fatalf("Relist: %d views, %v; want 1", n, err)
+	}
+	waitFor(offline)
+	if got := <-asked; got != "/api/v1/namespaces/other/configmaps" {
+		t.Errorf("re-listed %s", got)
+	}
+	if n, _ := c.Relist(t.Context(), "node", 100, link, time.Now().Add(-time.Hour)); n != 0 {
+		t.Errorf("the next re-list asked %d views again; the lost one was listed", n)
+	}
+}

@@ -67,7 +67,9 @@ func OpenReadOnly(path string, opts Options) (s *Store, err error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Store{db: db, log: log, seal: sl}, nil
+	st := newStore(db, path, opts, sl, log)
+	st.readOnly = true
+	return st, nil
 }
 
 func openBoltReadOnly(path string) (db *bolt.DB, err error) {
@@ -117,7 +119,7 @@ func (noKey) Fingerprint() string { return "" }
 // cache` reads the store of a running outpost.
 func (s *Store) Snapshot(w io.Writer) (int64, error) {
 	var n int64
-	err := s.db.View(func(btx *bolt.Tx) error {
+	err := s.view(func(btx *bolt.Tx) error {
 		var err error
 		n, err = btx.WriteTo(w)
 		return err
@@ -150,7 +152,7 @@ func (s *Store) Verify(max int, agree func(data, proto []byte) error) (problems 
 		}
 		return len(problems) < max
 	}
-	err = s.db.View(func(btx *bolt.Tx) (err error) {
+	err = s.db.Load().View(func(btx *bolt.Tx) (err error) {
 		defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 		defer func() {
 			if r := recover(); r != nil {

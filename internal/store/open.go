@@ -83,7 +83,7 @@ func Open(path string, opts Options) (*Store, error) {
 			return nil, fmt.Errorf("opening new store file %s: %w", path, bad)
 		}
 	}
-	return &Store{db: db, log: log, seal: sl}, nil
+	return newStore(db, path, opts, sl, log), nil
 }
 
 // openDB opens and checks the file. bad says why the file is unusable; err
@@ -339,13 +339,9 @@ func removeAsides(path string, log *slog.Logger) error {
 // moveAside renames the file at path out of the way, keeping it for a
 // post-mortem.
 func moveAside(path string) (string, error) {
-	base := fmt.Sprintf("%s.corrupt-%d", path, time.Now().Unix())
-	aside := base
-	for i := 1; ; i++ {
-		if _, err := os.Lstat(aside); errors.Is(err, fs.ErrNotExist) {
-			break
-		}
-		aside = fmt.Sprintf("%s.%d", base, i)
+	aside, err := asideName(path)
+	if err != nil {
+		return "", err
 	}
 	if err := os.Rename(path, aside); err != nil {
 		return "", err

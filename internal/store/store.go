@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"sync"
+	"sync/atomic"
 
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
@@ -43,29 +45,52 @@ type Options struct {
 // concurrent use: bbolt runs one writing transaction at a time and any
 // number of reading ones, each on a consistent snapshot.
 type Store struct {
-	db   *bolt.DB
-	log  *slog.Logger
-	seal *sealing // nil: nothing is sealed
+	// db is the open file. Run replaces it with a rebuilt one (see
+	// rebuild); a reading transaction begun on the one it replaced finishes
+	// there.
+	db       atomic.Pointer[bolt.DB]
+	path     string
+	opts     Options
+	readOnly bool
+	log      *slog.Logger
+	seal     *sealing // nil: nothing is sealed
+
+	// wmu is held by every writing transaction, and by a rebuild while it
+	// copies the file: nothing written meanwhile would reach the copy.
+	wmu sync.Mutex
+	// damaged gets a token when a transaction finds the file damaged
+	// (ErrCorrupt); Run rebuilds it.
+	damaged chan struct{}
+}
+
+func newStore(db *bolt.DB, path string, opts Options, sl *sealing, log *slog.Logger) *Store {
+	s := &Store{path: path, opts: opts, log: log, seal: sl, damaged: make(chan struct{}, 1)}
+	s.db.Store(db)
+	return s
 }
 
 // Close closes the store file. Transactions still running finish first.
+// Run must have returned.
 func (s *Store) Close() error {
-	if err := s.db.Close(); err != nil {
+	if err := s.db.Load().Close(); err != nil {
 		return fmt.Errorf("closing store: %w", err)
 	}
 	return nil
 }
 
 // Path returns the path of the store file.
-func (s *Store) Path() string { return s.db.Path() }
+func (s *Store) Path() string { return s.path }
 
 // Update runs fn in a writing transaction. If fn returns an error, or
 // panics, nothing it did is kept; otherwise everything is committed (and
 // synced) at once before Update returns.
 func (s *Store) Update(fn func(*Tx) error) (err error) {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	defer s.noticeDamage(&err)
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer recoverCorrupt(&err)
-	err = s.db.Update(func(btx *bolt.Tx) error {
+	err = s.db.Load().Update(func(btx *bolt.Tx) error {
 		tx, err := newTx(btx, s.seal)
 		if err != nil {
 			return err
@@ -81,16 +106,40 @@ func (s *Store) Update(fn func(*Tx) error) (err error) {
 // Read runs fn in a reading transaction: everything fn reads comes from
 // one consistent snapshot, whatever is committed meanwhile.
 func (s *Store) Read(fn func(*Tx) error) (err error) {
-	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer recoverCorrupt(&err)
-	err = s.db.View(func(btx *bolt.Tx) error {
+	defer s.noticeDamage(&err)
+	return s.view(func(btx *bolt.Tx) error {
 		tx, err := newTx(btx, s.seal)
 		if err != nil {
 			return err
 		}
 		return fn(tx)
 	})
-	return closedErr(err)
+}
+
+// view runs fn in a reading transaction of the current file, turning a
+// panic into ErrCorrupt. A transaction that could not begin because a
+// rebuild closed the file it found begins again on the new one.
+func (s *Store) view(fn func(*bolt.Tx) error) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer recoverCorrupt(&err)
+	for {
+		db := s.db.Load()
+		err = db.View(fn)
+		if !errors.Is(err, bolterrors.ErrDatabaseNotOpen) || s.db.Load() == db {
+			return closedErr(err)
+		}
+	}
+}
+
+// noticeDamage hands a transaction's ErrCorrupt to Run, which rebuilds
+// the file.
+func (s *Store) noticeDamage(err *error) {
+	if errors.Is(*err, ErrCorrupt) {
+		select {
+		case s.damaged <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // recoverCorrupt turns a panic inside a transaction into ErrCorrupt. bbolt
