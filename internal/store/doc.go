@@ -47,7 +47,8 @@
 // never in between, and no object is half written. TestCrash kills a
 // writer at random moments to check this. A file that cannot be read, or
 // has another format version, is moved aside at Open and the cache starts
-// empty (see Open).
+// empty (see Open). A page damaged where Open does not look is found by
+// Run, which rebuilds the file from what still reads (see Run).
 //
 // # Transactions
 //

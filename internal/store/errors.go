@@ -15,7 +15,8 @@ var ErrClosed = errors.New("store is closed")
 // carries the panic value). The answer being built is abandoned rather than
 // served half-read; callers treat it as a cache miss. Open moves a file
 // that is unusable as a whole aside, but does not read every record, so a
-// damaged record deep in a sound file only surfaces here.
+// damaged record deep in a sound file only surfaces here; Run then rebuilds
+// the file from what still reads.
 var ErrCorrupt = errors.New("store record is corrupt")
 
 // ErrInvalidKey is returned for an object or view that cannot be stored: an

@@ -39,7 +39,8 @@ const initialMmapSize = 1 << 30
 // deleted instead, and so are files moved aside before: they may hold
 // Secrets in clear. Open does not read every
 // page (that would cost seconds on a large store at every start); a
-// damaged page it did not read surfaces later as ErrCorrupt.
+// damaged page it did not read surfaces later as ErrCorrupt, and Run heals
+// it.
 //
 // Open then applies Options.Sealer: see there.
 //
