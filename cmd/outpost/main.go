@@ -125,6 +125,7 @@ func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 	fs.StringVar(&cfg.LBMode, "lb-mode", cfg.LBMode, "choice among healthy apiservers: round-robin or priority (first healthy in --server order)")
 	fs.DurationVar(&cfg.ProbeInterval, "probe-interval", cfg.ProbeInterval, "time between health probes of each apiserver")
 	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "timeout of one health probe")
+	fs.DurationVar(&cfg.ProbeReadyInterval, "probe-ready-interval", cfg.ProbeReadyInterval, "time between /readyz probes of a healthy apiserver; the probes between them are HTTP/2 PINGs on a connection of their own, which cost the apiserver no request (0: every probe asks /readyz)")
 	fs.IntVar(&cfg.FailureThreshold, "failure-threshold", cfg.FailureThreshold, "consecutive failed probes that mark an apiserver unhealthy (a failed real request marks it at once)")
 	fs.IntVar(&cfg.SuccessThreshold, "success-threshold", cfg.SuccessThreshold, "consecutive good probes that mark an apiserver healthy again")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", cfg.ShutdownTimeout, "how long SIGTERM waits for in-flight requests before closing connections")

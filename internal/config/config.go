@@ -96,6 +96,12 @@ type Hub struct {
 	ProbeInterval time.Duration
 	// ProbeTimeout bounds one probe. Default 500ms.
 	ProbeTimeout time.Duration
+	// ProbeReadyInterval is the time between /readyz probes of a healthy
+	// apiserver; the probes between them are HTTP/2 PINGs, which cross the
+	// same link to the same process but cost the apiserver no request. An
+	// apiserver not healthy is probed with /readyz every ProbeInterval.
+	// Default 10s; 0: every probe asks /readyz.
+	ProbeReadyInterval time.Duration
 	// FailureThreshold consecutive failed probes mark an apiserver unhealthy.
 	// Default 1: one failed probe is enough, as a failed real request is.
 	FailureThreshold int
@@ -166,21 +172,22 @@ const DefaultMemoryLimit = 100 << 20
 // DefaultHub returns a Hub with every default filled in except NodeName.
 func DefaultHub() Hub {
 	return Hub{
-		DataDir:          "/var/lib/outpost",
-		SecureAddress:    "127.0.0.1:10268",
-		AdminAddress:     "127.0.0.1:10267",
-		LBMode:           LBRoundRobin,
-		ProbeInterval:    500 * time.Millisecond,
-		ProbeTimeout:     500 * time.Millisecond,
-		FailureThreshold: 1,
-		SuccessThreshold: 2,
-		RecordIdentities: []string{"*"},
-		ServiceProxies:   []string{"system:serviceaccount:kube-system:kube-proxy", "system:kube-proxy"},
-		ClusterDomain:    "cluster.local",
-		FlapWindow:       10 * time.Second,
-		RelistRate:       5,
-		ShutdownTimeout:  15 * time.Second,
-		LogLevel:         "info",
+		DataDir:            "/var/lib/outpost",
+		SecureAddress:      "127.0.0.1:10268",
+		AdminAddress:       "127.0.0.1:10267",
+		LBMode:             LBRoundRobin,
+		ProbeInterval:      500 * time.Millisecond,
+		ProbeTimeout:       500 * time.Millisecond,
+		ProbeReadyInterval: 10 * time.Second,
+		FailureThreshold:   1,
+		SuccessThreshold:   2,
+		RecordIdentities:   []string{"*"},
+		ServiceProxies:     []string{"system:serviceaccount:kube-system:kube-proxy", "system:kube-proxy"},
+		ClusterDomain:      "cluster.local",
+		FlapWindow:         10 * time.Second,
+		RelistRate:         5,
+		ShutdownTimeout:    15 * time.Second,
+		LogLevel:           "info",
 	}
 }
 
@@ -240,6 +247,9 @@ func (c *Hub) Validate() error {
 	}
 	if c.ProbeInterval <= 0 || c.ProbeTimeout <= 0 {
 		errs = append(errs, errors.New("--probe-interval and --probe-timeout must be positive"))
+	}
+	if c.ProbeReadyInterval < 0 {
+		errs = append(errs, errors.New("--probe-ready-interval must not be negative"))
 	}
 	if c.FailureThreshold < 1 || c.SuccessThreshold < 1 {
 		errs = append(errs, errors.New("--failure-threshold and --success-threshold must be at least 1"))

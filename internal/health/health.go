@@ -36,6 +36,14 @@ type Monitor struct {
 	Count int
 	// Probe checks one apiserver. Required.
 	Probe ProbeFunc
+	// Ping, if set, is a cheaper check of a healthy apiserver (an HTTP/2
+	// PING: the link and the process, not its readiness), used for every
+	// probe but one each ReadyInterval. A server not healthy is always
+	// probed with Probe, so that it comes back only once ready.
+	Ping ProbeFunc
+	// ReadyInterval is the time between Probes of a healthy server when
+	// Ping is set; 0 probes with Probe every time.
+	ReadyInterval time.Duration
 	// Reachable, if set, is a cheaper check of the link to one apiserver
 	// and of its process (a TLS handshake), started when a probe has taken
 	// half its timeout. A probe that then times out while Reachable
@@ -140,15 +148,15 @@ func (m *Monitor) Changed() <-chan struct{} {
 // probe runs one probe of server i within timeout and, if it is slow and
 // checkReachable is set, Reachable beside it; reachable reports whether
 // that ran and succeeded.
-func (m *Monitor) probe(ctx context.Context, i int, timeout time.Duration, checkReachable bool) (reachable bool, err error) {
+func (m *Monitor) probe(ctx context.Context, i int, probe ProbeFunc, timeout time.Duration, checkReachable bool) (reachable bool, err error) {
 	pctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if m.Reachable == nil || !checkReachable {
-		return false, m.Probe(pctx, i)
+		return false, probe(pctx, i)
 	}
 	reach := make(chan error, 1)
 	slow := time.AfterFunc(timeout/2, func() { reach <- m.Reachable(pctx, i) })
-	err = m.Probe(pctx, i)
+	err = probe(pctx, i)
 	if slow.Stop() {
 		return false, err // answered within half its timeout
 	}
@@ -206,9 +214,17 @@ func (m *Monitor) loop(ctx context.Context, i int) {
 	defer t.Stop()
 	since := time.Now().UnixNano() // when the previous probe started
 	reachableExcuses := 0          // in a row
+	var ready time.Time            // when the last Probe started
 	for {
-		start := time.Now().UnixNano()
-		reachable, err := m.probe(ctx, i, timeout, reachableExcuses < MaxReachableExcuses)
+		now := time.Now()
+		start := now.UnixNano()
+		probe := m.Probe
+		if m.Ping != nil && m.ReadyInterval > 0 && now.Sub(ready) < m.ReadyInterval && m.Healthy(i) {
+			probe = m.Ping
+		} else {
+			ready = now
+		}
+		reachable, err := m.probe(ctx, i, probe, timeout, reachableExcuses < MaxReachableExcuses)
 		if ctx.Err() != nil {
 			return
 		}

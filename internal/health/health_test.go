@@ -272,3 +272,79 @@ func TestSlowProbeOfReachableServer(t *testing.T) {
 		}
 	})
 }
+
+// TestPingBetweenReadyProbes: a healthy server is pinged between probes,
+// one probe each ReadyInterval; once a ping fails, only probes run until
+// the server is healthy again, so that it comes back only once ready.
+func TestPingBetweenReadyProbes(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var mu sync.Mutex
+		var log []string
+		pingOK, probeOK := true, true
+		note := func(kind string, ok bool) error {
+			mu.Lock()
+			defer mu.Unlock()
+			log = append(log, kind)
+			if !ok {
+				return errors.New(kind + " failed")
+			}
+			return nil
+		}
+		m := &Monitor{Count: 1, Interval: 10 * time.Millisecond, ReadyInterval: 100 * time.Millisecond, SuccessThreshold: 2,
+			Probe: func(context.Context, int) error { mu.Lock(); ok := probeOK; mu.Unlock(); return note("probe", ok) },
+			Ping:  func(context.Context, int) error { mu.Lock(); ok := pingOK; mu.Unlock(); return note("ping", ok) }}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- m.Run(ctx) }()
+		counts := func() (probes, pings int) {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, k := range log {
+				if k == "probe" {
+					probes++
+				} else {
+					pings++
+				}
+			}
+			log = log[:0]
+			return probes, pings
+		}
+		time.Sleep(550 * time.Millisecond)
+		if probes, pings := counts(); probes < 4 || probes > 8 || pings < 5*probes {
+			t.Errorf("healthy for 550ms: %d probes and %d pings; want about one probe per 100ms and pings between", probes, pings)
+		}
+
+		mu.Lock()
+		pingOK, probeOK = false, false
+		mu.Unlock()
+		if !waitOffline(m, time.Second) {
+			t.Fatal("a failed ping did not mark the server down")
+		}
+		counts()
+		time.Sleep(200 * time.Millisecond)
+		if probes, pings := counts(); pings != 0 || probes < 5 {
+			t.Errorf("while down: %d probes and %d pings; want probes only", probes, pings)
+		}
+		mu.Lock()
+		pingOK, probeOK = true, true
+		mu.Unlock()
+		time.Sleep(200 * time.Millisecond)
+		if !m.Online() {
+			t.Fatal("not back online")
+		}
+		if probes, pings := counts(); probes < 2 || pings == 0 {
+			t.Errorf("coming back: %d probes and %d pings; want two probes, then pings", probes, pings)
+		}
+		cancel()
+		<-done
+	})
+}
+
+func waitOffline(m *Monitor, within time.Duration) bool {
+	for end := time.Now().Add(within); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+		if !m.Online() {
+			return true
+		}
+	}
+	return false
+}

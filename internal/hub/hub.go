@@ -129,6 +129,8 @@ func New(cfg config.Hub, log *slog.Logger) (*Hub, error) {
 	h.monitor = &health.Monitor{
 		Count:            pool.Len(),
 		Probe:            pool.Probe,
+		Ping:             pool.Ping,
+		ReadyInterval:    cfg.ProbeReadyInterval,
 		Reachable:        pool.Handshake,
 		Interval:         cfg.ProbeInterval,
 		Timeout:          cfg.ProbeTimeout,

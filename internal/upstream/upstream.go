@@ -60,6 +60,7 @@ type Server struct {
 	tracker          *connrotation.ConnectionTracker
 	// handshake verifies the server, presenting no client certificate.
 	handshake *tls.Config
+	ping      pinger
 }
 
 // Pool sends requests to a list of apiservers. It implements

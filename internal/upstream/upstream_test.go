@@ -19,6 +19,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -315,4 +316,87 @@ func TestHandshake(t *testing.T) {
 	if err := p.Handshake(ctx, 1); err == nil {
 		t.Error("handshake with a server that is gone succeeded")
 	}
+}
+
+// TestPing: PINGs to an HTTP/2 server reach no handler and share one
+// connection; a connection the server closed is replaced within the same
+// ping; a server that is gone, or that accepts connections but never
+// answers, fails the ping within its time; a server that speaks only
+// HTTP/1.1 is probed with /readyz instead.
+func TestPing(t *testing.T) {
+	var requests, conns atomic.Int64
+	h2 := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { requests.Add(1) }))
+	h2.EnableHTTP2 = true
+	h2.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	h2.StartTLS()
+	defer h2.Close()
+	var readyz atomic.Int64
+	h1 := newServerH1(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/readyz" {
+			readyz.Add(1)
+		}
+	}))
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	go func() { // accepts, then says nothing
+		for {
+			c, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+		}
+	}()
+	silentURL, _ := url.Parse("https://" + silent.Addr().String())
+	p := newPool(t, h2, h1)
+	p.servers = append(p.servers, &Server{URL: silentURL, handshake: p.servers[0].handshake})
+	ping := func(i int, within time.Duration) error {
+		ctx, cancel := context.WithTimeout(t.Context(), within)
+		defer cancel()
+		return p.Ping(ctx, i)
+	}
+
+	for n := range 20 {
+		if err := ping(0, 5*time.Second); err != nil {
+			t.Fatalf("ping %d: %v", n, err)
+		}
+	}
+	if requests.Load() != 0 || conns.Load() != 1 {
+		t.Errorf("20 pings: %d requests reached the handler, over %d connections; want 0 over 1", requests.Load(), conns.Load())
+	}
+	h2.CloseClientConnections()
+	if err := ping(0, 5*time.Second); err != nil {
+		t.Errorf("ping after the server closed the connection: %v", err)
+	}
+	if conns.Load() != 2 {
+		t.Errorf("%d connections; want a second one after the first was closed", conns.Load())
+	}
+
+	if err := ping(1, 5*time.Second); err != nil || readyz.Load() != 1 {
+		t.Errorf("an HTTP/1.1 server: %v, %d /readyz; want it probed instead", err, readyz.Load())
+	}
+	start := time.Now()
+	if err := ping(2, 300*time.Millisecond); err == nil {
+		t.Error("a server that never answers was pinged")
+	} else if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("a ping of a server that never answers took %v with 300ms given", took)
+	}
+	h2.Close()
+	if err := ping(0, 5*time.Second); err == nil {
+		t.Error("a server that is gone was pinged")
+	}
+}
+
+func newServerH1(t *testing.T, h http.Handler) *httptest.Server {
+	s := httptest.NewUnstartedServer(h)
+	s.StartTLS()
+	t.Cleanup(s.Close)
+	return s
 }

@@ -19,7 +19,9 @@ import (
 // once: that is a real failure, and it counts.)
 func TestSlowProbesWhileAnswering(t *testing.T) {
 	ctx := t.Context()
-	o := cp.StartOutpostT(t, "edge-slowprobe", "--server="+cp.URL(0), "--probe-interval=200ms", "--probe-timeout=200ms")
+	// Every probe asks /readyz (no HTTP/2 PINGs between), which is what
+	// hangs here.
+	o := cp.StartOutpostT(t, "edge-slowprobe", "--server="+cp.URL(0), "--probe-interval=200ms", "--probe-timeout=200ms", "--probe-ready-interval=0")
 	client := kubernetes.NewForConfigOrDie(o.ClientConfig("", "", adminToken(t)))
 	waitState(t, o, "online", 10*time.Second)
 
@@ -109,6 +111,57 @@ func TestReadyOnlyOnceReached(t *testing.T) {
 		if s := o.State(t.Context()); s == "online" || s == "offline" {
 			t.Fatalf("ready (%s) while no apiserver was ever reached and nothing is cached", s)
 		}
+	}
+	link.Pass()
+	waitState(t, o, "online", 10*time.Second)
+}
+
+// TestPingsBetweenReadyProbes: a healthy apiserver is probed with /readyz
+// once per --probe-ready-interval and pinged (HTTP/2 PING) between: the
+// apiserver counts only the /readyz requests, and a cut link is still
+// noticed within a probe or two.
+func TestPingsBetweenReadyProbes(t *testing.T) {
+	ctx := t.Context()
+	o, link := cp.StartOutpostWithLinkT(t, "edge-ping", "--probe-interval=100ms", "--probe-ready-interval=2s")
+	readyz := func() float64 {
+		raw, err := cp.Client().CoreV1().RESTClient().Get().AbsPath("/metrics").DoRaw(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v, err := framework.SumMetric(string(raw), "apiserver_request_total", `subresource="/readyz"`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	probesOK := func() float64 { return metric(t, o, "outpost_upstream_probes_total", `result="ok"`) }
+	readyBefore, okBefore := readyz(), probesOK()
+	time.Sleep(6 * time.Second)
+	asked, ok := readyz()-readyBefore, probesOK()-okBefore
+	t.Logf("in 6s: %v good probes by outpost, %v /readyz requests counted by the apiserver", ok, asked)
+	if ok < 30 {
+		t.Errorf("%v good probes in 6s at --probe-interval=100ms; want most of 60", ok)
+	}
+	if asked > 5 {
+		t.Errorf("the apiserver counted %v /readyz requests in 6s at --probe-ready-interval=2s; want about 3", asked)
+	}
+	if asked < 1 {
+		t.Errorf("no /readyz in 6s at --probe-ready-interval=2s: the readiness of the apiserver is no longer checked")
+	}
+	link.Blackhole()
+	// Nothing is cached: outpost is then not ready rather than offline,
+	// and says it with its online gauge.
+	cut := time.Now()
+	for metric(t, o, "outpost_online") != 0 {
+		if time.Since(cut) > 10*time.Second {
+			t.Fatal("still online 10s after the link was cut")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	took := time.Since(cut)
+	t.Logf("link cut: offline after %v", took)
+	if took > 3*time.Second {
+		t.Errorf("a cut link was noticed after %v with pings every 100ms", took)
 	}
 	link.Pass()
 	waitState(t, o, "online", 10*time.Second)
