@@ -103,15 +103,21 @@ func (l *Writer) ReplayJournal(ctx context.Context, rate int, upstream http.Roun
 		entry journalEntry
 	}
 	var items []item
+	var unreadable []string
 	_ = l.Store.Docs(journalPrefix, func(key, _ string, body []byte) error {
 		var e journalEntry
 		if json.Unmarshal(body, &e) == nil {
 			items = append(items, item{key, e})
 		} else {
-			_ = l.Store.DeleteDoc(key)
+			unreadable = append(unreadable, key)
 		}
 		return nil
 	})
+	// Deleted after the reading transaction: a write inside it would wait
+	// for a rebuild of the store that waits for that transaction.
+	for _, key := range unreadable {
+		_ = l.Store.DeleteDoc(key)
+	}
 	if rate <= 0 {
 		rate = 10
 	}

@@ -27,6 +27,18 @@ type continueToken struct {
 }
 
 func (rd *Reader) serveList(ctx context.Context, w http.ResponseWriter, info *request.Info) error {
+	// The view is found in one transaction and read in another: one
+	// replaced or dropped in between (a write, a rebuild of the store) is
+	// found again.
+	for range 3 {
+		if err := rd.serveListOnce(ctx, w, info); !errors.Is(err, errViewMoved) {
+			return err
+		}
+	}
+	return apierrors.NewServiceUnavailable(fmt.Sprintf("outpost: the cloud is unreachable and the cached answer for %s changed while it was read; try again", describe(info)))
+}
+
+func (rd *Reader) serveListOnce(ctx context.Context, w http.ResponseWriter, info *request.Info) error {
 	a, opts := info.Accept, info.Options
 	src, ok, err := rd.findSource(info)
 	if err != nil {
@@ -106,6 +118,9 @@ func (rd *Reader) serveList(ctx context.Context, w http.ResponseWriter, info *re
 			}
 			return err
 		})
+		if errors.Is(err, errViewMoved) {
+			return err
+		}
 		if err != nil {
 			return asStatus(err)
 		}
@@ -123,6 +138,9 @@ func (rd *Reader) serveList(ctx context.Context, w http.ResponseWriter, info *re
 			items, _, last, more, err = listItems(tx, src, after, limit, false)
 			return err
 		})
+		if errors.Is(err, errViewMoved) {
+			return err
+		}
 		if err != nil {
 			return asStatus(err)
 		}
@@ -133,18 +151,26 @@ func (rd *Reader) serveList(ctx context.Context, w http.ResponseWriter, info *re
 		var objs []store.Object
 		more := false
 		stop := errors.New("stop")
-		err = rd.Store.List(src.view.Key, after, 0, func(o store.Object) error {
-			o = rd.Local.Apply(src.view.Key.Resource, o)
-			if !src.keep(o) {
+		err = rd.Store.Read(func(tx *store.Tx) error {
+			if err := checkView(tx, src); err != nil {
+				return err
+			}
+			return tx.List(src.view.Key, after, 0, func(o store.Object) error {
+				o = rd.Local.Apply(src.view.Key.Resource, o)
+				if !src.keep(o) {
+					return nil
+				}
+				if limit > 0 && len(objs) == limit {
+					more = true
+					return stop
+				}
+				objs = append(objs, o)
 				return nil
-			}
-			if limit > 0 && len(objs) == limit {
-				more = true
-				return stop
-			}
-			objs = append(objs, o)
-			return nil
+			})
 		})
+		if errors.Is(err, errViewMoved) {
+			return err
+		}
 		if err != nil && !errors.Is(err, stop) {
 			return asStatus(err)
 		}
@@ -199,6 +225,9 @@ func encodeContinue(rv, after string) string {
 // (items[i] is then nil), which alias the file and are valid only during
 // tx. more says whether members follow the last one, whose key is last.
 func listItems(tx *store.Tx, src source, after string, limit int, withProto bool) (items, protos [][]byte, last string, more bool, err error) {
+	if err := checkView(tx, src); err != nil {
+		return nil, nil, "", false, err
+	}
 	fetch := 0
 	if limit > 0 {
 		fetch = limit + 1
@@ -258,6 +287,19 @@ func checkListRV(rv, match, viewRV string) error {
 		if want > have {
 			return apierrors.NewTimeoutError(fmt.Sprintf("Too large resource version: %d, current: %d (the cloud is unreachable)", want, have), 1)
 		}
+	}
+	return nil
+}
+
+// checkView returns errViewMoved when src's view is no longer in the
+// store: a view that does not exist lists as empty.
+func checkView(tx *store.Tx, src source) error {
+	_, ok, err := tx.View(src.view.Key)
+	switch {
+	case err != nil:
+		return err
+	case !ok:
+		return errViewMoved
 	}
 	return nil
 }

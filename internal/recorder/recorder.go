@@ -407,9 +407,25 @@ func (c *Recorder) markStale(k store.ViewKey) {
 // Lost takes the views a rebuild of the damaged store file dropped (see
 // store.Store.Run): each is fetched again at once by the refresher, and
 // until one is listed whole, by every re-list of its identity after a
-// reconnect (Relist), whatever else keeps it fresh.
-func (c *Recorder) Lost(keys []store.ViewKey) {
+// reconnect (Relist), whatever else keeps it fresh. When the rebuild lost
+// views it cannot name, those this recorder listed whole since it started
+// and the store no longer holds count among them.
+func (c *Recorder) Lost(l store.Loss) {
 	c.init()
+	keys := l.Views
+	if l.Unnamed {
+		c.mu.Lock()
+		known := make([]store.ViewKey, 0, len(c.listed))
+		for k := range c.listed {
+			known = append(known, k)
+		}
+		c.mu.Unlock()
+		for _, k := range known {
+			if _, ok, err := c.Store.View(k); err == nil && !ok {
+				keys = append(keys, k)
+			}
+		}
+	}
 	c.mu.Lock()
 	for _, k := range keys {
 		c.lost[k] = true

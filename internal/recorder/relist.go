@@ -128,6 +128,7 @@ func (c *Recorder) relistOne(ctx context.Context, k store.ViewKey, upstream http
 		_ = c.Store.DeleteView(k)
 		c.mu.Lock()
 		delete(c.listed, k)
+		delete(c.lost, k)
 		c.mu.Unlock()
 		return true, nil
 	case resp.StatusCode != http.StatusOK:

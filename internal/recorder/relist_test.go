@@ -163,13 +163,13 @@ func TestLostViewsFetchedAgain(t *testing.T) {
 	}
 
 	online := store.ViewKey{Identity: "node", Resource: "/v1/configmaps", Namespace: "chaos"}
-	c.Lost([]store.ViewKey{online})
+	c.Lost(store.Loss{Views: []store.ViewKey{online}})
 	waitFor(online)
 
 	<-up
 	up <- false
 	offline := store.ViewKey{Identity: "node", Resource: "/v1/configmaps", Namespace: "other"}
-	c.Lost([]store.ViewKey{offline})
+	c.Lost(store.Loss{Views: []store.ViewKey{offline}})
 	// The refresher's attempt fails; the view waits for the reconnect.
 	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
 		c.mu.Lock()
@@ -199,5 +199,83 @@ func TestLostViewsFetchedAgain(t *testing.T) {
 	}
 	if n, _ := c.Relist(t.Context(), "node", 100, link, time.Now().Add(-time.Hour)); n != 0 {
 		t.Errorf("the next re-list asked %d views again; the lost one was listed", n)
+	}
+}
+
+// TestLostUnnamedAndRefused: when a rebuild lost views it cannot name,
+// the views this recorder listed that the store no longer holds are
+// fetched again; a lost view the apiserver now refuses is deleted and not
+// asked for again.
+func TestLostUnnamedAndRefused(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "store.db"), store.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	refused := store.ViewKey{Identity: "node", Resource: "/v1/configmaps", Namespace: "gone"}
+	asked := make(chan string, 16)
+	link := roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		asked <- r.URL.Path
+		if strings.Contains(r.URL.Path, "/gone/") {
+			return &http.Response{StatusCode: http.StatusForbidden, Body: io.NopCloser(strings.NewReader("{}"))}, nil
+		}
+		return configMapList("40", "a"), nil
+	})
+	c := &Recorder{Store: st, Log: slog.New(slog.DiscardHandler), BatchDelay: time.Millisecond,
+		UpstreamAs: func(string) http.RoundTripper { return link }}
+	c.init()
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = c.Run(ctx)
+	}()
+	defer func() { cancel(); <-done }()
+	held := store.ViewKey{Identity: "node", Resource: "/v1/configmaps", Namespace: "kept"}
+	if _, err := c.relistOne(t.Context(), held, link); err != nil {
+		t.Fatal(err)
+	}
+	<-asked
+	wait := func(cond func() bool) bool {
+		for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+			if cond() {
+				return true
+			}
+		}
+		return false
+	}
+	listedWhole := func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		_, ok := c.listed[held]
+		return ok
+	}
+	if !wait(listedWhole) {
+		t.Fatal("the first list was not recorded")
+	}
+	// A rebuild dropped it, and could not say which views it dropped.
+	if err := st.DeleteView(held); err != nil {
+		t.Fatal(err)
+	}
+	c.Lost(store.Loss{Unnamed: true, Views: []store.ViewKey{refused}})
+	if !wait(func() bool { _, ok, _ := st.View(held); return ok }) {
+		t.Fatal("a view the rebuild lost unnamed was not fetched again")
+	}
+	if !wait(func() bool { c.mu.Lock(); defer c.mu.Unlock(); return len(c.lost) == 0 }) {
+		c.mu.Lock()
+		still := fmt.Sprint(c.lost)
+		c.mu.Unlock()
+		t.Fatalf("still lost: %s", still)
+	}
+	for len(asked) > 0 {
+		<-asked
+	}
+	if n, err := c.Relist(t.Context(), "node", 100, link, time.Now().Add(-time.Hour)); err != nil || len(asked) != n {
+		t.Fatalf("Relist: %d, %v", n, err)
+	}
+	for len(asked) > 0 {
+		if p := <-asked; strings.Contains(p, "/gone/") {
+			t.Errorf("the refused view was asked for again: %s", p)
+		}
 	}
 }

@@ -58,6 +58,10 @@ func Open(path string, opts Options) (*Store, error) {
 			return nil, err
 		}
 	}
+	// What a rebuild interrupted by a crash left (see Run).
+	if err := os.Remove(path + rebuildSuffix); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("removing an unfinished rebuild of the store file: %w", err)
+	}
 	db, bad, err := openDB(path, opts, sl, log)
 	if err != nil {
 		return nil, err
@@ -347,5 +351,6 @@ func moveAside(path string) (string, error) {
 	if err := os.Rename(path, aside); err != nil {
 		return "", err
 	}
+	pruneAsides(path)
 	return aside, nil
 }

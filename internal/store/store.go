@@ -59,8 +59,11 @@ type Store struct {
 	// copies the file: nothing written meanwhile would reach the copy.
 	wmu sync.Mutex
 	// damaged gets a token when a transaction finds the file damaged
-	// (ErrCorrupt); Run rebuilds it.
+	// (ErrCorrupt); Run rebuilds it. certain is set when a record did not
+	// decode; a panic alone may be a caller's bug, and Run rebuilds only
+	// once a scan has found the damage.
 	damaged chan struct{}
+	certain atomic.Bool
 }
 
 func newStore(db *bolt.DB, path string, opts Options, sl *sealing, log *slog.Logger) *Store {
@@ -135,6 +138,9 @@ func (s *Store) view(fn func(*bolt.Tx) error) (err error) {
 // the file.
 func (s *Store) noticeDamage(err *error) {
 	if errors.Is(*err, ErrCorrupt) {
+		if !errors.Is(*err, errPanicked) {
+			s.certain.Store(true)
+		}
 		select {
 		case s.damaged <- struct{}{}:
 		default:
@@ -149,9 +155,13 @@ func (s *Store) noticeDamage(err *error) {
 // not crash and restart into the same page.
 func recoverCorrupt(err *error) {
 	if r := recover(); r != nil {
-		*err = fmt.Errorf("%w: %v", ErrCorrupt, r)
+		*err = fmt.Errorf("%w: %w: %v", ErrCorrupt, errPanicked, r)
 	}
 }
+
+// errPanicked marks an ErrCorrupt that was a panic: a damaged page, or a
+// bug of the caller's function.
+var errPanicked = errors.New("panicked")
 
 func closedErr(err error) error {
 	if errors.Is(err, bolterrors.ErrDatabaseNotOpen) {
