@@ -264,10 +264,13 @@ func TestPinsFollowWhatWasServed(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	api.events <- `{"type":"MODIFIED","object":` + cm("a", "12") + `}`
-	c.mu.Lock()
-	st := c.streams[scopeOf(parse(t, listRV0, other))]
-	c.mu.Unlock()
-	for st.version() < 12 && time.Now().Before(deadline) {
+	for {
+		c.mu.Lock()
+		sent := c.grants[k].pending
+		c.mu.Unlock()
+		if sent >= 12 || time.Now().After(deadline) {
+			break
+		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	c.writePins()
@@ -366,18 +369,18 @@ func TestWatchCountAfterRegrant(t *testing.T) {
 	if !ask(t, c, token, listRV0, nil) {
 		t.Fatal("not served")
 	}
-	info := parse(t, listRV0, other)
+	info := parse(t, "/api/v1/namespaces/ns/configmaps?watch=true&resourceVersion=10", other)
 	c.mu.Lock()
 	st := c.streams[scopeOf(info)]
 	c.mu.Unlock()
-	k, _ := c.remember(info, st)
-	endOld := c.watching(k)
+	old := c.remember(info, st, c.denialMark())
+	old.served(10)
 	c.forget(info) // taken back
-	k, _ = c.remember(info, st)
-	c.watching(k) // a new watch, still open
-	endOld()
+	p := c.remember(info, st, c.denialMark())
+	p.served(10) // a new watch, still open
+	old.end()
 	c.mu.Lock()
-	n := c.grants[k].watches
+	n := c.grants[p.k].watches
 	c.mu.Unlock()
 	if n != 1 {
 		t.Errorf("one watch open under the grant, its count says %d", n)
@@ -430,7 +433,7 @@ func TestStoredGrantsReviewedAfterReconnect(t *testing.T) {
 	// "active" was served, and so reviewed, since the link came back.
 	done := make(chan struct{})
 	close(done)
-	c.reviews[reviewKey{user: "system:serviceaccount:ns:active", token: "h", verb: "watch", scope: asked}] = &review{done: done, verdict: allowed, at: back.Add(time.Second)}
+	c.keepReview(reviewKey{user: "system:serviceaccount:ns:active", token: "h", verb: "watch", scope: asked}, &review{done: done, verdict: allowed, at: back.Add(time.Second)})
 	c.reviewGrants(context.Background(), back)
 	if want := []string{"delete"}; !slices.Equal(grants(), want) {
 		t.Errorf("grants told %v, want %v (only the revoked caller's taken back)", grants(), want)
