@@ -363,15 +363,13 @@ func (c *Cache) writePins() {
 		return c.grants[ms[i].k] == ms[i].g
 	}
 	if err := c.putPins(pins, current); err != nil {
-		if !c.pinsFailing {
+		if !c.pinsFailing.Swap(true) {
 			c.Log.Warn("watch cache: cannot write how far callers were served; retrying every period", "pins", len(pins), "err", err)
 		}
-		c.pinsFailing = true
 		return
 	}
-	if c.pinsFailing {
+	if c.pinsFailing.Swap(false) {
 		c.Log.Info("watch cache: how far callers were served is written again", "pins", len(pins))
-		c.pinsFailing = false
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

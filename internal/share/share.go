@@ -146,8 +146,8 @@ type Cache struct {
 	denied               map[grantKey]uint64
 	stopping             bool
 
-	grantMu     sync.Mutex // orders the calls of Grant
-	pinsFailing bool       // the last write of pins failed (keepPins's own)
+	grantMu     sync.Mutex  // orders the calls of Grant
+	pinsFailing atomic.Bool // the last write of pins failed
 	initOnce    sync.Once
 }
 
