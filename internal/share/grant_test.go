@@ -336,4 +336,3 @@ func TestPinCoversOnlyWhatWasWritten(t *testing.T) {
 		t.Fatal("the watch was not served")
 	}
 }
-
