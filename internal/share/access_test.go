@@ -236,22 +236,10 @@ func TestRecordedCallerNotServedFromUnrecordedOwner(t *testing.T) {
 func TestPinsFollowWhatWasServed(t *testing.T) {
 	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
 	c := newTestCache(t, api)
-	got := logGrants(c)
-	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
-		t.Fatal("not served")
-	}
-	if want := []string{"put 10"}; !slices.Equal(got(), want) {
-		t.Fatalf("after the first list: %v, want %v", got(), want)
-	}
+	got := grantOther(t, c)
 	// A watch being served: the stream moves on, the pin follows.
 	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan bool)
-	go func() {
-		r := httptest.NewRequest("GET", "/api/v1/namespaces/ns/configmaps?watch=true&resourceVersion=10", nil).WithContext(ctx)
-		r.Header.Set("Accept", "application/json")
-		info, _ := request.Parse(r, other)
-		served <- c.Serve(httptest.NewRecorder(), r, info)
-	}()
+	served := watchAsOther(ctx, c, httptest.NewRecorder())
 	k := grantKey{other.Key(), scopeOf(parse(t, listRV0, other))}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -290,6 +278,33 @@ func TestPinsFollowWhatWasServed(t *testing.T) {
 }
 
 func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
+
+// grantOther serves token, then other, a list of listRV0, from token's
+// stream, and returns the log of what Grant is told, now "put 10".
+func grantOther(t *testing.T, c *Cache) func() []string {
+	t.Helper()
+	got := logGrants(c)
+	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
+		t.Fatal("not served")
+	}
+	if want := []string{"put 10"}; !slices.Equal(got(), want) {
+		t.Fatalf("after the first list: %v, want %v", got(), want)
+	}
+	return got
+}
+
+// watchAsOther serves other a watch of ns's ConfigMaps from version 10
+// into w until ctx ends, and sends whether the watch cache answered it.
+func watchAsOther(ctx context.Context, c *Cache, w http.ResponseWriter) <-chan bool {
+	served := make(chan bool, 1)
+	go func() {
+		r := httptest.NewRequest("GET", "/api/v1/namespaces/ns/configmaps?watch=true&resourceVersion=10", nil).WithContext(ctx)
+		r.Header.Set("Accept", "application/json")
+		info, _ := request.Parse(r, other)
+		served <- c.Serve(w, r, info)
+	}()
+	return served
+}
 
 // listOnly refuses the watches of token "lo", which may list but not
 // watch (a common read-only role), as the apiserver would.

@@ -3,8 +3,6 @@ package share
 import (
 	"context"
 	"errors"
-	"io"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -13,7 +11,6 @@ import (
 	"time"
 
 	"github.com/outposthq/outpost/internal/reader"
-	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
 
@@ -138,13 +135,7 @@ func TestFailedPinsWrittenNextTime(t *testing.T) {
 func TestDenialAfterAdmissionWritesNoGrant(t *testing.T) {
 	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
 	c := newTestCache(t, api)
-	got := logGrants(c)
-	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
-		t.Fatal("not served")
-	}
-	if want := []string{"put 10"}; !slices.Equal(got(), want) {
-		t.Fatalf("after the first list: %v, want %v", got(), want)
-	}
+	got := grantOther(t, c)
 	// Served again, on the yes kept, the grant now out of memory (as after
 	// a restart, or its stream's end): Recorded is asked once before the
 	// admission and once after; the denial comes between, as another
@@ -182,26 +173,11 @@ func TestDenialAfterAdmissionWritesNoGrant(t *testing.T) {
 // and the stored grant stays (nothing deletes it).
 func TestEndedGrantsLeaveMemory(t *testing.T) {
 	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
-	c := &Cache{As: func(request.Identity) http.RoundTripper { return api }, UpstreamAs: func(string) http.RoundTripper { return api },
-		Idle: 50 * time.Millisecond, Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	ctx, cancel := context.WithCancel(context.Background())
-	stopped := make(chan struct{})
-	go func() { _ = c.Run(ctx); close(stopped) }()
-	defer func() { cancel(); <-stopped }()
-	<-c.startedChan()
-	got := logGrants(c)
-	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
-		t.Fatal("not served")
-	}
+	c := newTestCache(t, api, func(c *Cache) { c.Idle = 50 * time.Millisecond })
+	got := grantOther(t, c)
 	k := grantKey{other.Key(), scopeOf(parse(t, listRV0, other))}
 	wctx, endWatch := context.WithCancel(context.Background())
-	served := make(chan bool)
-	go func() {
-		r := httptest.NewRequest("GET", "/api/v1/namespaces/ns/configmaps?watch=true&resourceVersion=10", nil).WithContext(wctx)
-		r.Header.Set("Accept", "application/json")
-		info, _ := request.Parse(r, other)
-		served <- c.Serve(httptest.NewRecorder(), r, info)
-	}()
+	served := watchAsOther(wctx, c, httptest.NewRecorder())
 	waitUntil(t, "watched", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
@@ -306,13 +282,7 @@ func TestPinCoversOnlyWhatWasWritten(t *testing.T) {
 	w.blocked.Store(true)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	served := make(chan bool)
-	go func() {
-		r := httptest.NewRequest("GET", "/api/v1/namespaces/ns/configmaps?watch=true&resourceVersion=10", nil).WithContext(ctx)
-		r.Header.Set("Accept", "application/json")
-		info, _ := request.Parse(r, other)
-		served <- c.Serve(w, r, info)
-	}()
+	served := watchAsOther(ctx, c, w)
 	k := grantKey{other.Key(), scopeOf(parse(t, listRV0, other))}
 	waitUntil(t, "granted", func() bool { return len(got()) == 1 })
 	c.mu.Lock()
