@@ -60,6 +60,7 @@ type pin struct {
 	since  uint64 // denials counted before the request was admitted
 	watch  bool
 	g      *grantState // once something was written
+	last   uint64      // the last version served: a watch's wakes that moved nothing take no lock
 }
 
 // denialMark counts the denials so far; remember takes it from before the
@@ -94,9 +95,10 @@ func (c *Cache) remember(info *request.Info, st *stream, since uint64) *pin {
 // unless a denial of the caller came after its admission: the answer it
 // was admitted on is no longer the apiserver's.
 func (p *pin) served(rv uint64) {
-	if p == nil {
+	if p == nil || (p.g != nil && rv <= p.last) {
 		return
 	}
+	p.last = rv
 	c := p.c
 	c.mu.Lock()
 	if p.g != nil {
