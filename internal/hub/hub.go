@@ -347,6 +347,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 					h.log.Warn("watch cache: cannot record what a caller may read offline", "identity", identity, "err", err)
 				}
 			},
+			Pins:   func(pins []reader.Grant, current func(int) bool) error { return reader.PutGrants(st, pins, current) },
 			Grants: func(fn func(string, store.ViewKey) error) error { return reader.Grants(st, fn) }}
 		g.Go(func() error { return wc.Run(gctx) })
 		shared = wc

@@ -36,11 +36,45 @@ func grantKey(identity string, asked store.ViewKey) string {
 // PutGrant records that identity may read asked from view source, as
 // served to it up to resourceVersion rv.
 func PutGrant(st *store.Store, identity string, asked, source store.ViewKey, rv uint64) error {
-	b, err := json.Marshal(grant{Source: source, RV: rv})
+	return st.Update(func(tx *store.Tx) error { return putGrant(tx, Grant{identity, asked, source, rv}) })
+}
+
+// Grant is one grant as PutGrants writes it: Identity may read Asked
+// from view Source, as served to it up to resourceVersion RV.
+type Grant struct {
+	Identity      string
+	Asked, Source store.ViewKey
+	RV            uint64
+}
+
+// PutGrants writes grants in one transaction: one commit (and sync),
+// however many. keep, if set, is asked inside the transaction whether
+// grants[i] is still to be written; as writing transactions run one at a
+// time, a caller that takes a grant back before it calls DeleteGrant
+// (so that keep then says no) is sure no PutGrants writes it after.
+func PutGrants(st *store.Store, grants []Grant, keep func(i int) bool) error {
+	if len(grants) == 0 {
+		return nil
+	}
+	return st.Update(func(tx *store.Tx) error {
+		for i, g := range grants {
+			if keep != nil && !keep(i) {
+				continue
+			}
+			if err := putGrant(tx, g); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func putGrant(tx *store.Tx, g Grant) error {
+	b, err := json.Marshal(grant{Source: g.Source, RV: g.RV})
 	if err != nil {
 		return err
 	}
-	return st.PutDoc(grantKey(identity, asked), "application/json", b)
+	return tx.PutDoc(grantKey(g.Identity, g.Asked), "application/json", b)
 }
 
 // DeleteGrant forgets a grant: the apiserver said no. Looked up first, so

@@ -105,3 +105,32 @@ func listed(t *testing.T, c *Cache) []string {
 	}
 	return got
 }
+
+// TestPutGrants: moved pins are written together, and one keep refuses
+// (taken back meanwhile) is left out.
+func TestPutGrants(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	st := c.Reader.Store
+	source := store.ViewKey{Identity: "wide", Resource: "/v1/configmaps"}
+	var grants []Grant
+	for _, id := range []string{"a", "b", "c"} {
+		grants = append(grants, Grant{Identity: id, Asked: store.ViewKey{Resource: "/v1/configmaps", Namespace: "ns"}, Source: source, RV: 7})
+	}
+	if err := PutGrants(st, grants, func(i int) bool { return grants[i].Identity != "b" }); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	if err := Grants(st, func(identity string, _ store.ViewKey) error {
+		got = append(got, identity)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0] != "a" || got[1] != "c" {
+		t.Errorf("stored grants of %v, want a and c", got)
+	}
+	if _, rv, ok, err := c.Reader.granted("c", grants[2].Asked); err != nil || rv != 7 {
+		t.Errorf("c's grant: pin %d, found %v, %v; want 7", rv, ok, err)
+	}
+}

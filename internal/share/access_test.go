@@ -236,22 +236,10 @@ func TestRecordedCallerNotServedFromUnrecordedOwner(t *testing.T) {
 func TestPinsFollowWhatWasServed(t *testing.T) {
 	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
 	c := newTestCache(t, api)
-	got := logGrants(c)
-	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
-		t.Fatal("not served")
-	}
-	if want := []string{"put 10"}; !slices.Equal(got(), want) {
-		t.Fatalf("after the first list: %v, want %v", got(), want)
-	}
+	got := grantOther(t, c)
 	// A watch being served: the stream moves on, the pin follows.
 	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan bool)
-	go func() {
-		r := httptest.NewRequest("GET", "/api/v1/namespaces/ns/configmaps?watch=true&resourceVersion=10", nil).WithContext(ctx)
-		r.Header.Set("Accept", "application/json")
-		info, _ := request.Parse(r, other)
-		served <- c.Serve(httptest.NewRecorder(), r, info)
-	}()
+	served := watchAsOther(ctx, c, httptest.NewRecorder())
 	k := grantKey{other.Key(), scopeOf(parse(t, listRV0, other))}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -264,10 +252,13 @@ func TestPinsFollowWhatWasServed(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	api.events <- `{"type":"MODIFIED","object":` + cm("a", "12") + `}`
-	c.mu.Lock()
-	st := c.streams[scopeOf(parse(t, listRV0, other))]
-	c.mu.Unlock()
-	for st.version() < 12 && time.Now().Before(deadline) {
+	for {
+		c.mu.Lock()
+		sent := c.grants[k].pending
+		c.mu.Unlock()
+		if sent >= 12 || time.Now().After(deadline) {
+			break
+		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	c.writePins()
@@ -287,6 +278,33 @@ func TestPinsFollowWhatWasServed(t *testing.T) {
 }
 
 func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
+
+// grantOther serves token, then other, a list of listRV0, from token's
+// stream, and returns the log of what Grant is told, now "put 10".
+func grantOther(t *testing.T, c *Cache) func() []string {
+	t.Helper()
+	got := logGrants(c)
+	if !ask(t, c, token, listRV0, nil) || !ask(t, c, other, listRV0, nil) {
+		t.Fatal("not served")
+	}
+	if want := []string{"put 10"}; !slices.Equal(got(), want) {
+		t.Fatalf("after the first list: %v, want %v", got(), want)
+	}
+	return got
+}
+
+// watchAsOther serves other a watch of ns's ConfigMaps from version 10
+// into w until ctx ends, and sends whether the watch cache answered it.
+func watchAsOther(ctx context.Context, c *Cache, w http.ResponseWriter) <-chan bool {
+	served := make(chan bool, 1)
+	go func() {
+		r := httptest.NewRequest("GET", "/api/v1/namespaces/ns/configmaps?watch=true&resourceVersion=10", nil).WithContext(ctx)
+		r.Header.Set("Accept", "application/json")
+		info, _ := request.Parse(r, other)
+		served <- c.Serve(w, r, info)
+	}()
+	return served
+}
 
 // listOnly refuses the watches of token "lo", which may list but not
 // watch (a common read-only role), as the apiserver would.
@@ -366,18 +384,18 @@ func TestWatchCountAfterRegrant(t *testing.T) {
 	if !ask(t, c, token, listRV0, nil) {
 		t.Fatal("not served")
 	}
-	info := parse(t, listRV0, other)
+	info := parse(t, "/api/v1/namespaces/ns/configmaps?watch=true&resourceVersion=10", other)
 	c.mu.Lock()
 	st := c.streams[scopeOf(info)]
 	c.mu.Unlock()
-	k, _ := c.remember(info, st)
-	endOld := c.watching(k)
+	old := c.remember(info, st, c.denialMark())
+	old.served(10)
 	c.forget(info) // taken back
-	k, _ = c.remember(info, st)
-	c.watching(k) // a new watch, still open
-	endOld()
+	p := c.remember(info, st, c.denialMark())
+	p.served(10) // a new watch, still open
+	old.end()
 	c.mu.Lock()
-	n := c.grants[k].watches
+	n := c.grants[p.k].watches
 	c.mu.Unlock()
 	if n != 1 {
 		t.Errorf("one watch open under the grant, its count says %d", n)
@@ -430,7 +448,7 @@ func TestStoredGrantsReviewedAfterReconnect(t *testing.T) {
 	// "active" was served, and so reviewed, since the link came back.
 	done := make(chan struct{})
 	close(done)
-	c.reviews[reviewKey{user: "system:serviceaccount:ns:active", token: "h", verb: "watch", scope: asked}] = &review{done: done, verdict: allowed, at: back.Add(time.Second)}
+	c.keepReview(reviewKey{user: "system:serviceaccount:ns:active", token: "h", verb: "watch", scope: asked}, &review{done: done, verdict: allowed, at: back.Add(time.Second)})
 	c.reviewGrants(context.Background(), back)
 	if want := []string{"delete"}; !slices.Equal(grants(), want) {
 		t.Errorf("grants told %v, want %v (only the revoked caller's taken back)", grants(), want)

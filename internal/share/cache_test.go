@@ -77,12 +77,16 @@ func cm(name, rv string) string {
 	return fmt.Sprintf(`{"kind":"ConfigMap","apiVersion":"v1","metadata":{"name":%q,"namespace":"ns","resourceVersion":%q}}`, name, rv)
 }
 
-func newTestCache(t *testing.T, api *fakeAPIServer) *Cache {
+// newTestCache runs a Cache against api, set by opts before it runs.
+func newTestCache(t *testing.T, api *fakeAPIServer, opts ...func(*Cache)) *Cache {
 	t.Helper()
 	c := &Cache{
 		As:         func(request.Identity) http.RoundTripper { return api },
 		UpstreamAs: func(string) http.RoundTripper { return api },
 		Log:        slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	for _, o := range opts {
+		o(c)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/outposthq/outpost/internal/reader"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -19,99 +20,178 @@ import (
 // allowed its Secrets) is not answered, offline, what changed after: as
 // with its own view, which would hold what it was last served.
 //
-// A pin moves as the caller is served: at each list, and while its
-// watches are open, to the stream's version (everything up to it is sent
-// or being sent to them). It is written at once for a new grant, and
-// otherwise every pinEvery, when the link goes down, when a watch ends
-// and when outpost stops; a crash loses at most pinEvery, and offline the
-// objects changed in it are left out for that caller rather than shown.
+// A pin moves only with what was written to the caller: a list's
+// version once the list was written, a watch's once its events up to it
+// were. A new grant is written at once then; moved pins every pinEvery,
+// all in one transaction, when the link goes down and when outpost
+// stops; a crash loses at most pinEvery, and offline the objects changed
+// in it are left out for that caller rather than shown. A grant whose
+// stream ended and which no watch follows leaves memory once its pin is
+// written; the store keeps it, for offline answers and the review after
+// a reconnect.
 type grantKey struct {
 	identity string
 	asked    store.ViewKey
 }
 
+// grantState is a grant as this process last told it. It is replaced,
+// never reused, when the grant is taken back or comes from another view:
+// the pointer is the grant's generation, so that a pin moved by a watch
+// of an older one, or written after it was taken back, is left out.
 type grantState struct {
 	source  store.ViewKey
 	st      *stream
 	rv      uint64 // the pin the reader has
 	pending uint64 // the pin to write
-	watches int    // the caller's watches being served from st
+	watches int    // the caller's watches following it
 }
 
 // pinEvery is how often moved pins are written.
 const pinEvery = 10 * time.Second
 
-// remember notes that info's caller is served from st, when st is not its
-// own view, and reports its grant.
-func (c *Cache) remember(info *request.Info, st *stream) (grantKey, bool) {
+// A pin follows one request served from another identity's stream: what
+// is written to the caller moves its grant's pin. A nil pin follows
+// nothing (the caller's own view, or no grants kept).
+type pin struct {
+	c      *Cache
+	k      grantKey
+	source store.ViewKey
+	st     *stream
+	since  uint64 // denials counted before the request was admitted
+	watch  bool
+	g      *grantState // once something was written
+	last   uint64      // the last version served: a watch's wakes that moved nothing take no lock
+}
+
+// denialMark counts the denials so far; remember takes it from before the
+// admission its request follows.
+func (c *Cache) denialMark() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.denials
+}
+
+// deniedSince reports whether k was denied after mark (or may have been:
+// the denials before deniedFloor are no longer told apart); c.mu is held.
+func (c *Cache) deniedSince(k grantKey, mark uint64) bool {
+	return c.denied[k] > mark || c.deniedFloor > mark
+}
+
+// remember returns the pin of info's request served from st, admitted
+// after denial mark since, or nil when st is its own view or a caller
+// --record-identities leaves out (which nothing answers offline).
+func (c *Cache) remember(info *request.Info, st *stream, since uint64) *pin {
 	asked, id := scopeOf(info), info.Identity.Key()
 	if c.Grant == nil || (id == st.owner && asked == st.scope) || (c.Recorded != nil && !c.Recorded(id)) {
-		// Its own view, or a caller --record-identities leaves out,
-		// which nothing answers offline.
-		return grantKey{}, false
+		return nil
 	}
 	source := st.scope
 	source.Identity = st.owner
-	k := grantKey{id, asked}
-	rv := st.version()
+	return &pin{c: c, k: grantKey{id, asked}, source: source, st: st, since: since, watch: info.Watch}
+}
+
+// served notes that the caller was written everything of its scope up to
+// resourceVersion rv. The first time, the grant is written if it is new,
+// unless a denial of the caller came after its admission: the answer it
+// was admitted on is no longer the apiserver's.
+func (p *pin) served(rv uint64) {
+	if p == nil || (p.g != nil && rv <= p.last) {
+		return
+	}
+	p.last = rv
+	c := p.c
 	c.mu.Lock()
-	g := c.grants[k]
-	if g != nil && g.source == source {
-		g.st = st // the scope's stream now, if it started again
-		g.pending = max(g.pending, rv)
+	if p.g != nil {
+		if c.grants[p.k] == p.g {
+			p.g.pending = max(p.g.pending, rv)
+		}
 		c.mu.Unlock()
-		return k, true
+		return
+	}
+	if p.join(rv) {
+		c.mu.Unlock()
+		return
 	}
 	c.mu.Unlock()
-	// New, or from another stream now: written before it serves, so that
-	// the caller has it offline at once.
+	// New, or from another view now: written at once, so that the caller
+	// has it offline. grantMu orders it with a denial's delete.
 	c.grantMu.Lock()
 	defer c.grantMu.Unlock()
 	c.mu.Lock()
-	g = c.grants[k]
-	if g == nil {
-		g = &grantState{}
-		c.grants[k] = g
+	if p.join(rv) {
+		c.mu.Unlock()
+		return
 	}
-	g.source, g.st, g.rv, g.pending = source, st, rv, rv
+	if c.deniedSince(p.k, p.since) {
+		c.mu.Unlock()
+		return
+	}
+	p.g = &grantState{source: p.source, st: p.st, rv: rv, pending: rv}
+	if p.watch {
+		p.g.watches++
+	}
+	c.grants[p.k] = p.g
 	c.mu.Unlock()
-	c.Grant(id, asked, source, rv, true)
-	return k, true
+	c.Grant(p.k.identity, p.k.asked, p.source, rv, true)
 }
 
-// watching counts a watch of grant k's caller that begins, and returns
-// what to call when it ends: the pin then moves to what the stream has
-// sent. A grant taken back and given again meanwhile is a new one, which
-// the watch's end leaves alone.
-func (c *Cache) watching(k grantKey) (end func()) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	g := c.grants[k]
-	if g == nil {
-		return func() {}
+// join makes p follow the grant this process holds already, if it is of
+// p's view and no denial came after p's admission; c.mu is held.
+func (p *pin) join(rv uint64) bool {
+	g := p.c.grants[p.k]
+	if g == nil || g.source != p.source || p.c.deniedSince(p.k, p.since) {
+		return false
 	}
-	g.watches++
-	return func() {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		g.watches--
-		if c.grants[k] == g {
-			g.pending = max(g.pending, g.st.version())
-		}
+	g.st = p.st // the scope's stream now, if it started again
+	g.pending = max(g.pending, rv)
+	if p.watch {
+		g.watches++
 	}
+	p.g = g
+	return true
+}
+
+// end notes that p's watch ended.
+func (p *pin) end() {
+	if p == nil || p.g == nil || !p.watch {
+		return
+	}
+	p.c.mu.Lock()
+	p.g.watches--
+	p.c.mu.Unlock()
 }
 
 // forget tells Grant that info's caller may no longer read its scope.
 func (c *Cache) forget(info *request.Info) {
+	c.takeBack(grantKey{info.Identity.Key(), scopeOf(info)}, false)
+}
+
+// maxDenied bounds the denials remembered apart; past it they are
+// forgotten at once, and a request admitted before then writes no new
+// grant (its next one will).
+const maxDenied = 1024
+
+// takeBack tells Grant that k's caller may no longer read its scope, and
+// marks the denial, so that a request admitted before it writes no grant
+// after. dropAnswers also forgets the caller's kept answers for it.
+func (c *Cache) takeBack(k grantKey, dropAnswers bool) {
 	if c.Grant == nil {
 		return
 	}
-	k := grantKey{info.Identity.Key(), scopeOf(info)}
+	c.mu.Lock()
+	c.denials++
+	if len(c.denied) >= maxDenied {
+		clear(c.denied)
+		c.deniedFloor = c.denials
+	}
+	c.denied[k] = c.denials
+	delete(c.grants, k)
+	if dropAnswers {
+		c.dropAnswers(k.identity, k.asked, reviewKey{})
+	}
+	c.mu.Unlock()
 	c.grantMu.Lock()
 	defer c.grantMu.Unlock()
-	c.mu.Lock()
-	delete(c.grants, k)
-	c.mu.Unlock()
 	// Also when this process never granted it: the store keeps grants of
 	// earlier runs.
 	c.Grant(k.identity, k.asked, store.ViewKey{}, 0, false)
@@ -219,14 +299,8 @@ func (c *Cache) reviewGrants(ctx context.Context, back time.Time) {
 		}
 		if !allowed {
 			c.Log.Info("watch cache: a stored grant is taken back", "identity", g.identity, "scope", describe(g.asked))
-			c.grantMu.Lock()
-			c.mu.Lock()
-			delete(c.grants, g)
 			// Its kept yeses go too: the next request asks.
-			c.dropAnswers(g.identity, g.asked, reviewKey{})
-			c.mu.Unlock()
-			c.Grant(g.identity, g.asked, store.ViewKey{}, 0, false)
-			c.grantMu.Unlock()
+			c.takeBack(g, true)
 		}
 	}
 }
@@ -236,8 +310,8 @@ func (c *Cache) reviewGrants(ctx context.Context, back time.Time) {
 func (c *Cache) reviewedSince(identity string, asked store.ViewKey, t time.Time) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for k, rv := range c.reviews {
-		if k.user == identity && k.scope == asked && isClosed(rv.done) && rv.verdict == allowed && !rv.at.Before(t) {
+	for _, rv := range c.answers[grantKey{identity, asked}] {
+		if isClosed(rv.done) && rv.verdict == allowed && !rv.at.Before(t) {
 			return true
 		}
 	}
@@ -262,33 +336,70 @@ func infoOf(asked store.ViewKey) (*request.Info, bool) {
 	return info, err == nil && info.Fields != nil
 }
 
-// writePins writes the pins that moved: to the stream's version for the
-// grants whose caller watches.
+// writePins writes the pins that moved, in one transaction, without
+// holding grantMu: a grant taken back or given again meanwhile is left
+// out, as Pins asks inside its transaction whether each is still the one
+// this process holds. Then grants whose stream ended and which no watch
+// follows leave memory, their pins written.
 func (c *Cache) writePins() {
 	if c.Grant == nil {
 		return
 	}
-	c.grantMu.Lock()
-	defer c.grantMu.Unlock()
-	type put struct {
-		k      grantKey
-		source store.ViewKey
-		rv     uint64
+	type moved struct {
+		k grantKey
+		g *grantState
 	}
-	var puts []put
+	var ms []moved
+	var pins []reader.Grant
 	c.mu.Lock()
 	for k, g := range c.grants {
-		if g.watches > 0 {
-			g.pending = max(g.pending, g.st.version())
-		}
 		if g.pending > g.rv {
-			g.rv = g.pending
-			puts = append(puts, put{k, g.source, g.rv})
+			ms = append(ms, moved{k, g})
+			pins = append(pins, reader.Grant{Identity: k.identity, Asked: k.asked, Source: g.source, RV: g.pending})
 		}
 	}
 	c.mu.Unlock()
-	// Under grantMu: a forget cannot come between the copy and the write.
-	for _, p := range puts {
-		c.Grant(p.k.identity, p.k.asked, p.source, p.rv, true)
+	current := func(i int) bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.grants[ms[i].k] == ms[i].g
 	}
+	if err := c.putPins(pins, current); err != nil {
+		if !c.pinsFailing.Swap(true) {
+			c.Log.Warn("watch cache: cannot write how far callers were served; retrying every period", "pins", len(pins), "err", err)
+		}
+		return
+	}
+	if c.pinsFailing.Swap(false) {
+		c.Log.Info("watch cache: how far callers were served is written again", "pins", len(pins))
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i, m := range ms {
+		m.g.rv = max(m.g.rv, pins[i].RV)
+	}
+	for k, g := range c.grants {
+		if g.watches == 0 && g.pending <= g.rv && isClosed(g.st.endedCh) {
+			delete(c.grants, k)
+		}
+	}
+}
+
+// putPins writes pins with Pins, or one by one with Grant, under grantMu,
+// when Pins is not set.
+func (c *Cache) putPins(pins []reader.Grant, current func(i int) bool) error {
+	if len(pins) == 0 {
+		return nil
+	}
+	if c.Pins != nil {
+		return c.Pins(pins, current)
+	}
+	c.grantMu.Lock()
+	defer c.grantMu.Unlock()
+	for i, p := range pins {
+		if current(i) {
+			c.Grant(p.Identity, p.Asked, p.Source, p.RV, true)
+		}
+	}
+	return nil
 }

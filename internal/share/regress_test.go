@@ -90,12 +90,12 @@ func TestEndedStreamAnswersNothing(t *testing.T) {
 	s.run(ctx) // ends, as on idle, too big or refused
 	info := parse(t, "/api/v1/configmaps?resourceVersion=0", node)
 	w := httptest.NewRecorder()
-	if s.c.serveList(w, httptest.NewRequest("GET", "/api/v1/configmaps?resourceVersion=0", nil), info, s, filter{}) {
+	if s.c.serveList(w, httptest.NewRequest("GET", "/api/v1/configmaps?resourceVersion=0", nil), info, s, filter{}, nil) {
 		t.Fatalf("an ended stream answered a list: %s", w.Body.String())
 	}
 	s.use()
 	info = parse(t, "/api/v1/configmaps?watch=true", node)
-	if s.c.serveWatch(w, httptest.NewRequest("GET", "/api/v1/configmaps?watch=true", nil), info, s, filter{}) {
+	if s.c.serveWatch(w, httptest.NewRequest("GET", "/api/v1/configmaps?watch=true", nil), info, s, filter{}, nil) {
 		t.Fatalf("an ended stream answered a watch: %s", w.Body.String())
 	}
 }
@@ -144,7 +144,7 @@ func TestUnansweredRecheckTakesNothingBack(t *testing.T) {
 	defer cancel()
 	s.use()
 	start := time.Now()
-	c.serveWatch(httptest.NewRecorder(), httptest.NewRequest("GET", "/api/v1/configmaps?watch=true&resourceVersion=10", nil).WithContext(ctx), info, s, filter{})
+	c.serveWatch(httptest.NewRecorder(), httptest.NewRequest("GET", "/api/v1/configmaps?watch=true&resourceVersion=10", nil).WithContext(ctx), info, s, filter{}, nil)
 	if len(g.calls) != 0 || time.Since(start) < 400*time.Millisecond {
 		t.Fatalf("unanswered reviews ended the watch after %v and told Grant %v", time.Since(start), g.calls)
 	}

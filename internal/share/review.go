@@ -77,7 +77,7 @@ func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb strin
 	ask := false
 	if rv == nil || (isClosed(rv.done) && time.Since(rv.at) > maxAge) {
 		rv = &review{done: make(chan struct{}), at: time.Now()}
-		c.reviews[k] = rv
+		c.keepReview(k, rv)
 		ask = true
 		c.pruneReviews()
 	}
@@ -101,7 +101,7 @@ func (c *Cache) admittedVerb(ctx context.Context, info *request.Info, verb strin
 			// Not kept: the next request asks again.
 			c.mu.Lock()
 			if c.reviews[k] == rv {
-				delete(c.reviews, k)
+				c.dropReview(k)
 			}
 			c.mu.Unlock()
 			rv.verdict = unknown
@@ -137,9 +137,32 @@ func (c *Cache) denyOthers(k reviewKey) {
 // dropAnswers forgets the answers kept for user and scope, but except's;
 // one still being asked is asked now, and stays. c.mu is held.
 func (c *Cache) dropAnswers(user string, scope store.ViewKey, except reviewKey) {
-	for k, rv := range c.reviews {
-		if k != except && k.user == user && k.scope == scope && isClosed(rv.done) {
-			delete(c.reviews, k)
+	for k, rv := range c.answers[grantKey{user, scope}] {
+		if k != except && isClosed(rv.done) {
+			c.dropReview(k)
+		}
+	}
+}
+
+// keepReview keeps rv as the answer to k; c.mu is held.
+func (c *Cache) keepReview(k reviewKey, rv *review) {
+	c.reviews[k] = rv
+	by := c.answers[grantKey{k.user, k.scope}]
+	if by == nil {
+		by = map[reviewKey]*review{}
+		c.answers[grantKey{k.user, k.scope}] = by
+	}
+	by[k] = rv
+}
+
+// dropReview forgets the answer to k; c.mu is held.
+func (c *Cache) dropReview(k reviewKey) {
+	delete(c.reviews, k)
+	gk := grantKey{k.user, k.scope}
+	if by := c.answers[gk]; by != nil {
+		delete(by, k)
+		if len(by) == 0 {
+			delete(c.answers, gk)
 		}
 	}
 }
@@ -153,7 +176,7 @@ func (c *Cache) pruneReviews() {
 	c.pruned = time.Now()
 	for k, rv := range c.reviews {
 		if isClosed(rv.done) && time.Since(rv.at) > 2*c.Recheck {
-			delete(c.reviews, k)
+			c.dropReview(k)
 		}
 	}
 }

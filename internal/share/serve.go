@@ -40,8 +40,8 @@ const initialBatch = 64
 
 // serveList answers a LIST at resourceVersion 0 (whole, whatever the
 // limit, as the apiserver's watch cache does) or NotOlderThan a version,
-// once the stream reached it.
-func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.Info, st *stream, f filter) bool {
+// once the stream reached it; once written, p is pinned at its version.
+func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.Info, st *stream, f filter, p *pin) bool {
 	defer st.release()
 	ctx := r.Context()
 	o := info.Options
@@ -53,7 +53,9 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 		// Many clients listing the scope at once get the same bytes, in
 		// the media type they prefer.
 		if e, ok := st.encoded(a.Media, parseRV(o.ResourceVersion)); ok {
-			writeList(w, e.contentType, e.body)
+			if writeList(w, e.contentType, e.body) {
+				p.served(e.rv)
+			}
 			c.served("list")
 			return true
 		}
@@ -71,7 +73,9 @@ func (c *Cache) serveList(w http.ResponseWriter, r *http.Request, info *request.
 		// protobuf is no answer to one that takes only protobuf.
 		st.keepEncoded(contentType, encodedList{gen: snap.gen, rv: snap.rv, contentType: contentType, body: body})
 	}
-	writeList(w, contentType, body)
+	if writeList(w, contentType, body) {
+		p.served(snap.rv)
+	}
 	c.served("list")
 	return true
 }
@@ -111,8 +115,9 @@ func assemble(ctx context.Context, snap snapshot, a codec.Accept) (body []byte, 
 	return codec.JSONList(snap.kind+"List", snap.apiVersion, rvs, "", items), codec.MediaJSON, true
 }
 
-// writeList writes a whole list answer, within writeTimeout.
-func writeList(w http.ResponseWriter, contentType string, body []byte) {
+// writeList writes a whole list answer, within writeTimeout, and reports
+// whether it was.
+func writeList(w http.ResponseWriter, contentType string, body []byte) bool {
 	h := w.Header()
 	h.Set("Content-Type", contentType)
 	h.Set("Content-Length", strconv.Itoa(len(body)))
@@ -120,11 +125,13 @@ func writeList(w http.ResponseWriter, contentType string, body []byte) {
 	rc := http.NewResponseController(w)
 	_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
 	w.WriteHeader(http.StatusOK)
-	if _, err := w.Write(body); err == nil {
-		_ = rc.Flush()
+	_, err := w.Write(body)
+	if err == nil {
+		err = rc.Flush()
 	}
 	// Not left on the connection for its next request.
 	_ = rc.SetWriteDeadline(time.Time{})
+	return err == nil
 }
 
 // serveWatch answers a watch: from a resourceVersion the stream still
@@ -133,8 +140,9 @@ func writeList(w http.ResponseWriter, contentType string, body []byte) {
 // "0", and WatchList, which ends them with the initial-events-end
 // bookmark). It follows the stream until the client's timeout, the
 // client leaves, the stream ends (the client then watches again from its
-// resourceVersion), or a new access review says no.
-func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request.Info, st *stream, f filter) bool {
+// resourceVersion), or a new access review says no. p is pinned at the
+// version everything up to which was written.
+func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request.Info, st *stream, f filter, p *pin) bool {
 	defer st.release()
 	ctx := r.Context()
 	o := info.Options
@@ -220,6 +228,9 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 		return true
 	}
 	_ = rc.SetWriteDeadline(time.Time{})
+	// The client has the scope at rv now, or (resuming) says it had it at
+	// from.
+	p.served(max(rv, from))
 
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
@@ -298,6 +309,8 @@ func (c *Cache) serveWatch(w http.ResponseWriter, r *http.Request, info *request
 		if len(evs) > 0 {
 			_ = rc.SetWriteDeadline(time.Time{})
 		}
+		// Every change up to at was in evs: the client has them all.
+		p.served(at)
 		if done {
 			return true
 		}

@@ -109,9 +109,9 @@ func TestSlowListReaderHoldsNobody(t *testing.T) {
 			defer cancel()
 			w2 := httptest.NewRecorder()
 			s.use()
-			second <- s.c.serveList(w2, httptest.NewRequest("GET", target, nil).WithContext(ctx), info, s, f) && w2.Body.Len() > 34<<20
+			second <- s.c.serveList(w2, httptest.NewRequest("GET", target, nil).WithContext(ctx), info, s, f, nil) && w2.Body.Len() > 34<<20
 		}()
-		s.c.serveList(writing, r, info, s, f)
+		s.c.serveList(writing, r, info, s, f, nil)
 	}, target, 10*time.Second)
 	if !<-second {
 		t.Error("a second client was not served within 1 s while the first did not read its list")
@@ -147,7 +147,7 @@ func TestInitialEventsWriteDeadline(t *testing.T) {
 	info.Accept = codec.ParseAccept("application/json")
 	after, ok := stalled(t, func(w http.ResponseWriter, r *http.Request) {
 		s.use()
-		s.c.serveWatch(w, r, info, s, filter{})
+		s.c.serveWatch(w, r, info, s, filter{}, nil)
 	}, target, 10*time.Second)
 	if !ok {
 		t.Fatalf("a watch whose client stopped reading its initial events still held its handler after %v (write timeout 500ms)", after)
@@ -271,7 +271,7 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 		w := httptest.NewRecorder()
 		s.use()
 		start := time.Now()
-		ok := s.c.serveWatch(w, httptest.NewRequest("GET", target, nil).WithContext(ctx), info, s, filter{})
+		ok := s.c.serveWatch(w, httptest.NewRequest("GET", target, nil).WithContext(ctx), info, s, filter{}, nil)
 		return w, ok, time.Since(start)
 	}
 	// endSoon ends s after d, as when it goes idle: its watches end.
@@ -307,7 +307,7 @@ func TestConsistentWatchListIsFresh(t *testing.T) {
 			info := parse(t, target, token)
 			info.Accept = codec.ParseAccept("application/json")
 			s.use()
-			ok := s.c.serveWatch(httptest.NewRecorder(), httptest.NewRequest("GET", target, nil).WithContext(ctx), info, s, filter{})
+			ok := s.c.serveWatch(httptest.NewRecorder(), httptest.NewRequest("GET", target, nil).WithContext(ctx), info, s, filter{}, nil)
 			cancel()
 			reads := 0
 			for _, r := range api.seen() {
@@ -415,7 +415,7 @@ func TestProtobufOnlyClientGetsNoJSON(t *testing.T) {
 		info.Accept = codec.ParseAccept(accept)
 		w := httptest.NewRecorder()
 		s.use()
-		return w, s.c.serveList(w, httptest.NewRequest("GET", target, nil), info, s, filter{})
+		return w, s.c.serveList(w, httptest.NewRequest("GET", target, nil), info, s, filter{}, nil)
 	}
 	if w, ok := ask("application/vnd.kubernetes.protobuf, application/json"); !ok || w.Header().Get("Content-Type") != codec.MediaJSON {
 		t.Fatalf("a client taking protobuf or JSON: served %v as %q", ok, w.Header().Get("Content-Type"))
@@ -499,7 +499,7 @@ func TestTinyRecheckDoesNotPanic(t *testing.T) {
 	defer cancel()
 	s.use()
 	w := httptest.NewRecorder()
-	s.c.serveWatch(w, httptest.NewRequest("GET", "/api/v1/configmaps?watch=true&resourceVersion=10", nil).WithContext(ctx), info, s, filter{})
+	s.c.serveWatch(w, httptest.NewRequest("GET", "/api/v1/configmaps?watch=true&resourceVersion=10", nil).WithContext(ctx), info, s, filter{}, nil)
 	if w.Code != http.StatusOK {
 		t.Fatalf("answer %d", w.Code)
 	}

@@ -37,6 +37,7 @@ import (
 
 	"github.com/outposthq/outpost/internal/codec"
 	"github.com/outposthq/outpost/internal/metrics"
+	"github.com/outposthq/outpost/internal/reader"
 	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
@@ -92,6 +93,12 @@ type Cache struct {
 	// reader answers it offline from that view, no newer than rv
 	// (reader.PutGrant).
 	Grant func(identity string, asked, source store.ViewKey, rv uint64, allowed bool)
+	// Pins, if set, writes the pins that moved in one transaction
+	// (reader.PutGrants), each only if current(i) still says so inside
+	// it, so that a grant taken back meanwhile (whose delete Grant is told
+	// after current says no) is not written again. Nil: each is told to
+	// Grant.
+	Pins func(pins []reader.Grant, current func(i int) bool) error
 	// Grants, if set, calls fn with each grant the store holds
 	// (reader.Grants). After a reconnect, those whose callers were not
 	// reviewed again meanwhile are, with the credentials outpost holds
@@ -125,15 +132,23 @@ type Cache struct {
 	wg      sync.WaitGroup
 	bytes   atomic.Int64 // held by all streams
 
-	mu       sync.Mutex
-	streams  map[store.ViewKey]*stream
-	refused  map[store.ViewKey]refusal // scopes left upstream for a while
-	reviews  map[reviewKey]*review
-	pruned   time.Time                // when reviews were last pruned
-	grants   map[grantKey]*grantState // told to Grant
-	grantMu  sync.Mutex               // orders the calls of Grant
-	stopping bool
-	initOnce sync.Once
+	mu      sync.Mutex // guards the fields below
+	streams map[store.ViewKey]*stream
+	refused map[store.ViewKey]refusal // scopes left upstream for a while
+	reviews map[reviewKey]*review
+	answers map[grantKey]map[reviewKey]*review // reviews by user and scope
+	pruned  time.Time                          // when reviews were last pruned
+	grants  map[grantKey]*grantState           // told to Grant
+	// denials counts the grants taken back; denied holds the count at
+	// each one's latest, deniedFloor the count when older ones were
+	// forgotten (see remember).
+	denials, deniedFloor uint64
+	denied               map[grantKey]uint64
+	stopping             bool
+
+	grantMu     sync.Mutex  // orders the calls of Grant
+	pinsFailing atomic.Bool // the last write of pins failed
+	initOnce    sync.Once
 }
 
 func (c *Cache) init() {
@@ -158,6 +173,8 @@ func (c *Cache) init() {
 		c.refused = map[store.ViewKey]refusal{}
 		c.reviews = map[reviewKey]*review{}
 		c.grants = map[grantKey]*grantState{}
+		c.answers = map[grantKey]map[reviewKey]*review{}
+		c.denied = map[grantKey]uint64{}
 		if c.Metrics != nil {
 			c.Metrics.WatchCacheBudget.Set(float64(c.MaxBytes))
 		}
@@ -203,6 +220,9 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 		st.release()
 		return false
 	}
+	// Counted before it is admitted: a denial after its yes keeps it
+	// from writing a grant.
+	since := c.denialMark()
 	if v := c.admit(ctx, info, st, filter, c.Recheck); v != allowed {
 		st.release()
 		if v == denied {
@@ -210,14 +230,12 @@ func (c *Cache) Serve(w http.ResponseWriter, r *http.Request, info *request.Info
 		}
 		return false
 	}
-	k, granted := c.remember(info, st)
+	p := c.remember(info, st, since)
 	if info.Watch {
-		if granted {
-			defer c.watching(k)()
-		}
-		return c.serveWatch(w, r, info, st, filter)
+		defer p.end()
+		return c.serveWatch(w, r, info, st, filter, p)
 	}
-	return c.serveList(w, r, info, st, filter)
+	return c.serveList(w, r, info, st, filter, p)
 }
 
 // startedChan is closed once Run has started.
