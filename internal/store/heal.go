@@ -158,6 +158,7 @@ func (s *Store) scan(ctx context.Context, deep bool) error {
 		if err != nil {
 			return err
 		}
+		defer releasePages(btx)
 		return btx.ForEach(func(name []byte, b *bolt.Bucket) error {
 			c := b.Cursor()
 			for k, v := c.First(); k != nil; k, v = c.Next() {
