@@ -288,6 +288,7 @@ func (h *Hub) Run(ctx context.Context) (err error) {
 		}
 	}()
 	h.store = st
+	defer h.pool.ClosePings()
 	mem := &memory.Releaser{Released: func(reason string) { h.metrics.MemoryReleases.WithLabelValues(reason).Inc() }}
 	writes := &local.Writer{Store: st, Log: h.log, Metrics: h.metrics, Node: h.cfg.NodeName}
 	writes.Load()

@@ -292,13 +292,14 @@ func checkListRV(rv, match, viewRV string) error {
 }
 
 // checkView returns errViewMoved when src's view is no longer in the
-// store: a view that does not exist lists as empty.
+// store as it was found: a view that does not exist lists as empty, and
+// one replaced since would be listed under the old resourceVersion.
 func checkView(tx *store.Tx, src source) error {
-	_, ok, err := tx.View(src.view.Key)
+	v, ok, err := tx.View(src.view.Key)
 	switch {
 	case err != nil:
 		return err
-	case !ok:
+	case !ok, v.ResourceVersion != src.found:
 		return errViewMoved
 	}
 	return nil

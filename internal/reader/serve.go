@@ -2,6 +2,7 @@ package reader
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -105,6 +106,9 @@ type source struct {
 	// pinned: only objects at resourceVersion upTo or older (a grant's).
 	pinned bool
 	upTo   uint64
+	// found is the view's resourceVersion when it was found, which the
+	// answer's may not be (a grant's says its pin).
+	found string
 }
 
 func (s source) keep(o store.Object) bool {
@@ -143,10 +147,15 @@ func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 				!strings.HasSuffix(res, "#meta") && store.NewerRV(strconv.FormatUint(upTo, 10), v.ResourceVersion) {
 				// The node watch cache answered this identity since its own
 				// view was recorded: the fresher of the two, as far as it
-				// was served (its pin).
-				return grantedSource(g, upTo, want, info), true, nil
+				// was served (its pin), when it is whole there.
+				src := grantedSource(g, upTo, want, info)
+				if whole, err := rd.wholeAtPin(src); err != nil {
+					return source{}, false, err
+				} else if whole {
+					return src, true, nil
+				}
 			}
-			return source{view: v, meta: strings.HasSuffix(res, "#meta")}, true, nil
+			return source{view: v, meta: strings.HasSuffix(res, "#meta"), found: v.ResourceVersion}, true, nil
 		}
 		views, err := rd.Store.Views(want.Identity, res)
 		if err != nil {
@@ -164,7 +173,7 @@ func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 			if k.Namespace == "" {
 				ns = want.Namespace
 			}
-			return source{view: v, namespace: ns, labels: info.Labels, fields: info.Fields, filter: true, meta: strings.HasSuffix(res, "#meta")}, true, nil
+			return source{view: v, namespace: ns, labels: info.Labels, fields: info.Fields, filter: true, meta: strings.HasSuffix(res, "#meta"), found: v.ResourceVersion}, true, nil
 		}
 	}
 	if info.Labels != nil && info.Fields != nil && !strings.HasSuffix(want.Resource, "#meta") {
@@ -174,15 +183,50 @@ func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 		if err != nil || !ok {
 			return source{}, false, err
 		}
-		return grantedSource(v, upTo, want, info), true, nil
+		src := grantedSource(v, upTo, want, info)
+		whole, err := rd.wholeAtPin(src)
+		if err != nil || !whole {
+			return source{}, false, err
+		}
+		return src, true, nil
 	}
 	return source{}, false, nil
+}
+
+// wholeAtPin reports whether a grant's source answers whole at its pin:
+// whether none of the objects its caller would be answered changed after
+// the pin. The store keeps only the newest version of an object, which the
+// caller was never served and may no longer be allowed to read; leaving
+// it out would answer a list that lacks an object that exists, which a
+// client such as kubelet acts on (a pod missing from its list is
+// stopped). Such a grant answers nothing: the caller's own older view
+// does, or nothing at all.
+func (rd *Reader) wholeAtPin(src source) (bool, error) {
+	beyond := errors.New("changed after the pin")
+	open := src
+	open.pinned = false
+	err := rd.Store.List(src.view.Key, "", 0, func(o store.Object) error {
+		if !open.keep(o) {
+			return nil
+		}
+		if rv, err := strconv.ParseUint(o.ResourceVersion, 10, 64); err != nil || rv > src.upTo {
+			return beyond
+		}
+		return nil
+	})
+	switch {
+	case errors.Is(err, beyond):
+		return false, nil
+	case err != nil:
+		return false, err
+	}
+	return true, nil
 }
 
 // grantedSource reads view v, another identity's, for want: filtered to
 // what want's identity was allowed, no newer than it was served (upTo).
 func grantedSource(v store.View, upTo uint64, want store.ViewKey, info *request.Info) source {
-	src := source{view: v, labels: info.Labels, fields: info.Fields, filter: true, pinned: true, upTo: upTo}
+	src := source{view: v, labels: info.Labels, fields: info.Fields, filter: true, pinned: true, upTo: upTo, found: v.ResourceVersion}
 	if store.NewerRV(v.ResourceVersion, strconv.FormatUint(upTo, 10)) {
 		// Answered as of the pin: a client resuming its watch from the
 		// version it was told online gets what the pin left out.

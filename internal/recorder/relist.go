@@ -37,26 +37,33 @@ func (c *Recorder) Relist(ctx context.Context, identity string, rate int, upstre
 	}
 	// The views a rebuild of the store dropped come first, and whatever
 	// keeps them fresh: the store no longer has them.
-	keys := c.lostOf(identity)
+	type turn struct {
+		k     store.ViewKey
+		stale bool // in the store
+	}
+	var turns []turn
+	for _, k := range c.lostOf(identity) {
+		turns = append(turns, turn{k: k})
+	}
 	for _, v := range views {
 		// A view a client re-listed since is skipped before its turn
 		// (costing no wait) and when its turn comes.
 		if v.Key.Identity != identity || (!v.Stale && (c.listedSince(v.Key, since) || c.keptFresh(v.Key))) {
 			continue
 		}
-		keys = append(keys, v.Key)
+		turns = append(turns, turn{k: v.Key, stale: v.Stale})
 	}
-	for _, k := range keys {
+	for _, tn := range turns {
 		jitter := time.Duration(rand.Int64N(int64(time.Second / time.Duration(rate))))
 		select {
 		case <-ctx.Done():
 			return done, ctx.Err()
 		case <-time.After(time.Second/time.Duration(rate) + jitter/2):
 		}
-		if c.listedSince(k, since) {
+		if !tn.stale && c.listedSince(tn.k, since) {
 			continue
 		}
-		ok, err := c.relistOne(ctx, k, upstream)
+		ok, err := c.relistOne(ctx, tn.k, upstream)
 		if err != nil {
 			return done, err
 		}

@@ -279,3 +279,42 @@ func TestLostUnnamedAndRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestStaleViewRelistedAfterItWasListed: a view a client listed whole
+// after the reconnect, then marked stale (an answer for it was dropped; the
+// recorder forgets the mark once it is in the store), is re-listed at its
+// turn: only a view not stale is skipped for having been listed since.
+func TestStaleViewRelistedAfterItWasListed(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "store.db"), store.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	asked := 0
+	link := roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		asked++
+		return &http.Response{StatusCode: http.StatusInternalServerError, Header: http.Header{}, Body: http.NoBody, Request: r}, nil
+	})
+	c := &Recorder{Store: st, Log: slog.New(slog.DiscardHandler), BatchDelay: time.Millisecond}
+	c.init()
+	k := store.ViewKey{Identity: "node", Resource: "/v1/configmaps", Namespace: "ns"}
+	since := time.Now()
+	if err := st.ReplaceView(store.View{Key: k, ResourceVersion: "5", Kind: "ConfigMapList", APIVersion: "v1"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	c.listed[k] = time.Now() // a client re-listed it after the reconnect
+	c.mu.Unlock()
+	if err := st.MarkStale(k); err != nil { // then an answer was dropped (flushed: c.stale cleared)
+		t.Fatal(err)
+	}
+	if v, _, _ := st.View(k); !v.Stale {
+		t.Fatal("the view is not stale in the store")
+	}
+	if _, err := c.Relist(t.Context(), "node", 100, link, since); err != nil {
+		t.Fatal(err)
+	}
+	if asked != 1 {
+		t.Errorf("a view stale in the store was asked %d times; want once", asked)
+	}
+}

@@ -457,3 +457,27 @@ func TestStoredGrantsReviewedAfterReconnect(t *testing.T) {
 		t.Errorf("reviews asked with tokens %v, want %v (none for the caller reviewed since, nor for one outpost holds no credentials of)", api.reviews, want)
 	}
 }
+
+// TestOwnerGetsNoGrantForItsOwnStream: a caller served a narrower scope
+// from the stream it owns reads its own data. A grant, pinned to what it
+// was last served, would cut its offline answers short of its own view:
+// objects changed since the pin would be left out of a list that still
+// holds them.
+func TestOwnerGetsNoGrantForItsOwnStream(t *testing.T) {
+	api := &fakeAPIServer{allowed: true, events: make(chan string, 10)}
+	c := newTestCache(t, api)
+	grants := logGrants(c)
+	if !ask(t, c, token, listRV0, nil) {
+		t.Fatal("the owner was not served")
+	}
+	if !ask(t, c, token, listRV0+"&labelSelector=app%3Dweb", nil) {
+		t.Fatal("the owner was not served a narrower scope from its stream")
+	}
+	if !ask(t, c, other, listRV0+"&labelSelector=app%3Dweb", nil) {
+		t.Fatal("another caller was not served")
+	}
+	waitUntil(t, "the other caller's grant", func() bool { return len(grants()) > 0 })
+	if g := grants(); len(g) != 1 {
+		t.Errorf("grants %v: want one, the other caller's, none for the owner", g)
+	}
+}

@@ -82,7 +82,9 @@ func (c *Cache) deniedSince(k grantKey, mark uint64) bool {
 // --record-identities leaves out (which nothing answers offline).
 func (c *Cache) remember(info *request.Info, st *stream, since uint64) *pin {
 	asked, id := scopeOf(info), info.Identity.Key()
-	if c.Grant == nil || (id == st.owner && asked == st.scope) || (c.Recorded != nil && !c.Recorded(id)) {
+	// The owner reads its own view: offline, its broader view answers it
+	// as any of its views does, whole, with no pin to cut it short.
+	if c.Grant == nil || id == st.owner || (c.Recorded != nil && !c.Recorded(id)) {
 		return nil
 	}
 	source := st.scope

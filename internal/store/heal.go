@@ -87,7 +87,7 @@ func (s *Store) Run(ctx context.Context, lost func(Loss)) error {
 		}
 	}
 	gap := rebuildGap
-	var last time.Time
+	var last, scanned time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -95,7 +95,13 @@ func (s *Store) Run(ctx context.Context, lost func(Loss)) error {
 		case <-s.damaged:
 		}
 		if !s.certain.Swap(false) {
-			// Only panics: the damage must show in a full read first.
+			// Only panics: the damage must show in a full read first,
+			// at most once per rebuildGap (a caller that panics at every
+			// call must not make the store read itself without end).
+			if time.Since(scanned) < rebuildGap {
+				continue
+			}
+			scanned = time.Now()
 			err := s.scan(ctx, true)
 			if ctx.Err() != nil {
 				return nil

@@ -13,76 +13,100 @@ import (
 	"golang.org/x/net/http2"
 )
 
+// pingConnMaxAge is how long a ping connection is used before a new one
+// replaces it, opened beside it: kube-apiserver closes an HTTP/2
+// connection that has carried no stream for 90 s, and PINGs do not count.
+var pingConnMaxAge = 60 * time.Second
+
+// pingDialTimeout bounds the opening of a ping connection, which no probe
+// waits for.
+const pingDialTimeout = 10 * time.Second
+
 // pinger is the HTTP/2 connection Ping keeps to one apiserver: a PING
 // frame is answered by the server's HTTP/2 layer, with no request, no
 // authentication, no handler and nothing in the apiserver's metrics, yet
 // it crosses the same link and reaches the same process as every request.
+// The connection is opened in the background, never within a probe's
+// time: a probe that finds none asks /readyz instead.
 type pinger struct {
-	mu      sync.Mutex // one ping at a time; guards the fields below
+	mu      sync.Mutex // guards the fields below; held for one ping at a time
 	conn    net.Conn
 	fr      *http2.Framer
+	opened  time.Time
 	seq     uint64
+	dialing bool
 	noHTTP2 bool // the server (or a proxy before it) does not speak HTTP/2
+	closed  bool
 }
 
 // Ping checks that apiserver i answers an HTTP/2 PING within ctx, on a
-// connection of its own, which it opens (without a client certificate) if
-// it has none. A connection the server has closed meanwhile (its idle
-// timeout) costs one more dial, within the same ctx. A server reached
-// only over HTTP/1.1 cannot be pinged: it is probed (Probe) instead.
+// connection of its own (opened without a client certificate). Without
+// one ready (the first time, after a failure, or when the server closed
+// it), it probes /readyz (Probe) and opens one in the background for the
+// next time; so does a server reached only over HTTP/1.1, every time.
 func (p *Pool) Ping(ctx context.Context, i int) error {
 	s := p.servers[i]
-	s.ping.mu.Lock()
-	defer s.ping.mu.Unlock()
-	if s.ping.noHTTP2 {
+	pg := &s.ping
+	pg.mu.Lock()
+	if pg.noHTTP2 || pg.closed {
+		pg.mu.Unlock()
 		return p.Probe(ctx, i)
 	}
-	reused := s.ping.conn != nil
-	err := s.ping.once(ctx, s)
-	if err != nil && reused && ctx.Err() == nil {
-		err = s.ping.once(ctx, s)
+	if pg.conn == nil || time.Since(pg.opened) > pingConnMaxAge {
+		pg.dialLater(s)
 	}
-	if errors.Is(err, errNoHTTP2) {
-		s.ping.noHTTP2 = true
+	if pg.conn == nil {
+		pg.mu.Unlock()
+		return p.Probe(ctx, i)
+	}
+	err := pg.once(ctx)
+	if err != nil {
+		pg.drop()
+		pg.dialLater(s)
+	}
+	pg.mu.Unlock()
+	if err != nil && ctx.Err() == nil {
+		// The connection failed before the probe's time was up (the
+		// server closed it, a reset): that says nothing of the link, which
+		// /readyz asks about within the time left.
 		return p.Probe(ctx, i)
 	}
 	return err
 }
 
-var errNoHTTP2 = errors.New("the server does not speak HTTP/2")
-
-// once sends one PING and waits for its acknowledgement; any failure
-// closes the connection.
-func (pg *pinger) once(ctx context.Context, s *Server) (err error) {
-	defer func() {
-		if err != nil && pg.conn != nil {
-			_ = pg.conn.Close()
-			pg.conn, pg.fr = nil, nil
-		}
-	}()
-	if pg.conn == nil {
-		if err := pg.dial(ctx, s); err != nil {
-			return err
-		}
+// ClosePings closes the connections Ping keeps, and keeps Ping from
+// opening new ones.
+func (p *Pool) ClosePings() {
+	for _, s := range p.servers {
+		s.ping.mu.Lock()
+		s.ping.closed = true
+		s.ping.drop()
+		s.ping.mu.Unlock()
 	}
+}
+
+// once sends one PING on pg.conn and waits for its acknowledgement.
+// pg.mu is held.
+func (pg *pinger) once(ctx context.Context) error {
+	conn, fr := pg.conn, pg.fr
 	deadline, ok := ctx.Deadline()
 	if !ok {
 		deadline = time.Now().Add(5 * time.Second)
 	}
-	if err := pg.conn.SetDeadline(deadline); err != nil {
+	if err := conn.SetDeadline(deadline); err != nil {
 		return err
 	}
 	// A ctx cancelled before its deadline ends the wait too.
-	stop := context.AfterFunc(ctx, func() { _ = pg.conn.SetDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	pg.seq++
 	var data [8]byte
 	binary.BigEndian.PutUint64(data[:], pg.seq)
-	if err := pg.fr.WritePing(false, data); err != nil {
+	if err := fr.WritePing(false, data); err != nil {
 		return fmt.Errorf("sending an HTTP/2 PING: %w", err)
 	}
 	for {
-		f, err := pg.fr.ReadFrame()
+		f, err := fr.ReadFrame()
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -95,13 +119,13 @@ func (pg *pinger) once(ctx context.Context, s *Server) (err error) {
 				return nil
 			}
 			if !f.IsAck() {
-				if err := pg.fr.WritePing(true, f.Data); err != nil {
+				if err := fr.WritePing(true, f.Data); err != nil {
 					return err
 				}
 			}
 		case *http2.SettingsFrame:
 			if !f.IsAck() {
-				if err := pg.fr.WriteSettingsAck(); err != nil {
+				if err := fr.WriteSettingsAck(); err != nil {
 					return err
 				}
 			}
@@ -111,9 +135,47 @@ func (pg *pinger) once(ctx context.Context, s *Server) (err error) {
 	}
 }
 
-// dial opens the connection: TLS verifying the server, ALPN h2, then the
-// client preface and empty settings.
-func (pg *pinger) dial(ctx context.Context, s *Server) error {
+// drop closes pg.conn. pg.mu is held.
+func (pg *pinger) drop() {
+	if pg.conn != nil {
+		_ = pg.conn.Close()
+		pg.conn, pg.fr = nil, nil
+	}
+}
+
+// dialLater opens a new connection in the background, which replaces
+// pg.conn once ready. pg.mu is held.
+func (pg *pinger) dialLater(s *Server) {
+	if pg.dialing || pg.closed {
+		return
+	}
+	pg.dialing = true
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), pingDialTimeout)
+		defer cancel()
+		conn, fr, err := dialPing(ctx, s)
+		pg.mu.Lock()
+		defer pg.mu.Unlock()
+		pg.dialing = false
+		switch {
+		case errors.Is(err, errNoHTTP2):
+			pg.noHTTP2 = true
+		case err != nil:
+			// The next probe asks /readyz, and tries again.
+		case pg.closed:
+			_ = conn.Close()
+		default:
+			pg.drop()
+			pg.conn, pg.fr, pg.opened = conn, fr, time.Now()
+		}
+	}()
+}
+
+var errNoHTTP2 = errors.New("the server does not speak HTTP/2")
+
+// dialPing opens a ping connection: TLS verifying the server, ALPN h2,
+// then the client preface and empty settings.
+func dialPing(ctx context.Context, s *Server) (net.Conn, *http2.Framer, error) {
 	host := s.URL.Host
 	if s.URL.Port() == "" {
 		host = net.JoinHostPort(s.URL.Hostname(), "443")
@@ -123,11 +185,11 @@ func (pg *pinger) dial(ctx context.Context, s *Server) error {
 	d := tls.Dialer{NetDialer: &net.Dialer{}, Config: cfg}
 	conn, err := d.DialContext(ctx, "tcp", host)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	if conn.(*tls.Conn).ConnectionState().NegotiatedProtocol != "h2" {
 		_ = conn.Close()
-		return errNoHTTP2
+		return nil, nil, errNoHTTP2
 	}
 	if deadline, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(deadline)
@@ -135,12 +197,11 @@ func (pg *pinger) dial(ctx context.Context, s *Server) error {
 	fr := http2.NewFramer(conn, conn)
 	if _, err := conn.Write([]byte(http2.ClientPreface)); err != nil {
 		_ = conn.Close()
-		return err
+		return nil, nil, err
 	}
 	if err := fr.WriteSettings(); err != nil {
 		_ = conn.Close()
-		return err
+		return nil, nil, err
 	}
-	pg.conn, pg.fr = conn, fr
-	return nil
+	return conn, fr, nil
 }

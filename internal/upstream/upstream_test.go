@@ -318,11 +318,12 @@ func TestHandshake(t *testing.T) {
 	}
 }
 
-// TestPing: PINGs to an HTTP/2 server reach no handler and share one
-// connection; a connection the server closed is replaced within the same
-// ping; a server that is gone, or that accepts connections but never
-// answers, fails the ping within its time; a server that speaks only
-// HTTP/1.1 is probed with /readyz instead.
+// TestPing: the first ping of a server, with no connection of its own
+// yet, asks /readyz and opens one in the background; later pings reach no
+// handler and share that connection, which is replaced once old; one the
+// server closed costs one /readyz and a new connection; a server that is
+// gone, or accepts connections but never answers, fails the ping within
+// its time; a server that speaks only HTTP/1.1 is asked /readyz every time.
 func TestPing(t *testing.T) {
 	var requests, conns atomic.Int64
 	h2 := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { requests.Add(1) }))
@@ -356,31 +357,71 @@ func TestPing(t *testing.T) {
 	}()
 	silentURL, _ := url.Parse("https://" + silent.Addr().String())
 	p := newPool(t, h2, h1)
-	p.servers = append(p.servers, &Server{URL: silentURL, handshake: p.servers[0].handshake})
+	defer p.ClosePings()
+	p.servers = append(p.servers, &Server{URL: silentURL, handshake: p.servers[0].handshake, node: p.servers[0].node})
 	ping := func(i int, within time.Duration) error {
 		ctx, cancel := context.WithTimeout(t.Context(), within)
 		defer cancel()
 		return p.Ping(ctx, i)
 	}
+	ready := func(i int) bool {
+		pg := &p.servers[i].ping
+		pg.mu.Lock()
+		defer pg.mu.Unlock()
+		return pg.conn != nil
+	}
+	waitReady := func(i int) {
+		t.Helper()
+		for end := time.Now().Add(5 * time.Second); !ready(i); time.Sleep(time.Millisecond) {
+			if time.Now().After(end) {
+				t.Fatal("no ping connection opened")
+			}
+		}
+	}
 
+	if err := ping(0, 5*time.Second); err != nil || requests.Load() != 1 {
+		t.Fatalf("the first ping: %v, %d requests; want /readyz asked", err, requests.Load())
+	}
+	waitReady(0)
+	before := conns.Load()
 	for n := range 20 {
 		if err := ping(0, 5*time.Second); err != nil {
 			t.Fatalf("ping %d: %v", n, err)
 		}
 	}
-	if requests.Load() != 0 || conns.Load() != 1 {
-		t.Errorf("20 pings: %d requests reached the handler, over %d connections; want 0 over 1", requests.Load(), conns.Load())
+	if requests.Load() != 1 || conns.Load() != before {
+		t.Errorf("20 pings: %d more requests reached the handler, over %d new connections; want none", requests.Load()-1, conns.Load()-before)
+	}
+	// Old: replaced beside it, while pings go on.
+	pingConnMaxAge = 0
+	if err := ping(0, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	pingConnMaxAge = 60 * time.Second
+	for end := time.Now().Add(5 * time.Second); conns.Load() == before; time.Sleep(time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("an old ping connection was not replaced")
+		}
+	}
+	waitReady(0)
+	if requests.Load() != 1 {
+		t.Errorf("%d requests while the connection was replaced; want none", requests.Load()-1)
 	}
 	h2.CloseClientConnections()
+	time.Sleep(50 * time.Millisecond)
 	if err := ping(0, 5*time.Second); err != nil {
 		t.Errorf("ping after the server closed the connection: %v", err)
 	}
-	if conns.Load() != 2 {
-		t.Errorf("%d connections; want a second one after the first was closed", conns.Load())
-	}
+	waitReady(0)
 
-	if err := ping(1, 5*time.Second); err != nil || readyz.Load() != 1 {
-		t.Errorf("an HTTP/1.1 server: %v, %d /readyz; want it probed instead", err, readyz.Load())
+	for range 2 {
+		if err := ping(1, 5*time.Second); err != nil {
+			t.Errorf("an HTTP/1.1 server: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if readyz.Load() != 2 {
+		t.Errorf("an HTTP/1.1 server: %d /readyz for 2 pings; want it asked each time", readyz.Load())
 	}
 	start := time.Now()
 	if err := ping(2, 300*time.Millisecond); err == nil {
