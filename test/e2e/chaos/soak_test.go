@@ -351,6 +351,16 @@ func (s *soak) finish() {
 	if st := s.samples.stats(); st.maxRSS >= maxRSSMB || st.maxFDs >= maxFDs {
 		s.violation.add("outpost's resources went beyond their bounds: RSS up to %.1f MB (bound %d), %d open fds (bound %d)", st.maxRSS, maxRSSMB, st.maxFDs, maxFDs)
 	}
+	// The report marks these too; each is a broken promise.
+	s.reads.mu.Lock()
+	failed, partial := len(s.reads.failures), len(s.reads.partial)
+	s.reads.mu.Unlock()
+	if failed > 0 {
+		s.violation.add("%d reads failed while outpost ran (see the report's list)", failed)
+	}
+	if partial > 0 {
+		s.violation.add("%d offline lists were partial (see the report's list)", partial)
+	}
 	rep := s.report()
 	path := filepath.Join(s.cfg.out, "report.md")
 	if err := os.WriteFile(path, []byte(rep), 0o644); err != nil {
