@@ -50,20 +50,10 @@ func members(t *testing.T, st *store.Store, k store.ViewKey) (names []string, rv
 // delivers while the list is on its way, newer than the list, must not be
 // undone by the list: the object deleted stays deleted.
 func TestRelistKeepsWatchEvents(t *testing.T) {
-	st, err := store.Open(filepath.Join(t.TempDir(), "store.db"), store.Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := openStore(t)
 	c := &Recorder{Store: st, Log: slog.New(slog.DiscardHandler), BatchDelay: time.Millisecond}
 	c.init()
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = c.Run(ctx)
-	}()
-	defer func() { cancel(); <-done }()
+	runRecorder(t, c)
 	k := store.ViewKey{Identity: "reader", Resource: "/v1/configmaps", Namespace: "chaos"}
 	waitFor := func(d time.Duration, ok func() bool) bool {
 		t.Helper()
@@ -124,11 +114,7 @@ func TestRelistKeepsWatchEvents(t *testing.T) {
 // re-list of their identity, even when something else keeps them fresh
 // (a stream of the node watch cache, which would not list them again).
 func TestLostViewsFetchedAgain(t *testing.T) {
-	st, err := store.Open(filepath.Join(t.TempDir(), "store.db"), store.Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := openStore(t)
 	up := make(chan bool, 1)
 	up <- true
 	asked := make(chan string, 16)
@@ -145,13 +131,7 @@ func TestLostViewsFetchedAgain(t *testing.T) {
 		UpstreamAs: func(string) http.RoundTripper { return link },
 		KeptFresh:  func(store.ViewKey) bool { return true }}
 	c.init()
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = c.Run(ctx)
-	}()
-	defer func() { cancel(); <-done }()
+	runRecorder(t, c)
 	waitFor := func(k store.ViewKey) {
 		t.Helper()
 		for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
@@ -207,11 +187,7 @@ func TestLostViewsFetchedAgain(t *testing.T) {
 // fetched again; a lost view the apiserver now refuses is deleted and not
 // asked for again.
 func TestLostUnnamedAndRefused(t *testing.T) {
-	st, err := store.Open(filepath.Join(t.TempDir(), "store.db"), store.Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := openStore(t)
 	refused := store.ViewKey{Identity: "node", Resource: "/v1/configmaps", Namespace: "gone"}
 	asked := make(chan string, 16)
 	link := roundTripFunc(func(r *http.Request) (*http.Response, error) {
@@ -224,13 +200,7 @@ func TestLostUnnamedAndRefused(t *testing.T) {
 	c := &Recorder{Store: st, Log: slog.New(slog.DiscardHandler), BatchDelay: time.Millisecond,
 		UpstreamAs: func(string) http.RoundTripper { return link }}
 	c.init()
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = c.Run(ctx)
-	}()
-	defer func() { cancel(); <-done }()
+	runRecorder(t, c)
 	held := store.ViewKey{Identity: "node", Resource: "/v1/configmaps", Namespace: "kept"}
 	if _, err := c.relistOne(t.Context(), held, link); err != nil {
 		t.Fatal(err)
@@ -285,11 +255,7 @@ func TestLostUnnamedAndRefused(t *testing.T) {
 // recorder forgets the mark once it is in the store), is re-listed at its
 // turn: only a view not stale is skipped for having been listed since.
 func TestStaleViewRelistedAfterItWasListed(t *testing.T) {
-	st, err := store.Open(filepath.Join(t.TempDir(), "store.db"), store.Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := openStore(t)
 	asked := 0
 	link := roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		asked++
@@ -317,4 +283,27 @@ func TestStaleViewRelistedAfterItWasListed(t *testing.T) {
 	if asked != 1 {
 		t.Errorf("a view stale in the store was asked %d times; want once", asked)
 	}
+}
+
+// openStore opens a store in a new directory, closed when the test ends.
+func openStore(t *testing.T) *store.Store {
+	t.Helper()
+	st, err := store.Open(filepath.Join(t.TempDir(), "store.db"), store.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	return st
+}
+
+// runRecorder runs c until the test ends.
+func runRecorder(t *testing.T, c *Recorder) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = c.Run(ctx)
+	}()
+	t.Cleanup(func() { cancel(); <-done })
 }

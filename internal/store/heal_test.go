@@ -366,14 +366,7 @@ func runHealing(t *testing.T, s *Store, lost func(Loss)) {
 // does not decode fails its reads; the rebuild drops it, once, and the
 // store reads whole after.
 func TestHealUndecodableDoc(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "cache.db")
-	var logs lockedBuffer
-	s, err := Open(path, Options{NoSync: true, Logger: slogTo(&logs)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	healFill(t, s)
+	s, _, logs := openFilled(t)
 	if err := s.db.Load().Update(func(btx *bolt.Tx) error {
 		return btx.Bucket(bucketDocs).Put([]byte("doc/07"), []byte{0xff, 0xff, 0xff})
 	}); err != nil {
@@ -407,14 +400,7 @@ func TestHealUndecodableDoc(t *testing.T) {
 // transaction is ErrCorrupt to the caller (the store cannot tell it from a
 // damaged page), but a sound file is not rebuilt for it.
 func TestPanicInCallerIsNoDamage(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "cache.db")
-	var logs lockedBuffer
-	s, err := Open(path, Options{NoSync: true, Logger: slogTo(&logs)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	healFill(t, s)
+	s, path, logs := openFilled(t)
 	runHealing(t, s, nil)
 	for range 5 {
 		if err := s.Read(func(*Tx) error { panic("a bug") }); !errors.Is(err, ErrCorrupt) {
@@ -478,4 +464,19 @@ func TestRebuildDoesNotHoldWriters(t *testing.T) {
 	if err := <-readDone; err != nil {
 		t.Errorf("the reader of the replaced file: %v", err)
 	}
+}
+
+// openFilled opens a store in a new directory, filled by healFill, logging
+// to logs; it is closed when the test ends.
+func openFilled(t *testing.T) (s *Store, path string, logs *lockedBuffer) {
+	t.Helper()
+	path = filepath.Join(t.TempDir(), "cache.db")
+	logs = &lockedBuffer{}
+	s, err := Open(path, Options{NoSync: true, Logger: slogTo(logs)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	healFill(t, s)
+	return s, path, logs
 }
