@@ -66,9 +66,11 @@ func TestFleetSanity(t *testing.T) {
 		if r.Mode != Direct && fleet < 1 {
 			t.Errorf("%s: %v watches of the fleet registered in the apiserver, want some", r.Mode, fleet)
 		}
-		// Churn reaches every client as watch events, and outpost probes
-		// the apiserver: the counters move in every mode.
-		if r.Steady.Bytes <= 0 || r.Steady.CPU <= 0 || r.Reconnect.Bytes <= 0 || (r.Mode != Direct && r.Steady.Requests <= 0) {
+		// Churn reaches every client as watch events: the counters move in
+		// every mode. (Outposts may send no request at all in a short
+		// steady window: between their /readyz probes, one per
+		// --probe-ready-interval, they ping.)
+		if r.Steady.Bytes <= 0 || r.Steady.CPU <= 0 || r.Reconnect.Bytes <= 0 {
 			t.Errorf("%s: steady %+v, reconnect %+v: the apiserver's counters did not move", r.Mode, r.Steady, r.Reconnect)
 		}
 		if r.Steady.P99 <= 0 {

@@ -30,7 +30,9 @@ type sample struct {
 	// Gone count those with verb LIST, verb WATCH and code 410.
 	Requests, Lists, Watches, Gone float64
 	// Probes counts the health checks among Requests (/readyz, /livez,
-	// /healthz), as outpost sends one every --probe-interval.
+	// /healthz): outpost asks /readyz every --probe-ready-interval, and
+	// every --probe-interval while an apiserver is not healthy (it pings
+	// between).
 	Probes float64
 	// Reviews counts the SelfSubjectAccessReviews among Requests: the
 	// watch cache asks one with a caller's own credentials per identity,
