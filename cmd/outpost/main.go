@@ -138,7 +138,7 @@ func parseRun(args []string, stdout io.Writer) (config.Hub, error) {
 	fs.Func("recording-budget", "bound on the bytes of answers held at once while they are copied for recording, e.g. 64Mi (past it copies are dropped and their views re-listed later); default 64Mi", func(s string) error {
 		return parseSize(s, 1<<20, &cfg.RecordingBudget)
 	})
-	fs.BoolVar(&cfg.WatchCache, "watch-cache", false, "answer online, from one upstream list+watch per scope shared by this node's clients, what kube-apiserver answers from its watch cache (LIST at resourceVersion 0, watches from a known resourceVersion, WatchList); each caller is served only after an access review with its own credentials")
+	fs.BoolVar(&cfg.WatchCache, "watch-cache", cfg.WatchCache, "answer online, from one upstream list+watch per scope shared by this node's clients, what kube-apiserver answers from its watch cache (LIST at resourceVersion 0, watches from a known resourceVersion, WatchList); each caller is served only after an access review with its own credentials; --watch-cache=false sends every request upstream")
 	fs.Func("watch-cache-size", "bound on the memory the watch cache holds, e.g. 64Mi (a scope that would pass it goes upstream); default 64Mi", func(s string) error {
 		return parseSize(s, 1<<20, &cfg.WatchCacheSize)
 	})

@@ -144,7 +144,7 @@ type Hub struct {
 	// answered from one upstream list+watch per scope, shared by this
 	// node's clients. WatchCacheSize bounds the memory it holds (zero: its
 	// default), and WatchCacheRecheck how long an access review of a
-	// caller holds (zero: its default).
+	// caller holds (zero: its default). On by default.
 	WatchCache        bool
 	WatchCacheSize    int64
 	WatchCacheRecheck time.Duration
@@ -182,6 +182,7 @@ func DefaultHub() Hub {
 		FailureThreshold:   1,
 		SuccessThreshold:   2,
 		RecordIdentities:   []string{"*"},
+		WatchCache:         true,
 		ServiceProxies:     []string{"system:serviceaccount:kube-system:kube-proxy", "system:kube-proxy"},
 		ClusterDomain:      "cluster.local",
 		FlapWindow:         10 * time.Second,

@@ -68,7 +68,7 @@ func setup(b *testing.B) {
 	setupOnce.Do(func() {
 		ctx := context.Background()
 		var err error
-		hub, err = cp.StartOutpost(ctx, "edge-bench", "--log-level=warn")
+		hub, err = cp.StartOutpost(ctx, "edge-bench", "--log-level=warn", "--watch-cache=false")
 		if err != nil {
 			b.Fatalf("starting outpost: %v", err)
 		}
@@ -666,7 +666,7 @@ func BenchmarkX100k(b *testing.B) {
 	}
 	b.ReportMetric(float64(time.Since(t0).Microseconds())/1000, "online-direct-list-ms")
 
-	o, err := cp.StartOutpost(ctx, "edge-100k", "--log-level=warn")
+	o, err := cp.StartOutpost(ctx, "edge-100k", "--log-level=warn", "--watch-cache=false")
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -827,7 +827,7 @@ func BenchmarkZIdleRSS(b *testing.B) {
 		}
 		apiserverStopped = false
 	}
-	fresh, err := cp.StartOutpost(ctx, "edge-idle", "--log-level=warn")
+	fresh, err := cp.StartOutpost(ctx, "edge-idle", "--log-level=warn", "--watch-cache=false")
 	if err != nil {
 		b.Fatal(err)
 	}

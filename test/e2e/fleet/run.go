@@ -139,6 +139,9 @@ func runMode(t *testing.T, c *cluster, mode string) *modeRun {
 			args := append([]string{"--server=" + links[i].URL(), "--log-level=" + cfg.LogLevel}, framework.LenientProbes...)
 			if mode == Shared {
 				args = append(args, WatchCacheFlag)
+			} else {
+				// Outpost as it was before the node watch cache.
+				args = append(args, WatchCacheFlag+"=false")
 			}
 			args = append(args, cfg.OutpostFlags...)
 			// The framework's free ports are free when chosen, not
