@@ -34,7 +34,8 @@
 // the report. CHAOS_SEED replays a run: the report names its seed.
 // CHAOS_FAULTS (comma-separated kinds, as the report names them) keeps to
 // some faults, to chase one. CHAOS_OUTPOST_ARGS gives outpost more flags
-// (space-separated), e.g. --watch-cache to soak the node watch cache.
+// (space-separated), e.g. --watch-cache=false to soak outpost without the
+// node watch cache.
 package chaos
 
 import (

@@ -104,7 +104,8 @@ func (c *ControlPlane) startOutpost(ctx context.Context, node string, bootstrap 
 		"--shutdown-timeout=5s",
 	}, extraArgs...)
 	// OUTPOST_E2E_ARGS runs every suite's outposts with more flags (space-
-	// separated), e.g. --watch-cache to prove a feature against them all.
+	// separated), e.g. --watch-cache=false to prove them all without the
+	// node watch cache.
 	o.args = append(o.args, strings.Fields(os.Getenv("OUTPOST_E2E_ARGS"))...)
 	if err := o.Start(ctx); err != nil {
 		return nil, err
