@@ -2,10 +2,14 @@ package reader
 
 import (
 	"encoding/json"
+	"errors"
 	"testing"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
 
+	"github.com/outposthq/outpost/internal/request"
 	"github.com/outposthq/outpost/internal/store"
 )
 
@@ -137,5 +141,40 @@ func TestPutGrants(t *testing.T) {
 	}
 	if _, rv, ok, err := c.Reader.granted("c", grants[2].Asked); err != nil || rv != 7 {
 		t.Errorf("c's grant: pin %d, found %v, %v; want 7", rv, ok, err)
+	}
+}
+
+// TestGrantChangedWhileRead: a grant found whole at its pin, whose object
+// then changed through another view (objects are shared, so the granted
+// view's own version does not move), is found again rather than answered
+// without that object.
+func TestGrantChangedWhileRead(t *testing.T) {
+	c, stop := newCache(t)
+	defer stop()
+	seedListAs(t, c, "wide", "ns", 5, nil)  // objects at 100..104, view at 20000
+	seedListAs(t, c, "other", "ns", 5, nil) // the same objects, another identity's view
+	st := c.Reader.Store
+	source := store.ViewKey{Identity: "wide", Resource: "/v1/configmaps", Namespace: "ns"}
+	v, ok, err := st.View(source)
+	if err != nil || !ok {
+		t.Fatal(ok, err)
+	}
+	src := grantedSource(v, 104, store.ViewKey{Resource: "/v1/configmaps", Namespace: "ns"},
+		&request.Info{Labels: labels.Everything(), Fields: fields.Everything()})
+	if whole, err := c.Reader.wholeAtPin(src); err != nil || !whole {
+		t.Fatalf("whole at its pin: %v, %v", whole, err)
+	}
+	if objs, _, err := c.Reader.listFiltered(src, "", 0); err != nil || len(objs) != 5 {
+		t.Fatalf("before the change: %d objects, %v", len(objs), err)
+	}
+	var objs []store.Object
+	_ = st.List(source, "", 0, func(o store.Object) error { objs = append(objs, o); return nil })
+	o := objs[2]
+	o.ResourceVersion = "30000"
+	if err := st.Apply([]store.Event{{Type: store.Modified, View: store.ViewKey{Identity: "other", Resource: "/v1/configmaps", Namespace: "ns"}, Object: o}}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _, err := c.Reader.listFiltered(src, "", 0); !errors.Is(err, errViewMoved) {
+		t.Errorf("after an object changed past the pin: %d objects, %v; want errViewMoved", len(got), err)
 	}
 }

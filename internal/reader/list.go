@@ -148,30 +148,11 @@ func (rd *Reader) serveListOnce(ctx context.Context, w http.ResponseWriter, info
 			cont = encodeContinue(src.view.ResourceVersion, last)
 		}
 	} else {
-		var objs []store.Object
-		more := false
-		stop := errors.New("stop")
-		err = rd.Store.Read(func(tx *store.Tx) error {
-			if err := checkView(tx, src); err != nil {
-				return err
-			}
-			return tx.List(src.view.Key, after, 0, func(o store.Object) error {
-				o = rd.Local.Apply(src.view.Key.Resource, o)
-				if !src.keep(o) {
-					return nil
-				}
-				if limit > 0 && len(objs) == limit {
-					more = true
-					return stop
-				}
-				objs = append(objs, o)
-				return nil
-			})
-		})
+		objs, more, err := rd.listFiltered(src, after, limit)
 		if errors.Is(err, errViewMoved) {
 			return err
 		}
-		if err != nil && !errors.Is(err, stop) {
+		if err != nil {
 			return asStatus(err)
 		}
 		if more {
@@ -303,4 +284,37 @@ func checkView(tx *store.Tx, src source) error {
 		return errViewMoved
 	}
 	return nil
+}
+
+// listFiltered reads the members of src's view after the member key
+// after, with local writes applied, that src keeps, up to limit (0: all);
+// more says whether more follow. A view gone or replaced since it was
+// found, or a pinned one with an object changed after its pin (through
+// another view, since it was found whole there), is errViewMoved.
+func (rd *Reader) listFiltered(src source, after string, limit int) (objs []store.Object, more bool, err error) {
+	stop := errors.New("stop")
+	err = rd.Store.Read(func(tx *store.Tx) error {
+		if err := checkView(tx, src); err != nil {
+			return err
+		}
+		return tx.List(src.view.Key, after, 0, func(o store.Object) error {
+			o = rd.Local.Apply(src.view.Key.Resource, o)
+			if src.beyondPin(o) {
+				return errViewMoved
+			}
+			if !src.keep(o) {
+				return nil
+			}
+			if limit > 0 && len(objs) == limit {
+				more = true
+				return stop
+			}
+			objs = append(objs, o)
+			return nil
+		})
+	})
+	if errors.Is(err, stop) {
+		err = nil
+	}
+	return objs, more, err
 }

@@ -111,6 +111,22 @@ type source struct {
 	found string
 }
 
+// beyondPin reports whether o is an object s would answer but for its
+// pin: one changed after the pin, which a pinned source cannot answer
+// whole (see wholeAtPin).
+func (s source) beyondPin(o store.Object) bool {
+	if !s.pinned {
+		return false
+	}
+	open := s
+	open.pinned = false
+	if !open.keep(o) {
+		return false
+	}
+	rv, err := strconv.ParseUint(o.ResourceVersion, 10, 64)
+	return err != nil || rv > s.upTo
+}
+
 func (s source) keep(o store.Object) bool {
 	if !s.filter {
 		return true
@@ -203,13 +219,8 @@ func (rd *Reader) findSource(info *request.Info) (source, bool, error) {
 // does, or nothing at all.
 func (rd *Reader) wholeAtPin(src source) (bool, error) {
 	beyond := errors.New("changed after the pin")
-	open := src
-	open.pinned = false
 	err := rd.Store.List(src.view.Key, "", 0, func(o store.Object) error {
-		if !open.keep(o) {
-			return nil
-		}
-		if rv, err := strconv.ParseUint(o.ResourceVersion, 10, 64); err != nil || rv > src.upTo {
+		if src.beyondPin(o) {
 			return beyond
 		}
 		return nil

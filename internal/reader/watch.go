@@ -84,6 +84,14 @@ func (rd *Reader) serveWatch(w http.ResponseWriter, r *http.Request, info *reque
 		stop := errors.New("stop")
 		err := rd.Store.List(src.view.Key, "", 0, func(o store.Object) error {
 			o = rd.Local.Apply(src.view.Key.Resource, o)
+			if src.beyondPin(o) {
+				// A grant's view changed after its pin since it was found
+				// whole there: the client lists again, and the list finds
+				// what answers it now.
+				st := apierrors.NewResourceExpired(fmt.Sprintf("the cloud is unreachable and the cached answer for %s changed while it was read; list again", describe(info))).Status()
+				_ = enc.Status(&st)
+				return stop
+			}
 			if !src.keep(o) {
 				return nil
 			}

@@ -35,20 +35,31 @@ type pinger struct {
 	opened  time.Time
 	seq     uint64
 	dialing bool
-	noHTTP2 bool // the server (or a proxy before it) does not speak HTTP/2
+	cancel  context.CancelFunc // of the dial in progress
 	closed  bool
+	// failed counts dials that failed in a row; none is tried again
+	// before notBefore (a front that refuses a connection without a
+	// client certificate would otherwise cost a handshake per probe, and
+	// a server without HTTP/2 is tried again only every maxDialBackoff).
+	failed    int
+	notBefore time.Time
 }
+
+// maxDialBackoff bounds the wait after failed dials of ping connections;
+// it is also how often a server found without HTTP/2 is tried again.
+const maxDialBackoff = 5 * time.Minute
 
 // Ping checks that apiserver i answers an HTTP/2 PING within ctx, on a
 // connection of its own (opened without a client certificate). Without
 // one ready (the first time, after a failure, or when the server closed
 // it), it probes /readyz (Probe) and opens one in the background for the
-// next time; so does a server reached only over HTTP/1.1, every time.
+// next time; a server reached only over HTTP/1.1 is probed so, and tried
+// again every maxDialBackoff.
 func (p *Pool) Ping(ctx context.Context, i int) error {
 	s := p.servers[i]
 	pg := &s.ping
 	pg.mu.Lock()
-	if pg.noHTTP2 || pg.closed {
+	if pg.closed {
 		pg.mu.Unlock()
 		return p.Probe(ctx, i)
 	}
@@ -81,6 +92,9 @@ func (p *Pool) ClosePings() {
 		s.ping.mu.Lock()
 		s.ping.closed = true
 		s.ping.drop()
+		if s.ping.cancel != nil {
+			s.ping.cancel()
+		}
 		s.ping.mu.Unlock()
 	}
 }
@@ -145,26 +159,37 @@ func (pg *pinger) drop() {
 
 // dialLater opens a new connection in the background, which replaces
 // pg.conn once ready. pg.mu is held.
+// After failures (or a server without HTTP/2), it waits: 1 s, doubling up
+// to maxDialBackoff, during which probes ask /readyz.
 func (pg *pinger) dialLater(s *Server) {
-	if pg.dialing || pg.closed {
+	if pg.dialing || pg.closed || time.Now().Before(pg.notBefore) {
 		return
 	}
 	pg.dialing = true
+	ctx, cancel := context.WithTimeout(context.Background(), pingDialTimeout)
+	pg.cancel = cancel
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), pingDialTimeout)
 		defer cancel()
 		conn, fr, err := dialPing(ctx, s)
 		pg.mu.Lock()
 		defer pg.mu.Unlock()
-		pg.dialing = false
+		pg.dialing, pg.cancel = false, nil
 		switch {
-		case errors.Is(err, errNoHTTP2):
-			pg.noHTTP2 = true
 		case err != nil:
-			// The next probe asks /readyz, and tries again.
+			// Probes ask /readyz meanwhile.
+			pg.failed++
+			wait := maxDialBackoff
+			if pg.failed < 10 {
+				wait = min(time.Second<<(pg.failed-1), maxDialBackoff)
+			}
+			if errors.Is(err, errNoHTTP2) {
+				wait = maxDialBackoff
+			}
+			pg.notBefore = time.Now().Add(wait)
 		case pg.closed:
 			_ = conn.Close()
 		default:
+			pg.failed, pg.notBefore = 0, time.Time{}
 			pg.drop()
 			pg.conn, pg.fr, pg.opened = conn, fr, time.Now()
 		}

@@ -364,11 +364,11 @@ func TestPing(t *testing.T) {
 		defer cancel()
 		return p.Ping(ctx, i)
 	}
-	ready := func(i int) bool {
+	ready := func(i int) bool { // a connection, and none being opened
 		pg := &p.servers[i].ping
 		pg.mu.Lock()
 		defer pg.mu.Unlock()
-		return pg.conn != nil
+		return pg.conn != nil && !pg.dialing
 	}
 	waitReady := func(i int) {
 		t.Helper()
@@ -440,4 +440,48 @@ func newServerH1(t *testing.T, h http.Handler) *httptest.Server {
 	s.StartTLS()
 	t.Cleanup(s.Close)
 	return s
+}
+
+// TestPingDialBacksOff: a server whose ping connection cannot be opened
+// (here: every connection closed at once) is probed with /readyz, and the
+// ping connection is not tried again at every probe.
+func TestPingDialBacksOff(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var accepted atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			c.Close()
+		}
+	}()
+	live := newServer(t, http.HandlerFunc(echo))
+	p := newPool(t, live)
+	defer p.ClosePings()
+	u, _ := url.Parse("https://" + ln.Addr().String())
+	p.servers[0].URL = u
+	for range 10 {
+		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+		if err := p.Ping(ctx, 0); err == nil {
+			t.Error("a server that closes every connection was pinged")
+		}
+		cancel()
+		time.Sleep(20 * time.Millisecond)
+	}
+	pg := &p.servers[0].ping
+	pg.mu.Lock()
+	failed := pg.failed
+	pg.mu.Unlock()
+	// Each probe asks /readyz (a connection or two); the ping connection
+	// was tried once.
+	if failed != 1 || accepted.Load() > 25 {
+		t.Errorf("10 probes: %d failed dials of the ping connection, %d connections; want 1 dial", failed, accepted.Load())
+	}
 }
