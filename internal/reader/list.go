@@ -118,9 +118,6 @@ func (rd *Reader) serveListOnce(ctx context.Context, w http.ResponseWriter, info
 			}
 			return err
 		})
-		if errors.Is(err, errViewMoved) {
-			return err
-		}
 		if err != nil {
 			return asStatus(err)
 		}
@@ -138,9 +135,6 @@ func (rd *Reader) serveListOnce(ctx context.Context, w http.ResponseWriter, info
 			items, _, last, more, err = listItems(tx, src, after, limit, false)
 			return err
 		})
-		if errors.Is(err, errViewMoved) {
-			return err
-		}
 		if err != nil {
 			return asStatus(err)
 		}
@@ -149,9 +143,6 @@ func (rd *Reader) serveListOnce(ctx context.Context, w http.ResponseWriter, info
 		}
 	} else {
 		objs, more, err := rd.listFiltered(src, after, limit)
-		if errors.Is(err, errViewMoved) {
-			return err
-		}
 		if err != nil {
 			return asStatus(err)
 		}

@@ -315,7 +315,8 @@ func (rd *Reader) writeTable(w http.ResponseWriter, listJSON []byte, src source)
 }
 
 func asStatus(err error) error {
-	if _, ok := err.(apierrors.APIStatus); ok {
+	if _, ok := err.(apierrors.APIStatus); ok || errors.Is(err, errViewMoved) {
+		// errViewMoved: serveList finds the view again.
 		return err
 	}
 	return apierrors.NewInternalError(fmt.Errorf("reading cache: %w", err))

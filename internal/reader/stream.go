@@ -79,7 +79,7 @@ func (rd *Reader) streamList(w http.ResponseWriter, src source, kind, apiVersion
 	// is stored.
 	total := 0
 	err := rd.Store.Read(func(tx *store.Tx) error {
-		if v, ok, err := tx.View(k); err != nil || !ok || v.ResourceVersion != rv {
+		if checkView(tx, src) != nil {
 			return errViewMoved
 		}
 		return tx.ListData(k, "", 0, protobuf, func(_ string, data, proto []byte) error {
@@ -135,7 +135,7 @@ func (rd *Reader) streamList(w http.ResponseWriter, src source, kind, apiVersion
 		page = page[:0]
 		more := false
 		err := rd.Store.Read(func(tx *store.Tx) error {
-			if v, ok, err := tx.View(k); err != nil || !ok || v.ResourceVersion != rv {
+			if checkView(tx, src) != nil {
 				return errViewMoved
 			}
 			stop := errors.New("page full")

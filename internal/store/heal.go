@@ -80,11 +80,7 @@ func (s *Store) Run(ctx context.Context, lost func(Loss)) error {
 		return errors.New("a store opened read-only cannot be healed")
 	}
 	if err := s.scan(ctx, false); errors.Is(err, ErrCorrupt) {
-		s.certain.Store(true)
-		select {
-		case s.damaged <- struct{}{}:
-		default:
-		}
+		s.damage(true)
 	}
 	gap := rebuildGap
 	var last, scanned time.Time

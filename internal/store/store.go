@@ -138,13 +138,19 @@ func (s *Store) view(fn func(*bolt.Tx) error) (err error) {
 // the file.
 func (s *Store) noticeDamage(err *error) {
 	if errors.Is(*err, ErrCorrupt) {
-		if !errors.Is(*err, errPanicked) {
-			s.certain.Store(true)
-		}
-		select {
-		case s.damaged <- struct{}{}:
-		default:
-		}
+		s.damage(!errors.Is(*err, errPanicked))
+	}
+}
+
+// damage sends Run a token; certain says a record did not read, rather
+// than a transaction panicked.
+func (s *Store) damage(certain bool) {
+	if certain {
+		s.certain.Store(true)
+	}
+	select {
+	case s.damaged <- struct{}{}:
+	default:
 	}
 }
 

@@ -201,14 +201,10 @@ var errNoHTTP2 = errors.New("the server does not speak HTTP/2")
 // dialPing opens a ping connection: TLS verifying the server, ALPN h2,
 // then the client preface and empty settings.
 func dialPing(ctx context.Context, s *Server) (net.Conn, *http2.Framer, error) {
-	host := s.URL.Host
-	if s.URL.Port() == "" {
-		host = net.JoinHostPort(s.URL.Hostname(), "443")
-	}
 	cfg := s.handshake.Clone()
 	cfg.NextProtos = []string{"h2", "http/1.1"}
 	d := tls.Dialer{NetDialer: &net.Dialer{}, Config: cfg}
-	conn, err := d.DialContext(ctx, "tcp", host)
+	conn, err := d.DialContext(ctx, "tcp", s.hostPort())
 	if err != nil {
 		return nil, nil, err
 	}

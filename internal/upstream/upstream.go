@@ -162,12 +162,8 @@ func (p *Pool) CloseConnections(i int) { p.servers[i].tracker.CloseAll() }
 // apiserver still pays at once, unlike /readyz, which checks etcd.
 func (p *Pool) Handshake(ctx context.Context, i int) error {
 	s := p.servers[i]
-	host := s.URL.Host
-	if s.URL.Port() == "" {
-		host = net.JoinHostPort(s.URL.Hostname(), "443")
-	}
 	d := tls.Dialer{NetDialer: &net.Dialer{}, Config: s.handshake}
-	conn, err := d.DialContext(ctx, "tcp", host)
+	conn, err := d.DialContext(ctx, "tcp", s.hostPort())
 	if err != nil {
 		return err
 	}
@@ -411,4 +407,13 @@ func (t callerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	}
 	info := &request.Info{Identity: t.id, Verb: verb}
 	return t.p.RoundTrip(r.WithContext(request.WithInfo(r.Context(), info)))
+}
+
+// hostPort is the server's address to dial: its URL's host, with port 443
+// when the URL names none.
+func (s *Server) hostPort() string {
+	if s.URL.Port() == "" {
+		return net.JoinHostPort(s.URL.Hostname(), "443")
+	}
+	return s.URL.Host
 }
