@@ -9,6 +9,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -259,5 +260,69 @@ func TestGrantPinnedAtLossOfAccess(t *testing.T) {
 	}
 	if l, err := wide.ConfigMaps(ns).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != 1 {
 		t.Errorf("offline after a reconnect, wide's own list: %v %v", l, err)
+	}
+}
+
+// TestOwnerOfflineListsWhole: the owner of a namespace's stream lists with
+// a label selector, once upstream (consistent) and then from its own
+// stream; ConfigMaps it selects then change while it does not watch them
+// with that selector. Offline, its list with the selector holds every one
+// of them, as the chaos soak's reader must: it was once answered from a
+// grant on its own view, pinned to what it was last served, which left out
+// everything patched since.
+func TestOwnerOfflineListsWhole(t *testing.T) {
+	ctx := t.Context()
+	const ns, n = "ownerns", 10
+	createNamespace(t, ns)
+	for i := range n {
+		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cm-%d", i), Labels: map[string]string{"set": "a"}}, Data: map[string]string{"v": "0"}}
+		if _, err := cp.Client().CoreV1().ConfigMaps(ns).Create(ctx, cm, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	token := cp.ServiceAccountToken(t, ns, "owner", framework.ReaderRole)
+	o, link := cp.StartOutpostWithLinkT(t, "edge-owner", "--watch-cache", "--probe-interval=500ms")
+	owner := kubernetes.NewForConfigOrDie(o.ClientConfig("", "", token)).CoreV1()
+	sel := metav1.ListOptions{LabelSelector: "set=a"}
+	if _, err := owner.ConfigMaps(ns).List(ctx, sel); err != nil { // upstream, recorded
+		t.Fatal(err)
+	}
+	// Its stream of the namespace, kept open by its watch.
+	l, err := owner.ConfigMaps(ns).List(ctx, metav1.ListOptions{ResourceVersion: "0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := owner.ConfigMaps(ns).Watch(ctx, metav1.ListOptions{ResourceVersion: l.ResourceVersion})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	patch := func(i int, v string) {
+		t.Helper()
+		if _, err := cp.Client().CoreV1().ConfigMaps(ns).Patch(ctx, fmt.Sprintf("cm-%d", i), types.MergePatchType, fmt.Appendf(nil, `{"data":{"v":%q}}`, v), metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		nextEvent(t, w, 10*time.Second)
+	}
+	// A change after the recorded list: the stream is then newer than it.
+	patch(n-1, "x")
+	before := served(t, o, "list")
+	if _, err := owner.ConfigMaps(ns).List(ctx, metav1.ListOptions{LabelSelector: "set=a", ResourceVersion: "0"}); err != nil {
+		t.Fatal(err)
+	}
+	if served(t, o, "list") != before+1 {
+		t.Fatal("the owner's list with a selector was not served from its stream")
+	}
+	for i := range n / 2 {
+		patch(i, fmt.Sprint(i+1))
+	}
+	time.Sleep(time.Second) // the recorder writes in batches
+	link.Blackhole()
+	if _, err := o.WaitState(ctx, "offline", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	off, err := owner.ConfigMaps(ns).List(ctx, sel)
+	if err != nil || len(off.Items) != n {
+		t.Fatalf("offline, the owner's list with a selector: %d of %d ConfigMaps, %v", len(off.Items), n, err)
 	}
 }
