@@ -42,6 +42,7 @@ func TestCommandLine(t *testing.T) {
 		{name: "negative peer interval", args: []string{"run", "--kubeconfig=x", "--peer-address=127.0.0.2:10269", "--peer-probe-interval=-1s"}, code: 2, errOnceOf: "--peer-probe-interval"},
 		{name: "bad recording budget", args: []string{"run", "--kubeconfig=x", "--recording-budget=12k"}, code: 2, errOnceOf: "at least 1Mi"},
 		{name: "bad watch cache size", args: []string{"run", "--kubeconfig=x", "--watch-cache-size=lots"}, code: 2, errOnceOf: "want a size such as 128Mi"},
+		{name: "negative probe ready interval", args: []string{"run", "--kubeconfig=x", "--probe-ready-interval=-1s"}, code: 2, errOnceOf: "--probe-ready-interval must not be negative"},
 		{name: "negative watch cache recheck", args: []string{"run", "--kubeconfig=x", "--watch-cache-recheck=-1s"}, code: 2, errOnceOf: "--watch-cache-recheck must not be negative"},
 		{name: "sub-second watch cache recheck", args: []string{"run", "--kubeconfig=x", "--watch-cache-recheck=1ns"}, code: 2, errOnceOf: "--watch-cache-recheck 1ns: want at least 1s"},
 		{name: "bad memory limit", args: []string{"run", "--kubeconfig=x", "--memory-limit=lots"}, code: 2, errOnceOf: "want a size such as 128Mi"},
